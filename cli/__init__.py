@@ -1,0 +1,1 @@
+"""The ``voxelmill`` command line (typer): parse, call ``engine``, report."""

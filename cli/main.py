@@ -1,0 +1,202 @@
+"""``voxelmill`` commands. Thin: parse options, call the engine, report.
+
+User errors (``VoxelmillError``) print one line and exit with code 2, without traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from engine.errors import VoxelmillError
+
+app = typer.Typer(
+    name="voxelmill", no_args_is_help=True, add_completion=False,
+    help="Dask-distributed engine for terabyte-scale microscopy volumes.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+Scheduler = Annotated[str | None, typer.Option(
+    "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT); "
+    "default: an embedded local cluster.")]
+Workers = Annotated[int | None, typer.Option(help="Worker processes of the embedded cluster.")]
+Threads = Annotated[int | None, typer.Option(help="Threads per worker of the embedded cluster.")]
+MemoryLimit = Annotated[str | None, typer.Option(
+    help="Memory limit per worker of the embedded cluster, e.g. 4GiB.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing destination.")]
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise VoxelmillError(f"{what} {text!r}: expected numbers separated by commas") from None
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    values = _floats(text, what)
+    if values is None:
+        return None
+    if any(v != int(v) for v in values):
+        raise VoxelmillError(f"{what} {text!r}: expected whole numbers")
+    return tuple(int(v) for v in values)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint."""
+    try:
+        yield
+    except VoxelmillError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command again to resume where it stopped")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def cluster(scheduler: str | None, workers: int | None, threads: int | None,
+            memory_limit: str | None) -> Iterator[Any]:
+    from engine.cluster import ClusterOptions, connect
+
+    opts = ClusterOptions(scheduler, workers, threads, memory_limit)
+    with connect(opts, report=lambda line: err.print(line)) as client:
+        yield client
+
+
+def progress_factory() -> Callable[[], Any]:
+    from engine.progress import default_progress
+
+    return default_progress
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Input: MRC/REC, TIFF/OME-TIFF, folder of TIFF "
+                                        "slices, NRRD, NIfTI, NPY/NPZ, HDF5, PartSeg project.")],
+    dst: Annotated[Path, typer.Argument(help="Output OME-Zarr, e.g. tomo.ome.zarr.")],
+    chunks: Annotated[str | None, typer.Option(
+        help="Chunk shape of the spatial axes, e.g. 64,128,128 or 128 "
+        "(default 128³ for volumes, 1024² for 2D).")] = None,
+    ngff: Annotated[str, typer.Option(help="OME-NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2).")
+                    ] = "0.5",
+    compression: Annotated[str, typer.Option(help="Blosc codec: lz4 or zstd.")] = "lz4",
+    clevel: Annotated[int, typer.Option(help="Compression level 0-9.")] = 5,
+    voxel_size: Annotated[str | None, typer.Option(
+        help="Override the header's voxel size: one value or z,y,x.")] = None,
+    unit: Annotated[str | None, typer.Option(
+        help="Unit of --voxel-size: angstrom, nm, um ... (default: the header's).")] = None,
+    max_levels: Annotated[int | None, typer.Option(help="Cap on pyramid levels.")] = None,
+    overwrite: Overwrite = False,
+    scheduler: Scheduler = None, workers: Workers = None,
+    threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
+) -> None:
+    """Convert an image to a chunked, compressed, multiscale OME-Zarr."""
+    with user_errors():
+        from engine.pipelines.convert import ConvertOptions
+        from engine.pipelines.convert import convert as run
+
+        opts = ConvertOptions(
+            chunks=_ints(chunks, "--chunks"), ngff=ngff, compression=compression, clevel=clevel,
+            voxel_size=_floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
+            max_levels=max_levels,
+        )
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+            result = run(src, dst, opts, client, progress=progress_factory(),
+                         report=lambda line: err.print(line))
+        out.print(f"wrote {result.destination} ({len(result.levels)} levels: "
+                  f"{' → '.join('×'.join(map(str, s)) for s in result.levels)})")
+        if result.labels:
+            out.print(f"labels: {', '.join(result.labels)}")
+        out.print(f"blocks: {result.computed} computed, {result.skipped} skipped "
+                  f"(already done) in {result.seconds:.1f} s")
+
+
+@app.command()
+def export(
+    src: Annotated[Path, typer.Argument(help="OME-Zarr image.")],
+    dst: Annotated[Path, typer.Argument(help="Output file: .mrc, .tif, .nrrd, .nii or .nii.gz.")],
+    level: Annotated[int, typer.Option(help="Pyramid level (0 = full resolution).")] = 0,
+    roi: Annotated[str | None, typer.Option(help="Region z0:z1,y0:y1,x0:x1 in the level's "
+                                            "voxels.")] = None,
+    channel: Annotated[int | None, typer.Option(help="Export one channel.")] = None,
+    label: Annotated[str | None, typer.Option(help="Export this label image instead.")] = None,
+    overwrite: Overwrite = False,
+    scheduler: Scheduler = None, workers: Workers = None,
+    threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
+) -> None:
+    """Export a level or region of an OME-Zarr image for IMOD, MITK, Amira or napari."""
+    with user_errors():
+        from engine.io import detect_format, writer_for
+        from engine.pipelines.export import export as run
+
+        writer_for(dst)
+        if detect_format(src) != "omezarr":
+            raise VoxelmillError(f"{src}: export reads OME-Zarr; convert it first")
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+            vol = run(src, dst, client, level, roi, channel, label, overwrite)
+        out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} {vol.dtype}, "
+                  f"voxel size {', '.join(f'{v:g}' for v in vol.voxel_size)} {vol.unit}")
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="Any supported image or OME-Zarr.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print shape, dtype, chunks, levels, voxel size, channels and label groups."""
+    with user_errors():
+        from engine.pipelines.info import describe
+
+        d = describe(path)
+        if as_json:
+            out.print_json(json.dumps(d))
+            return
+        ngff = f", NGFF {d['ngff']}" if "ngff" in d else ""
+        out.print(f"[bold]{d['path']}[/] ({d['format']}{ngff})")
+        out.print(f"  axes {d['axes']}  shape {tuple(d['shape'])}  dtype {d['dtype']}  "
+                  f"chunks {tuple(d['chunks'])}  {d['size_mib']} MiB")
+        out.print(f"  voxel size {tuple(round(v, 6) for v in d['voxel_size'])} {d['unit']}")
+        for i, lv in enumerate(d.get("levels", [])):
+            out.print(f"  level {i}: shape {tuple(lv['shape'])} scale {tuple(lv['scale'])}")
+        if d["channels"]:
+            out.print(f"  channels: {', '.join(d['channels'])}")
+        out.print(f"  labels: {', '.join(d['labels']) or 'none'}")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")
+                       ] = Path("voxelmill-demo"),
+    size: Annotated[int, typer.Option(help="Edge of the phantom tomogram in voxels.")] = 192,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo's outputs.")] = True,
+    scheduler: Scheduler = None, workers: Workers = None,
+    threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
+) -> None:
+    """Run every pipeline stage on generated phantoms (a tomogram and a 2D slide)."""
+    with user_errors():
+        from engine.pipelines.demo import run_demo
+
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+            for line in run_demo(out_dir, client, size=size, overwrite=overwrite,
+                                 progress=progress_factory()):
+                out.print(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

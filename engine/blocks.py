@@ -1,0 +1,164 @@
+"""The block grid: chunk-aligned write regions, halo read regions and edge padding.
+
+Vocabulary (shared by every block operation):
+
+* **write region** – the voxels a block produces; write regions tile the volume without
+  overlap and are aligned to the storage chunks, so two tasks never write one chunk.
+* **read region** – the write region grown by the operation's halo and clipped to the
+  volume; what a worker reads.
+* **padding** – the part of the halo that falls outside the volume; filled the way the
+  whole-volume method pads (reflect, nearest, constant ...), then cropped away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.errors import OptionError
+
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a grid.
+
+    Attributes
+    ----------
+    index : tuple of int
+        Position of the block in the grid.
+    write : tuple of slice
+        Write region, in voxel coordinates of the whole volume.
+    read : tuple of slice
+        Read region: ``write`` grown by the halo, clipped to the volume.
+    pad : tuple of (int, int)
+        Voxels of halo beyond the volume edge, before and after, per axis.
+    """
+
+    index: tuple[int, ...]
+    write: Region
+    read: Region
+    pad: tuple[tuple[int, int], ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.write)
+
+    @property
+    def crop(self) -> Region:
+        """Slices that cut the write region out of the padded read region."""
+        return tuple(
+            slice(w.start - r.start + p[0], w.start - r.start + p[0] + (w.stop - w.start))
+            for w, r, p in zip(self.write, self.read, self.pad, strict=True)
+        )
+
+    @property
+    def key(self) -> str:
+        return ".".join(str(i) for i in self.index)
+
+
+def _as_tuple(value: int | Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
+    if isinstance(value, int | np.integer):
+        return (int(value),) * ndim
+    out = tuple(int(v) for v in value)
+    if len(out) != ndim:
+        raise OptionError(f"{what} {tuple(value)} has {len(out)} values for {ndim} axes")
+    return out
+
+
+class BlockGrid:
+    """A regular grid of blocks over an array shape.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the volume, in voxels.
+    block_shape : int or tuple of int
+        Shape of a write region. The last block along an axis may be shorter.
+    halo : int or tuple of int, optional
+        Voxels added on each side of the write region to form the read region.
+    chunks : tuple of int, optional
+        Storage chunk (or shard) shape of the output; ``block_shape`` must be a multiple
+        of it, so that no chunk is written by two blocks.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        block_shape: int | Sequence[int],
+        halo: int | Sequence[int] = 0,
+        chunks: Sequence[int] | None = None,
+    ) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        ndim = len(self.shape)
+        self.block_shape = tuple(
+            min(b, s) if s > 0 else b
+            for b, s in zip(_as_tuple(block_shape, ndim, "block shape"), self.shape, strict=True)
+        )
+        self.halo = _as_tuple(halo, ndim, "halo")
+        if any(b <= 0 for b in self.block_shape) or any(h < 0 for h in self.halo):
+            raise OptionError(f"invalid block shape {self.block_shape} or halo {self.halo}")
+        if chunks is not None:
+            chunks = _as_tuple(chunks, ndim, "chunk shape")
+            for ax, (b, c, s) in enumerate(zip(self.block_shape, chunks, self.shape, strict=True)):
+                if b % c and b != s:
+                    raise OptionError(
+                        f"block shape {self.block_shape} is not aligned to the storage chunks "
+                        f"{chunks} on axis {ax}: concurrent writes would race on shared chunks"
+                    )
+        self.chunks = chunks
+        self.grid_shape = tuple(
+            -(-s // b) if s else 0 for s, b in zip(self.shape, self.block_shape, strict=True)
+        )
+
+    def __len__(self) -> int:
+        return int(np.prod(self.grid_shape))
+
+    def __iter__(self) -> Iterator[Block]:
+        for index in itertools.product(*(range(n) for n in self.grid_shape)):
+            yield self.block(index)
+
+    def block(self, index: Sequence[int]) -> Block:
+        write, read, pad = [], [], []
+        for i, s, b, h in zip(index, self.shape, self.block_shape, self.halo, strict=True):
+            start, stop = i * b, min((i + 1) * b, s)
+            write.append(slice(start, stop))
+            read.append(slice(max(start - h, 0), min(stop + h, s)))
+            pad.append((max(h - start, 0), max(stop + h - s, 0)))
+        return Block(tuple(int(i) for i in index), tuple(write), tuple(read), tuple(pad))
+
+    def describe(self) -> dict[str, Any]:
+        return {"shape": self.shape, "block_shape": self.block_shape, "halo": self.halo}
+
+    def layout_hash(self, **identity: Any) -> str:
+        """Hash of the layout plus whatever identifies the run (operation, parameters, input).
+
+        Two runs share done-markers only when this hash is equal.
+        """
+        return stable_hash({"grid": self.describe(), **identity})
+
+
+def stable_hash(obj: Any) -> str:
+    """A short, stable hash of JSON-able data (run identities, layouts)."""
+    payload = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def pad_read(data: np.ndarray, block: Block, mode: str = "reflect", **kwargs: Any) -> np.ndarray:
+    """Pad a read region at the volume edges as the whole-volume method would.
+
+    ``mode`` follows :func:`numpy.pad` (``"reflect"``, ``"symmetric"``, ``"edge"``,
+    ``"constant"`` ...); scipy.ndimage's ``"mirror"`` is numpy's ``"reflect"`` and
+    ``"nearest"`` is numpy's ``"edge"``.
+    """
+    if not any(p != (0, 0) for p in block.pad):
+        return data
+    mode = {"mirror": "reflect", "nearest": "edge", "wrap": "wrap"}.get(mode, mode)
+    return np.pad(data, block.pad, mode=mode, **kwargs)

@@ -1,0 +1,104 @@
+"""Obtaining a ``distributed.Client``: an embedded ``LocalCluster`` or an existing scheduler."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from engine.errors import OptionError
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How to get workers.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://HOST:PORT``); when given, no local
+        cluster is started and the other fields are ignored.
+    workers : int, optional
+        Worker processes of the embedded cluster (default: one per 4 cores, at least 1).
+    threads_per_worker : int, optional
+        Threads per worker (default: the cores divided among the workers).
+    memory_limit : str, optional
+        Memory limit per worker, e.g. ``"4GiB"`` (default: dask's share of the RAM).
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str | None = None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def local_cluster_shape(options: ClusterOptions) -> tuple[int, int]:
+    """Workers and threads per worker for the embedded cluster."""
+    cores = _cores()
+    workers = options.workers or max(1, cores // 4)
+    threads = options.threads_per_worker or max(1, cores // workers)
+    if workers < 1 or threads < 1:
+        raise OptionError(f"--workers ({workers}) and --threads-per-worker ({threads}) must be ≥ 1")
+    return workers, threads
+
+
+@contextmanager
+def connect(
+    options: ClusterOptions | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Iterator[object]:
+    """Yield a ``distributed.Client`` for the duration of a command.
+
+    Prints the dashboard link through ``report`` (stderr by default), so a user can
+    watch the run in the Dask dashboard.
+    """
+    from distributed import Client, LocalCluster
+
+    options = options or ClusterOptions()
+    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    if options.scheduler:
+        if not options.scheduler.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+            raise OptionError(
+                f"--scheduler {options.scheduler!r} is not a scheduler address; "
+                "expected something like tcp://10.0.0.5:8786"
+            )
+        try:
+            client = Client(options.scheduler, timeout="20s")
+        except OSError as exc:
+            raise OptionError(
+                f"cannot reach the scheduler at {options.scheduler}: {exc}"
+            ) from None
+        report(f"connected to scheduler {options.scheduler}; dashboard: {client.dashboard_link}")
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+
+    workers, threads = local_cluster_shape(options)
+    kwargs: dict[str, object] = {}
+    if options.memory_limit:
+        kwargs["memory_limit"] = options.memory_limit
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=threads, processes=True,
+        dashboard_address=":0", silence_logs=40, **kwargs,
+    )
+    client = Client(cluster)
+    report(
+        f"local cluster: {workers} worker(s) × {threads} thread(s); "
+        f"dashboard: {client.dashboard_link}"
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

@@ -1,0 +1,1 @@
+"""Pipelines: whole commands built from io, blocks, the runner and the pyramid."""

@@ -1,0 +1,246 @@
+"""``voxelmill convert``: any supported image → multiscale OME-Zarr, blockwise on the cluster."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import __version__
+from engine.blocks import stable_hash
+from engine.errors import OptionError
+from engine.io import omezarr, open_volume
+from engine.io.sources import file_identity
+from engine.pipelines.output import check_destination, commit, partial_path
+from engine.progress import Progress
+from engine.pyramid import Level, build_pyramid, plan_levels
+from engine.runner import RunReport, RunState
+from engine.volume import Volume, check_voxel_size, normalize_unit
+
+DEFAULT_CHUNK_3D = 128
+DEFAULT_CHUNK_2D = 1024
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of a conversion.
+
+    Parameters
+    ----------
+    chunks : tuple of int, optional
+        Chunk shape for the spatial axes (z, y, x or y, x), or one int for all; channel and
+        time axes are chunked by 1. Default 128³ for volumes, 1024² for 2D images.
+    ngff : {"0.5", "0.4"}
+        OME-NGFF version: 0.5 writes zarr v3, 0.4 writes zarr v2.
+    compression : {"lz4", "zstd"}
+        Blosc codec; ``clevel`` its level.
+    voxel_size : tuple of float, optional
+        Overrides the header's voxel size (one value per spatial axis, or one for all),
+        in ``unit`` (default: the header's unit).
+    max_levels : int, optional
+        Cap on the number of pyramid levels.
+    block_mib : int
+        Memory budget of one block task, in MiB of voxels.
+    labels : tuple of (name, path)
+        Label images to store under ``labels/NAME`` (integer voxels, same spatial shape).
+    """
+
+    chunks: tuple[int, ...] | None = None
+    ngff: str = "0.5"
+    compression: str = "lz4"
+    clevel: int = 5
+    voxel_size: tuple[float, ...] | None = None
+    unit: str | None = None
+    overwrite: bool = False
+    max_levels: int | None = None
+    block_mib: int = 64
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class ConvertResult:
+    destination: Path
+    levels: list[tuple[int, ...]]
+    labels: list[str]
+    reports: list[RunReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.skipped for r in self.reports)
+
+    @property
+    def computed(self) -> int:
+        return sum(r.computed for r in self.reports)
+
+
+def spatial_chunks(volume: Volume, chunks: Sequence[int] | None) -> tuple[int, ...]:
+    """Full chunk shape (one per axis) from the spatial chunk option."""
+    spatial = volume.spatial_axes
+    if chunks is None:
+        default = DEFAULT_CHUNK_3D if "z" in spatial else DEFAULT_CHUNK_2D
+        chunks = (default,) * len(spatial)
+    elif len(chunks) == 1:
+        chunks = tuple(chunks) * len(spatial)
+    if len(chunks) != len(spatial):
+        raise OptionError(f"--chunks {','.join(map(str, chunks))}: give one value or one per "
+                          f"spatial axis ({spatial})")
+    if any(c < 1 for c in chunks):
+        raise OptionError(f"--chunks {chunks}: chunk sizes must be positive")
+    by_axis = dict(zip(spatial, chunks, strict=True))
+    return tuple(min(by_axis.get(a, 1), s) for a, s in zip(volume.axes, volume.shape,
+                                                          strict=True))
+
+
+def apply_voxel_size(volume: Volume, voxel_size: Sequence[float] | None,
+                     unit: str | None) -> Volume:
+    if voxel_size is None and unit is None:
+        return volume
+    n = len(volume.spatial_axes)
+    vs = tuple(voxel_size) if voxel_size is not None else volume.voxel_size
+    if len(vs) == 1:
+        vs = vs * n
+    if len(vs) != n:
+        raise OptionError(f"--voxel-size {vs}: give one value or {n} (for axes "
+                          f"{volume.spatial_axes}) for {volume.source}")
+    check_voxel_size(vs, volume.source)
+    return volume.with_voxel_size(vs, normalize_unit(unit) if unit else volume.unit)
+
+
+def attach_labels(volume: Volume, labels: Sequence[tuple[str, str]]) -> Volume:
+    """Open label images and check they fit the image voxel for voxel."""
+    if not labels:
+        return volume
+    spatial = tuple(s for a, s in zip(volume.axes, volume.shape, strict=True) if a in "zyx")
+    found = dict(volume.labels)
+    for name, path in labels:
+        if not name or "/" in name or name.startswith("."):
+            raise OptionError(f"label name {name!r}: use a plain name such as 'membranes'")
+        lab = open_volume(path)
+        if "c" in lab.axes or "t" in lab.axes:
+            raise OptionError(f"{path}: a label image has no channel or time axis "
+                              f"(axes {lab.axes!r})")
+        if lab.shape != spatial:
+            raise OptionError(f"{path}: label shape {lab.shape} (axes {lab.axes}) does not match "
+                              f"the image's spatial shape {spatial} (axes {volume.spatial_axes})")
+        if lab.dtype.kind not in "iub":
+            raise OptionError(f"{path}: labels must be integers, not {lab.dtype}")
+        found[name] = Volume(lab.data, lab.axes, volume.voxel_size, volume.unit, source=str(path))
+    return replace(volume, labels=found)
+
+
+def _windows(level_path: Path, axes: str, nchan: int) -> list[tuple[float, float, float, float]]:
+    """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %)."""
+    import zarr
+
+    data = np.asarray(zarr.open_array(str(level_path), mode="r")[...])
+    if "c" in axes:
+        data = np.moveaxis(data, axes.index("c"), 0)
+    else:
+        data = data[None]
+    out = []
+    for ch in data[:nchan]:
+        v = ch.astype(np.float64).ravel()
+        lo, hi = np.percentile(v, [0.1, 99.9]) if v.size else (0.0, 1.0)
+        if ch.dtype.kind in "iu":  # integer data: the type's range, as viewers expect
+            info = np.iinfo(ch.dtype)
+            out.append((float(info.min), float(info.max), float(lo), float(hi)))
+        else:
+            out.append((float(v.min()), float(v.max()), float(lo), float(hi)))
+    return out
+
+
+def write_multiscale(client: Any, data: Any, group: Path, levels: list[Level], chunks: tuple,
+                     axes: str, unit: str, name: str, opts: ConvertOptions, *, method: str,
+                     state: RunState, progress: Callable[[], Progress] | None, resume: bool,
+                     fill_value: Any = 0) -> list[RunReport]:
+    """Create (or reopen) the level arrays of one multiscale group and fill them blockwise."""
+    if not resume:
+        group.mkdir(parents=True, exist_ok=True)
+        for i, lv in enumerate(levels):
+            omezarr.create_level(group, str(i), lv.shape, [min(c, s) for c, s in
+                                 zip(chunks, lv.shape, strict=True)], data.dtype, axes,
+                                 opts.ngff, opts.compression, opts.clevel, fill_value)
+        metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
+        omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
+            axes, unit, metas, name, opts.ngff, method)]}, opts.ngff)
+    return build_pyramid(client, data, group, levels, chunks, method=method, state=state,
+                         progress=progress, budget_bytes=opts.block_mib * 2**20,
+                         name=name.replace("/", "-"))
+
+
+def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: Any,
+            progress: Callable[[], Progress] | None = None,
+            report: Callable[[str], None] = print) -> ConvertResult:
+    """Convert ``src`` into an OME-Zarr image at ``dst``, with pyramid and labels.
+
+    The output is built in a hidden sibling ``.NAME.partial`` and renamed into place when
+    complete. An interrupted run resumes from its done-markers when re-run with the same
+    input and options; different options start the partial output afresh.
+    """
+    t0 = time.monotonic()
+    src, dst = Path(src), Path(dst)
+    omezarr.zarr_format(options.ngff)  # validate before any work
+    omezarr.compressor(options.compression, options.clevel, 3, 1)
+    volume = apply_voxel_size(open_volume(src), options.voxel_size, options.unit)
+    volume = attach_labels(volume, options.labels)
+    check_destination(dst, options.overwrite, src)
+    chunks = spatial_chunks(volume, options.chunks)
+    levels = plan_levels(volume.shape, volume.axes, volume.scale(), chunks, options.max_levels)
+
+    identity = {"op": "convert", "version": __version__, "input": file_identity(src),
+                "labels": [file_identity(p) for _, p in options.labels],
+                "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
+                "chunks": chunks, "shape": volume.shape, "dtype": str(volume.dtype)}
+    partial = partial_path(dst)
+    state = RunState(partial / ".voxelmill", stable_hash(identity), identity)
+    resume = (state.directory / state.run_hash).exists()
+    if partial.exists() and not resume:
+        report(f"removing an unfinished conversion with other inputs or options: {partial}")
+        shutil.rmtree(partial)
+    elif resume:
+        report(f"resuming an interrupted conversion in {partial}")
+    partial.mkdir(parents=True, exist_ok=True)
+    state.begin()
+
+    name = Path(volume.source).name
+    reports = write_multiscale(client, volume.data, partial, levels, chunks, volume.axes,
+                               volume.unit, name, options, method="mean", state=state,
+                               progress=progress, resume=resume)
+    label_names = []
+    for lname, lab in volume.labels.items():
+        lchunks = spatial_chunks(lab, options.chunks)
+        llevels = plan_levels(lab.shape, lab.axes, lab.scale(), lchunks, options.max_levels)
+        lgroup = partial / "labels" / lname
+        reports += write_multiscale(client, lab.data, lgroup, llevels, lchunks, lab.axes,
+                                    lab.unit, f"labels/{lname}", options, method="mode",
+                                    state=state, progress=progress, resume=resume)
+        values = _label_values(lgroup / str(len(llevels) - 1))
+        omezarr.write_group_attrs(lgroup, {"image-label": omezarr.image_label(values,
+                                                                              options.ngff)},
+                                  options.ngff)
+        label_names.append(lname)
+    if label_names:
+        omezarr.write_group_attrs(partial / "labels", {"labels": label_names}, options.ngff)
+
+    nchan = volume.shape[volume.axes.index("c")] if "c" in volume.axes else 1
+    names = volume.channel_names or (name,)
+    omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
+        names, _windows(partial / str(len(levels) - 1), volume.axes, nchan))}, options.ngff)
+    state.clear()
+    commit(partial, dst)
+    return ConvertResult(dst, [lv.shape for lv in levels], label_names, reports,
+                         time.monotonic() - t0)
+
+
+def _label_values(path: Path, limit: int = 256) -> list[int]:
+    """Label values seen in the smallest level, for image-label colours (at most ``limit``)."""
+    import zarr
+
+    values = np.unique(np.asarray(zarr.open_array(str(path), mode="r")[...]))
+    return [int(v) for v in values[:limit]]

@@ -1,0 +1,83 @@
+"""``voxelmill export``: one level or region of an OME-Zarr image to MRC, TIFF, NRRD or NIfTI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.errors import OptionError
+from engine.io import iter_slabs, omezarr, writer_for
+from engine.pipelines.output import check_destination, commit, partial_path
+from engine.volume import Volume
+
+
+def parse_roi(text: str, spatial: str, shape: Sequence[int]) -> tuple[slice, ...]:
+    """Parse ``z0:z1,y0:y1,x0:x1`` (one range per spatial axis; empty bounds allowed)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != len(spatial):
+        raise OptionError(f"--roi {text!r}: give {len(spatial)} ranges for axes {spatial}, "
+                          "e.g. " + ",".join("0:64" for _ in spatial))
+    out = []
+    for ax, part, n in zip(spatial, parts, shape, strict=True):
+        lo, sep, hi = part.partition(":")
+        try:
+            start = int(lo) if lo else 0
+            stop = int(hi) if hi else n
+        except ValueError:
+            raise OptionError(f"--roi {text!r}: {part!r} on axis {ax} is not start:stop") from None
+        if not sep or not 0 <= start < stop <= n:
+            raise OptionError(f"--roi {text!r}: range {part!r} on axis {ax} must satisfy "
+                              f"0 ≤ start < stop ≤ {n}")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def select(volume: Volume, roi: str | None = None, channel: int | None = None) -> Volume:
+    """Cut a region (spatial ROI) and optionally one channel out of a volume, lazily."""
+    data, axes, names = volume.data, volume.axes, volume.channel_names
+    if channel is not None:
+        if "c" not in axes:
+            raise OptionError(f"--channel {channel}: {volume.source} has no channel axis")
+        n = data.shape[axes.index("c")]
+        if not 0 <= channel < n:
+            raise OptionError(f"--channel {channel}: {volume.source} has channels 0..{n - 1}")
+        data = data.take(channel, axis=axes.index("c"))
+        axes, names = axes.replace("c", ""), ()
+    if roi:
+        spatial_idx = [i for i, a in enumerate(axes) if a in "zyx"]
+        slices = parse_roi(roi, volume.spatial_axes, [data.shape[i] for i in spatial_idx])
+        key = [slice(None)] * data.ndim
+        for i, s in zip(spatial_idx, slices, strict=True):
+            key[i] = s
+        data = data[tuple(key)]
+    return replace(volume, data=data, axes=axes, channel_names=names, labels={})
+
+
+def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: str | None = None,
+           channel: int | None = None, label: str | None = None,
+           overwrite: bool = False) -> Volume:
+    """Write one level (or a region of it) of an OME-Zarr image, or of one of its label
+    images, to a single file whose format follows ``dst``'s suffix.
+
+    The voxel size of the chosen level goes into the header. Slabs are computed on the
+    cluster and streamed into a hidden partial file, renamed into place when complete.
+    """
+    src, dst = Path(src), Path(dst)
+    writer = writer_for(dst)
+    check_destination(dst, overwrite, src)
+    group = src / "labels" / label if label else src
+    if label and label not in omezarr.label_names(src):
+        raise OptionError(f"--label {label!r}: {src} has label images "
+                          f"{omezarr.label_names(src) or 'none'}")
+    volume = select(omezarr.read(group, level=level), roi, channel)
+    tmp = partial_path(dst)
+    tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
+    try:
+        writer.write(volume, tmp, iter_slabs(volume.data, client))
+        commit(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return volume

@@ -1,0 +1,277 @@
+"""Multiscale levels built blockwise: mean for images, mode for labels.
+
+Each level halves the finer spatial axes of the previous one. For strongly anisotropic
+voxels (e.g. z three times coarser than x/y) only the finer axes are halved until the
+voxel is close to isotropic, then all spatial axes. Levels are added until the smallest
+fits in one chunk.
+
+Downsampling is local (factor-2 windows starting at even offsets, edge-replicated at an
+odd end), so a block aligned to ``chunk × factor`` gives exactly the whole-array result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: an axis is "finer" when its voxel is smaller than the coarsest one by more than this.
+ANISOTROPY = 1.5
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Array shape of the level.
+    factors : tuple of int
+        Downsampling factor from the previous level, per axis (all 1 for level 0).
+    scale : tuple of float
+        NGFF scale per axis (voxel size on spatial axes, 1 on t and c).
+    translation : tuple of float
+        NGFF translation: physical position of voxel 0's centre relative to level 0's.
+    """
+
+    shape: tuple[int, ...]
+    factors: tuple[int, ...]
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+
+
+def level_factors(shape: Sequence[int], axes: str, scale: Sequence[float]) -> tuple[int, ...]:
+    """Factors for the next level: halve the finer spatial axes, or all when near isotropic."""
+    spatial = [i for i, a in enumerate(axes) if a in "zyx" and shape[i] > 1]
+    if not spatial:
+        return (1,) * len(axes)
+    coarsest = max(scale[i] for i in spatial)
+    finer = [i for i in spatial if scale[i] * ANISOTROPY < coarsest]
+    chosen = finer or spatial
+    return tuple(2 if i in chosen else 1 for i in range(len(axes)))
+
+
+def plan_levels(
+    shape: Sequence[int], axes: str, scale: Sequence[float], chunks: Sequence[int],
+    max_levels: int | None = None,
+) -> list[Level]:
+    """Levels until every spatial axis of the smallest fits in one chunk.
+
+    Parameters
+    ----------
+    shape, chunks : tuple of int
+        Level-0 shape and the chunk shape used on every level (clipped to the level).
+    axes : str
+        NGFF axes, e.g. ``"zyx"`` or ``"cyx"``.
+    scale : tuple of float
+        Level-0 NGFF scale per axis.
+    max_levels : int, optional
+        Upper bound on the number of levels (including level 0).
+    """
+    levels = [Level(tuple(shape), (1,) * len(shape), tuple(scale), (0.0,) * len(shape))]
+    while max_levels is None or len(levels) < max_levels:
+        last = levels[-1]
+        if all(last.shape[i] <= chunks[i] for i, a in enumerate(axes) if a in "zyx"):
+            break
+        f = level_factors(last.shape, axes, last.scale)
+        if all(x == 1 for x in f):
+            break
+        new_shape = tuple(-(-s // k) for s, k in zip(last.shape, f, strict=True))
+        new_scale = tuple(s * k for s, k in zip(last.scale, f, strict=True))
+        translation = tuple(
+            (ns - s0) / 2 if a in "zyx" else 0.0
+            for a, ns, s0 in zip(axes, new_scale, scale, strict=True)
+        )
+        levels.append(Level(new_shape, f, new_scale, translation))
+    return levels
+
+
+def _blocks_view(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Edge-pad to a multiple of ``factors`` and view as (out..., window...)."""
+    pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
+    if any(p[1] for p in pad):
+        data = np.pad(data, pad, mode="edge")
+    shape = []
+    for s, f in zip(data.shape, factors, strict=True):
+        shape += [s // f, f]
+    view = data.reshape(shape)
+    n = data.ndim
+    return view.transpose([2 * i for i in range(n)] + [2 * i + 1 for i in range(n)])
+
+
+def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Mean over ``factors`` windows, same dtype (integers rounded half to even).
+
+    Parameters
+    ----------
+    data : ndarray
+        Any shape; axes of odd length are edge-replicated at their end.
+    factors : tuple of int
+        Window per axis (1 = keep).
+    """
+    if all(f == 1 for f in factors):
+        return data
+    view = _blocks_view(data, factors)
+    window_axes = tuple(range(data.ndim, 2 * data.ndim))
+    acc = np.float64 if data.dtype.itemsize > 4 or data.dtype.kind in "iu" and \
+        data.dtype.itemsize >= 4 else np.float32
+    out = view.mean(axis=window_axes, dtype=acc)
+    if data.dtype.kind in "iub":
+        info = np.iinfo(data.dtype) if data.dtype.kind != "b" else None
+        out = np.rint(out)
+        if info is not None:
+            out = np.clip(out, info.min, info.max)
+    return out.astype(data.dtype, copy=False)
+
+
+def downsample_mode(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Most frequent value in each ``factors`` window (labels); ties go to the first seen."""
+    if all(f == 1 for f in factors):
+        return data
+    view = _blocks_view(data, factors)
+    k = int(np.prod(factors))
+    flat = view.reshape(view.shape[: data.ndim] + (k,))
+    counts = np.zeros(flat.shape, dtype=np.uint8)
+    for i in range(k):
+        counts[..., i] = (flat == flat[..., i : i + 1]).sum(axis=-1)
+    pick = counts.argmax(axis=-1)
+    return np.take_along_axis(flat, pick[..., None], axis=-1)[..., 0]
+
+
+DOWNSAMPLERS = {"mean": downsample_mean, "mode": downsample_mode}
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One blockwise pass: read ``source`` level, write ``levels`` (fused in one task).
+
+    ``source`` is -1 when the pass reads the input volume and writes level 0 itself.
+    ``block_shape`` is in the source level's voxels.
+    """
+
+    source: int
+    levels: tuple[int, ...]
+    block_shape: tuple[int, ...]
+
+
+def _block_for(
+    levels: Sequence[Level], chunks: Sequence[int], base: int, m: int
+) -> tuple[int, ...]:
+    """One level-(base+m) chunk expressed in level-``base`` voxels, clipped to the level."""
+    out = []
+    for i, c in enumerate(chunks):
+        factor = int(np.prod([lv.factors[i] for lv in levels[base + 1: base + m + 1]]))
+        out.append(min(c * factor, levels[base].shape[i]))
+    return tuple(out)
+
+
+def plan_passes(levels: Sequence[Level], chunks: Sequence[int], itemsize: int,
+                budget_bytes: int = 64 * 2**20) -> list[Pass]:
+    """Group levels into passes whose blocks stay within ``budget_bytes``.
+
+    A pass reading level L and writing L+1..L+m uses blocks of one level-(L+m) chunk
+    mapped back to level L, so each task writes whole chunks on every level it touches.
+    At least one level is fused per pass, whatever the budget.
+    """
+    passes = []
+    src, base = -1, 0  # the first pass reads the input and writes level 0 itself
+    while True:
+        remaining = len(levels) - 1 - base
+        m = min(1, remaining)
+        while m < remaining and np.prod(_block_for(levels, chunks, base, m + 1)) * itemsize \
+                <= budget_bytes:
+            m += 1
+        written = tuple(range(base if src == -1 else base + 1, base + m + 1))
+        passes.append(Pass(src, written, _block_for(levels, chunks, base, m)))
+        src = base = base + m
+        if base >= len(levels) - 1:
+            return passes
+
+
+# ----------------------------------------------------------------------- blockwise building
+
+@dataclass(frozen=True)
+class PyramidTask:
+    """Block task of one pass: read a block, write it (pass 0) and its downsampled levels.
+
+    ``source`` is the input dask array (first pass) or the path of the level the pass
+    reads; ``paths`` are the level arrays written, in order; ``factors`` the downsampling
+    steps between them.
+    """
+
+    source: object
+    paths: tuple[str, ...]
+    write_source: bool
+    factors: tuple[tuple[int, ...], ...]
+    method: str
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        if isinstance(self.source, str):
+            import zarr
+
+            return np.asarray(zarr.open_array(self.source, mode="r")[region])
+        return np.asarray(self.source[region].compute(scheduler="sync"))
+
+    def __call__(self, block) -> None:  # block: engine.blocks.Block
+        import zarr
+
+        data = self.read(block.write)
+        paths = list(self.paths)
+        if self.write_source:
+            zarr.open_array(paths.pop(0), mode="r+")[block.write] = data
+        origin = [s.start for s in block.write]
+        down = DOWNSAMPLERS[self.method]
+        for path, f in zip(paths, self.factors, strict=True):
+            data = down(data, f)
+            origin = [o // k for o, k in zip(origin, f, strict=True)]
+            region = tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))
+            zarr.open_array(path, mode="r+")[region] = data
+
+
+def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", state=None,
+                  progress=None, budget_bytes: int = 64 * 2**20, name: str = "pyramid"):
+    """Write ``data`` and its pyramid into the arrays ``group/0``, ``group/1`` ... blockwise.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    data : dask.array.Array
+        Level-0 voxels (lazy); read block by block on the workers.
+    group : Path
+        Multiscale group whose level arrays already exist with ``chunks``.
+    levels : list of Level
+        From :func:`plan_levels`.
+    method : {"mean", "mode"}
+        Mean for intensities, mode for labels.
+    state : RunState, optional
+        Done-markers for resume.
+    progress : callable, optional
+        Factory returning a fresh ``Progress`` per pass.
+
+    Returns
+    -------
+    list of RunReport
+        One per pass.
+    """
+    from engine.blocks import BlockGrid
+    from engine.runner import run_blocks
+
+    reports = []
+    for i, p in enumerate(plan_passes(levels, chunks, data.dtype.itemsize, budget_bytes)):
+        src_level = max(p.source, 0)
+        source = data if p.source == -1 else str(group / str(p.source))
+        first_written = p.levels[0] if p.source == -1 else p.levels[0] - 1
+        factors = tuple(levels[j].factors for j in p.levels if j != 0)
+        task = PyramidTask(
+            source, tuple(str(group / str(j)) for j in p.levels), p.source == -1, factors, method,
+        )
+        grid = BlockGrid(levels[src_level].shape, p.block_shape,
+                         chunks=[min(c, s) for c, s in zip(chunks, levels[first_written].shape,
+                                                            strict=True)])
+        reports.append(run_blocks(
+            client, grid, task, name=f"{name}-pass{i}", state=state,
+            progress=progress() if progress else None,
+        ))
+    return reports

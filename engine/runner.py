@@ -1,0 +1,210 @@
+"""Run a block task over a grid on a ``distributed.Client``.
+
+The runner is the only place that knows about distribution. A *block task* is a
+picklable callable ``task(block) -> small result`` that reads its read region, computes
+and writes its write region straight to storage from the worker; only block coordinates
+and small results travel through the scheduler.
+
+Resume: each run has a hash of (operation, parameters, input, layout). Finished blocks are
+recorded in a done-marker zarr array (one chunk per block, so markers never race) under
+the run's state directory, written by the worker *after* the block's write succeeded.
+A re-run with the same hash skips them; a different hash starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from engine.blocks import Block, BlockGrid
+from engine.errors import VoxelmillError
+from engine.progress import Progress, SilentProgress
+
+BlockTask = Callable[[Block], Any]
+
+
+class BlockFailed(RuntimeError):
+    """A block failed on every retry."""
+
+
+@dataclass
+class DoneMarkers:
+    """Done-markers of one run: a boolean zarr array shaped like the block grid."""
+
+    path: Path
+    grid_shape: tuple[int, ...]
+
+    def open(self, mode: str = "a") -> zarr.Array:
+        return zarr.open_array(
+            str(self.path), mode=mode, shape=self.grid_shape, chunks=(1,) * len(self.grid_shape),
+            dtype=bool, fill_value=False, zarr_format=3,
+        )
+
+    def finished(self) -> np.ndarray:
+        if not self.path.exists():
+            return np.zeros(self.grid_shape, dtype=bool)
+        return np.asarray(self.open("r")[...])
+
+    def mark(self, index: tuple[int, ...]) -> None:
+        self.open("r+")[index] = True
+
+
+@dataclass
+class RunState:
+    """Where a run keeps its done-markers: ``<directory>/<run hash>/``.
+
+    Markers of other hashes (an earlier run with other parameters) are removed when the
+    run starts, so a changed parameter invalidates them.
+    """
+
+    directory: Path
+    run_hash: str
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def markers(self, name: str, grid: BlockGrid) -> DoneMarkers:
+        return DoneMarkers(self.directory / self.run_hash / name, grid.grid_shape)
+
+    def begin(self) -> int:
+        """Prepare the state directory; return how many earlier passes it holds."""
+        if self.directory.exists():
+            for other in self.directory.iterdir():
+                if other.name != self.run_hash:
+                    shutil.rmtree(other) if other.is_dir() else other.unlink()
+        run_dir = self.directory / self.run_hash
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps(self.identity, indent=1, default=str))
+        return sum(1 for p in run_dir.iterdir() if p.is_dir())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class _MarkedTask:
+    """Runs on a worker: the task, then the done-marker (only after the write succeeded)."""
+
+    task: BlockTask
+    markers: DoneMarkers | None
+
+    def __call__(self, block: Block) -> Any:
+        result = self.task(block)
+        if self.markers is not None:
+            self.markers.mark(block.index)
+        return result
+
+
+@dataclass
+class RunReport:
+    """What a pass did: blocks computed, blocks skipped as already done, their results."""
+
+    name: str
+    total: int
+    computed: int
+    skipped: int
+    results: dict[tuple[int, ...], Any]
+
+
+def default_in_flight(client: Any) -> int:
+    """Two tasks per worker thread keep every thread busy while bounding memory."""
+    threads = sum(client.nthreads().values()) or 1
+    return 2 * threads
+
+
+def run_blocks(
+    client: Any,
+    grid: BlockGrid,
+    task: BlockTask,
+    *,
+    name: str,
+    state: RunState | None = None,
+    progress: Progress | None = None,
+    max_in_flight: int | None = None,
+    retries: int = 2,
+    blocks: Iterable[Block] | None = None,
+    resources: dict[str, float] | None = None,
+) -> RunReport:
+    """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The cluster to run on.
+    grid : BlockGrid
+        The blocks; their write regions must not share storage chunks.
+    task : callable
+        Picklable ``task(block) -> result``; results should be small (they go through
+        the scheduler).
+    name : str
+        Name of this pass: task keys, progress label and the done-marker array.
+    state : RunState, optional
+        Where done-markers live; without it the pass is not resumable.
+    max_in_flight : int, optional
+        Futures submitted at once (default: two per worker thread).
+    retries : int
+        Extra attempts of a block whose task raised or whose worker died.
+    blocks : iterable of Block, optional
+        A subset of the grid to run (default: all blocks).
+    resources : dict, optional
+        Worker resources each task needs, e.g. ``{"GPU": 1}``.
+    """
+    from distributed import as_completed
+
+    progress = progress or SilentProgress()
+    markers = state.markers(name, grid) if state is not None else None
+    done = markers.finished() if markers is not None else np.zeros(grid.grid_shape, dtype=bool)
+    todo = [b for b in (blocks if blocks is not None else grid) if not done[b.index]]
+    total = len(grid) if blocks is None else len(todo) + int(done.sum())
+    skipped = total - len(todo)
+    if markers is not None and todo:
+        markers.open("a")  # create the marker array before workers write into it
+    progress.start(name, total, skipped)
+    marked = _MarkedTask(task, markers)
+    prefix = f"{name}-{state.run_hash[:8] if state else 'once'}"
+    limit = max_in_flight or default_in_flight(client)
+
+    results: dict[tuple[int, ...], Any] = {}
+    pending = iter(todo)
+    futures: dict[Any, Block] = {}
+    ac = as_completed()
+
+    def submit_next() -> None:
+        block = next(pending, None)
+        if block is None:
+            return
+        fut = client.submit(
+            marked, block, key=f"{prefix}-{block.key}", retries=retries, pure=False,
+            resources=resources,
+        )
+        futures[fut] = block
+        ac.add(fut)
+
+    try:
+        for _ in range(limit):
+            submit_next()
+        for fut in ac:
+            block = futures.pop(fut)
+            if fut.status != "finished":
+                exc = fut.exception()
+                if isinstance(exc, VoxelmillError):
+                    raise exc
+                raise BlockFailed(
+                    f"{name}: block {block.index} (write region "
+                    f"{[(s.start, s.stop) for s in block.write]}) failed after {retries} "
+                    f"retries: {type(exc).__name__}: {exc}"
+                ) from exc
+            results[block.index] = fut.result()
+            fut.release()
+            progress.advance()
+            submit_next()
+    finally:
+        for fut in futures:
+            fut.cancel()
+        progress.finish()
+    return RunReport(name, total, len(todo), skipped, results)
