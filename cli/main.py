@@ -104,17 +104,17 @@ def convert(
 ) -> None:
     """Convert an image to a chunked, compressed, multiscale OME-Zarr."""
     with user_errors():
-        from engine.pipelines.convert import ConvertOptions
-        from engine.pipelines.convert import convert as run
+        from engine.pipelines.convert import ConvertOptions, plan_conversion, run_conversion
 
         opts = ConvertOptions(
             chunks=_ints(chunks, "--chunks"), ngff=ngff, compression=compression, clevel=clevel,
             voxel_size=_floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
             max_levels=max_levels,
         )
+        plan = plan_conversion(src, dst, opts)  # every user error surfaces before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
-            result = run(src, dst, opts, client, progress=progress_factory(),
-                         report=lambda line: err.print(line))
+            result = run_conversion(plan, client, progress=progress_factory(),
+                                    report=lambda line: err.print(line))
         out.print(f"wrote {result.destination} ({len(result.levels)} levels: "
                   f"{' → '.join('×'.join(map(str, s)) for s in result.levels)})")
         if result.labels:
@@ -138,14 +138,11 @@ def export(
 ) -> None:
     """Export a level or region of an OME-Zarr image for IMOD, MITK, Amira or napari."""
     with user_errors():
-        from engine.io import detect_format, writer_for
-        from engine.pipelines.export import export as run
+        from engine.pipelines.export import plan_export, run_export
 
-        writer_for(dst)
-        if detect_format(src) != "omezarr":
-            raise VoxelmillError(f"{src}: export reads OME-Zarr; convert it first")
+        plan = plan_export(src, dst, level, roi, channel, label, overwrite)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
-            vol = run(src, dst, client, level, roi, channel, label, overwrite)
+            vol = run_export(plan, client)
         out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} {vol.dtype}, "
                   f"voxel size {', '.join(f'{v:g}' for v in vol.voxel_size)} {vol.unit}")
 

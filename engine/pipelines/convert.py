@@ -155,23 +155,118 @@ def _windows(level_path: Path, axes: str, nchan: int) -> list[tuple[float, float
     return out
 
 
-def write_multiscale(client: Any, data: Any, group: Path, levels: list[Level], chunks: tuple,
-                     axes: str, unit: str, name: str, opts: ConvertOptions, *, method: str,
-                     state: RunState, progress: Callable[[], Progress] | None, resume: bool,
-                     fill_value: Any = 0) -> list[RunReport]:
-    """Create (or reopen) the level arrays of one multiscale group and fill them blockwise."""
-    if not resume:
-        group.mkdir(parents=True, exist_ok=True)
-        for i, lv in enumerate(levels):
-            omezarr.create_level(group, str(i), lv.shape, [min(c, s) for c, s in
-                                 zip(chunks, lv.shape, strict=True)], data.dtype, axes,
-                                 opts.ngff, opts.compression, opts.clevel, fill_value)
-        metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
-        omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
-            axes, unit, metas, name, opts.ngff, method)]}, opts.ngff)
-    return build_pyramid(client, data, group, levels, chunks, method=method, state=state,
-                         progress=progress, budget_bytes=opts.block_mib * 2**20,
-                         name=name.replace("/", "-"))
+@dataclass
+class Multiscale:
+    """One multiscale group to write: the image, or one label image."""
+
+    volume: Volume
+    group: Path
+    name: str
+    chunks: tuple[int, ...]
+    levels: list[Level]
+    method: str
+
+
+@dataclass
+class ConvertPlan:
+    """Everything checked and decided before any worker starts or anything is written."""
+
+    source: Path
+    destination: Path
+    options: ConvertOptions
+    image: Multiscale
+    labels: dict[str, Multiscale]
+    state: RunState
+
+    @property
+    def partial(self) -> Path:
+        return partial_path(self.destination)
+
+    @property
+    def resumable(self) -> bool:
+        return (self.state.directory / self.state.run_hash).exists()
+
+
+def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertPlan:
+    """Open and check the input, labels, options and destination; decide chunks and levels.
+
+    Raises a ``VoxelmillError`` naming the file or value for any user error.
+    """
+    src, dst = Path(src), Path(dst)
+    omezarr.zarr_format(options.ngff)
+    omezarr.compressor(options.compression, options.clevel, 3, 1)
+    volume = apply_voxel_size(open_volume(src), options.voxel_size, options.unit)
+    volume = attach_labels(volume, options.labels)
+    check_destination(dst, options.overwrite, src)
+    partial = partial_path(dst)
+
+    def multiscale(vol: Volume, group: Path, name: str, method: str) -> Multiscale:
+        chunks = spatial_chunks(vol, options.chunks)
+        levels = plan_levels(vol.shape, vol.axes, vol.scale(), chunks, options.max_levels)
+        return Multiscale(vol, group, name, chunks, levels, method)
+
+    image = multiscale(volume, partial, src.name, "mean")
+    labels = {n: multiscale(lab, partial / "labels" / n, f"labels/{n}", "mode")
+              for n, lab in volume.labels.items()}
+    identity = {"op": "convert", "version": __version__, "input": file_identity(src),
+                "labels": [file_identity(p) for _, p in options.labels],
+                "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
+                "chunks": image.chunks, "shape": volume.shape, "dtype": str(volume.dtype)}
+    state = RunState(partial / ".voxelmill", stable_hash(identity), identity)
+    return ConvertPlan(src, dst, options, image, labels, state)
+
+
+def _create(ms: Multiscale, opts: ConvertOptions) -> None:
+    """Create the empty level arrays and the multiscales metadata of one group."""
+    ms.group.mkdir(parents=True, exist_ok=True)
+    for i, lv in enumerate(ms.levels):
+        chunks = [min(c, s) for c, s in zip(ms.chunks, lv.shape, strict=True)]
+        omezarr.create_level(ms.group, str(i), lv.shape, chunks, ms.volume.dtype, ms.volume.axes,
+                             opts.ngff, opts.compression, opts.clevel)
+    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(ms.levels)]
+    omezarr.write_group_attrs(ms.group, {"multiscales": [omezarr.multiscales(
+        ms.volume.axes, ms.volume.unit, metas, ms.name, opts.ngff, ms.method)]}, opts.ngff)
+
+
+def run_conversion(plan: ConvertPlan, client: Any,
+                   progress: Callable[[], Progress] | None = None,
+                   report: Callable[[str], None] = print) -> ConvertResult:
+    """Write the planned OME-Zarr blockwise on the cluster; resume when possible."""
+    t0 = time.monotonic()
+    opts, partial = plan.options, plan.partial
+    groups = [plan.image, *plan.labels.values()]
+    if plan.resumable:
+        report(f"resuming an interrupted conversion in {partial}")
+    else:
+        if partial.exists():
+            report(f"removing an unfinished conversion with other inputs or options: {partial}")
+            shutil.rmtree(partial)
+        for ms in groups:
+            _create(ms, opts)
+        if plan.labels:
+            omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
+                                      opts.ngff)
+    plan.state.begin()
+
+    reports: list[RunReport] = []
+    for ms in groups:
+        reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.chunks,
+                                 method=ms.method, state=plan.state, progress=progress,
+                                 budget_bytes=opts.block_mib * 2**20,
+                                 name=ms.name.replace("/", "-"))
+    for ms in plan.labels.values():
+        values = _label_values(ms.group / str(len(ms.levels) - 1))
+        omezarr.write_group_attrs(
+            ms.group, {"image-label": omezarr.image_label(values, opts.ngff)}, opts.ngff)
+    vol = plan.image.volume
+    nchan = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
+    windows = _windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
+    omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
+        vol.channel_names or (plan.image.name,), windows)}, opts.ngff)
+    plan.state.clear()
+    commit(partial, plan.destination)
+    return ConvertResult(plan.destination, [lv.shape for lv in plan.image.levels],
+                         list(plan.labels), reports, time.monotonic() - t0)
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: Any,
@@ -183,59 +278,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: A
     complete. An interrupted run resumes from its done-markers when re-run with the same
     input and options; different options start the partial output afresh.
     """
-    t0 = time.monotonic()
-    src, dst = Path(src), Path(dst)
-    omezarr.zarr_format(options.ngff)  # validate before any work
-    omezarr.compressor(options.compression, options.clevel, 3, 1)
-    volume = apply_voxel_size(open_volume(src), options.voxel_size, options.unit)
-    volume = attach_labels(volume, options.labels)
-    check_destination(dst, options.overwrite, src)
-    chunks = spatial_chunks(volume, options.chunks)
-    levels = plan_levels(volume.shape, volume.axes, volume.scale(), chunks, options.max_levels)
-
-    identity = {"op": "convert", "version": __version__, "input": file_identity(src),
-                "labels": [file_identity(p) for _, p in options.labels],
-                "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
-                "chunks": chunks, "shape": volume.shape, "dtype": str(volume.dtype)}
-    partial = partial_path(dst)
-    state = RunState(partial / ".voxelmill", stable_hash(identity), identity)
-    resume = (state.directory / state.run_hash).exists()
-    if partial.exists() and not resume:
-        report(f"removing an unfinished conversion with other inputs or options: {partial}")
-        shutil.rmtree(partial)
-    elif resume:
-        report(f"resuming an interrupted conversion in {partial}")
-    partial.mkdir(parents=True, exist_ok=True)
-    state.begin()
-
-    name = Path(volume.source).name
-    reports = write_multiscale(client, volume.data, partial, levels, chunks, volume.axes,
-                               volume.unit, name, options, method="mean", state=state,
-                               progress=progress, resume=resume)
-    label_names = []
-    for lname, lab in volume.labels.items():
-        lchunks = spatial_chunks(lab, options.chunks)
-        llevels = plan_levels(lab.shape, lab.axes, lab.scale(), lchunks, options.max_levels)
-        lgroup = partial / "labels" / lname
-        reports += write_multiscale(client, lab.data, lgroup, llevels, lchunks, lab.axes,
-                                    lab.unit, f"labels/{lname}", options, method="mode",
-                                    state=state, progress=progress, resume=resume)
-        values = _label_values(lgroup / str(len(llevels) - 1))
-        omezarr.write_group_attrs(lgroup, {"image-label": omezarr.image_label(values,
-                                                                              options.ngff)},
-                                  options.ngff)
-        label_names.append(lname)
-    if label_names:
-        omezarr.write_group_attrs(partial / "labels", {"labels": label_names}, options.ngff)
-
-    nchan = volume.shape[volume.axes.index("c")] if "c" in volume.axes else 1
-    names = volume.channel_names or (name,)
-    omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
-        names, _windows(partial / str(len(levels) - 1), volume.axes, nchan))}, options.ngff)
-    state.clear()
-    commit(partial, dst)
-    return ConvertResult(dst, [lv.shape for lv in levels], label_names, reports,
-                         time.monotonic() - t0)
+    return run_conversion(plan_conversion(src, dst, options), client, progress, report)
 
 
 def _label_values(path: Path, limit: int = 256) -> list[int]:

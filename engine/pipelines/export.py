@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine.errors import OptionError
-from engine.io import iter_slabs, omezarr, writer_for
+from engine.errors import InputError, OptionError
+from engine.io import detect_format, iter_slabs, omezarr, writer_for
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.volume import Volume
 
@@ -55,29 +55,49 @@ def select(volume: Volume, roi: str | None = None, channel: int | None = None) -
     return replace(volume, data=data, axes=axes, channel_names=names, labels={})
 
 
-def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: str | None = None,
-           channel: int | None = None, label: str | None = None,
-           overwrite: bool = False) -> Volume:
-    """Write one level (or a region of it) of an OME-Zarr image, or of one of its label
-    images, to a single file whose format follows ``dst``'s suffix.
+@dataclass(frozen=True)
+class ExportPlan:
+    volume: Volume
+    destination: Path
+    writer: Any
 
-    The voxel size of the chosen level goes into the header. Slabs are computed on the
-    cluster and streamed into a hidden partial file, renamed into place when complete.
-    """
+
+def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | None = None,
+                channel: int | None = None, label: str | None = None,
+                overwrite: bool = False) -> ExportPlan:
+    """Check the source, options and destination before anything runs."""
     src, dst = Path(src), Path(dst)
     writer = writer_for(dst)
+    if detect_format(src) != "omezarr":
+        raise InputError(f"{src}: export reads OME-Zarr images; convert it first")
     check_destination(dst, overwrite, src)
-    group = src / "labels" / label if label else src
     if label and label not in omezarr.label_names(src):
         raise OptionError(f"--label {label!r}: {src} has label images "
                           f"{omezarr.label_names(src) or 'none'}")
-    volume = select(omezarr.read(group, level=level), roi, channel)
+    group = src / "labels" / label if label else src
+    return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer)
+
+
+def run_export(plan: ExportPlan, client: Any) -> Volume:
+    """Stream the planned region into a hidden partial file, renamed when complete."""
+    dst = plan.destination
     tmp = partial_path(dst)
     tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
     try:
-        writer.write(volume, tmp, iter_slabs(volume.data, client))
+        plan.writer.write(plan.volume, tmp, iter_slabs(plan.volume.data, client))
         commit(tmp, dst)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return volume
+    return plan.volume
+
+
+def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: str | None = None,
+           channel: int | None = None, label: str | None = None,
+           overwrite: bool = False) -> Volume:
+    """Write one level (or a region of it) of an OME-Zarr image, or of one of its label
+    images, to a single file whose format follows ``dst``'s suffix (MRC, TIFF, NRRD, NIfTI).
+
+    The voxel size of the chosen level goes into the header; the source is only read.
+    """
+    return run_export(plan_export(src, dst, level, roi, channel, label, overwrite), client)

@@ -1,0 +1,160 @@
+"""A folder of 2D TIFF slices read as a z-stack, one file per z-plane, read on demand.
+
+Files ``*.tif``/``*.tiff`` are ordered naturally (``slice2`` before ``slice10``). Every
+slice must be a single 2D image of the same shape and dtype; RGB(A) slices (samples per
+pixel 3 or 4) become a ``czyx`` stack with channels ``red``, ``green``, ``blue``
+(``alpha``). Multi-page files are refused: they are stacks themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from engine.errors import InputError, OptionError
+from engine.io.sources import normalize_key, to_dask
+from engine.volume import Volume, convert_length, normalize_unit
+
+SUFFIXES = (".tif", ".tiff")
+RGB_NAMES = ("red", "green", "blue", "alpha")
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value: ``a2`` < ``a10``."""
+    return [int(part) if part.isdigit() else part.lower()
+            for part in re.split(r"(\d+)", name)]
+
+
+def slice_files(path: Path) -> list[Path]:
+    """The folder's TIFF files in natural order (hidden files such as ``._x.tif`` skipped)."""
+    files = [p for p in Path(path).iterdir()
+             if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def read_slice(path: str) -> np.ndarray:
+    """One slice as ``(y, x)`` or ``(y, x, samples)``."""
+    try:
+        return tifffile.imread(path)
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read this TIFF slice ({exc})") from None
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """A stack of slice files; a read opens only the files of the z-range it covers."""
+
+    paths: tuple[str, ...]
+    shape: tuple[int, ...]  # (z, y, x) or (c, z, y, x)
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = normalize_key(key, self.shape)
+        rgb = len(self.shape) == 4
+        zkey, ykey, xkey = key[-3:]
+        out = np.empty(tuple(s.stop - s.start for s in key), dtype=self.dtype)
+        for i, z in enumerate(range(zkey.start, zkey.stop)):
+            plane = read_slice(self.paths[z])
+            if plane.shape != (self.shape[-2:] + ((self.shape[0],) if rgb else ())):
+                raise InputError(f"{self.paths[z]}: slice shape {plane.shape} changed since "
+                                 "the stack was opened")
+            if rgb:
+                out[:, i] = np.moveaxis(plane[ykey, xkey], -1, 0)[key[0]]
+            else:
+                out[i] = plane[ykey, xkey]
+        return out
+
+
+def _describe(path: Path) -> tuple[tuple[int, ...], np.dtype, str]:
+    """Shape, dtype and axes of a slice file, from its header only."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return tuple(series.shape), np.dtype(series.dtype), series.axes
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        raise InputError(f"{path}: not a readable TIFF slice ({exc})") from None
+
+
+def _voxel_size(path: Path) -> tuple[tuple[float, float, float], str]:
+    """(z, y, x) voxel size and unit from the first slice.
+
+    ImageJ metadata give the unit and z ``spacing``; X/YResolution give pixels per unit.
+    Without ImageJ metadata only centimetre resolution units are trusted: an inch unit
+    is almost always a 72-dpi default that says nothing about the sample.
+    """
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            meta = tif.imagej_metadata or {}
+            res = [tags[n].value if n in tags else None for n in ("YResolution", "XResolution")]
+            res_unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable TIFF slice ({exc})") from None
+    unit, factor = "micrometer", None
+    if meta.get("unit"):
+        try:
+            unit, factor = normalize_unit(str(meta["unit"])), 1.0
+        except OptionError:
+            unit, factor = "micrometer", None  # "pixel", "inch": no physical size
+    elif res_unit == 3:
+        factor = convert_length(1.0, "millimeter", "micrometer") * 10.0  # µm per cm
+    yx = []
+    for value in res:
+        size = 1.0
+        if factor is not None and value is not None and value[0] > 0 and value[1] > 0:
+            size = value[1] / value[0] * factor
+        yx.append(size)
+    z = float(meta.get("spacing", 1.0)) if factor is not None else 1.0
+    return (z if z > 0 else 1.0, yx[0], yx[1]), unit
+
+
+def read(path: Path, **_: object) -> Volume:
+    """Open a folder of 2D TIFF slices as a lazy z-stack.
+
+    Parameters
+    ----------
+    path : Path
+        A directory holding one ``.tif``/``.tiff`` file per z-plane.
+
+    Returns
+    -------
+    Volume
+        ``zyx`` (``czyx`` for RGB slices), one read chunk per file; voxel size from the
+        first file's ImageJ metadata or resolution tags, else 1 micrometer.
+    """
+    path = Path(path)
+    files = slice_files(path)
+    if not files:
+        raise InputError(f"{path}: the folder holds no .tif/.tiff files")
+    shape, dtype, axes = _describe(files[0])
+    rgb = axes == "YXS" and shape[-1] in (3, 4)
+    if not (axes == "YX" or rgb):
+        raise InputError(f"{files[0]}: a slice must be a single 2D (or RGB) image, "
+                         f"not axes {axes} of shape {shape}")
+    for f in files[1:]:
+        other = _describe(f)
+        if other != (shape, dtype, axes):
+            raise InputError(f"{f}: slice has shape {other[0]} {other[1]}, but {files[0].name} "
+                             f"has {shape} {dtype}; all slices must match")
+    voxel, unit = _voxel_size(files[0])
+    names: tuple[str, ...] = ()
+    if rgb:
+        stack_shape = (shape[2], len(files), shape[0], shape[1])
+        axes_out, chunks = "czyx", (shape[2], 1, shape[0], shape[1])
+        names = RGB_NAMES[: shape[2]]
+    else:
+        stack_shape = (len(files), *shape)
+        axes_out, chunks = "zyx", (1, *shape)
+    # one chunk per file: a file is the unit of I/O, so a region reads only its own files
+    source = FolderSource(tuple(str(f) for f in files), stack_shape, dtype.newbyteorder("="))
+    data = to_dask(source, axes_out, chunks=chunks, name="folder")
+    return Volume(data, axes_out, voxel, unit, channel_names=names, source=str(path))

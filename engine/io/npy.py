@@ -1,0 +1,83 @@
+"""NumPy ``.npy`` (memory-mapped) and ``.npz`` archives (a member memory-mapped when stored
+uncompressed, else loaded: deflate is not seekable)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError
+from engine.io.sources import InMemorySource, RawFileSource, to_dask
+from engine.volume import Volume
+
+AXES_BY_NDIM = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
+
+
+def _header(fh, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        fmt = np.lib.format
+        major, _ = fmt.read_magic(fh)
+        reader = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+        return reader(fh)  # (shape, fortran_order, dtype)
+    except ValueError as exc:
+        raise InputError(f"{path}: not a valid .npy array ({exc})") from None
+
+
+def _volume(source, path: Path, fortran: bool) -> Volume:
+    ndim = len(source.shape)
+    if ndim not in AXES_BY_NDIM:
+        raise InputError(f"{path}: {ndim}-dimensional array; expected 2 (yx) to 5 (tczyx) axes")
+    axes = AXES_BY_NDIM[ndim]
+    data = to_dask(source, axes[::-1] if fortran else axes)
+    if fortran:  # stored x-fastest: the raw layout is the reversed C-order array
+        data = data.transpose()
+    return Volume(data, axes, (1.0,) * len(axes.replace("c", "").replace("t", "")),
+                  "micrometer", source=str(path))
+
+
+def read(path: Path, key: str | None = None, **_: object) -> Volume:
+    """Open ``.npy`` lazily, or one array of an ``.npz`` (``key``, default the first).
+
+    NumPy files carry no voxel size: it is 1 µm unless ``--voxel-size`` overrides it.
+    Axes follow the number of dimensions: yx, zyx, czyx, tczyx.
+    """
+    if path.suffix.lower() == ".npy":
+        with open(path, "rb") as fh:
+            shape, fortran, dtype = _header(fh, path)
+            offset = fh.tell()
+        expected = offset + int(np.prod(shape)) * dtype.itemsize
+        if path.stat().st_size < expected:
+            raise InputError(f"{path}: truncated .npy file ({path.stat().st_size} of "
+                             f"{expected} bytes)")
+        raw_shape = tuple(reversed(shape)) if fortran else tuple(shape)
+        return _volume(RawFileSource(str(path), offset, raw_shape, dtype), path, fortran)
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path}: not a valid .npz archive ({exc})") from None
+    with zf:
+        names = [n for n in zf.namelist() if n.endswith(".npy")]
+        if not names:
+            raise InputError(f"{path}: .npz archive holds no arrays")
+        member = names[0] if key is None else f"{key}.npy"
+        if member not in names:
+            raise InputError(f"{path}: no array {key!r}; arrays: "
+                             + ", ".join(n[:-4] for n in names))
+        info = zf.getinfo(member)
+        with zf.open(member) as fh:
+            shape, fortran, dtype = _header(fh, path)
+            header_len = fh.tell() if info.compress_type == zipfile.ZIP_STORED else None
+            if header_len is None:
+                fh.seek(0)
+                return _volume(InMemorySource(np.load(fh)), path, False)
+    # stored member: data starts after the local file header and the npy header
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    raw_shape = tuple(reversed(shape)) if fortran else tuple(shape)
+    return _volume(RawFileSource(str(path), offset, raw_shape, dtype), path, fortran)
