@@ -72,7 +72,7 @@ def connect(
                 "expected something like tcp://10.0.0.5:8786"
             )
         try:
-            client = Client(options.scheduler, timeout="20s")
+            client = Client(options.scheduler, timeout="10s")
         except OSError as exc:
             raise OptionError(
                 f"cannot reach the scheduler at {options.scheduler}: {exc}"

@@ -168,20 +168,28 @@ def _block_for(
 
 
 def plan_passes(levels: Sequence[Level], chunks: Sequence[int], itemsize: int,
-                budget_bytes: int = 64 * 2**20) -> list[Pass]:
+                budget_bytes: int = 64 * 2**20, min_blocks: int = 8) -> list[Pass]:
     """Group levels into passes whose blocks stay within ``budget_bytes``.
 
     A pass reading level L and writing L+1..L+m uses blocks of one level-(L+m) chunk
     mapped back to level L, so each task writes whole chunks on every level it touches.
-    At least one level is fused per pass, whatever the budget.
+    At least one level is fused per pass, whatever the budget; more only while the pass
+    keeps ``min_blocks`` blocks to spread over the workers.
     """
+
+    def n_blocks(block: tuple[int, ...], shape: tuple[int, ...]) -> int:
+        return int(np.prod([-(-s // b) for s, b in zip(shape, block, strict=True)]))
+
     passes = []
     src, base = -1, 0  # the first pass reads the input and writes level 0 itself
     while True:
         remaining = len(levels) - 1 - base
         m = min(1, remaining)
-        while m < remaining and np.prod(_block_for(levels, chunks, base, m + 1)) * itemsize \
-                <= budget_bytes:
+        while m < remaining:
+            grown = _block_for(levels, chunks, base, m + 1)
+            if np.prod(grown) * itemsize > budget_bytes or \
+                    n_blocks(grown, levels[base].shape) < min_blocks:
+                break
             m += 1
         written = tuple(range(base if src == -1 else base + 1, base + m + 1))
         passes.append(Pass(src, written, _block_for(levels, chunks, base, m)))

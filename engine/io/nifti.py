@@ -64,12 +64,13 @@ class NiftiProxySource:
         return np.ascontiguousarray(block.T, dtype=self.dtype.newbyteorder("="))
 
 
-def _scaling(header: Any) -> tuple[float, float] | None:
-    """``(slope, inter)`` when the header asks for scaling, else ``None``.
+def _scaling(proxy: Any) -> tuple[float, float] | None:
+    """``(slope, inter)`` when the file's header asks for scaling, else ``None``.
 
-    As the NIfTI standard (and nibabel) say, a slope of 0 or NaN means no scaling at all.
+    Taken from nibabel's proxy because a loaded image's header copy has them reset. As
+    the NIfTI standard (and nibabel) say, a slope of 0 or NaN means no scaling at all.
     """
-    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    slope, inter = float(proxy.slope), float(proxy.inter)
     if not np.isfinite(slope) or slope == 0:
         return None
     inter = inter if np.isfinite(inter) else 0.0
@@ -126,7 +127,8 @@ def read(path: Path, **_: object) -> Volume:
     if any(s > 1 for s in shape[5:]):
         raise InputError(f"{path}: NIfTI dimensions 6 and 7 ({shape}) are not supported")
     shape = shape[:5]
-    offset = int(header["vox_offset"])
+    # the loaded image's header copy has vox_offset reset; the proxy keeps the file's
+    offset = int(img.dataobj.offset)
     c_shape = tuple(reversed(shape))
     c_axes = DIM_NAMES[: len(shape)][::-1]  # e.g. "tzyx"
 
@@ -158,7 +160,7 @@ def read(path: Path, **_: object) -> Volume:
         data = da.swapaxes(data, 0, 1)
         c_axes = "tc" + c_axes[2:]
 
-    scaling = _scaling(header)
+    scaling = _scaling(img.dataobj)
     if scaling is not None:
         # scl_slope/scl_inter applied lazily per chunk, in float32 for small integer types
         # (exact for them) and float64 for wider ones, as nibabel's get_fdata would be
@@ -166,7 +168,9 @@ def read(path: Path, **_: object) -> Volume:
         out = np.result_type(native, np.float32)
         data = data.astype(out) * out.type(slope) + out.type(inter)
 
-    zooms = [float(z) for z in header.get_zooms()[:3]] + [1.0] * (3 - min(3, len(shape)))
+    # pixdim is float32: take the shortest decimal that rounds to it (0.001, not 0.0010000000475)
+    zooms = [float(str(np.float32(z))) for z in header.get_zooms()[:3]]
+    zooms += [1.0] * (3 - len(zooms))
     voxel = tuple(z if np.isfinite(z) and z > 0 else 1.0 for z in reversed(zooms))
     if "z" not in c_axes:
         voxel = voxel[1:]

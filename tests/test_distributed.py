@@ -1,0 +1,106 @@
+"""A real distributed run: `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from engine.pipelines.convert import ConvertOptions, convert
+from tests.conftest import run_cli, write_mrc
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """Start a scheduler and two single-threaded workers as subprocesses; yield the address."""
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = tmp_path_factory.mktemp("dask-logs")
+    procs = [subprocess.Popen(
+        [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0"],
+        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
+    for i in range(2):
+        procs.append(subprocess.Popen(
+            [str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+             "--nworkers", "1", "--no-dashboard", "--name", f"w{i}",
+             "--local-directory", str(logs / f"w{i}")],
+            stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout="5s") as c:
+                    c.wait_for_workers(2, timeout=max(1, deadline - time.monotonic()))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_convert_on_external_cluster_equals_local_run(scheduler, client, tmp_path):
+    from distributed import Client
+
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(40, 96, 80)).astype(np.float32)
+    src = write_mrc(tmp_path / "tomo.mrc", data, voxel_size=(3.0, 3.0, 6.0))
+
+    with Client(scheduler) as c:
+        before = c.run(lambda dask_worker: dask_worker.state.executed_count)
+
+    res = run_cli("convert", str(src), str(tmp_path / "remote.ome.zarr"), "--chunks", "16",
+                  "--scheduler", scheduler)
+    assert res.returncode == 0, res.stderr
+    assert f"connected to scheduler {scheduler}" in res.stderr
+    assert "dashboard" in res.stderr
+
+    with Client(scheduler) as c:
+        after = c.run(lambda dask_worker: dask_worker.state.executed_count)
+    ran = {w: after[w] - before.get(w, 0) for w in after}
+    assert len(ran) == 2 and all(n > 0 for n in ran.values()), ran  # both workers took blocks
+
+    local = convert(src, tmp_path / "local.ome.zarr", ConvertOptions(chunks=(16,)), client,
+                    report=lambda _: None)
+    remote = zarr.open_group(str(tmp_path / "remote.ome.zarr"), mode="r")
+    here = zarr.open_group(str(local.destination), mode="r")
+    assert len(local.levels) > 1
+    for i in range(len(local.levels)):
+        np.testing.assert_array_equal(remote[str(i)][...], here[str(i)][...])
+    np.testing.assert_array_equal(remote["0"][...], data)
+    assert remote.attrs.asdict() == here.attrs.asdict()
+
+
+def test_unreachable_scheduler_is_a_user_error(tmp_path):
+    src = write_mrc(tmp_path / "a.mrc", np.zeros((4, 8, 8), np.float32))
+    res = run_cli("convert", str(src), str(tmp_path / "a.ome.zarr"),
+                  "--scheduler", f"tcp://127.0.0.1:{_free_port()}", timeout=120)
+    assert res.returncode == 2
+    assert "cannot reach the scheduler" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "a.ome.zarr").exists()
