@@ -98,6 +98,9 @@ def convert(
     unit: Annotated[str | None, typer.Option(
         help="Unit of --voxel-size: angstrom, nm, um ... (default: the header's).")] = None,
     max_levels: Annotated[int | None, typer.Option(help="Cap on pyramid levels.")] = None,
+    block_mib: Annotated[float, typer.Option(
+        help="Voxels one task may hold, in MiB: bounds worker memory; smaller blocks, more "
+        "tasks.")] = 64,
     overwrite: Overwrite = False,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
@@ -109,7 +112,7 @@ def convert(
         opts = ConvertOptions(
             chunks=_ints(chunks, "--chunks"), ngff=ngff, compression=compression, clevel=clevel,
             voxel_size=_floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
-            max_levels=max_levels,
+            max_levels=max_levels, block_mib=block_mib,
         )
         plan = plan_conversion(src, dst, opts)  # every user error surfaces before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:

@@ -2,8 +2,8 @@
 
 Files ``*.tif``/``*.tiff`` are ordered naturally (``slice2`` before ``slice10``). Every
 slice must be a single 2D image of the same shape and dtype; RGB(A) slices (samples per
-pixel 3 or 4) become a ``czyx`` stack with channels ``red``, ``green``, ``blue``
-(``alpha``). Multi-page files are refused: they are stacks themselves.
+pixel 3 or 4, interleaved or planar) become a ``czyx`` stack with channels ``red``,
+``green``, ``blue`` (``alpha``). Multi-page files are refused: they are stacks themselves.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class FolderSource:
     paths: tuple[str, ...]
     shape: tuple[int, ...]  # (z, y, x) or (c, z, y, x)
     dtype: np.dtype
+    slice_axes: str = "YX"  # as tifffile reports a file: "YX", "YXS" or "SYX"
 
     @property
     def ndim(self) -> int:
@@ -59,16 +60,18 @@ class FolderSource:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = normalize_key(key, self.shape)
-        rgb = len(self.shape) == 4
         zkey, ykey, xkey = key[-3:]
         out = np.empty(tuple(s.stop - s.start for s in key), dtype=self.dtype)
         for i, z in enumerate(range(zkey.start, zkey.stop)):
             plane = read_slice(self.paths[z])
-            if plane.shape != (self.shape[-2:] + ((self.shape[0],) if rgb else ())):
-                raise InputError(f"{self.paths[z]}: slice shape {plane.shape} changed since "
-                                 "the stack was opened")
-            if rgb:
-                out[:, i] = np.moveaxis(plane[ykey, xkey], -1, 0)[key[0]]
+            if self.slice_axes == "YXS":  # samples last → first, like the channel axis
+                plane = np.moveaxis(plane, -1, 0)
+            expected = (self.shape[0], *self.shape[-2:]) if self.ndim == 4 else self.shape[-2:]
+            if plane.shape != tuple(expected):
+                raise InputError(f"{self.paths[z]}: slice shape changed since the stack was "
+                                 "opened")
+            if self.ndim == 4:
+                out[:, i] = plane[key[0], ykey, xkey]
             else:
                 out[i] = plane[ykey, xkey]
         return out
@@ -136,7 +139,8 @@ def read(path: Path, **_: object) -> Volume:
     if not files:
         raise InputError(f"{path}: the folder holds no .tif/.tiff files")
     shape, dtype, axes = _describe(files[0])
-    rgb = axes == "YXS" and shape[-1] in (3, 4)
+    samples = shape[axes.index("S")] if "S" in axes else 0
+    rgb = axes in ("YXS", "SYX") and samples in (3, 4)
     if not (axes == "YX" or rgb):
         raise InputError(f"{files[0]}: a slice must be a single 2D (or RGB) image, "
                          f"not axes {axes} of shape {shape}")
@@ -148,13 +152,15 @@ def read(path: Path, **_: object) -> Volume:
     voxel, unit = _voxel_size(files[0])
     names: tuple[str, ...] = ()
     if rgb:
-        stack_shape = (shape[2], len(files), shape[0], shape[1])
-        axes_out, chunks = "czyx", (shape[2], 1, shape[0], shape[1])
-        names = RGB_NAMES[: shape[2]]
+        y, x = (shape[0], shape[1]) if axes == "YXS" else (shape[1], shape[2])
+        stack_shape = (samples, len(files), y, x)
+        axes_out, chunks = "czyx", (samples, 1, y, x)
+        names = RGB_NAMES[:samples]
     else:
         stack_shape = (len(files), *shape)
         axes_out, chunks = "zyx", (1, *shape)
     # one chunk per file: a file is the unit of I/O, so a region reads only its own files
-    source = FolderSource(tuple(str(f) for f in files), stack_shape, dtype.newbyteorder("="))
+    source = FolderSource(tuple(str(f) for f in files), stack_shape, dtype.newbyteorder("="),
+                          axes)
     data = to_dask(source, axes_out, chunks=chunks, name="folder")
     return Volume(data, axes_out, voxel, unit, channel_names=names, source=str(path))

@@ -88,7 +88,7 @@ def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
         The ``.h5``/``.hdf5`` file.
     dataset : str, optional
         Dataset path inside the file. By default the only dataset, or ``raw`` when there
-        are several.
+        are several (or the one dataset named ``raw`` inside a group).
 
     Returns
     -------
@@ -102,11 +102,12 @@ def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
         raise InputError(f"{path}: not a readable HDF5 file ({exc})") from None
     with f:
         names = datasets(f)
+        raws = [n for n in names if n.rsplit("/", 1)[-1] == "raw"]
         if dataset is None:
             if len(names) == 1:
                 dataset = names[0]
-            elif "raw" in names:
-                dataset = "raw"
+            elif "raw" in names or len(raws) == 1:  # e.g. CREMI's "volumes/raw"
+                dataset = "raw" if "raw" in names else raws[0]
             else:
                 listed = ", ".join(names) or "none"
                 raise InputError(f"{path}: choose a dataset with {path}:<dataset>; "

@@ -162,8 +162,8 @@ def read(path: Path, **_: object) -> Volume:
 
     scaling = _scaling(img.dataobj)
     if scaling is not None:
-        # scl_slope/scl_inter applied lazily per chunk, in float32 for small integer types
-        # (exact for them) and float64 for wider ones, as nibabel's get_fdata would be
+        # scl_slope/scl_inter applied lazily per chunk: float32 for types float32 holds
+        # exactly (up to 16-bit integers, float32), float64 for wider ones
         slope, inter = scaling
         out = np.result_type(native, np.float32)
         data = data.astype(out) * out.type(slope) + out.type(inter)

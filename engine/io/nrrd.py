@@ -8,6 +8,7 @@ raw NRRD is a C-ordered ``(z, y, x)`` array at a byte offset and maps straight o
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def read(path: Path, **_: object) -> Volume:
             header = nrrd.read_header(fh)
             header_end = fh.tell()  # read_header seeks to just after the blank line
     except (nrrd.NRRDError, ValueError, StopIteration, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a valid NRRD header ({exc or 'empty file'})") from None
+        raise InputError(f"{path}: not a valid NRRD header ({str(exc) or 'empty file'})") from None
     for key in ("type", "dimension", "sizes", "encoding"):
         if key not in header:
             raise InputError(f"{path}: NRRD header lacks the required field {key!r}")
@@ -219,7 +220,7 @@ def read(path: Path, **_: object) -> Volume:
         # decompressed here; such files are meant for patches, not whole volumes.
         try:
             array, _ = nrrd.read(str(path), index_order="C")
-        except (nrrd.NRRDError, ValueError, OSError, EOFError) as exc:
+        except (nrrd.NRRDError, ValueError, OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{path}: cannot read the {encoding} NRRD data ({exc})") from None
         if array.shape != c_shape:
             raise InputError(f"{path}: NRRD data has shape {array.shape}, header says {c_shape}")

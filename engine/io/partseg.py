@@ -29,6 +29,7 @@ import tarfile
 import zlib
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import tifffile
@@ -71,20 +72,21 @@ def _unit_factor(unit: Any, path: Path) -> float:
 
 
 def _ome_metadata(tif: tifffile.TiffFile, path: Path) -> tuple[list[float], list[str]]:
-    """(z, y, x) physical size in µm and channel names from OME-XML."""
-    pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-    if isinstance(pixels, list):
-        pixels = pixels[0]
-    pixels = pixels["Pixels"]
+    """(z, y, x) physical size in µm and channel names from the first OME ``Pixels``.
+
+    Parsed with ElementTree rather than ``tifffile.xml2dict``, which turns numeric-looking
+    channel names ("010") into numbers.
+    """
+    root = ElementTree.fromstring(tif.ome_metadata)
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return [1.0, 1.0, 1.0], []
     spacing = []
     for ax in "ZYX":
         size = pixels.get(f"PhysicalSize{ax}")
         factor = _unit_factor(pixels.get(f"PhysicalSize{ax}Unit", "µm"), path)
         spacing.append(float(size) * factor if size else 1.0)
-    channels = pixels.get("Channel", [])
-    if isinstance(channels, dict):
-        channels = [channels]
-    names = [str(ch.get("Name", "")) for ch in channels]
+    names = [ch.get("Name", "") for ch in pixels if ch.tag.rsplit("}", 1)[-1] == "Channel"]
     return spacing, names if all(names) else []
 
 
@@ -115,7 +117,8 @@ def _read_image(data: bytes, path: Path) -> tuple[np.ndarray, str, list[float], 
                 spacing, names = _ome_metadata(tif, path)
             else:
                 spacing, names = [1.0, 1.0, 1.0], []
-    except (tifffile.TiffFileError, ValueError, KeyError, IndexError) as exc:
+    except (tifffile.TiffFileError, ValueError, KeyError, IndexError,
+            ElementTree.ParseError) as exc:
         raise InputError(f"{path}: image.tif in the project is not a readable TIFF ({exc})"
                          ) from None
     # drop singleton axes that NGFF does not name (samples, unknown), keep t/c/z/y/x

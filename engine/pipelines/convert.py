@@ -44,7 +44,7 @@ class ConvertOptions:
         in ``unit`` (default: the header's unit).
     max_levels : int, optional
         Cap on the number of pyramid levels.
-    block_mib : int
+    block_mib : float
         Memory budget of one block task, in MiB of voxels.
     labels : tuple of (name, path)
         Label images to store under ``labels/NAME`` (integer voxels, same spatial shape).
@@ -58,7 +58,7 @@ class ConvertOptions:
     unit: str | None = None
     overwrite: bool = False
     max_levels: int | None = None
-    block_mib: int = 64
+    block_mib: float = 64
     labels: tuple[tuple[str, str], ...] = ()
 
 
@@ -252,7 +252,7 @@ def run_conversion(plan: ConvertPlan, client: Any,
     for ms in groups:
         reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.chunks,
                                  method=ms.method, state=plan.state, progress=progress,
-                                 budget_bytes=opts.block_mib * 2**20,
+                                 budget_bytes=int(opts.block_mib * 2**20),
                                  name=ms.name.replace("/", "-"))
     for ms in plan.labels.values():
         values = _label_values(ms.group / str(len(ms.levels) - 1))
