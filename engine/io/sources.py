@@ -157,7 +157,7 @@ def to_dask(
     chunks = tuple(chunks) if chunks else default_chunks(source.shape, axes, source.dtype.itemsize)
     return da.from_array(
         source, chunks=chunks, asarray=False, fancy=False, lock=False,
-        meta=np.empty((0,) * len(source.shape), dtype=source.dtype),
+        meta=np.empty((0,) * len(source.shape), dtype=source.dtype.newbyteorder("=")),
         name=f"{name}-{tokenize(source)}",
     )
 

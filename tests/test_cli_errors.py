@@ -1,0 +1,264 @@
+"""User errors through the real ``voxelmill`` console script.
+
+Every case checks what a person (or a script that parses the output) relies on: exit code 2,
+exactly one ``error:`` line on stderr that names the file or the value at fault, no
+traceback, nothing on stdout, no cluster started, and nothing written or touched — no
+destination, no hidden ``.NAME.partial`` sibling, every file and folder of the working
+directory (inputs included) byte for byte and mtime for mtime as it was.
+
+Each case runs in its own folder; the subprocesses run a few at a time so that the file
+stays fast (each one pays only for interpreter start-up and imports: a user error is
+raised before any cluster starts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import zarr
+
+from engine.errors import VoxelmillError
+from engine.pipelines.convert import ConvertOptions, convert, plan_conversion
+from tests.conftest import run_cli, write_mrc
+
+SHAPE = (20, 30, 25)
+#: generous: an error costs interpreter start-up and imports only, never a cluster start.
+FAST_S = 30.0
+PAST = time.time() - 3600
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (and ``root`` itself): kind, size, mtime and content hash."""
+    out: dict[str, tuple] = {".": ("dir", root.stat().st_mtime_ns)}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = str(p.relative_to(root))
+        if p.is_dir():
+            out[rel] = ("dir", st.st_mtime_ns)
+        else:
+            out[rel] = ("file", st.st_size, st.st_mtime_ns,
+                        hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def age(root: Path) -> None:
+    """Date every entry an hour back, so that any touch shows as a changed mtime."""
+    for p in [*root.rglob("*"), root]:
+        os.utime(p, (PAST, PAST), follow_symlinks=False)
+
+
+def volume() -> np.ndarray:
+    return np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+
+
+# ------------------------------------------------------------------------- case set-ups
+
+def put_mrc(d: Path) -> None:
+    write_mrc(d / "vol.mrc", volume(), voxel_size=(2.0, 2.0, 4.0))
+
+
+def put_xyz(d: Path) -> None:
+    (d / "points.xyz").write_text("0 0 0\n1 1 1\n")
+
+
+def put_truncated_mrc(d: Path) -> None:
+    write_mrc(d / "cut.mrc", volume())
+    full = (d / "cut.mrc").stat().st_size
+    with open(d / "cut.mrc", "r+b") as fh:
+        fh.truncate(full - 1000)
+    with pytest.raises(ValueError):  # mrcfile itself refuses it: a real truncation
+        mrcfile.open(d / "cut.mrc", permissive=False).close()
+
+
+def put_corrupt_tiff(d: Path) -> None:
+    (d / "slide.tif").write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def put_existing_zarr_destination(d: Path) -> None:
+    put_mrc(d)
+    (d / "out.ome.zarr").mkdir()
+    (d / "out.ome.zarr" / "keep.txt").write_text("an earlier result")
+
+
+def put_zarr(d: Path, zarr_src: Path) -> None:
+    shutil.copytree(zarr_src, d / "src.ome.zarr")
+
+
+def put_zarr_and_existing_export(d: Path, zarr_src: Path) -> None:
+    put_zarr(d, zarr_src)
+    (d / "out.mrc").write_bytes(b"an earlier export")
+
+
+@dataclass(frozen=True)
+class Case:
+    prepare: Callable[..., None] | None
+    args: tuple[str, ...]
+    names: tuple[str, ...]          # each must appear in the error line
+    dst: str | None = None          # must not exist afterwards, nor its .partial sibling
+    contains: str = ""              # further text the message must hold (lower case)
+    needs_zarr: bool = False
+
+
+CASES: dict[str, Case] = {
+    "missing-input": Case(None, ("convert", "missing.mrc", "out.ome.zarr"),
+                          ("missing.mrc",), "out.ome.zarr"),
+    # a file name is data, not console markup: "scan[a].mrc" must be printed as it is
+    "missing-input-brackets": Case(None, ("convert", "scan[a].mrc", "out.ome.zarr"),
+                                   ("scan[a].mrc",), "out.ome.zarr"),
+    "unknown-format": Case(put_xyz, ("convert", "points.xyz", "out.ome.zarr"),
+                           ("points.xyz",), "out.ome.zarr"),
+    "truncated-mrc": Case(put_truncated_mrc, ("convert", "cut.mrc", "out.ome.zarr"),
+                          ("cut.mrc",), "out.ome.zarr", contains="truncated"),
+    "corrupt-tiff": Case(put_corrupt_tiff, ("convert", "slide.tif", "out.ome.zarr"),
+                         ("slide.tif",), "out.ome.zarr"),
+    "destination-exists": Case(put_existing_zarr_destination,
+                               ("convert", "vol.mrc", "out.ome.zarr"), ("out.ome.zarr",),
+                               contains="--overwrite"),
+    "voxel-size-zero": Case(put_mrc, ("convert", "vol.mrc", "out.ome.zarr", "--voxel-size", "0"),
+                            ("0",), "out.ome.zarr", contains="voxel size"),
+    "voxel-size-negative": Case(put_mrc, ("convert", "vol.mrc", "out.ome.zarr", "--voxel-size",
+                                          "-1,1,1"), ("-1",), "out.ome.zarr",
+                                contains="voxel size"),
+    "voxel-size-text": Case(put_mrc, ("convert", "vol.mrc", "out.ome.zarr", "--voxel-size",
+                                      "abc"), ("abc", "--voxel-size"), "out.ome.zarr"),
+    "voxel-size-count": Case(put_mrc, ("convert", "vol.mrc", "out.ome.zarr", "--voxel-size",
+                                       "1,2"), ("--voxel-size",), "out.ome.zarr"),
+    "roi-axes": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--roi", "0:5,0:5"),
+                     ("0:5,0:5",), "out.mrc", needs_zarr=True),
+    "roi-beyond": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--roi",
+                                  "0:500,0:5,0:5"), ("0:500",), "out.mrc", needs_zarr=True),
+    "roi-text": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--roi", "a:b,0:5,0:5"),
+                     ("a:b",), "out.mrc", needs_zarr=True),
+    "roi-empty": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--roi", "5:5,0:5,0:5"),
+                      ("5:5",), "out.mrc", needs_zarr=True),
+    "level-missing": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--level", "9"),
+                          ("src.ome.zarr", "9"), "out.mrc", needs_zarr=True),
+    "export-suffix": Case(put_zarr, ("export", "src.ome.zarr", "out.xyz"), ("out.xyz",),
+                          "out.xyz", needs_zarr=True),
+    "export-label": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--label", "nuclei"),
+                         ("nuclei",), "out.mrc", needs_zarr=True),
+    "export-channel": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--channel", "1"),
+                           ("--channel",), "out.mrc", needs_zarr=True),
+    "export-destination-exists": Case(put_zarr_and_existing_export,
+                                      ("export", "src.ome.zarr", "out.mrc"), ("out.mrc",),
+                                      contains="--overwrite", needs_zarr=True),
+    "export-non-zarr": Case(put_mrc, ("export", "vol.mrc", "out.tif"), ("vol.mrc",), "out.tif"),
+}
+
+
+@dataclass
+class Outcome:
+    result: subprocess.CompletedProcess
+    seconds: float
+    before: dict[str, tuple]
+    after: dict[str, tuple]
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def zarr_src(tmp_path_factory, client) -> Path:
+    """A small OME-Zarr image (2 levels, one label image) to export from."""
+    d = tmp_path_factory.mktemp("zsrc")
+    rng = np.random.default_rng(1)
+    lab = np.zeros(SHAPE, np.uint16)
+    lab[2:10, 5:20, 3:15] = 4
+    write_mrc(d / "img.mrc", rng.random(SHAPE, dtype=np.float32), voxel_size=1.0)
+    write_mrc(d / "lab.mrc", lab, voxel_size=1.0)
+    dst = d / "src.ome.zarr"
+    convert(d / "img.mrc", dst, ConvertOptions(chunks=(16,), labels=(("cells", str(d / "lab.mrc")),)),
+            client, report=lambda _: None)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, zarr_src) -> dict[str, Outcome]:
+    """Prepare every case in its own folder, then run them all, a few at a time."""
+    dirs: dict[str, Path] = {}
+    for name, case in CASES.items():
+        d = tmp_path_factory.mktemp(name)
+        if case.prepare is not None:
+            case.prepare(*((d, zarr_src) if case.needs_zarr else (d,)))
+        age(d)
+        dirs[name] = d
+
+    def one(name: str) -> Outcome:
+        d = dirs[name]
+        before = snapshot(d)
+        t0 = time.monotonic()
+        res = run_cli(*CASES[name].args, cwd=d, timeout=120)
+        return Outcome(res, time.monotonic() - t0, before, snapshot(d), d)
+
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        return dict(zip(CASES, pool.map(one, CASES), strict=True))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error(outcomes: dict[str, Outcome], name: str) -> None:
+    case, o = CASES[name], outcomes[name]
+    res = o.result
+    everything = res.stdout + res.stderr
+    assert "Traceback" not in everything, everything
+    assert res.returncode == 2, (res.returncode, everything)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{res.stderr}"
+    line = lines[0]
+    assert line.startswith("error:"), line
+    for n in case.names:
+        assert n in line, f"{n!r} not named in {line!r}"
+    assert case.contains in line.lower(), line
+    assert res.stdout.strip() == "", res.stdout
+    assert "local cluster" not in everything and "dashboard" not in everything, everything
+    assert o.seconds < FAST_S, f"a user error took {o.seconds:.1f} s"
+    if case.dst is not None:
+        d = o.workdir / case.dst
+        assert not d.exists()
+        assert not (d.parent / f".{d.name}.partial").exists()
+    assert o.after == o.before, "the working folder changed:\n" + "\n".join(
+        f"  {k}: {o.before.get(k)} -> {o.after.get(k)}"
+        for k in sorted(set(o.before) | set(o.after)) if o.before.get(k) != o.after.get(k))
+
+
+def test_overwrite_replaces_destination(tmp_path: Path) -> None:
+    """The refused destination of ``destination-exists`` is replaced with ``--overwrite``."""
+    put_existing_zarr_destination(tmp_path)
+    age(tmp_path)
+    src_before = snapshot(tmp_path)["vol.mrc"]
+    res = run_cli("convert", "vol.mrc", "out.ome.zarr", "--overwrite", "--chunks", "16",
+                  "--workers", "1", "--threads-per-worker", "1", cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    out = tmp_path / "out.ome.zarr"
+    assert not (out / "keep.txt").exists()
+    np.testing.assert_array_equal(zarr.open_array(str(out / "0"), mode="r")[...], volume())
+    assert snapshot(tmp_path)["vol.mrc"] == src_before
+    # no partial, no ".old" copy, no dask scratch folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr", "vol.mrc"]
+
+
+@pytest.mark.parametrize(("label", "why"), [
+    (np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] - 1), np.uint16), "shape"),
+    (np.zeros(SHAPE, np.float32), "integer"),
+])
+def test_bad_label_image(tmp_path: Path, label: np.ndarray, why: str) -> None:
+    """A label image that does not fit the image is refused at planning, naming its file."""
+    put_mrc(tmp_path)
+    write_mrc(tmp_path / "seg.mrc", label)
+    age(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(VoxelmillError) as info:
+        plan_conversion(tmp_path / "vol.mrc", tmp_path / "out.ome.zarr",
+                        ConvertOptions(labels=(("x", str(tmp_path / "seg.mrc")),)))
+    assert "seg.mrc" in str(info.value)
+    assert why in str(info.value)
+    assert snapshot(tmp_path) == before

@@ -1,0 +1,73 @@
+"""Memory: converting a volume larger than 1 GiB never materializes it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import psutil
+import pytest
+import zarr
+
+EXE = str(Path(sys.executable).parent / "voxelmill")
+SHAPE = (512, 1024, 512)  # float32: 1 GiB
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+@pytest.fixture(scope="module")
+def big_mrc(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.mrc"
+    x = np.linspace(0, 20, SHAPE[2], dtype=np.float32)
+    y = np.linspace(0, 10, SHAPE[1], dtype=np.float32)[:, None]
+    with mrcfile.new_mmap(path, shape=SHAPE, mrc_mode=2) as mrc:
+        for z in range(0, SHAPE[0], 32):  # written slab by slab, never whole
+            zz = np.arange(z, z + 32, dtype=np.float32)[:, None, None]
+            mrc.data[z:z + 32] = np.sin(x + y + zz / 7)
+        mrc.voxel_size = 10.0
+    return path
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_far_below_volume_size(big_mrc, tmp_path):
+    dst = tmp_path / "big.ome.zarr"
+    proc = subprocess.Popen([EXE, "convert", str(big_mrc), str(dst)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    done = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(ps))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    out, err = proc.communicate(timeout=600)
+    done.set()
+    t.join()
+    assert proc.returncode == 0, err
+    volume = int(np.prod(SHAPE)) * 4
+    print(f"peak RSS over all processes: {peak / 2**20:.0f} MiB for a {volume / 2**20:.0f} MiB "
+          "volume")
+    assert peak < 0.75 * volume
+    # the data went through: spot-check chunks at both ends against the source
+    z0 = zarr.open_group(str(dst), mode="r")["0"]
+    with mrcfile.mmap(big_mrc, mode="r") as mrc:
+        for sl in [np.s_[:128, :128, :128], np.s_[-100:, 900:, 400:]]:
+            np.testing.assert_array_equal(z0[sl], mrc.data[sl])
