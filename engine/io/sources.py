@@ -164,6 +164,10 @@ def to_dask(
 
 def file_identity(path: str | Path) -> dict[str, Any]:
     """What identifies an input for resume hashes: path, size and modification time."""
-    p = Path(path)
+    p, inner = Path(path), ""
+    if not p.exists() and ":" in p.name:  # "file.h5:dataset"
+        base, _, inner = str(path).rpartition(":")
+        p = Path(base)
     st = p.stat()
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(p.resolve()), "inner": inner, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns}

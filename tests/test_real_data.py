@@ -1,0 +1,49 @@
+"""The real files in ../shared/data/real convert with the voxel sizes their README gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from engine.pipelines.convert import ConvertOptions, convert
+
+# file → (axes, shape, voxel size, unit) as stated in ../shared/data/real/README.md
+EXPECTED = {
+    "cylindra_13pf_MT_cryoet.tif": ("zyx", (36, 206, 94), (1.052, 1.052, 1.052), "nanometer"),
+    "bbbc022_IXMtest_A02_s9_3ch.tif": ("cyx", (3, 395, 695), (1.0, 1.0), "micrometer"),
+    "instanseg_fluorescence_example_2ch.tif": ("cyx", (2, 450, 450), (1.0, 1.0), "micrometer"),
+    "stardist_dsb2018_img2d.tif": ("yx", (512, 512), (1.0, 1.0), "micrometer"),
+    "tardis_et_patch_0_0_30_47_25.tif": ("zyx", (96, 96, 96), (1.0, 1.0, 1.0), "micrometer"),
+    "plantseg_sample_ovule.h5:raw": ("zyx", (32, 128, 128), (0.235, 0.15, 0.15), "micrometer"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_real_file_converts_with_its_voxel_size(real_data, client, tmp_path, name):
+    axes, shape, voxel, unit = EXPECTED[name]
+    src = f"{real_data}/{name}"
+    res = convert(src, tmp_path / "out.ome.zarr", ConvertOptions(chunks=(32,)), client,
+                  report=lambda _: None)
+    group = zarr.open_group(str(res.destination), mode="r")
+    ms = group.attrs["ome"]["multiscales"][0]
+    assert "".join(a["name"] for a in ms["axes"]) == axes
+    assert group["0"].shape == shape
+    spatial_scale = [s for a, s in zip(axes, ms["datasets"][0]["coordinateTransformations"][0]
+                                       ["scale"], strict=True) if a in "zyx"]
+    np.testing.assert_allclose(spatial_scale, voxel, rtol=1e-6)
+    assert {a.get("unit") for a in ms["axes"] if a["name"] in "zyx"} == {unit}
+    if name.endswith(".tif"):  # voxels identical to what tifffile reads
+        np.testing.assert_array_equal(group["0"][...], tifffile.imread(src))
+    assert len(res.levels) >= 2 or max(shape[-2:]) <= 32
+
+
+def test_real_labels_attach_to_their_image(real_data, client, tmp_path):
+    img = real_data / "tardis_et_patch_0_0_30_47_25.tif"
+    mask = real_data / "tardis_et_patch_0_0_30_47_25_mask.tif"
+    res = convert(img, tmp_path / "et.ome.zarr", ConvertOptions(
+        chunks=(32,), labels=(("microtubules", str(mask)),)), client, report=lambda _: None)
+    lab = zarr.open_group(str(res.destination / "labels" / "microtubules"), mode="r")
+    np.testing.assert_array_equal(lab["0"][...], tifffile.imread(mask))
+    assert lab.attrs["ome"]["image-label"]["colors"][0]["label-value"] == 1
