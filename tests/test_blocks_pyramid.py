@@ -11,7 +11,11 @@ from engine.blocks import BlockGrid, pad_read
 from engine.errors import OptionError
 from engine.io.omezarr import create_level
 from engine.pyramid import (
-    build_pyramid, downsample_mean, downsample_mode, plan_levels, plan_passes,
+    build_pyramid,
+    downsample_mean,
+    downsample_mode,
+    plan_levels,
+    plan_passes,
 )
 
 

@@ -74,8 +74,8 @@ def test_killed_conversion_resumes_and_equals_uninterrupted_run(source, client, 
     assert computed > 0
     assert not (tmp_path / ".tomo.ome.zarr.partial").exists()
 
-    ref = convert(src, tmp_path / "ref.ome.zarr", ConvertOptions(chunks=(16,), block_mib=0.25), client,
-                  report=lambda _: None)
+    opts = ConvertOptions(chunks=(16,), block_mib=0.25)
+    ref = convert(src, tmp_path / "ref.ome.zarr", opts, client, report=lambda _: None)
     assert skipped + computed == sum(r.total for r in ref.reports)
     got, want = zarr.open_group(str(dst), mode="r"), zarr.open_group(str(ref.destination), mode="r")
     np.testing.assert_array_equal(got["0"][...], data)
