@@ -52,6 +52,16 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     return tuple(int(v) for v in values)
 
 
+def _named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise VoxelmillError(f"{what} {item!r}: expected NAME=PATH, e.g. cells=cells.tif")
+        out.append((name, path))
+    return tuple(out)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint."""
@@ -89,6 +99,12 @@ def convert(
     chunks: Annotated[str | None, typer.Option(
         help="Chunk shape of the spatial axes, e.g. 64,128,128 or 128 "
         "(default 128³ for volumes, 1024² for 2D).")] = None,
+    shards: Annotated[str | None, typer.Option(
+        help="Zarr v3 shard shape of the spatial axes, a multiple of --chunks, e.g. 512: "
+        "fewer, larger files for very large volumes.")] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        "--labels", help="Label image to store under labels/NAME, as NAME=PATH; repeatable.")
+    ] = None,
     ngff: Annotated[str, typer.Option(help="OME-NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2).")
                     ] = "0.5",
     compression: Annotated[str, typer.Option(help="Blosc codec: lz4 or zstd.")] = "lz4",
@@ -110,7 +126,9 @@ def convert(
         from engine.pipelines.convert import ConvertOptions, plan_conversion, run_conversion
 
         opts = ConvertOptions(
-            chunks=_ints(chunks, "--chunks"), ngff=ngff, compression=compression, clevel=clevel,
+            chunks=_ints(chunks, "--chunks"), shards=_ints(shards, "--shards"),
+            labels=_named_paths(labels or [], "--labels"), ngff=ngff, compression=compression,
+            clevel=clevel,
             voxel_size=_floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
             max_levels=max_levels, block_mib=block_mib,
         )

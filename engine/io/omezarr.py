@@ -49,12 +49,15 @@ def compressor(name: str, clevel: int, zarr_fmt: int, itemsize: int) -> Any:
 def create_level(
     group_path: Path, name: str, shape: Sequence[int], chunks: Sequence[int], dtype: np.dtype,
     axes: str, ngff: str, codec: str = "lz4", clevel: int = 5, fill_value: Any = 0,
+    shards: Sequence[int] | None = None,
 ) -> zarr.Array:
     """Create one multiscale level array (empty; blocks write into it later)."""
     fmt = zarr_format(ngff)
     kwargs: dict[str, Any] = {}
     if fmt == 3:
         kwargs["dimension_names"] = list(axes)
+        if shards is not None:
+            kwargs["shards"] = tuple(shards)
     else:
         kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
     return zarr.create_array(

@@ -35,6 +35,10 @@ class ConvertOptions:
     chunks : tuple of int, optional
         Chunk shape for the spatial axes (z, y, x or y, x), or one int for all; channel and
         time axes are chunked by 1. Default 128³ for volumes, 1024² for 2D images.
+    shards : tuple of int, optional
+        Zarr v3 shard shape for the spatial axes (multiples of the chunks): many chunks in
+        one file, for volumes whose chunk count would overwhelm a file system. Blocks are
+        aligned to shards, so no two tasks write one shard.
     ngff : {"0.5", "0.4"}
         OME-NGFF version: 0.5 writes zarr v3, 0.4 writes zarr v2.
     compression : {"lz4", "zstd"}
@@ -51,6 +55,7 @@ class ConvertOptions:
     """
 
     chunks: tuple[int, ...] | None = None
+    shards: tuple[int, ...] | None = None
     ngff: str = "0.5"
     compression: str = "lz4"
     clevel: int = 5
@@ -79,22 +84,33 @@ class ConvertResult:
         return sum(r.computed for r in self.reports)
 
 
-def spatial_chunks(volume: Volume, chunks: Sequence[int] | None) -> tuple[int, ...]:
-    """Full chunk shape (one per axis) from the spatial chunk option."""
+def per_axis(volume: Volume, values: Sequence[int], what: str) -> tuple[int, ...]:
+    """Expand a spatial option (one value, or one per spatial axis) to every axis (1 on t/c)."""
     spatial = volume.spatial_axes
-    if chunks is None:
-        default = DEFAULT_CHUNK_3D if "z" in spatial else DEFAULT_CHUNK_2D
-        chunks = (default,) * len(spatial)
-    elif len(chunks) == 1:
-        chunks = tuple(chunks) * len(spatial)
-    if len(chunks) != len(spatial):
-        raise OptionError(f"--chunks {','.join(map(str, chunks))}: give one value or one per "
+    if len(values) == 1:
+        values = tuple(values) * len(spatial)
+    if len(values) != len(spatial):
+        raise OptionError(f"{what} {','.join(map(str, values))}: give one value or one per "
                           f"spatial axis ({spatial})")
-    if any(c < 1 for c in chunks):
-        raise OptionError(f"--chunks {chunks}: chunk sizes must be positive")
-    by_axis = dict(zip(spatial, chunks, strict=True))
-    return tuple(min(by_axis.get(a, 1), s) for a, s in zip(volume.axes, volume.shape,
-                                                          strict=True))
+    if any(v < 1 for v in values):
+        raise OptionError(f"{what} {values}: sizes must be positive")
+    by_axis = dict(zip(spatial, values, strict=True))
+    return tuple(by_axis.get(a, 1) for a in volume.axes)
+
+
+def spatial_chunks(volume: Volume, chunks: Sequence[int] | None) -> tuple[int, ...]:
+    """Full chunk shape (one per axis, clipped to the volume) from the chunk option."""
+    if chunks is None:
+        default = DEFAULT_CHUNK_3D if "z" in volume.spatial_axes else DEFAULT_CHUNK_2D
+        chunks = (default,)
+    full = per_axis(volume, chunks, "--chunks")
+    return tuple(min(c, s) for c, s in zip(full, volume.shape, strict=True))
+
+
+def level_shards(shards: Sequence[int], chunks: Sequence[int], shape: Sequence[int]
+                 ) -> tuple[int, ...]:
+    """Shard shape of one level: at most the level rounded up to whole chunks."""
+    return tuple(min(sh, -(-s // c) * c) for sh, c, s in zip(shards, chunks, shape, strict=True))
 
 
 def apply_voxel_size(volume: Volume, voxel_size: Sequence[float] | None,
@@ -165,6 +181,12 @@ class Multiscale:
     chunks: tuple[int, ...]
     levels: list[Level]
     method: str
+    shards: tuple[int, ...] | None = None
+
+    @property
+    def write_unit(self) -> tuple[int, ...]:
+        """What one task must write whole: a shard when sharded, else a chunk."""
+        return self.shards or self.chunks
 
 
 @dataclass
@@ -203,7 +225,15 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
     def multiscale(vol: Volume, group: Path, name: str, method: str) -> Multiscale:
         chunks = spatial_chunks(vol, options.chunks)
         levels = plan_levels(vol.shape, vol.axes, vol.scale(), chunks, options.max_levels)
-        return Multiscale(vol, group, name, chunks, levels, method)
+        shards = None
+        if options.shards:
+            if options.ngff != "0.5":
+                raise OptionError("--shards needs zarr v3, i.e. --ngff 0.5")
+            shards = level_shards(per_axis(vol, options.shards, "--shards"), chunks, vol.shape)
+            if any(sh % c for sh, c in zip(shards, chunks, strict=True)):
+                raise OptionError(f"--shards {options.shards}: each shard size must be a "
+                                  f"multiple of the chunk size {chunks}")
+        return Multiscale(vol, group, name, chunks, levels, method, shards)
 
     image = multiscale(volume, partial, src.name, "mean")
     labels = {n: multiscale(lab, partial / "labels" / n, f"labels/{n}", "mode")
@@ -221,8 +251,9 @@ def _create(ms: Multiscale, opts: ConvertOptions) -> None:
     ms.group.mkdir(parents=True, exist_ok=True)
     for i, lv in enumerate(ms.levels):
         chunks = [min(c, s) for c, s in zip(ms.chunks, lv.shape, strict=True)]
+        shards = level_shards(ms.shards, chunks, lv.shape) if ms.shards else None
         omezarr.create_level(ms.group, str(i), lv.shape, chunks, ms.volume.dtype, ms.volume.axes,
-                             opts.ngff, opts.compression, opts.clevel)
+                             opts.ngff, opts.compression, opts.clevel, shards=shards)
     metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(ms.levels)]
     omezarr.write_group_attrs(ms.group, {"multiscales": [omezarr.multiscales(
         ms.volume.axes, ms.volume.unit, metas, ms.name, opts.ngff, ms.method)]}, opts.ngff)
@@ -250,7 +281,7 @@ def run_conversion(plan: ConvertPlan, client: Any,
 
     reports: list[RunReport] = []
     for ms in groups:
-        reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.chunks,
+        reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.write_unit,
                                  method=ms.method, state=plan.state, progress=progress,
                                  budget_bytes=int(opts.block_mib * 2**20),
                                  name=ms.name.replace("/", "-"))
