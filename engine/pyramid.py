@@ -11,6 +11,7 @@ odd end), so a block aligned to ``chunk × factor`` gives exactly the whole-arra
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,6 +105,10 @@ def _blocks_view(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
 def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Mean over ``factors`` windows, same dtype (integers rounded half to even).
 
+    The window sum is accumulated in float64 in a fixed order of window offsets, so the
+    result does not depend on how the volume was cut into blocks (numpy's own reductions
+    may sum in a layout-dependent order and differ in the last bit).
+
     Parameters
     ----------
     data : ndarray
@@ -113,17 +118,21 @@ def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """
     if all(f == 1 for f in factors):
         return data
-    view = _blocks_view(data, factors)
-    window_axes = tuple(range(data.ndim, 2 * data.ndim))
-    acc = np.float64 if data.dtype.itemsize > 4 or data.dtype.kind in "iu" and \
-        data.dtype.itemsize >= 4 else np.float32
-    out = view.mean(axis=window_axes, dtype=acc)
+    pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
+    if any(p[1] for p in pad):
+        data = np.pad(data, pad, mode="edge")
+    out_shape = tuple(s // f for s, f in zip(data.shape, factors, strict=True))
+    acc = np.zeros(out_shape, np.float64)
+    for offsets in itertools.product(*(range(f) for f in factors)):
+        acc += data[tuple(slice(o, None, f) for o, f in zip(offsets, factors, strict=True))]
+    acc /= int(np.prod(factors))
     if data.dtype.kind in "iub":
-        info = np.iinfo(data.dtype) if data.dtype.kind != "b" else None
-        out = np.rint(out)
-        if info is not None:
-            out = np.clip(out, info.min, info.max)
-    return out.astype(data.dtype, copy=False)
+        if data.dtype.kind != "b":
+            info = np.iinfo(data.dtype)
+            np.clip(np.rint(acc, out=acc), info.min, info.max, out=acc)
+        else:
+            np.rint(acc, out=acc)
+    return acc.astype(data.dtype)
 
 
 def downsample_mode(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
