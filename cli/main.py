@@ -21,8 +21,8 @@ app = typer.Typer(
     name="voxelmill", no_args_is_help=True, add_completion=False,
     help="Dask-distributed engine for terabyte-scale microscopy volumes.",
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 Scheduler = Annotated[str | None, typer.Option(
     "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT); "
