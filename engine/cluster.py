@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,10 +89,13 @@ def connect(
     kwargs: dict[str, object] = {}
     if options.memory_limit:
         kwargs["memory_limit"] = options.memory_limit
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=threads, processes=True,
-        dashboard_address=":0", silence_logs=40, **kwargs,
-    )
+    with warnings.catch_warnings():
+        # port 8787 taken (another cluster): distributed picks a free one; the link says which
+        warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=threads, processes=True,
+            dashboard_address=":8787", silence_logs=40, **kwargs,
+        )
     client = Client(cluster)
     report(
         f"local cluster: {workers} worker(s) × {threads} thread(s); "
