@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from engine.errors import VoxelmillError
 
@@ -68,7 +69,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except VoxelmillError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume where it stopped")

@@ -91,6 +91,11 @@ def put_existing_zarr_destination(d: Path) -> None:
     (d / "out.ome.zarr" / "keep.txt").write_text("an earlier result")
 
 
+def put_mismatched_labels(d: Path) -> None:
+    put_mrc(d)
+    write_mrc(d / "seg.mrc", np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] - 1), np.uint16))
+
+
 def put_zarr(d: Path, zarr_src: Path) -> None:
     shutil.copytree(zarr_src, d / "src.ome.zarr")
 
@@ -134,6 +139,9 @@ CASES: dict[str, Case] = {
                                       "abc"), ("abc", "--voxel-size"), "out.ome.zarr"),
     "voxel-size-count": Case(put_mrc, ("convert", "vol.mrc", "out.ome.zarr", "--voxel-size",
                                        "1,2"), ("--voxel-size",), "out.ome.zarr"),
+    "label-shape": Case(put_mismatched_labels, ("convert", "vol.mrc", "out.ome.zarr",
+                                                "--labels", "cells=seg.mrc"),
+                        ("seg.mrc",), "out.ome.zarr", contains="shape"),
     "roi-axes": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--roi", "0:5,0:5"),
                      ("0:5,0:5",), "out.mrc", needs_zarr=True),
     "roi-beyond": Case(put_zarr, ("export", "src.ome.zarr", "out.mrc", "--roi",
@@ -176,8 +184,8 @@ def zarr_src(tmp_path_factory, client) -> Path:
     write_mrc(d / "img.mrc", rng.random(SHAPE, dtype=np.float32), voxel_size=1.0)
     write_mrc(d / "lab.mrc", lab, voxel_size=1.0)
     dst = d / "src.ome.zarr"
-    convert(d / "img.mrc", dst, ConvertOptions(chunks=(16,), labels=(("cells", str(d / "lab.mrc")),)),
-            client, report=lambda _: None)
+    opts = ConvertOptions(chunks=(16,), labels=(("cells", str(d / "lab.mrc")),))
+    convert(d / "img.mrc", dst, opts, client, report=lambda _: None)
     return dst
 
 

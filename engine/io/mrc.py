@@ -61,20 +61,19 @@ def write(volume: Volume, path: Path, slabs: Iterable[np.ndarray]) -> None:
     if set(volume.axes) - set("zyx"):
         raise InputError(f"{path}: MRC holds a single-channel 2D/3D image, not axes "
                          f"{volume.axes!r}; export one channel with --channel")
-    shape = volume.shape if len(volume.shape) == 3 else (1, *volume.shape)
+    shape = volume.shape
     dtype = np.dtype(volume.dtype)
     out_dtype = dtype if dtype in MRC_DTYPES else np.dtype("float32")
     voxel = [convert_length(v, volume.unit, "angstrom") for v in volume.voxel_size]
-    if len(voxel) == 2:
+    if len(voxel) == 2:  # a single image: mrcfile's 2D convention, z sampling left at 1
         voxel = [1.0, *voxel]
     with mrcfile.new_mmap(path, shape=shape, mrc_mode=mrcfile.utils.mode_from_dtype(out_dtype),
                           overwrite=True) as mrc:
         z = 0
         amin, amax, total, count = np.inf, -np.inf, 0.0, 0
-        # a 3D volume streams in z-slabs; a 2D image in row slabs of its single section
-        target = mrc.data if len(volume.shape) == 3 else mrc.data[0]
+        # a 3D volume streams in z-slabs, a 2D image in row slabs
         for slab in slabs:
-            target[z:z + slab.shape[0]] = slab.astype(out_dtype, copy=False)
+            mrc.data[z:z + slab.shape[0]] = slab.astype(out_dtype, copy=False)
             z += slab.shape[0]
             if slab.size:
                 amin, amax = min(amin, float(slab.min())), max(amax, float(slab.max()))

@@ -114,14 +114,15 @@ def omero(channel_names: Sequence[str], windows: Sequence[tuple[float, float, fl
     }
 
 
-def image_label(values: Sequence[int], ngff: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "colors": [
+def image_label(values: Sequence[int] | None, ngff: str) -> dict[str, Any]:
+    """``image-label`` metadata; colours only when the label values are few enough to list
+    (``values`` is None otherwise, and viewers use their own colour cycle)."""
+    meta: dict[str, Any] = {"source": {"image": "../../"}}
+    if values is not None:
+        meta["colors"] = [
             {"label-value": int(v), "rgba": [*LABEL_COLORS[i % len(LABEL_COLORS)], 255]}
-            for i, v in enumerate(values) if v != 0
-        ],
-        "source": {"image": "../../"},
-    }
+            for i, v in enumerate(v for v in values if v != 0)
+        ]
     if ngff == "0.4":
         meta["version"] = "0.4"
     return meta

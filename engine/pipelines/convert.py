@@ -236,7 +236,7 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
         return Multiscale(vol, group, name, chunks, levels, method, shards)
 
     image = multiscale(volume, partial, src.name, "mean")
-    labels = {n: multiscale(lab, partial / "labels" / n, f"labels/{n}", "mode")
+    labels = {n: multiscale(lab, partial / "labels" / n, n, "mode")
               for n, lab in volume.labels.items()}
     identity = {"op": "convert", "version": __version__, "input": file_identity(src),
                 "labels": [file_identity(p) for _, p in options.labels],
@@ -284,9 +284,9 @@ def run_conversion(plan: ConvertPlan, client: Any,
         reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.write_unit,
                                  method=ms.method, state=plan.state, progress=progress,
                                  budget_bytes=int(opts.block_mib * 2**20),
-                                 name=ms.name.replace("/", "-"))
+                                 name="image" if ms is plan.image else f"labels-{ms.name}")
     for ms in plan.labels.values():
-        values = _label_values(ms.group / str(len(ms.levels) - 1))
+        values = label_values(client, ms.group / "0", ms.write_unit)
         omezarr.write_group_attrs(
             ms.group, {"image-label": omezarr.image_label(values, opts.ngff)}, opts.ngff)
     vol = plan.image.volume
@@ -312,9 +312,34 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: A
     return run_conversion(plan_conversion(src, dst, options), client, progress, report)
 
 
-def _label_values(path: Path, limit: int = 256) -> list[int]:
-    """Label values seen in the smallest level, for image-label colours (at most ``limit``)."""
+@dataclass(frozen=True)
+class UniqueValues:
+    """Block task: the distinct values of a block (at most ``limit`` + 1 of them)."""
+
+    path: str
+    limit: int
+
+    def __call__(self, block: Any) -> np.ndarray:
+        import zarr
+
+        values = np.unique(np.asarray(zarr.open_array(self.path, mode="r")[block.write]))
+        return values[: self.limit + 1]
+
+
+def label_values(client: Any, level0: Path, block_shape: Sequence[int],
+                 limit: int = 1024) -> list[int] | None:
+    """All label values of a label image, by a blockwise reduction; None past ``limit``."""
     import zarr
 
-    values = np.unique(np.asarray(zarr.open_array(str(path), mode="r")[...]))
-    return [int(v) for v in values[:limit]]
+    from engine.blocks import BlockGrid
+    from engine.runner import run_blocks
+
+    shape = zarr.open_array(str(level0), mode="r").shape
+    grid = BlockGrid(shape, [max(b, 1) * 4 for b in block_shape])
+    report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values")
+    found: set[int] = set()
+    for values in report.results.values():
+        found.update(int(v) for v in values)
+        if len(found) > limit:
+            return None
+    return sorted(found)

@@ -43,7 +43,8 @@ def select(volume: Volume, roi: str | None = None, channel: int | None = None) -
         n = data.shape[axes.index("c")]
         if not 0 <= channel < n:
             raise OptionError(f"--channel {channel}: {volume.source} has channels 0..{n - 1}")
-        data = data.take(channel, axis=axes.index("c"))
+        c = axes.index("c")
+        data = data[tuple(channel if i == c else slice(None) for i in range(data.ndim))]
         axes, names = axes.replace("c", ""), ()
     if roi:
         spatial_idx = [i for i, a in enumerate(axes) if a in "zyx"]

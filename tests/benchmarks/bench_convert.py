@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -134,8 +135,15 @@ class PeakRSS:
         self.peak = 0
         self.peak_anon = 0
         self.samples = 0
+        self._cpu0: dict[int, float] = {}  # CPU seconds per pid when measuring started
+        self._cpu: dict[int, float] = {}  # ... at the last sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the process tree while measuring."""
+        return sum(v - self._cpu0.get(pid, 0.0) for pid, v in self._cpu.items())
 
     def sample(self) -> tuple[int, int]:
         import psutil
@@ -147,15 +155,20 @@ class PeakRSS:
             procs = [self.root]
         for p in procs:
             try:
-                mi = p.memory_info()
+                with p.oneshot():
+                    mi = p.memory_info()
+                    ct = p.cpu_times()
             except psutil.Error:  # exited between listing and reading
                 continue
             rss += mi.rss
             anon += mi.rss - getattr(mi, "shared", 0)
+            self._cpu[p.pid] = ct.user + ct.system
         return rss, anon
 
     def _record(self) -> None:
         rss, anon = self.sample()
+        if not self.samples:
+            self._cpu0 = dict(self._cpu)
         self.peak = max(self.peak, rss)
         self.peak_anon = max(self.peak_anon, anon)
         self.samples += 1
@@ -203,6 +216,7 @@ def trial_voxelmill(args: argparse.Namespace) -> dict[str, Any]:
             seconds = time.perf_counter() - t1
     return {"seconds": seconds, "cluster_start_s": start_s, "peak_rss": mon.peak,
             "peak_anon": mon.peak_anon, "idle_rss_mib": idle_mib, "samples": mon.samples,
+            "cpu_s": mon.cpu_s,
             "levels": len(result.levels), "workers": len(nthreads),
             "threads": sum(nthreads.values())}
 
@@ -230,7 +244,7 @@ def trial_peer(args: argparse.Namespace) -> dict[str, Any]:
             )
             seconds = time.perf_counter() - t1
     return {"seconds": seconds, "peak_rss": mon.peak, "peak_anon": mon.peak_anon,
-            "samples": mon.samples, "levels": nlev}
+            "samples": mon.samples, "cpu_s": mon.cpu_s, "levels": nlev}
 
 
 # ------------------------------------------------------------------------------ verification
@@ -337,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(fn(args)), flush=True)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up when terminated
     own_dir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="voxelmill-bench-")) if own_dir else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -374,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{rep + 1}/{args.repeats}] {kind:9s} {res['seconds']:7.2f} s "
                       f"{mib / res['seconds']:7.1f} MiB/s  peak rss {res['peak_rss'] / MIB:6.0f}"
                       f" MiB (anon {res['peak_anon'] / MIB:.0f} MiB, {res['samples']} samples)"
+                      f", cpu {res['cpu_s']:.1f} s"
                       f"{extra}; verified: {checked}", flush=True)
 
         def med(kind: str, key: str) -> float | None:
@@ -386,11 +402,13 @@ def main(argv: list[str] | None = None) -> None:
         vm_rss, peer_rss = med("voxelmill", "peak_rss"), med("peer", "peak_rss")
         print(f"median voxelmill: {vm_s:.2f} s = {vm_rate:.1f} MiB/s, peak rss "
               f"{vm_rss / MIB:.0f} MiB (anon {med('voxelmill', 'peak_anon') / MIB:.0f} MiB), "
-              f"cluster start {med('voxelmill', 'cluster_start_s'):.1f} s")
+              f"cluster start {med('voxelmill', 'cluster_start_s'):.1f} s, "
+              f"cpu {med('voxelmill', 'cpu_s'):.1f} s")
         if peer_s:
             print(f"median peer (ome-zarr-py {_peer_version()} write_image, local_mean, NGFF "
                   f"0.5/zarr v3): {peer_s:.2f} s = {peer_rate:.1f} MiB/s, peak rss "
-                  f"{peer_rss / MIB:.0f} MiB (anon {med('peer', 'peak_anon') / MIB:.0f} MiB)")
+                  f"{peer_rss / MIB:.0f} MiB (anon {med('peer', 'peak_anon') / MIB:.0f} MiB), "
+                  f"cpu {med('peer', 'cpu_s'):.1f} s")
         summary = {
             "size": args.size,
             "voxelmill_mib_s": round(vm_rate, 2),
