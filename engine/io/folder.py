@@ -17,7 +17,7 @@ import numpy as np
 import tifffile
 
 from engine.errors import InputError, OptionError
-from engine.io.sources import normalize_key, to_dask
+from engine.io.sources import Source, normalize_key, to_dask
 from engine.volume import Volume, convert_length, normalize_unit
 
 SUFFIXES = (".tif", ".tiff")
@@ -46,17 +46,13 @@ def read_slice(path: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class FolderSource:
+class FolderSource(Source):
     """A stack of slice files; a read opens only the files of the z-range it covers."""
 
     paths: tuple[str, ...]
     shape: tuple[int, ...]  # (z, y, x) or (c, z, y, x)
     dtype: np.dtype
     slice_axes: str = "YX"  # as tifffile reports a file: "YX", "YXS" or "SYX"
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = normalize_key(key, self.shape)

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from engine.errors import InputError
-from engine.io.sources import default_chunks, normalize_key, to_dask
+from engine.io.sources import Source, default_chunks, normalize_key, to_dask
 from engine.volume import Volume
 
 #: axes by number of dimensions
@@ -25,7 +25,7 @@ VOXEL_ATTRS = ("element_size_um", "resolution", "spacing")
 
 
 @dataclass(frozen=True)
-class HDF5Source:
+class HDF5Source(Source):
     """One HDF5 dataset; each read opens the file read-only, so it pickles as a path.
 
     Opening per read keeps no handle across tasks (h5py handles do not pickle and
@@ -36,10 +36,6 @@ class HDF5Source:
     dataset: str
     shape: tuple[int, ...]
     dtype: np.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = normalize_key(key, self.shape)

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from engine.errors import InputError
-from engine.io.sources import RawFileSource, normalize_key, to_dask
+from engine.io.sources import RawFileSource, Source, normalize_key, to_dask
 from engine.volume import Volume, convert_length
 
 #: NIfTI ``xyzt_units`` spatial names → NGFF units; "unknown" is millimetres by the spec.
@@ -35,7 +35,7 @@ HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4-byte extension flag (no extens
 
 
 @dataclass(frozen=True)
-class NiftiProxySource:
+class NiftiProxySource(Source):
     """Voxels of a (gzipped) NIfTI file read through nibabel, in C order.
 
     Each read opens the file and slices an unscaled ``ArrayProxy`` (scaling is applied by
@@ -47,10 +47,6 @@ class NiftiProxySource:
     shape: tuple[int, ...]  # C order, i.e. the NIfTI shape reversed
     dtype: np.dtype
     offset: int
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = normalize_key(key, self.shape)

@@ -39,8 +39,18 @@ def normalize_key(key: Any, shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(out)
 
 
+class Source:
+    """Base of the lazy sources: subclasses give ``shape``, ``dtype`` and ``__getitem__``."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 @dataclass(frozen=True)
-class RawFileSource:
+class RawFileSource(Source):
     """C-ordered raw voxels at a byte offset in a file (MRC, raw NRRD, .nii, .npy, .npz).
 
     Each read maps the file read-only, copies the region and unmaps it, so a worker's
@@ -51,10 +61,6 @@ class RawFileSource:
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = normalize_key(key, self.shape)
@@ -75,7 +81,7 @@ def _thread_cache() -> dict:
 
 
 @dataclass(frozen=True)
-class ZarrSource:
+class ZarrSource(Source):
     """A zarr array (an OME-Zarr level, or a TIFF through tifffile's zarr store)."""
 
     path: str
@@ -84,10 +90,6 @@ class ZarrSource:
     level: int = 0
     shape: tuple[int, ...] = ()
     dtype: np.dtype = np.dtype("u1")
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def open(self) -> Any:
         import zarr
@@ -113,7 +115,7 @@ class ZarrSource:
 
 
 @dataclass(frozen=True)
-class InMemorySource:
+class InMemorySource(Source):
     """Small arrays unpacked from archives (PartSeg projects, compressed .npz)."""
 
     array: np.ndarray
@@ -125,10 +127,6 @@ class InMemorySource:
     @property
     def dtype(self) -> np.dtype:
         return self.array.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.array.ndim
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return self.array[normalize_key(key, self.shape)]
