@@ -211,3 +211,28 @@ def test_broken_projects_name_the_file(tmp_path: Path, stack: dict) -> None:
                             stack["spacing_m"], ["a", "b"])
     with pytest.raises(InputError, match="wrong.tgz.*roi"):
         open_volume(wrong)
+
+
+def test_project_converts_to_ngff_with_labels(tmp_path: Path, stack: dict, client) -> None:
+    """The round trip users need: a PartSeg project becomes an image with NGFF labels."""
+    import zarr
+
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    alt = {"previous": (stack["roi"] * 3).astype(np.uint16)}
+    path = current_project(tmp_path / "p.tgz", stack["image"], stack["roi"], stack["spacing_m"],
+                           ["DAPI", "GFP"], mask=stack["mask"], alternative=alt)
+    res = convert(path, tmp_path / "p.ome.zarr", ConvertOptions(chunks=(4,)), client,
+                  report=lambda _: None)
+    g = zarr.open_group(str(res.destination), mode="r")
+    ome = g.attrs["ome"]
+    assert [c["label"] for c in ome["omero"]["channels"]] == ["DAPI", "GFP"]
+    scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == pytest.approx([1.0, 1.0, 0.21, 0.21])
+    assert sorted(zarr.open_group(str(res.destination / "labels"), mode="r")
+                  .attrs["ome"]["labels"]) == ["alt_previous", "mask", "roi"]
+    np.testing.assert_array_equal(g["labels/roi/0"][...], stack["roi"][0])
+    np.testing.assert_array_equal(g["labels/alt_previous/0"][...], alt["previous"][0])
+    values = [c["label-value"] for c in
+              g["labels/roi"].attrs["ome"]["image-label"]["colors"]]
+    assert values == [1, 2]
