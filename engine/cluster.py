@@ -62,6 +62,7 @@ def connect(
     Prints the dashboard link through ``report`` (stderr by default), so a user can
     watch the run in the Dask dashboard.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     options = options or ClusterOptions()
@@ -89,7 +90,13 @@ def connect(
     kwargs: dict[str, object] = {}
     if options.memory_limit:
         kwargs["memory_limit"] = options.memory_limit
-    with warnings.catch_warnings():
+    # distributed's default MALLOC_TRIM_THRESHOLD_ also pins glibc's mmap threshold low, so
+    # every block-sized buffer is fresh memory faulted in page by page; a high threshold
+    # lets glibc reuse it (measured: ~1.4× faster conversion, ~200 MiB more per worker)
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.update(MALLOC_MMAP_THRESHOLD_=str(32 * 2**20), MALLOC_TRIM_THRESHOLD_=str(256 * 2**20))
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+            warnings.catch_warnings():
         # port 8787 taken (another cluster): distributed picks a free one; the link says which
         warnings.filterwarnings("ignore", message="Port 8787 is already in use")
         cluster = LocalCluster(

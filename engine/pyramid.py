@@ -11,7 +11,6 @@ odd end), so a block aligned to ``chunk × factor`` gives exactly the whole-arra
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,9 +104,9 @@ def _blocks_view(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
 def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Mean over ``factors`` windows, same dtype (integers rounded half to even).
 
-    The window sum is accumulated in float64 in a fixed order of window offsets, so the
-    result does not depend on how the volume was cut into blocks (numpy's own reductions
-    may sum in a layout-dependent order and differ in the last bit).
+    Window members are added axis by axis in a fixed order (elementwise adds, float32 for
+    float32 data, float64 otherwise), so the result does not depend on how the volume was
+    cut into blocks; numpy's own reductions may sum in a layout-dependent order.
 
     Parameters
     ----------
@@ -121,18 +120,23 @@ def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
     if any(p[1] for p in pad):
         data = np.pad(data, pad, mode="edge")
-    out_shape = tuple(s // f for s, f in zip(data.shape, factors, strict=True))
-    acc = np.zeros(out_shape, np.float64)
-    for offsets in itertools.product(*(range(f) for f in factors)):
-        acc += data[tuple(slice(o, None, f) for o, f in zip(offsets, factors, strict=True))]
-    acc /= int(np.prod(factors))
+    acc_dtype = np.float32 if data.dtype == np.float32 else np.float64
+    acc = data
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        parts = [acc[(slice(None),) * axis + (slice(k, None, f),)] for k in range(f)]
+        total = np.add(parts[0], parts[1], dtype=acc_dtype)
+        for part in parts[2:]:
+            total += part
+        acc = total
+    acc *= acc_dtype(1.0 / int(np.prod(factors)))
     if data.dtype.kind in "iub":
+        np.rint(acc, out=acc)
         if data.dtype.kind != "b":
             info = np.iinfo(data.dtype)
-            np.clip(np.rint(acc, out=acc), info.min, info.max, out=acc)
-        else:
-            np.rint(acc, out=acc)
-    return acc.astype(data.dtype)
+            np.clip(acc, info.min, info.max, out=acc)
+    return acc.astype(data.dtype, copy=False)
 
 
 def downsample_mode(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -234,17 +238,24 @@ class PyramidTask:
     def __call__(self, block) -> None:  # block: engine.blocks.Block
         import zarr
 
+        # images store every chunk (the fill-value scan costs more than it saves); labels
+        # skip empty chunks, which are common there
+        config = {"write_empty_chunks": self.method != "mode"}
+
+        def open_level(path: str) -> zarr.Array:
+            return zarr.open_array(path, mode="r+").with_config(config)
+
         data = self.read(block.write)
         paths = list(self.paths)
         if self.write_source:
-            zarr.open_array(paths.pop(0), mode="r+")[block.write] = data
+            open_level(paths.pop(0))[block.write] = data
         origin = [s.start for s in block.write]
         down = DOWNSAMPLERS[self.method]
         for path, f in zip(paths, self.factors, strict=True):
             data = down(data, f)
             origin = [o // k for o, k in zip(origin, f, strict=True)]
             region = tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))
-            zarr.open_array(path, mode="r+")[region] = data
+            open_level(path)[region] = data
 
 
 def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", state=None,

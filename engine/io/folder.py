@@ -17,7 +17,7 @@ import numpy as np
 import tifffile
 
 from engine.errors import InputError, OptionError
-from engine.io.sources import Source, normalize_key, to_dask
+from engine.io.sources import Source, to_dask
 from engine.volume import Volume, convert_length, normalize_unit
 
 SUFFIXES = (".tif", ".tiff")
@@ -54,8 +54,7 @@ class FolderSource(Source):
     dtype: np.dtype
     slice_axes: str = "YX"  # as tifffile reports a file: "YX", "YXS" or "SYX"
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = normalize_key(key, self.shape)
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
         zkey, ykey, xkey = key[-3:]
         out = np.empty(tuple(s.stop - s.start for s in key), dtype=self.dtype)
         for i, z in enumerate(range(zkey.start, zkey.stop)):

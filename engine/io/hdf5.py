@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
 from engine.errors import InputError
-from engine.io.sources import Source, default_chunks, normalize_key, to_dask
+from engine.io.sources import Source, default_chunks, to_dask
 from engine.volume import Volume
 
 #: axes by number of dimensions
@@ -37,8 +36,7 @@ class HDF5Source(Source):
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = normalize_key(key, self.shape)
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
         try:
             with h5py.File(self.path, "r") as f:
                 return np.asarray(f[self.dataset][key], dtype=self.dtype)

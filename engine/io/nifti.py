@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from engine.errors import InputError
-from engine.io.sources import RawFileSource, Source, normalize_key, to_dask
+from engine.io.sources import RawFileSource, Source, to_dask
 from engine.volume import Volume, convert_length
 
 #: NIfTI ``xyzt_units`` spatial names → NGFF units; "unknown" is millimetres by the spec.
@@ -48,8 +48,7 @@ class NiftiProxySource(Source):
     dtype: np.dtype
     offset: int
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = normalize_key(key, self.shape)
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
         spec = (tuple(reversed(self.shape)), self.dtype, self.offset, 1.0, 0.0)
         try:
             proxy = nib.arrayproxy.ArrayProxy(self.path, spec, order="F")

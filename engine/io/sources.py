@@ -1,12 +1,14 @@
 """Picklable, lazily-reading array sources and their conversion to dask arrays.
 
-A source is a small object with ``shape``, ``dtype`` and ``__getitem__(tuple of slices)``
+A source is a small object with ``shape``, ``dtype`` and ``read(tuple of slices)``
 that opens its file on the worker that reads it. It pickles as a path and a few numbers,
 never as data, so a graph built on it can be shipped to any worker.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,30 +19,47 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
+from engine.errors import InputError
 
-def normalize_key(key: Any, shape: Sequence[int]) -> tuple[slice, ...]:
-    """Turn an index (slices, ints, Ellipsis) into one slice per axis."""
+
+def split_key(key: Any, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[Any, ...]]:
+    """Split an index into contiguous slices to read and what to apply to the result.
+
+    Integers drop their axis, steps and integer lists pick from the contiguous span; the
+    second element applies that to the region read with the first.
+    """
     if not isinstance(key, tuple):
         key = (key,)
     if any(k is Ellipsis for k in key):
         i = next(i for i, k in enumerate(key) if k is Ellipsis)
         key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1:]
     key = key + (slice(None),) * (len(shape) - len(key))
-    out = []
+    read, post = [], []
     for k, n in zip(key, shape, strict=True):
         if isinstance(k, int | np.integer):
             k = int(k) + (n if k < 0 else 0)
-            out.append(slice(k, k + 1))
-        else:
+            read.append(slice(k, k + 1))
+            post.append(0)
+        elif isinstance(k, slice):
             start, stop, step = k.indices(n)
-            if step != 1:
-                raise IndexError("sources only support contiguous slices")
-            out.append(slice(start, max(start, stop)))
-    return tuple(out)
+            lo, hi = (start, max(start, stop)) if step > 0 else (stop + 1, start + 1)
+            read.append(slice(lo, max(lo, hi)))
+            post.append(slice(None) if step == 1 else slice(None, None, step))
+        else:  # an integer array on this axis
+            idx = np.asarray(k)
+            idx = np.where(idx < 0, idx + n, idx)
+            lo = int(idx.min()) if idx.size else 0
+            read.append(slice(lo, int(idx.max()) + 1 if idx.size else 0))
+            post.append(idx - lo)
+    return tuple(read), tuple(post)
 
 
 class Source:
-    """Base of the lazy sources: subclasses give ``shape``, ``dtype`` and ``__getitem__``."""
+    """Base of the lazy sources: subclasses give ``shape``, ``dtype`` and ``read``.
+
+    ``read`` receives one contiguous slice per axis; ``__getitem__`` adds numpy's
+    semantics (integers drop axes, steps, integer lists) on top, as dask expects.
+    """
 
     shape: tuple[int, ...]
 
@@ -48,13 +67,26 @@ class Source:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        region, post = split_key(key, self.shape)
+        out = self.read(region)
+        if sum(isinstance(p, np.ndarray) for p in post) > 1:
+            raise IndexError("sources support one integer-array index at most")
+        if any(not isinstance(p, slice) or p != slice(None) for p in post):
+            out = out[post]
+        return out
+
 
 @dataclass(frozen=True)
 class RawFileSource(Source):
     """C-ordered raw voxels at a byte offset in a file (MRC, raw NRRD, .nii, .npy, .npz).
 
-    Each read maps the file read-only, copies the region and unmaps it, so a worker's
-    resident memory holds only the regions it is working on.
+    A read fetches the rows of the region with ``pread`` (whole rows, one contiguous run
+    per plane) instead of mapping the file: mapped pages would count in the worker's
+    resident memory and each row would fault a page of its own.
     """
 
     path: str
@@ -62,13 +94,32 @@ class RawFileSource(Source):
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = normalize_key(key, self.shape)
-        mm = np.memmap(self.path, mode="r", dtype=self.dtype, offset=self.offset, shape=self.shape)
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
+        out_shape = tuple(k.stop - k.start for k in key)
+        native = self.dtype.newbyteorder("=")
+        out = np.empty(out_shape, dtype=self.dtype)
+        if out.size == 0:
+            return out.astype(native)
+        lead, (ys, xs) = key[:-2], key[-2:]
+        ny, nx = self.shape[-2:]
+        full_rows = xs.start == 0 and xs.stop == nx
+        rows = None if full_rows else np.empty((ys.stop - ys.start, nx), dtype=self.dtype)
+        item = self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
         try:
-            return np.array(mm[key], dtype=self.dtype.newbyteorder("="))
+            for i, idx in enumerate(itertools.product(*(range(k.start, k.stop) for k in lead))):
+                plane = int(np.ravel_multi_index(idx, self.shape[:-2])) if lead else 0
+                start = self.offset + ((plane * ny + ys.start) * nx) * item
+                target = out.reshape((-1, *out_shape[-2:]))[i] if full_rows else rows
+                got = os.preadv(fd, [memoryview(target).cast("B")], start)
+                if got != target.nbytes:
+                    raise InputError(f"{self.path}: file ends before the voxels it declares "
+                                     "(truncated?)")
+                if not full_rows:
+                    out.reshape((-1, *out_shape[-2:]))[i] = rows[:, xs.start:xs.stop]
         finally:
-            del mm
+            os.close(fd)
+        return out.astype(native, copy=False)
 
 
 _local = threading.local()
@@ -110,8 +161,8 @@ class ZarrSource(Source):
             cache[key] = arr
         return arr
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self.open()[normalize_key(key, self.shape)])
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self.open()[key])
 
 
 @dataclass(frozen=True)
@@ -128,8 +179,8 @@ class InMemorySource(Source):
     def dtype(self) -> np.dtype:
         return self.array.dtype
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return self.array[normalize_key(key, self.shape)]
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
+        return self.array[key]
 
 
 def default_chunks(shape: Sequence[int], axes: str, itemsize: int) -> tuple[int, ...]:
@@ -154,7 +205,9 @@ def to_dask(
     """Wrap a source in a dask array without reading it."""
     chunks = tuple(chunks) if chunks else default_chunks(source.shape, axes, source.dtype.itemsize)
     return da.from_array(
-        source, chunks=chunks, asarray=False, fancy=False, lock=False,
+        # fancy=True lets dask fuse a block's slice into the chunk read, so a task reads
+        # only its region instead of whole read chunks
+        source, chunks=chunks, asarray=False, fancy=True, lock=False,
         meta=np.empty((0,) * len(source.shape), dtype=source.dtype.newbyteorder("=")),
         name=f"{name}-{tokenize(source)}",
     )
