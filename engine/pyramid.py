@@ -11,6 +11,7 @@ odd end), so a block aligned to ``chunk × factor`` gives exactly the whole-arra
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -213,6 +214,22 @@ def plan_passes(levels: Sequence[Level], chunks: Sequence[int], itemsize: int,
 
 # ----------------------------------------------------------------------- blockwise building
 
+def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
+    """Write ``data`` at ``region`` one storage unit (shard, else chunk) at a time.
+
+    Handing zarr contiguous chunk-sized pieces avoids its fill-and-copy of a region that
+    spans many chunks, which doubled a block's memory.
+    """
+    unit = getattr(array, "shards", None) or array.chunks
+    starts = [range(r.start, r.stop, u) for r, u in zip(region, unit, strict=True)]
+    for origin in itertools.product(*starts):
+        dst = tuple(slice(o, min(o + u, r.stop)) for o, u, r in
+                    zip(origin, unit, region, strict=True))
+        src = tuple(slice(d.start - r.start, d.stop - r.start) for d, r in
+                    zip(dst, region, strict=True))
+        array[dst] = np.ascontiguousarray(data[src])
+
+
 @dataclass(frozen=True)
 class PyramidTask:
     """Block task of one pass: read a block, write it (pass 0) and its downsampled levels.
@@ -248,14 +265,14 @@ class PyramidTask:
         data = self.read(block.write)
         paths = list(self.paths)
         if self.write_source:
-            open_level(paths.pop(0))[block.write] = data
+            write_chunkwise(open_level(paths.pop(0)), block.write, data)
         origin = [s.start for s in block.write]
         down = DOWNSAMPLERS[self.method]
         for path, f in zip(paths, self.factors, strict=True):
             data = down(data, f)
             origin = [o // k for o, k in zip(origin, f, strict=True)]
             region = tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))
-            open_level(path)[region] = data
+            write_chunkwise(open_level(path), region, data)
 
 
 def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", state=None,
