@@ -164,7 +164,7 @@ def export(
 
         plan = plan_export(src, dst, level, roi, channel, label, overwrite)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
-            vol = run_export(plan, client)
+            vol = run_export(plan, client, progress_factory()())
         out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} {vol.dtype}, "
                   f"voxel size {', '.join(f'{v:g}' for v in vol.voxel_size)} {vol.unit}")
 

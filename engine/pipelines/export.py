@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.errors import InputError, OptionError
 from engine.io import detect_format, iter_slabs, omezarr, writer_for
 from engine.pipelines.output import check_destination, commit, partial_path
+from engine.progress import Progress, SilentProgress
 from engine.volume import Volume
 
 
@@ -79,15 +82,24 @@ def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | Non
     return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer)
 
 
-def run_export(plan: ExportPlan, client: Any) -> Volume:
+def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) -> Volume:
     """Stream the planned region into a hidden partial file, renamed when complete."""
     dst = plan.destination
     tmp = partial_path(dst)
     tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
+    progress = progress or SilentProgress()
+    progress.start(f"export {dst.name}", len(plan.volume.data.chunks[0]))
+
+    def slabs() -> Iterator[np.ndarray]:
+        for slab in iter_slabs(plan.volume.data, client):
+            yield slab
+            progress.advance()
+
     try:
-        plan.writer.write(plan.volume, tmp, iter_slabs(plan.volume.data, client))
+        plan.writer.write(plan.volume, tmp, slabs())
         commit(tmp, dst)
     finally:
+        progress.finish()
         if tmp.exists():
             tmp.unlink()
     return plan.volume
@@ -95,10 +107,11 @@ def run_export(plan: ExportPlan, client: Any) -> Volume:
 
 def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: str | None = None,
            channel: int | None = None, label: str | None = None,
-           overwrite: bool = False) -> Volume:
+           overwrite: bool = False, progress: Progress | None = None) -> Volume:
     """Write one level (or a region of it) of an OME-Zarr image, or of one of its label
     images, to a single file whose format follows ``dst``'s suffix (MRC, TIFF, NRRD, NIfTI).
 
     The voxel size of the chosen level goes into the header; the source is only read.
     """
-    return run_export(plan_export(src, dst, level, roi, channel, label, overwrite), client)
+    return run_export(plan_export(src, dst, level, roi, channel, label, overwrite), client,
+                      progress)
