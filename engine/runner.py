@@ -71,8 +71,8 @@ class RunState:
     def markers(self, name: str, grid: BlockGrid) -> DoneMarkers:
         return DoneMarkers(self.directory / self.run_hash / name, grid.grid_shape)
 
-    def begin(self) -> int:
-        """Prepare the state directory; return how many earlier passes it holds."""
+    def begin(self) -> None:
+        """Prepare the state directory, dropping the markers of other run hashes."""
         if self.directory.exists():
             for other in self.directory.iterdir():
                 if other.name != self.run_hash:
@@ -80,7 +80,6 @@ class RunState:
         run_dir = self.directory / self.run_hash
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps(self.identity, indent=1, default=str))
-        return sum(1 for p in run_dir.iterdir() if p.is_dir())
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
