@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from engine.errors import InputError
+from engine.errors import InputError, OptionError
 from engine.io.sources import ZarrSource, to_dask
 from engine.volume import AXIS_ORDER, Volume, convert_length, normalize_unit
 
@@ -68,7 +68,7 @@ def _imagej_or_tags(tif: tifffile.TiffFile) -> tuple[dict[str, float], str | Non
         if ij_unit and ij_unit.lower() not in ("pixel", "pixels", ""):
             try:
                 unit = normalize_unit(ij_unit)
-            except Exception:
+            except OptionError:  # a unit we do not know: leave the sizes at 1
                 unit = None
         if unit and "spacing" in ij:
             sizes["z"] = float(ij["spacing"])
