@@ -40,7 +40,8 @@ def phantom_tomogram(shape: tuple[int, int, int] = (128, 192, 192), seed: int = 
     label = 0
     thickness = 2.2
     for _ in range(n_vesicles):
-        r = rng.uniform(6, min(shape) / 6)
+        r_max = max(3.0, min(shape) / 6)
+        r = rng.uniform(min(6.0, r_max / 2), r_max)
         c = [rng.uniform(r + 2, n - r - 2) for n in shape]
         d = np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
         shell = np.abs(d - r) < thickness / 2

@@ -72,10 +72,12 @@ def run_demo(out: Path, client: Any, size: int = 192, overwrite: bool = True,
                f"{len(d['levels'])} levels, voxel size {voxel} {d['unit']}, "
                f"channels {d['channels'] or '-'}, labels {d['labels']}")
 
-    roi_mrc = out / "tomogram_level1_roi.mrc"
-    roi = ",".join(f"0:{s // 2}" for s in tomo.levels[1])  # one octant of level 1
-    vol = export(tomo_zarr, roi_mrc, client, level=1, roi=roi, overwrite=overwrite)
-    yield f"exported a region of level 1 to {roi_mrc} ({vol.shape}, {vol.voxel_size[0]:g} Å)"
+    level = min(1, len(tomo.levels) - 1)
+    roi_mrc = out / f"tomogram_level{level}_roi.mrc"
+    roi = ",".join(f"0:{max(1, s // 2)}" for s in tomo.levels[level])  # one octant
+    vol = export(tomo_zarr, roi_mrc, client, level=level, roi=roi, overwrite=overwrite)
+    yield (f"exported a region of level {level} to {roi_mrc} ({vol.shape}, "
+           f"{vol.voxel_size[0]:g} Å)")
     nuc_tif = out / "slide_nuclei_labels.tif"
     export(slide_zarr, nuc_tif, client, label="nuclei", overwrite=overwrite)
     yield f"exported the nuclei labels to {nuc_tif}"

@@ -1,0 +1,72 @@
+"""The main job (`voxelmill demo`) end to end, and `voxelmill info`."""
+
+from __future__ import annotations
+
+import json
+
+import mrcfile
+import numpy as np
+import zarr
+
+from engine.phantoms import phantom_slide, phantom_tomogram
+from tests.conftest import run_cli
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    res = run_cli("demo", "--out", str(out), "--size", "96", "--workers", "1",
+                  "--threads-per-worker", "2")
+    assert res.returncode == 0, res.stderr
+    assert "dashboard" in res.stderr
+    tomo = zarr.open_group(str(out / "phantom_tomogram.ome.zarr"), mode="r")
+    with mrcfile.open(out / "phantom_tomogram.mrc") as mrc:
+        np.testing.assert_array_equal(tomo["0"][...], mrc.data)
+    truth = tomo["labels/truth/0"][...]
+    assert truth.max() >= 3 and 0.005 < (truth > 0).mean() < 0.3  # shells and sheets
+    slide = zarr.open_group(str(out / "phantom_slide.ome.zarr"), mode="r")
+    assert [c["label"] for c in slide.attrs["ome"]["omero"]["channels"]] == \
+        ["DAPI", "membrane", "brightfield"]
+    assert sorted(zarr.open_group(str(out / "phantom_slide.ome.zarr/labels"), mode="r")
+                  .attrs["ome"]["labels"]) == ["cells", "nuclei"]
+    with mrcfile.open(out / "tomogram_level1_roi.mrc") as mrc:
+        np.testing.assert_array_equal(mrc.data, tomo["1"][tuple(
+            slice(0, s // 2) for s in tomo["1"].shape)])
+        assert abs(float(mrc.voxel_size.x) - 2 * 13.68) < 1e-3  # level 1: twice the voxel
+    assert "done." in res.stdout
+
+
+def test_info_reports_levels_voxel_size_channels_and_labels(tmp_path, client):
+    import tifffile
+
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    image, nuclei, _, names = phantom_slide((96, 128), n_cells=6)
+    src = tmp_path / "slide.ome.tif"
+    tifffile.imwrite(src, image, ome=True, photometric="minisblack", metadata={
+        "axes": "CYX", "Channel": {"Name": list(names)}, "PhysicalSizeX": 0.5,
+        "PhysicalSizeY": 0.5})
+    tifffile.imwrite(tmp_path / "nuc.tif", nuclei)
+    convert(src, tmp_path / "s.ome.zarr", ConvertOptions(chunks=(32,), labels=(
+        ("nuclei", str(tmp_path / "nuc.tif")),)), client, report=lambda _: None)
+
+    res = run_cli("info", str(tmp_path / "s.ome.zarr"), "--json")
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["format"] == "omezarr" and d["ngff"] == "0.5" and d["axes"] == "cyx"
+    assert d["shape"] == [3, 96, 128] and d["voxel_size"] == [0.5, 0.5]
+    assert d["unit"] == "micrometer" and d["channels"] == list(names)
+    assert d["labels"] == ["nuclei"] and [lv["shape"] for lv in d["levels"]] == \
+        [[3, 96, 128], [3, 48, 64], [3, 24, 32]]
+
+    plain = run_cli("info", str(src))
+    assert plain.returncode == 0 and "voxel size (0.5, 0.5) micrometer" in plain.stdout
+    assert "DAPI" in plain.stdout
+
+
+def test_phantoms_are_reproducible():
+    a, ta = phantom_tomogram((32, 48, 48), seed=3)
+    b, tb = phantom_tomogram((32, 48, 48), seed=3)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ta, tb)
+    # membranes are darker than the background on average, as in cryo-ET
+    assert a[ta > 0].mean() < a[ta == 0].mean()
