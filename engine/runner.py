@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,6 @@ def run_blocks(
     progress: Progress | None = None,
     max_in_flight: int | None = None,
     retries: int = 2,
-    blocks: Iterable[Block] | None = None,
     resources: dict[str, float] | None = None,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
@@ -148,8 +147,6 @@ def run_blocks(
         Futures submitted at once (default: two per worker thread).
     retries : int
         Extra attempts of a block whose task raised or whose worker died.
-    blocks : iterable of Block, optional
-        A subset of the grid to run (default: all blocks).
     resources : dict, optional
         Worker resources each task needs, e.g. ``{"GPU": 1}``.
     """
@@ -158,8 +155,8 @@ def run_blocks(
     progress = progress or SilentProgress()
     markers = state.markers(name, grid) if state is not None else None
     done = markers.finished() if markers is not None else np.zeros(grid.grid_shape, dtype=bool)
-    todo = [b for b in (blocks if blocks is not None else grid) if not done[b.index]]
-    total = len(grid) if blocks is None else len(todo) + int(done.sum())
+    todo = [b for b in grid if not done[b.index]]
+    total = len(grid)
     skipped = total - len(todo)
     if markers is not None and todo:
         markers.open("a")  # create the marker array before workers write into it
