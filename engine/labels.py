@@ -164,14 +164,37 @@ def _union_find(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LabelResult:
-    path: Path
+    """Where the labels are: ``path`` (materialized), or ``view`` (lazy) over the local
+    labels and relabel maps kept in ``work``."""
+
+    path: Path | None
     n_labels: int
     dtype: np.dtype
+    view: Any = None
+    work: Path | None = None
+
+
+def _apply_map(local: np.ndarray, maps: str, grid_shape: tuple[int, ...],
+               block_info: dict | None = None) -> np.ndarray:
+    index = tuple(block_info[0]["chunk-location"])
+    bid = int(np.ravel_multi_index(index, grid_shape))
+    return np.load(Path(maps) / f"{bid}.npy")[local]
+
+
+def relabel_view(work: Path, grid_shape: tuple[int, ...], block_shape: tuple[int, ...],
+                 dtype: np.dtype) -> Any:
+    """A lazy dask array of the final labels: local labels mapped on read, block by block."""
+    import dask.array as da
+    import zarr
+
+    local = zarr.open_array(str(work / "local"), mode="r")
+    data = da.from_zarr(local, chunks=block_shape)
+    return data.map_blocks(_apply_map, str(work / "maps"), tuple(grid_shape), dtype=dtype)
 
 
 def label(client: Any, mask: Any, out: str | Path, *, connectivity: int = 1,
           block_shape: tuple[int, ...] | None = None, chunks: tuple[int, ...] | None = None,
-          progress: Any = None) -> LabelResult:
+          progress: Any = None, lazy: bool = False) -> LabelResult:
     """Connected components of ``mask``, blockwise, identical to ``scipy.ndimage.label``.
 
     Parameters
@@ -186,6 +209,9 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int = 1,
         ``scipy.ndimage.generate_binary_structure``).
     block_shape, chunks : tuple of int, optional
         Write regions and the output's chunks (default: the mask's first chunk shape).
+    lazy : bool
+        Skip the relabel pass: keep the local labels and maps in ``out``'s sibling work
+        folder and return a lazy ``view`` that applies the maps on read.
 
     Returns
     -------
@@ -244,11 +270,16 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int = 1,
             lo, hi = np.searchsorted(block_of, [bid, bid + 1])
             np.save(work / "maps" / f"{bid}.npy",
                     np.concatenate([[0], final[lo:hi]]).astype(dtype))
+        if lazy:
+            return LabelResult(None, n, dtype, relabel_view(work, grid.grid_shape,
+                                                            grid.block_shape, dtype), work)
         zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
                           fill_value=0, zarr_format=3, overwrite=True)
         run_blocks(client, grid, Relabel(local, str(out), str(work / "maps"),
                                          grid.grid_shape), name="label-relabel",
                    progress=progress)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return LabelResult(out, n, dtype)

@@ -58,3 +58,15 @@ def test_bad_connectivity(client, tmp_path):
     with pytest.raises(OptionError, match="connectivity 4"):
         label(client, da.zeros((4, 4, 4), chunks=2, dtype=bool), tmp_path / "x",
               connectivity=4)
+
+
+def test_lazy_view_applies_the_block_maps_on_read(client, tmp_path):
+    mask = _blobs((30, 41, 25), seed=9)
+    ref, n = ndi.label(mask, structure=ndi.generate_binary_structure(3, 3))
+    res = label(client, da.from_array(mask, chunks=(8, 16, 16)), tmp_path / "lab",
+                connectivity=3, block_shape=(16, 16, 16), lazy=True)
+    assert res.path is None and res.n_labels == n
+    np.testing.assert_array_equal(res.view.compute(), ref)
+    np.testing.assert_array_equal(res.view[3:20, 10:30, 5:9].compute(), ref[3:20, 10:30, 5:9])
+    assert (res.work / "maps").is_dir()  # the maps stay on disk, one file per block
+    assert len(list((res.work / "maps").iterdir())) == 2 * 3 * 2
