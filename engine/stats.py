@@ -1,0 +1,530 @@
+"""Global statistics of a lazy array, computed by a reduction pass over blocks.
+
+Every statistic here is *global*: block tasks return small partial results (a bincount,
+a fixed-bin histogram, a count, min, max and a sum) that are merged on the client, so the
+result does not depend on the block layout and equals what numpy and scikit-image compute
+on the whole array in memory. Nothing is estimated from a single block.
+
+* :func:`histogram` builds a :class:`Histogram` in one pass (integer data of at most
+  16 bits: one exact bin per integer value) or two passes (min/max, then fixed bins).
+* :func:`threshold_otsu`, :func:`threshold_multiotsu`, :func:`threshold_triangle`,
+  :func:`threshold_yen`, :func:`threshold_isodata`, :func:`threshold_mean` and
+  :func:`threshold_median` turn a :class:`Histogram` into thresholds with
+  scikit-image's algorithms.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.blocks import Block, BlockGrid
+from engine.errors import OptionError
+
+DEFAULT_BINS = 4096
+"""Fixed bins of a float (or wide-integer) histogram when ``bins`` is not given."""
+
+MAX_EXACT_BINS = 1 << 16
+"""Wider integer data whose range spans at most this many values still gets exact bins."""
+
+
+# --------------------------------------------------------------------------- Histogram
+
+
+@dataclass
+class Histogram:
+    """A global histogram plus exact moments and extrema.
+
+    Attributes
+    ----------
+    counts : (B,) ndarray of int64
+        Voxels per bin.
+    edges : (B + 1,) ndarray of float64
+        Bin edges; bin ``i`` holds ``edges[i] <= v < edges[i + 1]``, the last bin also
+        holds its upper edge (as :func:`numpy.histogram`).
+    count : int
+        Voxels counted (NaN and masked-out voxels excluded); ``counts.sum()``.
+    sum, sum_sq : float
+        Sum of the values and of their squares (float64; exact for integer data with
+        exact bins, else a compensated sum of float64 block sums).
+    min, max : float
+        Smallest and largest value (NaN when ``count == 0``).
+    m2 : float
+        Sum of squared deviations from the mean, merged with Chan's parallel formula;
+        gives a ``std`` free of the cancellation of ``sum_sq / n - mean**2``.
+    exact : bool
+        Every bin holds exactly one value, its centre (integer data with unit bins);
+        then :meth:`percentile` equals :func:`numpy.percentile`.
+    """
+
+    counts: np.ndarray
+    edges: np.ndarray
+    count: int = 0
+    sum: float = 0.0
+    sum_sq: float = 0.0
+    min: float = math.nan
+    max: float = math.nan
+    m2: float = 0.0
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        self.counts = np.asarray(self.counts, dtype=np.int64)
+        self.edges = np.asarray(self.edges, dtype=np.float64)
+        if self.edges.shape != (self.counts.size + 1,):
+            raise OptionError(
+                f"histogram edges of shape {self.edges.shape} do not match "
+                f"{self.counts.size} bins"
+            )
+
+    @property
+    def centers(self) -> np.ndarray:
+        """(B,) float64 bin centres (the integer values themselves for exact bins)."""
+        return (self.edges[:-1] + self.edges[1:]) / 2
+
+    @property
+    def mean(self) -> float:
+        """Mean of the counted values (NaN when empty)."""
+        return self.sum / self.count if self.count else math.nan
+
+    @property
+    def var(self) -> float:
+        """Population variance (``ddof=0``, as :func:`numpy.var`)."""
+        return max(self.m2, 0.0) / self.count if self.count else math.nan
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (``ddof=0``, as :func:`numpy.std`)."""
+        return math.sqrt(self.var) if self.count else math.nan
+
+    def percentile(self, q: float | Sequence[float] | np.ndarray) -> float | np.ndarray:
+        """Percentiles of the counted values, numpy's ``"linear"`` method.
+
+        Parameters
+        ----------
+        q : float or array_like of float
+            Percentiles in ``[0, 100]``.
+
+        Returns
+        -------
+        float or ndarray of float64
+            Same shape as ``q``. Exact (equal to :func:`numpy.percentile`) when
+            ``exact``; otherwise the order statistics are interpolated linearly within
+            their bins, so the error is below one bin width.
+        """
+        qa = np.asarray(q, dtype=np.float64)
+        if np.any((qa < 0) | (qa > 100)) or np.any(np.isnan(qa)):
+            raise OptionError(f"percentiles must lie in [0, 100], got {q}")
+        if self.count == 0:
+            out = np.full(qa.shape, np.nan)
+            return out[()] if out.ndim == 0 else out
+        virtual = (self.count - 1) * (qa / 100)
+        lo = np.floor(virtual)
+        gamma = virtual - lo
+        lo_rank = lo.astype(np.int64)
+        hi_rank = np.minimum(lo_rank + 1, self.count - 1)
+        a = self._order_statistic(lo_rank)
+        b = self._order_statistic(hi_rank)
+        diff = b - a
+        out = np.asarray(a + diff * gamma, dtype=np.float64)
+        np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+        return out[()] if out.ndim == 0 else out
+
+    def _order_statistic(self, rank: np.ndarray) -> np.ndarray:
+        """Value of the ``rank``-th smallest counted voxel (0-based), exact or in-bin."""
+        cum = np.cumsum(self.counts)
+        b = np.searchsorted(cum, rank, side="right")
+        if self.exact:
+            return self.centers[b]
+        before = np.where(b > 0, cum[np.maximum(b - 1, 0)], 0)
+        frac = (rank - before + 0.5) / self.counts[b]
+        value = self.edges[b] + frac * (self.edges[b + 1] - self.edges[b])
+        return np.clip(value, self.min, self.max)
+
+    def merge(self, other: Histogram) -> Histogram:
+        """Combine two histograms of disjoint voxel sets with identical edges.
+
+        Parameters
+        ----------
+        other : Histogram
+            Must have the same ``edges``.
+
+        Returns
+        -------
+        Histogram
+            A new histogram of the union of both voxel sets.
+        """
+        if self.edges.shape != other.edges.shape or not np.array_equal(self.edges, other.edges):
+            raise OptionError("histograms with different bin edges cannot be merged")
+        n = self.count + other.count
+        m2 = _chan_m2(self.count, self.sum, self.m2, other.count, other.sum, other.m2)
+        return Histogram(
+            counts=self.counts + other.counts,
+            edges=self.edges.copy(),
+            count=n,
+            sum=math.fsum([self.sum, other.sum]),
+            sum_sq=math.fsum([self.sum_sq, other.sum_sq]),
+            min=float(np.fmin(self.min, other.min)),
+            max=float(np.fmax(self.max, other.max)),
+            m2=m2,
+            exact=self.exact and other.exact,
+        )
+
+
+def _chan_m2(na: int, sa: float, m2a: float, nb: int, sb: float, m2b: float) -> float:
+    """Chan et al.'s pairwise update of the sum of squared deviations."""
+    if na == 0:
+        return m2b
+    if nb == 0:
+        return m2a
+    delta = sb / nb - sa / na
+    return m2a + m2b + delta * delta * na * nb / (na + nb)
+
+
+# --------------------------------------------------------------------------- block tasks
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """What a block task returns: a few numbers and at most one small bin array."""
+
+    count: int
+    min: float
+    max: float
+    sum: float = 0.0
+    sum_sq: float = 0.0
+    m2: float = 0.0
+    offset: int = 0
+    counts: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class _StatsTask:
+    """Block task: read the write region of ``data`` (and ``mask``), reduce it.
+
+    ``mode`` is ``"bincount"`` (integer data: bincount from the block minimum),
+    ``"minmax"`` (count, min, max) or ``"bins"`` (counts over ``edges`` plus sums).
+    """
+
+    data: Any
+    mask: Any
+    mode: str
+    edges: np.ndarray | None = None
+
+    def values(self, block: Block) -> np.ndarray:
+        v = np.asarray(self.data[block.write].compute(scheduler="sync"))
+        if self.mask is not None:
+            m = np.asarray(self.mask[block.write].compute(scheduler="sync"), dtype=bool)
+            v = v[m]
+        else:
+            v = v.reshape(-1)
+        if v.dtype.kind == "f":
+            v = v[~np.isnan(v)]
+        elif v.dtype.kind == "b":
+            v = v.astype(np.uint8)
+        return v
+
+    def __call__(self, block: Block) -> _Partial:
+        v = self.values(block)
+        if v.size == 0:
+            return _Partial(0, math.nan, math.nan)
+        lo, hi = v.min(), v.max()
+        if self.mode == "bincount":
+            counts = np.bincount((v.astype(np.int64) - int(lo)).ravel())
+            return _Partial(int(v.size), float(lo), float(hi), offset=int(lo), counts=counts)
+        if v.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+            raise OptionError(
+                f"block {block.index} holds infinite values; histograms need finite data "
+                f"(NaN is ignored)"
+            )
+        if self.mode == "minmax":
+            return _Partial(int(v.size), float(lo), float(hi))
+        counts, _ = np.histogram(v, bins=self.edges)
+        f = v.astype(np.float64)
+        s = float(f.sum())
+        m2 = float(np.sum((f - s / f.size) ** 2))
+        return _Partial(int(v.size), float(lo), float(hi), sum=s,
+                        sum_sq=float(np.dot(f, f)), m2=m2, counts=counts)
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+def _as_dask(data: Any) -> Any:
+    import dask.array as da
+
+    data = getattr(data, "data", data) if not isinstance(data, np.ndarray | da.Array) else data
+    return data if isinstance(data, da.Array) else da.asarray(data)
+
+
+def _run(client: Any, grid: BlockGrid, task: _StatsTask, name: str) -> list[_Partial]:
+    from engine.runner import run_blocks
+
+    # a unique pass name: two histograms on one client must never share task keys
+    report = run_blocks(client, grid, task, name=f"stats-{name}-{uuid.uuid4().hex[:8]}")
+    return [report.results[k] for k in sorted(report.results)]
+
+
+def _exact_edges(lo: int, hi: int) -> np.ndarray:
+    return np.arange(lo, hi + 2, dtype=np.float64) - 0.5
+
+
+def _from_exact_counts(counts: np.ndarray, lo: int) -> Histogram:
+    """Histogram with exact moments from a global integer bincount starting at ``lo``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    values = np.arange(lo, lo + counts.size, dtype=np.int64)
+    n = int(counts.sum())
+    c_obj, v_obj = counts.astype(object), values.astype(object)
+    s = int(np.dot(c_obj, v_obj))  # Python integers: no overflow, exact
+    s2 = int(np.dot(c_obj, v_obj * v_obj))
+    m2 = float((s2 * n - s * s) / n) if n else 0.0  # exact rational, rounded once
+    return Histogram(counts, _exact_edges(lo, lo + counts.size - 1), count=n, sum=float(s),
+                     sum_sq=float(s2), min=float(lo), max=float(lo + counts.size - 1),
+                     m2=m2, exact=True)
+
+
+def _empty(dtype: np.dtype) -> Histogram:
+    return Histogram(np.zeros(1, np.int64), np.array([-0.5, 0.5]), exact=dtype.kind in "biu")
+
+
+def histogram(
+    client: Any,
+    data: Any,
+    bins: int | None = None,
+    *,
+    mask: Any = None,
+    block_shape: int | Sequence[int] | None = None,
+) -> Histogram:
+    """Global histogram, moments and extrema of a lazy array, by a blockwise reduction.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Cluster that runs the block tasks.
+    data : dask.array.Array or Volume, shape (...)
+        Any real dtype (bool, integer, float). NaN voxels are ignored; other
+        non-finite values raise :class:`~engine.errors.OptionError`.
+    bins : int, optional
+        Number of equal-width bins over ``[min, max]`` (as ``np.histogram(x, bins)``).
+        By default: integer data gets one exact bin per integer value in ``[min, max]``
+        (in one pass for at most 16-bit integers; wider integers whose range spans at
+        most ``MAX_EXACT_BINS`` values too, after a min/max pass), other data
+        ``DEFAULT_BINS`` bins.
+    mask : dask.array.Array of bool, same shape as ``data``, optional
+        Only voxels where ``mask`` is true are counted.
+    block_shape : int or tuple of int, optional
+        Block (read) shape; defaults to the chunk shape of ``data``. The result does not
+        depend on it.
+
+    Returns
+    -------
+    Histogram
+        ``counts`` (int64) over float64 ``edges``, plus ``count``, ``sum``, ``sum_sq``,
+        ``min``, ``max``. ``counts`` equals ``np.histogram(values, hist.edges)[0]`` of
+        the counted values for every block layout.
+    """
+    data = _as_dask(data)
+    if data.dtype.kind not in "biuf":
+        raise OptionError(f"cannot take a histogram of {data.dtype} data")
+    if mask is not None:
+        mask = _as_dask(mask)
+        if mask.shape != data.shape:
+            raise OptionError(f"mask of shape {mask.shape} does not match data of shape "
+                              f"{data.shape}")
+    if bins is not None and (int(bins) != bins or bins < 1):
+        raise OptionError(f"bins must be a positive integer, got {bins}")
+    grid = BlockGrid(data.shape, block_shape if block_shape is not None else data.chunksize)
+    integer = data.dtype.kind in "biu"
+
+    if integer and bins is None and data.dtype.itemsize <= 2:
+        parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
+        return _merge_bincounts(parts, data.dtype)
+
+    extent = _run(client, grid, _StatsTask(data, mask, "minmax"), "minmax")
+    n = sum(p.count for p in extent)
+    if n == 0:
+        return _empty(data.dtype)
+    lo = min(p.min for p in extent if p.count)
+    hi = max(p.max for p in extent if p.count)
+    if integer and bins is None and hi - lo + 1 <= MAX_EXACT_BINS:
+        parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
+        return _merge_bincounts(parts, data.dtype)
+    nbins = int(bins or DEFAULT_BINS)
+    first, last = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # as np.histogram
+    edges = np.linspace(first, last, nbins + 1, dtype=np.float64)
+    parts = _run(client, grid, _StatsTask(data, mask, "bins", edges), "bins")
+    counts = np.zeros(nbins, np.int64)
+    count, m2, total = 0, 0.0, 0.0
+    for p in parts:
+        if not p.count:
+            continue
+        counts += p.counts
+        m2 = _chan_m2(count, total, m2, p.count, p.sum, p.m2)
+        count += p.count
+        total += p.sum
+    return Histogram(counts, edges, count=count,
+                     sum=math.fsum(p.sum for p in parts), sum_sq=math.fsum(p.sum_sq for p in parts),
+                     min=float(lo), max=float(hi), m2=m2, exact=False)
+
+
+def _merge_bincounts(parts: list[_Partial], dtype: np.dtype) -> Histogram:
+    parts = [p for p in parts if p.count]
+    if not parts:
+        return _empty(dtype)
+    lo = min(p.offset for p in parts)
+    hi = max(p.offset + p.counts.size - 1 for p in parts)
+    counts = np.zeros(hi - lo + 1, np.int64)
+    for p in parts:
+        counts[p.offset - lo: p.offset - lo + p.counts.size] += p.counts
+    return _from_exact_counts(counts, lo)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def _skimage_hist(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts, centers)`` trimmed of empty end bins, as scikit-image's ``hist=``."""
+    if hist.count == 0:
+        raise OptionError("cannot threshold an empty histogram (no voxels counted)")
+    nz = np.flatnonzero(hist.counts)
+    sl = slice(nz[0], nz[-1] + 1)
+    return hist.counts[sl], hist.centers[sl]
+
+
+def threshold_otsu(hist: Histogram) -> float:
+    """Otsu's threshold of a global histogram (:func:`skimage.filters.threshold_otsu`).
+
+    Parameters
+    ----------
+    hist : Histogram
+        From :func:`histogram`.
+
+    Returns
+    -------
+    float
+        A bin centre; voxels ``> threshold`` are foreground. For exact integer
+        histograms this equals ``skimage.filters.threshold_otsu(image)``.
+    """
+    from skimage.filters import threshold_otsu as sk_otsu
+
+    counts, centers = _skimage_hist(hist)
+    if counts.size == 1:  # constant image: skimage returns the value itself
+        return float(centers[0])
+    return float(sk_otsu(hist=(counts, centers)))
+
+
+def threshold_multiotsu(hist: Histogram, classes: int = 3) -> np.ndarray:
+    """Multi-Otsu thresholds of a global histogram (:func:`skimage.filters.threshold_multiotsu`).
+
+    Parameters
+    ----------
+    hist : Histogram
+        From :func:`histogram`. The cost grows as ``bins ** (classes - 1)``: use
+        ``bins=`` (e.g. 256) for data with a wide value range.
+    classes : int
+        Number of classes; ``classes - 1`` thresholds are returned.
+
+    Returns
+    -------
+    (classes - 1,) ndarray of float64
+        Increasing thresholds (bin centres).
+    """
+    from skimage.filters import threshold_multiotsu as sk_multiotsu
+
+    counts, centers = _skimage_hist(hist)
+    return np.asarray(sk_multiotsu(classes=classes, hist=(counts, centers)), dtype=np.float64)
+
+
+def threshold_yen(hist: Histogram) -> float:
+    """Yen's threshold of a global histogram (:func:`skimage.filters.threshold_yen`)."""
+    from skimage.filters import threshold_yen as sk_yen
+
+    counts, centers = _skimage_hist(hist)
+    if counts.size == 1:
+        return float(centers[0])
+    return float(sk_yen(hist=(counts, centers)))
+
+
+def threshold_isodata(hist: Histogram) -> float:
+    """ISODATA threshold of a global histogram (:func:`skimage.filters.threshold_isodata`)."""
+    from skimage.filters import threshold_isodata as sk_isodata
+
+    counts, centers = _skimage_hist(hist)
+    if counts.size == 1:
+        return float(centers[0])
+    return float(sk_isodata(hist=(counts, centers)))
+
+
+def threshold_triangle(hist: Histogram) -> float:
+    """Triangle threshold of a global histogram.
+
+    scikit-image 0.26's :func:`skimage.filters.threshold_triangle` takes no ``hist=``;
+    this follows its algorithm step by step on the histogram, so for exact integer
+    histograms the result equals ``skimage.filters.threshold_triangle(image)``.
+
+    Parameters
+    ----------
+    hist : Histogram
+        From :func:`histogram`.
+
+    Returns
+    -------
+    float
+        A bin centre; voxels ``> threshold`` are foreground.
+    """
+    counts, centers = _skimage_hist(hist)
+    counts = counts.astype(np.int64)
+    nbins = len(counts)
+    arg_peak_height = int(np.argmax(counts))
+    peak_height = counts[arg_peak_height]
+    arg_low_level, arg_high_level = np.flatnonzero(counts)[[0, -1]]
+    if arg_low_level == arg_high_level:
+        return float(centers[arg_low_level])
+    flip = arg_peak_height - arg_low_level < arg_high_level - arg_peak_height
+    if flip:
+        counts = counts[::-1]
+        arg_low_level = nbins - arg_high_level - 1
+        arg_peak_height = nbins - arg_peak_height - 1
+    width = arg_peak_height - arg_low_level
+    x1 = np.arange(width)
+    y1 = counts[x1 + arg_low_level]
+    norm = np.sqrt(peak_height**2 + width**2)
+    peak_height = peak_height / norm
+    width = width / norm
+    length = peak_height * x1 - width * y1
+    arg_level = int(np.argmax(length)) + arg_low_level
+    if flip:
+        arg_level = nbins - arg_level - 1
+    return float(centers[arg_level])
+
+
+def threshold_mean(hist: Histogram) -> float:
+    """Mean of the counted values (:func:`skimage.filters.threshold_mean`), exact moments."""
+    if hist.count == 0:
+        raise OptionError("cannot threshold an empty histogram (no voxels counted)")
+    return hist.mean
+
+
+def threshold_median(hist: Histogram) -> float:
+    """Median of the counted values (exact for integer histograms, else within one bin)."""
+    if hist.count == 0:
+        raise OptionError("cannot threshold an empty histogram (no voxels counted)")
+    return float(hist.percentile(50))
+
+
+__all__ = [
+    "DEFAULT_BINS",
+    "Histogram",
+    "histogram",
+    "threshold_isodata",
+    "threshold_mean",
+    "threshold_median",
+    "threshold_multiotsu",
+    "threshold_otsu",
+    "threshold_triangle",
+    "threshold_yen",
+]
