@@ -411,10 +411,15 @@ def threshold_otsu(hist: Histogram) -> float:
     """
     from skimage.filters import threshold_otsu as sk_otsu
 
+    return _single_threshold(sk_otsu, hist)
+
+
+def _single_threshold(method: Any, hist: Histogram) -> float:
+    """Run a scikit-image ``hist=`` threshold method; a constant image gives its value."""
     counts, centers = _skimage_hist(hist)
-    if counts.size == 1:  # constant image: skimage returns the value itself
+    if counts.size == 1:  # as skimage does for a constant image
         return float(centers[0])
-    return float(sk_otsu(hist=(counts, centers)))
+    return float(method(hist=(counts, centers)))
 
 
 def threshold_multiotsu(hist: Histogram, classes: int = 3) -> np.ndarray:
@@ -443,20 +448,14 @@ def threshold_yen(hist: Histogram) -> float:
     """Yen's threshold of a global histogram (:func:`skimage.filters.threshold_yen`)."""
     from skimage.filters import threshold_yen as sk_yen
 
-    counts, centers = _skimage_hist(hist)
-    if counts.size == 1:
-        return float(centers[0])
-    return float(sk_yen(hist=(counts, centers)))
+    return _single_threshold(sk_yen, hist)
 
 
 def threshold_isodata(hist: Histogram) -> float:
     """ISODATA threshold of a global histogram (:func:`skimage.filters.threshold_isodata`)."""
     from skimage.filters import threshold_isodata as sk_isodata
 
-    counts, centers = _skimage_hist(hist)
-    if counts.size == 1:
-        return float(centers[0])
-    return float(sk_isodata(hist=(counts, centers)))
+    return _single_threshold(sk_isodata, hist)
 
 
 def threshold_triangle(hist: Histogram) -> float:
