@@ -6,10 +6,10 @@ Three blockwise passes and one small reduction on the client:
    local labels; it returns, per local label, the global raster index of its first voxel;
 2. each block reads its local labels with a one-voxel halo and returns the pairs of
    (block, local label) ids that touch across its faces, edges and corners;
-3. the client merges those pairs (union-find over ``block_id << 32 | local_label`` uint64
-   ids), numbers every merged component by the raster position of its first voxel — the
-   order ``scipy.ndimage.label`` uses on the whole array — and writes one relabel map per
-   block;
+3. the client merges those pairs (connected components of the graph of
+   ``block_id << 32 | local_label`` uint64 ids), numbers every merged component by the
+   raster position of its first voxel — the order ``scipy.ndimage.label`` uses on the
+   whole array — and writes one relabel map per block;
 4. each block maps its local labels to the final ids and writes them.
 
 So the labels are identical (not just equivalent) to ``scipy.ndimage.label`` on the whole
@@ -138,28 +138,20 @@ class Relabel:
         zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
 
 
-def _union_find(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Root index (into ``ids``) of every id after merging ``pairs``; roots are minimal."""
-    parent = np.arange(len(ids))
-    if len(pairs):
-        a = np.searchsorted(ids, pairs[:, 0])
-        b = np.searchsorted(ids, pairs[:, 1])
+def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Merged-component index of every id (sorted uint64) after joining ``pairs``.
 
-        def find(x: int) -> int:
-            root = x
-            while parent[root] != root:
-                root = parent[root]
-            while parent[x] != root:
-                parent[x], x = root, parent[x]
-            return root
+    A sparse graph's connected components (scipy's union-find, vectorized): the nodes are
+    the component ids, the edges the cross-block pairs.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-        for i, j in zip(a.tolist(), b.tolist(), strict=True):
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-        for i in range(len(parent)):
-            parent[i] = find(i)
-    return parent
+    n = len(ids)
+    a = np.searchsorted(ids, pairs[:, 0]) if len(pairs) else np.zeros(0, np.int64)
+    b = np.searchsorted(ids, pairs[:, 1]) if len(pairs) else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 @dataclass
@@ -252,17 +244,15 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int = 1,
         order = np.argsort(all_ids)
         all_ids, all_keys = all_ids[order], all_keys[order]
         pairs = [p for p in pairs_by_block.values() if len(p)]
-        roots = _union_find(all_ids, np.concatenate(pairs) if pairs else np.zeros((0, 2)))
-        # a merged component's key: the smallest first-voxel key of its parts
-        root_key = np.full(len(all_ids), np.iinfo(np.uint64).max, np.uint64)
-        np.minimum.at(root_key, roots, all_keys)
-        unique_roots = np.unique(roots)
-        ranked = unique_roots[np.argsort(root_key[unique_roots], kind="stable")]
-        final = np.zeros(len(all_ids), np.uint64)
-        final_of_root = np.empty(len(all_ids), np.uint64)
-        final_of_root[ranked] = np.arange(1, len(ranked) + 1, dtype=np.uint64)
-        final = final_of_root[roots]
-        n = len(ranked)
+        merged = _merge(all_ids, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+        n = int(merged.max()) + 1 if len(merged) else 0
+        # a merged component's key: the smallest first-voxel key of its parts; final ids
+        # follow the keys' order (raster order of first voxels, as on the whole array)
+        merged_key = np.full(n, np.iinfo(np.uint64).max, np.uint64)
+        np.minimum.at(merged_key, merged, all_keys)
+        final_of_merged = np.empty(n, np.uint64)
+        final_of_merged[np.argsort(merged_key)] = np.arange(1, n + 1, dtype=np.uint64)
+        final = final_of_merged[merged]
         dtype = np.dtype(np.uint32) if n < 2**32 else np.dtype(np.uint64)
         block_of = all_ids >> SHIFT
         for index in keys:
