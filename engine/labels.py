@@ -273,3 +273,88 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int = 1,
         raise
     shutil.rmtree(work, ignore_errors=True)
     return LabelResult(out, n, dtype)
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """Block task: voxel count per label id in the block (sparse: ids and counts)."""
+
+    path: str
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        ids, counts = np.unique(_read(self.path, block.write), return_counts=True)
+        return ids.astype(np.uint64), counts.astype(np.int64)
+
+
+def label_sizes(client: Any, labels: str | Path, block_shape: tuple[int, ...] | None = None,
+                progress: Any = None) -> dict[int, int]:
+    """Voxel count of every label of a label array, by one reduction pass (0 excluded)."""
+    import zarr
+
+    from engine.runner import run_blocks
+
+    arr = zarr.open_array(str(labels), mode="r")
+    grid = BlockGrid(arr.shape, block_shape or arr.chunks)
+    report = run_blocks(client, grid, LabelCounts(str(labels)), name="label-sizes",
+                        progress=progress)
+    sizes: dict[int, int] = {}
+    for ids, counts in report.results.values():
+        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
+            if i:
+                sizes[i] = sizes.get(i, 0) + c
+    return sizes
+
+
+@dataclass(frozen=True)
+class ApplyLut:
+    """Block task: map a label block through a lookup table stored on disk."""
+
+    src: str
+    out: str
+    lut: str
+
+    def __call__(self, block: Block) -> None:
+        import zarr
+
+        lut = np.load(self.lut, mmap_mode="r")
+        zarr.open_array(self.out, mode="r+")[block.write] = lut[_read(self.src, block.write)]
+
+
+def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: int = 0,
+                 max_size: int | None = None, progress: Any = None) -> dict[int, int]:
+    """Remove objects whose *global* size is outside ``[min_size, max_size]`` voxels.
+
+    Sizes are counted over the whole volume first, so an object cut by block borders is
+    judged by its full size. Kept objects keep their ids (as
+    ``skimage.morphology.remove_small_objects``); removed ones become 0.
+
+    Returns
+    -------
+    dict
+        The sizes of the kept labels.
+    """
+    import zarr
+
+    from engine.runner import run_blocks
+
+    if min_size < 0 or (max_size is not None and max_size < min_size):
+        raise OptionError(f"size range [{min_size}, {max_size}] is empty or negative")
+    sizes = label_sizes(client, labels, progress=progress)
+    arr = zarr.open_array(str(labels), mode="r")
+    top = max(sizes, default=0)
+    lut = np.zeros(top + 1, dtype=arr.dtype)
+    keep = {i: s for i, s in sizes.items()
+            if s >= min_size and (max_size is None or s <= max_size)}
+    lut[list(keep)] = list(keep)
+    out = Path(out)
+    lut_path = out.parent / f".{out.name}.lut.npy"
+    np.save(lut_path, lut)
+    try:
+        zarr.create_array(store=str(out), shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype,
+                          fill_value=0, zarr_format=3, overwrite=True)
+        run_blocks(client, BlockGrid(arr.shape, arr.chunks),
+                   ApplyLut(str(labels), str(out), str(lut_path)), name="size-filter",
+                   progress=progress)
+    finally:
+        lut_path.unlink(missing_ok=True)
+    return keep

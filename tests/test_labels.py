@@ -70,3 +70,26 @@ def test_lazy_view_applies_the_block_maps_on_read(client, tmp_path):
     np.testing.assert_array_equal(res.view[3:20, 10:30, 5:9].compute(), ref[3:20, 10:30, 5:9])
     assert (res.work / "maps").is_dir()  # the maps stay on disk, one file per block
     assert len(list((res.work / "maps").iterdir())) == 2 * 3 * 2
+
+
+def test_size_filter_uses_global_sizes_of_objects_cut_by_blocks(client, tmp_path):
+    from skimage.morphology import remove_small_objects
+
+    from engine.labels import filter_sizes, label_sizes
+
+    mask = _blobs((30, 41, 25), seed=4, threshold=0.8)
+    ref, _ = ndi.label(mask)
+    res = label(client, da.from_array(mask, chunks=(7, 9, 8)), tmp_path / "lab")
+    sizes = label_sizes(client, res.path)
+    ids, counts = np.unique(ref[ref > 0], return_counts=True)
+    assert sizes == dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    # thresholds between object sizes, so both kept and removed objects span blocks
+    small = int(np.median(counts))
+    kept = filter_sizes(client, res.path, tmp_path / "kept", min_size=small)
+    got = zarr.open_array(str(tmp_path / "kept"), mode="r")[...]
+    np.testing.assert_array_equal(got, remove_small_objects(ref, max_size=small - 1))
+    assert set(kept) == set(ids[counts >= small].tolist())
+    band = filter_sizes(client, res.path, tmp_path / "band", min_size=5, max_size=small)
+    want = np.where(np.isin(ref, ids[(counts >= 5) & (counts <= small)]), ref, 0)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "band"), mode="r")[...], want)
+    assert set(band) == set(ids[(counts >= 5) & (counts <= small)].tolist())
