@@ -45,3 +45,17 @@ def test_truncated_raw_file_is_an_input_error(array_and_file, tmp_path):
     short.write_bytes(path.read_bytes()[: a.nbytes // 2])
     with pytest.raises(InputError, match="short.bin"):
         RawFileSource(str(short), 6, a.shape, a.dtype)[25:, :, :]
+
+
+@pytest.mark.parametrize("max_bytes", [10**9, 20 * 30 * 8 * 5, 1])
+def test_export_slabs_stay_under_the_memory_cap(max_bytes):
+    import dask.array as da
+
+    from engine.io import iter_slabs
+
+    a = np.arange(50 * 20 * 30).reshape(50, 20, 30)
+    slabs = list(iter_slabs(da.from_array(a, chunks=(16, 20, 30)), max_bytes=max_bytes))
+    np.testing.assert_array_equal(np.concatenate(slabs), a)
+    plane = 20 * 30 * 8
+    assert all(s.nbytes <= max(max_bytes, plane) for s in slabs)
+    assert all(s.shape[0] <= 16 for s in slabs)  # never across two read chunks

@@ -8,7 +8,7 @@ consecutive numpy slabs along axis 0 (so a writer never needs the whole volume).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +115,38 @@ def writer_for(path: str | Path) -> Any:
     return format_module(fmt)
 
 
-def iter_slabs(data: Any, client: Any = None, depth: int = 2) -> Iterator[np.ndarray]:
-    """Yield consecutive slabs of a dask array along axis 0, in order.
+SLAB_BYTES = 256 * 2**20
 
-    Slabs follow the array's chunks on axis 0; with a client, up to ``depth`` slabs are
-    computed ahead on the cluster while the caller writes the current one.
+
+def slab_bounds(data: Any, max_bytes: int = SLAB_BYTES) -> list[int]:
+    """Slab borders along axis 0: the array's chunks, split further when a chunk-thick
+    slab would exceed ``max_bytes`` (a full-width slab of a huge volume must fit in memory).
     """
-    bounds = np.cumsum((0,) + tuple(data.chunks[0]))
-    pieces = [data[int(a):int(b)] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    plane = int(np.prod(data.shape[1:])) * data.dtype.itemsize
+    step_cap = max(1, max_bytes // max(plane, 1))
+    bounds = [0]
+    for c in data.chunks[0]:
+        start = bounds[-1]
+        bounds += list(range(start + min(c, step_cap), start + c, min(c, step_cap)))
+        bounds.append(start + c)
+    return bounds
+
+
+def iter_slabs(data: Any, client: Any = None, depth: int = 2,
+               max_bytes: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """Yield consecutive slabs of a dask array along axis 0 (see :func:`slab_bounds`).
+
+    With a client, up to ``depth`` slabs are computed ahead on the cluster while the
+    caller writes the current one.
+    """
+    bounds = slab_bounds(data, max_bytes)
+    pieces = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if client is None:
         for piece in pieces:
             yield np.asarray(piece.compute(scheduler="threads"))
         return
     queue: list[Any] = []
-    it: Iterable[Any] = iter(pieces)
-    for piece in it:
+    for piece in pieces:
         queue.append(client.compute(piece))
         if len(queue) > depth:
             yield np.asarray(queue.pop(0).result())

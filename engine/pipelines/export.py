@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InputError, OptionError
-from engine.io import detect_format, iter_slabs, omezarr, writer_for
+from engine.io import detect_format, iter_slabs, omezarr, slab_bounds, writer_for
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.progress import Progress, SilentProgress
 from engine.volume import Volume
@@ -88,7 +88,7 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
     tmp = partial_path(dst)
     tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
     progress = progress or SilentProgress()
-    progress.start(f"export {dst.name}", len(plan.volume.data.chunks[0]))
+    progress.start(f"export {dst.name}", len(slab_bounds(plan.volume.data)) - 1)
 
     def slabs() -> Iterator[np.ndarray]:
         for slab in iter_slabs(plan.volume.data, client):
