@@ -29,6 +29,7 @@ from scipy import ndimage as ndi
 
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
+from engine.io.sources import read_region
 
 SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
 
@@ -38,14 +39,6 @@ def structure(ndim: int, connectivity: int) -> np.ndarray:
     if not 1 <= connectivity <= ndim:
         raise OptionError(f"connectivity {connectivity}: must be between 1 and {ndim}")
     return ndi.generate_binary_structure(ndim, connectivity)
-
-
-def _read(data: Any, region: tuple[slice, ...]) -> np.ndarray:
-    if isinstance(data, str):
-        import zarr
-
-        return np.asarray(zarr.open_array(data, mode="r")[region])
-    return np.asarray(data[region].compute(scheduler="sync"))
 
 
 @dataclass(frozen=True)
@@ -60,7 +53,7 @@ class LocalLabels:
     def __call__(self, block: Block) -> np.ndarray:
         import zarr
 
-        local, n = ndi.label(_read(self.mask, block.write) > 0, structure=self.structure)
+        local, n = ndi.label(read_region(self.mask, block.write) > 0, structure=self.structure)
         zarr.open_array(self.out, mode="r+")[block.write] = local.astype(np.uint32)
         values, first = np.unique(local.ravel(), return_index=True)
         first = first[values > 0]
@@ -79,7 +72,7 @@ class FacePairs:
     block_shape: tuple[int, ...]
 
     def __call__(self, block: Block) -> np.ndarray:
-        lab = _read(self.local, block.read)
+        lab = read_region(self.local, block.read)
         origin = np.array([s.start for s in block.read])
         own_lo = np.array([w.start for w in block.write]) - origin
         own_hi = np.array([w.stop for w in block.write]) - origin
@@ -134,7 +127,7 @@ class Relabel:
 
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
         lut = np.load(Path(self.maps) / f"{bid}.npy")
-        local = _read(self.local, block.write)
+        local = read_region(self.local, block.write)
         zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
 
 
@@ -282,7 +275,7 @@ class LabelCounts:
     path: str
 
     def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        ids, counts = np.unique(_read(self.path, block.write), return_counts=True)
+        ids, counts = np.unique(read_region(self.path, block.write), return_counts=True)
         return ids.astype(np.uint64), counts.astype(np.int64)
 
 
@@ -317,7 +310,7 @@ class ApplyLut:
         import zarr
 
         lut = np.load(self.lut, mmap_mode="r")
-        zarr.open_array(self.out, mode="r+")[block.write] = lut[_read(self.src, block.write)]
+        zarr.open_array(self.out, mode="r+")[block.write] = lut[read_region(self.src, block.write)]
 
 
 def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: int = 0,

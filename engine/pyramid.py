@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.io.sources import read_region
+
 #: an axis is "finer" when its voxel is smaller than the coarsest one by more than this.
 ANISOTROPY = 1.5
 
@@ -89,11 +91,15 @@ def plan_levels(
     return levels
 
 
+def _pad_to_windows(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Edge-replicate odd ends so every axis is a multiple of its factor."""
+    pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
+    return np.pad(data, pad, mode="edge") if any(p[1] for p in pad) else data
+
+
 def _blocks_view(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Edge-pad to a multiple of ``factors`` and view as (out..., window...)."""
-    pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
-    if any(p[1] for p in pad):
-        data = np.pad(data, pad, mode="edge")
+    data = _pad_to_windows(data, factors)
     shape = []
     for s, f in zip(data.shape, factors, strict=True):
         shape += [s // f, f]
@@ -118,9 +124,7 @@ def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """
     if all(f == 1 for f in factors):
         return data
-    pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
-    if any(p[1] for p in pad):
-        data = np.pad(data, pad, mode="edge")
+    data = _pad_to_windows(data, factors)
     acc_dtype = np.float32 if data.dtype == np.float32 else np.float64
     acc = data
     for axis, f in enumerate(factors):
@@ -245,13 +249,6 @@ class PyramidTask:
     factors: tuple[tuple[int, ...], ...]
     method: str
 
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        if isinstance(self.source, str):
-            import zarr
-
-            return np.asarray(zarr.open_array(self.source, mode="r")[region])
-        return np.asarray(self.source[region].compute(scheduler="sync"))
-
     def __call__(self, block) -> None:  # block: engine.blocks.Block
         import zarr
 
@@ -262,7 +259,7 @@ class PyramidTask:
         def open_level(path: str) -> zarr.Array:
             return zarr.open_array(path, mode="r+").with_config(config)
 
-        data = self.read(block.write)
+        data = read_region(self.source, block.write)
         paths = list(self.paths)
         if self.write_source:
             write_chunkwise(open_level(paths.pop(0)), block.write, data)

@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
+from engine.io.sources import read_region
 
 DEFAULT_BINS = 4096
 """Fixed bins of a float (or wide-integer) histogram when ``bins`` is not given."""
@@ -216,9 +217,9 @@ class _StatsTask:
     edges: np.ndarray | None = None
 
     def values(self, block: Block) -> np.ndarray:
-        v = np.asarray(self.data[block.write].compute(scheduler="sync"))
+        v = read_region(self.data, block.write)
         if self.mask is not None:
-            m = np.asarray(self.mask[block.write].compute(scheduler="sync"), dtype=bool)
+            m = read_region(self.mask, block.write).astype(bool, copy=False)
             v = v[m]
         else:
             v = v.reshape(-1)

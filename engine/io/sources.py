@@ -183,6 +183,19 @@ class InMemorySource(Source):
         return self.array[key]
 
 
+def read_region(source: Any, region: tuple[slice, ...]) -> np.ndarray:
+    """Read a region on a worker: ``source`` is a zarr array path or a (lazy) dask array.
+
+    Block tasks call this; a dask array is computed in the task's own thread (the
+    synchronous scheduler), never as a nested graph on the cluster.
+    """
+    if isinstance(source, str):
+        import zarr
+
+        return np.asarray(zarr.open_array(source, mode="r")[region])
+    return np.asarray(source[region].compute(scheduler="sync"))
+
+
 def default_chunks(shape: Sequence[int], axes: str, itemsize: int) -> tuple[int, ...]:
     """Read chunks for a source: whole planes in y/x up to ~64 MiB, a few planes in z."""
     target = 64 * 2**20

@@ -15,7 +15,7 @@ from engine import __version__
 from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
-from engine.io.sources import file_identity
+from engine.io.sources import file_identity, read_region
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
@@ -320,9 +320,7 @@ class UniqueValues:
     limit: int
 
     def __call__(self, block: Any) -> np.ndarray:
-        import zarr
-
-        values = np.unique(np.asarray(zarr.open_array(self.path, mode="r")[block.write]))
+        values = np.unique(read_region(self.path, block.write))
         return values[: self.limit + 1]
 
 
