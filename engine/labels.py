@@ -1,24 +1,32 @@
 """Instance labels across blocks: connected components that equal the whole-volume result.
 
-Three blockwise passes and one small reduction on the client:
+The final numbering is scikit-image's and scipy's: labels ordered by the raster position
+of their first voxel, for any block layout. No task and no client ever holds the whole
+label volume or a table of every component:
 
-1. each block labels its write region on its own (``scipy.ndimage.label``) and stores the
-   local labels; it returns, per local label, the global raster index of its first voxel;
-2. each block reads its local labels with a one-voxel halo and returns the pairs of
-   (block, local label) ids that touch across its faces, edges and corners;
-3. the client merges those pairs (connected components of the graph of
-   ``block_id << 32 | local_label`` uint64 ids), numbers every merged component by the
-   raster position of its first voxel — the order ``scipy.ndimage.label`` uses on the
-   whole array — and writes one relabel map per block;
-4. each block maps its local labels to the final ids and writes them.
+1. **local** — each block labels its write region on its own and writes the local labels;
+   into a small per-block file it puts each local label's size and first-voxel raster key,
+   and the block's boundary planes. It returns only its *face components* (labels that
+   touch a face shared with a neighbour block), with their keys and sizes;
+2. **faces** — each block pairs its high-side boundary planes with the neighbours' facing
+   planes (faces, edges and corners, as the connectivity says) and returns the pairs of
+   face components that touch;
+3. the client joins the pairs (union-find over the face graph only: connected components
+   of a sparse graph whose nodes are face components), keeps the smallest first-voxel key
+   and the summed size of every merged object, and decides the size filter;
+4. **ranks** — one task per slab of blocks along axis 0 (first-voxel keys of different
+   slabs never interleave) sorts the keys of the slab's objects; the rank of a key in its
+   slab plus the number of objects in earlier slabs is its final id;
+5. **relabel** — each block builds its own relabel map (interior components from its slab's
+   sorted keys, face components from a small per-block map) and writes the final labels,
+   or keeps the map for a lazy view that applies it on read.
 
-So the labels are identical (not just equivalent) to ``scipy.ndimage.label`` on the whole
-array, for any block layout. The client holds one 8-byte key per component (plus the
-cross-block pairs), never voxels; the maps live on disk, one file per block.
+Component ids on the way are ``block_id << 32 | local_label`` (uint64).
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,108 +42,228 @@ from engine.io.sources import read_region
 SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
 
 
-def structure(ndim: int, connectivity: int) -> np.ndarray:
-    """Neighbourhood of ``connectivity`` (1 = faces ... ndim = faces, edges and corners)."""
+def structure(ndim: int, connectivity: int | None = 1, slice_wise: bool = False) -> np.ndarray:
+    """Neighbourhood of ``connectivity`` (1 = faces ... ndim = faces, edges and corners;
+    ``None`` = ndim, scikit-image's default). ``slice_wise`` drops the links along axis 0,
+    so every plane of a 3D volume is labelled on its own."""
+    connectivity = ndim if connectivity is None else connectivity
     if not 1 <= connectivity <= ndim:
         raise OptionError(f"connectivity {connectivity}: must be between 1 and {ndim}")
-    return ndi.generate_binary_structure(ndim, connectivity)
+    struct = ndi.generate_binary_structure(ndim, connectivity)
+    if slice_wise and ndim >= 3:
+        struct[0] = struct[2] = False
+    return struct
+
+
+def _first_voxels(flat: np.ndarray, n: int) -> np.ndarray:
+    """Flat index of the first voxel of labels 1..n of a raster-labelled array."""
+    fg = np.flatnonzero(flat)
+    vals = flat[fg]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    new = np.empty(len(vals), bool)
+    new[0] = True
+    np.greater(vals[1:], np.maximum.accumulate(vals)[:-1], out=new[1:])
+    first = fg[new]
+    # scipy numbers labels in order of first appearance, so the running maximum steps
+    # through 1..n; verify instead of trusting it
+    if len(first) == n and np.array_equal(vals[new], np.arange(1, n + 1)):
+        return first
+    values, index = np.unique(flat, return_index=True)
+    return index[values > 0]
+
+
+def _block_file(work: str, bid: int) -> Path:
+    return Path(work) / "blocks" / f"{bid}.npz"
 
 
 @dataclass(frozen=True)
 class LocalLabels:
-    """Pass 1: label a block on its own; return first-voxel keys of its local labels."""
+    """Pass 1: label a block on its own; keep sizes, first-voxel keys and boundary planes."""
 
-    mask: Any  # dask array (bool) or zarr path
-    out: str
+    mask: Any  # dask array, zarr path or view: non-zero = foreground
+    work: str
     structure: np.ndarray
     shape: tuple[int, ...]
+    grid_shape: tuple[int, ...]
 
-    def __call__(self, block: Block) -> np.ndarray:
+    def __call__(self, block: Block) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         import zarr
 
-        local, n = ndi.label(read_region(self.mask, block.write) > 0, structure=self.structure)
-        zarr.open_array(self.out, mode="r+")[block.write] = local.astype(np.uint32)
-        values, first = np.unique(local.ravel(), return_index=True)
-        first = first[values > 0]
-        coords = np.unravel_index(first, local.shape)
+        m = read_region(self.mask, block.write)
+        local, n = ndi.label(m if m.dtype == bool else m != 0, structure=self.structure)
+        local = local.astype(np.uint32, copy=False)
+        zarr.open_array(str(Path(self.work) / "local"), mode="r+")[block.write] = local
+        sizes = np.bincount(local.ravel(), minlength=n + 1)[1:].astype(np.int64)
+        coords = np.unravel_index(_first_voxels(local.ravel(), n), local.shape)
         glob = tuple(c + s.start for c, s in zip(coords, block.write, strict=True))
-        return np.ravel_multi_index(glob, self.shape).astype(np.uint64)  # key per label 1..n
+        keys = np.ravel_multi_index(glob, self.shape).astype(np.uint64)
+        planes: dict[str, np.ndarray] = {}
+        for k in range(local.ndim):
+            if block.index[k] > 0:
+                planes[f"lo{k}"] = np.take(local, 0, axis=k)
+            if block.index[k] < self.grid_shape[k] - 1:
+                planes[f"hi{k}"] = np.take(local, -1, axis=k)
+        face = np.unique(np.concatenate([p.ravel() for p in planes.values()])) if planes \
+            else np.zeros(0, np.uint32)
+        face = face[face > 0]
+        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
+        np.savez(_block_file(self.work, bid), keys=keys, sizes=sizes, face=face, **planes)
+        return n, face, keys[face - 1], sizes[face - 1]
+
+
+def _unique_rows(pairs: np.ndarray) -> np.ndarray:
+    if len(pairs) < 2:
+        return pairs
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    pairs = pairs[order]
+    keep = np.ones(len(pairs), bool)
+    keep[1:] = np.any(pairs[1:] != pairs[:-1], axis=1)
+    return pairs[keep]
 
 
 @dataclass(frozen=True)
 class FacePairs:
-    """Pass 2: pairs of component ids that touch across the block's boundary."""
+    """Pass 2: pairs of component ids that touch across the block's high-side faces.
 
-    local: str
+    Every cross-block neighbour pair (p, q) crosses a block border along some axis k; with
+    p on the lower side, p lies on its block's high-k plane and q on the next layer, which
+    is made of the low-k planes of up to 3^(ndim-1) neighbour blocks.
+    """
+
+    work: str
     structure: np.ndarray
     grid_shape: tuple[int, ...]
-    block_shape: tuple[int, ...]
+
+    def _ids(self, index: tuple[int, ...], plane: np.ndarray) -> np.ndarray:
+        bid = np.uint64(np.ravel_multi_index(index, self.grid_shape))
+        return np.where(plane > 0, (bid << SHIFT) | plane.astype(np.uint64), np.uint64(0))
 
     def __call__(self, block: Block) -> np.ndarray:
-        lab = read_region(self.local, block.read)
-        origin = np.array([s.start for s in block.read])
-        own_lo = np.array([w.start for w in block.write]) - origin
-        own_hi = np.array([w.stop for w in block.write]) - origin
-        bshape = np.array(self.block_shape)
+        ndim = len(self.grid_shape)
+        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
+        own = np.load(_block_file(self.work, bid))
         centre = np.array(self.structure.shape) // 2
+        offsets = np.argwhere(self.structure) - centre
         pairs = []
-        for d in np.argwhere(self.structure) - centre:
-            if tuple(d) <= (0,) * len(d):  # each neighbour relation once (lexicographic >)
+        for k in range(ndim):
+            if block.index[k] == self.grid_shape[k] - 1:
                 continue
-            # p inside the own write region, q = p + d inside the read region
-            lo = np.maximum(own_lo, -d)
-            hi = np.minimum(own_hi, np.array(lab.shape) - d)
-            if np.any(hi <= lo):
-                continue
-            p = lab[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-            q = lab[tuple(slice(a + k, b + k) for a, b, k in zip(lo, hi, d, strict=True))]
-            # q must lie outside the own block: along some axis, p + d leaves it
-            outside = np.zeros(p.shape, bool)
-            for axis, (a, b, k) in enumerate(zip(lo, hi, d, strict=True)):
-                if k:
-                    pos = np.arange(a, b) + k
-                    leaves = (pos < own_lo[axis]) | (pos >= own_hi[axis])
-                    shape = [1] * len(d)
-                    shape[axis] = len(pos)
-                    outside |= leaves.reshape(shape)
-            both = (p > 0) & (q > 0) & outside
-            if not both.any():
-                continue
-            where = np.nonzero(both)
-            qglob = np.stack(where, axis=1) + lo + d + origin
-            qblock = np.ravel_multi_index(tuple((qglob // bshape).T), self.grid_shape)
-            pblock = np.ravel_multi_index(block.index, self.grid_shape)
-            a = (np.uint64(pblock) << SHIFT) | p[where].astype(np.uint64)
-            b = (qblock.astype(np.uint64) << SHIFT) | q[where].astype(np.uint64)
-            pairs.append(np.stack([a, b], axis=1))
+            p = self._ids(block.index, own[f"hi{k}"])
+            inplane = [j for j in range(ndim) if j != k]
+            # the next layer, one voxel wider on each in-plane side
+            layer = np.zeros([p.shape[i] + 2 for i in range(ndim - 1)], np.uint64)
+            for delta in itertools.product((-1, 0, 1), repeat=ndim - 1):
+                index = list(block.index)
+                index[k] += 1
+                for j, dj in zip(inplane, delta, strict=True):
+                    index[j] += dj
+                if any(not 0 <= i < n for i, n in zip(index, self.grid_shape, strict=True)):
+                    continue
+                nb = tuple(index)
+                plane = np.load(_block_file(self.work, int(np.ravel_multi_index(
+                    nb, self.grid_shape))))[f"lo{k}"]
+                # place the neighbour's plane (or the one row/voxel of it next to us)
+                dst, src = [], []
+                for i, dj in enumerate(delta):
+                    size = p.shape[i]
+                    if dj == 0:
+                        dst.append(slice(1, size + 1))
+                        src.append(slice(0, size))
+                    elif dj < 0:
+                        dst.append(slice(0, 1))
+                        src.append(slice(plane.shape[i] - 1, plane.shape[i]))
+                    else:
+                        dst.append(slice(size + 1, size + 2))
+                        src.append(slice(0, 1))
+                layer[tuple(dst)] = self._ids(nb, plane[tuple(src)])
+            for d in offsets:
+                if d[k] != 1:
+                    continue
+                e = [d[j] for j in inplane]
+                q = layer[tuple(slice(1 + ej, 1 + ej + n) for ej, n in zip(e, p.shape,
+                                                                              strict=True))]
+                both = (p > 0) & (q > 0)
+                if both.any():
+                    pairs.append(np.stack([p[both], q[both]], axis=1))
         if not pairs:
             return np.zeros((0, 2), np.uint64)
-        return np.unique(np.concatenate(pairs), axis=0)
+        return _unique_rows(np.concatenate(pairs))
+
+
+@dataclass(frozen=True)
+class SlabRanks:
+    """Pass 4: sort the first-voxel keys of one slab of blocks (same index on axis 0)."""
+
+    work: str
+    grid_shape: tuple[int, ...]
+    min_size: int
+    max_size: int | None
+    sequential: bool
+
+    def __call__(self, slab: Block) -> tuple[int, np.ndarray]:
+        s = slab.index[0]
+        work = Path(self.work)
+        keys = [np.load(work / "slabs" / f"reps-{s}.npy")]
+        for rest in itertools.product(*(range(n) for n in self.grid_shape[1:])):
+            bid = int(np.ravel_multi_index((s, *rest), self.grid_shape))
+            f = np.load(_block_file(self.work, bid))
+            interior = np.ones(len(f["keys"]), bool)
+            interior[f["face"].astype(np.int64) - 1] = False
+            if self.sequential:
+                interior &= _in_range(f["sizes"], self.min_size, self.max_size)
+            keys.append(f["keys"][interior])
+        sorted_keys = np.sort(np.concatenate(keys))
+        np.save(work / "slabs" / f"{s}.npy", sorted_keys)
+        return len(sorted_keys), np.searchsorted(sorted_keys, keys[0])
+
+
+def _in_range(sizes: np.ndarray, min_size: int, max_size: int | None) -> np.ndarray:
+    keep = sizes >= min_size
+    if max_size is not None:
+        keep &= sizes <= max_size
+    return keep
 
 
 @dataclass(frozen=True)
 class Relabel:
-    """Pass 4: map local labels to final ids with the block's relabel map."""
+    """Pass 5: the block's relabel map; applied and written, or kept for a lazy view."""
 
-    local: str
-    out: str
-    maps: str
+    work: str
+    out: str | None
     grid_shape: tuple[int, ...]
+    slab_offsets: tuple[int, ...]
+    min_size: int
+    max_size: int | None
+    dtype: str
 
-    def __call__(self, block: Block) -> None:
+    def __call__(self, block: Block) -> tuple[int, int]:
         import zarr
 
+        work = Path(self.work)
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
-        lut = np.load(Path(self.maps) / f"{bid}.npy")
-        local = read_region(self.local, block.write)
-        zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
+        f = np.load(_block_file(self.work, bid))
+        slab_keys = np.load(work / "slabs" / f"{block.index[0]}.npy", mmap_mode="r")
+        rank = np.searchsorted(slab_keys, f["keys"])
+        lut = np.zeros(len(f["keys"]) + 1, self.dtype)
+        kept = _in_range(f["sizes"], self.min_size, self.max_size)
+        lut[1:][kept] = self.slab_offsets[block.index[0]] + rank[kept] + 1
+        face = np.load(work / "maps" / f"face-{bid}.npy")
+        lut[face[:, 0].astype(np.int64)] = face[:, 1]
+        interior_kept = int(kept.sum()) - int(kept[face[:, 0].astype(np.int64) - 1].sum())
+        if self.out is None:
+            np.save(work / "maps" / f"{bid}.npy", lut)
+        else:
+            local = read_region(str(work / "local"), block.write)
+            zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
+        return int(lut.max(initial=0)), interior_kept
 
 
 def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Merged-component index of every id (sorted uint64) after joining ``pairs``.
 
     A sparse graph's connected components (scipy's union-find, vectorized): the nodes are
-    the component ids, the edges the cross-block pairs.
+    the face components, the edges the cross-block pairs.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -150,13 +278,15 @@ def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 @dataclass
 class LabelResult:
     """Where the labels are: ``path`` (materialized), or ``view`` (lazy) over the local
-    labels and relabel maps kept in ``work``."""
+    labels and relabel maps kept in ``work``. ``n_labels`` is the largest id,
+    ``n_objects`` the number of objects (they differ when a size filter keeps ids)."""
 
     path: Path | None
     n_labels: int
     dtype: np.dtype
     view: Any = None
     work: Path | None = None
+    n_objects: int = 0
 
 
 def _apply_map(local: np.ndarray, maps: str, grid_shape: tuple[int, ...],
@@ -177,95 +307,146 @@ def relabel_view(work: Path, grid_shape: tuple[int, ...], block_shape: tuple[int
     return data.map_blocks(_apply_map, str(work / "maps"), tuple(grid_shape), dtype=dtype)
 
 
-def label(client: Any, mask: Any, out: str | Path, *, connectivity: int = 1,
-          block_shape: tuple[int, ...] | None = None, chunks: tuple[int, ...] | None = None,
-          progress: Any = None, lazy: bool = False) -> LabelResult:
-    """Connected components of ``mask``, blockwise, identical to ``scipy.ndimage.label``.
+def _shape_and_chunks(mask: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    if isinstance(mask, str | Path):
+        import zarr
+
+        arr = zarr.open_array(str(mask), mode="r")
+        return tuple(arr.shape), tuple(arr.chunks)
+    chunks = getattr(mask, "chunks", None)
+    if chunks is not None and chunks and isinstance(chunks[0], tuple):  # dask
+        chunks = tuple(c[0] for c in chunks)
+    return tuple(int(s) for s in mask.shape), chunks
+
+
+def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None = 1,
+          slice_wise: bool = False, min_size: int = 0, max_size: int | None = None,
+          sequential: bool = False, block_shape: tuple[int, ...] | None = None,
+          chunks: tuple[int, ...] | None = None, progress: Any = None,
+          lazy: bool = False) -> LabelResult:
+    """Connected components of ``mask``, blockwise, identical to the whole-array result.
 
     Parameters
     ----------
     client : distributed.Client
-    mask : dask.array.Array
+    mask : dask.array.Array, zarr path or view with ``read_region``
         Foreground (non-zero = foreground), any shape (2D or 3D usual).
     out : path
         Zarr array to create for the labels (its parent folder must exist).
-    connectivity : int
+    connectivity : int or None
         1 = face neighbours ... ``mask.ndim`` = faces, edges and corners (as
-        ``scipy.ndimage.generate_binary_structure``).
+        ``scipy.ndimage.generate_binary_structure``); None = ``mask.ndim``.
+    slice_wise : bool
+        Label every plane along axis 0 on its own (no links between planes).
+    min_size, max_size : int
+        Size filter by the *global* size of each object, in voxels (closed interval).
+    sequential : bool
+        With a size filter: number the kept objects 1..n (as labelling the filtered
+        mask); otherwise kept objects keep their ids (as
+        ``skimage.morphology.remove_small_objects`` on the labels).
     block_shape, chunks : tuple of int, optional
-        Write regions and the output's chunks (default: the mask's first chunk shape).
+        Write regions and the output's chunks (default: the mask's chunk shape).
     lazy : bool
-        Skip the relabel pass: keep the local labels and maps in ``out``'s sibling work
-        folder and return a lazy ``view`` that applies the maps on read.
+        Skip writing: keep the local labels and maps in ``out``'s sibling work folder and
+        return a lazy ``view`` that applies the maps on read.
 
     Returns
     -------
     LabelResult
-        Path, number of labels, and dtype (uint32, or uint64 past 2³²−1 labels).
+        Path, number of labels (the largest id), and dtype (uint32, or uint64 past
+        2³²−1 labels). Without a size filter the labels equal
+        ``skimage.measure.label(mask, connectivity=connectivity)``.
     """
     import zarr
 
     from engine.runner import run_blocks
 
+    if min_size < 0 or (max_size is not None and max_size < min_size):
+        raise OptionError(f"size range [{min_size}, {max_size}] is empty or negative")
     out = Path(out)
-    shape = tuple(int(s) for s in mask.shape)
-    chunks = tuple(chunks or (c[0] for c in mask.chunks))
+    shape, mask_chunks = _shape_and_chunks(mask)
+    chunks = tuple(chunks or mask_chunks or block_shape or shape)
     block_shape = tuple(block_shape or chunks)
-    struct = structure(len(shape), connectivity)
-    grid = BlockGrid(shape, block_shape, halo=1, chunks=chunks)
+    struct = structure(len(shape), connectivity, slice_wise)
+    grid = BlockGrid(shape, block_shape, halo=0, chunks=chunks)
+    gshape = grid.grid_shape
     work = out.parent / f".{out.name}.labels-work"
     shutil.rmtree(work, ignore_errors=True)
-    (work / "maps").mkdir(parents=True)
+    for sub in ("blocks", "maps", "slabs"):
+        (work / sub).mkdir(parents=True)
     try:
-        local = str(work / "local")
-        zarr.create_array(store=local, shape=shape, chunks=chunks, dtype=np.uint32,
-                          fill_value=0, zarr_format=3)
-        keys = run_blocks(client, grid, LocalLabels(mask, local, struct, shape),
-                          name="label-local", progress=progress).results
-        pairs_by_block = run_blocks(
-            client, grid, FacePairs(local, struct, grid.grid_shape, grid.block_shape),
-            name="label-faces", progress=progress).results
+        zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
+                          dtype=np.uint32, fill_value=0, zarr_format=3)
+        local = run_blocks(client, grid, LocalLabels(mask, str(work), struct, shape, gshape),
+                           name="label-local", progress=progress).results
+        pairs = [p for p in run_blocks(client, grid, FacePairs(str(work), struct, gshape),
+                                       name="label-faces", progress=progress).results.values()
+                 if len(p)]
 
-        # every component id, sorted; its first-voxel key
-        ids, comp_keys = [], []
-        for index, k in keys.items():
-            bid = np.uint64(np.ravel_multi_index(index, grid.grid_shape))
-            ids.append((bid << SHIFT) | np.arange(1, len(k) + 1, dtype=np.uint64))
-            comp_keys.append(k)
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
-        all_keys = np.concatenate(comp_keys) if comp_keys else np.zeros(0, np.uint64)
-        order = np.argsort(all_ids)
-        all_ids, all_keys = all_ids[order], all_keys[order]
-        pairs = [p for p in pairs_by_block.values() if len(p)]
-        merged = _merge(all_ids, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
-        n = int(merged.max()) + 1 if len(merged) else 0
-        # a merged component's key: the smallest first-voxel key of its parts; final ids
-        # follow the keys' order (raster order of first voxels, as on the whole array)
-        merged_key = np.full(n, np.iinfo(np.uint64).max, np.uint64)
-        np.minimum.at(merged_key, merged, all_keys)
-        final_of_merged = np.empty(n, np.uint64)
-        final_of_merged[np.argsort(merged_key)] = np.arange(1, n + 1, dtype=np.uint64)
-        final = final_of_merged[merged]
-        dtype = np.dtype(np.uint32) if n < 2**32 else np.dtype(np.uint64)
-        block_of = all_ids >> SHIFT
-        for index in keys:
-            bid = int(np.ravel_multi_index(index, grid.grid_shape))
+        # the face graph: nodes are face components only
+        ids, keys, sizes = [], [], []
+        for index, (_, face, fkeys, fsizes) in local.items():
+            bid = np.uint64(np.ravel_multi_index(index, gshape))
+            ids.append((bid << SHIFT) | face.astype(np.uint64))
+            keys.append(fkeys)
+            sizes.append(fsizes)
+        face_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
+        order = np.argsort(face_ids)
+        face_ids = face_ids[order]
+        face_keys = np.concatenate(keys)[order] if ids else np.zeros(0, np.uint64)
+        face_sizes = np.concatenate(sizes)[order] if ids else np.zeros(0, np.int64)
+        group = _merge(face_ids, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+        ngroups = int(group.max()) + 1 if len(group) else 0
+        group_key = np.full(ngroups, np.iinfo(np.uint64).max, np.uint64)
+        np.minimum.at(group_key, group, face_keys)
+        group_size = np.zeros(ngroups, np.int64)
+        np.add.at(group_size, group, face_sizes)
+        group_kept = _in_range(group_size, min_size, max_size)
+
+        # final ids: rank of each object's first-voxel key, slab by slab
+        counted = group_kept if sequential else np.ones(ngroups, bool)
+        plane = int(np.prod(shape[1:]))
+        group_slab = (group_key // np.uint64(plane)).astype(np.int64) // grid.block_shape[0]
+        for s in range(gshape[0]):
+            np.save(work / "slabs" / f"reps-{s}.npy",
+                    np.sort(group_key[counted & (group_slab == s)]))
+        slabs = BlockGrid((shape[0],), (grid.block_shape[0],))
+        ranks = run_blocks(client, slabs, SlabRanks(str(work), gshape, min_size, max_size,
+                                                    sequential),
+                           name="label-ranks", progress=progress).results
+        counts = [ranks[(s,)][0] for s in range(gshape[0])]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        group_final = np.zeros(ngroups, np.uint64)
+        for s in range(gshape[0]):
+            sel = np.flatnonzero(counted & (group_slab == s))
+            sel = sel[np.argsort(group_key[sel])]
+            group_final[sel] = offsets[s] + ranks[(s,)][1] + 1
+        group_final[~group_kept] = 0
+        dtype = np.dtype(np.uint32) if offsets[-1] < 2**32 else np.dtype(np.uint64)
+        face_final = group_final[group]
+        block_of = face_ids >> SHIFT
+        for index in local:
+            bid = int(np.ravel_multi_index(index, gshape))
             lo, hi = np.searchsorted(block_of, [bid, bid + 1])
-            np.save(work / "maps" / f"{bid}.npy",
-                    np.concatenate([[0], final[lo:hi]]).astype(dtype))
+            np.save(work / "maps" / f"face-{bid}.npy", np.stack(
+                [face_ids[lo:hi] & np.uint64(0xFFFFFFFF), face_final[lo:hi]], axis=1))
+        if not lazy:
+            zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
+                              fill_value=0, zarr_format=3, overwrite=True)
+        done = run_blocks(client, grid, Relabel(str(work), None if lazy else str(out), gshape,
+                                                tuple(int(o) for o in offsets), min_size,
+                                                max_size, dtype.str),
+                          name="label-relabel", progress=progress).results.values()
+        n = max([top for top, _ in done], default=0)
+        n_objects = sum(c for _, c in done) + int(group_kept.sum())
         if lazy:
-            return LabelResult(None, n, dtype, relabel_view(work, grid.grid_shape,
-                                                            grid.block_shape, dtype), work)
-        zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
-                          fill_value=0, zarr_format=3, overwrite=True)
-        run_blocks(client, grid, Relabel(local, str(out), str(work / "maps"),
-                                         grid.grid_shape), name="label-relabel",
-                   progress=progress)
+            return LabelResult(None, n, dtype, relabel_view(work, gshape, grid.block_shape,
+                                                            dtype), work, n_objects)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    return LabelResult(out, n, dtype)
+    return LabelResult(out, n, dtype, n_objects=n_objects)
 
 
 @dataclass(frozen=True)

@@ -184,11 +184,14 @@ class InMemorySource(Source):
 
 
 def read_region(source: Any, region: tuple[slice, ...]) -> np.ndarray:
-    """Read a region on a worker: ``source`` is a zarr array path or a (lazy) dask array.
+    """Read a region on a worker: ``source`` is a zarr array path, a (lazy) dask array, or
+    an object with its own ``read_region(region)`` (a derived view, e.g. a pointwise step).
 
     Block tasks call this; a dask array is computed in the task's own thread (the
     synchronous scheduler), never as a nested graph on the cluster.
     """
+    if hasattr(source, "read_region"):
+        return source.read_region(region)
     if isinstance(source, str):
         import zarr
 
