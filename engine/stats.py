@@ -72,6 +72,7 @@ class Histogram:
     max: float = math.nan
     m2: float = 0.0
     exact: bool = False
+    edge_dtype: str = "float64"
 
     def __post_init__(self) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64)
@@ -84,8 +85,12 @@ class Histogram:
 
     @property
     def centers(self) -> np.ndarray:
-        """(B,) float64 bin centres (the integer values themselves for exact bins)."""
-        return (self.edges[:-1] + self.edges[1:]) / 2
+        """(B,) float64 bin centres (the integer values themselves for exact bins).
+
+        Computed in ``edge_dtype`` (float32 for float32 data, as :func:`numpy.histogram`
+        and scikit-image do), so thresholds equal scikit-image's bit for bit."""
+        e = self.edges.astype(self.edge_dtype)
+        return ((e[:-1] + e[1:]) / 2.0).astype(np.float64)
 
     @property
     def mean(self) -> float:
@@ -173,6 +178,7 @@ class Histogram:
             max=float(np.fmax(self.max, other.max)),
             m2=m2,
             exact=self.exact and other.exact,
+            edge_dtype=self.edge_dtype,
         )
 
 
@@ -214,7 +220,8 @@ class _StatsTask:
     data: Any
     mask: Any
     mode: str
-    edges: np.ndarray | None = None
+    nbins: int = 0
+    range: tuple[Any, Any] | None = None  # in the data's dtype, as np.histogram gets it
 
     def values(self, block: Block) -> np.ndarray:
         v = read_region(self.data, block.write)
@@ -244,7 +251,8 @@ class _StatsTask:
             )
         if self.mode == "minmax":
             return _Partial(int(v.size), float(lo), float(hi))
-        counts, _ = np.histogram(v, bins=self.edges)
+        # the same call as np.histogram on the whole array: identical bin of every value
+        counts, _ = np.histogram(v, bins=self.nbins, range=self.range)
         f = v.astype(np.float64)
         s = float(f.sum())
         m2 = float(np.sum((f - s / f.size) ** 2))
@@ -355,9 +363,10 @@ def histogram(
         parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
         return _merge_bincounts(parts, data.dtype)
     nbins = int(bins or DEFAULT_BINS)
-    first, last = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # as np.histogram
-    edges = np.linspace(first, last, nbins + 1, dtype=np.float64)
-    parts = _run(client, grid, _StatsTask(data, mask, "bins", edges), "bins")
+    # numpy bins float32 data with float32 edges; scikit-image's thresholds inherit them
+    native = (data.dtype.type(lo), data.dtype.type(hi))
+    edges = np.histogram(np.zeros(0, data.dtype), bins=nbins, range=native)[1]
+    parts = _run(client, grid, _StatsTask(data, mask, "bins", nbins, native), "bins")
     counts = np.zeros(nbins, np.int64)
     count, m2, total = 0, 0.0, 0.0
     for p in parts:
@@ -369,7 +378,8 @@ def histogram(
         total += p.sum
     return Histogram(counts, edges, count=count,
                      sum=math.fsum(p.sum for p in parts), sum_sq=math.fsum(p.sum_sq for p in parts),
-                     min=float(lo), max=float(hi), m2=m2, exact=False)
+                     min=float(lo), max=float(hi), m2=m2, exact=False,
+                     edge_dtype=str(edges.dtype))
 
 
 def _merge_bincounts(parts: list[_Partial], dtype: np.dtype) -> Histogram:
