@@ -394,6 +394,107 @@ def _merge_bincounts(parts: list[_Partial], dtype: np.dtype) -> Histogram:
     return _from_exact_counts(counts, lo)
 
 
+# --------------------------------------------------------------------------- exact percentiles
+
+SELECT_LIMIT = 1 << 20
+"""A bin holding at most this many voxels is collected and sorted; larger ones are refined."""
+
+
+@dataclass(frozen=True)
+class _RangeTask:
+    """Block task: voxels below ``lo``, and those in ``[lo, hi)`` (``hi`` included when
+    ``closed``) — binned into ``nbins`` equal bins, or returned sorted when ``nbins == 0``."""
+
+    stats: _StatsTask
+    lo: float
+    hi: float
+    closed: bool
+    nbins: int
+
+    def __call__(self, block: Block) -> tuple[int, np.ndarray]:
+        v = self.stats.values(block)
+        below = int(np.count_nonzero(v < self.lo))
+        inside = v[(v >= self.lo) & ((v <= self.hi) if self.closed else (v < self.hi))]
+        if self.nbins == 0:
+            return below, np.sort(inside)
+        counts, _ = np.histogram(inside.astype(np.float64), bins=self.nbins,
+                                 range=(self.lo, self.hi))
+        return below, counts
+
+
+def _order_statistic(client: Any, grid: BlockGrid, task: _StatsTask, hist: Histogram,
+                     rank: int) -> float:
+    """The ``rank``-th smallest counted value (0-based), exactly: find its bin, refine the
+    bin with further histogram passes until it is small, then collect and sort it."""
+    counts, edges = hist.counts, hist.edges
+    below, closed = 0, True
+    while True:
+        cum = np.cumsum(counts)
+        b = int(np.searchsorted(cum, rank - below, side="right"))
+        lo, hi = float(edges[b]), float(edges[b + 1])
+        closed = closed and b == len(counts) - 1  # only the last bin holds its top edge
+        below += int(cum[b - 1]) if b > 0 else 0
+        nbins = 0 if counts[b] <= SELECT_LIMIT or lo == hi else DEFAULT_BINS
+        parts = _run(client, grid, _RangeTask(task, lo, hi, closed, nbins), "select")
+        if nbins == 0:
+            values = np.sort(np.concatenate([p[1] for p in parts]))
+            return float(values[rank - below])
+        counts = np.sum([p[1] for p in parts], axis=0)
+        edges = np.histogram(np.zeros(0), bins=nbins, range=(lo, hi))[1]
+        if counts.sum() == 0:  # float rounding put the values on an edge: collect them
+            nbins = 0
+
+
+def percentile(client: Any, data: Any, q: float | Sequence[float], *, mask: Any = None,
+               hist: Histogram | None = None) -> float | np.ndarray:
+    """Exact percentiles of a lazy array (:func:`numpy.percentile`, ``"linear"``).
+
+    Exact for every dtype: the needed order statistics are located with the global
+    histogram, then their bins are refined by further passes until few enough voxels
+    remain to collect and sort. NaN voxels are ignored (as :func:`numpy.nanpercentile`).
+
+    Parameters
+    ----------
+    client : distributed.Client
+    data : dask.array.Array
+    q : float or sequence of float
+        Percentiles in ``[0, 100]``.
+    mask : dask.array.Array of bool, optional
+        Only voxels where ``mask`` is true count.
+    hist : Histogram, optional
+        A histogram of the same data (saves one pass).
+    """
+    data = _as_dask(data)
+    mask = _as_dask(mask) if mask is not None else None
+    hist = hist or histogram(client, data, mask=mask)
+    if hist.exact:
+        return hist.percentile(q)
+    qa = np.asarray(q, dtype=np.float64)
+    if np.any((qa < 0) | (qa > 100)) or np.any(np.isnan(qa)):
+        raise OptionError(f"percentiles must lie in [0, 100], got {q}")
+    if hist.count == 0:
+        raise OptionError("cannot take percentiles of an empty array (no voxels counted)")
+    grid = BlockGrid(data.shape, data.chunksize)
+    task = _StatsTask(data, mask, "bins")
+    cache: dict[int, float] = {}
+
+    def stat(rank: int) -> float:
+        if rank not in cache:
+            cache[rank] = _order_statistic(client, grid, task, hist, rank)
+        return cache[rank]
+
+    out = []
+    for qi in qa.ravel():
+        virtual = (hist.count - 1) * (qi / 100)
+        lo = int(math.floor(virtual))
+        gamma = virtual - lo
+        a, b = stat(lo), stat(min(lo + 1, hist.count - 1))
+        diff = b - a
+        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    res = np.asarray(out, dtype=np.float64).reshape(qa.shape)
+    return res[()] if res.ndim == 0 else res
+
+
 # --------------------------------------------------------------------------- thresholds
 
 
@@ -530,6 +631,7 @@ __all__ = [
     "DEFAULT_BINS",
     "Histogram",
     "histogram",
+    "percentile",
     "threshold_isodata",
     "threshold_mean",
     "threshold_median",

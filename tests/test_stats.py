@@ -205,3 +205,17 @@ def test_float32_thresholds_equal_scikit_image_bit_for_bit(client, chunks):
     assert stats.threshold_triangle(hist) == filters.threshold_triangle(img)
     np.testing.assert_array_equal(stats.threshold_multiotsu(hist, classes=3),
                                   filters.threshold_multiotsu(img, classes=3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_exact_percentiles_of_float_data_equal_numpy(client, dtype, monkeypatch):
+    rng = np.random.default_rng(8)
+    img = (rng.standard_normal((30, 41, 25)) ** 3).astype(dtype)  # heavy tails, dense centre
+    img[3, 4, 5] = np.nan
+    q = [0, 0.5, 13, 50, 87.5, 99.5, 100]
+    ref = np.nanpercentile(img, q)
+    got = stats.percentile(client, da.from_array(img, chunks=(7, 13, 10)), q)
+    np.testing.assert_array_equal(got, ref)
+    monkeypatch.setattr(stats, "SELECT_LIMIT", 50)  # force refinement passes
+    got = stats.percentile(client, da.from_array(img, chunks=(11, 41, 4)), [50, 99.5])
+    np.testing.assert_array_equal(got, np.nanpercentile(img, [50, 99.5]))
