@@ -170,6 +170,53 @@ def export(
 
 
 @app.command()
+def segment(
+    src: Annotated[Path, typer.Argument(help="OME-Zarr image (from 'voxelmill convert').")],
+    workflow: Annotated[str | None, typer.Option(
+        help="Workflow YAML file, or a preset: membrane, spot, filament, nucleus, threshold.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Label image to write: SRC/labels/NAME.")
+                    ] = None,
+    channel: Annotated[str | None, typer.Option(
+        help="Channel to segment, by index or name (needed when the image has several).")
+    ] = None,
+    keep: Annotated[list[str] | None, typer.Option(
+        "--keep", help="Also write this step's output as an image under "
+        "SRC/intermediates/NAME/STEP, for inspection; repeatable.")] = None,
+    block: Annotated[str | None, typer.Option(
+        help="Block shape in voxels, a multiple of the chunks (default about 128³ or 1448²).")
+    ] = None,
+    list_steps: Annotated[bool, typer.Option(
+        "--list-steps", help="Describe every workflow step and its parameters, then exit.")
+    ] = False,
+    overwrite: Overwrite = False,
+    scheduler: Scheduler = None, workers: Workers = None,
+    threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
+) -> None:
+    """Segment an OME-Zarr image blockwise with a classic workflow; write NGFF labels."""
+    with user_errors():
+        from engine.pipelines.segment import SegmentOptions, plan_segmentation, run_segmentation
+        from engine.segment.workflow import describe_steps
+
+        if list_steps:
+            out.print(escape(describe_steps()))
+            return
+        if workflow is None or name is None:
+            raise VoxelmillError("give --workflow (a YAML file or a preset) and --name")
+        opts = SegmentOptions(workflow, name, channel, tuple(keep or ()),
+                              _ints(block, "--block"), overwrite)
+        plan = plan_segmentation(src, opts)  # every user error surfaces before the cluster
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+            result = run_segmentation(plan, client, progress=progress_factory(),
+                                      report=lambda line: err.print(escape(line)))
+        count = "" if result.n_objects is None else f"{result.n_objects} objects, "
+        out.print(f"wrote {result.destination} ({count}{result.dtype}, "
+                  f"{len(result.levels)} levels) in {result.seconds:.1f} s")
+        for path in result.kept:
+            out.print(f"kept {path}")
+
+
+@app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="Any supported image or OME-Zarr.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

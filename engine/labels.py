@@ -495,12 +495,15 @@ class ApplyLut:
 
 
 def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: int = 0,
-                 max_size: int | None = None, progress: Any = None) -> dict[int, int]:
+                 max_size: int | None = None, relabel: bool = False,
+                 progress: Any = None) -> dict[int, int]:
     """Remove objects whose *global* size is outside ``[min_size, max_size]`` voxels.
 
     Sizes are counted over the whole volume first, so an object cut by block borders is
     judged by its full size. Kept objects keep their ids (as
-    ``skimage.morphology.remove_small_objects``); removed ones become 0.
+    ``skimage.morphology.remove_small_objects``), or with ``relabel`` are numbered 1..n in
+    the order of their ids (as ``skimage.segmentation.relabel_sequential``); removed ones
+    become 0. The client holds one size per label id.
 
     Returns
     -------
@@ -519,7 +522,8 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
     lut = np.zeros(top + 1, dtype=arr.dtype)
     keep = {i: s for i, s in sizes.items()
             if s >= min_size and (max_size is None or s <= max_size)}
-    lut[list(keep)] = list(keep)
+    kept_ids = sorted(keep)
+    lut[kept_ids] = np.arange(1, len(kept_ids) + 1) if relabel else kept_ids
     out = Path(out)
     lut_path = out.parent / f".{out.name}.lut.npy"
     np.save(lut_path, lut)

@@ -1,0 +1,284 @@
+"""``voxelmill segment``: run a classic segmentation workflow and write NGFF labels.
+
+Everything is checked before any compute (the image, the channel, the workflow, the label
+name, the destination). The labels are built in a hidden ``labels/.NAME.partial`` group
+with their own pyramid (mode downsampling) and renamed into place when complete; only then
+is the name added to ``labels/``'s list, so an interrupted run leaves the image as it was.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InputError, OptionError
+from engine.io import omezarr
+from engine.pipelines.output import check_destination, commit, partial_path
+from engine.pyramid import Level, build_pyramid, plan_levels
+from engine.segment.execute import Context, run_workflow
+from engine.segment.refs import ArrayRef, Pointwise, Source, to_dask
+from engine.segment.workflow import Step, Workflow, load_workflow
+from engine.volume import Volume
+
+BLOCK_VOXELS = 1 << 21
+"""Default voxels per block (128³ in 3D): big enough to amortize task overhead, small
+enough that a filter's float64 temporaries stay well under a worker's memory."""
+
+
+@dataclass
+class SegmentOptions:
+    """What the user chose. ``workflow`` is a YAML path or a preset name."""
+
+    workflow: str
+    name: str
+    channel: str | int | None = None
+    keep: tuple[str, ...] = ()
+    block: tuple[int, ...] | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class SegmentPlan:
+    """Everything decided before compute."""
+
+    source: Path
+    options: SegmentOptions
+    workflow: Workflow
+    data: Any  # dask array, spatial axes only
+    axes: str
+    voxel_size: tuple[float, ...]
+    unit: str
+    chunks: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    ngff: str
+    levels: list[Level]
+
+    @property
+    def destination(self) -> Path:
+        return self.source / "labels" / self.options.name
+
+    @property
+    def keep_destination(self) -> Path:
+        return self.source / "intermediates" / self.options.name
+
+
+@dataclass
+class SegmentResult:
+    destination: Path
+    n_objects: int | None  # None: too many labels to count without a label step
+    max_id: int | None
+    dtype: str
+    levels: list[tuple[int, ...]]
+    kept: list[Path]
+    seconds: float
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+def select_channel(volume: Volume, channel: str | int | None) -> tuple[Any, str]:
+    """The image's data with one channel (and time point) chosen: spatial axes only."""
+    data, axes = volume.data, volume.axes
+    if "t" in axes:
+        if data.shape[axes.index("t")] != 1:
+            raise OptionError(f"{volume.source}: has {data.shape[axes.index('t')]} time points; "
+                              "segment one at a time (export or convert a single time point)")
+        data = data[(slice(None),) * axes.index("t") + (0,)]
+        axes = axes.replace("t", "")
+    if "c" in axes:
+        n = data.shape[axes.index("c")]
+        names = list(volume.channel_names) or [f"channel {i}" for i in range(n)]
+        listing = ", ".join(f"{i} = {name}" for i, name in enumerate(names))
+        if channel is None:
+            if n != 1:
+                raise OptionError(f"{volume.source}: has {n} channels ({listing}); choose one "
+                                  "with --channel")
+            index = 0
+        elif isinstance(channel, str) and not channel.lstrip("-").isdigit():
+            if channel not in names:
+                raise OptionError(f"--channel {channel!r}: no such channel in "
+                                  f"{volume.source} ({listing})")
+            index = names.index(channel)
+        else:
+            index = int(channel)
+            if not 0 <= index < n:
+                raise OptionError(f"--channel {index}: out of range; {volume.source} has {n} "
+                                  f"channel(s) ({listing})")
+        data = data[(slice(None),) * axes.index("c") + (index,)]
+        axes = axes.replace("c", "")
+    elif channel not in (None, 0, "0"):
+        raise OptionError(f"--channel {channel}: {volume.source} has no channel axis")
+    return data, axes
+
+
+def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """Blocks of about :data:`BLOCK_VOXELS`, whole multiples of the storage chunks."""
+    edge = BLOCK_VOXELS ** (1 / len(chunks))
+    return tuple(min(c * max(1, round(edge / c)), s)
+                 for c, s in zip(chunks, shape, strict=True))
+
+
+def _check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
+    if len(block) != len(chunks):
+        raise OptionError(f"--block {tuple(block)}: give {len(chunks)} values")
+    for b, c, s in zip(block, chunks, shape, strict=True):
+        if b <= 0 or (b % c and b < s):
+            raise OptionError(f"--block {tuple(block)}: each size must be a positive multiple "
+                              f"of the chunk shape {tuple(chunks)}")
+
+
+def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
+    """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
+    import zarr
+
+    src = Path(src)
+    if not src.exists():
+        raise InputError(f"{src}: no such OME-Zarr image")
+    try:
+        attrs, ngff = omezarr.read_attrs(src)
+    except InputError:
+        raise InputError(f"{src}: not an OME-Zarr image; convert it first with "
+                         "'voxelmill convert'") from None
+    if "multiscales" not in attrs:
+        raise InputError(f"{src}: OME-Zarr group has no 'multiscales' image metadata")
+    workflow = load_workflow(options.workflow)
+    name = options.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
+        raise OptionError(f"--name {name!r}: use a plain name such as 'membranes' (letters, "
+                          "digits, '_', '-', '.')")
+    unknown = [k for k in options.keep if k not in {s.name for s in workflow.steps}]
+    if unknown:
+        raise OptionError(f"--keep {', '.join(unknown)}: no such step in workflow "
+                          f"{workflow.name!r} (steps: {', '.join(s.name for s in workflow.steps)})")
+    volume = omezarr.read(src)
+    data, axes = select_channel(volume, options.channel)
+    if not 2 <= len(axes) <= 3:
+        raise InputError(f"{src}: segmentation needs a 2D or 3D image, not axes {axes!r}")
+    for step in workflow.steps:
+        c = step.params.get("connectivity")
+        if c is not None and c > len(axes):
+            raise OptionError(f"{workflow.source}: step {step.name!r} ({step.function}): "
+                              f"connectivity {c} is more than the image's {len(axes)} "
+                              f"dimensions ({axes})")
+    level0 = zarr.open_array(str(src / attrs["multiscales"][0]["datasets"][0]["path"]),
+                             mode="r")
+    full_axes = volume.axes
+    chunks = tuple(int(c) for a, c in zip(full_axes, level0.chunks, strict=True) if a in "zyx")
+    shape = tuple(int(s) for s in data.shape)
+    block = tuple(options.block) if options.block else default_block(chunks, shape)
+    _check_block(block, chunks, shape)
+    block = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
+    check_destination(src / "labels" / name, options.overwrite)
+    if options.keep:
+        check_destination(src / "intermediates" / name, options.overwrite)
+    scale = tuple(volume.voxel_size)
+    levels = plan_levels(shape, axes, scale, chunks,
+                         max_levels=len(attrs["multiscales"][0]["datasets"]))
+    return SegmentPlan(src, options, workflow, data.rechunk(block), axes, scale, volume.unit,
+                       chunks, block, ngff, levels)
+
+
+def _as_label_dask(result: Any, block: tuple[int, ...]) -> tuple[Any, int | None, int | None]:
+    """The final output as a dask array of label values, its object count and largest id."""
+    from engine.labels import LabelResult
+    from engine.segment import pointwise as pw
+
+    if isinstance(result, LabelResult):
+        return result.view, result.n_objects, result.n_labels
+    ref: ArrayRef = result
+    if np.dtype(ref.dtype) == bool:
+        return to_dask(Pointwise(pw.AsLabels(), (ref,), np.dtype(np.uint8)), block), None, 1
+    return to_dask(ref, block), None, None
+
+
+def _write_multiscale(plan: SegmentPlan, client: Any, data: Any, group: Path, name: str,
+                      method: str, progress: Callable[[], Any] | None,
+                      levels: list[Level] | None = None) -> None:
+    levels = levels or plan.levels
+    group.mkdir(parents=True, exist_ok=True)
+    for i, lv in enumerate(levels):
+        chunks = [min(c, s) for c, s in zip(plan.chunks, lv.shape, strict=True)]
+        omezarr.create_level(group, str(i), lv.shape, chunks, data.dtype, plan.axes, plan.ngff)
+    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
+    omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
+        plan.axes, plan.unit, metas, name, plan.ngff, method)]}, plan.ngff)
+    build_pyramid(client, data, group, levels, plan.chunks, method=method, progress=progress,
+                  name=f"{name}-pyramid")
+
+
+def _add_label_name(plan: SegmentPlan) -> None:
+    labels_group = plan.source / "labels"
+    names = omezarr.label_names(plan.source)
+    if plan.options.name not in names:
+        names.append(plan.options.name)
+    omezarr.write_group_attrs(labels_group, {"labels": names}, plan.ngff)
+
+
+def run_segmentation(plan: SegmentPlan, client: Any,
+                     progress: Callable[[], Any] | None = None,
+                     report: Callable[[str], None] = print) -> SegmentResult:
+    """Run the planned workflow on the cluster and write the labels (and kept steps)."""
+    from engine.pipelines.convert import label_values
+
+    t0 = time.monotonic()
+    dst = plan.destination
+    partial = partial_path(dst)
+    keep_partial = partial_path(plan.keep_destination)
+    for stale in (partial, keep_partial):
+        if stale.exists():
+            report(f"removing an unfinished segmentation: {stale}")
+            shutil.rmtree(stale)
+    work = partial / ".work"
+    work.mkdir(parents=True)
+    ctx = Context(client, work, plan.block_shape, progress, report)
+    kept: list[Path] = []
+
+    def keep(step: Step, ref: Any) -> None:
+        from engine.labels import LabelResult
+
+        if isinstance(ref, LabelResult):  # kept label steps are stored, never lazy
+            return
+        data = to_dask(ref, plan.block_shape)
+        if data.dtype == bool:
+            data = data.astype(np.uint8)
+        method = "mean" if step.kind == "image" else "mode"
+        _write_multiscale(plan, client, data, keep_partial / step.name, step.name, method,
+                          progress, plan.levels[:1])
+        kept.append(plan.keep_destination / step.name)
+
+    try:
+        result = run_workflow(ctx, plan.workflow, Source(plan.data, plan.block_shape),
+                              plan.options.keep, keep)
+        data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
+        _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
+        values = label_values(client, partial / "0", plan.block_shape)
+        if values is not None:
+            max_id = max(values, default=0)
+            n_objects = len([v for v in values if v])
+        omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(values,
+                                                                               plan.ngff)},
+                                  plan.ngff)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(keep_partial, ignore_errors=True)
+        raise
+    shutil.rmtree(work)
+    commit(partial, dst)
+    _add_label_name(plan)
+    if kept:
+        commit(keep_partial, plan.keep_destination)
+    return SegmentResult(dst, n_objects, max_id, str(data.dtype),
+                         [lv.shape for lv in plan.levels], kept, time.monotonic() - t0,
+                         ctx.stats_log)
+
+
+def segment(src: str | Path, options: SegmentOptions, client: Any,
+            progress: Callable[[], Any] | None = None,
+            report: Callable[[str], None] = print) -> SegmentResult:
+    """Segment the OME-Zarr image ``src`` with a workflow; write ``src/labels/NAME``."""
+    return run_segmentation(plan_segmentation(src, options), client, progress, report)

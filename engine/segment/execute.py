@@ -1,0 +1,588 @@
+"""Run a validated workflow over the cluster: one executor per step function.
+
+Executors turn a step and its inputs (:mod:`engine.segment.refs`) into the step's output:
+block operations run through :func:`engine.runner.run_blocks` with their declared halo and
+store their result; global statistics come from reduction passes (:mod:`engine.stats` and
+block reductions); voxel-wise steps become views; connected components and everything
+built on them go through :mod:`engine.labels`. The algorithms themselves
+(:mod:`engine.segment.filters` and friends) never see the cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import labels as labelling
+from engine import stats
+from engine.blocks import Block, BlockGrid, Region, pad_read
+from engine.errors import InputError, OptionError
+from engine.runner import run_blocks
+from engine.segment import pointwise as pw
+from engine.segment.blockops import BlockOp, BlockReduce
+from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
+from engine.segment.workflow import RAW, Step, Workflow
+
+
+@dataclass
+class Context:
+    """What executors share: the cluster, a work folder, the block layout, progress."""
+
+    client: Any
+    work: Path
+    block_shape: tuple[int, ...]
+    progress: Callable[[], Any] | None = None
+    log: Callable[[str], None] = lambda _msg: None
+    stats_log: dict[str, Any] = field(default_factory=dict)
+
+    def new_progress(self) -> Any:
+        return self.progress() if self.progress else None
+
+    def path(self, name: str) -> Path:
+        return self.work / name
+
+
+# --------------------------------------------------------------------------- block passes
+
+
+@dataclass(frozen=True)
+class OpTask:
+    """Block task: pad the inputs' read regions, apply the op, write the write region."""
+
+    op: BlockOp
+    inputs: tuple[Any, ...]
+    out: str
+
+    def __call__(self, block: Block) -> None:
+        import zarr
+
+        modes = getattr(self.op, "pad_modes", None) or (self.op.pad_mode,) * len(self.inputs)
+        padded = [pad_read(ref.read_region(block.read), block, mode)
+                  for ref, mode in zip(self.inputs, modes, strict=True)]
+        result = self.op(*padded)[block.crop]
+        zarr.open_array(self.out, mode="r+")[block.write] = result.astype(self.op.dtype,
+                                                                          copy=False)
+
+
+@dataclass(frozen=True)
+class ReduceTask:
+    """Block task: the partial result of a block reduction."""
+
+    op: BlockReduce
+    inputs: tuple[Any, ...]
+
+    def __call__(self, block: Block) -> Any:
+        padded = [pad_read(ref.read_region(block.read), block, self.op.pad_mode)
+                  for ref in self.inputs]
+        return self.op.partial(block.crop, *padded)
+
+
+def create_store(ctx: Context, name: str, shape: Sequence[int], dtype: Any) -> Stored:
+    """An empty zarr array in the work folder, one chunk per block."""
+    import zarr
+
+    from engine.io.omezarr import compressor
+
+    path = ctx.path(name)
+    dtype = np.dtype(dtype)
+    chunks = tuple(min(b, s) for b, s in zip(ctx.block_shape, shape, strict=True))
+    # float intermediates are incompressible noise to lz4: store them raw
+    codecs = None if dtype.kind == "f" else compressor("lz4", 5, 3, dtype.itemsize)
+    zarr.create_array(store=str(path), shape=tuple(shape), chunks=chunks, dtype=dtype,
+                      fill_value=0, zarr_format=3, overwrite=True, compressors=codecs)
+    return Stored(str(path), tuple(shape), chunks, dtype)
+
+
+def run_op(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]) -> Stored:
+    """Run a block operation over the whole volume; store its output."""
+    shape = inputs[0].shape
+    out = create_store(ctx, name, shape, op.dtype)
+    grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)), chunks=out.chunks)
+    run_blocks(ctx.client, grid, OpTask(op, tuple(inputs), out.path), name=f"{name}",
+               progress=ctx.new_progress())
+    return out
+
+
+def run_reduce(ctx: Context, name: str, op: BlockReduce, inputs: Sequence[ArrayRef]) -> Any:
+    """Run a block reduction over the whole volume; combine the partials on the client."""
+    shape = inputs[0].shape
+    grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)))
+    report = run_blocks(ctx.client, grid, ReduceTask(op, tuple(inputs)),
+                        name=f"{name}-{uuid.uuid4().hex[:6]}", progress=ctx.new_progress())
+    return op.combine([report.results[k] for k in sorted(report.results)])
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+@dataclass(frozen=True)
+class Moments(BlockReduce):
+    """Count, min, max, mean and M2 of all voxels and of those inside ``window``.
+
+    ``window = (lo, hi, closed)`` selects ``lo < v < hi`` (``closed``: ``lo <= v <= hi``);
+    infinite ends are allowed.
+    """
+
+    window: tuple[float, float, bool] = (-math.inf, math.inf, True)
+
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        return (0,) * ndim
+
+    @staticmethod
+    def _summary(v: np.ndarray) -> tuple[int, float, float, float, float]:
+        if v.size == 0:
+            return 0, math.inf, -math.inf, 0.0, 0.0
+        f = v.astype(np.float64)
+        s = float(f.sum())
+        return int(v.size), float(f.min()), float(f.max()), s, float(((f - s / f.size) ** 2).sum())
+
+    def partial(self, crop: Region, *images: np.ndarray) -> Any:
+        v = images[0][crop].ravel()
+        lo, hi, closed = self.window
+        inside = (v >= lo) & (v <= hi) if closed else (v > lo) & (v < hi)
+        return self._summary(v), self._summary(v[inside])
+
+    @staticmethod
+    def _merge(parts: Sequence[tuple]) -> dict[str, float]:
+        n, lo, hi, total, m2 = 0, math.inf, -math.inf, 0.0, 0.0
+        for pn, plo, phi, psum, pm2 in parts:
+            if not pn:
+                continue
+            m2 = stats._chan_m2(n, total, m2, pn, psum, pm2)
+            n, total = n + pn, total + psum
+            lo, hi = min(lo, plo), max(hi, phi)
+        mean = total / n if n else math.nan
+        return {"count": n, "min": lo, "max": hi, "mean": mean,
+                "std": math.sqrt(max(m2, 0.0) / n) if n else math.nan}
+
+    def combine(self, partials: Sequence[Any]) -> tuple[dict[str, float], dict[str, float]]:
+        return self._merge([p[0] for p in partials]), self._merge([p[1] for p in partials])
+
+
+@dataclass(frozen=True)
+class ObjectExtrema(BlockReduce):
+    """Per object of a label image: min and max of the image inside it (sparse)."""
+
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        return (0,) * ndim
+
+    def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
+        lab = objects[crop].ravel()
+        val = image[crop].ravel()
+        inside = lab != 0
+        lab, val = lab[inside], val[inside]
+        if lab.size == 0:
+            return np.zeros(0, np.uint64), np.zeros(0), np.zeros(0)
+        order = np.argsort(lab, kind="stable")
+        lab, val = lab[order], val[order]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        return (lab[starts].astype(np.uint64), np.minimum.reduceat(val, starts),
+                np.maximum.reduceat(val, starts))
+
+    def combine(self, partials: Sequence[Any]) -> dict[int, tuple[Any, Any]]:
+        out: dict[int, tuple[Any, Any]] = {}
+        for ids, lo, hi in partials:
+            for i, a, b in zip(ids.tolist(), lo, hi, strict=True):
+                if i in out:
+                    out[i] = (min(out[i][0], a), max(out[i][1], b))
+                else:
+                    out[i] = (a, b)
+        return out
+
+
+@dataclass(frozen=True)
+class ObjectHistograms(BlockReduce):
+    """Per object: the histogram scikit-image's ``threshold_otsu`` builds of its voxels.
+
+    Float data: 256 bins over the object's own ``[min, max]`` in the data's dtype (as
+    ``np.histogram`` on the object's values); integer data: one bin per value.
+    ``extrema`` is a path to an ``.npz`` of ``ids``, ``lo``, ``hi``.
+    """
+
+    extrema: str
+    nbins: int = 256
+
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        return (0,) * ndim
+
+    def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
+        ext = np.load(self.extrema)
+        lab = objects[crop].ravel()
+        val = image[crop].ravel()
+        out = {}
+        present = np.unique(lab[lab != 0])
+        for i in present.tolist():
+            k = int(np.searchsorted(ext["ids"], i))
+            v = val[lab == i]
+            lo, hi = ext["lo"][k], ext["hi"][k]
+            if v.dtype.kind in "iub":
+                out[i] = np.bincount((v.astype(np.int64) - int(lo)),
+                                     minlength=int(hi) - int(lo) + 1)
+            else:
+                out[i] = np.histogram(v, bins=self.nbins, range=(lo, hi))[0]
+        return out
+
+    def combine(self, partials: Sequence[Any]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for part in partials:
+            for i, counts in part.items():
+                out[i] = out[i] + counts if i in out else counts.astype(np.int64)
+        return out
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def _histogram(ctx: Context, ref: ArrayRef) -> stats.Histogram:
+    # scikit-image's thresholds bin float images into 256 bins, integers by value
+    bins = 256 if np.dtype(ref.dtype).kind == "f" else None
+    return stats.histogram(ctx.client, to_dask(ref), bins=bins)
+
+
+def _median(ctx: Context, ref: ArrayRef, hist: stats.Histogram) -> float:
+    return float(stats.percentile(ctx.client, to_dask(ref), 50, hist=hist))
+
+
+def global_threshold(ctx: Context, ref: ArrayRef, method: str, *, value: float | None = None,
+                     classes: int = 3, level: int = 1) -> float:
+    """A threshold of the whole image from its global histogram (scikit-image's methods)."""
+    if method == "absolute":
+        return float(value)
+    hist = _histogram(ctx, ref)
+    if method == "otsu":
+        return stats.threshold_otsu(hist)
+    if method == "triangle":
+        return stats.threshold_triangle(hist)
+    if method == "median":
+        return _median(ctx, ref, hist)
+    if method == "ave_tri_med":
+        return (stats.threshold_triangle(hist) + _median(ctx, ref, hist)) / 2
+    if method == "mean":
+        return stats.threshold_mean(hist)
+    if method == "yen":
+        return stats.threshold_yen(hist)
+    if method == "isodata":
+        return stats.threshold_isodata(hist)
+    if method == "multiotsu":
+        return float(stats.threshold_multiotsu(hist, classes)[level - 1])
+    raise OptionError(f"unknown threshold method {method!r}")
+
+
+def ex_threshold(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    p = step.params
+    t = global_threshold(ctx, ref, p["method"], value=p["value"], classes=p["classes"],
+                         level=p["level"])
+    if p["factor"] != 1.0:
+        t = t * p["factor"]
+    ctx.log(f"{step.name}: threshold {t:.6g} ({p['method']})")
+    ctx.stats_log[step.name] = {"threshold": t}
+    return Pointwise(pw.Greater(t), (ref,), np.dtype(bool))
+
+
+def ex_normalize(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    scaling = tuple(step.params["scaling"])
+    reset = None
+    if len(scaling) == 1 and scaling[0] >= 1:  # Allen: an upper bound from 1 up
+        reset = scaling[0]
+        every, below = run_reduce(ctx, f"{step.name}-stats",
+                                  Moments((-math.inf, reset, True)), [ref])
+        lo = every["min"]
+        hi = below["max"] if below["count"] < every["count"] else every["max"]
+        if below["count"] == 0:
+            hi = lo
+    else:
+        window = (-math.inf, math.inf, True) if len(scaling) != 4 else \
+            (scaling[2], scaling[3], False)
+        every, inside = run_reduce(ctx, f"{step.name}-stats", Moments(window), [ref])
+        lo, hi = every["min"], every["max"]
+        if len(scaling) == 2:
+            lo = max(every["mean"] - scaling[0] * every["std"], lo)
+            hi = min(every["mean"] + scaling[1] * every["std"], hi)
+        elif len(scaling) == 4:
+            if inside["count"] == 0:
+                raise InputError(f"step {step.name!r} (normalize): no voxel lies between "
+                                 f"{scaling[2]} and {scaling[3]}; adjust scaling")
+            lo = max(scaling[2] - scaling[0] * inside["std"], lo)
+            hi = min(scaling[3] + scaling[1] * inside["std"], hi)
+    if not lo < hi:
+        raise InputError(f"step {step.name!r} (normalize): scaling {list(scaling)} gives the "
+                         f"empty range [{lo:.6g}, {hi:.6g}]; adjust it (the image ranges "
+                         f"{every['min']:.6g}..{every['max']:.6g}, mean {every['mean']:.6g}, "
+                         f"std {every['std']:.6g})")
+    ctx.stats_log[step.name] = {"lo": lo, "hi": hi}
+    return Pointwise(pw.Stretch(lo, hi, reset, every["min"]), (ref,), np.dtype(np.float32))
+
+
+def ex_clip_percentiles(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    p = step.params
+    lo, hi = stats.percentile(ctx.client, to_dask(ref), [p["low"], p["high"]])
+    ctx.stats_log[step.name] = {"lo": float(lo), "hi": float(hi)}
+    return Pointwise(pw.Clip(float(lo), float(hi), p["rescale"]), (ref,), np.dtype(np.float32))
+
+
+def ex_gaussian(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import Gaussian
+
+    p = step.params
+    return run_op(ctx, step.name, Gaussian(p["sigma"], p["truncate"], p["mode"],
+                                           p["slice_wise"]), [ref])
+
+
+def ex_edge_preserving(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import EdgePreserving
+
+    p = step.params
+    return run_op(ctx, step.name, EdgePreserving(p["iterations"], p["conductance"],
+                                                 p["time_step"], p["slice_wise"]), [ref])
+
+
+def ex_spot(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import Spot
+
+    p = step.params
+    return run_op(ctx, step.name, Spot(_pairs(p["scales"]), p["slice_wise"]), [ref])
+
+
+def _pairs(scales: Any) -> tuple[tuple[float, float], ...]:
+    return tuple((float(a), float(b)) for a, b in scales)
+
+
+def ex_filament(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import Filament, FilamentStats
+
+    p = step.params
+    scales = _pairs(p["scales"])
+    l3_min = run_reduce(ctx, f"{step.name}-stats", FilamentStats(scales, p["slice_wise"]),
+                        [ref])
+    ctx.stats_log[step.name] = {"l3_min": [float(v) for v in l3_min]}
+    return run_op(ctx, step.name, Filament(scales, p["tau"], p["slice_wise"],
+                                           tuple(float(v) for v in l3_min)), [ref])
+
+
+def ex_graph_cut(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.graphcut import GraphCut
+
+    p = step.params
+    return run_op(ctx, step.name, GraphCut(p["prior"], p["max_weight"], p["sigma"], p["halo"]),
+                  [ref])
+
+
+def ex_watershed(ctx: Context, step: Step, image: ArrayRef, markers: ArrayRef,
+                 mask: ArrayRef | None = None) -> ArrayRef:
+    from engine.segment.watershed import SeededWatershed
+
+    p = step.params
+    op = SeededWatershed(p["compactness"], p["halo"], p["connectivity"])
+    inputs = [image, markers] + ([mask] if mask is not None else [])
+    return run_op(ctx, step.name, op, inputs)
+
+
+def _label(ctx: Context, name: str, mask: ArrayRef, *, connectivity: int | None,
+           slice_wise: bool = False, min_size: int = 0, max_size: int | None = None,
+           sequential: bool = False, lazy: bool = False) -> labelling.LabelResult:
+    res = labelling.label(ctx.client, mask, ctx.path(name), connectivity=connectivity,
+                          slice_wise=slice_wise, min_size=min_size, max_size=max_size,
+                          sequential=sequential, block_shape=ctx.block_shape,
+                          chunks=tuple(min(b, s) for b, s in zip(ctx.block_shape, mask.shape,
+                                                                  strict=True)),
+                          progress=ctx.new_progress(), lazy=lazy)
+    ctx.log(f"{name}: {res.n_objects} objects")
+    ctx.stats_log[name] = {"objects": res.n_objects, "max_id": res.n_labels}
+    return res
+
+
+def _stored(res: labelling.LabelResult, block_shape: tuple[int, ...]) -> ArrayRef:
+    import zarr
+
+    arr = zarr.open_array(str(res.path), mode="r")
+    return Stored(str(res.path), tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype))
+
+
+def _check_connectivity(step: Step, ndim: int, key: str = "connectivity") -> int | None:
+    c = step.params.get(key)
+    if c is not None and c > ndim:
+        raise OptionError(f"step {step.name!r} ({step.function}): connectivity {c} is more "
+                          f"than the image's {ndim} dimensions")
+    return c
+
+
+def ex_label(ctx: Context, step: Step, mask: ArrayRef, *, size: Step | None = None,
+             lazy: bool = False) -> Any:
+    p = step.params
+    kw: dict[str, Any] = {}
+    if size is not None:  # label → size_filter fused: one labelling, filtered on the way
+        kw = {"min_size": size.params["min_size"], "max_size": size.params["max_size"],
+              "sequential": size.params["relabel"]}
+    res = _label(ctx, (size or step).name, mask,
+                 connectivity=_check_connectivity(step, len(mask.shape)),
+                 slice_wise=p["slice_wise"], lazy=lazy, **kw)
+    return res if lazy else _stored(res, ctx.block_shape)
+
+
+def ex_size_filter(ctx: Context, step: Step, ref: ArrayRef, kind: str) -> ArrayRef:
+    p = step.params
+    if kind == "mask":
+        res = _label(ctx, step.name, ref, connectivity=_check_connectivity(step, len(ref.shape)),
+                     min_size=p["min_size"], max_size=p["max_size"])
+        return Pointwise(pw.NonZero(), (_stored(res, ctx.block_shape),), np.dtype(bool))
+    if not isinstance(ref, Stored):
+        raise OptionError(f"step {step.name!r}: size_filter needs stored labels")
+    out = ctx.path(step.name)
+    labelling.filter_sizes(ctx.client, ref.path, out, min_size=p["min_size"],
+                           max_size=p["max_size"], relabel=p["relabel"],
+                           progress=ctx.new_progress())
+    return Stored(str(out), ref.shape, ref.chunks, ref.dtype)
+
+
+def ex_fill_holes(ctx: Context, step: Step, mask: ArrayRef) -> ArrayRef:
+    p = step.params
+    background = Pointwise(pw.Not(), (mask,), np.dtype(bool))
+    holes = _label(ctx, step.name, background,
+                   connectivity=_check_connectivity(step, len(mask.shape)),
+                   slice_wise=p["slice_wise"], min_size=p["min_size"], max_size=p["max_size"])
+    return Pointwise(pw.Combine("or"), (mask, _stored(holes, ctx.block_shape)), np.dtype(bool))
+
+
+def ex_masked_object(ctx: Context, step: Step, image: ArrayRef) -> ArrayRef:
+    """The Allen segmenter's masked-object thresholding, with exact global statistics.
+
+    Low level: global threshold (triangle, median or their mean), objects of at least
+    ``object_min_size`` voxels (connectivity as given; 1 in Allen's code). High level:
+    inside each object, ``image > otsu(object's voxels) * local_adjust``; the per-object
+    Otsu comes from histograms merged over every block the object touches.
+    """
+    p = step.params
+    t = global_threshold(ctx, image, p["global_method"])
+    ctx.log(f"{step.name}: low-level threshold {t:.6g} ({p['global_method']})")
+    low = Pointwise(pw.Greater(t), (image,), np.dtype(bool))
+    objects = _stored(_label(ctx, f"{step.name}-objects", low,
+                             connectivity=_check_connectivity(step, len(image.shape)),
+                             min_size=p["object_min_size"]), ctx.block_shape)
+    extrema = run_reduce(ctx, f"{step.name}-extrema", ObjectExtrema(), [image, objects])
+    ids = np.array(sorted(extrema), dtype=np.uint64)
+    ext_path = ctx.path(f"{step.name}-extrema.npz")
+    dtype = np.dtype(image.dtype)
+    np.savez(ext_path, ids=ids, lo=np.array([extrema[i][0] for i in ids.tolist()], dtype),
+             hi=np.array([extrema[i][1] for i in ids.tolist()], dtype))
+    hists = run_reduce(ctx, f"{step.name}-histograms", ObjectHistograms(str(ext_path)),
+                       [image, objects])
+    top = int(ids.max()) if len(ids) else 0
+    lut = np.full(top + 1, np.inf, dtype=np.float64 if dtype.kind != "f" else dtype)
+    for i in ids.tolist():
+        lo, hi = extrema[i]
+        counts = hists[i]
+        if lo == hi:  # scikit-image returns the value of a constant image
+            lut[i] = dtype.type(lo) * p["local_adjust"] if dtype.kind == "f" else \
+                float(lo) * p["local_adjust"]
+            continue
+        if dtype.kind == "f":
+            edges = np.histogram(np.zeros(0, dtype), bins=len(counts), range=(lo, hi))[1]
+            hist = stats.Histogram(counts, edges, count=int(counts.sum()),
+                                   edge_dtype=str(edges.dtype))
+        else:
+            edges = np.arange(int(lo), int(hi) + 2, dtype=np.float64) - 0.5
+            hist = stats.Histogram(counts, edges, count=int(counts.sum()), exact=True)
+        otsu = stats.threshold_otsu(hist)
+        # as Allen's code computes it: the Otsu value (float32 for float32 images) times
+        # local_adjust, in the image's precision
+        lut[i] = (dtype.type(otsu) * p["local_adjust"]) if dtype.kind == "f" else \
+            otsu * p["local_adjust"]
+    lut_path = ctx.path(f"{step.name}-thresholds.npy")
+    np.save(lut_path, lut)
+    ctx.stats_log[step.name] = {"threshold": t, "objects": len(ids)}
+    return Pointwise(pw.LocalThreshold(str(lut_path)), (image, objects), np.dtype(bool))
+
+
+def ex_combine(ctx: Context, step: Step, *masks: ArrayRef) -> ArrayRef:
+    return Pointwise(pw.Combine(step.params["op"]), tuple(masks), np.dtype(bool))
+
+
+def ex_invert(ctx: Context, step: Step, ref: ArrayRef, kind: str) -> ArrayRef:
+    if kind == "mask":
+        return Pointwise(pw.Not(), (ref,), np.dtype(bool))
+    return Pointwise(pw.Negate(), (ref,), np.dtype(np.float32))
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def _fusable_label(wf: Workflow, step: Step, keep: Sequence[str]) -> Step | None:
+    """The ``label`` parent of a ``size_filter`` on labels, when only it uses the labels."""
+    if step.function != "size_filter" or wf.kind(step.inputs[0]) != "labels":
+        return None
+    if step.inputs[0] == RAW:
+        return None
+    parent = wf.step(step.inputs[0])
+    if parent.function == "label" and wf.consumers(parent.name) == (step.name,) \
+            and parent.name not in keep and parent.name != wf.output:
+        return parent
+    return None
+
+
+def run_workflow(ctx: Context, wf: Workflow, raw: ArrayRef,
+                 keep: Sequence[str] = (),
+                 on_result: Callable[[Step, ArrayRef], None] | None = None) -> Any:
+    """Execute ``wf`` on ``raw``; return the output step's result.
+
+    The output is an :class:`ArrayRef`, or — when the output step is connected-component
+    labelling — a lazy :class:`~engine.labels.LabelResult` view, so that the final
+    relabelling is fused with writing the label pyramid. ``on_result`` is called for
+    every step named in ``keep``.
+    """
+    values: dict[str, ArrayRef] = {RAW: raw}
+    fused = {parent.name: step for step in wf.steps
+             if (parent := _fusable_label(wf, step, keep)) is not None}
+    skip = set(fused)
+    for step in wf.steps:
+        if step.name in skip:
+            continue
+        final = step.name == wf.output
+        ctx.log(f"step {step.name} ({step.function})")
+        f = step.function
+        if f == "size_filter" and step.inputs[0] in fused:
+            label_step = wf.step(step.inputs[0])
+            result = ex_label(ctx, label_step, values[label_step.inputs[0]], size=step,
+                              lazy=final and step.name not in keep)
+            values[step.name] = result
+            if final:
+                return result
+            continue
+        inputs = [values[name] for name in step.inputs]
+        kinds = [wf.kind(name) for name in step.inputs]
+        if f == "label":
+            result = ex_label(ctx, step, inputs[0], lazy=final and step.name not in keep)
+        elif f in ("size_filter", "invert"):
+            result = EXECUTORS[f](ctx, step, inputs[0], kinds[0])
+        else:
+            result = EXECUTORS[f](ctx, step, *inputs)
+        values[step.name] = result
+        if step.name in keep and on_result is not None:
+            on_result(step, result)
+        if final:
+            return result
+    raise OptionError(f"workflow {wf.name!r}: output step {wf.output!r} was never reached")
+
+
+EXECUTORS: dict[str, Callable[..., Any]] = {
+    "normalize": ex_normalize,
+    "clip_percentiles": ex_clip_percentiles,
+    "gaussian": ex_gaussian,
+    "edge_preserving": ex_edge_preserving,
+    "spot": ex_spot,
+    "filament": ex_filament,
+    "threshold": ex_threshold,
+    "masked_object": ex_masked_object,
+    "label": ex_label,
+    "size_filter": ex_size_filter,
+    "fill_holes": ex_fill_holes,
+    "watershed": ex_watershed,
+    "graph_cut": ex_graph_cut,
+    "combine": ex_combine,
+    "invert": ex_invert,
+}

@@ -1,0 +1,90 @@
+"""References to the arrays a workflow produces: stored in zarr, or computed on read.
+
+Every step's output is an :class:`ArrayRef`. Steps that look at one voxel at a time
+(thresholds, normalization, logical operations) are not stored: they become a
+:class:`Pointwise` view that applies a small picklable function to its inputs' regions when
+a block task reads them, so ``gaussian → threshold → label`` reads the smoothed image once
+and never writes the mask. Everything else is :class:`Stored` in a zarr array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.blocks import Region
+from engine.io.sources import read_region
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A zarr array on storage shared by the workers."""
+
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+
+    def read_region(self, region: Region) -> np.ndarray:
+        return read_region(self.path, region)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The workflow's input: a lazy dask array (one channel of the image)."""
+
+    data: Any
+    chunks: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+    def read_region(self, region: Region) -> np.ndarray:
+        return read_region(self.data, region)
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """``fn(*inputs)`` evaluated voxel by voxel on read; ``fn`` is a picklable callable."""
+
+    fn: Callable[..., np.ndarray]
+    inputs: tuple[Any, ...]
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inputs[0].shape
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.inputs[0].chunks
+
+    def read_region(self, region: Region) -> np.ndarray:
+        return self.fn(*(ref.read_region(region) for ref in self.inputs))
+
+
+ArrayRef = Stored | Source | Pointwise
+
+
+def _read_block(ref: ArrayRef, block_info: dict | None = None) -> np.ndarray:
+    region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
+    return ref.read_region(region)
+
+
+def to_dask(ref: ArrayRef, chunks: Sequence[int] | None = None) -> Any:
+    """A dask array over ``ref`` (for reductions and pyramids), one task per chunk."""
+    import dask.array as da
+
+    if isinstance(ref, Source) and chunks is None:
+        return ref.data
+    chunks = tuple(chunks or ref.chunks)
+    return da.map_blocks(_read_block, ref, dtype=ref.dtype, chunks=da.core.normalize_chunks(
+        chunks, ref.shape), meta=np.empty((0,) * len(ref.shape), ref.dtype))
