@@ -74,9 +74,24 @@ class Pointwise:
 ArrayRef = Stored | Source | Pointwise
 
 
-def _read_block(ref: ArrayRef, block_info: dict | None = None) -> np.ndarray:
+class _Opaque:
+    """Hides a reference from dask: dask would otherwise unpack the dataclass, find the
+    source's dask array inside and compute it whole as a dependency."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: ArrayRef) -> None:
+        self.ref = ref
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return tokenize(self.ref)
+
+
+def _read_block(box: _Opaque, block_info: dict | None = None) -> np.ndarray:
     region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
-    return ref.read_region(region)
+    return box.ref.read_region(region)
 
 
 def to_dask(ref: ArrayRef, chunks: Sequence[int] | None = None) -> Any:
@@ -86,5 +101,5 @@ def to_dask(ref: ArrayRef, chunks: Sequence[int] | None = None) -> Any:
     if isinstance(ref, Source) and chunks is None:
         return ref.data
     chunks = tuple(chunks or ref.chunks)
-    return da.map_blocks(_read_block, ref, dtype=ref.dtype, chunks=da.core.normalize_chunks(
+    return da.map_blocks(_read_block, _Opaque(ref), dtype=ref.dtype, chunks=da.core.normalize_chunks(
         chunks, ref.shape), meta=np.empty((0,) * len(ref.shape), ref.dtype))
