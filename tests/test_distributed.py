@@ -104,3 +104,40 @@ def test_unreachable_scheduler_is_a_user_error(tmp_path):
     assert "cannot reach the scheduler" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     assert not (tmp_path / "a.ome.zarr").exists()
+
+
+def test_segment_on_external_cluster_equals_local_run(scheduler, client, tmp_path):
+    from skimage import filters, measure
+
+    from engine.pipelines.segment import SegmentOptions, segment
+    from tests.segment_helpers import blobs
+
+    vol = (blobs((36, 64, 48), 31, sigma=2.5) * 1000).astype(np.uint16)
+    np.save(tmp_path / "vol.npy", vol)
+    src = convert(tmp_path / "vol.npy", tmp_path / "vol.ome.zarr", ConvertOptions(chunks=(16,)),
+                  client, report=lambda _: None).destination
+    wf = tmp_path / "mo.yaml"
+    wf.write_text("steps:\n"
+                  "  - {name: mo, function: masked_object,\n"
+                  "     parameters: {global_method: triangle, object_min_size: 30}}\n"
+                  "  - {name: cells, function: label}\n"
+                  "  - {name: big, function: size_filter, parameters: {min_size: 8}}\n")
+    res = run_cli("segment", str(src), "--workflow", str(wf), "--name", "remote",
+                  "--block", "16,32,32", "--scheduler", scheduler)
+    assert res.returncode == 0, res.stderr
+    local = segment(src, SegmentOptions(str(wf), "local", block=(32, 64, 48)), client,
+                    report=lambda _: None)
+    remote = zarr.open_array(str(src / "labels" / "remote" / "0"), mode="r")[...]
+    here = zarr.open_array(str(local.destination / "0"), mode="r")[...]
+    np.testing.assert_array_equal(remote, here)
+    # and both equal the whole-array masked-object thresholding
+    low = vol > filters.threshold_triangle(vol)
+    lab = measure.label(low, connectivity=1)
+    lab = measure.label((np.bincount(lab.ravel())[lab] >= 30) & low, connectivity=1)
+    high = np.zeros(vol.shape, bool)
+    for i in range(1, lab.max() + 1):
+        obj = lab == i
+        high |= obj & (vol > filters.threshold_otsu(vol[obj]) * 0.98)
+    ref = measure.label(high)
+    np.testing.assert_array_equal(remote, np.where(np.bincount(ref.ravel())[ref] >= 8, ref, 0))
+    assert remote.max() > 3

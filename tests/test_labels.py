@@ -172,3 +172,36 @@ def test_label_reads_zarr_paths_and_views(client, tmp_path):
     res = label(client, Inverted(str(tmp_path / "img")), tmp_path / "lab", connectivity=2)
     np.testing.assert_array_equal(zarr.open_array(str(res.path), mode="r")[...],
                                   _reference(mask, 2))
+
+
+def test_property_any_layout_any_connectivity_equals_skimage(client):
+    """Random masks, random block shapes (odd sizes, 1-voxel blocks and remainders)."""
+    import tempfile
+    from pathlib import Path
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from skimage.measure import label as sk_label
+
+    @st.composite
+    def cases(draw):
+        ndim = draw(st.integers(2, 3))
+        shape = tuple(draw(st.integers(1, 13)) for _ in range(ndim))
+        block = tuple(draw(st.integers(1, s)) for s in shape)
+        density = draw(st.floats(0.2, 0.8))
+        seed = draw(st.integers(0, 2**16))
+        connectivity = draw(st.integers(1, ndim))
+        mask = np.random.default_rng(seed).random(shape) < density
+        return mask, block, connectivity
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(cases())
+    def check(case):
+        mask, block, connectivity = case
+        with tempfile.TemporaryDirectory() as tmp:
+            res = label(client, da.from_array(mask, chunks=block), Path(tmp) / "lab",
+                        connectivity=connectivity)
+            got = zarr.open_array(str(res.path), mode="r")[...]
+        np.testing.assert_array_equal(got, sk_label(mask, connectivity=connectivity))
+
+    check()
