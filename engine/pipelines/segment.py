@@ -23,7 +23,7 @@ from engine.io import omezarr
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.pyramid import Level, build_pyramid, plan_levels
 from engine.segment.execute import Context, run_workflow
-from engine.segment.refs import ArrayRef, Pointwise, Source, to_dask
+from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
 from engine.segment.workflow import Step, Workflow, load_workflow
 from engine.volume import Volume
 
@@ -51,7 +51,7 @@ class SegmentPlan:
     source: Path
     options: SegmentOptions
     workflow: Workflow
-    data: Any  # dask array, spatial axes only
+    image: Stored  # level 0, spatial axes only (time point and channel fixed)
     axes: str
     voxel_size: tuple[float, ...]
     unit: str
@@ -81,15 +81,18 @@ class SegmentResult:
     statistics: dict[str, Any] = field(default_factory=dict)
 
 
-def select_channel(volume: Volume, channel: str | int | None) -> tuple[Any, str]:
-    """The image's data with one channel (and time point) chosen: spatial axes only."""
-    data, axes = volume.data, volume.axes
+def select_channel(volume: Volume, channel: str | int | None
+                   ) -> tuple[Any, str, tuple[int, ...]]:
+    """The image's data with one channel (and time point) chosen: spatial axes only, and
+    the indices chosen on the leading (t, c) axes."""
+    data, axes, prefix = volume.data, volume.axes, ()
     if "t" in axes:
         if data.shape[axes.index("t")] != 1:
             raise OptionError(f"{volume.source}: has {data.shape[axes.index('t')]} time points; "
                               "segment one at a time (export or convert a single time point)")
         data = data[(slice(None),) * axes.index("t") + (0,)]
         axes = axes.replace("t", "")
+        prefix = (0,)
     if "c" in axes:
         n = data.shape[axes.index("c")]
         names = list(volume.channel_names) or [f"channel {i}" for i in range(n)]
@@ -111,9 +114,10 @@ def select_channel(volume: Volume, channel: str | int | None) -> tuple[Any, str]
                                   f"channel(s) ({listing})")
         data = data[(slice(None),) * axes.index("c") + (index,)]
         axes = axes.replace("c", "")
+        prefix = (*prefix, index)
     elif channel not in (None, 0, "0"):
         raise OptionError(f"--channel {channel}: {volume.source} has no channel axis")
-    return data, axes
+    return data, axes, prefix
 
 
 def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
@@ -156,7 +160,7 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
         raise OptionError(f"--keep {', '.join(unknown)}: no such step in workflow "
                           f"{workflow.name!r} (steps: {', '.join(s.name for s in workflow.steps)})")
     volume = omezarr.read(src)
-    data, axes = select_channel(volume, options.channel)
+    data, axes, prefix = select_channel(volume, options.channel)
     if not 2 <= len(axes) <= 3:
         raise InputError(f"{src}: segmentation needs a 2D or 3D image, not axes {axes!r}")
     for step in workflow.steps:
@@ -165,8 +169,8 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
             raise OptionError(f"{workflow.source}: step {step.name!r} ({step.function}): "
                               f"connectivity {c} is more than the image's {len(axes)} "
                               f"dimensions ({axes})")
-    level0 = zarr.open_array(str(src / attrs["multiscales"][0]["datasets"][0]["path"]),
-                             mode="r")
+    level0_path = str(src / attrs["multiscales"][0]["datasets"][0]["path"])
+    level0 = zarr.open_array(level0_path, mode="r")
     full_axes = volume.axes
     chunks = tuple(int(c) for a, c in zip(full_axes, level0.chunks, strict=True) if a in "zyx")
     shape = tuple(int(s) for s in data.shape)
@@ -179,8 +183,9 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
     scale = tuple(volume.voxel_size)
     levels = plan_levels(shape, axes, scale, chunks,
                          max_levels=len(attrs["multiscales"][0]["datasets"]))
-    return SegmentPlan(src, options, workflow, data.rechunk(block), axes, scale, volume.unit,
-                       chunks, block, ngff, levels)
+    image = Stored(level0_path, shape, chunks, np.dtype(level0.dtype), prefix)
+    return SegmentPlan(src, options, workflow, image, axes, scale, volume.unit, chunks, block,
+                       ngff, levels)
 
 
 def _as_label_dask(result: Any, block: tuple[int, ...]) -> tuple[Any, int | None, int | None]:
@@ -252,8 +257,7 @@ def run_segmentation(plan: SegmentPlan, client: Any,
         kept.append(plan.keep_destination / step.name)
 
     try:
-        result = run_workflow(ctx, plan.workflow, Source(plan.data, plan.block_shape),
-                              plan.options.keep, keep)
+        result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
         data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
         _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
         values = label_values(client, partial / "0", plan.block_shape)

@@ -16,20 +16,27 @@ from typing import Any
 import numpy as np
 
 from engine.blocks import Region
+from engine.io.chunkcache import read_chunked
 from engine.io.sources import read_region
 
 
 @dataclass(frozen=True)
 class Stored:
-    """A zarr array on storage shared by the workers."""
+    """A zarr array on storage shared by the workers; ``prefix`` fixes leading axes (the
+    time point and channel of an image), so the reference has the spatial axes only.
+
+    Reads go through the worker's chunk cache: a read region with a halo shares most of
+    its chunks with the neighbouring blocks' reads.
+    """
 
     path: str
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
+    prefix: tuple[int, ...] = ()
 
     def read_region(self, region: Region) -> np.ndarray:
-        return read_region(self.path, region)
+        return read_chunked(self.path, region, self.prefix)
 
 
 @dataclass(frozen=True)
@@ -101,5 +108,6 @@ def to_dask(ref: ArrayRef, chunks: Sequence[int] | None = None) -> Any:
     if isinstance(ref, Source) and chunks is None:
         return ref.data
     chunks = tuple(chunks or ref.chunks)
-    return da.map_blocks(_read_block, _Opaque(ref), dtype=ref.dtype, chunks=da.core.normalize_chunks(
-        chunks, ref.shape), meta=np.empty((0,) * len(ref.shape), ref.dtype))
+    return da.map_blocks(_read_block, _Opaque(ref), dtype=ref.dtype,
+                         chunks=da.core.normalize_chunks(chunks, ref.shape),
+                         meta=np.empty((0,) * len(ref.shape), ref.dtype))

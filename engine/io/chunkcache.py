@@ -1,0 +1,109 @@
+"""A per-process cache of decoded zarr chunks, for reads with halos.
+
+A block read with a halo touches up to 3^ndim storage chunks, and its neighbours touch the
+same ones: without a cache every chunk of a 3D volume is decompressed up to 27 times per
+pass. Workers keep recently decoded chunks (least recently used first out, bounded in
+bytes); an entry is keyed by the array's path and the identity of its metadata file, so an
+array written anew at the same path is never served stale.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MIB = 512
+"""Cache size per process unless ``VOXELMILL_CHUNK_CACHE_MIB`` says otherwise (0 = off)."""
+
+_lock = threading.Lock()
+_entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_state = {"bytes": 0}
+
+
+def _limit() -> int:
+    return int(float(os.environ.get("VOXELMILL_CHUNK_CACHE_MIB", DEFAULT_MIB)) * 2**20)
+
+
+def _identity(path: str) -> tuple:
+    for meta in ("zarr.json", ".zarray"):
+        p = Path(path) / meta
+        if p.exists():
+            st = p.stat()
+            return path, st.st_ino, st.st_mtime_ns
+    return path, 0, 0
+
+
+def _get(key: tuple) -> np.ndarray | None:
+    with _lock:
+        value = _entries.get(key)
+        if value is not None:
+            _entries.move_to_end(key)
+        return value
+
+
+def _put(key: tuple, value: np.ndarray, limit: int) -> None:
+    if value.nbytes > limit:
+        return
+    with _lock:
+        if key in _entries:
+            return
+        _entries[key] = value
+        _state["bytes"] += value.nbytes
+        while _state["bytes"] > limit and _entries:
+            _, old = _entries.popitem(last=False)
+            _state["bytes"] -= old.nbytes
+
+
+def clear() -> None:
+    """Drop every cached chunk of this process."""
+    with _lock:
+        _entries.clear()
+        _state["bytes"] = 0
+
+
+def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = ()) -> np.ndarray:
+    """``zarr.open_array(path)[prefix + region]``, assembled from cached whole chunks.
+
+    Parameters
+    ----------
+    path : str
+        A zarr array.
+    region : tuple of slice
+        Region of the trailing axes (those after ``prefix``), steps of 1.
+    prefix : tuple of int
+        Fixed indices of leading axes (a time point, a channel).
+    """
+    import zarr
+
+    arr = zarr.open_array(path, mode="r")
+    limit = _limit()
+    region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape[len(prefix):],
+                                                            strict=True))
+    if limit <= 0:
+        return np.asarray(arr[prefix + region])
+    chunks = arr.chunks[len(prefix):]
+    ident = _identity(path)
+    out = np.empty(tuple(s.stop - s.start for s in region), dtype=arr.dtype)
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, chunks, strict=True)]
+    for index in itertools.product(*ranges):
+        key = (ident, prefix, index)
+        chunk = _get(key)
+        if chunk is None:
+            sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
+                        zip(index, chunks, arr.shape[len(prefix):], strict=True))
+            chunk = np.asarray(arr[prefix + sel])
+            _put(key, chunk, limit)
+        lo = [max(s.start, i * c) for s, i, c in zip(region, index, chunks, strict=True)]
+        hi = [min(s.stop, (i + 1) * c) for s, i, c in zip(region, index, chunks, strict=True)]
+        dst = tuple(slice(a - s.start, b - s.start) for a, b, s in zip(lo, hi, region,
+                                                                      strict=True))
+        src = tuple(slice(a - i * c, b - i * c) for a, b, i, c in zip(lo, hi, index, chunks,
+                                                                     strict=True))
+        out[dst] = chunk[src]
+    return out
