@@ -96,13 +96,19 @@ def apply_blockwise(op: BlockOp, images: Sequence[np.ndarray] | np.ndarray,
     :class:`~engine.blocks.BlockGrid`, reads each read region, pads it at the volume edges
     with ``op.pad_mode``, applies ``op`` and crops the write region, exactly as the
     distributed runner does.
+
+    An op whose inputs need different edge padding (an image padded ``"edge"`` beside
+    markers padded ``"constant"`` 0) may define ``pad_modes``, one mode per input; it
+    replaces ``op.pad_mode`` when present and non-empty.
     """
     images = [images] if isinstance(images, np.ndarray) else list(images)
     shape = images[0].shape
     grid = BlockGrid(shape, block_shape, halo=op.halo(len(shape)))
     out = np.empty(shape, dtype=op.dtype)
+    modes = getattr(op, "pad_modes", None) or (op.pad_mode,) * len(images)
     for block in grid:
-        padded = [pad_read(np.asarray(im[block.read]), block, op.pad_mode) for im in images]
+        padded = [pad_read(np.asarray(im[block.read]), block, mode)
+                  for im, mode in zip(images, modes, strict=True)]
         out[block.write] = op(*padded)[block.crop]
     return out
 
