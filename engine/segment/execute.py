@@ -335,11 +335,15 @@ def ex_gaussian(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
 
 
 def ex_edge_preserving(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import EdgePreserving
+    from engine.segment.filters import EdgePreserving, EdgePreservingStats
 
     p = step.params
+    # the conductance is scaled by the whole image's mean squared gradient (one pass)
+    g2 = run_reduce(ctx, f"{step.name}-stats", EdgePreservingStats(p["slice_wise"]), [ref])
+    ctx.stats_log[step.name] = {"mean_sq_gradient": float(g2)}
     return run_op(ctx, step.name, EdgePreserving(p["iterations"], p["conductance"],
-                                                 p["time_step"], p["slice_wise"]), [ref])
+                                                 p["time_step"], p["slice_wise"], float(g2)),
+                  [ref])
 
 
 def ex_spot(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
@@ -369,8 +373,11 @@ def ex_graph_cut(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     from engine.segment.graphcut import GraphCut
 
     p = step.params
-    return run_op(ctx, step.name, GraphCut(p["prior"], p["max_weight"], p["sigma"], p["halo"]),
-                  [ref])
+    # cellcutter normalises by the whole image's range: take it in one pass
+    every, _ = run_reduce(ctx, f"{step.name}-stats", Moments(), [ref])
+    ctx.stats_log[step.name] = {"min": every["min"], "max": every["max"]}
+    return run_op(ctx, step.name, GraphCut(p["prior"], p["max_weight"], p["sigma"], p["halo"],
+                                           every["min"], every["max"]), [ref])
 
 
 def ex_watershed(ctx: Context, step: Step, image: ArrayRef, markers: ArrayRef,
@@ -378,7 +385,8 @@ def ex_watershed(ctx: Context, step: Step, image: ArrayRef, markers: ArrayRef,
     from engine.segment.watershed import SeededWatershed
 
     p = step.params
-    op = SeededWatershed(p["compactness"], p["halo"], p["connectivity"])
+    op = SeededWatershed(p["compactness"], p["halo"], p["connectivity"],
+                         masked=mask is not None, labels_dtype=str(markers.dtype))
     inputs = [image, markers] + ([mask] if mask is not None else [])
     return run_op(ctx, step.name, op, inputs)
 

@@ -569,7 +569,7 @@ _STEP_LIST = [
          Param("truncate", "float", 4.0, minimum=0, exclusive_minimum=True,
                doc="Kernel radius in standard deviations (sets the halo)."),
          Param("mode", "str", "nearest",
-               choices=("reflect", "nearest", "mirror", "constant", "wrap"),
+               choices=("reflect", "nearest", "mirror", "constant"),
                doc="How the image is extended beyond its edges (scipy's boundary mode)."),
          _slice_wise("the smoothing")],
         [("image",)], "image"),
