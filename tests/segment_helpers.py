@@ -49,6 +49,21 @@ def blobs(shape: tuple[int, ...], seed: int, sigma: float = 2.0) -> np.ndarray:
     return img.astype(np.float32)
 
 
+def spots(shape: tuple[int, ...], seed: int, density: float = 0.002, sigma: float = 1.0,
+          noise: float = 5e-4) -> np.ndarray:
+    """Sparse bright gaussian spots on a faintly noisy background, float32 in [0, 1].
+
+    Unlike :func:`blobs`, an Otsu threshold of its smoothed version yields many separate
+    objects (smoothed noise splits about half and half, into one percolating object).
+    """
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    img = ndi.gaussian_filter((rng.random(shape) < density).astype(np.float32), sigma)
+    img += noise * rng.standard_normal(shape).astype(np.float32)
+    return ((img - img.min()) / (img.max() - img.min())).astype(np.float32)
+
+
 LAYOUTS_3D = [(8, 12, 7), (23, 37, 29), (11, 36, 28), (1, 19, 30)]
 """Block layouts for (23, 37, 29) images: odd sizes, whole volume, 1-voxel remainders at
 the far edges, single planes."""

@@ -17,7 +17,7 @@ from skimage import filters, measure
 from engine.pipelines.convert import ConvertOptions, convert
 from engine.pyramid import downsample_mode
 from tests.conftest import run_cli
-from tests.segment_helpers import blobs
+from tests.segment_helpers import blobs, spots
 
 CHANNELS = ["membrane", "nuclei"]
 
@@ -33,7 +33,7 @@ def threshold_preset_reference(img: np.ndarray) -> np.ndarray:
 def images(client, tmp_path_factory) -> dict[str, Path]:
     """A 3D volume and a 2-channel 2D slide, converted to OME-Zarr (16-voxel chunks)."""
     root = tmp_path_factory.mktemp("segment")
-    vol = (blobs((40, 56, 48), 21, sigma=2.5) * 1000).astype(np.uint16)
+    vol = (spots((40, 56, 48), 21) * 1000).astype(np.uint16)
     np.save(root / "vol.npy", vol)
     slide = np.stack([blobs((90, 110), 22, sigma=2), blobs((90, 110), 23, sigma=3)])
     tifffile.imwrite(root / "slide.tif", (slide * 200).astype(np.uint8), imagej=True,
