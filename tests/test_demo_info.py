@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mrcfile
 import numpy as np
@@ -27,7 +28,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [c["label"] for c in slide.attrs["ome"]["omero"]["channels"]] == \
         ["DAPI", "membrane", "brightfield"]
     assert sorted(zarr.open_group(str(out / "phantom_slide.ome.zarr/labels"), mode="r")
-                  .attrs["ome"]["labels"]) == ["cells", "nuclei"]
+                  .attrs["ome"]["labels"]) == ["auto_nuclei", "cells", "nuclei"]
+    assert "membranes" in tomo["labels"].attrs["ome"]["labels"]
+    # the presets segment the phantoms well: Dice of the automatic labels with the truth
+    dices = [float(m) for m in re.findall(r"Dice with the truth ([0-9.]+)", res.stdout)]
+    assert len(dices) == 2 and dices[0] > 0.6 and dices[1] > 0.9, res.stdout
     with mrcfile.open(out / "tomogram_level1_roi.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, tomo["1"][tuple(
             slice(0, s // 2) for s in tomo["1"].shape)])
