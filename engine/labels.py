@@ -77,6 +77,11 @@ def _block_file(work: str, bid: int) -> Path:
     return Path(work) / "blocks" / f"{bid}.npz"
 
 
+VALUES_LIMIT = 1024
+"""Label images with at most this many ids list them all (with a colour each) in their
+``image-label`` metadata."""
+
+
 @dataclass(frozen=True)
 class LocalLabels:
     """Pass 1: label a block on its own; keep sizes, first-voxel keys and boundary planes."""
@@ -93,7 +98,9 @@ class LocalLabels:
         m = read_region(self.mask, block.write)
         local, n = ndi.label(m if m.dtype == bool else m != 0, structure=self.structure)
         local = local.astype(np.uint32, copy=False)
-        zarr.open_array(str(Path(self.work) / "local"), mode="r+")[block.write] = local
+        # a work array read back whole: skip zarr's scan of each chunk for the fill value
+        zarr.open_array(str(Path(self.work) / "local"), mode="r+").with_config(
+            {"write_empty_chunks": True})[block.write] = local
         sizes = np.bincount(local.ravel(), minlength=n + 1)[1:].astype(np.int64)
         coords = np.unravel_index(_first_voxels(local.ravel(), n), local.shape)
         glob = tuple(c + s.start for c, s in zip(coords, block.write, strict=True))
@@ -237,7 +244,7 @@ class Relabel:
     max_size: int | None
     dtype: str
 
-    def __call__(self, block: Block) -> tuple[int, int]:
+    def __call__(self, block: Block) -> tuple[int, int, np.ndarray | None]:
         import zarr
 
         work = Path(self.work)
@@ -256,7 +263,9 @@ class Relabel:
         else:
             local = read_region(str(work / "local"), block.write)
             zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
-        return int(lut.max(initial=0)), interior_kept
+        ids = lut[1:][lut[1:] > 0]  # the block's final ids, for the label image's colours
+        return int(lut.max(initial=0)), interior_kept, (np.unique(ids) if ids.size <= VALUES_LIMIT
+                                                        else None)
 
 
 def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -279,7 +288,8 @@ def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 class LabelResult:
     """Where the labels are: ``path`` (materialized), or ``view`` (lazy) over the local
     labels and relabel maps kept in ``work``. ``n_labels`` is the largest id,
-    ``n_objects`` the number of objects (they differ when a size filter keeps ids)."""
+    ``n_objects`` the number of objects (they differ when a size filter keeps ids);
+    ``values`` the sorted ids present, when there are at most :data:`VALUES_LIMIT`."""
 
     path: Path | None
     n_labels: int
@@ -287,6 +297,14 @@ class LabelResult:
     view: Any = None
     work: Path | None = None
     n_objects: int = 0
+    values: list[int] | None = None
+
+
+def _all_values(parts: list[np.ndarray | None]) -> list[int] | None:
+    """The union of the blocks' id lists; None when a block had too many to list."""
+    if any(p is None for p in parts):
+        return None
+    return sorted({int(v) for p in parts for v in p})
 
 
 def _apply_map(local: np.ndarray, maps: str, grid_shape: tuple[int, ...],
@@ -437,16 +455,17 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
                                                 tuple(int(o) for o in offsets), min_size,
                                                 max_size, dtype.str),
                           name="label-relabel", progress=progress).results.values()
-        n = max([top for top, _ in done], default=0)
-        n_objects = sum(c for _, c in done) + int(group_kept.sum())
+        n = max([top for top, _, _ in done], default=0)
+        n_objects = sum(c for _, c, _ in done) + int(group_kept.sum())
+        values = _all_values([ids for _, _, ids in done]) if n_objects <= VALUES_LIMIT else None
         if lazy:
             return LabelResult(None, n, dtype, relabel_view(work, gshape, grid.block_shape,
-                                                            dtype), work, n_objects)
+                                                            dtype), work, n_objects, values)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    return LabelResult(out, n, dtype, n_objects=n_objects)
+    return LabelResult(out, n, dtype, n_objects=n_objects, values=values)
 
 
 @dataclass(frozen=True)

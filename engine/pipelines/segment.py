@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.labels import LabelResult
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.pyramid import Level, build_pyramid, plan_levels
 from engine.segment.execute import Context, run_workflow
@@ -190,7 +191,6 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
 
 def _as_label_dask(result: Any, block: tuple[int, ...]) -> tuple[Any, int | None, int | None]:
     """The final output as a dask array of label values, its object count and largest id."""
-    from engine.labels import LabelResult
     from engine.segment import pointwise as pw
 
     if isinstance(result, LabelResult):
@@ -244,8 +244,6 @@ def run_segmentation(plan: SegmentPlan, client: Any,
     kept: list[Path] = []
 
     def keep(step: Step, ref: Any) -> None:
-        from engine.labels import LabelResult
-
         if isinstance(ref, LabelResult):  # kept label steps are stored, never lazy
             return
         data = to_dask(ref, plan.block_shape)
@@ -260,7 +258,10 @@ def run_segmentation(plan: SegmentPlan, client: Any,
         result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
         data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
         _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
-        values = label_values(client, partial / "0", plan.block_shape)
+        if isinstance(result, LabelResult):  # the labelling listed its ids: no extra pass
+            values = result.values
+        else:
+            values = label_values(client, partial / "0", plan.block_shape)
         if values is not None:
             max_id = max(values, default=0)
             n_objects = len([v for v in values if v])
