@@ -209,6 +209,30 @@ class _Partial:
     counts: np.ndarray | None = field(default=None, compare=False)
 
 
+def value_range(values: np.ndarray) -> _Partial:
+    """Count, min and max of the non-NaN values of an array (a block's extent).
+
+    What the first pass of a float :func:`histogram` collects; a block operation that
+    computes it on its output (see ``engine.segment.execute``) saves that pass.
+    """
+    v = values.reshape(-1)
+    n = v.size - (int(np.count_nonzero(np.isnan(v))) if v.dtype.kind == "f" else 0)
+    if n == 0:
+        return _Partial(0, math.nan, math.nan)
+    if v.dtype.kind == "f":  # fmin/fmax skip NaN without copying
+        return _Partial(n, float(np.fmin.reduce(v)), float(np.fmax.reduce(v)))
+    return _Partial(n, float(v.min()), float(v.max()))
+
+
+def merge_ranges(parts: Sequence[_Partial]) -> _Partial:
+    """The extent of the union of blocks from their :func:`value_range` results."""
+    parts = [p for p in parts if p.count]
+    if not parts:
+        return _Partial(0, math.nan, math.nan)
+    return _Partial(sum(p.count for p in parts), min(p.min for p in parts),
+                    max(p.max for p in parts))
+
+
 @dataclass(frozen=True)
 class _StatsTask:
     """Block task: read the write region of ``data`` (and ``mask``), reduce it.
@@ -222,6 +246,7 @@ class _StatsTask:
     mode: str
     nbins: int = 0
     range: tuple[Any, Any] | None = None  # in the data's dtype, as np.histogram gets it
+    moments: bool = True
 
     def values(self, block: Block) -> np.ndarray:
         v = read_region(self.data, block.write)
@@ -238,21 +263,22 @@ class _StatsTask:
 
     def __call__(self, block: Block) -> _Partial:
         v = self.values(block)
+        if self.mode == "bincount":
+            if v.size == 0:
+                return _Partial(0, math.nan, math.nan)
+            lo = int(v.min())
+            counts = np.bincount((v.astype(np.int64) - lo).ravel())
+            return _Partial(int(v.size), float(lo), float(lo + counts.size - 1), offset=lo,
+                            counts=counts)
+        if self.mode == "minmax":
+            return value_range(v)
         if v.size == 0:
             return _Partial(0, math.nan, math.nan)
         lo, hi = v.min(), v.max()
-        if self.mode == "bincount":
-            counts = np.bincount((v.astype(np.int64) - int(lo)).ravel())
-            return _Partial(int(v.size), float(lo), float(hi), offset=int(lo), counts=counts)
-        if v.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
-            raise OptionError(
-                f"block {block.index} holds infinite values; histograms need finite data "
-                f"(NaN is ignored)"
-            )
-        if self.mode == "minmax":
-            return _Partial(int(v.size), float(lo), float(hi))
         # the same call as np.histogram on the whole array: identical bin of every value
         counts, _ = np.histogram(v, bins=self.nbins, range=self.range)
+        if not self.moments:
+            return _Partial(int(v.size), float(lo), float(hi), counts=counts)
         f = v.astype(np.float64)
         s = float(f.sum())
         m2 = float(np.sum((f - s / f.size) ** 2))
@@ -264,10 +290,19 @@ class _StatsTask:
 
 
 def _as_dask(data: Any) -> Any:
+    """A dask array, or an array view that reads itself (``read_region``, ``shape``,
+    ``dtype``, ``chunks``), which block tasks read without building a dask graph."""
     import dask.array as da
+
+    if hasattr(data, "read_region") and hasattr(data, "chunks"):
+        return data
 
     data = getattr(data, "data", data) if not isinstance(data, np.ndarray | da.Array) else data
     return data if isinstance(data, da.Array) else da.asarray(data)
+
+
+def _chunks(data: Any) -> tuple[int, ...]:
+    return tuple(getattr(data, "chunksize", None) or data.chunks)
 
 
 def _run(client: Any, grid: BlockGrid, task: _StatsTask, name: str) -> list[_Partial]:
@@ -307,6 +342,8 @@ def histogram(
     *,
     mask: Any = None,
     block_shape: int | Sequence[int] | None = None,
+    extent: Any = None,
+    moments: bool = True,
 ) -> Histogram:
     """Global histogram, moments and extrema of a lazy array, by a blockwise reduction.
 
@@ -328,6 +365,13 @@ def histogram(
     block_shape : int or tuple of int, optional
         Block (read) shape; defaults to the chunk shape of ``data``. The result does not
         depend on it.
+    extent : optional
+        The count, min and max of ``data`` (:func:`merge_ranges` of :func:`value_range`
+        results) when already known: float data then takes one pass instead of two.
+        Ignored with a ``mask``.
+    moments : bool
+        Also sum the moments (``sum``, ``sum_sq``, ``m2``) of float data; without them
+        (they cost more than the binning) those fields are NaN.
 
     Returns
     -------
@@ -346,19 +390,21 @@ def histogram(
                               f"{data.shape}")
     if bins is not None and (int(bins) != bins or bins < 1):
         raise OptionError(f"bins must be a positive integer, got {bins}")
-    grid = BlockGrid(data.shape, block_shape if block_shape is not None else data.chunksize)
+    grid = BlockGrid(data.shape, block_shape if block_shape is not None else _chunks(data))
     integer = data.dtype.kind in "biu"
 
     if integer and bins is None and data.dtype.itemsize <= 2:
         parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
         return _merge_bincounts(parts, data.dtype)
 
-    extent = _run(client, grid, _StatsTask(data, mask, "minmax"), "minmax")
-    n = sum(p.count for p in extent)
-    if n == 0:
+    if extent is None or mask is not None:
+        extent = merge_ranges(_run(client, grid, _StatsTask(data, mask, "minmax"), "minmax"))
+    if extent.count == 0:
         return _empty(data.dtype)
-    lo = min(p.min for p in extent if p.count)
-    hi = max(p.max for p in extent if p.count)
+    lo, hi = extent.min, extent.max
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise OptionError("the data holds infinite values; histograms need finite data "
+                          "(NaN is ignored)")
     if integer and bins is None and hi - lo + 1 <= MAX_EXACT_BINS:
         parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
         return _merge_bincounts(parts, data.dtype)
@@ -366,7 +412,7 @@ def histogram(
     # numpy bins float32 data with float32 edges; scikit-image's thresholds inherit them
     native = (data.dtype.type(lo), data.dtype.type(hi))
     edges = np.histogram(np.zeros(0, data.dtype), bins=nbins, range=native)[1]
-    parts = _run(client, grid, _StatsTask(data, mask, "bins", nbins, native), "bins")
+    parts = _run(client, grid, _StatsTask(data, mask, "bins", nbins, native, moments), "bins")
     counts = np.zeros(nbins, np.int64)
     count, m2, total = 0, 0.0, 0.0
     for p in parts:
@@ -376,9 +422,10 @@ def histogram(
         m2 = _chan_m2(count, total, m2, p.count, p.sum, p.m2)
         count += p.count
         total += p.sum
-    return Histogram(counts, edges, count=count,
-                     sum=math.fsum(p.sum for p in parts), sum_sq=math.fsum(p.sum_sq for p in parts),
-                     min=float(lo), max=float(hi), m2=m2, exact=False,
+    sums = ((math.fsum(p.sum for p in parts), math.fsum(p.sum_sq for p in parts), m2)
+            if moments else (math.nan,) * 3)
+    return Histogram(counts, edges, count=count, sum=sums[0], sum_sq=sums[1],
+                     min=float(lo), max=float(hi), m2=sums[2], exact=False,
                      edge_dtype=str(edges.dtype))
 
 
@@ -474,7 +521,7 @@ def percentile(client: Any, data: Any, q: float | Sequence[float], *, mask: Any 
         raise OptionError(f"percentiles must lie in [0, 100], got {q}")
     if hist.count == 0:
         raise OptionError("cannot take percentiles of an empty array (no voxels counted)")
-    grid = BlockGrid(data.shape, data.chunksize)
+    grid = BlockGrid(data.shape, _chunks(data))
     task = _StatsTask(data, mask, "bins")
     cache: dict[int, float] = {}
 

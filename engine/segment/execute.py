@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from engine.errors import InputError, OptionError
 from engine.runner import run_blocks
 from engine.segment import pointwise as pw
 from engine.segment.blockops import BlockOp, BlockReduce
-from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
+from engine.segment.refs import ArrayRef, Pointwise, Stored
 from engine.segment.workflow import RAW, Step, Workflow
 
 
@@ -59,15 +59,18 @@ class OpTask:
     inputs: tuple[Any, ...]
     out: str
 
-    def __call__(self, block: Block) -> None:
+    def __call__(self, block: Block) -> Any:
         import zarr
 
         modes = getattr(self.op, "pad_modes", None) or (self.op.pad_mode,) * len(self.inputs)
         padded = [pad_read(ref.read_region(block.read), block, mode)
                   for ref, mode in zip(self.inputs, modes, strict=True)]
-        result = self.op(*padded)[block.crop]
-        zarr.open_array(self.out, mode="r+")[block.write] = result.astype(self.op.dtype,
-                                                                          copy=False)
+        result = self.op(*padded)[block.crop].astype(self.op.dtype, copy=False)
+        # every chunk is written: skip zarr's scan of each chunk for the fill value
+        out = zarr.open_array(self.out, mode="r+").with_config({"write_empty_chunks": True})
+        out[block.write] = result
+        # a float image is usually thresholded next: its range now saves a histogram pass
+        return stats.value_range(result) if result.dtype.kind == "f" else None
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,11 @@ def run_op(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]) -> 
     shape = inputs[0].shape
     out = create_store(ctx, name, shape, op.dtype)
     grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)), chunks=out.chunks)
-    run_blocks(ctx.client, grid, OpTask(op, tuple(inputs), out.path), name=f"{name}",
-               progress=ctx.new_progress())
-    return out
+    report = run_blocks(ctx.client, grid, OpTask(op, tuple(inputs), out.path), name=f"{name}",
+                        progress=ctx.new_progress())
+    if out.dtype.kind != "f" or len(report.results) != len(grid):  # no range from skipped
+        return out
+    return replace(out, extent=stats.merge_ranges(list(report.results.values())))
 
 
 def run_reduce(ctx: Context, name: str, op: BlockReduce, inputs: Sequence[ArrayRef]) -> Any:
@@ -239,14 +244,15 @@ class ObjectHistograms(BlockReduce):
 # --------------------------------------------------------------------------- executors
 
 
-def _histogram(ctx: Context, ref: ArrayRef) -> stats.Histogram:
+def _histogram(ctx: Context, ref: ArrayRef, moments: bool = False) -> stats.Histogram:
     # scikit-image's thresholds bin float images into 256 bins, integers by value
     bins = 256 if np.dtype(ref.dtype).kind == "f" else None
-    return stats.histogram(ctx.client, to_dask(ref), bins=bins)
+    return stats.histogram(ctx.client, ref, bins=bins,
+                           extent=getattr(ref, "extent", None), moments=moments)
 
 
 def _median(ctx: Context, ref: ArrayRef, hist: stats.Histogram) -> float:
-    return float(stats.percentile(ctx.client, to_dask(ref), 50, hist=hist))
+    return float(stats.percentile(ctx.client, ref, 50, hist=hist))
 
 
 def global_threshold(ctx: Context, ref: ArrayRef, method: str, *, value: float | None = None,
@@ -254,7 +260,7 @@ def global_threshold(ctx: Context, ref: ArrayRef, method: str, *, value: float |
     """A threshold of the whole image from its global histogram (scikit-image's methods)."""
     if method == "absolute":
         return float(value)
-    hist = _histogram(ctx, ref)
+    hist = _histogram(ctx, ref, moments=method == "mean")
     if method == "otsu":
         return stats.threshold_otsu(hist)
     if method == "triangle":
@@ -321,7 +327,7 @@ def ex_normalize(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
 
 def ex_clip_percentiles(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     p = step.params
-    lo, hi = stats.percentile(ctx.client, to_dask(ref), [p["low"], p["high"]])
+    lo, hi = stats.percentile(ctx.client, ref, [p["low"], p["high"]])
     ctx.stats_log[step.name] = {"lo": float(lo), "hi": float(hi)}
     return Pointwise(pw.Clip(float(lo), float(hi), p["rescale"]), (ref,), np.dtype(np.float32))
 

@@ -10,7 +10,7 @@ and never writes the mask. Everything else is :class:`Stored` in a zarr array.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,9 @@ class Stored:
     chunks: tuple[int, ...]
     dtype: np.dtype
     prefix: tuple[int, ...] = ()
+    extent: Any = field(default=None, compare=False)
+    """Count, min and max of the values, when the pass that wrote them took them
+    (:func:`engine.stats.value_range`); spares a histogram its min/max pass."""
 
     def read_region(self, region: Region) -> np.ndarray:
         return read_chunked(self.path, region, self.prefix)
