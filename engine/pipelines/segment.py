@@ -18,11 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InputError, OptionError
+from engine import __version__
+from engine.blocks import stable_hash
+from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
+from engine.io.sources import file_identity
 from engine.labels import LabelResult
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.pyramid import Level, build_pyramid, plan_levels
+from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
 from engine.segment.workflow import Step, Workflow, load_workflow
@@ -60,10 +64,16 @@ class SegmentPlan:
     block_shape: tuple[int, ...]
     ngff: str
     levels: list[Level]
+    state: RunState
 
     @property
     def destination(self) -> Path:
         return self.source / "labels" / self.options.name
+
+    @property
+    def resumable(self) -> bool:
+        """An interrupted run of this very plan left its work behind."""
+        return (self.state.directory / self.state.run_hash).exists()
 
     @property
     def keep_destination(self) -> Path:
@@ -185,8 +195,15 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
     levels = plan_levels(shape, axes, scale, chunks,
                          max_levels=len(attrs["multiscales"][0]["datasets"]))
     image = Stored(level0_path, shape, chunks, np.dtype(level0.dtype), prefix)
+    # what the finished blocks depend on: a different image, workflow or layout starts afresh
+    identity = {"op": "segment", "version": __version__,
+                "input": file_identity(Path(level0_path) / "zarr.json"), "prefix": prefix,
+                "workflow": workflow.to_dict(), "block": block, "shape": shape,
+                "dtype": str(level0.dtype)}
+    state = RunState(partial_path(src / "labels" / name) / ".voxelmill", stable_hash(identity),
+                     identity)
     return SegmentPlan(src, options, workflow, image, axes, scale, volume.unit, chunks, block,
-                       ngff, levels)
+                       ngff, levels, state)
 
 
 def _as_label_dask(result: Any, block: tuple[int, ...]) -> tuple[Any, int | None, int | None]:
@@ -234,13 +251,17 @@ def run_segmentation(plan: SegmentPlan, client: Any,
     dst = plan.destination
     partial = partial_path(dst)
     keep_partial = partial_path(plan.keep_destination)
-    for stale in (partial, keep_partial):
-        if stale.exists():
-            report(f"removing an unfinished segmentation: {stale}")
-            shutil.rmtree(stale)
     work = partial / ".work"
-    work.mkdir(parents=True)
-    ctx = Context(client, work, plan.block_shape, progress, report)
+    if plan.resumable:
+        report(f"resuming an interrupted segmentation in {partial}")
+    elif partial.exists():
+        report(f"removing an unfinished segmentation with other inputs or options: {partial}")
+        shutil.rmtree(partial)
+    if keep_partial.exists():  # kept images are rewritten whole
+        shutil.rmtree(keep_partial)
+    work.mkdir(parents=True, exist_ok=True)
+    plan.state.begin()
+    ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state)
     kept: list[Path] = []
 
     def keep(step: Step, ref: Any) -> None:
@@ -268,11 +289,14 @@ def run_segmentation(plan: SegmentPlan, client: Any,
         omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(values,
                                                                                plan.ngff)},
                                   plan.ngff)
-    except BaseException:
+    except VoxelmillError:  # a user error found on the way: nothing to resume
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(keep_partial, ignore_errors=True)
         raise
+    # anything else (an interruption, a lost cluster) keeps the hidden partial output: the
+    # same command resumes from the finished blocks
     shutil.rmtree(work)
+    plan.state.clear()
     commit(partial, dst)
     _add_label_name(plan)
     if kept:

@@ -23,7 +23,7 @@ from engine import labels as labelling
 from engine import stats
 from engine.blocks import Block, BlockGrid, Region, pad_read
 from engine.errors import InputError, OptionError
-from engine.runner import run_blocks
+from engine.runner import RunState, run_blocks
 from engine.segment import pointwise as pw
 from engine.segment.blockops import BlockOp, BlockReduce
 from engine.segment.refs import ArrayRef, Pointwise, Stored
@@ -40,6 +40,9 @@ class Context:
     progress: Callable[[], Any] | None = None
     log: Callable[[str], None] = lambda _msg: None
     stats_log: dict[str, Any] = field(default_factory=dict)
+    state: RunState | None = None
+    """Done-markers of the block passes that write images: a re-run of the same plan
+    skips their finished blocks (see ``engine.pipelines.segment``)."""
 
     def new_progress(self) -> Any:
         return self.progress() if self.progress else None
@@ -87,7 +90,8 @@ class ReduceTask:
 
 
 def create_store(ctx: Context, name: str, shape: Sequence[int], dtype: Any) -> Stored:
-    """An empty zarr array in the work folder, one chunk per block."""
+    """An empty zarr array in the work folder, one chunk per block; on a resumed run the
+    array already there (its finished blocks are kept)."""
     import zarr
 
     from engine.io.omezarr import compressor
@@ -95,6 +99,8 @@ def create_store(ctx: Context, name: str, shape: Sequence[int], dtype: Any) -> S
     path = ctx.path(name)
     dtype = np.dtype(dtype)
     chunks = tuple(min(b, s) for b, s in zip(ctx.block_shape, shape, strict=True))
+    if ctx.state is not None and (path / "zarr.json").exists():
+        return Stored(str(path), tuple(shape), chunks, dtype)
     # float intermediates are incompressible noise to lz4: store them raw
     codecs = None if dtype.kind == "f" else compressor("lz4", 5, 3, dtype.itemsize)
     zarr.create_array(store=str(path), shape=tuple(shape), chunks=chunks, dtype=dtype,
@@ -108,7 +114,9 @@ def run_op(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]) -> 
     out = create_store(ctx, name, shape, op.dtype)
     grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)), chunks=out.chunks)
     report = run_blocks(ctx.client, grid, OpTask(op, tuple(inputs), out.path), name=f"{name}",
-                        progress=ctx.new_progress())
+                        state=ctx.state, progress=ctx.new_progress())
+    if report.skipped:
+        ctx.log(f"{name}: {report.skipped} of {report.total} blocks already done")
     if out.dtype.kind != "f" or len(report.results) != len(grid):  # no range from skipped
         return out
     return replace(out, extent=stats.merge_ranges(list(report.results.values())))
