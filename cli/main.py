@@ -260,6 +260,15 @@ def demo(
                 out.print(line)
 
 
+def _register_subcommands() -> None:
+    from cli.patches import patches_app
+
+    app.add_typer(patches_app, name="patches")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 
