@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
 from engine.errors import VoxelmillError
 
 app = typer.Typer(
@@ -24,15 +25,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
-
-Scheduler = Annotated[str | None, typer.Option(
-    "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT); "
-    "default: an embedded local cluster.")]
-Workers = Annotated[int | None, typer.Option(help="Worker processes of the embedded cluster.")]
-Threads = Annotated[int | None, typer.Option(help="Threads per worker of the embedded cluster.")]
-MemoryLimit = Annotated[str | None, typer.Option(
-    help="Memory limit per worker of the embedded cluster, e.g. 4GiB.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing destination.")]
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:

@@ -1,0 +1,16 @@
+"""Options shared by the commands: where the cluster comes from, overwriting."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Scheduler = Annotated[str | None, typer.Option(
+    "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT); "
+    "default: an embedded local cluster.")]
+Workers = Annotated[int | None, typer.Option(help="Worker processes of the embedded cluster.")]
+Threads = Annotated[int | None, typer.Option(help="Threads per worker of the embedded cluster.")]
+MemoryLimit = Annotated[str | None, typer.Option(
+    help="Memory limit per worker of the embedded cluster, e.g. 4GiB.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing destination.")]
