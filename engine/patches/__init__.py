@@ -1,0 +1,1 @@
+"""Correction patches: files in the formats annotation tools exchange, extraction, merging."""
