@@ -141,3 +141,36 @@ def test_segment_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
     ref = measure.label(high)
     np.testing.assert_array_equal(remote, np.where(np.bincount(ref.ravel())[ref] >= 8, ref, 0))
     assert remote.max() > 3
+
+
+def test_patches_extract_on_external_cluster_equals_local_run(scheduler, client, tmp_path):
+    from engine.patches.extract import ExtractOptions, extract_patches
+    from engine.patches.files import read_patch
+
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "tomo.npy", rng.normal(size=(32, 40, 36)).astype(np.float32))
+    np.save(tmp_path / "seg.npy", (rng.random((32, 40, 36)) > 0.6).astype(np.uint8))
+    src = tmp_path / "tomo.ome.zarr"
+    convert(tmp_path / "tomo.npy", src, ConvertOptions(
+        chunks=(16,), voxel_size=(4.0, 5.0, 6.0), unit="angstrom",
+        labels=(("membranes", str(tmp_path / "seg.npy")),)), client, report=lambda _: None)
+    coords = tmp_path / "c.csv"
+    coords.write_text("x,y,z\n18,20,16\n1,38,30\n35,0,2\n")
+    res = run_cli("patches", "extract", str(src), "membranes", "--coords", str(coords),
+                  "--out", str(tmp_path / "remote"), "--size", "12", "--border", "2",
+                  "--scheduler", scheduler)
+    assert res.returncode == 0, res.stderr
+    assert f"connected to scheduler {scheduler}" in res.stderr
+    extract_patches(src, "membranes", coords, tmp_path / "local",
+                    ExtractOptions(size=(12,), border=(2,)), client)
+    for sub in ("imagesCorr", "labelsCorr"):
+        names = sorted(p.name for p in (tmp_path / "local" / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "remote" / sub).iterdir())
+        assert len(names) == 3
+        for name in names:
+            a = read_patch(tmp_path / "remote" / sub / name)
+            b = read_patch(tmp_path / "local" / sub / name)
+            np.testing.assert_array_equal(a.data, b.data)
+            assert a.voxel_size == b.voxel_size and a.origin == b.origin
+    assert ((tmp_path / "remote" / "patches.csv").read_text()
+            == (tmp_path / "local" / "patches.csv").read_text())
