@@ -253,9 +253,13 @@ def demo(
 
 
 def _register_subcommands() -> None:
+    from cli.curate import curate_app
+    from cli.dataset import dataset_app
     from cli.patches import patches_app
 
     app.add_typer(patches_app, name="patches")
+    app.add_typer(curate_app, name="curate")
+    app.add_typer(dataset_app, name="dataset")
 
 
 _register_subcommands()
