@@ -1,0 +1,580 @@
+"""Training sets: a deterministic train / validation / verification split grouped by source.
+
+Patches cut from one tomogram are correlated (same sample, same microscope session, often
+overlapping), so a split by patch lets the validation score measure memorisation. Here
+every item (a patch, or a curated sample) belongs to a *group*, the source volume it came
+from, and all items of a group go to the same split. The result is laid out the way
+MemBrain-seg's training data module reads it, plus a verification set for a person to
+check by hand::
+
+    DIR/imagesTr/<name>_0000.<ext>      DIR/labelsTr/<name>.<ext>
+    DIR/imagesVal/<name>_0000.<ext>     DIR/labelsVal/<name>.<ext>
+    DIR/imagesVerify/<name>_0000.<ext>  DIR/labelsVerify/<name>.<ext>
+    DIR/split.csv                       one row per item: name, group, split, paths
+    DIR/split.json                      seed, fractions, counts, the sources
+
+MemBrain-seg (and nnU-Net) pair ``labelsTr/<name>.nii.gz`` with
+``imagesTr/<name>_0000.nii.gz`` (channel 0), hence the ``_0000`` on image files; other
+formats keep their suffix. Files are copied (byte-identical) or, with ``link``, symlinked
+to the absolute source paths.
+
+Sources
+-------
+A *patch folder* from ``voxelmill patches extract``: ``imagesCorr/``, ``labelsCorr/`` (or
+another label folder, e.g. the output of ``patches merge`` placed there) and
+``patches.csv``, whose ``image`` column (the source volume's absolute path) is the group.
+Without ``patches.csv`` (a MemBrain-seg folder), the group is parsed from the file name
+``<ds>_<token>_patch<N>``: everything before ``_patch<N>``, i.e. ``<ds>_<token>`` (the
+split of ``<ds>`` from ``<token>`` is ambiguous when either holds ``_``, and both name
+the source). A *samples folder* holds ``samples.csv`` (see :func:`read_samples`); each
+sample (an OME-Zarr holding image and labels, or any file) goes whole into
+``images<Split>/`` and the label folders stay empty for it.
+
+Assignment
+----------
+Groups are sorted by name and shuffled with ``numpy.random.default_rng(seed)``, so the
+split depends only on the seed and the set of groups (with their item counts), never on
+the order files are listed or manifest rows are written. Then, in that order, each group
+goes to the split with the largest *deficit* ``fraction × n_items − items so far`` among
+the splits with a non-zero fraction (ties: train, then val, then verify). With ``m`` the
+item count of the largest group and ``k`` the number of non-zero fractions, every split
+ends within ``|n_split − fraction × n_items| < m``: a split only receives a group while
+its deficit is positive (the deficits sum to the items left), so it overshoots by less
+than one group, and an undershoot ``D`` leaves every other split a deficit of at least
+``D − m``, which with deficits summing to zero gives ``D ≤ (k − 1) m / k``.
+
+Greedy can leave a split empty when groups are uneven (3 volumes of 2 items each and
+fractions 0.7, 0.2, 0.1 give train 4, val 2, verify 0). A verification set with nothing to
+verify is of no use, so each empty split then receives the one group, taken from a split
+that keeps at least one, whose move leaves the smallest total ``Σ |n_split − fraction ×
+n_items|`` (ties: the first group by name). Such a repair can double the bound above, to
+``< 2 m``; a split left with two groups or more was never repaired. Fewer groups than
+non-zero fractions is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError, OptionError
+from engine.patches.extract import IMAGES_DIR, LABELS_DIR, MANIFEST
+from engine.patches.files import patch_format, patch_stem
+from engine.pipelines.output import check_destination, commit, partial_path
+
+#: split names, in the order ties are broken, and their (images, labels) folders.
+SPLITS: tuple[str, ...] = ("train", "val", "verify")
+SPLIT_DIRS: dict[str, tuple[str, str]] = {
+    "train": ("imagesTr", "labelsTr"),
+    "val": ("imagesVal", "labelsVal"),
+    "verify": ("imagesVerify", "labelsVerify"),
+}
+#: channel suffix of image files: MemBrain-seg / nnU-Net pair labels/<n> with images/<n>_0000.
+CHANNEL_SUFFIX = "_0000"
+SAMPLES_MANIFEST = "samples.csv"
+SPLIT_CSV = "split.csv"
+SPLIT_JSON = "split.json"
+SPLIT_COLUMNS = ("name", "group", "split", "source", "image", "labels", "out_image",
+                 "out_labels")
+DEFAULT_FRACTIONS = (0.7, 0.2, 0.1)
+
+_PATCH_NAME = re.compile(r"^(?P<group>.+)_patch(?P<index>\d+)$")
+#: samples.csv columns, first match wins: the sample entry, and its source volume (group).
+_SAMPLE_COLUMNS = ("sample", "path", "name")
+_SOURCE_COLUMNS = ("source", "source_image", "image")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training item.
+
+    Parameters
+    ----------
+    name : str
+        Output name, unique over all sources (a patch's stem, a sample's entry name).
+    group : str
+        The source volume it came from; items of one group share a split.
+    image : Path
+        Image file (or OME-Zarr folder) to copy or link.
+    labels : Path or None
+        Label file, None for a sample that holds its labels.
+    source : Path
+        The SOURCE folder it was found in.
+    """
+
+    name: str
+    group: str
+    image: Path
+    labels: Path | None
+    source: Path
+
+    def out_image(self) -> str:
+        """File name under ``images<Split>/``."""
+        if self.labels is None:  # a whole sample keeps its name
+            return self.image.name
+        stem = patch_stem(self.image)
+        if not stem.endswith(CHANNEL_SUFFIX):
+            stem += CHANNEL_SUFFIX
+        return stem + self.image.name[len(patch_stem(self.image)):]
+
+    def out_labels(self) -> str:
+        """File name under ``labels<Split>/`` (empty for a sample)."""
+        return "" if self.labels is None else self.labels.name
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """Options of :func:`plan_split` (see ``voxelmill dataset split --help``).
+
+    Parameters
+    ----------
+    fractions : sequence of float
+        Train, validation (and verification) fractions of the items, each >= 0, summing to
+        1; two values mean no verification set.
+    seed : int
+        Seed of ``numpy.random.default_rng``, >= 0.
+    link : bool
+        Symlink the files (absolute paths) instead of copying them.
+    labels_dir : str
+        Folder of label patches inside each patch SOURCE.
+    overwrite : bool
+        Replace an existing destination.
+    """
+
+    fractions: Sequence[float] = DEFAULT_FRACTIONS
+    seed: int = 0
+    link: bool = False
+    labels_dir: str = LABELS_DIR
+    overwrite: bool = False
+
+
+@dataclass
+class SplitPlan:
+    """What :func:`write_split` will write: every item with its split, all checked."""
+
+    sources: tuple[Path, ...]
+    destination: Path
+    options: SplitOptions
+    fractions: tuple[float, float, float]
+    items: list[Item]
+    assignment: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+    def split_of(self, item: Item) -> str:
+        return self.assignment[item.group]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Items and groups per split."""
+        out = {s: {"items": 0, "groups": 0} for s in SPLITS}
+        for item in self.items:
+            out[self.split_of(item)]["items"] += 1
+        for split in self.assignment.values():
+            out[split]["groups"] += 1
+        return out
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """What :func:`write_split` wrote."""
+
+    destination: Path
+    counts: dict[str, dict[str, int]]
+    notes: list[str]
+
+
+# --------------------------------------------------------------------------- validation
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Train, validation and verification fractions, checked.
+
+    Parameters
+    ----------
+    fractions : sequence of 2 or 3 float
+        Each finite and >= 0, summing to 1 (within 1e-6); two values leave verification
+        at 0.
+
+    Returns
+    -------
+    tuple of 3 float
+
+    Raises
+    ------
+    OptionError
+        Naming the values when they are not so.
+    """
+    vals = tuple(float(v) for v in fractions)
+    text = ",".join(f"{v:g}" for v in vals)
+    if len(vals) == 2:
+        vals = (*vals, 0.0)
+    if len(vals) != 3:
+        raise OptionError(f"--fractions {text}: give train,val,verify (or train,val)")
+    if not all(math.isfinite(v) and v >= 0 for v in vals):
+        raise OptionError(f"--fractions {text}: every fraction must be a number >= 0")
+    if abs(sum(vals) - 1.0) > 1e-6:
+        raise OptionError(f"--fractions {text}: the fractions sum to {sum(vals):g}, not 1")
+    return vals  # type: ignore[return-value]
+
+
+def assign_groups(sizes: dict[str, int], fractions: Sequence[float], seed: int
+                  ) -> dict[str, str]:
+    """Assign each group to a split (see the module docstring for the algorithm).
+
+    Parameters
+    ----------
+    sizes : dict of str to int
+        Item count of every group (> 0).
+    fractions : sequence of 3 float
+        Train, val, verify fractions, as :func:`check_fractions` returns them.
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    dict of str to str
+        Group → ``"train"``, ``"val"`` or ``"verify"``; only splits with a non-zero
+        fraction receive groups.
+    """
+    names = sorted(sizes)  # independent of the caller's (file-system) order
+    order = np.random.default_rng(seed).permutation(len(names))
+    total = sum(sizes.values())
+    active = [i for i, f in enumerate(fractions) if f > 0]
+    counts = [0] * len(SPLITS)
+    out: dict[str, str] = {}
+    for k in order:
+        name = names[int(k)]
+        # max() keeps the first of equal deficits: ties go to train, then val, then verify
+        best = max(active, key=lambda i: fractions[i] * total - counts[i])
+        counts[best] += sizes[name]
+        out[name] = SPLITS[best]
+    for empty in (i for i in active if counts[i] == 0):
+        _fill(empty, out, sizes, counts, fractions, total)
+    return out
+
+
+def _fill(empty: int, out: dict[str, str], sizes: dict[str, int], counts: list[int],
+          fractions: Sequence[float], total: int) -> None:
+    """Move into the empty split ``empty`` the group (from a split keeping at least one)
+    whose move leaves the smallest total deviation from the fractions."""
+    groups_in = {s: sum(v == s for v in out.values()) for s in SPLITS}
+    best: tuple[float, str] | None = None
+    for name in sorted(out):
+        donor = SPLITS.index(out[name])
+        if groups_in[out[name]] < 2:
+            continue
+        moved = list(counts)
+        moved[donor] -= sizes[name]
+        moved[empty] += sizes[name]
+        cost = sum(abs(c - f * total) for c, f in zip(moved, fractions, strict=True))
+        if best is None or cost < best[0]:  # strict: the first name wins ties
+            best = (cost, name)
+    if best is not None:  # callers ensure there are at least as many groups as splits
+        name = best[1]
+        counts[SPLITS.index(out[name])] -= sizes[name]
+        counts[empty] += sizes[name]
+        out[name] = SPLITS[empty]
+
+
+# ------------------------------------------------------------------------------ sources
+
+def _entries(folder: Path) -> dict[str, Path]:
+    """Patch files (and ``.zarr`` folders) of ``folder`` by stem; two with one stem: error."""
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue  # hidden: partial writes, .DS_Store
+        try:
+            fmt = patch_format(path)
+        except OptionError:
+            continue
+        if (fmt == "zarr") != path.is_dir():
+            continue
+        stem = patch_stem(path)
+        if stem in out:
+            raise InputError(f"{out[stem]} and {path}: two patches named {stem!r}; keep one")
+        out[stem] = path
+    return out
+
+
+def _image_for(images: dict[str, Path], name: str, folder: Path) -> Path:
+    path = images.get(name) or images.get(name + CHANNEL_SUFFIX)
+    if path is None:
+        raise InputError(f"{folder}: no image patch {name!r} for its label patch")
+    return path
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+    return rows
+
+
+def _patch_folder(source: Path, labels_dir: str) -> list[Item]:
+    """Items of a patch folder, grouped by ``patches.csv``'s ``image`` or by name."""
+    img_dir, lab_dir = source / IMAGES_DIR, source / labels_dir
+    for d in (img_dir, lab_dir):
+        if not d.is_dir():
+            raise InputError(f"{source}: no {d.name}/ folder; a patch folder holds "
+                             f"{IMAGES_DIR}/ and {labels_dir}/ (from 'voxelmill patches "
+                             "extract')")
+    images, labels = _entries(img_dir), _entries(lab_dir)
+    manifest = source / MANIFEST
+    items: list[Item] = []
+    if manifest.is_file():
+        rows = _read_csv(manifest)
+        if rows and not {"name", "image"} <= set(rows[0]):
+            raise InputError(f"{manifest}: needs the columns name and image")
+        seen: set[str] = set()
+        for row in rows:
+            name, group = row["name"].strip(), (row["image"] or "").strip()
+            if not name or not group:
+                raise InputError(f"{manifest}: a row without name or image: {row}")
+            if name in seen:
+                raise InputError(f"{manifest}: patch {name!r} listed twice")
+            seen.add(name)
+            if name not in labels:
+                raise InputError(f"{lab_dir}: no label patch {name!r} (listed in {manifest})")
+            items.append(Item(name, group, _image_for(images, name, img_dir), labels[name],
+                              source))
+        extra = sorted(set(labels) - seen)
+        if extra:
+            raise InputError(f"{lab_dir / extra[0]}: not in {manifest}, so its source volume "
+                             f"is unknown ({len(extra)} such patches); remove them or add "
+                             "rows")
+        return items
+    for name, path in labels.items():
+        m = _PATCH_NAME.match(name)
+        if m is None:
+            raise InputError(f"{path}: name is not <ds>_<token>_patch<N> and {source} has no "
+                             f"{MANIFEST}, so its source volume is unknown")
+        items.append(Item(name, m["group"], _image_for(images, name, img_dir), path, source))
+    return items
+
+
+def read_samples(source: Path) -> list[Item]:
+    """Items of a curated samples folder.
+
+    ``SOURCE/samples.csv`` names each sample in a column ``sample``, ``path`` or ``name``
+    (the first present; relative to ``SOURCE``, the ``.ome.zarr`` suffix may be left out)
+    and its source volume in a column ``source``, ``source_image`` or ``image``: the
+    manifest ``voxelmill curate`` writes (``sample`` = ``sample_NNN``, ``image``) reads as
+    it is. Allen-layout TIFF copies beside the samples are not split.
+
+    Raises
+    ------
+    InputError
+        Naming the file when a column is missing, a row is empty or a sample is absent.
+    """
+    manifest = source / SAMPLES_MANIFEST
+    rows = _read_csv(manifest)
+    cols = set(rows[0]) if rows else set()
+    name_col = next((c for c in _SAMPLE_COLUMNS if c in cols), None)
+    group_col = next((c for c in _SOURCE_COLUMNS if c in cols), None)
+    if rows and (name_col is None or group_col is None):
+        raise InputError(f"{manifest}: needs a sample column ({', '.join(_SAMPLE_COLUMNS)}) "
+                         f"and a source column ({', '.join(_SOURCE_COLUMNS)})")
+    items: list[Item] = []
+    seen: set[str] = set()
+    for row in rows:
+        entry, group = (row[name_col] or "").strip(), (row[group_col] or "").strip()
+        if not entry or not group:
+            raise InputError(f"{manifest}: a row without sample or source: {row}")
+        path = source / entry
+        if not path.exists() and (source / f"{entry}.ome.zarr").exists():
+            path = source / f"{entry}.ome.zarr"
+        if not path.exists():
+            raise InputError(f"{path}: sample listed in {manifest} does not exist")
+        if path.name in seen:
+            raise InputError(f"{manifest}: sample {path.name!r} listed twice")
+        seen.add(path.name)
+        items.append(Item(path.name, group, path, None, source))
+    return items
+
+
+def collect_items(source: str | Path, labels_dir: str = LABELS_DIR) -> list[Item]:
+    """The items of one SOURCE folder (patch folder or samples folder).
+
+    Raises
+    ------
+    InputError
+        Naming the folder when it is neither, or naming the file that is inconsistent.
+    """
+    src = Path(source)
+    if not src.is_dir():
+        raise InputError(f"{src}: no such folder")
+    if (src / SAMPLES_MANIFEST).is_file():
+        items = read_samples(src)
+    elif (src / MANIFEST).is_file() or (src / IMAGES_DIR).is_dir():
+        items = _patch_folder(src, labels_dir)
+    else:
+        raise InputError(f"{src}: neither a patch folder ({IMAGES_DIR}/, {labels_dir}/, "
+                         f"{MANIFEST}) nor a samples folder ({SAMPLES_MANIFEST})")
+    if not items:
+        raise InputError(f"{src}: holds no patches or samples")
+    return items
+
+
+# ------------------------------------------------------------------------------ planning
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def plan_split(sources: Iterable[str | Path], destination: str | Path,
+               options: SplitOptions | None = None) -> SplitPlan:
+    """Collect the items of every SOURCE and assign each group a split; write nothing.
+
+    Parameters
+    ----------
+    sources : iterable of str or Path
+        Patch folders and samples folders, merged; the same source volume in two folders
+        is one group.
+    destination : str or Path
+        Folder to create (see the module docstring).
+    options : SplitOptions, optional
+
+    Returns
+    -------
+    SplitPlan
+
+    Raises
+    ------
+    OptionError
+        For bad fractions or seed, or fewer groups than non-zero fractions.
+    InputError
+        For a source that is not a patch or samples folder, or an output name found in
+        two sources (naming both files).
+    DestinationError
+        When the destination exists (without ``overwrite``) or overlaps a source.
+    """
+    opts = options or SplitOptions()
+    fractions = check_fractions(opts.fractions)
+    if not isinstance(opts.seed, (int, np.integer)) or opts.seed < 0:
+        raise OptionError(f"--seed {opts.seed}: must be a whole number >= 0")
+    srcs = tuple(Path(s) for s in sources)
+    if not srcs:
+        raise OptionError("give at least one SOURCE folder")
+    dst = Path(destination)
+    for src in srcs:
+        a, b = src.resolve(), dst.resolve()
+        if _inside(a, b) or _inside(b, a):
+            raise OptionError(f"{dst}: the destination overlaps the source {src}; choose "
+                              "another folder")
+    items: list[Item] = []
+    by_name: dict[str, Item] = {}
+    for src in srcs:
+        for item in collect_items(src, opts.labels_dir):
+            other = by_name.get(item.name)
+            if other is not None:
+                raise InputError(f"{other.image} and {item.image}: two items named "
+                                 f"{item.name!r}; rename one (e.g. another --ds-token)")
+            by_name[item.name] = item
+            items.append(item)
+    sizes: dict[str, int] = {}
+    for item in items:
+        sizes[item.group] = sizes.get(item.group, 0) + 1
+    active = sum(f > 0 for f in fractions)
+    if len(sizes) < active:
+        raise OptionError(
+            f"{len(sizes)} source volume(s) for {active} non-zero fractions "
+            f"{','.join(f'{f:g}' for f in fractions)}: every split needs a volume of its own "
+            "(patches of one volume never go to two splits); add sources or set a fraction "
+            "to 0")
+    check_destination(dst, opts.overwrite)
+    items.sort(key=lambda it: it.name)
+    plan = SplitPlan(srcs, dst, opts, fractions, items,
+                     assign_groups(sizes, fractions, int(opts.seed)))
+    counts = plan.counts()
+    for split, frac in zip(SPLITS, fractions, strict=True):
+        share = counts[split]["items"] / len(items)
+        if frac > 0 and abs(share - frac) > 0.5 * frac:  # volumes too uneven for the ask
+            plan.notes.append(
+                f"warning: the {split} split holds {share:.0%} of the items, asked for "
+                f"{frac:.0%}: the source volumes hold too uneven numbers of items; try "
+                "another --seed or more sources")
+    return plan
+
+
+# ------------------------------------------------------------------------------- writing
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=False)
+    else:
+        shutil.copy2(src, dst)
+
+
+def write_split(plan: SplitPlan) -> SplitResult:
+    """Copy or link every item into its split's folders, write ``split.csv`` and
+    ``split.json``; all in a hidden ``.DIR.partial`` folder renamed to ``DIR`` at the end.
+
+    Returns
+    -------
+    SplitResult
+    """
+    dst = plan.destination
+    partial = partial_path(dst)
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir()
+        for images, labels in SPLIT_DIRS.values():
+            (partial / images).mkdir()
+            (partial / labels).mkdir()
+        rows = []
+        for item in plan.items:
+            split = plan.split_of(item)
+            images, labels = SPLIT_DIRS[split]
+            out_image = f"{images}/{item.out_image()}"
+            _place(item.image, partial / out_image, plan.options.link)
+            out_labels = ""
+            if item.labels is not None:
+                out_labels = f"{labels}/{item.out_labels()}"
+                _place(item.labels, partial / out_labels, plan.options.link)
+            rows.append([item.name, item.group, split, str(item.source.resolve()),
+                         str(item.image.resolve()),
+                         "" if item.labels is None else str(item.labels.resolve()),
+                         out_image, out_labels])
+        with open(partial / SPLIT_CSV, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(SPLIT_COLUMNS)
+            w.writerows(rows)
+        counts = plan.counts()
+        meta = {
+            "seed": int(plan.options.seed),
+            "fractions": dict(zip(SPLITS, plan.fractions, strict=True)),
+            "algorithm": "groups sorted by name, shuffled with numpy.random.default_rng(seed),"
+                         " each assigned to the split with the largest item deficit",
+            "mode": "link" if plan.options.link else "copy",
+            "sources": [str(s.resolve()) for s in plan.sources],
+            "counts": counts,
+            "folders": SPLIT_DIRS,
+        }
+        (partial / SPLIT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        commit(partial, dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return SplitResult(dst, counts, list(plan.notes))
+
+
+def split_dataset(sources: Iterable[str | Path], destination: str | Path,
+                  options: SplitOptions | None = None) -> SplitResult:
+    """Split patches or samples into train / val / verify folders grouped by source volume.
+
+    :func:`plan_split` then :func:`write_split`; see the module docstring for the layout
+    and the algorithm.
+    """
+    return write_split(plan_split(sources, destination, options))
