@@ -182,3 +182,64 @@ def merge(
                   f"unchanged, {result.skipped} skipped, {result.warnings} warnings",
                   markup=False)
 
+
+# --- patches apply ---
+
+
+@patches_app.command("apply")
+def apply(
+    into: Annotated[Path, typer.Option(
+        "--into", help="OME-Zarr image whose labels/NAME level 0 receives the patches.")
+    ],
+    labels: Annotated[str, typer.Option(
+        "--labels", help="Name of the label image (IMAGE/labels/NAME).")],
+    merged_dir: Annotated[Path | None, typer.Argument(
+        help="Folder of merged label patches (0, 1, 2 = ignore; any patch format), named as "
+        "in the manifest. Not needed with --undo.")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="patches.csv of 'voxelmill patches extract': names and bounds.")
+    ] = None,
+    undo: Annotated[str | None, typer.Option(
+        "--undo", help="Undo the latest application of this patch instead (restores the "
+        "voxels it wrote; refused while a later patch overwrote some of them).")] = None,
+    value: Annotated[int | None, typer.Option(
+        "--value", help="Label id written for foreground (1); required when the labels "
+        "are not binary 0/1 (instance labels). 0 writes 0; 2 (ignore) keeps the voxel.")
+    ] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = None,
+    threads_per_worker: Threads = None,
+    memory_limit: MemoryLimit = None,
+) -> None:
+    """Write merged patches back into full-volume labels at their manifest bounds, with a
+    provenance log and undo records in the label group; lower levels are refreshed."""
+    from cli.main import cluster, err, out, progress_factory, user_errors
+
+    with user_errors():
+        from engine.errors import OptionError
+        from engine.patches.apply import open_target, plan_apply, run_apply, undo_patch
+
+        if undo is not None:
+            open_target(into, labels)  # a clear error before a cluster starts
+            with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+                result = undo_patch(into, labels, undo, client, progress_factory())
+            if result.rolled_back:
+                err.print(f"rolled back {result.rolled_back} patches of an interrupted run",
+                          markup=False)
+            out.print(f"undid patch {undo}: restored {result.voxels} voxels in "
+                      f"{result.chunks} chunks of {into / 'labels' / labels}", markup=False)
+            return
+        if merged_dir is None or manifest is None:
+            raise OptionError("give MERGED_DIR and --manifest (or --undo PATCH)")
+        plan = plan_apply(merged_dir, manifest, into, labels, value)  # errors before compute
+        for note in plan.notes:
+            err.print(note, markup=False)
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+            result = run_apply(plan, client, progress_factory())
+        if result.rolled_back:
+            err.print(f"rolled back {result.rolled_back} patches of an interrupted run",
+                      markup=False)
+        out.print(f"applied {len(result.entries)} patches ({len(plan.missing)} without file "
+                  f"skipped): {result.voxels} voxels in {result.chunks} chunks of "
+                  f"{plan.target.group}, value {plan.value}, in {result.seconds:.1f} s",
+                  markup=False)
