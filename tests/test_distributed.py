@@ -174,3 +174,58 @@ def test_patches_extract_on_external_cluster_equals_local_run(scheduler, client,
             assert a.voxel_size == b.voxel_size and a.origin == b.origin
     assert ((tmp_path / "remote" / "patches.csv").read_text()
             == (tmp_path / "local" / "patches.csv").read_text())
+
+
+def _corrupt_chunks_outside(array: Path, keep: set[tuple[int, ...]]) -> int:
+    """Overwrite every stored chunk of a zarr v3 array whose index is not in ``keep``."""
+    spoiled = 0
+    for f in (array / "c").rglob("*"):
+        if f.is_file():
+            index = tuple(int(p) for p in f.relative_to(array / "c").parts)
+            if index not in keep:
+                f.write_bytes(b"not a chunk")
+                spoiled += 1
+    return spoiled
+
+
+def test_patches_extract_on_a_cluster_reads_only_the_chunks_it_needs(scheduler, client,
+                                                                      tmp_path):
+    from itertools import product
+
+    from engine.patches.files import read_patch
+
+    rng = np.random.default_rng(8)
+    vol = rng.normal(size=(48, 48, 48)).astype(np.float32)
+    seg = (rng.random((48, 48, 48)) > 0.5).astype(np.uint8)
+    np.save(tmp_path / "tomo.npy", vol)
+    np.save(tmp_path / "seg.npy", seg)
+    src = tmp_path / "tomo.ome.zarr"
+    convert(tmp_path / "tomo.npy", src, ConvertOptions(
+        chunks=(16,), labels=(("membranes", str(tmp_path / "seg.npy")),)), client,
+        report=lambda _: None)
+    centres = [(8, 9, 10), (30, 36, 25)]  # z, y, x; patches of 12 stay inside the volume
+    keep: set[tuple[int, ...]] = set()
+    for c in centres:
+        axes = [range((v - 6) // 16, (v + 5) // 16 + 1) for v in c]
+        keep.update(product(*axes))
+    spoiled = sum(_corrupt_chunks_outside(src / sub, keep) for sub in ("0", "labels/membranes/0"))
+    assert spoiled >= 2 * (27 - len(keep))
+    with pytest.raises(Exception):  # noqa: B017 - the spoiled chunks really cannot be read
+        zarr.open_array(str(src / "0"), mode="r")[...]
+    coords = tmp_path / "c.csv"
+    coords.write_text("z,y,x\n" + "".join(f"{z},{y},{x}\n" for z, y, x in centres))
+    res = run_cli("patches", "extract", str(src), "membranes", "--coords", str(coords),
+                  "--out", str(tmp_path / "out"), "--size", "12", "--border", "2",
+                  "--scheduler", scheduler)
+    assert res.returncode == 0, res.stderr
+    for i, (z, y, x) in enumerate(centres):
+        region = (slice(z - 6, z + 6), slice(y - 6, y + 6), slice(x - 6, x + 6))
+        name = f"other_tomo_patch{i}.nii.gz"
+        image = read_patch(tmp_path / "out" / "imagesCorr" / name).data
+        labels = read_patch(tmp_path / "out" / "labelsCorr" / name).data
+        np.testing.assert_array_equal(image, vol[region])
+        expected = seg[region].copy()
+        inner = expected[2:-2, 2:-2, 2:-2].copy()
+        expected[...] = 2
+        expected[2:-2, 2:-2, 2:-2] = inner
+        np.testing.assert_array_equal(labels, expected)
