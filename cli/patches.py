@@ -89,8 +89,8 @@ def extract(
 @patches_app.command("suggest")
 def suggest(
     prediction: Annotated[str, typer.Argument(
-        help="Probability map: an OME-Zarr image or label group, float in [0, 1] "
-        "(uint8 is read as probability × 255).")],
+        help="Probability map: an OME-Zarr image, float in [0, 1] (uint8 is read as "
+        "probability × 255); or a label group, compared with --second (two label sets).")],
     n: Annotated[int, typer.Option("--n", help="Patches to suggest.")],
     out: Annotated[str, typer.Option("--out", help="CSV to write: x,y,z,score in voxels, "
                                       "best first ('voxelmill patches extract --coords').")],

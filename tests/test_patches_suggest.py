@@ -363,3 +363,17 @@ def test_cli_bad_input_exit_2_nothing_written(data, tmp_path):
     out.write_text("keep me\n")
     _refused(run_cli("patches", "suggest", str(data["zarr"]), *base, "16"), "exists", "--overwrite")
     assert out.read_text() == "keep me\n"
+
+
+def test_two_label_sets_rank_by_disagreement(data, client):
+    # the label group 'mask' against 'second': a label set is read as p = labels > 0
+    first = data["zarr"] / "labels" / "mask"
+    plan = plan_suggestion(first, data["root"] / "two.csv", SuggestOptions(n=5, size=SIZE),
+                           second=data["zarr"] / "labels" / "second")
+    got = run_suggestion(plan, client)
+    ref_zyx, ref_s = reference(data["mask"].astype(np.float64), 5, second=data["second"])
+    np.testing.assert_array_equal(got.zyx, ref_zyx)
+    np.testing.assert_allclose(got.scores, ref_s, atol=1e-6)
+    assert np.all(got.entropy == 0) and got.scores[0] > got.scores[-1] > 0
+    with pytest.raises(OptionError, match="label set has no uncertainty"):
+        plan_suggestion(first, data["root"] / "one.csv", SuggestOptions(n=5, size=SIZE))

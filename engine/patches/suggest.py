@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from engine.blocks import Block, BlockGrid
-from engine.errors import InputError, OptionError
+from engine.errors import InputError, OptionError, VoxelmillError
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.runner import run_blocks
 
@@ -213,6 +213,13 @@ class SuggestTask:
     mask: Any = None
     second: Any = None
     weight: float = 1.0
+    labels: bool = False
+    """The prediction is itself a label set: read as ``p = (labels > 0)`` (entropy 0, so the
+    score is the disagreement with ``second``)."""
+
+    def _read(self, region: tuple[slice, ...]) -> np.ndarray:
+        values = self.prediction.read_region(region)
+        return (values > 0).astype(np.float32) if self.labels else values
 
     @staticmethod
     def _first_bad(values: np.ndarray, region: tuple[slice, ...]) -> tuple[float, tuple] | None:
@@ -233,9 +240,8 @@ class SuggestTask:
         empty = (np.zeros((0, ndim), np.int64), np.zeros(0), np.zeros(0), np.zeros(0), 0)
         if any(c.size == 0 for c in centres):
             # no window is centred here, but every voxel is checked once
-            return *empty, self._first_bad(self.prediction.read_region(block.write),
-                                           block.write)
-        values = self.prediction.read_region(block.read)
+            return *empty, self._first_bad(self._read(block.write), block.write)
+        values = self._read(block.read)
         bad = self._first_bad(values, block.read)
         if bad is not None:  # reported by the client, without a worker traceback or retries
             return *empty, bad
@@ -391,6 +397,17 @@ def _open_ref(path: Path, level: int, what: str) -> tuple[Any, tuple[int, ...], 
     return Source(data, chunks), shape, dtype, chunks
 
 
+def _is_label_group(path: Path) -> bool:
+    """Whether ``path`` is an OME-Zarr label group (``image-label`` metadata)."""
+    from engine.io import omezarr
+
+    try:
+        attrs, _ = omezarr.read_attrs(path)
+    except (VoxelmillError, OSError):  # not an OME-Zarr group
+        return False
+    return "image-label" in attrs
+
+
 def plan_suggestion(
     prediction: str | Path, out: str | Path, options: SuggestOptions,
     mask: str | Path | None = None, second: str | Path | None = None,
@@ -401,8 +418,10 @@ def plan_suggestion(
     Parameters
     ----------
     prediction : str or Path
-        OME-Zarr image or label group of probabilities: float in [0, 1], or uint8 read as
-        probability × 255. One channel; 2D (yx) or 3D (zyx).
+        OME-Zarr image of probabilities: float in [0, 1], or uint8 read as probability ×
+        255. One channel; 2D (yx) or 3D (zyx). Or an OME-Zarr label group (``image-label``
+        metadata): a label set, read as ``p = labels > 0``; it needs ``second``, and the
+        windows are then ranked by where the two label sets disagree.
     out : str or Path
         CSV file to write (``x,y,z,score`` in voxels; z = 0 for 2D).
     options : SuggestOptions
@@ -421,7 +440,15 @@ def plan_suggestion(
             math.isfinite(options.min_distance) and options.min_distance > 0):
         raise OptionError(f"--min-distance {options.min_distance}: must be a positive number")
     pred_ref, shape, dtype, chunks = _open_ref(prediction, options.level, "PREDICTION")
-    if dtype != np.uint8 and dtype.kind != "f":
+    label_set = _is_label_group(prediction)
+    if label_set:
+        if second is None:
+            raise OptionError(f"{prediction}: a label set has no uncertainty; give --second "
+                              "LABELS to rank windows by where the two label sets disagree")
+        if dtype.kind not in "iub":
+            raise InputError(f"{prediction}: label group of dtype {dtype}; expected integer "
+                             "labels")
+    elif dtype != np.uint8 and dtype.kind != "f":
         raise InputError(
             f"{prediction}: dtype {dtype} is not a probability map; expected floats in "
             "[0, 1] (or uint8 0..255 = probability × 255)")
@@ -457,7 +484,7 @@ def plan_suggestion(
     block = tuple(min(b, n) for b, n in zip(block, shape, strict=True))
     check_destination(out, options.overwrite, source=prediction)
     task = SuggestTask(pred_ref, lattices, size, k, refs.get("--mask"), refs.get("--second"),
-                       float(options.weight))
+                       float(options.weight), label_set)
     return SuggestPlan(prediction, out, options, shape, size, lattices, k, block, task)
 
 
