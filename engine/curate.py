@@ -53,10 +53,9 @@ import numpy as np
 
 from engine.errors import DestinationError, InputError, OptionError, VoxelmillError
 from engine.io import omezarr, open_volume, writer_for
-from engine.pipelines.convert import _windows, spatial_chunks
+from engine.pipelines.convert import display_windows, spatial_chunks
 from engine.pipelines.output import check_destination, commit, partial_path
-from engine.pipelines.segment import select_channel
-from engine.volume import Volume
+from engine.volume import Volume, select_channel
 
 MODES: tuple[str, ...] = ("sort", "merge", "take-all")
 MASK_MEANINGS: tuple[str, ...] = ("exclude", "include")
@@ -443,7 +442,7 @@ def write_sample(folder: Path, name: str, image: Volume, data: np.ndarray, gt: n
     omezarr.write_group_attrs(zpath / "labels", {"labels": ["gt", "cost"]}, "0.5")
     nchan = data.shape[image.axes.index("c")] if "c" in image.axes else 1
     omezarr.write_group_attrs(zpath, {"omero": omezarr.omero(
-        image.channel_names or (name,), _windows(zpath / "0", image.axes, nchan))}, "0.5")
+        image.channel_names or (name,), display_windows(zpath / "0", image.axes, nchan))}, "0.5")
     if allen_name is None:
         return
     for suffix, vol, values in (

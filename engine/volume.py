@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -143,3 +144,42 @@ def check_voxel_size(voxel_size: Sequence[float], where: str = "") -> None:
                 f"{where + ': ' if where else ''}invalid voxel size {tuple(voxel_size)}: "
                 "every value must be a positive finite number"
             )
+
+
+def select_channel(volume: Volume, channel: str | int | None
+                   ) -> tuple[Any, str, tuple[int, ...]]:
+    """The image's data with one channel (and time point) chosen: spatial axes only, and
+    the indices chosen on the leading (t, c) axes."""
+    data, axes, prefix = volume.data, volume.axes, ()
+    if "t" in axes:
+        if data.shape[axes.index("t")] != 1:
+            raise OptionError(f"{volume.source}: has {data.shape[axes.index('t')]} time points; "
+                              "choose one by exporting or converting a single time point")
+        data = data[(slice(None),) * axes.index("t") + (0,)]
+        axes = axes.replace("t", "")
+        prefix = (0,)
+    if "c" in axes:
+        n = data.shape[axes.index("c")]
+        names = list(volume.channel_names) or [f"channel {i}" for i in range(n)]
+        listing = ", ".join(f"{i} = {name}" for i, name in enumerate(names))
+        if channel is None:
+            if n != 1:
+                raise OptionError(f"{volume.source}: has {n} channels ({listing}); choose one "
+                                  "with --channel")
+            index = 0
+        elif isinstance(channel, str) and not channel.lstrip("-").isdigit():
+            if channel not in names:
+                raise OptionError(f"--channel {channel!r}: no such channel in "
+                                  f"{volume.source} ({listing})")
+            index = names.index(channel)
+        else:
+            index = int(channel)
+            if not 0 <= index < n:
+                raise OptionError(f"--channel {index}: out of range; {volume.source} has {n} "
+                                  f"channel(s) ({listing})")
+        data = data[(slice(None),) * axes.index("c") + (index,)]
+        axes = axes.replace("c", "")
+        prefix = (*prefix, index)
+    elif channel not in (None, 0, "0"):
+        raise OptionError(f"--channel {channel}: {volume.source} has no channel axis")
+    return data, axes, prefix

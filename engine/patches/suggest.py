@@ -372,8 +372,8 @@ def _open_ref(path: Path, level: int, what: str) -> tuple[Any, tuple[int, ...], 
     OME-Zarr levels are read through the workers' chunk cache (halo reads share chunks).
     """
     from engine.io import detect_format, omezarr, open_volume
-    from engine.pipelines.segment import select_channel
     from engine.segment.refs import Source, Stored
+    from engine.volume import select_channel
 
     if not path.exists():
         raise InputError(f"{path}: no such file or directory ({what})")

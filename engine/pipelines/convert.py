@@ -150,7 +150,8 @@ def attach_labels(volume: Volume, labels: Sequence[tuple[str, str]]) -> Volume:
     return replace(volume, labels=found)
 
 
-def _windows(level_path: Path, axes: str, nchan: int) -> list[tuple[float, float, float, float]]:
+def display_windows(level_path: Path, axes: str, nchan: int
+                    ) -> list[tuple[float, float, float, float]]:
     """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %)."""
     import zarr
 
@@ -291,7 +292,7 @@ def run_conversion(plan: ConvertPlan, client: Any,
             ms.group, {"image-label": omezarr.image_label(values, opts.ngff)}, opts.ngff)
     vol = plan.image.volume
     nchan = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
-    windows = _windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
+    windows = display_windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
     omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
         vol.channel_names or (plan.image.name,), windows)}, opts.ngff)
     plan.state.clear()

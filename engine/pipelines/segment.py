@@ -30,7 +30,7 @@ from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
 from engine.segment.workflow import Step, Workflow, load_workflow
-from engine.volume import Volume
+from engine.volume import select_channel
 
 BLOCK_VOXELS = 1 << 21
 """Default voxels per block (128³ in 3D): big enough to amortize task overhead, small
@@ -90,45 +90,6 @@ class SegmentResult:
     kept: list[Path]
     seconds: float
     statistics: dict[str, Any] = field(default_factory=dict)
-
-
-def select_channel(volume: Volume, channel: str | int | None
-                   ) -> tuple[Any, str, tuple[int, ...]]:
-    """The image's data with one channel (and time point) chosen: spatial axes only, and
-    the indices chosen on the leading (t, c) axes."""
-    data, axes, prefix = volume.data, volume.axes, ()
-    if "t" in axes:
-        if data.shape[axes.index("t")] != 1:
-            raise OptionError(f"{volume.source}: has {data.shape[axes.index('t')]} time points; "
-                              "segment one at a time (export or convert a single time point)")
-        data = data[(slice(None),) * axes.index("t") + (0,)]
-        axes = axes.replace("t", "")
-        prefix = (0,)
-    if "c" in axes:
-        n = data.shape[axes.index("c")]
-        names = list(volume.channel_names) or [f"channel {i}" for i in range(n)]
-        listing = ", ".join(f"{i} = {name}" for i, name in enumerate(names))
-        if channel is None:
-            if n != 1:
-                raise OptionError(f"{volume.source}: has {n} channels ({listing}); choose one "
-                                  "with --channel")
-            index = 0
-        elif isinstance(channel, str) and not channel.lstrip("-").isdigit():
-            if channel not in names:
-                raise OptionError(f"--channel {channel!r}: no such channel in "
-                                  f"{volume.source} ({listing})")
-            index = names.index(channel)
-        else:
-            index = int(channel)
-            if not 0 <= index < n:
-                raise OptionError(f"--channel {index}: out of range; {volume.source} has {n} "
-                                  f"channel(s) ({listing})")
-        data = data[(slice(None),) * axes.index("c") + (index,)]
-        axes = axes.replace("c", "")
-        prefix = (*prefix, index)
-    elif channel not in (None, 0, "0"):
-        raise OptionError(f"--channel {channel}: {volume.source} has no channel axis")
-    return data, axes, prefix
 
 
 def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
