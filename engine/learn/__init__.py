@@ -1,0 +1,1 @@
+"""Deep-learning building blocks in plain torch: U-Net models, masked losses and metrics."""
