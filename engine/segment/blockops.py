@@ -49,11 +49,19 @@ class BlockOp:
     pad_mode : str
         :func:`numpy.pad` mode used beyond the volume edges (``"edge"``, ``"symmetric"``,
         ``"reflect"``, ``"constant"`` ...), the boundary mode of the whole-array method.
+    pad_modes : tuple of str
+        One mode per input, for ops whose inputs need different edge padding (an image
+        padded ``"edge"`` beside markers padded ``"constant"`` 0); empty (the default):
+        every input uses ``pad_mode``. See :func:`input_pad_modes`.
     """
 
     @property
     def pad_mode(self) -> str:
         return "edge"
+
+    @property
+    def pad_modes(self) -> tuple[str, ...]:
+        return ()
 
     @property
     def dtype(self) -> np.dtype:
@@ -71,11 +79,16 @@ class BlockOp:
 
 @dataclass(frozen=True)
 class BlockReduce:
-    """Base class of block reductions: ``partial`` per block, ``combine`` over blocks."""
+    """Base class of block reductions: ``partial`` per block, ``combine`` over blocks.
+    Edge padding as :class:`BlockOp` (``pad_mode``, ``pad_modes``)."""
 
     @property
     def pad_mode(self) -> str:
         return "edge"
+
+    @property
+    def pad_modes(self) -> tuple[str, ...]:
+        return ()
 
     def halo(self, ndim: int) -> tuple[int, ...]:
         raise NotImplementedError
@@ -88,24 +101,26 @@ class BlockReduce:
         raise NotImplementedError
 
 
+def input_pad_modes(op: BlockOp | BlockReduce, n: int) -> tuple[str, ...]:
+    """The :func:`numpy.pad` mode of each of the ``n`` inputs of ``op``: its ``pad_modes``
+    when it names them, else ``pad_mode`` for every input."""
+    return tuple(op.pad_modes) or (op.pad_mode,) * n
+
+
 def apply_blockwise(op: BlockOp, images: Sequence[np.ndarray] | np.ndarray,
                     block_shape: Sequence[int]) -> np.ndarray:
     """Run ``op`` block by block over in-memory arrays, in this process.
 
     The reference harness for tests (and for small arrays): it tiles the arrays with a
     :class:`~engine.blocks.BlockGrid`, reads each read region, pads it at the volume edges
-    with ``op.pad_mode``, applies ``op`` and crops the write region, exactly as the
-    distributed runner does.
-
-    An op whose inputs need different edge padding (an image padded ``"edge"`` beside
-    markers padded ``"constant"`` 0) may define ``pad_modes``, one mode per input; it
-    replaces ``op.pad_mode`` when present and non-empty.
+    with the op's mode for each input (:func:`input_pad_modes`), applies ``op`` and crops
+    the write region, exactly as the distributed runner does.
     """
     images = [images] if isinstance(images, np.ndarray) else list(images)
     shape = images[0].shape
     grid = BlockGrid(shape, block_shape, halo=op.halo(len(shape)))
     out = np.empty(shape, dtype=op.dtype)
-    modes = getattr(op, "pad_modes", None) or (op.pad_mode,) * len(images)
+    modes = input_pad_modes(op, len(images))
     for block in grid:
         padded = [pad_read(np.asarray(im[block.read]), block, mode)
                   for im, mode in zip(images, modes, strict=True)]
@@ -119,7 +134,9 @@ def reduce_blockwise(op: BlockReduce, images: Sequence[np.ndarray] | np.ndarray,
     images = [images] if isinstance(images, np.ndarray) else list(images)
     grid = BlockGrid(images[0].shape, block_shape, halo=op.halo(images[0].ndim))
     parts = []
+    modes = input_pad_modes(op, len(images))
     for block in grid:
-        padded = [pad_read(np.asarray(im[block.read]), block, op.pad_mode) for im in images]
+        padded = [pad_read(np.asarray(im[block.read]), block, mode)
+                  for im, mode in zip(images, modes, strict=True)]
         parts.append(op.partial(block.crop, *padded))
     return op.combine(parts)

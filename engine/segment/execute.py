@@ -25,7 +25,7 @@ from engine.blocks import Block, BlockGrid, Region, pad_read
 from engine.errors import InputError, OptionError
 from engine.runner import RunState, run_blocks
 from engine.segment import pointwise as pw
-from engine.segment.blockops import BlockOp, BlockReduce
+from engine.segment.blockops import BlockOp, BlockReduce, input_pad_modes
 from engine.segment.refs import ArrayRef, Pointwise, Stored
 from engine.segment.workflow import RAW, Step, Workflow
 
@@ -54,6 +54,13 @@ class Context:
 # --------------------------------------------------------------------------- block passes
 
 
+def _padded_inputs(op: BlockOp | BlockReduce, inputs: Sequence[Any], block: Block
+                   ) -> list[np.ndarray]:
+    """Each input's read region, padded beyond the volume edges with its mode."""
+    return [pad_read(ref.read_region(block.read), block, mode)
+            for ref, mode in zip(inputs, input_pad_modes(op, len(inputs)), strict=True)]
+
+
 @dataclass(frozen=True)
 class OpTask:
     """Block task: pad the inputs' read regions, apply the op, write the write region."""
@@ -65,10 +72,8 @@ class OpTask:
     def __call__(self, block: Block) -> Any:
         import zarr
 
-        modes = getattr(self.op, "pad_modes", None) or (self.op.pad_mode,) * len(self.inputs)
-        padded = [pad_read(ref.read_region(block.read), block, mode)
-                  for ref, mode in zip(self.inputs, modes, strict=True)]
-        result = self.op(*padded)[block.crop].astype(self.op.dtype, copy=False)
+        result = self.op(*_padded_inputs(self.op, self.inputs, block))[block.crop]
+        result = result.astype(self.op.dtype, copy=False)
         # every chunk is written: skip zarr's scan of each chunk for the fill value
         out = zarr.open_array(self.out, mode="r+").with_config({"write_empty_chunks": True})
         out[block.write] = result
@@ -84,9 +89,7 @@ class ReduceTask:
     inputs: tuple[Any, ...]
 
     def __call__(self, block: Block) -> Any:
-        padded = [pad_read(ref.read_region(block.read), block, self.op.pad_mode)
-                  for ref in self.inputs]
-        return self.op.partial(block.crop, *padded)
+        return self.op.partial(block.crop, *_padded_inputs(self.op, self.inputs, block))
 
 
 def create_store(ctx: Context, name: str, shape: Sequence[int], dtype: Any) -> Stored:
