@@ -274,15 +274,15 @@ class _StatsTask:
             return value_range(v)
         if v.size == 0:
             return _Partial(0, math.nan, math.nan)
-        lo, hi = v.min(), v.max()
+        # "bins": the global range is known already, so the block's own is not taken;
         # the same call as np.histogram on the whole array: identical bin of every value
         counts, _ = np.histogram(v, bins=self.nbins, range=self.range)
         if not self.moments:
-            return _Partial(int(v.size), float(lo), float(hi), counts=counts)
+            return _Partial(int(v.size), math.nan, math.nan, counts=counts)
         f = v.astype(np.float64)
         s = float(f.sum())
         m2 = float(np.sum((f - s / f.size) ** 2))
-        return _Partial(int(v.size), float(lo), float(hi), sum=s,
+        return _Partial(int(v.size), math.nan, math.nan, sum=s,
                         sum_sq=float(np.dot(f, f)), m2=m2, counts=counts)
 
 
@@ -419,9 +419,10 @@ def histogram(
         if not p.count:
             continue
         counts += p.counts
-        m2 = _chan_m2(count, total, m2, p.count, p.sum, p.m2)
+        if moments:
+            m2 = _chan_m2(count, total, m2, p.count, p.sum, p.m2)
+            total += p.sum
         count += p.count
-        total += p.sum
     sums = ((math.fsum(p.sum for p in parts), math.fsum(p.sum_sq for p in parts), m2)
             if moments else (math.nan,) * 3)
     return Histogram(counts, edges, count=count, sum=sums[0], sum_sq=sums[1],
