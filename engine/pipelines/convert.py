@@ -16,6 +16,7 @@ from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
 from engine.io.sources import file_identity, read_region
+from engine.labels import VALUES_LIMIT
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
@@ -330,7 +331,7 @@ class UniqueValues:
 
 
 def label_values(client: Any, level0: Path, block_shape: Sequence[int],
-                 limit: int = 1024) -> list[int] | None:
+                 limit: int = VALUES_LIMIT) -> list[int] | None:
     """All label values of a label image, by a blockwise reduction; None past ``limit``."""
     import zarr
 
