@@ -320,8 +320,16 @@ def run_child(kind: str, src: Path, dst: Path, args: argparse.Namespace) -> dict
         cmd += ["--workers", str(args.workers)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    return run_trial(kind, cmd)
+
+
+def run_trial(kind: str, cmd: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run one trial's child process; the JSON object its last stdout line holds.
+
+    Past ``timeout`` seconds the child is killed and ``TimeoutExpired`` raised.
+    """
     # the child's stderr (cluster logs, shutdown noise) is shown only when the trial fails
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         sys.stdout.write(proc.stdout)

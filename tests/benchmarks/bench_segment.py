@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_convert import PeakRSS  # same folder: the script's sys.path[0]
+from bench_convert import PeakRSS, remove, run_trial  # same folder: the script's sys.path[0]
 
 MIB = 2**20
 CHUNK = 128
@@ -99,13 +99,6 @@ def level0_path(image: Path) -> Path:
     """Path of level 0 of an OME-Zarr (NGFF 0.5) image."""
     meta = json.loads((image / "zarr.json").read_text())
     return image / meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["path"]
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def otsu_centers(lo: Any, hi: Any, dtype: Any, nbins: int = 256) -> np.ndarray:
@@ -293,16 +286,9 @@ def run_child(kind: str, src: Path, dst: Path, args: argparse.Namespace,
            "--min-size", str(args.min_size), "--workers", str(args.workers),
            "--threads", str(args.threads)]
     try:
-        # the child's stderr (cluster logs, warnings) is shown only when the trial fails
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return run_trial(kind, cmd, timeout)
     except subprocess.TimeoutExpired:  # subprocess.run kills the child
         return None
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"{kind} trial failed with exit code {proc.returncode}")
-    return json.loads(lines[-1])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
