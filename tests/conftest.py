@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import mrcfile
@@ -51,3 +55,51 @@ def write_mrc(path: Path, data: np.ndarray, voxel_size: float | tuple = 1.0) -> 
     with mrcfile.new(path, data, overwrite=True) as mrc:
         mrc.voxel_size = voxel_size
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def dask_processes(logs: Path, workers: Sequence[Sequence[str]]) -> Iterator[str]:
+    """Run ``dask scheduler`` and one single-threaded ``dask worker`` per entry of ``workers``
+    (its extra arguments, e.g. ``["--resources", "GPU=1"]``) as subprocesses on 127.0.0.1;
+    yield the scheduler address once every worker has joined."""
+    from distributed import Client
+
+    bindir = Path(sys.executable).parent
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen(
+        [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0"],
+        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
+    for i, extra in enumerate(workers):
+        procs.append(subprocess.Popen(
+            [str(bindir / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+             "--nworkers", "1", "--no-dashboard", "--name", f"w{i}",
+             "--local-directory", str(logs / f"w{i}"), *extra],
+            stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout="5s") as c:
+                    c.wait_for_workers(len(workers), timeout=max(1, deadline - time.monotonic()))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,55 +10,16 @@ import pytest
 import zarr
 
 from engine.pipelines.convert import ConvertOptions, convert
-from tests.conftest import run_cli, write_mrc
+from tests.conftest import dask_processes, free_port, run_cli, write_mrc
 
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    """Start a scheduler and two single-threaded workers as subprocesses; yield the address."""
-    from distributed import Client
-
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    logs = tmp_path_factory.mktemp("dask-logs")
-    procs = [subprocess.Popen(
-        [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--dashboard-address", "127.0.0.1:0"],
-        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
-    for i in range(2):
-        procs.append(subprocess.Popen(
-            [str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-             "--nworkers", "1", "--no-dashboard", "--name", f"w{i}",
-             "--local-directory", str(logs / f"w{i}")],
-            stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client(address, timeout="5s") as c:
-                    c.wait_for_workers(2, timeout=max(1, deadline - time.monotonic()))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    """A scheduler and two single-threaded workers as subprocesses; yields the address."""
+    with dask_processes(tmp_path_factory.mktemp("dask-logs"), [[], []]) as address:
         yield address
-    finally:
-        for p in procs[::-1]:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_convert_on_external_cluster_equals_local_run(scheduler, client, tmp_path):
@@ -99,7 +57,7 @@ def test_convert_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
 def test_unreachable_scheduler_is_a_user_error(tmp_path):
     src = write_mrc(tmp_path / "a.mrc", np.zeros((4, 8, 8), np.float32))
     res = run_cli("convert", str(src), str(tmp_path / "a.ome.zarr"),
-                  "--scheduler", f"tcp://127.0.0.1:{_free_port()}", timeout=120)
+                  "--scheduler", f"tcp://127.0.0.1:{free_port()}", timeout=120)
     assert res.returncode == 2
     assert "cannot reach the scheduler" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
