@@ -110,3 +110,41 @@ def phantom_slide(shape: tuple[int, int] = (512, 640), seed: int = 0, n_cells: i
     stack += rng.normal(0, 40, stack.shape)
     image = np.clip(stack, 0, 65535).astype(np.uint16)
     return image, nuclei, cells, ("DAPI", "membrane", "brightfield")
+
+
+def low_light(channel: np.ndarray, seed: int = 0, noise: float = 0.6,
+              background: float = 0.5, floor: float = 100.0) -> np.ndarray:
+    """The same field of view acquired badly: low light, uneven illumination, background haze.
+
+    Stands in for the data a classic method cannot segment but a network trained on labels
+    from the good acquisition can (the MISIC / PartSeg retraining scheme).
+
+    Parameters
+    ----------
+    channel : ndarray, shape (y, x) or (z, y, x)
+        The good acquisition (e.g. the DAPI channel of :func:`phantom_slide`).
+    seed : int
+        Random seed of the haze and the noise.
+    noise : float
+        Standard deviation of the Gaussian noise relative to the signal's range (1).
+    background : float
+        Amplitude of a smooth random background haze, relative to the signal's range.
+    floor : float
+        Camera offset of the good acquisition, removed before scaling.
+
+    Returns
+    -------
+    ndarray of uint16, the shape of ``channel``
+        Signal scaled by an illumination falling to 25 % at one side (along x), plus the
+        haze, plus noise, as camera counts.
+    """
+    rng = np.random.default_rng(seed)
+    img = channel.astype(np.float32) - floor
+    signal = img / max(float(img.max()), 1e-6)
+    x = np.linspace(0.0, 1.0, channel.shape[-1], dtype=np.float32)
+    illumination = 0.25 + 1.0 * x
+    haze = ndi.gaussian_filter(rng.normal(size=channel.shape).astype(np.float32),
+                               max(channel.shape) / 10)
+    haze = background * (haze - haze.min()) / max(float(np.ptp(haze)), 1e-6)
+    low = signal * illumination + haze + rng.normal(0, noise, channel.shape)
+    return np.clip(low * 800 + 300, 0, 65535).astype(np.uint16)
