@@ -284,7 +284,7 @@ def _fill(empty: int, out: dict[str, str], sizes: dict[str, int], counts: list[i
 
 # ------------------------------------------------------------------------------ sources
 
-def _entries(folder: Path) -> dict[str, Path]:
+def patch_entries(folder: Path) -> dict[str, Path]:
     """Patch files (and ``.zarr`` folders) of ``folder`` by stem; two with one stem: error."""
     out: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
@@ -303,7 +303,7 @@ def _entries(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _image_for(images: dict[str, Path], name: str, folder: Path) -> Path:
+def image_for(images: dict[str, Path], name: str, folder: Path) -> Path:
     path = images.get(name) or images.get(name + CHANNEL_SUFFIX)
     if path is None:
         raise InputError(f"{folder}: no image patch {name!r} for its label patch")
@@ -327,7 +327,7 @@ def _patch_folder(source: Path, labels_dir: str) -> list[Item]:
             raise InputError(f"{source}: no {d.name}/ folder; a patch folder holds "
                              f"{IMAGES_DIR}/ and {labels_dir}/ (from 'voxelmill patches "
                              "extract')")
-    images, labels = _entries(img_dir), _entries(lab_dir)
+    images, labels = patch_entries(img_dir), patch_entries(lab_dir)
     manifest = source / MANIFEST
     items: list[Item] = []
     if manifest.is_file():
@@ -344,7 +344,7 @@ def _patch_folder(source: Path, labels_dir: str) -> list[Item]:
             seen.add(name)
             if name not in labels:
                 raise InputError(f"{lab_dir}: no label patch {name!r} (listed in {manifest})")
-            items.append(Item(name, group, _image_for(images, name, img_dir), labels[name],
+            items.append(Item(name, group, image_for(images, name, img_dir), labels[name],
                               source))
         extra = sorted(set(labels) - seen)
         if extra:
@@ -357,7 +357,7 @@ def _patch_folder(source: Path, labels_dir: str) -> list[Item]:
         if m is None:
             raise InputError(f"{path}: name is not <ds>_<token>_patch<N> and {source} has no "
                              f"{MANIFEST}, so its source volume is unknown")
-        items.append(Item(name, m["group"], _image_for(images, name, img_dir), path, source))
+        items.append(Item(name, m["group"], image_for(images, name, img_dir), path, source))
     return items
 
 
