@@ -239,6 +239,8 @@ def demo(
                        ] = Path("voxelmill-demo"),
     size: Annotated[int, typer.Option(help="Edge of the phantom tomogram in voxels.")] = 192,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo's outputs.")] = True,
+    train_iterations: Annotated[int, typer.Option(
+        help="Iterations of the demo's U-Net training on the low-light channel.")] = 400,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
@@ -248,7 +250,8 @@ def demo(
 
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             for line in run_demo(out_dir, client, size=size, overwrite=overwrite,
-                                 progress=progress_factory()):
+                                 progress=progress_factory(),
+                                 train_iterations=train_iterations):
                 out.print(line)
 
 
@@ -256,10 +259,12 @@ def _register_subcommands() -> None:
     from cli.curate import curate_app
     from cli.dataset import dataset_app
     from cli.patches import patches_app
+    from cli.train import train
 
     app.add_typer(patches_app, name="patches")
     app.add_typer(curate_app, name="curate")
     app.add_typer(dataset_app, name="dataset")
+    app.command("train")(train)
 
 
 _register_subcommands()

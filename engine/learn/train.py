@@ -1,0 +1,651 @@
+"""The training loop: iteration-based, validated every K iterations, resumable, seeded.
+
+:func:`plan_training` opens the sources, splits off validation, computes the global
+normalization statistics (blockwise on the cluster for large volumes) and checks the
+model against the patch shape — everything that can fail on user input fails there,
+before any training. :func:`run_training` then trains, on this machine or (through
+:func:`train_on_cluster`) as one task on a Dask worker that has ``GPU=1`` resources,
+which streams its crops from the OME-Zarr stores.
+
+Determinism: sample ``j`` of iteration ``i`` is cropped and augmented with
+``numpy.random.default_rng([seed, i, j])``, and the learning rate is a function of the
+iteration, so a resumed run sees exactly the batches the uninterrupted run would have seen
+(on CPU, the resumed weights equal the uninterrupted ones).
+
+Output folder::
+
+    OUT/last.pt         latest state (model, optimizer, iteration, history): --resume
+    OUT/best.pt         best validation Dice so far (the model to use)
+    OUT/metrics.json    history: training loss, learning rate, validation loss/Dice/IoU
+    OUT/curves.png      learning curves
+    OUT/config.yaml     the complete configuration that was run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from scipy import ndimage
+
+from engine.errors import DestinationError, InputError, OptionError
+from engine.learn.augment import Augment
+from engine.learn.checkpoint import load_checkpoint, save_checkpoint
+from engine.learn.config import TrainConfig
+from engine.learn.data import (
+    IGNORE,
+    CropSampler,
+    TrainVolume,
+    open_sources,
+    prepare,
+    split_folder_validation,
+    split_validation,
+)
+from engine.learn.losses import masked_bce_dice, masked_ce_dice
+from engine.learn.unet import UNet, receptive_field
+
+LAST, BEST, METRICS, CURVES, CONFIG = "last.pt", "best.pt", "metrics.json", "curves.png", \
+    "config.yaml"
+OUTPUTS = (LAST, BEST, METRICS, CURVES, CONFIG)
+#: the sections that must not change when a run is resumed
+FIXED_ON_RESUME = ("data", "target", "model", "loss", "augment")
+
+Event = dict[str, Any]
+
+
+@dataclass
+class TrainPlan:
+    """Everything a training run needs, checked and prepared (pickleable: it travels to a
+    worker with :func:`train_on_cluster`)."""
+
+    config: TrainConfig
+    train: list[TrainVolume]
+    val: list[TrainVolume]
+    in_channels: int
+    channel_names: tuple[str, ...]
+    spatial_dims: int
+    voxel_size: tuple[float, ...]
+    unit: str
+    arch: dict[str, Any]
+    resume: bool = False
+    init_state: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output: Path
+    iterations: int
+    best: dict[str, Any]
+    history: list[Event]
+    stopped: str
+    seconds: float
+    device: str
+    host: str = field(default_factory=socket.gethostname)
+    worker: str | None = None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _check_output(config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    out = config.output
+    if out.exists() and not out.is_dir():
+        raise DestinationError(f"{out}: exists and is not a folder")
+    present = [n for n in OUTPUTS if (out / n).exists()]
+    if resume:
+        if not (out / LAST).is_file():
+            raise InputError(f"{out}: nothing to resume (no {LAST}); run without --resume")
+        return
+    if present and not overwrite:
+        raise DestinationError(
+            f"{out}: holds a training run ({', '.join(present)}); use --resume to continue it "
+            "or --overwrite to start again")
+
+
+def _arch(config: TrainConfig, in_channels: int, spatial_dims: int,
+          init: dict[str, Any] | None) -> dict[str, Any]:
+    if init is not None:  # fine-tuning keeps the architecture of the checkpoint
+        arch = {k: v for k, v in init["arch"].items() if k != "name"}
+        if arch["spatial_dims"] != spatial_dims or arch["in_channels"] != in_channels \
+                or arch["out_channels"] != config.out_channels:
+            raise InputError(
+                f"train.init {config.train.init}: the checkpoint's model takes "
+                f"{arch['in_channels']} channel(s) in {arch['spatial_dims']}D and gives "
+                f"{arch['out_channels']} output(s); this training needs {in_channels} in "
+                f"{spatial_dims}D and {config.out_channels} out")
+        return arch
+    m = config.model
+    return {"spatial_dims": spatial_dims, "in_channels": in_channels,
+            "out_channels": config.out_channels, "features": list(m.features), "norm": m.norm,
+            "anisotropic_levels": m.anisotropic_levels if spatial_dims == 3 else 0,
+            "up_mode": m.up_mode}
+
+
+def plan_training(config: TrainConfig, client: Any = None, resume: bool = False,
+                  overwrite: bool = False) -> TrainPlan:
+    """Open and check everything; compute the global normalization statistics.
+
+    Raises
+    ------
+    InputError, OptionError, DestinationError
+        For a source, option or output problem, before anything is written.
+    """
+    _check_output(config, resume, overwrite)
+    if resume:
+        _check_resumable(config)
+    volumes = open_sources(config.data.train)
+    explicit_val = (open_sources(config.data.val) if config.data.val
+                    else split_folder_validation(config.data.train))
+    train, val = split_validation(volumes, explicit_val, config.data.val_fraction,
+                                  config.train.seed)
+    if not train:
+        raise InputError("no training data left after holding out validation; lower "
+                         "data.val_fraction or give data.val sources")
+    first = train[0]
+    for v in train[1:] + val:
+        if v.image.shape[0] != first.image.shape[0] or v.spatial_dims != first.spatial_dims:
+            raise InputError(
+                f"{v.name}: {v.image.shape[0]} channel(s) in {v.spatial_dims}D, but "
+                f"{first.name} has {first.image.shape[0]} in {first.spatial_dims}D; all "
+                "sources of one training must match")
+    patch = config.data.patch_shape
+    if len(patch) != first.spatial_dims:
+        raise OptionError(
+            f"data.patch_shape {list(patch)} has {len(patch)} axes but the data is "
+            f"{first.spatial_dims}D")
+    init_meta, init_state = None, None
+    if config.train.init is not None:
+        ck = load_checkpoint(config.train.init)
+        init_meta, init_state = ck.metadata, ck.state_dict
+    arch = _arch(config, int(first.image.shape[0]), first.spatial_dims, init_meta)
+    try:
+        UNet(**arch).check_input_shape(patch)
+    except OptionError as exc:
+        raise OptionError(f"data.patch_shape: {exc}") from None
+    CropSampler(train, patch, config.data.foreground_fraction).check_foreground()
+    prepare(train + val, config.data.normalization, client)
+    return TrainPlan(config, train, val, int(first.image.shape[0]), first.channel_names,
+                     first.spatial_dims, tuple(first.voxel_size), first.unit, arch, resume,
+                     init_state)
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    ck = load_checkpoint(config.output / LAST)
+    before = ck.metadata.get("config", {})
+    now = config.to_dict()
+    changed = [s for s in FIXED_ON_RESUME if before.get(s) != now.get(s)]
+    if changed:
+        raise OptionError(
+            f"{config.output / LAST}: the {', '.join(changed)} section(s) differ from the run "
+            "being resumed; only train.* settings may change (start a new output folder or "
+            "use --overwrite)")
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _boundaries(label: np.ndarray, width: int) -> np.ndarray:
+    """Inner boundaries of the instances (width voxels), per sample of ``(B, *S)``."""
+    out = np.zeros(label.shape, bool)
+    for b, lab in enumerate(label):
+        fg = lab > 0
+        # a voxel is on a boundary when a neighbour belongs to another instance or background
+        hi = ndimage.grey_dilation(lab, size=3)
+        lo = -ndimage.grey_dilation(-np.where(lab == IGNORE, np.iinfo(lab.dtype).max, lab),
+                                    size=3)
+        edge = fg & ((hi != lab) | (lo != lab))
+        if width > 1:
+            edge = ndimage.binary_dilation(edge, iterations=width - 1) & fg
+        out[b] = edge
+    return out
+
+
+def make_targets(label: np.ndarray, kind: str, n_classes: int, boundary_width: int = 1
+                 ) -> np.ndarray:
+    """Training targets from labels in the training convention (``IGNORE`` = -1).
+
+    Parameters
+    ----------
+    label : ndarray of int64, shape (B, *S)
+    kind : {"binary", "boundary", "classes"}
+
+    Returns
+    -------
+    ndarray of int64
+        binary: ``(B, 1, *S)`` 0/1/IGNORE; boundary: ``(B, 2, *S)`` (foreground, boundary)
+        0/1/IGNORE; classes: ``(B, *S)`` class indices or IGNORE.
+    """
+    ignore = label == IGNORE
+    if kind == "classes":
+        bad = (label >= n_classes) & ~ignore
+        if bad.any():
+            raise InputError(
+                f"label value {int(label[bad].max())} is not a class index below "
+                f"{n_classes}: map the source's values with classes: in data.train")
+        return label.astype(np.int64)
+    fg = (label > 0).astype(np.int64)
+    if kind == "binary":
+        return np.where(ignore, IGNORE, fg)[:, None]
+    edge = _boundaries(label, boundary_width).astype(np.int64)
+    return np.stack([np.where(ignore, IGNORE, fg), np.where(ignore, IGNORE, edge)], axis=1)
+
+
+def compute_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig
+                 ) -> torch.Tensor:
+    """The configured loss of a batch; ignored voxels count nowhere."""
+    kind, lc = config.target.kind, config.loss
+    logits = logits.float()
+    if kind == "classes":
+        return masked_ce_dice(logits, target, ignore_index=IGNORE, dice_weight=lc.dice_weight)
+    total = logits.new_zeros(())
+    for ch in range(logits.shape[1]):  # binary: 1 channel; boundary: foreground + boundary
+        total = total + masked_bce_dice(logits[:, ch:ch + 1], target[:, ch:ch + 1],
+                                        ignore_index=IGNORE, pos_weight=lc.pos_weight,
+                                        dice_weight=lc.dice_weight)
+    return total
+
+
+def foreground(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Binary foreground prediction: probability > 0.5, or an argmax that is not class 0."""
+    if kind == "classes":
+        return logits.argmax(dim=1) > 0
+    return logits[:, 0] > 0
+
+
+def _target_foreground(target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    t = target if kind == "classes" else target[:, 0]
+    return t > 0, t != IGNORE
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """Seeded batches, prepared ahead by a background thread."""
+
+    def __init__(self, plan: TrainPlan) -> None:
+        cfg = plan.config
+        self.sampler = CropSampler(plan.train, cfg.data.patch_shape,
+                                   cfg.data.foreground_fraction, cfg.train.seed)
+        self.augment = Augment(cfg.augment)
+        self.cfg = cfg
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-batches")
+        self.pending: dict[int, Future] = {}
+
+    def _make(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for j in range(self.cfg.train.batch_size):
+            rng = np.random.default_rng([self.cfg.train.seed, iteration, j])
+            img, lab = self.sampler.sample(rng)
+            img, lab, _ = self.augment(img, lab, None, rng=rng)
+            images.append(img)
+            labels.append(lab.astype(np.int64))
+        label = np.stack(labels)
+        t = self.cfg.target
+        return np.stack(images), make_targets(label, t.kind, len(t.classes), t.boundary_width)
+
+    def get(self, iteration: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of ``iteration``; batches up to ``last`` are queued ahead."""
+        ahead = self.cfg.train.prefetch
+        for i in range(iteration, min(iteration + ahead, last) + 1):
+            if i not in self.pending:
+                self.pending[i] = self.pool.submit(self._make, i)
+        return self.pending.pop(iteration).result()
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _validation_set(plan: TrainPlan) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not plan.val:
+        return []
+    cfg = plan.config
+    sampler = CropSampler(plan.val, cfg.data.patch_shape, 0.0, cfg.train.seed)
+    t = cfg.target
+    out = []
+    for img, lab in sampler.grid(cfg.data.val_crops, cfg.train.seed):
+        out.append((img, make_targets(lab[None].astype(np.int64), t.kind, len(t.classes),
+                                      t.boundary_width)[0]))
+    return out
+
+
+def validate(model: torch.nn.Module, crops: Sequence[tuple[np.ndarray, np.ndarray]],
+             config: TrainConfig, device: torch.device, batch: int) -> dict[str, float]:
+    """Loss, Dice and IoU over all validation crops together (ignored voxels excluded)."""
+    model.eval()
+    kind = config.target.kind
+    tp = fp = fn = 0
+    loss_sum, n = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(crops), batch):
+            part = crops[k:k + batch]
+            x = torch.from_numpy(np.stack([c[0] for c in part])).to(device)
+            t = torch.from_numpy(np.stack([c[1] for c in part])).to(device)
+            logits = model(x)
+            loss_sum += float(compute_loss(logits, t, config)) * len(part)
+            n += len(part)
+            pred = foreground(logits, kind)
+            truth, valid = _target_foreground(t, kind)
+            tp += int((pred & truth & valid).sum())
+            fp += int((pred & ~truth & valid).sum())
+            fn += int((~pred & truth & valid).sum())
+    model.train()
+    denom = tp + fp + fn
+    return {"val_loss": loss_sum / max(n, 1),
+            "val_dice": 2 * tp / (2 * tp + fp + fn) if denom else 1.0,
+            "val_iou": tp / denom if denom else 1.0}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def learning_rate(config: TrainConfig, iteration: int) -> float:
+    """The learning rate at ``iteration`` (1-based): linear warm-up, then the schedule."""
+    c = config.train
+    if c.warmup and iteration <= c.warmup:
+        return c.lr * iteration / c.warmup
+    span = max(c.iterations - c.warmup, 1)
+    progress = min(max(iteration - c.warmup, 0) / span, 1.0)
+    if c.schedule == "cosine":
+        return c.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if c.schedule == "step":  # ÷10 after one and two thirds of the iterations
+        return c.lr * 0.1 ** min(int(progress * 3), 2)
+    return c.lr
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device {name}: CUDA is not available on {socket.gethostname()} "
+                          "(torch was built without it, or no GPU is visible)")
+    return torch.device(name)
+
+
+def metadata(plan: TrainPlan, model: UNet, history: list[Event], best: dict[str, Any],
+             iteration: int) -> dict[str, Any]:
+    """The checkpoint's JSON metadata: everything inference needs, and how it was made."""
+    cfg = plan.config
+    kind = cfg.target.kind
+    return {
+        "arch": {"name": "unet", **model.arch()},
+        "input": {
+            "channels": list(plan.channel_names),
+            "normalization": cfg.data.normalization.to_dict(),
+            "stats": _stats_list(plan.train + plan.val),
+        },
+        "target": {"kind": kind, "classes": list(cfg.target.classes),
+                   "activation": "softmax" if kind == "classes" else "sigmoid",
+                   "boundary_width": cfg.target.boundary_width},
+        "patch_shape": list(cfg.data.patch_shape),
+        "divisor": list(model.divisor),
+        "receptive_field": list(receptive_field(model)),
+        "voxel_size": list(plan.voxel_size), "unit": plan.unit,
+        "iteration": iteration, "best": best, "history": history,
+        "config": cfg.to_dict(),
+    }
+
+
+def _stats_list(volumes: Sequence[TrainVolume]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for v in volumes:
+        if v.stats is not None and v.group not in seen:
+            seen[v.group] = {"name": v.group, **v.stats.to_dict()}
+    return list(seen.values())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_metrics(out: Path, history: list[Event], best: dict[str, Any], stopped: str,
+                   iteration: int) -> None:
+    _write_json(out / METRICS, {"iteration": iteration, "stopped": stopped, "best": best,
+                                "history": history})
+    try:
+        from engine.learn.curves import plot_curves
+
+        plot_curves(history, out / CURVES, title=out.name)
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        pass
+
+
+def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
+                 overwrite: bool = False) -> TrainResult:
+    """Train as planned; checkpoints, metrics and curves go to ``plan.config.output``.
+
+    Parameters
+    ----------
+    plan : TrainPlan
+        From :func:`plan_training`.
+    events : callable, optional
+        Called with ``{"event": "start"|"iteration"|"validation"|"end", ...}`` dicts
+        (iteration, loss, lr, val_dice ...) for progress reporting.
+    overwrite : bool
+        Remove an earlier run's files first (the planner has checked it was asked for).
+    """
+    cfg = plan.config
+    emit = events or (lambda e: None)
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and not plan.resume:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = UNet(**plan.arch)
+    if plan.init_state is not None:
+        _load_state(model, plan.init_state, str(cfg.train.init))
+    model.to(device)
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    history: list[Event] = []
+    best: dict[str, Any] = {}
+    start, bad_validations = 1, 0
+    if plan.resume:
+        ck = load_checkpoint(out / LAST, map_location=device)
+        _load_state(model, ck.state_dict, str(out / LAST))
+        if ck.optimizer is not None:
+            optimizer.load_state_dict(ck.optimizer)
+        history, best = list(ck.metadata.get("history", [])), dict(ck.metadata.get("best", {}))
+        start = int(ck.metadata["iteration"]) + 1
+        bad_validations = int((ck.extra or {}).get("bad_validations", 0))
+        if ck.extra and "torch_rng" in ck.extra:
+            torch.set_rng_state(ck.extra["torch_rng"].cpu())
+    _write_yaml(out / CONFIG, cfg.to_dict())
+
+    use_amp = device.type == "cuda" and cfg.train.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    val_crops = _validation_set(plan)
+    batches = Batches(plan)
+    last = cfg.train.iterations
+    emit({"event": "start", "start": start, "iterations": last, "device": str(device),
+          "train_volumes": len(plan.train), "val_crops": len(val_crops)})
+    t0 = time.monotonic()
+    stopped = "completed"
+    iteration = start - 1
+    running, running_n = 0.0, 0
+    model.train()
+
+    def save(name: str, with_optimizer: bool) -> None:
+        meta = metadata(plan, model, history, best, iteration)
+        save_checkpoint(out / name, {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        meta, optimizer.state_dict() if with_optimizer else None,
+                        {"bad_validations": bad_validations, "torch_rng": torch.get_rng_state()})
+
+    try:
+        for iteration in range(start, last + 1):
+            lr = learning_rate(cfg, iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image, target = batches.get(iteration, last)
+            x = torch.from_numpy(image).to(device, non_blocking=True)
+            t = torch.from_numpy(target).to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+            loss = compute_loss(logits, t, cfg)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise OptionError(f"training diverged at iteration {iteration} (loss {value}); "
+                                  "lower train.lr")
+            running += value
+            running_n += 1
+            emit({"event": "iteration", "iteration": iteration, "loss": value, "lr": lr})
+            if iteration % cfg.train.val_every and iteration != last:
+                continue
+            entry: Event = {"iteration": iteration, "loss": running / running_n, "lr": lr,
+                            "time_s": round(time.monotonic() - t0, 3)}
+            running, running_n = 0.0, 0
+            improved = False
+            if val_crops:
+                entry.update(validate(model, val_crops, cfg, device, cfg.train.batch_size))
+                improved = not best or entry["val_dice"] > best["val_dice"]
+            else:
+                improved = True  # nothing to validate on: the latest model is the best
+            history.append(entry)
+            if improved:
+                bad_validations = 0
+                best = {"iteration": iteration,
+                        **{k: entry[k] for k in ("val_dice", "val_iou", "val_loss")
+                           if k in entry}}
+                save(BEST, with_optimizer=False)
+            else:
+                bad_validations += 1
+            save(LAST, with_optimizer=True)
+            _write_metrics(out, history, best, "running", iteration)
+            emit({"event": "validation", **entry, "best": best})
+            if cfg.train.patience and bad_validations >= cfg.train.patience:
+                stopped = "early_stop"
+                break
+    finally:
+        batches.close()
+    if iteration >= start and (not history or history[-1]["iteration"] != iteration):
+        save(LAST, with_optimizer=True)  # pragma: no cover - the last iteration validates
+    _write_metrics(out, history, best, stopped, iteration)
+    seconds = time.monotonic() - t0
+    emit({"event": "end", "iteration": iteration, "stopped": stopped, "best": best,
+          "seconds": seconds})
+    return TrainResult(out, iteration, best, history, stopped, seconds, str(device))
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:2]
+        raise InputError(f"{where}: weights do not fit the model ({' '.join(first)})") from None
+
+
+def _write_yaml(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- on a cluster
+
+
+def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool) -> TrainResult:
+    from distributed import Queue, get_worker
+
+    worker = get_worker()
+    queue = Queue(queue_name)
+    last_put = [0.0]
+
+    def forward(event: Event) -> None:
+        # iterations are frequent: send one per second at most, the rest always
+        now = time.monotonic()
+        if event["event"] == "iteration" and now - last_put[0] < 1.0:
+            return
+        last_put[0] = now
+        queue.put(json.loads(json.dumps(event, default=str)))
+
+    result = run_training(plan, forward, overwrite)
+    result.worker = worker.address
+    return result
+
+
+def gpu_workers(client: Any) -> list[str]:
+    """Addresses of the workers that advertise ``GPU`` resources."""
+    info = client.scheduler_info()["workers"]
+    return sorted(a for a, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1)
+
+
+def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], None] | None = None,
+                     overwrite: bool = False, report: Callable[[str], None] = print
+                     ) -> TrainResult:
+    """Run :func:`run_training` as one task on a worker with ``GPU=1`` resources.
+
+    Without GPU workers, ``--device cpu`` (or ``auto``) trains on any worker and says so;
+    ``--device cuda`` is refused. Progress events come back through a Dask queue. The
+    worker reads its crops straight from the stores, so the output folder and the data
+    must be on storage the worker sees.
+    """
+    from distributed import Queue
+    from distributed.utils import TimeoutError as DaskTimeout
+
+    gpus = gpu_workers(client)
+    device = plan.config.train.device
+    if not gpus and device.startswith("cuda"):
+        raise OptionError(f"--device {device}: no worker of the cluster advertises GPU "
+                          "resources (start one with: dask worker --resources GPU=1)")
+    resources = {"GPU": 1} if gpus else None
+    report(f"training on {'a GPU worker (' + ', '.join(gpus) + ')' if gpus else 'a worker'}"
+           f"{'' if gpus else ' (no worker advertises GPU=1)'}")
+    name = f"voxelmill-train-{os.getpid()}-{time.time_ns()}"
+    queue = Queue(name, client=client)
+    future = client.submit(_train_task, plan, name, overwrite, resources=resources, pure=False,
+                           key=name)
+    emit = events or (lambda e: None)
+    try:
+        while True:
+            try:
+                emit(queue.get(timeout=0.5))
+            except (DaskTimeout, TimeoutError):
+                if future.done():
+                    break
+        while queue.qsize():
+            emit(queue.get())
+        return future.result()
+    finally:
+        queue.close()
+
+
+def train(config: TrainConfig, client: Any = None, resume: bool = False,
+          overwrite: bool = False, on_cluster: bool = False,
+          events: Callable[[Event], None] | None = None,
+          report: Callable[[str], None] = print) -> TrainResult:
+    """Plan, then train here or (``on_cluster``) on a GPU worker of ``client``."""
+    plan = plan_training(config, client, resume, overwrite)
+    if on_cluster:
+        return train_on_cluster(plan, client, events, overwrite, report)
+    return run_training(plan, events, overwrite)
+
+
+__all__ = ["TrainPlan", "TrainResult", "compute_loss", "learning_rate", "make_targets",
+           "plan_training", "run_training", "train", "train_on_cluster", "validate"]
