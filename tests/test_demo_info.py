@@ -16,7 +16,7 @@ from tests.conftest import run_cli
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     res = run_cli("demo", "--out", str(out), "--size", "96", "--workers", "1",
-                  "--threads-per-worker", "2")
+                  "--threads-per-worker", "2", "--train-iterations", "200")
     assert res.returncode == 0, res.stderr
     assert "dashboard" in res.stderr
     tomo = zarr.open_group(str(out / "phantom_tomogram.ome.zarr"), mode="r")
@@ -26,9 +26,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert truth.max() >= 3 and 0.005 < (truth > 0).mean() < 0.3  # shells and sheets
     slide = zarr.open_group(str(out / "phantom_slide.ome.zarr"), mode="r")
     assert [c["label"] for c in slide.attrs["ome"]["omero"]["channels"]] == \
-        ["DAPI", "membrane", "brightfield"]
+        ["DAPI", "membrane", "brightfield", "DAPI_lowlight"]
     assert sorted(zarr.open_group(str(out / "phantom_slide.ome.zarr/labels"), mode="r")
-                  .attrs["ome"]["labels"]) == ["auto_nuclei", "cells", "nuclei"]
+                  .attrs["ome"]["labels"]) == ["auto_nuclei", "cells", "lowlight_classic", "nuclei"]
     assert "membranes" in tomo["labels"].attrs["ome"]["labels"]
     # the presets segment the phantoms well: Dice of the automatic labels with the truth
     dices = [float(m) for m in re.findall(r"Dice with the truth ([0-9.]+)", res.stdout)]
@@ -37,6 +37,12 @@ def test_demo_runs_end_to_end(tmp_path):
         np.testing.assert_array_equal(mrc.data, tomo["1"][tuple(
             slice(0, s // 2) for s in tomo["1"].shape)])
         assert abs(float(mrc.voxel_size.x) - 2 * 13.68) < 1e-3  # level 1: twice the voxel
+    # a U-Net trained on the low-light channel with labels from DAPI (claims: test_train.py)
+    m = re.search(r"Dice with the truth on DAPI_lowlight: model ([0-9.]+), classic workflow "
+                  r"([0-9.]+)", res.stdout)
+    assert m is not None, res.stdout
+    assert (out / "train_lowlight" / "best.pt").is_file()
+    assert (out / "train_lowlight.yaml").is_file()
     assert "done." in res.stdout
 
 
