@@ -258,6 +258,7 @@ def demo(
 def _register_subcommands() -> None:
     from cli.curate import curate_app
     from cli.dataset import dataset_app
+    from cli.model import model_app
     from cli.patches import patches_app
     from cli.train import train
 
@@ -265,6 +266,7 @@ def _register_subcommands() -> None:
     app.add_typer(curate_app, name="curate")
     app.add_typer(dataset_app, name="dataset")
     app.command("train")(train)
+    app.add_typer(model_app, name="model")
 
 
 _register_subcommands()

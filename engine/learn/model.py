@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,7 +69,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     if _is_torchscript(path):
         extra = {META_FILE: ""}
         try:
-            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            with warnings.catch_warnings():  # deprecated in favour of torch.export, still the
+                warnings.simplefilter("ignore", DeprecationWarning)  # format users can run
+                model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as exc:  # torch raises RuntimeError for foreign archives
             raise InputError(f"model {path}: not a loadable TorchScript file ({exc})") from None
         if not extra[META_FILE]:
@@ -98,14 +101,20 @@ def export_torchscript(checkpoint: str | os.PathLike[str], out: str | os.PathLik
     model, meta = load_model(checkpoint)
     arch = meta["arch"]
     example = torch.zeros((1, arch["in_channels"], *meta["patch_shape"]))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the shape checks of the model's Python code become constants: expected, the
+        # trace is verified on other shapes by the tests
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
     meta = {**meta, "format": "torchscript", "exported_from": str(Path(checkpoint).resolve())}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        torch.jit.save(traced, tmp, _extra_files={META_FILE: json.dumps(meta)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(traced, tmp, _extra_files={META_FILE: json.dumps(meta)})
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
