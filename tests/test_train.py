@@ -33,6 +33,14 @@ from engine.pipelines.segment import SegmentOptions, segment
 from tests.conftest import dask_processes, run_cli
 
 ROWS, COLS = 512, 640
+#: cell bodies from a membrane stain: the rims and the faint cytoplasm, smoothed, filled
+CELLS_WORKFLOW = """
+steps:
+  - {name: smooth, function: gaussian, parameters: {sigma: 4.0}}
+  - {name: mask, function: threshold, parameters: {method: otsu}}
+  - {name: filled, function: fill_holes, parameters: {max_size: 2000}}
+  - {name: label, function: label}
+"""
 HOLDOUT = int(ROWS * 0.8)  # val_fraction 0.2 holds out the last rows of a single 2D volume
 
 
@@ -46,7 +54,7 @@ def slide(tmp_path_factory, client) -> dict:
     the classic nucleus workflow on the good DAPI channel ("auto") and on the low-light one
     ("classic")."""
     tmp = tmp_path_factory.mktemp("slide")
-    image, nuclei, _, names = phantom_slide((ROWS, COLS), seed=2)
+    image, nuclei, cells, names = phantom_slide((ROWS, COLS), seed=2)
     image = np.concatenate([image, low_light(image[0], seed=3, noise=0.5)[None]])
     names = (*names, "DAPI_lowlight")
     tif = tmp / "slide.ome.tif"
@@ -54,14 +62,20 @@ def slide(tmp_path_factory, client) -> dict:
         "axes": "CYX", "Channel": {"Name": list(names)}, "PhysicalSizeX": 0.2,
         "PhysicalSizeY": 0.2})
     tifffile.imwrite(tmp / "nuclei.tif", nuclei)
+    tifffile.imwrite(tmp / "cells.tif", cells)
     zpath = tmp / "slide.ome.zarr"
-    convert(tif, zpath, ConvertOptions(chunks=(256,), labels=(("truth", str(tmp / "nuclei.tif")),)),
+    convert(tif, zpath, ConvertOptions(chunks=(256,), labels=(
+        ("truth", str(tmp / "nuclei.tif")), ("cells_truth", str(tmp / "cells.tif")))),
             client, report=lambda line: None)
-    for channel, name in (("DAPI", "auto"), ("DAPI_lowlight", "classic")):
-        segment(zpath, SegmentOptions("nucleus", name, channel=channel), client,
+    (tmp / "cells.yaml").write_text(CELLS_WORKFLOW)
+    for workflow, channel, name in (("nucleus", "DAPI", "auto"),
+                                    ("nucleus", "DAPI_lowlight", "classic"),
+                                    (str(tmp / "cells.yaml"), "membrane", "cells_auto"),
+                                    (str(tmp / "cells.yaml"), "brightfield", "cells_classic")):
+        segment(zpath, SegmentOptions(workflow, name, channel=channel), client,
                 report=lambda line: None)
     read = {k: zarr.open_array(str(zpath / "labels" / k / "0"), mode="r")[...]
-            for k in ("truth", "auto", "classic")}
+            for k in ("truth", "auto", "classic", "cells_truth", "cells_auto", "cells_classic")}
     return {"path": zpath, "image": image, "names": names, **read, "tmp": tmp}
 
 
@@ -120,6 +134,28 @@ def test_model_on_lowlight_channel_beats_classic_workflow(slide, client, tmp_pat
     assert meta["receptive_field"][0] > 10
     assert meta["voxel_size"] == pytest.approx([0.2, 0.2])
     assert meta["best"]["iteration"] == metrics["best"]["iteration"]
+
+
+def test_cross_channel_transmitted_light_from_fluorescence_labels(slide, client, tmp_path):
+    """MISIC's / PartSeg's scheme: labels from the membrane fluorescence train a network
+    whose input is the transmitted-light channel alone, with the class-weighted loss."""
+    truth = slide["cells_truth"] > 0
+    cfg = _claims_config(slide, tmp_path / "run", iterations=400, val_every=200)
+    cfg["data"]["train"] = [{"path": str(slide["path"]), "labels": "cells_auto",
+                             "channels": ["brightfield"]}]
+    cfg["loss"] = {"pos_weight": "auto"}
+    result = train(parse_config(cfg, "test", tmp_path), client)
+    pred = _predict_whole(tmp_path / "run" / "best.pt", slide["image"], slide["names"])
+    model_dice = _dice(pred[HOLDOUT:], truth[HOLDOUT:])
+    labels_dice = _dice(slide["cells_auto"][HOLDOUT:] > 0, truth[HOLDOUT:])
+    classic_dice = _dice(slide["cells_classic"][HOLDOUT:] > 0, truth[HOLDOUT:])
+    print(json.dumps({"model_dice": round(model_dice, 3), "labels_dice": round(labels_dice, 3),
+                      "classic_brightfield_dice": round(classic_dice, 3),
+                      "seconds": round(result.seconds, 1)}))
+    # stated bar: the model on brightfield alone reaches Dice 0.75 with the true cells, far
+    # above the same workflow on brightfield
+    assert model_dice > 0.75
+    assert model_dice > classic_dice + 0.25
 
 
 def _small_config(slide: dict, out: Path, **train: object) -> dict:
