@@ -13,6 +13,7 @@ A complete file (every key but ``data.train`` has a default)::
       foreground_fraction: 0.5     # share of crops centred on a foreground voxel
       val_crops: 64                # at most this many validation crops (a fixed grid)
       normalization: {mode: percentile, low: 1.0, high: 99.8}   # global, per source volume
+      memory_mib: 512              # sources loaded whole while they fit; larger ones streamed
     target:
       kind: binary                 # binary | classes | boundary (foreground + boundary)
       classes: [background, foreground]     # names; for kind classes, one per output channel
@@ -80,6 +81,7 @@ class DataConfig:
     foreground_fraction: float = 0.5
     val_crops: int = 64
     normalization: Normalization = field(default_factory=Normalization)
+    memory_mib: float = 512.0
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,7 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
         foreground_fraction=c.number(d, "foreground_fraction", "data", 0.5, low=0.0, high=1.0),
         val_crops=c.number(d, "val_crops", "data", 64, integer=True, low=1),
         normalization=norm,
+        memory_mib=c.number(d, "memory_mib", "data", 512.0, low=0.0),
     )
 
     t = c.section(top.get("target"), "target", TargetConfig)

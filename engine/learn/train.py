@@ -280,7 +280,8 @@ class Batches:
     def __init__(self, plan: TrainPlan) -> None:
         cfg = plan.config
         self.sampler = CropSampler(plan.train, cfg.data.patch_shape,
-                                   cfg.data.foreground_fraction, cfg.train.seed)
+                                   cfg.data.foreground_fraction, cfg.train.seed,
+                                   memory_bytes=int(cfg.data.memory_mib * 2**20))
         self.augment = Augment(cfg.augment)
         self.cfg = cfg
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-batches")
@@ -316,7 +317,8 @@ def _validation_set(plan: TrainPlan) -> list[tuple[np.ndarray, np.ndarray]]:
     if not plan.val:
         return []
     cfg = plan.config
-    sampler = CropSampler(plan.val, cfg.data.patch_shape, 0.0, cfg.train.seed)
+    sampler = CropSampler(plan.val, cfg.data.patch_shape, 0.0, cfg.train.seed,
+                          memory_bytes=int(cfg.data.memory_mib * 2**20))
     t = cfg.target
     out = []
     for img, lab in sampler.grid(cfg.data.val_crops, cfg.train.seed):
