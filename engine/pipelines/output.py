@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.errors import DestinationError
 
@@ -37,3 +39,22 @@ def commit(partial: Path, dst: Path) -> None:
     partial.rename(dst)
     if trash is not None:
         shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def write_multiscale(client: Any, data: Any, group: Path, name: str, axes: str, unit: str,
+                     chunks: Sequence[int], levels: Sequence[Any], ngff: str, method: str,
+                     progress: Callable[[], Any] | None = None) -> None:
+    """Write the lazy level-0 ``data`` and its pyramid (``levels`` from
+    :func:`engine.pyramid.plan_levels`) as an NGFF multiscale image ``group``, blockwise."""
+    from engine.io import omezarr
+    from engine.pyramid import build_pyramid
+
+    group.mkdir(parents=True, exist_ok=True)
+    for i, lv in enumerate(levels):
+        level_chunks = [min(c, s) for c, s in zip(chunks, lv.shape, strict=True)]
+        omezarr.create_level(group, str(i), lv.shape, level_chunks, data.dtype, axes, ngff)
+    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
+    omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
+        axes, unit, metas, name, ngff, method)]}, ngff)
+    build_pyramid(client, data, group, list(levels), chunks, method=method, progress=progress,
+                  name=f"{name}-pyramid")

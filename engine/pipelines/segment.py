@@ -24,8 +24,8 @@ from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.labels import LabelResult
-from engine.pipelines.output import check_destination, commit, partial_path
-from engine.pyramid import Level, build_pyramid, plan_levels
+from engine.pipelines.output import check_destination, commit, partial_path, write_multiscale
+from engine.pyramid import Level, plan_levels
 from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
@@ -182,16 +182,8 @@ def _as_label_dask(result: Any, block: tuple[int, ...]) -> tuple[Any, int | None
 def _write_multiscale(plan: SegmentPlan, client: Any, data: Any, group: Path, name: str,
                       method: str, progress: Callable[[], Any] | None,
                       levels: list[Level] | None = None) -> None:
-    levels = levels or plan.levels
-    group.mkdir(parents=True, exist_ok=True)
-    for i, lv in enumerate(levels):
-        chunks = [min(c, s) for c, s in zip(plan.chunks, lv.shape, strict=True)]
-        omezarr.create_level(group, str(i), lv.shape, chunks, data.dtype, plan.axes, plan.ngff)
-    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
-    omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
-        plan.axes, plan.unit, metas, name, plan.ngff, method)]}, plan.ngff)
-    build_pyramid(client, data, group, levels, plan.chunks, method=method, progress=progress,
-                  name=f"{name}-pyramid")
+    write_multiscale(client, data, group, name, plan.axes, plan.unit, plan.chunks,
+                     levels or plan.levels, plan.ngff, method, progress)
 
 
 def _add_label_name(plan: SegmentPlan) -> None:
