@@ -113,3 +113,10 @@ def connect(
     finally:
         client.close()
         cluster.close()
+
+
+def gpu_workers(client: object) -> list[str]:
+    """Addresses of the workers that advertise ``GPU`` resources (``dask worker --resources
+    GPU=1``)."""
+    info = client.scheduler_info()["workers"]  # type: ignore[attr-defined]
+    return sorted(a for a, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1)

@@ -40,6 +40,7 @@ import torch
 import yaml
 from scipy import ndimage
 
+from engine.cluster import gpu_workers
 from engine.errors import DestinationError, InputError, OptionError
 from engine.learn.augment import Augment
 from engine.learn.checkpoint import load_checkpoint, save_checkpoint
@@ -590,12 +591,6 @@ def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool) -> TrainResul
     result = run_training(plan, forward, overwrite)
     result.worker = worker.address
     return result
-
-
-def gpu_workers(client: Any) -> list[str]:
-    """Addresses of the workers that advertise ``GPU`` resources."""
-    info = client.scheduler_info()["workers"]
-    return sorted(a for a, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1)
 
 
 def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], None] | None = None,
