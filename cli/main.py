@@ -260,6 +260,7 @@ def _register_subcommands() -> None:
     from cli.dataset import dataset_app
     from cli.model import model_app
     from cli.patches import patches_app
+    from cli.predict import predict
     from cli.train import train
 
     app.add_typer(patches_app, name="patches")
@@ -267,6 +268,7 @@ def _register_subcommands() -> None:
     app.add_typer(dataset_app, name="dataset")
     app.command("train")(train)
     app.add_typer(model_app, name="model")
+    app.command("predict")(predict)
 
 
 _register_subcommands()

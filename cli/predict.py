@@ -1,0 +1,74 @@
+"""``voxelmill predict``: tiled inference with a trained model. Thin: parse, call
+``engine.pipelines.predict``, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
+
+
+def predict(
+    src: Annotated[Path, typer.Argument(help="OME-Zarr image to predict.")],
+    model: Annotated[Path, typer.Option(
+        help="A voxelmill checkpoint (best.pt) or an exported TorchScript file.")],
+    name: Annotated[str, typer.Option(
+        help="Output name: SRC/labels/NAME and SRC/predictions/NAME.")],
+    tile: Annotated[str | None, typer.Option(
+        help="Tile shape, e.g. 128 or 64,128,128 (default: the training patch shape); "
+        "divisible as the model needs.")] = None,
+    overlap: Annotated[float, typer.Option(help="Tile overlap, a fraction in [0, 1).")] = 0.25,
+    blend: Annotated[str, typer.Option(help="gaussian or constant weights.")] = "gaussian",
+    tta: Annotated[bool, typer.Option("--tta", help="Average over every flip of the spatial "
+                                      "axes (8 in 3D).")] = False,
+    batch: Annotated[int, typer.Option(help="Tiles per network call.")] = 4,
+    threshold: Annotated[float, typer.Option(help="Foreground probability threshold.")] = 0.5,
+    instances: Annotated[bool, typer.Option(
+        "--instances", help="Label connected components (across blocks) instead of a binary "
+        "mask.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N, on each worker.")
+                      ] = "auto",
+    probabilities: Annotated[str, typer.Option(
+        help="Stored probability type: uint8 (0-255) or float16.")] = "uint8",
+    norm: Annotated[str, typer.Option(
+        help="Normalization statistics: volume (a pass over this image, the default) or "
+        "checkpoint (the training volume's).")] = "volume",
+    block: Annotated[str | None, typer.Option(
+        help="Block shape, multiples of the chunks (default: about 128³, at least two "
+        "tiles).")] = None,
+    overwrite: Overwrite = False,
+    scheduler: Scheduler = None, workers: Workers = None,
+    threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
+) -> None:
+    """Predict a whole image tile by tile on the cluster's GPU workers (or every worker),
+    blending tiles seamlessly, and write probabilities and labels as OME-Zarr."""
+    from cli.main import _ints, cluster, err, out, progress_factory, user_errors
+    from cli.train import require_torch
+
+    with user_errors():
+        require_torch("voxelmill predict")
+        from engine.pipelines.predict import PredictOptions, plan_prediction, run_prediction
+
+        opts = PredictOptions(model, name, _ints(tile, "--tile"), overlap, blend, tta, batch,
+                              threshold, instances, device, probabilities, norm,
+                              _ints(block, "--block"), overwrite)
+        plan = plan_prediction(src, opts)  # every user error before the cluster starts
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+            result = run_prediction(plan, client, progress=progress_factory(),
+                                    report=lambda line: err.print(line, markup=False))
+        r = result.report
+        count = "" if result.n_objects is None else f", {result.n_objects} objects"
+        out.print(f"wrote {result.labels}{count} and {result.probabilities} in "
+                  f"{result.seconds:.1f} s", markup=False)
+        out.print(f"throughput {r['voxels_per_s']:.0f} voxels/s; read {r['read_s']:.1f} s, "
+                  f"compute {r['compute_s']:.1f} s, write {r['write_s']:.1f} s, model load "
+                  f"{r['load_s']:.1f} s (compute {100 * (r['compute_fraction'] or 0):.0f} % "
+                  f"of task time)", markup=False)
+        for worker, w in r["workers"].items():
+            out.print(f"  {worker}: {w['blocks']} blocks, {w['voxels_per_s']:.0f} voxels/s",
+                      markup=False)
+        out.print(json.dumps(r), markup=False)

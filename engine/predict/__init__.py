@@ -1,0 +1,1 @@
+"""Tiled inference: a global tile grid, blending, models loaded once per worker."""

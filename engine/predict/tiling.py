@@ -1,0 +1,164 @@
+"""One global tile grid, blending weights, and the prediction of a region from its tiles.
+
+Vocabulary (shared with :mod:`engine.blocks`): a *tile* is one network input; tiles lie on a
+single grid over the whole volume (starts ``0, stride, 2·stride, …`` per axis, the last one
+flush with the end; a volume smaller than a tile gets one tile, padded). A block's *write
+region* receives the blended prediction of every tile that overlaps it; its *read region*
+is the union of those tiles. Because the grid is global, and every voxel sums the same
+tiles with the same weights in the same order, the blockwise result equals one sliding
+window over the whole volume, whatever the block layout.
+
+Blending: each tile's output is multiplied by a weight map — a Gaussian centred on the
+tile with ``sigma = tile / 8`` per axis (as nnU-Net and MONAI), floored at 1e-3 of its peak
+so that every voxel gets weight, or constant 1 — summed, and divided by the summed weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import OptionError
+
+BLENDS = ("gaussian", "constant")
+Region = tuple[slice, ...]
+
+
+def tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    """Starts of the tiles along one axis of length ``n``: every ``stride``, the last one
+    flush with the end (one tile at 0 when ``n <= tile``)."""
+    if n <= tile:
+        return [0]
+    count = math.ceil((n - tile) / stride) + 1
+    return sorted({min(i * stride, n - tile) for i in range(count)})
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The global tile grid of a volume.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape of the volume.
+    tile : tuple of int
+        Tile shape, each axis divisible as the model needs; an axis longer than the volume
+        is the volume's length rounded up to ``divisor`` (the tile is padded).
+    stride : tuple of int
+        Distance between tile starts (``tile - overlap``).
+    """
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @classmethod
+    def make(cls, shape: Sequence[int], tile: Sequence[int], overlap: float,
+             divisor: Sequence[int]) -> TileGrid:
+        """A grid with tiles of ``tile`` voxels (shrunk to the volume, rounded up to the
+        divisor) overlapping by the fraction ``overlap``."""
+        if not 0 <= overlap < 1:
+            raise OptionError(f"--overlap {overlap}: must be in [0, 1)")
+        tiles, strides = [], []
+        for n, t, d in zip(shape, tile, divisor, strict=True):
+            if t % d:
+                raise OptionError(f"--tile {tuple(tile)}: every axis must be divisible by the "
+                                  f"model's {tuple(divisor)}; e.g. {max(d, t // d * d)}")
+            t = min(t, math.ceil(n / d) * d)
+            tiles.append(t)
+            strides.append(max(1, t - int(round(t * overlap))))
+        return cls(tuple(int(s) for s in shape), tuple(tiles), tuple(strides))
+
+    def starts(self) -> list[list[int]]:
+        return [tile_starts(n, t, s) for n, t, s in
+                zip(self.shape, self.tile, self.stride, strict=True)]
+
+    def tiles_for(self, region: Region) -> list[tuple[int, ...]]:
+        """Starts of the tiles that overlap ``region``, in the grid's (C) order."""
+        per_axis = []
+        for starts, t, r in zip(self.starts(), self.tile, region, strict=True):
+            per_axis.append([s for s in starts if s < r.stop and s + t > r.start])
+        return [tuple(p) for p in itertools.product(*per_axis)]
+
+    def read_region(self, region: Region) -> Region:
+        """The union of the tiles overlapping ``region`` (may extend past the volume)."""
+        tiles = self.tiles_for(region)
+        return tuple(slice(min(t[a] for t in tiles), max(t[a] for t in tiles) + self.tile[a])
+                     for a in range(len(self.shape)))
+
+    def halo(self) -> tuple[int, ...]:
+        """The most a read region extends beyond its write region, per axis."""
+        return tuple(t - 1 for t in self.tile)
+
+
+def blend_weights(tile: Sequence[int], blend: str = "gaussian") -> np.ndarray:
+    """Weight map of one tile, float32 of shape ``tile``."""
+    if blend not in BLENDS:
+        raise OptionError(f"--blend {blend!r}: expected {' or '.join(BLENDS)}")
+    if blend == "constant":
+        return np.ones(tuple(tile), np.float32)
+    w = np.ones((), np.float64)
+    for t in tile:
+        x = np.arange(t, dtype=np.float64) - (t - 1) / 2
+        sigma = max(t / 8, 1e-6)
+        w = np.multiply.outer(w, np.exp(-0.5 * (x / sigma) ** 2))
+    w /= w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def predict_region(predict: Callable[[np.ndarray], np.ndarray], read: Callable[[Region],
+                   np.ndarray], grid: TileGrid, region: Region, weights: np.ndarray,
+                   channels_out: int, batch: int = 4) -> np.ndarray:
+    """The blended prediction of ``region``.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(x)`` with ``x`` float32 ``(B, C, *tile)`` returns probabilities float32
+        ``(B, K, *tile)``.
+    read : callable
+        ``read(box)`` returns the normalized input ``(C, *box shape)`` for a box of the
+        volume that may extend past it (padded with 0, the normalized background, as the
+        training crops are).
+    grid : TileGrid
+    region : tuple of slice
+        The write region.
+    weights : ndarray
+        :func:`blend_weights` of ``grid.tile``.
+    channels_out : int
+        ``K``.
+    batch : int
+        Tiles per call of ``predict``.
+
+    Returns
+    -------
+    ndarray of float32, shape ``(K, *region shape)``
+    """
+    tiles = grid.tiles_for(region)
+    box = grid.read_region(region)
+    image = read(box)
+    shape = tuple(r.stop - r.start for r in region)
+    acc = np.zeros((channels_out, *shape), np.float64)
+    wsum = np.zeros(shape, np.float64)
+    for k in range(0, len(tiles), batch):
+        part = tiles[k:k + batch]
+        x = np.stack([image[(slice(None), *(slice(s - b.start, s - b.start + t)
+                                            for s, b, t in zip(p, box, grid.tile,
+                                                               strict=True)))]
+                      for p in part])
+        probs = predict(x)
+        for p, prob in zip(part, probs, strict=True):
+            # the part of this tile inside the write region, in tile and in region coordinates
+            tsl, rsl = [], []
+            for s, t, r in zip(p, grid.tile, region, strict=True):
+                lo, hi = max(s, r.start), min(s + t, r.stop)
+                tsl.append(slice(lo - s, hi - s))
+                rsl.append(slice(lo - r.start, hi - r.start))
+            w = weights[tuple(tsl)]
+            acc[(slice(None), *rsl)] += prob[(slice(None), *tsl)] * w
+            wsum[tuple(rsl)] += w
+    return (acc / wsum).astype(np.float32)

@@ -1,0 +1,213 @@
+"""Tiled inference: seam-free blending on any block layout, global normalization, one model
+load per worker, GPU-resourced workers, a trained model's Dice, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from engine.errors import DestinationError, InputError, OptionError
+from engine.learn.checkpoint import save_checkpoint
+from engine.learn.unet import UNet, receptive_field
+from engine.pipelines.convert import ConvertOptions, convert
+from engine.pipelines.predict import PredictOptions, plan_prediction, predict
+from engine.predict.tiling import TileGrid, blend_weights, predict_region, tile_starts
+from tests.conftest import dask_processes, run_cli
+
+
+def _model(spatial_dims: int, in_channels: int = 1, out_channels: int = 1,
+           seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(spatial_dims, in_channels, out_channels, features=(4, 8), norm=None).eval()
+
+
+def _sigmoid_predict(model: UNet):
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    return run
+
+
+def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
+                   stride: tuple[int, ...], blend: str) -> np.ndarray:
+    """Independent reference: every tile of the grid over the whole (zero-padded) volume,
+    one at a time, weighted and averaged."""
+    shape = image.shape[1:]
+    padded_shape = [max(n, t) for n, t in zip(shape, tile, strict=True)]
+    padded = np.zeros((image.shape[0], *padded_shape), np.float32)
+    padded[(slice(None), *(slice(0, n) for n in shape))] = image
+    starts = [sorted({min(i * s, max(n - t, 0)) for i in range(n // s + 2)})
+              for n, t, s in zip(shape, tile, stride, strict=True)]
+    w = blend_weights(tile, blend).astype(np.float64)
+    acc = np.zeros(padded_shape, np.float64)
+    wsum = np.zeros(padded_shape, np.float64)
+    run = _sigmoid_predict(model)
+    for start in itertools.product(*starts):
+        box = tuple(slice(s, s + t) for s, t in zip(start, tile, strict=True))
+        acc[box] += run(padded[(slice(None), *box)][None])[0, 0] * w
+        wsum[box] += w
+    return (acc / wsum)[tuple(slice(0, n) for n in shape)].astype(np.float32)
+
+
+def _blockwise(model: UNet, image: np.ndarray, grid: TileGrid, block: tuple[int, ...],
+               blend: str) -> np.ndarray:
+    shape = image.shape[1:]
+    out = np.zeros(shape, np.float32)
+
+    def read(box):
+        inner = tuple(slice(max(b.start, 0), min(b.stop, n))
+                      for b, n in zip(box, shape, strict=True))
+        pad = [(i.start - b.start, b.stop - i.stop) for b, i in zip(box, inner, strict=True)]
+        return np.pad(image[(slice(None), *inner)], [(0, 0), *pad])
+
+    for origin in itertools.product(*[range(0, n, b) for n, b in zip(shape, block,
+                                                                       strict=True)]):
+        region = tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, block, shape,
+                                                                  strict=True))
+        out[region] = predict_region(_sigmoid_predict(model), read, grid, region,
+                                     blend_weights(grid.tile, blend), 1, batch=3)[0]
+    return out
+
+
+@pytest.mark.parametrize("shape,tile,blocks", [
+    ((21, 45, 37), (8, 16, 16), [(8, 16, 16), (21, 45, 37), (5, 7, 11), (13, 32, 20)]),
+    ((6, 10, 9), (8, 16, 16), [(6, 10, 9), (3, 4, 5)]),  # smaller than one tile
+    ((70, 53), (32, 32), [(70, 53), (16, 16), (35, 9)]),
+])
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_blockwise_equals_whole_volume_sliding_window(shape, tile, blocks, blend):
+    model = _model(len(shape))
+    image = np.random.default_rng(1).normal(size=(1, *shape)).astype(np.float32)
+    grid = TileGrid.make(shape, tile, 0.25, model.divisor)
+    reference = sliding_window(model, image, grid.tile, grid.stride, blend)
+    for block in blocks:
+        got = _blockwise(model, image, grid, block, blend)
+        np.testing.assert_allclose(got, reference, atol=1e-5, err_msg=str(block))
+
+
+def test_tile_grid():
+    assert tile_starts(100, 32, 24) == [0, 24, 48, 68]
+    assert tile_starts(20, 32, 24) == [0]
+    grid = TileGrid.make((20, 100), (32, 32), 0.25, (4, 4))
+    assert grid.tile == (20, 32) and grid.stride == (15, 24)
+    assert grid.tiles_for((slice(0, 20), slice(30, 50))) == [(0, 0), (0, 24), (0, 48)]
+    assert grid.tiles_for((slice(0, 20), slice(70, 72))) == [(0, 48), (0, 68)]
+    with pytest.raises(OptionError, match="divisible by the model's"):
+        TileGrid.make((20, 100), (30, 32), 0.25, (4, 4))
+
+
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory, client) -> dict:
+    """A 2-channel 3D image whose halves differ in brightness, and a checkpoint."""
+    tmp = tmp_path_factory.mktemp("halves")
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (2, 24, 40, 36)).astype(np.float32)
+    image[:, :, 20:] *= 4  # the second half is 4× brighter
+    tifffile.imwrite(tmp / "img.ome.tif", image, ome=True, photometric="minisblack",
+                     metadata={"axes": "CZYX", "Channel": {"Name": ["a", "b"]},
+                               "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 1.0})
+    convert(tmp / "img.ome.tif", tmp / "img.ome.zarr", ConvertOptions(chunks=(8, 8, 12)),
+            client, report=lambda line: None)
+    model = _model(3, 2)
+    meta = {"arch": {"name": "unet", **model.arch()},
+            "input": {"channels": ["a", "b"], "normalization": {"mode": "meanstd", "low": 1.0,
+                                                              "high": 99.8},
+                      "stats": [{"name": "x", "offset": [0.0, 0.0], "scale": [1.0, 1.0]}]},
+            "target": {"kind": "binary", "classes": ["background", "foreground"],
+                       "activation": "sigmoid"},
+            "patch_shape": [8, 16, 16], "divisor": list(model.divisor),
+            "receptive_field": list(receptive_field(model)), "voxel_size": [1.0, 0.5, 0.5],
+            "unit": "micrometer"}
+    save_checkpoint(tmp / "model.pt", model.state_dict(), meta)
+    return {"tmp": tmp, "src": tmp / "img.ome.zarr", "image": image, "model": model,
+            "ckpt": tmp / "model.pt"}
+
+
+def _probabilities(src: Path, name: str) -> np.ndarray:
+    return zarr.open_array(str(src / "predictions" / name / "0"), mode="r")[0].astype(np.float32)
+
+
+def test_pipeline_global_normalization_and_layouts(halves, client):
+    """Blocks in the dark and in the bright half normalize with the same global statistics:
+    every layout equals the whole-volume sliding window of the globally normalized image."""
+    image = halves["image"].astype(np.float64)
+    norm = ((image - image.mean(axis=(1, 2, 3), keepdims=True))
+            / image.std(axis=(1, 2, 3), keepdims=True)).astype(np.float32)
+    grid = TileGrid.make(norm.shape[1:], (8, 16, 16), 0.25, (2, 2, 2))
+    reference = sliding_window(halves["model"], norm, grid.tile, grid.stride, "gaussian")
+    for i, block in enumerate([(8, 8, 12), (24, 40, 36), (16, 24, 24)]):
+        res = predict(halves["src"], PredictOptions(halves["ckpt"], f"p{i}", block=block,
+                                                    probabilities="float16"), client,
+                      report=lambda line: None)
+        got = _probabilities(halves["src"], f"p{i}")
+        np.testing.assert_allclose(got, reference, atol=2e-3)  # float16 storage
+        labels = zarr.open_array(str(res.labels / "0"), mode="r")[...]
+        np.testing.assert_array_equal(labels[np.abs(reference - 0.5) > 2e-3],
+                                      (reference > 0.5)[np.abs(reference - 0.5) > 2e-3])
+        assert res.report["voxels"] == 24 * 40 * 36
+    # per-block normalization would not give this: the halves differ
+    dark = norm[:, :, :20]
+    own = (dark - dark.mean(axis=(1, 2, 3), keepdims=True)) / dark.std(axis=(1, 2, 3),
+                                                                      keepdims=True)
+    assert np.abs(own - dark).max() > 0.5
+    attrs = zarr.open_group(str(halves["src"] / "labels"), mode="r").attrs.asdict()
+    assert {"p0", "p1", "p2"} <= set(attrs["ome"]["labels"])
+
+
+def test_bad_input(halves, client, tmp_path):
+    src, ckpt = halves["src"], halves["ckpt"]
+    with pytest.raises(InputError, match="no such file"):
+        plan_prediction(src, PredictOptions(tmp_path / "none.pt", "x"))
+    with pytest.raises(OptionError, match="divisible by the model's"):
+        plan_prediction(src, PredictOptions(ckpt, "x", tile=(7, 16, 16)))
+    with pytest.raises(DestinationError, match="--overwrite"):
+        plan_prediction(src, PredictOptions(ckpt, "p0"))
+    pickled = tmp_path / "pickled.pt"
+    torch.save(halves["model"], pickled)
+    res = run_cli("predict", str(src), "--model", str(pickled), "--name", "bad")
+    assert res.returncode == 2 and "unpickling" in res.stderr and "Traceback" not in res.stderr
+    one = _model(3, 1)
+    meta = json.loads(json.dumps(torch.load(ckpt, weights_only=True)["metadata"]))
+    meta = json.loads(meta)
+    meta["arch"] = {"name": "unet", **one.arch()}
+    meta["input"]["channels"] = ["a", "b", "c"]
+    save_checkpoint(tmp_path / "three.pt", one.state_dict(), meta)
+    res = run_cli("predict", str(src), "--model", str(tmp_path / "three.pt"), "--name", "bad")
+    assert res.returncode == 2 and "has 2 channel(s)" in res.stderr
+    meta["input"]["channels"] = ["a"]
+    meta["voxel_size"] = [10.0, 5.0, 5.0]
+    save_checkpoint(tmp_path / "far.pt", one.state_dict(), meta)
+    res = run_cli("predict", str(src), "--model", str(tmp_path / "far.pt"), "--name", "bad")
+    assert res.returncode == 2 and "far from the training voxel size" in res.stderr
+    assert not (src / "labels" / "bad").exists() and not (src / "predictions" / "bad").exists()
+
+
+def test_real_cluster_gpu_worker_loads_once(halves, tmp_path):
+    """`dask scheduler` + two workers, one with GPU=1: every block runs on that worker, which
+    loads the model once; the result equals a local run."""
+    from distributed import Client
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with dask_processes(logs, [[], ["--resources", "GPU=1"]]) as address, \
+            Client(address) as c:
+        gpu = [a for a, w in c.scheduler_info()["workers"].items() if w["resources"]][0]
+        res = predict(halves["src"], PredictOptions(halves["ckpt"], "remote", block=(8, 8, 12),
+                                                    probabilities="float16"), c,
+                      report=lambda line: None)
+        assert list(res.report["workers"]) == [gpu]
+        assert res.report["workers"][gpu]["blocks"] == 3 * 5 * 3
+        from engine.predict.workers import load_counts
+
+        counts = c.run(load_counts)
+        assert counts[gpu] == {str(halves["ckpt"].resolve()): 1}
+        assert all(not v for a, v in counts.items() if a != gpu)
+    got = _probabilities(halves["src"], "remote")
+    np.testing.assert_allclose(got, _probabilities(halves["src"], "p0"), atol=1e-3)
