@@ -28,7 +28,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [c["label"] for c in slide.attrs["ome"]["omero"]["channels"]] == \
         ["DAPI", "membrane", "brightfield", "DAPI_lowlight"]
     assert sorted(zarr.open_group(str(out / "phantom_slide.ome.zarr/labels"), mode="r")
-                  .attrs["ome"]["labels"]) == ["auto_nuclei", "cells", "lowlight_classic", "nuclei"]
+                  .attrs["ome"]["labels"]) == ["auto_nuclei", "cells", "lowlight_classic",
+                                               "lowlight_unet", "nuclei"]
+    assert (out / "phantom_slide.ome.zarr" / "predictions" / "lowlight_unet" / "0").is_dir()
     assert "membranes" in tomo["labels"].attrs["ome"]["labels"]
     # the presets segment the phantoms well: Dice of the automatic labels with the truth
     dices = [float(m) for m in re.findall(r"Dice with the truth ([0-9.]+)", res.stdout)]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from engine.errors import DestinationError, InputError
 from engine.learn.checkpoint import save_checkpoint
 from engine.learn.curves import plot_curves
-from engine.learn.model import describe, export_torchscript, load_model, predict_in_memory
+from engine.learn.model import describe, export_torchscript, load_model
 from engine.learn.unet import UNet, receptive_field
 from tests.conftest import run_cli
 
@@ -107,22 +106,6 @@ def test_describe_and_cli(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     res = run_cli("model", "info", str(tmp_path / "bad.pt"))
     assert res.returncode == 2 and "bad.pt" in res.stderr and "Traceback" not in res.stderr
-
-
-def test_predict_in_memory_normalizes_like_training(tmp_path):
-    model, _ = _checkpoint(tmp_path / "best.pt")
-    rng = np.random.default_rng(0)
-    image = rng.normal(5, 3, (3, 64, 96)).astype(np.float32)  # channels b, x, a
-    got = predict_in_memory(tmp_path / "best.pt", image, ["b", "x", "a"])
-    chosen = image[[2, 0]].astype(np.float64)
-    mean = chosen.mean(axis=(1, 2), keepdims=True)
-    std = chosen.std(axis=(1, 2), keepdims=True)
-    x = torch.from_numpy(((chosen - mean) / std).astype(np.float32))[None]
-    with torch.no_grad():
-        expected = model(x)[0, 0].numpy() > 0
-    assert np.mean(got == expected) > 0.999  # float32 vs float64 statistics at the threshold
-    with pytest.raises(InputError, match="no channel 'a'"):
-        predict_in_memory(tmp_path / "best.pt", image, ["b", "x", "y"])
 
 
 def test_curves_png(tmp_path):

@@ -29,6 +29,7 @@ from engine.learn.train import (
 )
 from engine.phantoms import low_light, phantom_slide
 from engine.pipelines.convert import ConvertOptions, convert
+from engine.pipelines.predict import PredictOptions, predict
 from engine.pipelines.segment import SegmentOptions, segment
 from tests.conftest import dask_processes, run_cli
 
@@ -127,6 +128,14 @@ def test_model_on_lowlight_channel_beats_classic_workflow(slide, client, tmp_pat
     assert [h["iteration"] for h in metrics["history"]] == [150, 300, 450, 600]
     assert metrics["stopped"] == "completed"
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # voxelmill predict (tiled, blockwise) with that model reaches the validation Dice
+    pred = predict(slide["path"], PredictOptions(tmp_path / "run" / "best.pt", "lowlight_unet",
+                                                 block=(256, 256)), client,
+                   report=lambda line: None)
+    tiled = zarr.open_array(str(pred.labels / "0"), mode="r")[...] > 0
+    auto = slide["auto"] > 0  # the validation target
+    assert abs(_dice(tiled[HOLDOUT:], auto[HOLDOUT:]) - result.best["val_dice"]) < 0.03
+    assert _dice(tiled[HOLDOUT:], truth[HOLDOUT:]) == pytest.approx(model_dice, abs=0.02)
     meta = load_checkpoint(tmp_path / "run" / "best.pt").metadata
     assert meta["input"]["channels"] == ["DAPI_lowlight"]
     assert meta["input"]["normalization"]["mode"] == "percentile"

@@ -1,5 +1,5 @@
 """Trained models: rebuild from a checkpoint, load checkpoints or TorchScript files, export,
-describe, and predict a small image in memory.
+describe.
 
 A voxelmill checkpoint (:mod:`engine.learn.checkpoint`) holds the weights and JSON metadata
 (architecture, input channels, normalization, patch shape, receptive field, voxel size,
@@ -15,16 +15,14 @@ import os
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine.errors import DestinationError, InputError
 from engine.learn.checkpoint import load_checkpoint
-from engine.learn.normalize import ChannelStats, Normalization, apply_stats, compute_stats
 from engine.learn.unet import UNet
 
 META_FILE = "voxelmill.json"
@@ -148,40 +146,3 @@ def describe(metadata: Mapping[str, Any]) -> list[str]:
     if metadata.get("format") == "torchscript":
         lines.append(f"exported   TorchScript from {metadata.get('exported_from')}")
     return lines
-
-
-def normalize_for(metadata: Mapping[str, Any], image: np.ndarray,
-                  stats: ChannelStats | None = None) -> np.ndarray:
-    """Normalize ``image`` ``(C, *S)`` the way the model was trained: the checkpoint's mode,
-    with statistics of this image (or the ``stats`` given)."""
-    norm = Normalization.from_dict(metadata["input"]["normalization"])
-    return apply_stats(image, stats or compute_stats(image, norm))
-
-
-def predict_in_memory(model_path: str | os.PathLike[str], image: np.ndarray,
-                      channel_names: Sequence[str], device: str = "cpu") -> np.ndarray:
-    """Foreground of a small image predicted in one pass (whole image, no tiling).
-
-    Parameters
-    ----------
-    image : ndarray, shape (C, *S)
-        All channels; the model's input channels are chosen by name. Each spatial axis
-        must be divisible as the model needs.
-
-    Returns
-    -------
-    ndarray of bool, shape S
-        Foreground probability > 0.5 (sigmoid models) or argmax not 0 (class models).
-    """
-    model, meta = load_model(model_path, device)
-    names = list(channel_names)
-    missing = [c for c in meta["input"]["channels"] if c not in names]
-    if missing:
-        raise InputError(f"the image has no channel {missing[0]!r} that the model needs "
-                         f"(it has {', '.join(names)})")
-    x = normalize_for(meta, image[[names.index(c) for c in meta["input"]["channels"]]])
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x[None]).to(device))[0]
-    if meta["target"]["kind"] == "classes":
-        return (logits.argmax(0) > 0).cpu().numpy()
-    return (logits[0] > 0).cpu().numpy()

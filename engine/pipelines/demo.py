@@ -146,10 +146,9 @@ def train_on_lowlight(slide_zarr: Path, out: Path, client: Any, iterations: int,
         return
     import yaml
 
-    from engine.io import open_volume
     from engine.learn.config import load_config
-    from engine.learn.model import predict_in_memory
     from engine.learn.train import train
+    from engine.pipelines.predict import PredictOptions, predict
 
     yield f"segmenting the low-light channel {LOWLIGHT} with the same preset (the baseline)"
     seg = segment(slide_zarr, SegmentOptions("nucleus", "lowlight_classic", channel=LOWLIGHT,
@@ -161,15 +160,18 @@ def train_on_lowlight(slide_zarr: Path, out: Path, client: Any, iterations: int,
     yield (f"training a 2D U-Net on {LOWLIGHT} with the auto_nuclei labels from DAPI "
            f"({cfg_file}, {iterations} iterations)")
     result = train(load_config(cfg_file), client, overwrite=overwrite)
-    truth = read_whole(slide_zarr / "labels" / "nuclei" / "0") > 0
-    image = read_whole(slide_zarr / "0")
-    pred = predict_in_memory(result.output / "best.pt", image,
-                             open_volume(slide_zarr).channel_names)
-    held = int(truth.shape[0] * 0.8)  # the rows validation held out of training
-    classic = read_whole(seg.destination / "0") > 0
     yield (f"  wrote {result.output}: best validation Dice {result.best['val_dice']:.2f} at "
            f"iteration {result.best['iteration']}, {result.seconds:.0f} s on {result.device}")
+    yield "predicting the whole slide with it, tile by tile (voxelmill predict)"
+    pred = predict(slide_zarr, PredictOptions(result.output / "best.pt", "lowlight_unet",
+                                              overwrite=overwrite), client,
+                   report=lambda line: None)
+    yield (f"  wrote {pred.labels} and {pred.probabilities}: "
+           f"{pred.report['voxels_per_s']:.0f} voxels/s")
+    truth = read_whole(slide_zarr / "labels" / "nuclei" / "0") > 0
+    model = read_whole(pred.labels / "0") > 0
+    classic = read_whole(seg.destination / "0") > 0
+    held = int(truth.shape[0] * 0.8)  # the rows validation held out of training
     yield (f"  held-out rows, Dice with the truth on {LOWLIGHT}: model "
-           f"{dice(pred[held:], truth[held:]):.2f}, classic workflow "
+           f"{dice(model[held:], truth[held:]):.2f}, classic workflow "
            f"{dice(classic[held:], truth[held:]):.2f}")
-
