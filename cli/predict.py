@@ -38,7 +38,7 @@ def predict(
         help="Normalization statistics: volume (a pass over this image, the default) or "
         "checkpoint (the training volume's).")] = "volume",
     block: Annotated[str | None, typer.Option(
-        help="Block shape, multiples of the chunks (default: about 128³, at least two "
+        help="Block shape, multiples of the chunks (default: about 128³, at least four "
         "tiles).")] = None,
     overwrite: Overwrite = False,
     scheduler: Scheduler = None, workers: Workers = None,

@@ -202,8 +202,8 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     tile = _ints(options.tile or meta["patch_shape"], dims, "--tile")
     grid = TileGrid.make(shape, tile, options.overlap, meta["divisor"])
     blend_weights(grid.tile, options.blend)  # checks the name
-    # blocks of whole chunks, at least two tiles wide: tiles on block edges are predicted
-    # by both neighbours, so small blocks waste compute
+    # blocks of whole chunks, at least four tiles wide: tiles across a block edge are
+    # predicted by both neighbours, about tile / block of the work per axis
     if options.block:
         block = _ints(options.block, dims, "--block")
         if any(b <= 0 or (b % c and b < s) for b, c, s in zip(block, chunks, shape,
@@ -211,7 +211,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
             raise OptionError(f"--block {block}: each size must be a multiple of the chunk "
                               f"shape {chunks}")
     else:
-        block = tuple(max(b, c * -(-2 * t // c)) for b, c, t in
+        block = tuple(max(b, c * -(-4 * t // c)) for b, c, t in
                       zip(default_block(chunks, shape), chunks, grid.tile, strict=True))
     block = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
     check_destination(src / "labels" / options.name, options.overwrite)
