@@ -36,7 +36,7 @@ def _sigmoid_predict(model: UNet):
 
 
 def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
-                   stride: tuple[int, ...], blend: str) -> np.ndarray:
+                   stride: tuple[int, ...], blend: str, tta: bool = False) -> np.ndarray:
     """Independent reference: every tile of the grid over the whole (zero-padded) volume,
     one at a time, weighted and averaged."""
     shape = image.shape[1:]
@@ -48,7 +48,18 @@ def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
     w = blend_weights(tile, blend).astype(np.float64)
     acc = np.zeros(padded_shape, np.float64)
     wsum = np.zeros(padded_shape, np.float64)
-    run = _sigmoid_predict(model)
+    plain = _sigmoid_predict(model)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if not tta:
+            return plain(x)
+        outs = []  # each tile flipped along every subset of its spatial axes, and back
+        for flips in itertools.product([False, True], repeat=x.ndim - 2):
+            axes = tuple(a + 2 for a, f in enumerate(flips) if f)
+            y = plain(np.ascontiguousarray(np.flip(x, axes)))
+            outs.append(np.flip(y, axes))
+        return np.mean(outs, axis=0)
+
     for start in itertools.product(*starts):
         box = tuple(slice(s, s + t) for s, t in zip(start, tile, strict=True))
         acc[box] += run(padded[(slice(None), *box)][None])[0, 0] * w
@@ -211,3 +222,27 @@ def test_real_cluster_gpu_worker_loads_once(halves, tmp_path):
         assert all(not v for a, v in counts.items() if a != gpu)
     got = _probabilities(halves["src"], "remote")
     np.testing.assert_allclose(got, _probabilities(halves["src"], "p0"), atol=1e-3)
+
+
+def test_torchscript_model_and_tta(halves, client, tmp_path):
+    """An exported TorchScript file predicts what its checkpoint predicts; flip TTA averages
+    each tile's 8 flipped predictions."""
+    from engine.learn.model import export_torchscript
+
+    ts = export_torchscript(halves["ckpt"], tmp_path / "model.ts")
+    for model, name in ((ts, "ts"), (halves["ckpt"], "ck")):
+        predict(halves["src"], PredictOptions(model, name, block=(8, 8, 12),
+                                              probabilities="float16"), client,
+                report=lambda line: None)
+    np.testing.assert_allclose(_probabilities(halves["src"], "ts"),
+                               _probabilities(halves["src"], "ck"), atol=1e-3)
+    predict(halves["src"], PredictOptions(halves["ckpt"], "tta", tta=True, block=(16, 16, 12),
+                                          probabilities="float16"), client,
+            report=lambda line: None)
+    image = halves["image"].astype(np.float64)
+    norm = ((image - image.mean(axis=(1, 2, 3), keepdims=True))
+            / image.std(axis=(1, 2, 3), keepdims=True)).astype(np.float32)
+    grid = TileGrid.make(norm.shape[1:], (8, 16, 16), 0.25, (2, 2, 2))
+    reference = sliding_window(halves["model"], norm, grid.tile, grid.stride, "gaussian",
+                               tta=True)
+    np.testing.assert_allclose(_probabilities(halves["src"], "tta"), reference, atol=2e-3)
