@@ -246,3 +246,33 @@ def test_torchscript_model_and_tta(halves, client, tmp_path):
     reference = sliding_window(halves["model"], norm, grid.tile, grid.stride, "gaussian",
                                tta=True)
     np.testing.assert_allclose(_probabilities(halves["src"], "tta"), reference, atol=2e-3)
+
+
+def test_interrupted_prediction_resumes(halves, client, monkeypatch):
+    """Blocks that failed (a lost worker) are redone by the same command; the finished ones
+    are skipped, and the result equals an uninterrupted run."""
+    from engine.pipelines.predict import PredictTask
+    from engine.runner import BlockFailed
+
+    original = PredictTask.__call__
+
+    def flaky(self, block):
+        if block.index[0] > 0:
+            raise RuntimeError("worker lost")
+        return original(self, block)
+
+    opts = PredictOptions(halves["ckpt"], "resumed", block=(8, 8, 12), probabilities="float16")
+    monkeypatch.setattr(PredictTask, "__call__", flaky)
+    with pytest.raises(BlockFailed):
+        predict(halves["src"], opts, client, report=lambda line: None)
+    monkeypatch.undo()
+    assert not (halves["src"] / "labels" / "resumed").exists()
+    lines: list[str] = []
+    res = predict(halves["src"], opts, client, report=lines.append)
+    assert 0 < res.report["skipped_blocks"] < 45, res.report
+    assert any("resuming" in line for line in lines)
+    predict(halves["src"], PredictOptions(halves["ckpt"], "fresh", block=(8, 8, 12),
+                                          probabilities="float16"), client,
+            report=lambda line: None)
+    np.testing.assert_array_equal(_probabilities(halves["src"], "resumed"),
+                                  _probabilities(halves["src"], "fresh"))
