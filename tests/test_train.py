@@ -318,3 +318,27 @@ def test_training_runs_on_the_gpu_resourced_worker(slide, tmp_path):
     assert local.iterations == result.iterations == 6
     for key, value in a.items():
         assert torch.allclose(value, b[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("kind", ["boundary", "classes"])
+def test_boundary_and_class_targets_train_and_predict(slide, client, tmp_path, kind):
+    """Foreground + boundary (two sigmoid channels) from instance labels, and a class map
+    from mapped label values, train and go through voxelmill predict."""
+    cfg = _small_config(slide, tmp_path / "run")
+    cfg["target"] = {"kind": kind}
+    if kind == "classes":  # truth ids 1..5 → class 1, others → class 2, 0 stays background
+        ids = np.unique(slide["truth"])
+        cfg["data"]["train"][0]["labels"] = "truth"
+        cfg["data"]["train"][0]["classes"] = {int(v): 1 if v <= 5 else 2 for v in ids if v}
+        cfg["target"]["classes"] = ["background", "small ids", "large ids"]
+    result = train(parse_config(cfg, "t", tmp_path), client)
+    meta = load_checkpoint(tmp_path / "run" / "best.pt").metadata
+    assert meta["arch"]["out_channels"] == (2 if kind == "boundary" else 3)
+    assert meta["target"]["activation"] == ("sigmoid" if kind == "boundary" else "softmax")
+    assert 0 <= result.best["val_dice"] <= 1
+    res = predict(slide["path"], PredictOptions(tmp_path / "run" / "best.pt", f"t_{kind}"),
+                  client, report=lambda line: None)
+    probs = zarr.open_array(str(res.probabilities / "0"), mode="r")
+    assert probs.shape == (meta["arch"]["out_channels"], ROWS, COLS)
+    labels = zarr.open_array(str(res.labels / "0"), mode="r")[...]
+    assert labels.max() <= (1 if kind == "boundary" else 2)
