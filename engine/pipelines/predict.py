@@ -268,10 +268,17 @@ class PredictTask:
     def __call__(self, block: Block) -> dict[str, Any]:
         import zarr
 
-        from engine.predict.workers import TilePredictor, load_counts, worker_model
+        from engine.predict.workers import (
+            TilePredictor,
+            load_counts,
+            use_worker_threads,
+            worker_model,
+        )
 
         t0 = time.perf_counter()
         model, meta, dev = worker_model(self.model, self.device)
+        if dev.type == "cpu":
+            use_worker_threads()
         predictor = TilePredictor(model, dev, meta["target"].get("activation", "sigmoid"),
                                   self.tta)
         reads = [0.0]
@@ -403,9 +410,12 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
                f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
         grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
         t_pass = time.monotonic()
+        # one prediction at a time per worker (GPU=1 does it on GPU workers), using all of
+        # the worker's threads for torch: dask starts workers with OMP_NUM_THREADS=1
         run = run_blocks(client, grid, task, name="predict", state=plan.state,
                          progress=progress() if progress else None,
-                         resources={"GPU": 1} if gpus else None)
+                         resources={"GPU": 1} if gpus else None,
+                         max_in_flight=len(gpus) if gpus else len(client.nthreads()))
         pass_s = time.monotonic() - t_pass
         stats_report = throughput(list(run.results.values()), pass_s)
         stats_report["skipped_blocks"] = run.skipped

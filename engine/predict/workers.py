@@ -47,6 +47,20 @@ def worker_model(path: str | os.PathLike[str], device: str = "auto"
     return model, meta, dev
 
 
+def use_worker_threads() -> int:
+    """Let torch use every thread of this Dask worker (workers start with
+    ``OMP_NUM_THREADS=1``); the caller runs one prediction at a time per worker."""
+    try:
+        from distributed import get_worker
+
+        n = get_worker().state.nthreads
+    except ValueError:  # not in a worker
+        n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def load_counts() -> dict[str, int]:
     """Loads per model file in this process (for ``client.run``)."""
     out: dict[str, int] = {}
