@@ -15,8 +15,9 @@ from tests.conftest import run_cli
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    res = run_cli("demo", "--out", str(out), "--size", "96", "--workers", "1",
-                  "--threads-per-worker", "2", "--train-iterations", "200")
+    # a relative --out, as users type it (paths in the written training config are relative)
+    res = run_cli("demo", "--out", "demo", "--size", "96", "--workers", "1",
+                  "--threads-per-worker", "2", "--train-iterations", "200", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "dashboard" in res.stderr
     tomo = zarr.open_group(str(out / "phantom_tomogram.ome.zarr"), mode="r")

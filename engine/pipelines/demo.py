@@ -155,8 +155,9 @@ def train_on_lowlight(slide_zarr: Path, out: Path, client: Any, iterations: int,
                                              overwrite=overwrite), client,
                   report=lambda line: None)
     cfg_file = out / "train_lowlight.yaml"
+    # paths in a configuration file are relative to the file, which lies in ``out``
     cfg_file.write_text(yaml.safe_dump(demo_training_config(
-        slide_zarr, out / "train_lowlight", iterations), sort_keys=False))
+        Path(slide_zarr.name), Path("train_lowlight"), iterations), sort_keys=False))
     yield (f"training a 2D U-Net on {LOWLIGHT} with the auto_nuclei labels from DAPI "
            f"({cfg_file}, {iterations} iterations)")
     result = train(load_config(cfg_file), client, overwrite=overwrite)
