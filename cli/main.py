@@ -68,12 +68,36 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+#: cluster options given before the command (``voxelmill --cluster slurm --jobs 4 segment …``)
+_CLUSTER_SPEC: dict[str, Any] = {}
+
+
+@app.callback()
+def _global_options(
+    cluster_kind: Annotated[str, typer.Option(
+        "--cluster", help="Where workers come from: local (embedded, or --scheduler) or slurm "
+        "(SLURM jobs through dask-jobqueue).")] = "local",
+    jobs: Annotated[int | None, typer.Option(help="SLURM jobs to start.")] = None,
+    gpus_per_job: Annotated[int, typer.Option(
+        help="GPUs per SLURM job (--gres=gpu:K; its worker gets --resources GPU=K).")] = 0,
+    jobqueue_config: Annotated[Path | None, typer.Option(
+        help="dask-jobqueue YAML (jobqueue: slurm: cores, memory, queue, account, walltime).")
+    ] = None,
+    adaptive: Annotated[bool, typer.Option(
+        "--adaptive", help="Scale the SLURM jobs between 0 and --jobs with the work.")] = False,
+) -> None:
+    """Dask-distributed engine for terabyte-scale microscopy volumes."""
+    _CLUSTER_SPEC.update(cluster=cluster_kind, jobs=jobs, gpus_per_job=gpus_per_job,
+                         jobqueue_config=str(jobqueue_config) if jobqueue_config else None,
+                         adaptive=adaptive)
+
+
 @contextmanager
 def cluster(scheduler: str | None, workers: int | None, threads: int | None,
             memory_limit: str | None) -> Iterator[Any]:
     from engine.cluster import ClusterOptions, connect
 
-    opts = ClusterOptions(scheduler, workers, threads, memory_limit)
+    opts = ClusterOptions(scheduler, workers, threads, memory_limit, **_CLUSTER_SPEC)
     with connect(opts, report=lambda line: err.print(line)) as client:
         yield client
 

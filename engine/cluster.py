@@ -27,12 +27,28 @@ class ClusterOptions:
         Threads per worker (default: the cores divided among the workers).
     memory_limit : str, optional
         Memory limit per worker, e.g. ``"4GiB"`` (default: dask's share of the RAM).
+    cluster : {"local", "slurm"}
+        ``slurm``: workers are SLURM jobs (dask-jobqueue's ``SLURMCluster``), configured by
+        ``jobqueue_config``.
+    jobs : int, optional
+        SLURM jobs to start (with ``adaptive``: the most to scale up to).
+    gpus_per_job : int
+        GPUs per SLURM job: ``--gres=gpu:K`` and ``--resources GPU=K`` for its worker.
+    jobqueue_config : str, optional
+        YAML file in dask-jobqueue's configuration layout (``jobqueue: slurm: {...}``).
+    adaptive : bool
+        Scale the SLURM jobs between 0 and ``jobs`` with the work.
     """
 
     scheduler: str | None = None
     workers: int | None = None
     threads_per_worker: int | None = None
     memory_limit: str | None = None
+    cluster: str = "local"
+    jobs: int | None = None
+    gpus_per_job: int = 0
+    jobqueue_config: str | None = None
+    adaptive: bool = False
 
 
 def _cores() -> int:
@@ -67,6 +83,24 @@ def connect(
 
     options = options or ClusterOptions()
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    if options.cluster not in CLUSTER_KINDS:
+        raise OptionError(f"--cluster {options.cluster!r}: expected one of "
+                          f"{', '.join(CLUSTER_KINDS)}")
+    if options.cluster == "slurm":
+        cluster = slurm_cluster(options)
+        if options.adaptive:
+            cluster.adapt(minimum_jobs=0, maximum_jobs=options.jobs)
+        else:
+            cluster.scale(jobs=options.jobs)
+        client = Client(cluster)
+        report(f"SLURM cluster: {options.jobs} job(s){' (adaptive)' if options.adaptive else ''}"
+               f", {options.gpus_per_job} GPU(s) per job; dashboard: {client.dashboard_link}")
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+        return
     if options.scheduler:
         if not options.scheduler.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
             raise OptionError(
@@ -120,3 +154,76 @@ def gpu_workers(client: object) -> list[str]:
     GPU=1``)."""
     info = client.scheduler_info()["workers"]  # type: ignore[attr-defined]
     return sorted(a for a, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1)
+
+
+CLUSTER_KINDS = ("local", "slurm")
+#: fields a SLURM configuration must give (dask-jobqueue cannot guess them)
+SLURM_REQUIRED = ("cores", "memory")
+
+
+def slurm_settings(options: ClusterOptions) -> dict[str, object]:
+    """``SLURMCluster`` keyword arguments from the jobqueue YAML plus the GPU options.
+
+    The file follows dask-jobqueue's configuration layout::
+
+        jobqueue:
+          slurm:
+            cores: 8
+            memory: 32GiB
+            queue: gpu
+            account: mylab
+            walltime: "04:00:00"
+            job_extra_directives: ["--constraint=a100"]
+
+    Raises
+    ------
+    OptionError
+        For a missing or unreadable file, a missing ``jobqueue.slurm`` section or required
+        field, or no ``--jobs``.
+    """
+    from pathlib import Path
+
+    from engine.errors import InputError
+    from engine.yamlfile import read_yaml
+
+    if not options.jobqueue_config:
+        raise OptionError("--cluster slurm needs --jobqueue-config FILE.yaml (dask-jobqueue's "
+                          "layout: jobqueue: slurm: {cores, memory, queue, account, walltime})")
+    if not options.jobs or options.jobs < 1:
+        raise OptionError("--cluster slurm needs --jobs N (N ≥ 1): the number of SLURM jobs")
+    path = Path(options.jobqueue_config)
+    if not path.is_file():
+        raise OptionError(f"--jobqueue-config {path}: no such file")
+    try:
+        raw = read_yaml(path, str(path), "jobqueue configuration")
+    except InputError as exc:
+        raise OptionError(str(exc)) from None
+    section = (raw or {}).get("jobqueue", {}).get("slurm") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise OptionError(f"{path}: no jobqueue: slurm: section (dask-jobqueue's layout)")
+    missing = [k for k in SLURM_REQUIRED if section.get(k) in (None, "")]
+    if missing:
+        raise OptionError(f"{path}: jobqueue.slurm needs {', '.join(missing)}")
+    settings = {k.replace("-", "_"): v for k, v in section.items()}
+    directives = list(settings.pop("job_extra_directives", None) or [])
+    worker_args = list(settings.pop("worker_extra_args", None) or [])
+    if options.gpus_per_job:
+        directives.append(f"--gres=gpu:{options.gpus_per_job}")
+        worker_args += ["--resources", f"GPU={options.gpus_per_job}"]
+    settings["job_extra_directives"] = directives
+    settings["worker_extra_args"] = worker_args
+    return settings
+
+
+def slurm_cluster(options: ClusterOptions) -> object:
+    """A dask-jobqueue ``SLURMCluster`` (its scheduler runs here; workers are SLURM jobs)."""
+    settings = slurm_settings(options)
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise OptionError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue"
+                          ) from None
+    try:
+        return SLURMCluster(**settings)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"{options.jobqueue_config}: {exc}") from None
