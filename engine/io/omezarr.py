@@ -158,6 +158,21 @@ def read_attrs(path: Path) -> tuple[dict[str, Any], str]:
     raise InputError(f"{path}: not an OME-Zarr group (no zarr.json or .zattrs)")
 
 
+def read_image_attrs(path: Path) -> tuple[dict[str, Any], str]:
+    """Attributes and NGFF version of an OME-Zarr *image* a command works on; an
+    InputError naming ``path`` (with the way to make one) otherwise."""
+    if not path.exists():
+        raise InputError(f"{path}: no such OME-Zarr image")
+    try:
+        attrs, ngff = read_attrs(path)
+    except InputError:
+        raise InputError(f"{path}: not an OME-Zarr image; convert it first with "
+                         "'voxelmill convert'") from None
+    if "multiscales" not in attrs:
+        raise InputError(f"{path}: OME-Zarr group has no 'multiscales' image metadata")
+    return attrs, ngff
+
+
 def _scale_of(dataset: dict[str, Any]) -> list[float]:
     for t in dataset.get("coordinateTransformations", []):
         if t.get("type") == "scale":

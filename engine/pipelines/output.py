@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,15 @@ def check_destination(dst: Path, overwrite: bool, source: Path | None = None) ->
             dst.parent.mkdir(parents=True)
         except OSError as exc:
             raise DestinationError(f"{dst.parent}: cannot create folder ({exc.strerror})") from None
+
+
+def check_output_name(name: str, example: str) -> None:
+    """Refuse a ``--name`` that is not a plain file-system name (it becomes a folder)."""
+    from engine.errors import OptionError
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
+        raise OptionError(f"--name {name!r}: use a plain name such as {example!r} (letters, "
+                          "digits, '_', '-', '.')")
 
 
 def partial_path(dst: Path) -> Path:

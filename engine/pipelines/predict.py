@@ -22,7 +22,6 @@ image, the options and the layout).
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import time
@@ -40,7 +39,13 @@ from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.learn.normalize import ChannelStats, Normalization, apply_stats, compute_stats
-from engine.pipelines.output import check_destination, commit, partial_path, write_multiscale
+from engine.pipelines.output import (
+    check_destination,
+    check_output_name,
+    commit,
+    partial_path,
+    write_multiscale,
+)
 from engine.predict.tiling import TileGrid, blend_weights, predict_region
 from engine.pyramid import Level, plan_levels
 from engine.runner import RunState, run_blocks
@@ -159,21 +164,11 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     import zarr
 
     from engine.learn.model import load_model
-    from engine.pipelines.segment import default_block
+    from engine.pipelines.segment import check_block, default_block
 
     src = Path(src)
-    if not src.exists():
-        raise InputError(f"{src}: no such OME-Zarr image")
-    try:
-        attrs, ngff = omezarr.read_attrs(src)
-    except InputError:
-        raise InputError(f"{src}: not an OME-Zarr image; convert it first with "
-                         "'voxelmill convert'") from None
-    if "multiscales" not in attrs:
-        raise InputError(f"{src}: OME-Zarr group has no 'multiscales' image metadata")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", options.name or ""):
-        raise OptionError(f"--name {options.name!r}: use a plain name such as 'membranes_unet' "
-                          "(letters, digits, '_', '-', '.')")
+    attrs, ngff = omezarr.read_image_attrs(src)
+    check_output_name(options.name, "membranes_unet")
     for value, choices, what in ((options.probabilities, PROBABILITY_DTYPES, "--probabilities"),
                                  (options.norm, NORM_SOURCES, "--norm")):
         if value not in choices:
@@ -206,10 +201,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     # predicted by both neighbours, about tile / block of the work per axis
     if options.block:
         block = _ints(options.block, dims, "--block")
-        if any(b <= 0 or (b % c and b < s) for b, c, s in zip(block, chunks, shape,
-                                                               strict=True)):
-            raise OptionError(f"--block {block}: each size must be a multiple of the chunk "
-                              f"shape {chunks}")
+        check_block(block, chunks, shape)
     else:
         block = tuple(max(b, c * -(-4 * t // c)) for b, c, t in
                       zip(default_block(chunks, shape), chunks, grid.tile, strict=True))

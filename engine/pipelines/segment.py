@@ -8,7 +8,6 @@ is the name added to ``labels/``'s list, so an interrupted run leaves the image 
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,13 @@ from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.labels import LabelResult
-from engine.pipelines.output import check_destination, commit, partial_path, write_multiscale
+from engine.pipelines.output import (
+    check_destination,
+    check_output_name,
+    commit,
+    partial_path,
+    write_multiscale,
+)
 from engine.pyramid import Level, plan_levels
 from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
@@ -99,7 +104,7 @@ def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...
                  for c, s in zip(chunks, shape, strict=True))
 
 
-def _check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
+def check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
     if len(block) != len(chunks):
         raise OptionError(f"--block {tuple(block)}: give {len(chunks)} values")
     for b, c, s in zip(block, chunks, shape, strict=True):
@@ -113,20 +118,10 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
     import zarr
 
     src = Path(src)
-    if not src.exists():
-        raise InputError(f"{src}: no such OME-Zarr image")
-    try:
-        attrs, ngff = omezarr.read_attrs(src)
-    except InputError:
-        raise InputError(f"{src}: not an OME-Zarr image; convert it first with "
-                         "'voxelmill convert'") from None
-    if "multiscales" not in attrs:
-        raise InputError(f"{src}: OME-Zarr group has no 'multiscales' image metadata")
+    attrs, ngff = omezarr.read_image_attrs(src)
     workflow = load_workflow(options.workflow)
     name = options.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
-        raise OptionError(f"--name {name!r}: use a plain name such as 'membranes' (letters, "
-                          "digits, '_', '-', '.')")
+    check_output_name(name, "membranes")
     unknown = [k for k in options.keep if k not in {s.name for s in workflow.steps}]
     if unknown:
         raise OptionError(f"--keep {', '.join(unknown)}: no such step in workflow "
@@ -147,7 +142,7 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
     chunks = tuple(int(c) for a, c in zip(full_axes, level0.chunks, strict=True) if a in "zyx")
     shape = tuple(int(s) for s in data.shape)
     block = tuple(options.block) if options.block else default_block(chunks, shape)
-    _check_block(block, chunks, shape)
+    check_block(block, chunks, shape)
     block = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
     check_destination(src / "labels" / name, options.overwrite)
     if options.keep:
