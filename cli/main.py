@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
+from engine import events
 from engine.errors import VoxelmillError
 
 app = typer.Typer(
@@ -61,9 +62,11 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except VoxelmillError as exc:
+        events.emit("error", message=str(exc), exit_code=2)
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        events.emit("error", message="interrupted", exit_code=130)
         err.print("interrupted; run the same command again to resume where it stopped")
         raise typer.Exit(130) from None
 
@@ -100,6 +103,13 @@ def cluster(scheduler: str | None, workers: int | None, threads: int | None,
     opts = ClusterOptions(scheduler, workers, threads, memory_limit, **_CLUSTER_SPEC)
     with connect(opts, report=lambda line: err.print(line)) as client:
         yield client
+
+
+def block_summary(stages: list[dict[str, Any]]) -> str:
+    """``blocks: N computed, M skipped (already done)`` over a run's passes."""
+    computed = sum(s["computed"] for s in stages)
+    skipped = sum(s["skipped"] for s in stages)
+    return f"blocks: {computed} computed, {skipped} skipped (already done)"
 
 
 def progress_factory() -> Callable[[], Any]:
@@ -230,6 +240,7 @@ def segment(
                   f"{len(result.levels)} levels) in {result.seconds:.1f} s")
         for path in result.kept:
             out.print(f"kept {path}")
+        out.print(block_summary(result.stages))
 
 
 @app.command()

@@ -46,7 +46,7 @@ def predict(
 ) -> None:
     """Predict a whole image tile by tile on the cluster's GPU workers (or every worker),
     blending tiles seamlessly, and write probabilities and labels as OME-Zarr."""
-    from cli.main import _ints, cluster, err, out, progress_factory, user_errors
+    from cli.main import _ints, block_summary, cluster, err, out, progress_factory, user_errors
     from cli.train import require_torch
 
     with user_errors():
@@ -71,4 +71,5 @@ def predict(
         for worker, w in r["workers"].items():
             out.print(f"  {worker}: {w['blocks']} blocks, {w['voxels_per_s']:.0f} voxels/s",
                       markup=False)
+        out.print(block_summary(result.stages), markup=False)
         out.print(json.dumps(r), markup=False)

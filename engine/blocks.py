@@ -52,6 +52,11 @@ class Block:
         return tuple(s.stop - s.start for s in self.write)
 
     @property
+    def write_size(self) -> int:
+        """Voxels in the write region."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
     def crop(self) -> Region:
         """Slices that cut the write region out of the padded read region."""
         return tuple(

@@ -218,13 +218,31 @@ def plan_passes(levels: Sequence[Level], chunks: Sequence[int], itemsize: int,
 
 # ----------------------------------------------------------------------- blockwise building
 
+class MisalignedWrite(RuntimeError):
+    """A block write that would share a storage unit (chunk or shard) with another block."""
+
+
 def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
     """Write ``data`` at ``region`` one storage unit (shard, else chunk) at a time.
 
     Handing zarr contiguous chunk-sized pieces avoids its fill-and-copy of a region that
     spans many chunks, which doubled a block's memory.
+
+    Raises
+    ------
+    MisalignedWrite
+        When ``region`` covers part of a storage unit: another task may write the rest of
+        it at the same time, and one of the two read-modify-write cycles would be lost
+        (with zarr v3 sharding, a whole shard's worth of chunks).
     """
     unit = getattr(array, "shards", None) or array.chunks
+    for ax, (r, u, n) in enumerate(zip(region, unit, array.shape, strict=True)):
+        if r.start % u or (r.stop % u and r.stop != n):
+            raise MisalignedWrite(
+                f"refusing to write region {[(s.start, s.stop) for s in region]} of "
+                f"{getattr(array, 'path', array)}: axis {ax} is not aligned to its storage "
+                f"unit {tuple(unit)} (a block layout must be a multiple of the shard, else "
+                "chunk, shape)")
     starts = [range(r.start, r.stop, u) for r, u in zip(region, unit, strict=True)]
     for origin in itertools.product(*starts):
         dst = tuple(slice(o, min(o + u, r.stop)) for o, u, r in

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from engine import events
 from engine.blocks import Block, BlockGrid
 from engine.errors import VoxelmillError
 from engine.progress import Progress, SilentProgress
+from engine.provenance import block_time_summary
 
 BlockTask = Callable[[Block], Any]
 
@@ -86,28 +90,47 @@ class RunState:
 
 
 @dataclass
+class _UserError:
+    """A block task's user error, returned (not raised) so the scheduler does not retry."""
+
+    error: VoxelmillError
+
+
+@dataclass
 class _MarkedTask:
-    """Runs on a worker: the task, then the done-marker (only after the write succeeded)."""
+    """Runs on a worker: the task, then the done-marker (only after the write succeeded).
+
+    Returns ``(result, seconds)``: the task's result and how long it took on the worker.
+    """
 
     task: BlockTask
     markers: DoneMarkers | None
 
-    def __call__(self, block: Block) -> Any:
-        result = self.task(block)
+    def __call__(self, block: Block) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        try:
+            result = self.task(block)
+        except VoxelmillError as exc:  # a user error: retrying cannot help, report it
+            return _UserError(exc), time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         if self.markers is not None:
             self.markers.mark(block.index)
-        return result
+        return result, seconds
 
 
 @dataclass
 class RunReport:
-    """What a pass did: blocks computed, blocks skipped as already done, their results."""
+    """What a pass did: blocks computed, blocks skipped as already done, their results,
+    the pass's wall time and each computed block's task time on its worker (seconds)."""
 
     name: str
     total: int
     computed: int
     skipped: int
     results: dict[tuple[int, ...], Any]
+    seconds: float = 0.0
+    block_seconds: list[float] = field(default_factory=list)
+    voxels: int = 0
 
 
 def default_in_flight(client: Any) -> int:
@@ -161,11 +184,15 @@ def run_blocks(
     if markers is not None and todo:
         markers.open("a")  # create the marker array before workers write into it
     progress.start(name, total, skipped)
+    events.emit("stage-start", stage=name, blocks=total, skipped=skipped)
     marked = _MarkedTask(task, markers)
-    prefix = f"{name}-{state.run_hash[:8] if state else 'once'}"
+    # unique per call: a key reused by a later call could be served a stale (erred) result
+    prefix = f"{name}-{state.run_hash[:8] if state else 'once'}-{uuid.uuid4().hex[:6]}"
     limit = max_in_flight or default_in_flight(client)
 
     results: dict[tuple[int, ...], Any] = {}
+    block_seconds: list[float] = []
+    t0 = last_event = time.monotonic()
     pending = iter(todo)
     futures: dict[Any, Block] = {}
     ac = as_completed()
@@ -188,6 +215,9 @@ def run_blocks(
             block = futures.pop(fut)
             if fut.status != "finished":
                 exc = fut.exception()
+                fut.release()
+                events.emit("error", stage=name, block=list(block.index),
+                            message=f"{type(exc).__name__}: {exc}")
                 if isinstance(exc, VoxelmillError):
                     raise exc
                 raise BlockFailed(
@@ -195,12 +225,29 @@ def run_blocks(
                     f"{[(s.start, s.stop) for s in block.write]}) failed after {retries} "
                     f"retries: {type(exc).__name__}: {exc}"
                 ) from exc
-            results[block.index] = fut.result()
+            result, seconds = fut.result()
             fut.release()
+            if isinstance(result, _UserError):
+                events.emit("error", stage=name, block=list(block.index),
+                            message=str(result.error))
+                raise result.error
+            results[block.index] = result
+            block_seconds.append(seconds)
             progress.advance()
+            if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
+                last_event = time.monotonic()
+                events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),
+                            blocks=total, blocks_per_s=round(len(block_seconds)
+                                                             / (last_event - t0), 3))
             submit_next()
     finally:
         for fut in futures:
             fut.cancel()
         progress.finish()
-    return RunReport(name, total, len(todo), skipped, results)
+    report = RunReport(name, total, len(todo), skipped, results, time.monotonic() - t0,
+                       block_seconds, sum(b.write_size for b in todo))
+    events.emit("stage-end", stage=name, blocks=total, computed=report.computed,
+                skipped=skipped, seconds=round(report.seconds, 3), voxels=report.voxels,
+                mvoxels_per_s=round(report.voxels / max(report.seconds, 1e-9) / 1e6, 3),
+                block_seconds=block_time_summary(block_seconds))
+    return report

@@ -112,3 +112,19 @@ def test_blockwise_pyramid_equals_whole_array(client, tmp_path, shape, chunks, b
                   method=method, budget_bytes=budget)
     for i, ref in enumerate(_whole_pyramid(data, levels, method)):
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / str(i)))[...], ref)
+
+
+def test_write_covering_part_of_a_shard_is_refused(tmp_path):
+    """Two tasks writing halves of one shard would each rewrite the whole shard: the
+    write helper refuses a region that is not a union of whole shards."""
+    import zarr
+
+    from engine.pyramid import MisalignedWrite, write_chunkwise
+
+    arr = zarr.create_array(store=str(tmp_path / "a"), shape=(64, 64), chunks=(8, 8),
+                            shards=(32, 32), dtype="uint8", zarr_format=3)
+    with pytest.raises(MisalignedWrite, match="axis 1 is not aligned"):
+        write_chunkwise(arr, (slice(0, 32), slice(0, 16)), np.ones((32, 16), np.uint8))
+    assert not any((tmp_path / "a").rglob("c/*"))  # nothing written
+    write_chunkwise(arr, (slice(32, 64), slice(0, 64)), np.ones((32, 64), np.uint8))
+    assert arr[...].sum() == 32 * 64

@@ -237,7 +237,7 @@ def test_interrupted_run_is_rolled_back(image, labels, tmp_path, client, monkeyp
     def interrupted(*_args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(apply_mod, "_append_log", interrupted)
+    monkeypatch.setattr(apply_mod.provenance, "append", interrupted)
     with pytest.raises(KeyboardInterrupt):  # voxels written, log not
         apply_patches(merged, out / "patches.csv", image, NAME, client)
     assert not np.array_equal(level(image), labels)

@@ -81,6 +81,8 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
     """
     import zarr
 
+    from engine.io.integrity import read_checked
+
     arr = zarr.open_array(path, mode="r")
     limit = _limit()
     region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape[len(prefix):],
@@ -89,7 +91,7 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
     aligned = all(s.start % c == 0 and (s.stop % c == 0 or s.stop == n)
                   for s, c, n in zip(region, chunks, arr.shape[len(prefix):], strict=True))
     if limit <= 0 or aligned:  # whole chunks (a read without halo): nobody else reads them
-        return np.asarray(arr[prefix + region])
+        return read_checked(arr, path, prefix + region)
     ident = _identity(path)
     out = np.empty(tuple(s.stop - s.start for s in region), dtype=arr.dtype)
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, chunks, strict=True)]
@@ -99,7 +101,7 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
         if chunk is None:
             sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
                         zip(index, chunks, arr.shape[len(prefix):], strict=True))
-            chunk = np.asarray(arr[prefix + sel])
+            chunk = read_checked(arr, path, prefix + sel)
             _put(key, chunk, limit)
         lo = [max(s.start, i * c) for s, i, c in zip(region, index, chunks, strict=True)]
         hi = [min(s.stop, (i + 1) * c) for s, i, c in zip(region, index, chunks, strict=True)]

@@ -12,6 +12,7 @@ import numpy as np
 import zarr
 
 from engine.errors import InputError, OptionError
+from engine.io.integrity import COMPLETE_ATTR
 from engine.io.sources import ZarrSource, to_dask
 from engine.volume import Volume
 
@@ -49,9 +50,14 @@ def compressor(name: str, clevel: int, zarr_fmt: int, itemsize: int) -> Any:
 def create_level(
     group_path: Path, name: str, shape: Sequence[int], chunks: Sequence[int], dtype: np.dtype,
     axes: str, ngff: str, codec: str = "lz4", clevel: int = 5, fill_value: Any = 0,
-    shards: Sequence[int] | None = None,
+    shards: Sequence[int] | None = None, every_chunk_written: bool = False,
 ) -> zarr.Array:
-    """Create one multiscale level array (empty; blocks write into it later)."""
+    """Create one multiscale level array (empty; blocks write into it later).
+
+    ``every_chunk_written`` records that the writers store every chunk (images do, labels
+    skip empty ones): a missing chunk of such an array is then reported as lost data by
+    :func:`engine.io.integrity.read_checked` instead of reading as the fill value.
+    """
     fmt = zarr_format(ngff)
     kwargs: dict[str, Any] = {}
     if fmt == 3:
@@ -63,7 +69,9 @@ def create_level(
     return zarr.create_array(
         store=str(group_path / name), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype,
         compressors=compressor(codec, clevel, fmt, np.dtype(dtype).itemsize),
-        fill_value=fill_value, zarr_format=fmt, overwrite=True, **kwargs,
+        fill_value=fill_value, zarr_format=fmt, overwrite=True,
+        attributes={"voxelmill": {COMPLETE_ATTR: True}} if every_chunk_written else None,
+        **kwargs,
     )
 
 

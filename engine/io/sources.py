@@ -195,7 +195,9 @@ def read_region(source: Any, region: tuple[slice, ...]) -> np.ndarray:
     if isinstance(source, str):
         import zarr
 
-        return np.asarray(zarr.open_array(source, mode="r")[region])
+        from engine.io.integrity import read_checked
+
+        return read_checked(zarr.open_array(source, mode="r"), source, region)
     return np.asarray(source[region].compute(scheduler="sync"))
 
 

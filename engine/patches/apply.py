@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import provenance
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
@@ -597,24 +598,9 @@ def refresh_pyramid(client: Any, target: LabelTarget, regions: Sequence[Sequence
 # ------------------------------------------------------------------------------- log
 
 def read_log(group: str | Path) -> list[dict[str, Any]]:
-    """The provenance entries of a label group, oldest first (see the module docstring)."""
-    import zarr
-
-    attrs = zarr.open_group(str(group), mode="r").attrs
-    return list(dict(attrs.get("voxelmill", {})).get("provenance", []))
-
-
-def _append_log(group: Path, entries: Sequence[dict[str, Any]]) -> None:
-    import zarr
-
-    g = zarr.open_group(str(group), mode="a")
-    vm = dict(g.attrs.get("voxelmill", {}))
-    vm["provenance"] = [*vm.get("provenance", []), *entries]
-    g.attrs["voxelmill"] = vm
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """The patch entries (``"apply"`` and ``"undo"``) of a label group's provenance, oldest
+    first (see the module docstring); run entries of other operations are left out."""
+    return [e for e in provenance.read(group) if "action" in e]
 
 
 def _new_id(name: str) -> str:
@@ -706,7 +692,7 @@ def run_apply(plan: ApplyPlan, client: Any,
             "bounds": [list(b) for b in e.bounds],
             "clipped": [[r.start, r.stop] for r in reg],
             "file": e.path, "manifest": str(plan.manifest), "sha256": e.sha256,
-            "value": plan.value, "written": written, "time": _now(),
+            "value": plan.value, "written": written, "time": provenance.now(),
             "undo": f"{UNDO_DIR}/{i}",
         })
     journal = target.undo_dir / JOURNAL
@@ -717,7 +703,7 @@ def run_apply(plan: ApplyPlan, client: Any,
     refresh_pyramid(client, target, regions, progress)
     if any(entry["written"] for entry in log):
         _update_colors(target, plan.value)
-    _append_log(target.group, log)
+    provenance.append(target.group, log)
     journal.unlink()
     return ApplyResult(log, len(grid), sum(results.values()), rolled, time.monotonic() - t0)
 
@@ -782,6 +768,6 @@ def undo_patch(image: str | Path, labels: str, patch: str, client: Any,
             f"voxels: {', '.join(dict.fromkeys(clobbered))}; undo them first (latest first)")
     chunks, voxels = _restore(client, target, [rec], progress)
     entry = {"action": "undo", "id": _new_id(patch), "patch": patch, "undoes": rec["id"],
-             "restored": voxels, "time": _now()}
-    _append_log(target.group, [entry])
+             "restored": voxels, "time": provenance.now()}
+    provenance.append(target.group, [entry])
     return ApplyResult([entry], chunks, voxels, rolled, time.monotonic() - t0)

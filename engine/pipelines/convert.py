@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__
+from engine import __version__, provenance
 from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
@@ -20,6 +20,7 @@ from engine.labels import VALUES_LIMIT
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
+from engine.runlock import output_lock
 from engine.runner import RunReport, RunState
 from engine.volume import Volume, check_voxel_size, normalize_unit
 
@@ -255,7 +256,8 @@ def _create(ms: Multiscale, opts: ConvertOptions) -> None:
         chunks = [min(c, s) for c, s in zip(ms.chunks, lv.shape, strict=True)]
         shards = level_shards(ms.shards, chunks, lv.shape) if ms.shards else None
         omezarr.create_level(ms.group, str(i), lv.shape, chunks, ms.volume.dtype, ms.volume.axes,
-                             opts.ngff, opts.compression, opts.clevel, shards=shards)
+                             opts.ngff, opts.compression, opts.clevel, shards=shards,
+                             every_chunk_written=ms.method != "mode")
     metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(ms.levels)]
     omezarr.write_group_attrs(ms.group, {"multiscales": [omezarr.multiscales(
         ms.volume.axes, ms.volume.unit, metas, ms.name, opts.ngff, ms.method)]}, opts.ngff)
@@ -265,41 +267,46 @@ def run_conversion(plan: ConvertPlan, client: Any,
                    progress: Callable[[], Progress] | None = None,
                    report: Callable[[str], None] = print) -> ConvertResult:
     """Write the planned OME-Zarr blockwise on the cluster; resume when possible."""
-    t0 = time.monotonic()
-    opts, partial = plan.options, plan.partial
-    groups = [plan.image, *plan.labels.values()]
-    if plan.resumable:
-        report(f"resuming an interrupted conversion in {partial}")
-    else:
-        if partial.exists():
-            report(f"removing an unfinished conversion with other inputs or options: {partial}")
-            shutil.rmtree(partial)
-        for ms in groups:
-            _create(ms, opts)
-        if plan.labels:
-            omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
-                                      opts.ngff)
-    plan.state.begin()
+    with output_lock(plan.destination, report=report), \
+            provenance.RunRecord("convert", plan.state.identity) as record:
+        t0 = time.monotonic()
+        opts, partial = plan.options, plan.partial
+        groups = [plan.image, *plan.labels.values()]
+        if plan.resumable:
+            report(f"resuming an interrupted conversion in {partial}")
+        else:
+            if partial.exists():
+                report(f"removing an unfinished conversion with other inputs or options: {partial}")
+                shutil.rmtree(partial)
+            for ms in groups:
+                _create(ms, opts)
+            if plan.labels:
+                omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
+                                          opts.ngff)
+        plan.state.begin()
 
-    reports: list[RunReport] = []
-    for ms in groups:
-        reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.write_unit,
-                                 method=ms.method, state=plan.state, progress=progress,
-                                 budget_bytes=int(opts.block_mib * 2**20),
-                                 name="image" if ms is plan.image else f"labels-{ms.name}")
-    for ms in plan.labels.values():
-        values = label_values(client, ms.group / "0", ms.write_unit)
-        omezarr.write_group_attrs(
-            ms.group, {"image-label": omezarr.image_label(values, opts.ngff)}, opts.ngff)
-    vol = plan.image.volume
-    nchan = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
-    windows = display_windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
-    omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
-        vol.channel_names or (plan.image.name,), windows)}, opts.ngff)
-    plan.state.clear()
-    commit(partial, plan.destination)
-    return ConvertResult(plan.destination, [lv.shape for lv in plan.image.levels],
-                         list(plan.labels), reports, time.monotonic() - t0)
+        reports: list[RunReport] = []
+        for ms in groups:
+            reports += build_pyramid(client, ms.volume.data, ms.group, ms.levels, ms.write_unit,
+                                     method=ms.method, state=plan.state, progress=progress,
+                                     budget_bytes=int(opts.block_mib * 2**20),
+                                     name="image" if ms is plan.image else f"labels-{ms.name}")
+        for ms in plan.labels.values():
+            values = label_values(client, ms.group / "0", ms.write_unit)
+            omezarr.write_group_attrs(
+                ms.group, {"image-label": omezarr.image_label(values, opts.ngff)}, opts.ngff)
+        vol = plan.image.volume
+        nchan = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
+        windows = display_windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
+        omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
+            vol.channel_names or (plan.image.name,), windows)}, opts.ngff)
+        entry = record.entry()
+        for ms in groups:
+            provenance.append(ms.group, [entry])
+        plan.state.clear()
+        commit(partial, plan.destination)
+        return ConvertResult(plan.destination, [lv.shape for lv in plan.image.levels],
+                             list(plan.labels), reports, time.monotonic() - t0)
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: Any,

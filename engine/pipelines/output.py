@@ -62,7 +62,8 @@ def write_multiscale(client: Any, data: Any, group: Path, name: str, axes: str, 
     group.mkdir(parents=True, exist_ok=True)
     for i, lv in enumerate(levels):
         level_chunks = [min(c, s) for c, s in zip(chunks, lv.shape, strict=True)]
-        omezarr.create_level(group, str(i), lv.shape, level_chunks, data.dtype, axes, ngff)
+        omezarr.create_level(group, str(i), lv.shape, level_chunks, data.dtype, axes, ngff,
+                             every_chunk_written=method != "mode")
     metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
     omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
         axes, unit, metas, name, ngff, method)]}, ngff)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__
+from engine import __version__, provenance
 from engine.blocks import Block, BlockGrid, stable_hash
 from engine.cluster import gpu_workers
 from engine.errors import InputError, OptionError, VoxelmillError
@@ -48,6 +48,7 @@ from engine.pipelines.output import (
 )
 from engine.predict.tiling import TileGrid, blend_weights, predict_region
 from engine.pyramid import Level, plan_levels
+from engine.runlock import output_lock
 from engine.runner import RunState, run_blocks
 from engine.volume import convert_length
 
@@ -116,6 +117,7 @@ class PredictResult:
     n_objects: int | None
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # "stage-end" events
 
 
 def _ints(values: Sequence[int] | int, n: int, what: str) -> tuple[int, ...]:
@@ -365,91 +367,97 @@ def throughput(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, A
 def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] | None = None,
                    report: Callable[[str], None] = print) -> PredictResult:
     """Predict the planned image blockwise and write probabilities and labels."""
-    import dask.array as da
-    import zarr
+    with output_lock(plan.labels_destination, report=report), \
+            output_lock(plan.probabilities_destination, report=report), \
+            provenance.RunRecord("predict", plan.state.identity) as record:
+        import dask.array as da
+        import zarr
 
-    t0 = time.monotonic()
-    opts = plan.options
-    labels_partial = partial_path(plan.labels_destination)
-    probs_partial = partial_path(plan.probabilities_destination)
-    work = labels_partial / ".work"
-    resumable = (plan.state.directory / plan.state.run_hash).exists()
-    if resumable:
-        report(f"resuming an interrupted prediction in {labels_partial}")
-    else:
-        for p in (labels_partial, probs_partial):
-            shutil.rmtree(p, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    plan.state.begin()
-    k = plan.out_channels
-    prob_path, label_path = str(work / "probabilities"), str(work / "labels")
-    zarr.open_array(prob_path, mode="a", shape=(k, *plan.shape), chunks=(1, *plan.chunks),
-                    dtype=opts.probabilities, zarr_format=3)
-    zarr.open_array(label_path, mode="a", shape=plan.shape, chunks=plan.chunks, dtype=np.uint8,
-                    zarr_format=3)
-    try:
-        stats = _stats(plan, client)
-        arr = zarr.open_array(plan.level0, mode="r")
-        prefix = (0,) if arr.ndim > len(plan.axes) + int(plan.has_channel_axis) else ()
-        task = PredictTask(str(Path(opts.model).resolve()), opts.device, plan.level0,
-                           plan.channels, plan.has_channel_axis, prefix, plan.shape, plan.grid,
-                           opts.blend, opts.batch, opts.tta, stats, prob_path, label_path,
-                           opts.probabilities, opts.threshold, plan.meta["target"]["kind"])
-        gpus = gpu_workers(client)
-        report(f"predicting {len(BlockGrid(plan.shape, plan.block, chunks=plan.chunks))} "
-               f"blocks of {plan.block} with tiles {plan.grid.tile} (stride "
-               f"{plan.grid.stride}) on "
-               f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
-        grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
-        t_pass = time.monotonic()
-        # one prediction at a time per worker (GPU=1 does it on GPU workers), using all of
-        # the worker's threads for torch: dask starts workers with OMP_NUM_THREADS=1
-        run = run_blocks(client, grid, task, name="predict", state=plan.state,
-                         progress=progress() if progress else None,
-                         resources={"GPU": 1} if gpus else None,
-                         max_in_flight=len(gpus) if gpus else len(client.nthreads()))
-        pass_s = time.monotonic() - t_pass
-        stats_report = throughput(list(run.results.values()), pass_s)
-        stats_report["skipped_blocks"] = run.skipped
-        probs = da.from_zarr(prob_path)
-        write_multiscale(client, probs, probs_partial, opts.name, "c" + plan.axes, plan.unit,
-                         (1, *plan.chunks), plan_levels(
-                             (k, *plan.shape), "c" + plan.axes, (1.0, *plan.voxel_size),
-                             (1, *plan.chunks), max_levels=len(plan.levels)),
-                         plan.ngff, "mean", progress)
-        omezarr.write_group_attrs(probs_partial, {"omero": omezarr.omero(
-            _output_names(plan.meta, k, opts.name),
-            [(0.0, 255.0 if opts.probabilities == "uint8" else 1.0, 0.0,
-              255.0 if opts.probabilities == "uint8" else 1.0)] * k)}, plan.ngff)
-        n_objects = None
-        label_data = da.from_zarr(label_path)
-        values: list[int] | None = list(range(len(plan.meta["target"].get("classes", [0, 1]))))
-        if opts.instances:
-            from engine.labels import label as label_components
+        t0 = time.monotonic()
+        opts = plan.options
+        labels_partial = partial_path(plan.labels_destination)
+        probs_partial = partial_path(plan.probabilities_destination)
+        work = labels_partial / ".work"
+        resumable = (plan.state.directory / plan.state.run_hash).exists()
+        if resumable:
+            report(f"resuming an interrupted prediction in {labels_partial}")
+        else:
+            for p in (labels_partial, probs_partial):
+                shutil.rmtree(p, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        plan.state.begin()
+        k = plan.out_channels
+        prob_path, label_path = str(work / "probabilities"), str(work / "labels")
+        zarr.open_array(prob_path, mode="a", shape=(k, *plan.shape), chunks=(1, *plan.chunks),
+                        dtype=opts.probabilities, zarr_format=3)
+        zarr.open_array(label_path, mode="a", shape=plan.shape, chunks=plan.chunks, dtype=np.uint8,
+                        zarr_format=3)
+        try:
+            stats = _stats(plan, client)
+            arr = zarr.open_array(plan.level0, mode="r")
+            prefix = (0,) if arr.ndim > len(plan.axes) + int(plan.has_channel_axis) else ()
+            task = PredictTask(str(Path(opts.model).resolve()), opts.device, plan.level0,
+                               plan.channels, plan.has_channel_axis, prefix, plan.shape, plan.grid,
+                               opts.blend, opts.batch, opts.tta, stats, prob_path, label_path,
+                               opts.probabilities, opts.threshold, plan.meta["target"]["kind"])
+            gpus = gpu_workers(client)
+            report(f"predicting {len(BlockGrid(plan.shape, plan.block, chunks=plan.chunks))} "
+                   f"blocks of {plan.block} with tiles {plan.grid.tile} (stride "
+                   f"{plan.grid.stride}) on "
+                   f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
+            grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
+            t_pass = time.monotonic()
+            # one prediction at a time per worker (GPU=1 does it on GPU workers), using all of
+            # the worker's threads for torch: dask starts workers with OMP_NUM_THREADS=1
+            run = run_blocks(client, grid, task, name="predict", state=plan.state,
+                             progress=progress() if progress else None,
+                             resources={"GPU": 1} if gpus else None,
+                             max_in_flight=len(gpus) if gpus else len(client.nthreads()))
+            pass_s = time.monotonic() - t_pass
+            stats_report = throughput(list(run.results.values()), pass_s)
+            stats_report["skipped_blocks"] = run.skipped
+            probs = da.from_zarr(prob_path)
+            write_multiscale(client, probs, probs_partial, opts.name, "c" + plan.axes, plan.unit,
+                             (1, *plan.chunks), plan_levels(
+                                 (k, *plan.shape), "c" + plan.axes, (1.0, *plan.voxel_size),
+                                 (1, *plan.chunks), max_levels=len(plan.levels)),
+                             plan.ngff, "mean", progress)
+            omezarr.write_group_attrs(probs_partial, {"omero": omezarr.omero(
+                _output_names(plan.meta, k, opts.name),
+                [(0.0, 255.0 if opts.probabilities == "uint8" else 1.0, 0.0,
+                  255.0 if opts.probabilities == "uint8" else 1.0)] * k)}, plan.ngff)
+            n_objects = None
+            label_data = da.from_zarr(label_path)
+            values: list[int] | None = list(range(len(plan.meta["target"].get("classes", [0, 1]))))
+            if opts.instances:
+                from engine.labels import label as label_components
 
-            result = label_components(client, label_data > 0, str(work / "instances"),
-                                      connectivity=1, lazy=True)
-            label_data = result.view if result.view is not None else da.from_zarr(
-                str(result.path))
-            n_objects, values = result.n_objects, result.values
-        write_multiscale(client, label_data, labels_partial, opts.name, plan.axes, plan.unit,
-                         plan.chunks, plan.levels, plan.ngff, "mode", progress)
-        omezarr.write_group_attrs(labels_partial, {"image-label": omezarr.image_label(
-            values, plan.ngff)}, plan.ngff)
-    except VoxelmillError:
-        shutil.rmtree(labels_partial, ignore_errors=True)
-        shutil.rmtree(probs_partial, ignore_errors=True)
-        raise
-    shutil.rmtree(work)
-    plan.state.clear()
-    commit(probs_partial, plan.probabilities_destination)
-    commit(labels_partial, plan.labels_destination)
-    names = omezarr.label_names(plan.source)
-    if opts.name not in names:
-        names.append(opts.name)
-    omezarr.write_group_attrs(plan.source / "labels", {"labels": names}, plan.ngff)
-    return PredictResult(plan.labels_destination, plan.probabilities_destination, n_objects,
-                         time.monotonic() - t0, stats_report)
+                result = label_components(client, label_data > 0, str(work / "instances"),
+                                          connectivity=1, lazy=True)
+                label_data = result.view if result.view is not None else da.from_zarr(
+                    str(result.path))
+                n_objects, values = result.n_objects, result.values
+            write_multiscale(client, label_data, labels_partial, opts.name, plan.axes, plan.unit,
+                             plan.chunks, plan.levels, plan.ngff, "mode", progress)
+            omezarr.write_group_attrs(labels_partial, {"image-label": omezarr.image_label(
+                values, plan.ngff)}, plan.ngff)
+        except VoxelmillError:
+            shutil.rmtree(labels_partial, ignore_errors=True)
+            shutil.rmtree(probs_partial, ignore_errors=True)
+            raise
+        shutil.rmtree(work)
+        entry = record.entry()
+        provenance.append(probs_partial, [entry])
+        provenance.append(labels_partial, [entry])
+        plan.state.clear()
+        commit(probs_partial, plan.probabilities_destination)
+        commit(labels_partial, plan.labels_destination)
+        names = omezarr.label_names(plan.source)
+        if opts.name not in names:
+            names.append(opts.name)
+        omezarr.write_group_attrs(plan.source / "labels", {"labels": names}, plan.ngff)
+        return PredictResult(plan.labels_destination, plan.probabilities_destination, n_objects,
+                             time.monotonic() - t0, stats_report, record.collector.stages)
 
 
 def predict(src: str | Path, options: PredictOptions, client: Any,

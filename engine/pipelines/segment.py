@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__
+from engine import __version__, provenance
 from engine.blocks import stable_hash
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
@@ -31,6 +31,7 @@ from engine.pipelines.output import (
     write_multiscale,
 )
 from engine.pyramid import Level, plan_levels
+from engine.runlock import output_lock
 from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
@@ -95,6 +96,7 @@ class SegmentResult:
     kept: list[Path]
     seconds: float
     statistics: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # "stage-end" events
 
 
 def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
@@ -193,65 +195,68 @@ def run_segmentation(plan: SegmentPlan, client: Any,
                      progress: Callable[[], Any] | None = None,
                      report: Callable[[str], None] = print) -> SegmentResult:
     """Run the planned workflow on the cluster and write the labels (and kept steps)."""
-    from engine.pipelines.convert import label_values
+    with output_lock(plan.destination, report=report), \
+            provenance.RunRecord("segment", plan.state.identity) as record:
+        from engine.pipelines.convert import label_values
 
-    t0 = time.monotonic()
-    dst = plan.destination
-    partial = partial_path(dst)
-    keep_partial = partial_path(plan.keep_destination)
-    work = partial / ".work"
-    if plan.resumable:
-        report(f"resuming an interrupted segmentation in {partial}")
-    elif partial.exists():
-        report(f"removing an unfinished segmentation with other inputs or options: {partial}")
-        shutil.rmtree(partial)
-    if keep_partial.exists():  # kept images are rewritten whole
-        shutil.rmtree(keep_partial)
-    work.mkdir(parents=True, exist_ok=True)
-    plan.state.begin()
-    ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state)
-    kept: list[Path] = []
+        t0 = time.monotonic()
+        dst = plan.destination
+        partial = partial_path(dst)
+        keep_partial = partial_path(plan.keep_destination)
+        work = partial / ".work"
+        if plan.resumable:
+            report(f"resuming an interrupted segmentation in {partial}")
+        elif partial.exists():
+            report(f"removing an unfinished segmentation with other inputs or options: {partial}")
+            shutil.rmtree(partial)
+        if keep_partial.exists():  # kept images are rewritten whole
+            shutil.rmtree(keep_partial)
+        work.mkdir(parents=True, exist_ok=True)
+        plan.state.begin()
+        ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state)
+        kept: list[Path] = []
 
-    def keep(step: Step, ref: Any) -> None:
-        if isinstance(ref, LabelResult):  # kept label steps are stored, never lazy
-            return
-        data = to_dask(ref, plan.block_shape)
-        if data.dtype == bool:
-            data = data.astype(np.uint8)
-        method = "mean" if step.kind == "image" else "mode"
-        _write_multiscale(plan, client, data, keep_partial / step.name, step.name, method,
-                          progress, plan.levels[:1])
-        kept.append(plan.keep_destination / step.name)
+        def keep(step: Step, ref: Any) -> None:
+            if isinstance(ref, LabelResult):  # kept label steps are stored, never lazy
+                return
+            data = to_dask(ref, plan.block_shape)
+            if data.dtype == bool:
+                data = data.astype(np.uint8)
+            method = "mean" if step.kind == "image" else "mode"
+            _write_multiscale(plan, client, data, keep_partial / step.name, step.name, method,
+                              progress, plan.levels[:1])
+            kept.append(plan.keep_destination / step.name)
 
-    try:
-        result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
-        data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
-        _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
-        if isinstance(result, LabelResult):  # the labelling listed its ids: no extra pass
-            values = result.values
-        else:
-            values = label_values(client, partial / "0", plan.block_shape)
-        if values is not None:
-            max_id = max(values, default=0)
-            n_objects = len([v for v in values if v])
-        omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(values,
-                                                                               plan.ngff)},
-                                  plan.ngff)
-    except VoxelmillError:  # a user error found on the way: nothing to resume
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(keep_partial, ignore_errors=True)
-        raise
-    # anything else (an interruption, a lost cluster) keeps the hidden partial output: the
-    # same command resumes from the finished blocks
-    shutil.rmtree(work)
-    plan.state.clear()
-    commit(partial, dst)
-    _add_label_name(plan)
-    if kept:
-        commit(keep_partial, plan.keep_destination)
-    return SegmentResult(dst, n_objects, max_id, str(data.dtype),
-                         [lv.shape for lv in plan.levels], kept, time.monotonic() - t0,
-                         ctx.stats_log)
+        try:
+            result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
+            data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
+            _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
+            if isinstance(result, LabelResult):  # the labelling listed its ids: no extra pass
+                values = result.values
+            else:
+                values = label_values(client, partial / "0", plan.block_shape)
+            if values is not None:
+                max_id = max(values, default=0)
+                n_objects = len([v for v in values if v])
+            omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(values,
+                                                                                   plan.ngff)},
+                                      plan.ngff)
+        except VoxelmillError:  # a user error found on the way: nothing to resume
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(keep_partial, ignore_errors=True)
+            raise
+        # anything else (an interruption, a lost cluster) keeps the hidden partial output: the
+        # same command resumes from the finished blocks
+        shutil.rmtree(work)
+        provenance.append(partial, [record.entry()])
+        plan.state.clear()
+        commit(partial, dst)
+        _add_label_name(plan)
+        if kept:
+            commit(keep_partial, plan.keep_destination)
+        return SegmentResult(dst, n_objects, max_id, str(data.dtype),
+                             [lv.shape for lv in plan.levels], kept, time.monotonic() - t0,
+                             ctx.stats_log, record.collector.stages)
 
 
 def segment(src: str | Path, options: SegmentOptions, client: Any,

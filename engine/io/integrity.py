@@ -1,0 +1,111 @@
+"""Reading zarr arrays so that a damaged input stops the run with a message naming the chunk.
+
+Two kinds of damage:
+
+* a *corrupt* chunk (truncated file, bad bytes): decoding fails; the failing storage unit
+  (chunk, or shard of a sharded zarr v3 array) is found by reading the region's units one
+  by one, and an :class:`~engine.errors.InputError` names the array, the unit's grid index
+  and its file;
+* a *missing* chunk: zarr reads a missing chunk as the fill value, which is right for
+  arrays that skip empty chunks, but for an array written with every chunk stored (images
+  written by voxelmill carry ``"voxelmill": {"every_chunk_written": true}`` in their
+  attributes) a missing chunk file means lost data, and reading it is refused.
+
+The error is a user error: the block task fails, nothing is marked done for it, and the
+run stops with that message.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InputError
+
+COMPLETE_ATTR = "every_chunk_written"
+
+
+def unit_shape(arr: Any) -> tuple[int, ...]:
+    """Shape of the array's storage unit: its shard when sharded, else its chunk."""
+    shards = getattr(arr, "shards", None)
+    return tuple(shards) if shards else tuple(arr.chunks)
+
+
+def _bounds(arr: Any, selection: Sequence[Any]) -> list[tuple[int, int]]:
+    out = []
+    sel = tuple(selection) + (slice(None),) * (arr.ndim - len(selection))
+    for s, n in zip(sel, arr.shape, strict=True):
+        if isinstance(s, slice):
+            start, stop, _ = s.indices(n)
+            out.append((start, max(start, stop)))
+        else:
+            i = int(s) % n if n else 0
+            out.append((i, i + 1))
+    return out
+
+
+def units(arr: Any, selection: Sequence[Any]) -> Iterator[tuple[int, ...]]:
+    """Grid indices of the storage units a selection touches."""
+    unit = unit_shape(arr)
+    bounds = _bounds(arr, selection)
+    if any(a >= b for a, b in bounds):
+        return iter(())
+    return itertools.product(*(range(a // u, -(-b // u)) for (a, b), u in
+                               zip(bounds, unit, strict=True)))
+
+
+def unit_file(arr: Any, path: str, index: Sequence[int]) -> Path:
+    """The file holding storage unit ``index`` of the array at ``path``."""
+    return Path(path) / arr.metadata.encode_chunk_key(tuple(index))
+
+
+def every_chunk_written(arr: Any) -> bool:
+    return bool(dict(arr.attrs.get("voxelmill", {}) or {}).get(COMPLETE_ATTR, False))
+
+
+def _unit_region(arr: Any, index: Sequence[int]) -> tuple[slice, ...]:
+    unit = unit_shape(arr)
+    return tuple(slice(i * u, min((i + 1) * u, n)) for i, u, n in
+                 zip(index, unit, arr.shape, strict=True))
+
+
+def read_checked(arr: Any, path: str, selection: Sequence[Any]) -> np.ndarray:
+    """``arr[selection]`` as NumPy, raising :class:`InputError` for a damaged unit.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+        The array, opened read-only.
+    path : str
+        Its location (for the message and to look for chunk files).
+    selection : tuple of slice or int
+        Basic selection, steps of 1.
+    """
+    selection = tuple(selection)
+    if every_chunk_written(arr):
+        for index in units(arr, selection):
+            if not unit_file(arr, path, index).exists():
+                raise InputError(
+                    f"{path}: chunk {tuple(index)} is missing (expected file "
+                    f"{unit_file(arr, path, index)}); this array was written with every "
+                    "chunk stored, so data was lost: re-create it, e.g. re-run voxelmill "
+                    "convert")
+    try:
+        return np.asarray(arr[selection])
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure: find the damaged unit
+        for index in units(arr, selection):
+            try:
+                arr[_unit_region(arr, index)]
+            except Exception as unit_exc:  # noqa: BLE001
+                raise InputError(
+                    f"{path}: chunk {tuple(index)} cannot be read "
+                    f"({type(unit_exc).__name__}: {unit_exc}); its file "
+                    f"{unit_file(arr, path, index)} is corrupt or truncated: re-create the "
+                    "array, e.g. re-run voxelmill convert") from None
+        raise exc

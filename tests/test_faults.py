@@ -1,0 +1,205 @@
+"""Fault tolerance on real processes: a worker killed mid-run, the CLI killed and re-run,
+two runs on one output, damaged input chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from engine.errors import DestinationError
+from engine.pipelines.convert import ConvertOptions, convert
+from engine.pipelines.segment import SegmentOptions, segment
+from engine.runlock import lock_path, output_lock
+from tests.conftest import dask_processes, run_cli
+from tests.segment_helpers import blobs
+
+EXE = str(Path(sys.executable).parent / "voxelmill")
+WORKFLOW = ("steps:\n"
+            "  - {name: smooth, function: gaussian, parameters: {sigma: 1.5}}\n"
+            "  - {name: mask, function: threshold, parameters: {method: otsu, factor: 1.2}}\n"
+            "  - {name: cells, function: label}\n"
+            "  - {name: big, function: size_filter, parameters: {min_size: 20}}\n")
+
+
+def _markers(partial: Path) -> int:
+    """Done-markers written so far under a partial output (chunk files of marker arrays)."""
+    state = partial / ".voxelmill"
+    if not state.exists():
+        return 0
+    return sum(1 for p in state.rglob("*") if p.is_file() and "/c/" in p.as_posix())
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory, client) -> Path:
+    """A 64³ OME-Zarr of blobs (16³ chunks) and a workflow file beside it."""
+    folder = tmp_path_factory.mktemp("faults")
+    vol = (blobs((64, 64, 64), 60, sigma=2.5) * 1000).astype(np.uint16)
+    np.save(folder / "vol.npy", vol)
+    (folder / "wf.yaml").write_text(WORKFLOW)
+    return convert(folder / "vol.npy", folder / "vol.ome.zarr", ConvertOptions(chunks=(16,)),
+                   client, report=lambda _: None).destination
+
+
+@pytest.fixture(scope="module")
+def reference(image, client) -> np.ndarray:
+    """The uninterrupted segmentation (in-process cluster)."""
+    res = segment(image, SegmentOptions(str(image.parent / "wf.yaml"), "reference",
+                                        block=(16, 16, 16)), client, report=lambda _: None)
+    labels = zarr.open_array(str(res.destination / "0"), mode="r")[...]
+    assert labels.max() > 30
+    return labels
+
+
+def _copy(image: Path, dst: Path) -> Path:
+    shutil.copytree(image, dst, ignore=shutil.ignore_patterns("labels"))
+    return dst
+
+
+def test_worker_killed_mid_segmentation_gives_identical_output(image, reference, tmp_path):
+    """SIGKILL one of two `dask worker` processes while blocks run: its nanny restarts it,
+    the scheduler reruns its tasks, and the labels equal the uninterrupted run's."""
+    from distributed import Client
+
+    src = _copy(image, tmp_path / "vol.ome.zarr")
+    partial = src / "labels" / ".cells.partial"
+    with dask_processes(tmp_path, [[], []]) as address, Client(address) as client:
+        pids = client.run(os.getpid)
+        victim = sorted(pids.values())[0]
+        killed: dict[str, int] = {}
+
+        def kill_when_busy() -> None:
+            deadline = time.monotonic() + 120
+            while _markers(partial) < 12 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            killed["at"] = _markers(partial)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        result = segment(src, SegmentOptions(str(image.parent / "wf.yaml"), "cells",
+                                             block=(16, 16, 16)), client,
+                         report=lambda _: None)
+        killer.join()
+        after = client.run(os.getpid)
+    total = sum(s["computed"] for s in result.stages)
+    assert 12 <= killed["at"] < total  # killed in the middle of the run
+    assert victim not in after.values() and len(after) == 2  # the nanny started a new one
+    np.testing.assert_array_equal(zarr.open_array(str(result.destination / "0"))[...],
+                                  reference)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+SEGMENT = ["--workflow", "WF", "--name", "cells", "--block", "16,16,16", "--workers", "1",
+           "--threads-per-worker", "1"]
+
+
+def _segment_args(src: Path, wf: Path) -> list[str]:
+    return ["segment", str(src), *[str(wf) if a == "WF" else a for a in SEGMENT]]
+
+
+def test_killed_cli_resumes_and_a_concurrent_run_is_refused(image, reference, tmp_path):
+    """The whole `voxelmill segment` process group is SIGKILLed part-way; a second run
+    started meanwhile is refused (lock); the re-run takes over the dead run's lock, skips
+    the finished blocks, says how many, and its labels equal the uninterrupted run's."""
+    src = _copy(image, tmp_path / "vol.ome.zarr")
+    wf = image.parent / "wf.yaml"
+    partial = src / "labels" / ".cells.partial"
+    first = _start(_segment_args(src, wf))
+    try:
+        _wait_for(lambda: _markers(partial) >= 12, first, "12 blocks were done")
+        second = run_cli(*_segment_args(src, wf))
+        assert second.returncode == 2, second.stderr
+        assert "another voxelmill run is writing it" in second.stderr
+        assert f"process {first.pid} on {socket.gethostname()}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert _markers(partial) >= 12  # the refused run removed nothing
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    done = _markers(partial)
+    assert lock_path(src / "labels" / "cells").exists()  # left behind by the killed run
+
+    res = run_cli(*_segment_args(src, wf))
+    assert res.returncode == 0, res.stderr
+    assert "taking over a stale lock" in res.stderr
+    assert "resuming an interrupted segmentation" in res.stderr
+    skipped = int(re.search(r"(\d+) skipped \(already done\)", res.stdout).group(1))
+    assert skipped >= done - 2  # a marker torn by the kill is recomputed
+    assert not lock_path(src / "labels" / "cells").exists()
+    labels = zarr.open_array(str(src / "labels" / "cells" / "0"), mode="r")[...]
+    np.testing.assert_array_equal(labels, reference)
+
+
+def test_lock_of_a_live_holder_elsewhere_is_respected_and_an_old_one_taken_over(tmp_path):
+    dst = tmp_path / "out.ome.zarr"
+    lock = lock_path(dst)
+    lock.write_text(json.dumps({"host": "node17", "pid": 1, "started": "2026-11-25T00:00:00Z",
+                                "command": "voxelmill convert a.mrc out.ome.zarr",
+                                "token": "x"}))
+    with pytest.raises(DestinationError, match=r"process 1 on node17.*voxelmill convert"):
+        with output_lock(dst):
+            pass
+    old = time.time() - 3600
+    os.utime(lock, (old, old))  # its holder stopped refreshing an hour ago
+    lines: list[str] = []
+    with output_lock(dst, report=lines.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "not refreshed for" in lines[0]
+    assert not lock.exists()
+
+
+def test_lock_is_refreshed_while_held(tmp_path):
+    dst = tmp_path / "x"
+    with output_lock(dst, stale_after=0.4):
+        lock = lock_path(dst)
+        old = time.time() - 3600
+        os.utime(lock, (old, old))
+        time.sleep(0.3)
+        assert time.time() - lock.stat().st_mtime < 1
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_input_chunk_stops_with_its_name(image, tmp_path, damage):
+    src = _copy(image, tmp_path / "vol.ome.zarr")
+    chunk = src / "0" / "c" / "2" / "3" / "1"
+    assert chunk.is_file()
+    if damage == "corrupt":
+        chunk.write_bytes(chunk.read_bytes()[:40])  # truncated
+    else:
+        chunk.unlink()
+    res = run_cli(*_segment_args(src, image.parent / "wf.yaml"))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr + res.stdout
+    message = " ".join(res.stderr.split())
+    assert f"{src / '0'}: chunk (2, 3, 1)" in message
+    assert ("is missing" if damage == "missing" else "cannot be read") in message
+    assert not (src / "labels" / "cells").exists()
+    assert _markers(src / "labels" / ".cells.partial") == 0  # nothing marked done
