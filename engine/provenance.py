@@ -73,6 +73,7 @@ def block_time_summary(seconds: Sequence[float], bins: int = 24) -> dict[str, An
     lo = max(float(t.min()), 1e-4)
     hi = max(float(t.max()), lo * 1.0001)
     edges = np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+    edges[0], edges[-1] = lo, hi  # exact ends: 10 ** log10(x) can miss x by an ulp
     counts, _ = np.histogram(np.clip(t, lo, hi), edges)
     return {"count": int(t.size), "min": float(t.min()), "median": float(np.median(t)),
             "p95": float(np.percentile(t, 95)), "max": float(t.max()),

@@ -32,6 +32,7 @@ from engine.progress import Progress, SilentProgress
 from engine.provenance import block_time_summary
 
 BlockTask = Callable[[Block], Any]
+IN_FLIGHT_FLOOR = 128
 
 
 class BlockFailed(RuntimeError):
@@ -134,9 +135,12 @@ class RunReport:
 
 
 def default_in_flight(client: Any) -> int:
-    """Two tasks per worker thread keep every thread busy while bounding memory."""
+    """Blocks submitted at once: enough that the round trip of a finished block never
+    leaves a thread idle (short blocks are latency-bound), bounded so the scheduler holds a
+    window of the grid, never all of it. Queued tasks cost the workers no memory: dask
+    sends a worker about one task per thread and keeps the rest on the scheduler."""
     threads = sum(client.nthreads().values()) or 1
-    return 2 * threads
+    return max(4 * threads, IN_FLIGHT_FLOOR)
 
 
 def run_blocks(
@@ -178,10 +182,11 @@ def run_blocks(
     progress = progress or SilentProgress()
     markers = state.markers(name, grid) if state is not None else None
     done = markers.finished() if markers is not None else np.zeros(grid.grid_shape, dtype=bool)
-    todo = [b for b in grid if not done[b.index]]
     total = len(grid)
-    skipped = total - len(todo)
-    if markers is not None and todo:
+    n_todo = (int(done.size - np.count_nonzero(done)) if total == done.size  # the whole grid
+              else sum(1 for b in grid if not done[b.index]))  # a subset of its blocks
+    skipped = total - n_todo
+    if markers is not None and n_todo:
         markers.open("a")  # create the marker array before workers write into it
     progress.start(name, total, skipped)
     events.emit("stage-start", stage=name, blocks=total, skipped=skipped)
@@ -193,14 +198,20 @@ def run_blocks(
     results: dict[tuple[int, ...], Any] = {}
     block_seconds: list[float] = []
     t0 = last_event = time.monotonic()
-    pending = iter(todo)
+    # blocks are made as they are submitted: a grid of millions never sits in memory
+    pending = (b for b in grid if not done[b.index])
+    voxels = 0
     futures: dict[Any, Block] = {}
-    ac = as_completed()
+    # results come back in batches, gathered together: fetching each finished block's
+    # result on its own is a round trip per block and caps short blocks at ~100 per second
+    ac = as_completed(with_results=True, raise_errors=False)
 
     def submit_next() -> None:
+        nonlocal voxels
         block = next(pending, None)
         if block is None:
             return
+        voxels += block.write_size
         fut = client.submit(
             marked, block, key=f"{prefix}-{block.key}", retries=retries, pure=False,
             resources=resources,
@@ -208,44 +219,45 @@ def run_blocks(
         futures[fut] = block
         ac.add(fut)
 
+    def failed(block: Block, exc: BaseException) -> Exception:
+        events.emit("error", stage=name, block=list(block.index),
+                    message=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, VoxelmillError):
+            return exc
+        return BlockFailed(
+            f"{name}: block {block.index} (write region "
+            f"{[(s.start, s.stop) for s in block.write]}) failed after {retries} "
+            f"retries: {type(exc).__name__}: {exc}")
+
     try:
         for _ in range(limit):
             submit_next()
-        for fut in ac:
-            block = futures.pop(fut)
-            if fut.status != "finished":
-                exc = fut.exception()
+        for batch in ac.batches():
+            for fut, value in batch:
+                block = futures.pop(fut)
+                status = fut.status
                 fut.release()
-                events.emit("error", stage=name, block=list(block.index),
-                            message=f"{type(exc).__name__}: {exc}")
-                if isinstance(exc, VoxelmillError):
-                    raise exc
-                raise BlockFailed(
-                    f"{name}: block {block.index} (write region "
-                    f"{[(s.start, s.stop) for s in block.write]}) failed after {retries} "
-                    f"retries: {type(exc).__name__}: {exc}"
-                ) from exc
-            result, seconds = fut.result()
-            fut.release()
-            if isinstance(result, _UserError):
-                events.emit("error", stage=name, block=list(block.index),
-                            message=str(result.error))
-                raise result.error
-            results[block.index] = result
-            block_seconds.append(seconds)
-            progress.advance()
+                if status != "finished":  # value: (type, exception, traceback) or a cancel
+                    exc = value[1] if isinstance(value, tuple) else value
+                    raise failed(block, exc) from exc
+                result, seconds = value
+                if isinstance(result, _UserError):
+                    raise failed(block, result.error)
+                results[block.index] = result
+                block_seconds.append(seconds)
+                progress.advance()
+                submit_next()
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()
                 events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),
                             blocks=total, blocks_per_s=round(len(block_seconds)
                                                              / (last_event - t0), 3))
-            submit_next()
     finally:
         for fut in futures:
             fut.cancel()
         progress.finish()
-    report = RunReport(name, total, len(todo), skipped, results, time.monotonic() - t0,
-                       block_seconds, sum(b.write_size for b in todo))
+    report = RunReport(name, total, n_todo, skipped, results, time.monotonic() - t0,
+                       block_seconds, voxels)
     events.emit("stage-end", stage=name, blocks=total, computed=report.computed,
                 skipped=skipped, seconds=round(report.seconds, 3), voxels=report.voxels,
                 mvoxels_per_s=round(report.voxels / max(report.seconds, 1e-9) / 1e6, 3),

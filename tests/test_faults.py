@@ -125,24 +125,26 @@ def _segment_args(src: Path, wf: Path) -> list[str]:
 
 
 def test_killed_cli_resumes_and_a_concurrent_run_is_refused(image, reference, tmp_path):
-    """The whole `voxelmill segment` process group is SIGKILLed part-way; a second run
-    started meanwhile is refused (lock); the re-run takes over the dead run's lock, skips
-    the finished blocks, says how many, and its labels equal the uninterrupted run's."""
+    """The whole `voxelmill segment` process group is frozen part-way (SIGSTOP) and a
+    second run is refused (lock); then the first is SIGKILLed, and the re-run takes over
+    the dead run's lock, skips the finished blocks, says how many, and its labels equal
+    the uninterrupted run's."""
     src = _copy(image, tmp_path / "vol.ome.zarr")
     wf = image.parent / "wf.yaml"
     partial = src / "labels" / ".cells.partial"
     first = _start(_segment_args(src, wf))
     try:
         _wait_for(lambda: _markers(partial) >= 12, first, "12 blocks were done")
+        os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run: alive, holding the lock
+        done = _markers(partial)
         second = run_cli(*_segment_args(src, wf))
         assert second.returncode == 2, second.stderr
         assert "another voxelmill run is writing it" in second.stderr
         assert f"process {first.pid} on {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
-        assert _markers(partial) >= 12  # the refused run removed nothing
+        assert _markers(partial) == done  # the refused run touched nothing
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     done = _markers(partial)
     assert lock_path(src / "labels" / "cells").exists()  # left behind by the killed run
