@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError, OptionError
+from engine.names import safe_name
 from engine.patches.extract import IMAGES_DIR, LABELS_DIR, MANIFEST
 from engine.patches.files import patch_format, patch_stem
 from engine.pipelines.output import check_destination, commit, partial_path
@@ -336,9 +337,10 @@ def _patch_folder(source: Path, labels_dir: str) -> list[Item]:
             raise InputError(f"{manifest}: needs the columns name and image")
         seen: set[str] = set()
         for row in rows:
-            name, group = row["name"].strip(), (row["image"] or "").strip()
+            name, group = (row["name"] or "").strip(), (row["image"] or "").strip()
             if not name or not group:
                 raise InputError(f"{manifest}: a row without name or image: {row}")
+            safe_name(name, str(manifest))
             if name in seen:
                 raise InputError(f"{manifest}: patch {name!r} listed twice")
             seen.add(name)

@@ -405,3 +405,21 @@ def test_voxel_size_and_manifest_checks(image, tmp_path, client):
     with pytest.raises(InputError, match="0, 1 or 2"):
         apply_patches(merged, out / "patches.csv", image, NAME, client)
     assert read_log(image / "labels" / NAME) == []
+
+
+@pytest.mark.parametrize("evil", ["../../outside", "/tmp/abs", ".hidden", ""])
+def test_manifest_names_cannot_escape_the_output(image, tmp_path, client, evil):
+    """A patch name from the manifest becomes part of an undo-record path: a name with a
+    separator or a leading dot is refused before anything is written."""
+    out = extract(image, [[20, 24, 22]], tmp_path / "p", client)
+    merged = tmp_path / "m"
+    write_patch(merged / "other_tomo_patch0.nii.gz", np.ones((S,) * 3, np.uint8), VOXEL,
+                "angstrom")
+    bad = tmp_path / "evil.csv"
+    bad.write_text((out / "patches.csv").read_text().replace("other_tomo_patch0,",
+                                                            f"{evil},"))
+    before = level(image)
+    with pytest.raises(InputError, match=r"evil.csv, line 2: name .* not a plain file name"):
+        apply_patches(merged, bad, image, NAME, client)
+    np.testing.assert_array_equal(level(image), before)
+    assert not (image / "labels" / NAME / UNDO_DIR).exists()

@@ -73,6 +73,7 @@ from engine import provenance
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.names import safe_name
 from engine.patches.extract import IGNORE, MANIFEST_COLUMNS
 from engine.patches.files import PATCH_SUFFIXES, patch_stem, read_patch
 from engine.progress import Progress
@@ -368,7 +369,8 @@ def plan_apply(merged_dir: str | Path, manifest: str | Path, image: str | Path, 
     target = open_target(image, labels)
     rows = _read_manifest(manifest)
     files = _patch_files(merged_dir)
-    names = [r["name"] for r in rows]
+    names = [safe_name(r["name"] or "", f"{manifest}, line {line}")
+             for line, r in enumerate(rows, start=2)]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"{manifest}: patch names listed twice: {', '.join(dup)}")

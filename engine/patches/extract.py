@@ -49,6 +49,7 @@ import numpy as np
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import READ_SUFFIXES, detect_format, open_volume
 from engine.io.sources import read_region
+from engine.names import safe_name
 from engine.patches.coords import ORDERS, read_coords_table
 from engine.pipelines.output import check_destination, commit, partial_path
 from engine.progress import Progress, SilentProgress
@@ -291,9 +292,7 @@ def _per_axis(values: Sequence[int], what: str, minimum: int) -> tuple[int, int,
 
 
 def _check_token(value: str, what: str) -> None:
-    if not value or any(c in value for c in "/\\") or value.startswith("."):
-        raise OptionError(f"--{what} {value!r}: must be a non-empty name without '/' and "
-                          "not starting with '.'")
+    safe_name(value, f"--{what}", OptionError)
 
 
 def _resolve_labels(image: Path, labels: Path) -> Path:
