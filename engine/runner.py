@@ -13,6 +13,7 @@ A re-run with the same hash skips them; a different hash starts afresh.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -202,22 +203,23 @@ def run_blocks(
     pending = (b for b in grid if not done[b.index])
     voxels = 0
     futures: dict[Any, Block] = {}
-    # results come back in batches, gathered together: fetching each finished block's
-    # result on its own is a round trip per block and caps short blocks at ~100 per second
-    ac = as_completed(with_results=True, raise_errors=False)
+    # finished blocks are handled in batches and their results gathered in one call:
+    # fetching each result on its own is a round trip per block, which capped short blocks
+    # at ~100 per second
+    ac = as_completed()
 
-    def submit_next() -> None:
+    def submit(n: int) -> None:
+        """Submit the next ``n`` blocks (one message to the scheduler for all of them)."""
         nonlocal voxels
-        block = next(pending, None)
-        if block is None:
+        blocks = list(itertools.islice(pending, n))
+        if not blocks:
             return
-        voxels += block.write_size
-        fut = client.submit(
-            marked, block, key=f"{prefix}-{block.key}", retries=retries, pure=False,
-            resources=resources,
-        )
-        futures[fut] = block
-        ac.add(fut)
+        voxels += sum(b.write_size for b in blocks)
+        batch = client.map(marked, blocks, key=[f"{prefix}-{b.key}" for b in blocks],
+                           retries=retries, pure=False, resources=resources)
+        for fut, block in zip(batch, blocks, strict=True):
+            futures[fut] = block
+        ac.update(batch)
 
     def failed(block: Block, exc: BaseException) -> Exception:
         events.emit("error", stage=name, block=list(block.index),
@@ -230,23 +232,22 @@ def run_blocks(
             f"retries: {type(exc).__name__}: {exc}")
 
     try:
-        for _ in range(limit):
-            submit_next()
+        submit(limit)
         for batch in ac.batches():
-            for fut, value in batch:
+            for fut in batch:
+                if fut.status != "finished":
+                    exc = fut.exception()
+                    raise failed(futures[fut], exc) from exc
+            values = client.gather(batch)
+            for fut, (result, seconds) in zip(batch, values, strict=True):
                 block = futures.pop(fut)
-                status = fut.status
                 fut.release()
-                if status != "finished":  # value: (type, exception, traceback) or a cancel
-                    exc = value[1] if isinstance(value, tuple) else value
-                    raise failed(block, exc) from exc
-                result, seconds = value
                 if isinstance(result, _UserError):
                     raise failed(block, result.error)
                 results[block.index] = result
                 block_seconds.append(seconds)
                 progress.advance()
-                submit_next()
+            submit(len(batch))
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()
                 events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),

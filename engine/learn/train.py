@@ -56,6 +56,7 @@ from engine.learn.data import (
 )
 from engine.learn.losses import masked_bce_dice, masked_ce_dice
 from engine.learn.unet import UNet, receptive_field
+from engine.runlock import output_lock
 
 LAST, BEST, METRICS, CURVES, CONFIG = "last.pt", "best.pt", "metrics.json", "curves.png", \
     "config.yaml"
@@ -447,6 +448,13 @@ def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
     overwrite : bool
         Remove an earlier run's files first (the planner has checked it was asked for).
     """
+    # one writer per run folder (on the cluster, the worker that trains holds it)
+    with output_lock(plan.config.output):
+        return _run_training(plan, events, overwrite)
+
+
+def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
+                  overwrite: bool) -> TrainResult:
     cfg = plan.config
     emit = events or (lambda e: None)
     out = cfg.output
