@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.errors import OptionError
 
@@ -38,6 +39,14 @@ class ClusterOptions:
         YAML file in dask-jobqueue's configuration layout (``jobqueue: slurm: {...}``).
     adaptive : bool
         Scale the SLURM jobs between 0 and ``jobs`` with the work.
+    tls : str, optional
+        Folder made by ``voxelmill cluster certs`` (see :mod:`engine.security`): every
+        connection between client, scheduler and workers uses TLS with mutual
+        authentication. ``scheduler`` must then be a ``tls://`` address; the embedded cluster
+        and the SLURM workers listen on ``tls://``.
+    dashboard_address : str
+        Where the embedded cluster's dashboard listens; the default binds to this machine
+        only (``0.0.0.0:8787`` opens it to the network).
     """
 
     scheduler: str | None = None
@@ -49,6 +58,8 @@ class ClusterOptions:
     gpus_per_job: int = 0
     jobqueue_config: str | None = None
     adaptive: bool = False
+    tls: str | None = None
+    dashboard_address: str = "127.0.0.1:8787"
 
 
 def _cores() -> int:
@@ -86,8 +97,22 @@ def connect(
     if options.cluster not in CLUSTER_KINDS:
         raise OptionError(f"--cluster {options.cluster!r}: expected one of "
                           f"{', '.join(CLUSTER_KINDS)}")
+    security = None
+    if options.tls:
+        from engine.security import load_security
+
+        if options.scheduler and not options.scheduler.startswith("tls://"):
+            raise OptionError(
+                f"--scheduler {options.scheduler!r}: with --tls the scheduler address must "
+                "start with tls:// (a scheduler started with --tls-ca-file/--tls-cert/--tls-key)"
+            )
+        # the embedded cluster (and the SLURM scheduler running here) needs the scheduler's
+        # and the workers' certificates too; a client of a remote scheduler only its own
+        embedded = options.cluster == "slurm" or not options.scheduler
+        security = load_security(Path(options.tls), "client",
+                                 require=("scheduler", "worker") if embedded else ())
     if options.cluster == "slurm":
-        cluster = slurm_cluster(options)
+        cluster = slurm_cluster(options, security=security)
         if options.adaptive:
             cluster.adapt(minimum_jobs=0, maximum_jobs=options.jobs)
         else:
@@ -108,7 +133,7 @@ def connect(
                 "expected something like tcp://10.0.0.5:8786"
             )
         try:
-            client = Client(options.scheduler, timeout="10s")
+            client = Client(options.scheduler, timeout="10s", security=security)
         except OSError as exc:
             raise OptionError(
                 f"cannot reach the scheduler at {options.scheduler}: {exc}"
@@ -124,6 +149,8 @@ def connect(
     kwargs: dict[str, object] = {}
     if options.memory_limit:
         kwargs["memory_limit"] = options.memory_limit
+    if security is not None:
+        kwargs.update(protocol="tls://", security=security)
     # distributed's default MALLOC_TRIM_THRESHOLD_ also pins glibc's mmap threshold low, so
     # every block-sized buffer is fresh memory faulted in page by page; a high threshold
     # lets glibc reuse it (measured: ~1.4× faster conversion, ~200 MiB more per worker)
@@ -132,10 +159,11 @@ def connect(
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
             warnings.catch_warnings():
         # port 8787 taken (another cluster): distributed picks a free one; the link says which
-        warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
+        # listen on this machine only: scheduler, workers and (by default) the dashboard
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=threads, processes=True,
-            dashboard_address=":8787", silence_logs=40, **kwargs,
+            n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+            dashboard_address=options.dashboard_address, silence_logs=40, **kwargs,
         )
     client = Client(cluster)
     report(
@@ -181,8 +209,6 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
         For a missing or unreadable file, a missing ``jobqueue.slurm`` section or required
         field, or no ``--jobs``.
     """
-    from pathlib import Path
-
     from engine.errors import InputError
     from engine.yamlfile import read_yaml
 
@@ -215,9 +241,16 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
     return settings
 
 
-def slurm_cluster(options: ClusterOptions) -> object:
-    """A dask-jobqueue ``SLURMCluster`` (its scheduler runs here; workers are SLURM jobs)."""
+def slurm_cluster(options: ClusterOptions, security: object | None = None) -> object:
+    """A dask-jobqueue ``SLURMCluster`` (its scheduler runs here; workers are SLURM jobs).
+
+    With ``security`` (a ``distributed.Security``) the scheduler and the workers use TLS with
+    mutual authentication; the certificate folder must be on a file system the nodes see
+    under the same path (the job script passes its files to ``dask worker``).
+    """
     settings = slurm_settings(options)
+    if security is not None:
+        settings.update(security=security, protocol="tls://")
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:

@@ -24,8 +24,18 @@ def test_compose_services():
     assert services["scheduler"]["command"].startswith("dask scheduler --port 8786")
     assert all(p.startswith("127.0.0.1:") for p in services["scheduler"]["ports"])
     for name in ("worker", "gpu-worker"):
-        assert services[name]["command"].startswith("dask worker tcp://scheduler:8786")
+        assert services[name]["command"].startswith("dask worker tls://scheduler:8786")
         assert "./data:/data" in services[name]["volumes"]
+    # TLS with mutual authentication: every component mounts the certificates
+    assert "--protocol tls" in services["scheduler"]["command"]
+    for name, role in (("scheduler", "scheduler"), ("worker", "worker"),
+                       ("gpu-worker", "worker")):
+        command = services[name]["command"]
+        assert (f"--tls-ca-file /certs/ca.crt --tls-cert /certs/{role}.crt "
+                f"--tls-key /certs/{role}.key") in command, command
+    for svc in services.values():
+        assert "./certs:/certs:ro" in svc["volumes"]
+    assert "voxelmill --tls /certs" in (DEPLOY / "compose" / "docker-compose.yml").read_text()
     gpu = services["gpu-worker"]
     assert "--resources GPU=1" in gpu["command"] and gpu["image"] == "voxelmill:cuda"
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
@@ -44,11 +54,31 @@ def test_kubernetes_values():
     assert values["worker"]["image"]["tag"] == "cpu"
     (gpu,) = values["additional_worker_groups"]
     assert gpu["image"]["tag"] == "cuda"
-    assert gpu["extraArgs"] == ["--resources", "GPU=1"]
+    assert gpu["extraArgs"][:2] == ["--resources", "GPU=1"]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert values["scheduler"]["serviceType"] == "ClusterIP"  # not exposed publicly
     for group in (values["worker"], gpu):
         assert group["mounts"]["volumeMounts"][0]["mountPath"] == "/data"
+    # TLS: workers mount the Secret and pass the flags; the scheduler reads the Secret
+    # through Dask's configuration variables and listens on tls://
+    tls_flags = ["--tls-ca-file", "/certs/ca.crt", "--tls-cert", "/certs/worker.crt",
+                 "--tls-key", "/certs/worker.key"]
+    for group in (values["worker"], gpu):
+        assert group["extraArgs"][-6:] == tls_flags
+        assert group["custom_scheduler_url"] == "tls://voxelmill-scheduler:8786"
+        (secret,) = [v for v in group["mounts"]["volumes"] if "secret" in v]
+        assert secret["secret"]["secretName"] == "voxelmill-tls"
+        (mount,) = [m for m in group["mounts"]["volumeMounts"] if m["name"] == secret["name"]]
+        assert mount["mountPath"] == "/certs" and mount["readOnly"]
+    scheduler = values["scheduler"]
+    assert scheduler["extraArgs"] == ["--protocol", "tls"]
+    env = {e["name"]: e for e in scheduler["env"]}
+    for var, key in (("CA_FILE", "ca.crt"), ("SCHEDULER__CERT", "scheduler.crt"),
+                     ("SCHEDULER__KEY", "scheduler.key")):
+        ref = env[f"DASK_DISTRIBUTED__COMM__TLS__{var}"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "voxelmill-tls", "key": key}
+    assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"]["value"] == "True"
+    assert values["fullnameOverride"] == "voxelmill"
 
 
 def test_slurm_job_script_has_directives_and_gpu_resources():
@@ -64,6 +94,31 @@ def test_slurm_job_script_has_directives_and_gpu_resources():
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=", "#SBATCH --gres=gpu:2"):
         assert line in script, line
     assert "--resources GPU=2" in script and "--nthreads 8" in script
+
+
+def test_slurm_job_script_with_tls(tmp_path: Path):
+    import dask
+
+    # its config defaults must exist before config.set, or leaving the set() below removes
+    # the whole jobqueue section it created
+    import dask_jobqueue  # noqa: F401
+
+    from engine.cluster import slurm_cluster
+    from engine.security import load_security, make_certificates
+
+    made = make_certificates(tmp_path / "certs")
+    opts = ClusterOptions(cluster="slurm", jobs=1, tls=str(made.directory),
+                          jobqueue_config=str(DEPLOY / "slurm" / "jobqueue.yaml"))
+    with dask.config.set({"jobqueue.slurm.scheduler-options": {
+            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}):
+        cluster = slurm_cluster(opts, security=load_security(made.directory))
+    with cluster:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        script = cluster.job_script()
+    assert f"--tls-cert {made.certs['worker']}" in script
+    assert f"--tls-key {made.keys['worker']}" in script
+    assert f"--tls-ca-file {made.ca_cert}" in script and "tls://" in script
+    assert "voxelmill --tls" in (DEPLOY / "slurm" / "jobqueue.yaml").read_text()
 
 
 def test_slurm_configuration_errors(tmp_path: Path):
