@@ -47,6 +47,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "train_lowlight" / "best.pt").is_file()
     assert (out / "train_lowlight.yaml").is_file()
     assert "done." in res.stdout
+    # it ends with an HTML report per image, showing the commands' stages
+    for name in ("phantom_tomogram", "phantom_slide"):
+        html = (out / f"{name}.ome.zarr.report.html").read_text()
+        assert "data:image/png;base64," in html and "image-pass0" in html
+    assert "lowlight_unet" in (out / "phantom_slide.ome.zarr.report.html").read_text()
 
 
 def test_info_reports_levels_voxel_size_channels_and_labels(tmp_path, client):

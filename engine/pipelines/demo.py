@@ -115,6 +115,11 @@ def run_demo(out: Path, client: Any, size: int = 192, overwrite: bool = True,
     nuc_tif = out / "slide_nuclei_labels.tif"
     export(slide_zarr, nuc_tif, client, label="nuclei", overwrite=overwrite)
     yield f"exported the nuclei labels to {nuc_tif}"
+    from engine.report import write_report
+
+    for path in (tomo_zarr, slide_zarr):
+        html = write_report(path, overwrite=overwrite)
+        yield f"report: {html} (slices, labels, predictions, timings, provenance)"
     yield (f"done. Open {tomo_zarr} or {slide_zarr} in napari (napari-ome-zarr), "
            "neuroglancer or Fiji/MoBIE.")
 
