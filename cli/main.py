@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
 from engine import events
-from engine.errors import VoxelmillError
+from engine.errors import OptionError, VoxelmillError
 
 app = typer.Typer(
     name="voxelmill", no_args_is_help=True, add_completion=False,
@@ -88,11 +88,28 @@ def _global_options(
     ] = None,
     adaptive: Annotated[bool, typer.Option(
         "--adaptive", help="Scale the SLURM jobs between 0 and --jobs with the work.")] = False,
+    tls: Annotated[Path | None, typer.Option(
+        "--tls", metavar="DIR", help="Folder from 'voxelmill cluster certs': TLS with mutual "
+        "authentication between client, scheduler and workers.")] = None,
+    dashboard_address: Annotated[str, typer.Option(
+        help="Where the embedded cluster's dashboard listens: on this machine only unless "
+        "told otherwise, e.g. 0.0.0.0:8787.")] = "127.0.0.1:8787",
+    log_json: Annotated[Path | None, typer.Option(
+        "--log-json", metavar="FILE", help="Append structured events (one JSON object per "
+        "line: stages, blocks done, throughput, errors) to FILE.")] = None,
 ) -> None:
     """Dask-distributed engine for terabyte-scale microscopy volumes."""
+    if log_json is not None:
+        with user_errors():
+            try:
+                events.add_listener(events.JsonLines(log_json))
+            except OSError as exc:
+                raise OptionError(f"--log-json {log_json}: cannot write ({exc.strerror})"
+                                  ) from None
     _CLUSTER_SPEC.update(cluster=cluster_kind, jobs=jobs, gpus_per_job=gpus_per_job,
                          jobqueue_config=str(jobqueue_config) if jobqueue_config else None,
-                         adaptive=adaptive)
+                         adaptive=adaptive, tls=str(tls) if tls else None,
+                         dashboard_address=dashboard_address)
 
 
 @contextmanager
@@ -291,11 +308,13 @@ def demo(
 
 
 def _register_subcommands() -> None:
+    from cli.cluster import cluster_app
     from cli.curate import curate_app
     from cli.dataset import dataset_app
     from cli.model import model_app
     from cli.patches import patches_app
     from cli.predict import predict
+    from cli.report import report
     from cli.train import train
 
     app.add_typer(patches_app, name="patches")
@@ -303,7 +322,9 @@ def _register_subcommands() -> None:
     app.add_typer(dataset_app, name="dataset")
     app.command("train")(train)
     app.add_typer(model_app, name="model")
+    app.add_typer(cluster_app, name="cluster")
     app.command("predict")(predict)
+    app.command("report")(report)
 
 
 _register_subcommands()

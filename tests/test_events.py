@@ -96,3 +96,25 @@ def test_block_time_summary_histogram():
     assert sum(s["histogram"]["counts"]) == 10
     assert s["histogram"]["counts"][0] == 5 and s["histogram"]["counts"][-1] == 2
     assert provenance.block_time_summary([]) == {"count": 0}
+
+
+def test_cli_log_json(tmp_path):
+    src = write_mrc(tmp_path / "c.mrc", np.ones((8, 16, 16), np.float32))
+    log = tmp_path / "run.jsonl"
+    res = run_cli("--log-json", str(log), "convert", str(src), str(tmp_path / "c.ome.zarr"),
+                  "--chunks", "8", "--workers", "1")
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [r["event"] for r in records]
+    assert kinds[0] == "run-start" and kinds[-1] == "run-end"
+    ends = [r for r in records if r["event"] == "stage-end"]
+    assert ends and ends[0]["computed"] == ends[0]["blocks"] and "mvoxels_per_s" in ends[0]
+    # a user error is logged too, and the command still exits 2 with one line
+    res = run_cli("--log-json", str(log), "convert", str(tmp_path / "missing.mrc"),
+                  str(tmp_path / "d.ome.zarr"))
+    assert res.returncode == 2
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "error" and "missing.mrc" in last["message"]
+    bad = run_cli("--log-json", str(tmp_path / "no" / "dir.jsonl"), "info", str(src))
+    assert bad.returncode == 2 and "--log-json" in bad.stderr
+    assert "Traceback" not in bad.stderr
