@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
@@ -64,30 +65,46 @@ def free_port() -> int:
 
 
 @contextmanager
-def dask_processes(logs: Path, workers: Sequence[Sequence[str]]) -> Iterator[str]:
+def dask_processes(logs: Path, workers: Sequence[Sequence[str]],
+                   certs: Any = None) -> Iterator[str]:
     """Run ``dask scheduler`` and one single-threaded ``dask worker`` per entry of ``workers``
     (its extra arguments, e.g. ``["--resources", "GPU=1"]``) as subprocesses on 127.0.0.1;
-    yield the scheduler address once every worker has joined."""
+    yield the scheduler address once every worker has joined. With ``certs`` (from
+    ``engine.security.make_certificates``) everything speaks TLS with mutual authentication
+    and the address is ``tls://``."""
     from distributed import Client
 
     bindir = Path(sys.executable).parent
     port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    address = f"{'tls' if certs else 'tcp'}://127.0.0.1:{port}"
+    security = None
+
+    def flags(role: str) -> list[str]:
+        if not certs:
+            return []
+        return ["--tls-ca-file", str(certs.ca_cert), "--tls-cert", str(certs.certs[role]),
+                "--tls-key", str(certs.keys[role])]
+
+    if certs:
+        from engine.security import load_security
+
+        security = load_security(certs.directory)
     procs = [subprocess.Popen(
         [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--dashboard-address", "127.0.0.1:0"],
+         "--dashboard-address", "127.0.0.1:0", *(["--protocol", "tls"] if certs else []),
+         *flags("scheduler")],
         stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
     for i, extra in enumerate(workers):
         procs.append(subprocess.Popen(
             [str(bindir / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
              "--nworkers", "1", "--no-dashboard", "--name", f"w{i}",
-             "--local-directory", str(logs / f"w{i}"), *extra],
+             "--local-directory", str(logs / f"w{i}"), *flags("worker"), *extra],
             stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with Client(address, timeout="5s") as c:
+                with Client(address, timeout="5s", security=security) as c:
                     c.wait_for_workers(len(workers), timeout=max(1, deadline - time.monotonic()))
                 break
             except OSError:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import socket
 import ssl
 import stat
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,54 +18,9 @@ import zarr
 from engine.cluster import ClusterOptions, connect
 from engine.errors import DestinationError, OptionError
 from engine.security import ROLES, CertificateSet, load_security, make_certificates
-from tests.conftest import free_port, run_cli
+from tests.conftest import dask_processes, free_port, run_cli
 
 BIN = Path(sys.executable).parent
-
-
-@contextmanager
-def tls_dask_processes(logs: Path, certs: CertificateSet) -> Iterator[str]:
-    """``dask scheduler`` and one single-threaded ``dask worker`` on 127.0.0.1, both with
-    TLS flags; yields the ``tls://`` address once the worker has joined."""
-    from distributed import Client
-
-    port = free_port()
-    address = f"tls://127.0.0.1:{port}"
-
-    def flags(role: str) -> list[str]:
-        return ["--tls-ca-file", str(certs.ca_cert), "--tls-cert", str(certs.certs[role]),
-                "--tls-key", str(certs.keys[role])]
-
-    procs = [subprocess.Popen(
-        [str(BIN / "dask"), "scheduler", "--protocol", "tls", "--host", "127.0.0.1",
-         "--port", str(port), "--dashboard-address", "127.0.0.1:0", *flags("scheduler")],
-        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
-    procs.append(subprocess.Popen(
-        [str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-         "--nworkers", "1", "--no-dashboard", "--local-directory", str(logs / "w0"),
-         *flags("worker")],
-        stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT))
-    security = load_security(certs.directory)
-    try:
-        deadline = time.monotonic() + 45
-        while True:
-            try:
-                with Client(address, security=security, timeout="5s") as c:
-                    c.wait_for_workers(1, timeout=max(1, deadline - time.monotonic()))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield address
-    finally:
-        for p in procs[::-1]:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +30,7 @@ def certs(tmp_path_factory) -> CertificateSet:
 
 @pytest.fixture(scope="module")
 def tls_scheduler(tmp_path_factory, certs) -> Iterator[str]:
-    with tls_dask_processes(tmp_path_factory.mktemp("tls-logs"), certs) as address:
+    with dask_processes(tmp_path_factory.mktemp("tls-logs"), [[]], certs=certs) as address:
         yield address
 
 
