@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.io.integrity import unit_shape
 from engine.io.sources import read_region
 
 #: an axis is "finer" when its voxel is smaller than the coarsest one by more than this.
@@ -235,7 +236,7 @@ def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
         it at the same time, and one of the two read-modify-write cycles would be lost
         (with zarr v3 sharding, a whole shard's worth of chunks).
     """
-    unit = getattr(array, "shards", None) or array.chunks
+    unit = unit_shape(array)
     for ax, (r, u, n) in enumerate(zip(region, unit, array.shape, strict=True)):
         if r.start % u or (r.stop % u and r.stop != n):
             raise MisalignedWrite(

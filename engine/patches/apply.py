@@ -73,6 +73,7 @@ from engine import provenance
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.integrity import unit_shape
 from engine.names import safe_name
 from engine.patches.extract import IGNORE, MANIFEST_COLUMNS
 from engine.patches.files import PATCH_SUFFIXES, patch_stem, read_patch
@@ -226,7 +227,7 @@ def open_target(image: str | Path, name: str) -> LabelTarget:
         arr = zarr.open_array(str(group / ds["path"]), mode="r")
         paths.append(str(group / ds["path"]))
         shapes.append(tuple(int(s) for s in arr.shape))
-        chunks.append(tuple(int(c) for c in (getattr(arr, "shards", None) or arr.chunks)))
+        chunks.append(tuple(int(c) for c in unit_shape(arr)))
         scale = next((t["scale"] for t in ds.get("coordinateTransformations", [])
                       if t.get("type") == "scale"), [1.0, 1.0, 1.0])
         scales.append([float(s) for s in scale])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -269,7 +268,6 @@ def run_conversion(plan: ConvertPlan, client: Any,
     """Write the planned OME-Zarr blockwise on the cluster; resume when possible."""
     with output_lock(plan.destination, report=report), \
             provenance.RunRecord("convert", plan.state.identity) as record:
-        t0 = time.monotonic()
         opts, partial = plan.options, plan.partial
         groups = [plan.image, *plan.labels.values()]
         if plan.resumable:
@@ -306,7 +304,7 @@ def run_conversion(plan: ConvertPlan, client: Any,
         plan.state.clear()
         commit(partial, plan.destination)
         return ConvertResult(plan.destination, [lv.shape for lv in plan.image.levels],
-                             list(plan.labels), reports, time.monotonic() - t0)
+                             list(plan.labels), reports, record.seconds)
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: Any,

@@ -373,7 +373,6 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
         import dask.array as da
         import zarr
 
-        t0 = time.monotonic()
         opts = plan.options
         labels_partial = partial_path(plan.labels_destination)
         probs_partial = partial_path(plan.probabilities_destination)
@@ -457,7 +456,7 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
             names.append(opts.name)
         omezarr.write_group_attrs(plan.source / "labels", {"labels": names}, plan.ngff)
         return PredictResult(plan.labels_destination, plan.probabilities_destination, n_objects,
-                             time.monotonic() - t0, stats_report, record.collector.stages)
+                             record.seconds, stats_report, record.collector.stages)
 
 
 def predict(src: str | Path, options: PredictOptions, client: Any,

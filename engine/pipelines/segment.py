@@ -9,7 +9,6 @@ is the name added to ``labels/``'s list, so an interrupted run leaves the image 
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +198,6 @@ def run_segmentation(plan: SegmentPlan, client: Any,
             provenance.RunRecord("segment", plan.state.identity) as record:
         from engine.pipelines.convert import label_values
 
-        t0 = time.monotonic()
         dst = plan.destination
         partial = partial_path(dst)
         keep_partial = partial_path(plan.keep_destination)
@@ -255,7 +253,7 @@ def run_segmentation(plan: SegmentPlan, client: Any,
         if kept:
             commit(keep_partial, plan.keep_destination)
         return SegmentResult(dst, n_objects, max_id, str(data.dtype),
-                             [lv.shape for lv in plan.levels], kept, time.monotonic() - t0,
+                             [lv.shape for lv in plan.levels], kept, record.seconds,
                              ctx.stats_log, record.collector.stages)
 
 
