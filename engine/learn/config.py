@@ -26,6 +26,8 @@ A complete file (every key but ``data.train`` has a default)::
     loss:
       dice_weight: 1.0
       pos_weight: null             # null | auto (MISIC: from the foreground fraction) | number
+      class_weights: null          # classes targets: null | auto (inverse class frequency,
+                                   # mean 1) | [w0, w1, ...] one positive number per class
     augment: {flip: {p: 0.5}, rot90: {p: 0.5}, noise: {p: 0.3, sigma: [0.0, 0.2]}}
     train:
       iterations: 2000
@@ -70,6 +72,7 @@ TARGET_KINDS = ("binary", "classes", "boundary")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
 POS_WEIGHT_MODES = ("auto",)
+CLASS_WEIGHT_MODES = ("auto",)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class ModelConfig:
 class LossConfig:
     dice_weight: float = 1.0
     pos_weight: str | float | None = None
+    class_weights: str | tuple[float, ...] | None = None
+    """Classes targets: ``None``, ``"auto"`` (per batch, inverse class frequency of the
+    valid voxels, mean 1) or one positive factor per class on its cross-entropy terms
+    (see :func:`engine.learn.losses.masked_ce_dice`)."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +268,31 @@ def _sources(c: _Checker, raw: Any, where: str, base: Path, required: bool
         return ()
 
 
+def _class_weights(c: _Checker, raw: Any, kind: str, classes: tuple[str, ...]
+                   ) -> str | tuple[float, ...] | None:
+    """``loss.class_weights``: null, auto, or one positive number per class."""
+    if raw is None:
+        return None
+    where = "loss.class_weights"
+    if kind != "classes":
+        c.add(where, f"applies to classes targets only (the target is {kind}; use "
+              "loss.pos_weight)")
+        return None
+    if raw in CLASS_WEIGHT_MODES:
+        return str(raw)
+    if not isinstance(raw, list | tuple) or not raw or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            and v > 0 for v in raw):
+        c.add(where, f"expected null, auto or a list of positive numbers (one per class), "
+              f"got {raw!r}")
+        return None
+    if len(raw) != len(classes):
+        c.add(where, f"expected {len(classes)} weights, one per class "
+              f"({', '.join(classes)}), got {len(raw)}: {list(raw)!r}")
+        return None
+    return tuple(float(v) for v in raw)
+
+
 def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> TrainConfig:
     """Validate a configuration mapping.
 
@@ -365,7 +397,9 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
             pos_weight = float(pos_weight)
     if pos_weight is not None and kind == "classes":
         c.add("loss.pos_weight", "applies to binary and boundary targets only")
-    loss = LossConfig(c.number(lo, "dice_weight", "loss", 1.0, low=0.0), pos_weight)
+    class_weights = _class_weights(c, lo.get("class_weights"), kind, classes)
+    loss = LossConfig(c.number(lo, "dice_weight", "loss", 1.0, low=0.0), pos_weight,
+                      class_weights)
 
     augment = top.get("augment") or {}
     try:

@@ -21,13 +21,17 @@ graph, with an all-zero gradient: such a batch trains nothing but does not break
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError, OptionError
 
-__all__ = ["dice_iou", "masked_bce_dice", "masked_ce_dice", "valid_mask"]
+__all__ = ["auto_class_weights", "class_counts", "dice_iou", "masked_bce_dice",
+           "masked_ce_dice", "valid_mask"]
 
 
 def _as_like(target: torch.Tensor, logits: torch.Tensor, what: str) -> torch.Tensor:
@@ -59,6 +63,54 @@ def valid_mask(
             )
         valid &= weight > 0
     return valid
+
+
+def class_counts(target: torch.Tensor, valid: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Number of valid voxels of each class: int64 ``(n_classes,)``.
+
+    ``target`` holds class indices in ``[0, n_classes)`` wherever ``valid`` is true (any
+    value elsewhere); the frequencies behind ``pos_weight="auto"`` and
+    ``class_weights="auto"``.
+    """
+    return torch.bincount(target[valid].long().flatten(), minlength=n_classes)[:n_classes]
+
+
+def auto_class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Inverse class frequencies, normalised to mean 1 over the classes present: float64.
+
+    ``w_c = (1 / n_c) / mean_k(1 / n_k)`` over the classes with ``n_k > 0``; an absent class
+    gets 1 (it has no voxel to weight). All 1 when no class is present. For two classes
+    ``w_1 / w_0 = n_0 / n_1``, the ``pos_weight="auto"`` ratio.
+    """
+    n = counts.to(torch.float64)
+    present = n > 0
+    w = torch.ones_like(n)
+    if bool(present.any()):
+        inv = 1.0 / n[present]
+        w[present] = inv / inv.mean()
+    return w
+
+
+def _class_weights(spec: None | str | Sequence[float], counts: torch.Tensor | None,
+                   n_classes: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The per-class weights of ``class_weights=spec`` as a tensor like ``like``."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise OptionError(f"class_weights must be None, 'auto' or one positive number "
+                              f"per class, not {spec!r}")
+        assert counts is not None
+        return auto_class_weights(counts).to(dtype=like.dtype, device=like.device)
+    try:
+        values = [float(v) for v in spec]
+    except (TypeError, ValueError):
+        raise OptionError(f"class_weights must be None, 'auto' or one positive number per "
+                          f"class, not {spec!r}") from None
+    if len(values) != n_classes or not all(math.isfinite(v) and v > 0 for v in values):
+        raise OptionError(f"class_weights needs {n_classes} positive numbers (one per class), "
+                          f"got {values}")
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def masked_bce_dice(
@@ -122,8 +174,7 @@ def masked_bce_dice(
     if isinstance(pos_weight, str):
         if pos_weight != "auto":
             raise OptionError(f"pos_weight must be None, 'auto' or a number, not {pos_weight!r}")
-        n_pos = int(t.sum())
-        n_neg = n_valid - n_pos
+        n_neg, n_pos = class_counts(t, valid, 2).tolist()
         pw = n_neg / n_pos if n_pos and n_neg else 1.0
     else:
         pw = 1.0 if pos_weight is None else float(pos_weight)
@@ -147,6 +198,7 @@ def masked_ce_dice(
     ignore_index: int | None = -100,
     dice_weight: float = 1.0,
     eps: float = 1e-6,
+    class_weights: None | str | Sequence[float] = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy + multi-class soft Dice over the valid voxels.
 
@@ -167,12 +219,23 @@ def masked_ce_dice(
         Smoothing of each class's Dice ratio ``(2 Σ p_c t_c + eps) / (Σ p_c + Σ t_c + eps)``
         (sums over valid voxels); the Dice loss is ``1 -`` the mean over the C classes
         (a class absent from target and prediction scores 1).
+    class_weights : None, "auto" or sequence of float
+        Per-class factor ``cw[c]`` on the cross-entropy term of each voxel of target class
+        ``c`` (as ``weight=`` of ``F.cross_entropy``), multiplied with the cost map.
+        ``"auto"``: inverse class frequencies over the batch's valid voxels, normalised to
+        mean 1 over the classes present (:func:`auto_class_weights`; the multi-class
+        ``pos_weight="auto"``); a sequence: one positive number per class. The Dice term
+        is not weighted. ``None``: all 1.
 
     Returns
     -------
     torch.Tensor
-        Scalar: ``Σ_valid w · ce / n_valid + dice_weight · (1 - mean_c dice_c)``; exactly 0
-        when no voxel is valid. Without weight and with ``dice_weight=0`` it equals
+        Scalar: ``Σ_valid w · cw[t] · ce / n_valid + dice_weight · (1 - mean_c dice_c)``;
+        exactly 0 when no voxel is valid. The denominator is the number of valid voxels,
+        not torch's ``Σ cw[t]``: class weights, like the cost map, are absolute, so without
+        cost map, ignored voxels and Dice the loss equals
+        ``F.cross_entropy(logits, target, weight=cw, reduction="sum") / n_valid``. Without
+        weight, class weights and with ``dice_weight=0`` it equals
         ``F.cross_entropy(logits, target, ignore_index=ignore_index)``.
     """
     if logits.ndim < 3:
@@ -199,7 +262,9 @@ def masked_ce_dice(
     vc = valid.unsqueeze(1)
     x = torch.where(vc, logits, torch.zeros_like(logits))
     n_valid = int(valid.sum())
-    ce = F.cross_entropy(x, t, reduction="none")
+    counts = class_counts(t, valid, n_classes) if isinstance(class_weights, str) else None
+    cw = _class_weights(class_weights, counts, n_classes, x)
+    ce = F.cross_entropy(x, t, weight=cw, reduction="none")  # cw[t] * ce per voxel
     vmask = valid.to(x.dtype)
     w = vmask if weight is None else torch.where(valid, weight.to(x.dtype), 0.0)
     loss = (w * ce).sum() / max(n_valid, 1)

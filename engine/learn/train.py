@@ -185,11 +185,19 @@ def plan_training(config: TrainConfig, client: Any = None, resume: bool = False,
                      init_state)
 
 
+def _same_setting(before: Any, now: Any) -> bool:
+    """Equal configuration values; a key missing on one side equals null (a field added
+    since the run began, e.g. ``loss.class_weights``, at its null default)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return all(_same_setting(before.get(k), now.get(k)) for k in before.keys() | now.keys())
+    return before == now
+
+
 def _check_resumable(config: TrainConfig) -> None:
     ck = load_checkpoint(config.output / LAST)
     before = ck.metadata.get("config", {})
     now = config.to_dict()
-    changed = [s for s in FIXED_ON_RESUME if before.get(s) != now.get(s)]
+    changed = [s for s in FIXED_ON_RESUME if not _same_setting(before.get(s), now.get(s))]
     if changed:
         raise OptionError(
             f"{config.output / LAST}: the {', '.join(changed)} section(s) differ from the run "
@@ -252,7 +260,8 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig
     kind, lc = config.target.kind, config.loss
     logits = logits.float()
     if kind == "classes":
-        return masked_ce_dice(logits, target, ignore_index=IGNORE, dice_weight=lc.dice_weight)
+        return masked_ce_dice(logits, target, ignore_index=IGNORE, dice_weight=lc.dice_weight,
+                              class_weights=lc.class_weights)
     total = logits.new_zeros(())
     for ch in range(logits.shape[1]):  # binary: 1 channel; boundary: foreground + boundary
         total = total + masked_bce_dice(logits[:, ch:ch + 1], target[:, ch:ch + 1],

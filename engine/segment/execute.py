@@ -534,6 +534,53 @@ def ex_invert(ctx: Context, step: Step, ref: ArrayRef, kind: str) -> ArrayRef:
     return Pointwise(pw.Negate(), (ref,), np.dtype(np.float32))
 
 
+def ex_gamma(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import Gamma
+
+    if np.dtype(ref.dtype).kind in "iub":
+        raise OptionError(f"step {step.name!r} (gamma) expects an image in [0, 1], not raw "
+                          f"{np.dtype(ref.dtype)} intensities: put normalize or "
+                          "clip_percentiles before it")
+    # voxel-wise (halo 0): a view evaluated on read, never stored
+    return Pointwise(Gamma(step.params["gamma"]), (ref,), np.dtype(np.float32))
+
+
+def ex_unsharp_mask(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import UnsharpMask
+
+    p = step.params
+    return run_op(ctx, step.name, UnsharpMask(p["radius"], p["amount"], p["slice_wise"]),
+                  [ref])
+
+
+@dataclass(frozen=True)
+class Inside:
+    """A boolean array that is ``True`` over the whole volume, read without storage.
+
+    Padded with ``False`` beyond the volume edges (pad mode ``"constant"``), it tells an op
+    which voxels of its padded read region lie in the volume (see
+    :class:`~engine.segment.filters.ShapeIndex`)."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype = np.dtype(bool)
+
+    def read_region(self, region: Region) -> np.ndarray:
+        return np.ones(tuple(s.stop - s.start for s in region), bool)
+
+
+def ex_shape_index(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+    from engine.segment.filters import ShapeIndex
+
+    p = step.params
+    op = ShapeIndex(tuple(p["sigmas"]), p["combine"], p["slice_wise"])
+    axes = op.check_dims(len(ref.shape))  # refuse 3D without slice_wise before any work
+    if any(ref.shape[a] < 2 for a in axes):
+        raise InputError(f"step {step.name!r} (shape_index) needs at least 2 voxels along y "
+                         f"and x, got an image of shape {list(ref.shape)}")
+    return run_op(ctx, step.name, op, [ref, Inside(tuple(ref.shape), tuple(ref.chunks))])
+
+
 # --------------------------------------------------------------------------- the workflow
 
 
@@ -610,4 +657,7 @@ EXECUTORS: dict[str, Callable[..., Any]] = {
     "graph_cut": ex_graph_cut,
     "combine": ex_combine,
     "invert": ex_invert,
+    "gamma": ex_gamma,
+    "unsharp_mask": ex_unsharp_mask,
+    "shape_index": ex_shape_index,
 }

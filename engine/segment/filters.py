@@ -1,4 +1,4 @@
-"""Smoothing and structure filters of the Allen Cell Structure Segmenter, blockwise.
+"""Smoothing and structure filters (Allen Cell Structure Segmenter, MISIC), blockwise.
 
 Every filter is a :class:`~engine.segment.blockops.BlockOp` whose halo covers its whole
 support, so ``apply_blockwise(op, image, block)`` equals the whole-array computation with the
@@ -21,6 +21,16 @@ operation                     Allen segmenter counterpart
 :class:`Filament`             ``filament_3d_wrapper`` / ``filament_2d_wrapper``
                               (``vesselness3D`` / ``vesselness2D``)
 ============================  ==============================================================
+
+MISIC's preprocessing (the scikit-image functions it calls):
+
+============================  ==============================================================
+operation                     scikit-image counterpart
+============================  ==============================================================
+:class:`Gamma`                ``exposure.adjust_gamma`` of an image in [0, 1]
+:class:`UnsharpMask`          ``filters.unsharp_mask(..., preserve_range=True)``
+:class:`ShapeIndex`           ``feature.shape_index`` at several sigmas, combined
+============================  ==============================================================
 """
 
 from __future__ import annotations
@@ -38,9 +48,10 @@ from engine.errors import OptionError
 from engine.segment.blockops import BlockOp, BlockReduce, numpy_pad_mode
 
 __all__ = [
-    "EdgePreserving", "EdgePreservingStats", "Filament", "FilamentStats", "Gaussian", "Spot",
-    "anisotropic_diffusion", "filament_l3_min", "filament_response", "gaussian_radius",
-    "hessian_eigenvalues", "mean_sq_gradient", "spot_response", "vesselness",
+    "EdgePreserving", "EdgePreservingStats", "Filament", "FilamentStats", "Gamma", "Gaussian",
+    "ShapeIndex", "Spot", "UnsharpMask", "anisotropic_diffusion", "filament_l3_min",
+    "filament_response", "gaussian_radius", "hessian_eigenvalues", "mean_sq_gradient",
+    "shape_index", "spot_response", "vesselness",
 ]
 
 HESSIAN_TRUNCATE = 3.0
@@ -673,3 +684,266 @@ class FilamentStats(BlockReduce):
 
     def combine(self, partials: Sequence[tuple[float, ...]]) -> tuple[float, ...]:
         return tuple(float(v) for v in np.min(np.asarray(partials, np.float64), axis=0))
+
+
+# --------------------------------------------------------------------------- MISIC preprocessing
+#
+# MISIC (Panigrahi et al., eLife 2021) segments bacteria from the shape index of the image;
+# its handbook suggests gamma adjustment and an unsharp mask before it. The three filters
+# below reproduce scikit-image's functions, which MISIC calls.
+
+SKIMAGE_TRUNCATE = 4.0
+"""Gaussian truncation of scikit-image's ``gaussian`` (scipy's default)."""
+
+
+def _float_like_skimage(image: np.ndarray) -> np.ndarray:
+    """``image`` in the float type scikit-image computes in: float32 for float16/float32
+    inputs, float64 otherwise (``img_as_float`` / ``_supported_float_type``); no rescaling."""
+    dtype = np.float32 if image.dtype in (np.float16, np.float32) else np.float64
+    return np.asarray(image).astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class Gamma(BlockOp):
+    """Gamma adjustment of an image in [0, 1]: ``clip(x, 0, 1) ** gamma``; float32.
+
+    Equals ``skimage.exposure.adjust_gamma(clip(x, 0, 1), gamma)`` for a float32 image
+    (scikit-image scales float images by the range [0, 1], so the clip is what it
+    assumes). Use it after ``normalize`` or ``clip_percentiles``: values outside [0, 1] are
+    clipped first. ``gamma < 1`` brightens faint objects (MISIC's handbook: 0.2 to 0.5 for
+    fluorescence with uneven expression), ``gamma > 1`` darkens.
+
+    Voxel-wise (halo 0): the workflow runs it as a view on read, never stored.
+
+    Parameters
+    ----------
+    gamma : float
+        The exponent, > 0.
+    """
+
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gamma", _positive("gamma gamma", self.gamma))
+
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        return (0,) * ndim
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = np.clip(np.asarray(image).astype(np.float32, copy=False), 0, 1)
+        return np.power(x, np.float32(self.gamma), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class UnsharpMask(BlockOp):
+    """Unsharp masking: ``x + amount * (x - gaussian(x, radius))``; float32.
+
+    Exactly ``skimage.filters.unsharp_mask(x, radius, amount, preserve_range=True)``
+    (``channel_axis=None``): the blur is :func:`scipy.ndimage.gaussian_filter` with
+    ``sigma=radius``, ``mode="reflect"`` (the edge voxel repeated, scikit-image's choice
+    here, not ``nearest``) and ``truncate=4.0``, computed in float32 for float32 input
+    (float64 for integer or float64 input) and returned as float32. With
+    ``preserve_range=True`` scikit-image does not clip, and neither does this filter:
+    sharpening overshoots below the minimum and above the maximum of the input. (Without
+    it, scikit-image would first rescale integer images to [0, 1] and clip the result to
+    [0, 1] or [-1, 1].) With ``slice_wise`` each z-plane is sharpened in 2D, as
+    scikit-image on each plane.
+
+    Halo: ``int(4*radius + 0.5)`` on the blurred axes; pad mode ``"symmetric"`` (scipy
+    ``reflect``).
+
+    Parameters
+    ----------
+    radius : float
+        Standard deviation of the Gaussian blur in voxels, > 0 (scikit-image's ``radius``).
+    amount : float
+        Gain of the detail ``x - blur(x)``; 0 returns the image, negative values blur.
+    slice_wise : bool
+        Sharpen each z-plane separately.
+    """
+
+    radius: float = 1.0
+    amount: float = 1.0
+    slice_wise: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "radius", _positive("unsharp_mask radius", self.radius))
+        try:
+            amount = float(self.amount)
+        except (TypeError, ValueError):
+            raise OptionError(f"unsharp_mask amount must be a number, got "
+                              f"{self.amount!r}") from None
+        if not math.isfinite(amount):
+            raise OptionError(f"unsharp_mask amount must be finite, got {self.amount!r}")
+        object.__setattr__(self, "amount", amount)
+        _check_bool("unsharp_mask slice_wise", self.slice_wise)
+
+    @property
+    def pad_mode(self) -> str:
+        return "symmetric"
+
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        axes = _axes(ndim, self.slice_wise, "unsharp_mask")
+        return _per_axis(dict.fromkeys(axes, gaussian_radius(self.radius, SKIMAGE_TRUNCATE)),
+                         ndim)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = _float_like_skimage(image)
+        axes = _axes(x.ndim, self.slice_wise, "unsharp_mask")
+        sigma = [self.radius if a in axes else 0.0 for a in range(x.ndim)]
+        blurred = ndi.gaussian_filter(x, sigma, mode="reflect", truncate=SKIMAGE_TRUNCATE)
+        # scikit-image's order of operations, so float32 results match it bit for bit
+        return (x + (x - blurred) * self.amount).astype(np.float32, copy=False)
+
+
+SHAPE_INDEX_COMBINE = ("mean", "max")
+"""How :class:`ShapeIndex` combines its scales."""
+
+
+def _inside_box(inside: np.ndarray | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The box of ``True`` voxels of ``inside`` (the volume part of a padded read region):
+    one slice per axis; the whole array when ``inside`` is ``None``."""
+    if inside is None:
+        return tuple(slice(None) for _ in shape)
+    box = []
+    for a in range(inside.ndim):
+        hit = np.flatnonzero(inside.any(axis=tuple(b for b in range(inside.ndim) if b != a)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(box)
+
+
+def _shape_index_axes(ndim: int, slice_wise: bool) -> tuple[int, ...]:
+    """The (y, x) axes of the shape index; :class:`OptionError` for 3D without slice_wise."""
+    axes = _axes(ndim, slice_wise, "shape_index")
+    if len(axes) != 2:
+        raise OptionError("shape_index is defined for 2D images: on a 3D image set "
+                          "slice_wise: true (each z-plane gets its 2D shape index)")
+    return axes
+
+
+def shape_index(image: np.ndarray, sigma: float, slice_wise: bool = False,
+                inside: np.ndarray | None = None) -> np.ndarray:
+    """Koenderink's shape index of a 2D image, or of each z-plane of a 3D one.
+
+    ``(2/pi) arctan((l2 + l1) / (l2 - l1))`` with ``l1 >= l2`` the eigenvalues of the
+    Hessian: exactly ``skimage.feature.shape_index(image, sigma, mode="reflect")`` (the
+    Gaussian smoothing ``gaussian_filter(image, sigma, mode="reflect", truncate=4)``, the
+    Hessian by :func:`numpy.gradient` of :func:`numpy.gradient`, one-sided differences on
+    the outer voxel layer, the eigenvalues by the closed 2x2 formula, in float32 for
+    float32 input), except where scikit-image gives NaN: in flat regions (both eigenvalues
+    0, e.g. a constant background) the index is undefined and is 0 here (a "saddle", the
+    middle of the scale). Values lie in [-1, 1]: -1 a dark spherical cup, -0.5 a dark
+    trough (valley), 0 a saddle, 0.5 a bright ridge, 1 a bright spherical cap.
+
+    Parameters
+    ----------
+    image : ndarray, shape (Y, X), or (Z, Y, X) with ``slice_wise``
+        Any real dtype (integer images are computed in float64, as scikit-image does).
+    sigma : float
+        Standard deviation of the Gaussian smoothing in voxels, > 0.
+    slice_wise : bool
+        Required for 3D images: the index of each z-plane (the Hessian of (y, x)).
+    inside : ndarray of bool, optional
+        When ``image`` is a padded read region: ``True`` on the voxels that belong to the
+        volume (a box), ``False`` on the padding beyond the volume edges. The Hessian's
+        one-sided differences are taken at the volume edges, as on the whole volume.
+        ``None``: the whole array is the volume.
+
+    Returns
+    -------
+    ndarray of float32, ``image.shape``; 0 outside ``inside``.
+    """
+    x = _float_like_skimage(image)
+    axes = _shape_index_axes(x.ndim, slice_wise)
+    smooth = ndi.gaussian_filter(x, [sigma if a in axes else 0.0 for a in range(x.ndim)],
+                                 mode="reflect", truncate=SKIMAGE_TRUNCATE)
+    box = _inside_box(inside, x.shape)
+    s = smooth[box]
+    out = np.zeros(x.shape, np.float32)
+    if any(s.shape[a] < 2 for a in axes):
+        raise OptionError(f"shape_index needs at least 2 voxels along y and x, got an image "
+                          f"of shape {list(image.shape)}")
+    grads = [np.gradient(s, axis=a) for a in axes]
+    h00 = np.gradient(grads[0], axis=axes[0])
+    h01 = np.gradient(grads[0], axis=axes[1])
+    h11 = np.gradient(grads[1], axis=axes[1])
+    half_trace = (h00 + h11) / 2
+    root = np.sqrt(h01 ** 2 + ((h00 - h11) / 2) ** 2)
+    l1 = half_trace + root
+    l2 = half_trace - root
+    with np.errstate(divide="ignore", invalid="ignore"):
+        si = (2.0 / np.pi) * np.arctan((l2 + l1) / (l2 - l1))
+    out[box] = np.nan_to_num(si, nan=0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class ShapeIndex(BlockOp):
+    """Multi-scale shape index (:func:`shape_index`), MISIC's network input; float32.
+
+    The shape index at each scale ``sigma`` of ``sigmas``, combined voxel-wise by their
+    ``mean`` or ``max``. MISIC computes ``skimage.feature.shape_index`` at sigma 1, 1.5 and
+    2 (after reflect-padding the image by 15 pixels) and gives the three maps to its network
+    as three channels, without combining them; a single-channel step must combine: the
+    default ``mean`` keeps the average of what those channels show, ``max`` favours the
+    most convex scale (bright caps and ridges win). With one sigma both are that scale's
+    index.
+
+    2D only, as scikit-image's shape index: a 3D image needs ``slice_wise`` (each z-plane
+    in 2D) and is refused otherwise.
+
+    Blockwise exactness: the whole-volume Hessian uses one-sided differences on the volume's
+    outer voxel layer, which a block can only reproduce if it knows where the volume ends.
+    So the op takes a second input, ``inside``: a boolean array that is ``True`` everywhere
+    in the volume, padded with ``False`` (pad mode ``"constant"``); run it as
+    ``apply_blockwise(op, [image, np.ones(image.shape, bool)], block)``. Halo:
+    ``int(4*sigma + 0.5) + 2`` for the largest sigma (the Gaussian's support plus the two
+    nested central differences) on y and x; the image is padded ``"symmetric"`` (scipy
+    ``reflect``).
+
+    Parameters
+    ----------
+    sigmas : tuple of float
+        Gaussian scales in voxels, each > 0 (about a quarter to half the object width).
+    combine : str
+        ``"mean"`` or ``"max"`` over the scales.
+    slice_wise : bool
+        Shape index of each z-plane of a 3D image (required for 3D).
+    """
+
+    sigmas: tuple[float, ...] = (1.0,)
+    combine: str = "mean"
+    slice_wise: bool = False
+
+    def __post_init__(self) -> None:
+        values = self.sigmas if isinstance(self.sigmas, Sequence | np.ndarray) \
+            else (self.sigmas,)
+        if len(values) == 0:
+            raise OptionError("shape_index sigmas must not be empty")
+        object.__setattr__(self, "sigmas",
+                           tuple(_positive("shape_index sigma", s) for s in values))
+        if self.combine not in SHAPE_INDEX_COMBINE:
+            raise OptionError(f"shape_index combine must be one of "
+                              f"{', '.join(SHAPE_INDEX_COMBINE)}, got {self.combine!r}")
+        _check_bool("shape_index slice_wise", self.slice_wise)
+
+    @property
+    def pad_modes(self) -> tuple[str, ...]:
+        return ("symmetric", "constant")
+
+    def check_dims(self, ndim: int) -> tuple[int, ...]:
+        """The filtered axes; :class:`OptionError` unless they are two (2D, or slice-wise)."""
+        return _shape_index_axes(ndim, self.slice_wise)
+
+    def halo(self, ndim: int) -> tuple[int, ...]:
+        r = max(gaussian_radius(s, SKIMAGE_TRUNCATE) for s in self.sigmas) + 2
+        return _per_axis(dict.fromkeys(self.check_dims(ndim), r), ndim)
+
+    def __call__(self, image: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
+        self.check_dims(image.ndim)
+        maps = [shape_index(image, s, self.slice_wise, inside) for s in self.sigmas]
+        if len(maps) == 1:
+            return maps[0]
+        if self.combine == "max":
+            return np.max(maps, axis=0).astype(np.float32)
+        return np.mean(np.asarray(maps, np.float64), axis=0).astype(np.float32)

@@ -728,6 +728,49 @@ _STEP_LIST = [
         """,
         [],
         [("image", "mask")], "same"),
+    _spec(
+        "gamma",
+        """
+        Gamma adjustment (MISIC's preprocessing): clip(x, 0, 1) ** gamma, as scikit-image's
+        adjust_gamma. Expects an image in [0, 1]: put it after normalize or
+        clip_percentiles.
+        """,
+        [Param("gamma", "float", 1.0, minimum=0, exclusive_minimum=True,
+               doc="The exponent: < 1 brightens faint objects (0.2 to 0.5 in MISIC's "
+                   "handbook for uneven fluorescence), > 1 darkens.")],
+        [("image",)], "image"),
+    _spec(
+        "unsharp_mask",
+        """
+        Unsharp mask (MISIC's preprocessing): x + amount * (x - gaussian(x, radius)), exactly
+        scikit-image's unsharp_mask with preserve_range (reflect edges, no clipping);
+        sharpens the edges between touching objects.
+        """,
+        [Param("radius", "float", 1.0, minimum=0, exclusive_minimum=True,
+               doc="Standard deviation of the Gaussian blur in voxels."),
+         Param("amount", "float", 1.0,
+               doc="Gain of the details (x - blur); MISIC's handbook uses 2 for "
+                   "fluorescence."),
+         _slice_wise("the sharpening")],
+        [("image",)], "image"),
+    _spec(
+        "shape_index",
+        """
+        Koenderink's shape index of the Hessian (MISIC's network input), as scikit-image's
+        shape_index with reflect edges: -1 dark cup, -0.5 trough, 0 saddle (and flat
+        regions, where it is undefined), 0.5 ridge, 1 bright cap. Several scales are
+        combined voxel-wise. 2D; a 3D image needs slice_wise.
+        """,
+        [Param("sigmas", "floats", [1.0], minimum=0, exclusive_minimum=True,
+               doc="Gaussian scales of the Hessian in voxels (MISIC: 1, 1.5 and 2, at an "
+                   "object width of about 10 pixels)."),
+         Param("combine", "str", "mean", choices=("mean", "max"),
+               doc="How the scales are combined: mean or max. MISIC feeds its network the "
+                   "scales as separate channels; mean keeps their average."),
+         Param("slice_wise", "bool", False,
+               doc="Compute the 2D shape index of each z-plane (last two axes) of a 3D "
+                   "image; required for 3D images (the shape index is defined in 2D).")],
+        [("image",)], "image"),
 ]
 
 STEPS: dict[str, StepSpec] = {spec.id: spec for spec in _STEP_LIST}
@@ -1030,7 +1073,8 @@ def _topological(drafts: list[_Draft]) -> list[_Draft]:
     return order
 
 
-def parse_workflow(data: Any, source: str = "<workflow>") -> Workflow:
+def parse_workflow(data: Any, source: str = "<workflow>", *,
+                   image_output: bool = False) -> Workflow:
     """Validate a workflow mapping (as loaded from YAML) completely.
 
     Parameters
@@ -1039,6 +1083,9 @@ def parse_workflow(data: Any, source: str = "<workflow>") -> Workflow:
         The loaded document; must be a mapping with a ``steps`` list.
     source : str
         The file path or preset name, used in messages and as :attr:`Workflow.source`.
+    image_output : bool
+        Also accept an output step that produces an image (``voxelmill preprocess``);
+        by default the output must produce a mask or labels.
 
     Returns
     -------
@@ -1159,7 +1206,7 @@ def parse_workflow(data: Any, source: str = "<workflow>") -> Workflow:
     else:
         output_draft = first_of[output]
     if output_draft is not None:
-        if output_draft.kind == "image":
+        if output_draft.kind == "image" and not image_output:
             problems.add(f"the output {output_draft.name!r} ({output_draft.function}) "
                          "produces an image; the output must produce a mask or labels "
                          "(add a threshold or filter step, or set 'output')", last=True)
@@ -1200,6 +1247,12 @@ PRESETS: dict[str, str] = {
     "nucleus": "Nuclei and cells: percentile clip, gaussian, masked-object threshold, "
                "fill holes, label.",
     "threshold": "The simplest: gaussian, Otsu threshold, label, size filter.",
+    "allen-cetn2": "Allen CETN2 (centrioles, spots): normalize [8000], slice-wise gaussian, "
+                   "3D spot filter, label.",
+    "allen-tuba1b": "Allen TUBA1B (microtubules, filaments): normalize [1.5, 8], "
+                    "edge-preserving smoothing, 3D filament filter, label.",
+    "allen-lmnb1": "Allen LMNB1 (nuclear envelope, shells): normalize [4000], gaussian, "
+                   "slice-wise 2D filament filter at 3 scales, label.",
 }
 """Packaged workflows: preset name -> one-line description."""
 
@@ -1218,7 +1271,7 @@ def preset_path(name: str) -> Path:
     return _PRESET_DIR / f"{name}.yaml"
 
 
-def load_workflow(spec: str | Path) -> Workflow:
+def load_workflow(spec: str | Path, *, image_output: bool = False) -> Workflow:
     """Load and validate a workflow file or a preset.
 
     Parameters
@@ -1240,10 +1293,12 @@ def load_workflow(spec: str | Path) -> Workflow:
     """
     path = Path(spec)
     if path.is_file():
-        return parse_workflow(_read_yaml(path, str(spec)), str(spec))
+        return parse_workflow(_read_yaml(path, str(spec)), str(spec),
+                              image_output=image_output)
     text = str(spec)
     if text in PRESETS:
-        return parse_workflow(_read_yaml(preset_path(text), text), text)
+        return parse_workflow(_read_yaml(preset_path(text), text), text,
+                              image_output=image_output)
     if path.exists():
         raise InputError(f"{spec}: the workflow must be a YAML file, not a directory")
     looks_like_file = path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1
