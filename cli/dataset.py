@@ -1,5 +1,5 @@
-"""``voxelmill dataset …``: arrange patches and curated samples for training. Thin: parse,
-call ``engine.dataset``, report."""
+"""``voxelmill dataset …``: arrange patches, curated samples and PartSeg projects for
+training. Thin: parse, call ``engine.dataset``, report."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def split(
     sources: Annotated[list[Path], typer.Argument(
         help="Patch folders (imagesCorr/, labelsCorr/, patches.csv from 'voxelmill patches "
         "extract'; without patches.csv the source is parsed from <ds>_<token>_patch<N> "
-        "names) or curated samples folders (samples.csv); several are merged.")],
+        "names), curated samples folders (samples.csv), PartSeg projects (.tgz/.tbz2, each "
+        "its own group) or folders of them; several are merged.")],
     out_dir: Annotated[Path, typer.Option(
         "--out", help="Folder to create: imagesTr/labelsTr, imagesVal/labelsVal, "
         "imagesVerify/labelsVerify, split.csv, split.json.")],

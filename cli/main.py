@@ -191,21 +191,30 @@ def convert(
 @app.command()
 def export(
     src: Annotated[Path, typer.Argument(help="OME-Zarr image.")],
-    dst: Annotated[Path, typer.Argument(help="Output file: .mrc, .tif, .nrrd, .nii or .nii.gz.")],
+    dst: Annotated[Path, typer.Argument(help="Output file: .mrc, .tif, .nrrd, .nii or .nii.gz; "
+                                        "or a PartSeg project .tgz/.tbz2.")],
     level: Annotated[int, typer.Option(help="Pyramid level (0 = full resolution).")] = 0,
     roi: Annotated[str | None, typer.Option(help="Region z0:z1,y0:y1,x0:x1 in the level's "
                                             "voxels.")] = None,
     channel: Annotated[int | None, typer.Option(help="Export one channel.")] = None,
-    label: Annotated[str | None, typer.Option(help="Export this label image instead.")] = None,
+    label: Annotated[str | None, typer.Option(
+        help="Export this label image instead; for a PartSeg project: its ROI.")] = None,
+    mask: Annotated[str | None, typer.Option(
+        help="PartSeg project: label image stored as the project's mask.")] = None,
+    alternative: Annotated[list[str] | None, typer.Option(
+        "--alternative", help="PartSeg project: alternative map NAME=LABELS (a label image "
+        "of SRC), e.g. Labeling=cells_classes; repeatable.")] = None,
     overwrite: Overwrite = False,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
-    """Export a level or region of an OME-Zarr image for IMOD, MITK, Amira or napari."""
+    """Export a level or region of an OME-Zarr image for IMOD, MITK, Amira or napari, or
+    with its labels as a PartSeg project."""
     with user_errors():
         from engine.pipelines.export import plan_export, run_export
 
-        plan = plan_export(src, dst, level, roi, channel, label, overwrite)
+        plan = plan_export(src, dst, level, roi, channel, label, overwrite, mask,
+                           _named_paths(alternative or [], "--alternative"))
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             vol = run_export(plan, client, progress_factory()())
         out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} {vol.dtype}, "
@@ -310,20 +319,26 @@ def demo(
 def _register_subcommands() -> None:
     from cli.cluster import cluster_app
     from cli.curate import curate_app
+    from cli.cutter import cutter_app
     from cli.dataset import dataset_app
+    from cli.instances import instances
     from cli.model import model_app
     from cli.patches import patches_app
     from cli.predict import predict
+    from cli.preprocess import preprocess
     from cli.report import report
     from cli.train import train
 
     app.add_typer(patches_app, name="patches")
     app.add_typer(curate_app, name="curate")
+    app.add_typer(cutter_app, name="cutter")
     app.add_typer(dataset_app, name="dataset")
     app.command("train")(train)
     app.add_typer(model_app, name="model")
     app.add_typer(cluster_app, name="cluster")
     app.command("predict")(predict)
+    app.command("instances")(instances)
+    app.command("preprocess")(preprocess)
     app.command("report")(report)
 
 

@@ -28,7 +28,11 @@ Without ``patches.csv`` (a MemBrain-seg folder), the group is parsed from the fi
 split of ``<ds>`` from ``<token>`` is ambiguous when either holds ``_``, and both name
 the source). A *samples folder* holds ``samples.csv`` (see :func:`read_samples`); each
 sample (an OME-Zarr holding image and labels, or any file) goes whole into
-``images<Split>/`` and the label folders stay empty for it.
+``images<Split>/`` and the label folders stay empty for it. A *PartSeg project*
+(``.tgz``/``.tbz2``/``.tar.gz``/``.tar.bz2``, given as a file or found in a folder of
+projects) is one item and its own group (one project = one field of view); like a sample
+it goes whole into ``images<Split>/`` (it holds image, ROI and alternative maps), where
+``voxelmill train`` reads it with the source's ``labels:``/``classes:``.
 
 Assignment
 ----------
@@ -86,6 +90,8 @@ SPLIT_JSON = "split.json"
 SPLIT_COLUMNS = ("name", "group", "split", "source", "image", "labels", "out_image",
                  "out_labels")
 DEFAULT_FRACTIONS = (0.7, 0.2, 0.1)
+#: PartSeg project archives (engine.io.partseg reads them)
+PARTSEG_SUFFIXES = (".tgz", ".tbz2", ".tar.gz", ".tar.bz2")
 
 _PATCH_NAME = re.compile(r"^(?P<group>.+)_patch(?P<index>\d+)$")
 #: samples.csv columns, first match wins: the sample entry, and its source volume (group).
@@ -403,24 +409,44 @@ def read_samples(source: Path) -> list[Item]:
     return items
 
 
+def is_partseg_project(path: Path) -> bool:
+    """Whether ``path`` is a PartSeg project archive (a file with a project suffix)."""
+    return path.is_file() and path.name.lower().endswith(PARTSEG_SUFFIXES)
+
+
+def partseg_items(source: Path) -> list[Item]:
+    """Items of a PartSeg project file, or of a folder of project files: one item and one
+    group per project (the group is the project's resolved path)."""
+    files = [source] if source.is_file() else sorted(
+        p for p in source.iterdir() if not p.name.startswith(".") and is_partseg_project(p))
+    return [Item(p.name, str(p.resolve()), p, None, source) for p in files]
+
+
 def collect_items(source: str | Path, labels_dir: str = LABELS_DIR) -> list[Item]:
-    """The items of one SOURCE folder (patch folder or samples folder).
+    """The items of one SOURCE (patch folder, samples folder, PartSeg project or folder of
+    PartSeg projects).
 
     Raises
     ------
     InputError
-        Naming the folder when it is neither, or naming the file that is inconsistent.
+        Naming the folder when it is none of these, or naming the file that is
+        inconsistent.
     """
     src = Path(source)
+    if src.is_file() and src.name.lower().endswith(PARTSEG_SUFFIXES):
+        return partseg_items(src)
     if not src.is_dir():
-        raise InputError(f"{src}: no such folder")
+        raise InputError(f"{src}: no such folder (or PartSeg project .tgz/.tbz2)")
     if (src / SAMPLES_MANIFEST).is_file():
         items = read_samples(src)
     elif (src / MANIFEST).is_file() or (src / IMAGES_DIR).is_dir():
         items = _patch_folder(src, labels_dir)
+    elif any(is_partseg_project(p) for p in src.iterdir()):
+        items = partseg_items(src)
     else:
         raise InputError(f"{src}: neither a patch folder ({IMAGES_DIR}/, {labels_dir}/, "
-                         f"{MANIFEST}) nor a samples folder ({SAMPLES_MANIFEST})")
+                         f"{MANIFEST}), a samples folder ({SAMPLES_MANIFEST}) nor a folder "
+                         "of PartSeg projects (.tgz, .tbz2)")
     if not items:
         raise InputError(f"{src}: holds no patches or samples")
     return items
@@ -439,8 +465,8 @@ def plan_split(sources: Iterable[str | Path], destination: str | Path,
     Parameters
     ----------
     sources : iterable of str or Path
-        Patch folders and samples folders, merged; the same source volume in two folders
-        is one group.
+        Patch folders, samples folders, PartSeg projects and folders of them, merged; the
+        same source volume in two folders is one group.
     destination : str or Path
         Folder to create (see the module docstring).
     options : SplitOptions, optional

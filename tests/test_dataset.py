@@ -383,3 +383,69 @@ def test_cli_bad_input(tmp_path, case, extra, message):
     else:
         assert not dst.exists()
     assert not list(tmp_path.glob(".*partial"))
+
+
+# ----------------------------------------------------------------------- PartSeg projects
+
+def make_projects(root: Path, n: int) -> list[Path]:
+    """``n`` small PartSeg projects (2D, ROI + a Trapalyzer-style "Labeling" map)."""
+    from engine.io.partseg import write_project
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        image = rng.integers(0, 255, (16, 20)).astype(np.uint8)
+        roi = np.zeros((16, 20), np.uint8)
+        roi[2:8, 3:9] = 1
+        roi[9:14, 10:18] = 2
+        labeling = np.where(roi == 1, 1, np.where(roi == 2, 3, 0)).astype(np.uint8)
+        out.append(write_project(root / f"field{i}.tgz", image, "yx", (0.5, 0.5), "micrometer",
+                                 roi, alternative={"Labeling": labeling}))
+    return out
+
+
+def test_partseg_projects_split_whole_and_train_on_it(tmp_path):
+    from engine.learn.data import IGNORE, SourceSpec, open_sources, split_folder_validation
+
+    projects = make_projects(tmp_path / "projects", 6)
+    extra = make_projects(tmp_path / "more", 1)[0].rename(tmp_path / "more" / "extra.tbz2")
+    dst = tmp_path / "split"
+    # a folder of projects and a single project file, merged
+    split_dataset([tmp_path / "projects", extra], dst, SplitOptions(seed=1))
+    rows = read_split(dst)
+    assert sorted(r["name"] for r in rows) == sorted([p.name for p in projects] + [extra.name])
+    assert len({r["group"] for r in rows}) == 7  # one group per project
+    assert {r["split"] for r in rows} == set(SPLITS)
+    for r in rows:
+        images, labels = SPLIT_DIRS[r["split"]]
+        assert r["out_image"] == f"{images}/{r['name']}" and r["out_labels"] == ""
+        assert (dst / r["out_image"]).read_bytes() == Path(r["image"]).read_bytes()
+    # training reads the split's train projects; its val projects validate
+    spec = SourceSpec(dst, labels="Labeling", classes={1: 1, 3: "ignore"})
+    train, val = open_sources([spec]), split_folder_validation([spec])
+    names = {s: {r["name"] for r in rows if r["split"] == s} for s in SPLITS}
+    assert {Path(v.name.split(":")[0]).name for v in train} == names["train"]
+    assert {Path(v.name.split(":")[0]).name for v in val} == names["val"]
+    groups = {r["name"]: r["group"] for r in rows}
+    for v in train + val:
+        assert v.group == groups[Path(v.name.split(":")[0]).name]
+        label = v.label.compute()
+        assert set(np.unique(label)) == {0, 1, IGNORE}
+    # links point at the projects
+    split_dataset([tmp_path / "projects"], tmp_path / "linked", SplitOptions(seed=1, link=True))
+    assert all((tmp_path / "linked" / r["out_image"]).is_symlink()
+               for r in read_split(tmp_path / "linked"))
+
+
+def test_cli_split_partseg_projects(tmp_path):
+    projects = make_projects(tmp_path / "projects", 3)
+    proc = run_cli("dataset", "split", *map(str, projects), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    for split in SPLITS:  # three projects, three groups: one each
+        assert f"{split}: 1 items from 1 source volumes" in proc.stdout
+    assert sum(len(list((tmp_path / "out" / SPLIT_DIRS[s][0]).iterdir())) for s in SPLITS) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("dataset", "split", str(empty), "--out", str(tmp_path / "out2"))
+    assert proc.returncode == 2 and "folder of PartSeg projects" in proc.stderr

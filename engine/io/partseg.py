@@ -19,6 +19,12 @@ A project, as ``PartSegCore.analysis.save_functions.save_project`` writes it, is
 PartSeg keeps a project in memory while it works on it, so a project is small enough to
 unpack in memory here too; and a compressed tar stream cannot be read at random offsets
 anyway. The arrays become ``InMemorySource``-backed dask arrays.
+
+:func:`write_project` is the mirror of :func:`read`: it writes the current (1.1) format as
+``save_project`` does, in its member order: ``segmentation.tif`` (the ROI in the image's
+``TZYX`` shape), ``alternative.npz`` (named maps, same shape), ``mask.tif`` (uint8),
+``image.tif`` (OME-TIFF ``TZCYX``, physical sizes in µm, channel names), ``algorithm.json``
+and ``metadata.json`` (``project_version_info`` "1.1", empty ``roi_annotations``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,10 @@ MEMBERS = ("image.tif", "segmentation.tif", "segmentation.npz", "mask.tif",
 
 #: PartSeg's "1.0" project format keeps labels in segmentation.npz.
 OLD_VERSION = "1.0"
+#: the project format :func:`write_project` writes (PartSegCore's ``project_version_info``)
+VERSION = "1.1"
+#: archive suffixes PartSeg saves projects with (bzip2 for .tbz2/.tar.bz2, else gzip)
+SUFFIXES = (".tgz", ".tbz2", ".tar.gz", ".tar.bz2")
 
 
 def _members(path: Path) -> dict[str, bytes]:
@@ -254,3 +265,144 @@ def read(path: Path, **_: object) -> Volume:
     data = to_dask(InMemorySource(array), axes, name="partseg")
     return Volume(data, axes, voxel, "micrometer", channel_names=tuple(names), labels=labels,
                   source=str(path))
+
+
+# ------------------------------------------------------------------------------ writing
+
+def _to_tzyx(array: np.ndarray, axes: str) -> np.ndarray:
+    """``array`` with NGFF ``axes`` (a subset of ``tczyx``) as PartSeg's ``T(Z)(C)YX``
+    layout: singleton T and Z added, C kept where it is."""
+    full = "tzcyx" if "c" in axes else "tzyx"
+    order = [axes.index(a) for a in full if a in axes]
+    out = np.transpose(array, order)
+    for i, a in enumerate(full):
+        if a not in axes:
+            out = np.expand_dims(out, i)
+    return out
+
+
+def _tif_bytes(array: np.ndarray, **kwargs: Any) -> bytes:
+    buff = io.BytesIO()
+    tifffile.imwrite(buff, array, **kwargs)
+    return buff.getvalue()
+
+
+def image_tif(image: np.ndarray, axes: str, voxel_um: tuple[float, ...],
+              channel_names: tuple[str, ...]) -> bytes:
+    """``image.tif`` as PartSeg's ``ImageWriter.save`` writes it: an OME-TIFF of the
+    ``TZCYX`` array with ``PhysicalSize{Z,Y,X}`` in µm (Z = 1 for a 2D image) and the
+    channel names."""
+    data = _to_tzyx(image, axes)
+    if "c" not in axes:  # TZYX → TZCYX with one channel
+        data = data[:, :, None]
+    n = data.shape[2]
+    names = list(channel_names) if len(channel_names) == n else [f"channel {i}"
+                                                                  for i in range(n)]
+    spacing = {"Z": voxel_um[0] if len(voxel_um) == 3 else 1.0, "Y": voxel_um[-2],
+               "X": voxel_um[-1]}
+    meta: dict[str, Any] = {"axes": "TZCYX", "Creator": "voxelmill",
+                            "Channel": {"Name": names}}
+    for ax, size in spacing.items():
+        meta[f"PhysicalSize{ax}"] = float(size)
+        meta[f"PhysicalSize{ax}Unit"] = "µm"
+    return _tif_bytes(np.ascontiguousarray(data), ome=True, software="PartSeg",
+                      metadata=meta, photometric="minisblack")
+
+
+def _label_dtype(array: np.ndarray, name: str) -> np.ndarray:
+    """Integer labels as PartSeg keeps them: unsigned, at most 32 bits when they fit."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype.kind not in "iu":
+        raise InputError(f"{name}: {array.dtype} values are not integer labels")
+    if array.size and int(array.min()) < 0:
+        raise InputError(f"{name}: negative label values cannot go into a PartSeg project")
+    top = int(array.max()) if array.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if top <= np.iinfo(dtype).max:
+            return array.astype(dtype, copy=False)
+    raise AssertionError("unreachable")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name=name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_project(path: str | Path, image: np.ndarray, axes: str,
+                  voxel_size: tuple[float, ...], unit: str, roi: np.ndarray,
+                  channel_names: tuple[str, ...] = (), mask: np.ndarray | None = None,
+                  alternative: dict[str, np.ndarray] | None = None,
+                  algorithm: dict[str, Any] | None = None) -> Path:
+    """Write a PartSeg ROI-analysis project that :func:`read` and PartSeg open.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.tgz``/``.tar.gz`` (gzip) or ``.tbz2``/``.tar.bz2`` (bzip2). Written whole; the
+        caller makes it atomic (``engine.pipelines.output``).
+    image : ndarray
+        The image with NGFF ``axes`` (``yx``, ``cyx``, ``zyx``, ``czyx``, with ``t`` first
+        optionally), any dtype PartSeg reads (uint8/16, float32 …).
+    axes : str
+        Axes of ``image``.
+    voxel_size : tuple of float
+        Spatial voxel size (z, y, x or y, x) in ``unit``; stored in µm.
+    unit : str
+        Length unit of ``voxel_size`` (nm, micrometer, angstrom …).
+    roi : ndarray of int
+        The ROI labels, the image's shape without the channel axis (0 = background).
+    channel_names : tuple of str
+        One per channel ("channel N" when absent).
+    mask : ndarray, optional
+        Non-zero = inside the mask; stored as uint8 0/1.
+    alternative : dict of str to ndarray, optional
+        Named alternative label maps (e.g. ``{"Labeling": classes}``), each the ROI's shape.
+    algorithm : dict, optional
+        ``algorithm.json``: ``{"algorithm_name": …, "values": {…}}`` describing how the ROI
+        was made.
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(SUFFIXES):
+        raise OptionError(f"{path}: a PartSeg project is .tgz, .tbz2, .tar.gz or .tar.bz2")
+    if set(axes) - set("tczyx") or not axes.endswith("yx") or len(set(axes)) != len(axes):
+        raise OptionError(f"axes {axes!r}: expected a subset of tczyx ending in yx")
+    spatial = tuple(n for n, a in zip(image.shape, axes, strict=True) if a != "c")
+    label_axes = axes.replace("c", "")
+    voxel_um = tuple(convert_length(float(v), normalize_unit(unit), "micrometer")
+                     for v in voxel_size)
+    members: list[tuple[str, bytes]] = []
+
+    def labels(array: np.ndarray, name: str) -> np.ndarray:
+        if tuple(array.shape) != spatial:
+            raise InputError(f"{name}: shape {tuple(array.shape)} does not fit the image's "
+                             f"{spatial}")
+        return _to_tzyx(_label_dtype(np.asarray(array), name), label_axes)
+
+    # minisblack: a TZYX stack with 3 or 4 planes must not be stored as RGB
+    members.append(("segmentation.tif", _tif_bytes(labels(roi, "ROI"),
+                                                   photometric="minisblack")))
+    if alternative:
+        buff = io.BytesIO()
+        np.savez(buff, **{k: labels(v, f"alternative {k!r}") for k, v in alternative.items()})
+        members.append(("alternative.npz", buff.getvalue()))
+    if mask is not None:
+        members.append(("mask.tif", _tif_bytes(labels((np.asarray(mask) > 0).astype(np.uint8),
+                                                      "mask"), photometric="minisblack")))
+    members.append(("image.tif", image_tif(np.asarray(image), axes, voxel_um,
+                                            tuple(channel_names))))
+    members.append(("algorithm.json", json.dumps(
+        algorithm or {"algorithm_name": "voxelmill", "values": {}}).encode("utf-8")))
+    members.append(("metadata.json", json.dumps(
+        {"project_version_info": VERSION, "roi_annotations": {}}).encode("utf-8")))
+    mode = "w:bz2" if path.name.lower().endswith((".tbz2", ".tar.bz2")) else "w:gz"
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return path

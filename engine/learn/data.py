@@ -12,7 +12,9 @@ Sources (``data.train`` / ``data.val`` entries of the training configuration), m
     1 = foreground, 2 = ignore (MemBrain-seg's convention: ``ignore: [2]`` by default).
 ``split``
     A folder from ``voxelmill dataset split``: ``imagesTr/labelsTr`` train,
-    ``imagesVal/labelsVal`` validate (unless ``data.val`` is given).
+    ``imagesVal/labelsVal`` validate (unless ``data.val`` is given); PartSeg projects in
+    ``imagesTr/``/``imagesVal/`` are read as ``partseg`` sources with this entry's
+    ``labels``/``classes``/``channels``.
 ``samples``
     Curated samples from ``voxelmill curate`` (``samples.csv``): the ground truth ``gt``
     with the cost map ``cost`` (0 = ignore).
@@ -300,7 +302,7 @@ def _zarr(spec: SourceSpec) -> list[TrainVolume]:
     return [_volume(vol, vol.labels[name].data, spec, f"{spec.path}:{name}", str(spec.path))]
 
 
-def _partseg(spec: SourceSpec) -> list[TrainVolume]:
+def _partseg(spec: SourceSpec, group: str | None = None) -> list[TrainVolume]:
     vol = open_volume(spec.path)
     key = "roi" if spec.labels in (None, "roi", "ROI") else f"alt_{spec.labels}"
     if key not in vol.labels:
@@ -308,7 +310,7 @@ def _partseg(spec: SourceSpec) -> list[TrainVolume]:
         raise InputError(f"{spec.path}: no label map {spec.labels!r}; the project has "
                          f"{', '.join(maps)}")
     return [_volume(vol, vol.labels[key].data, spec, f"{spec.path}:{spec.labels or 'ROI'}",
-                    str(spec.path))]
+                    group or str(spec.path))]
 
 
 def _patches(spec: SourceSpec) -> list[TrainVolume]:
@@ -332,13 +334,19 @@ def _samples(spec: SourceSpec) -> list[TrainVolume]:
 
 def _split(spec: SourceSpec, split: str) -> list[TrainVolume]:
     img_dir, lab_dir = (spec.path / d for d in SPLIT_DIRS[split])
-    if not lab_dir.is_dir():
-        return []
     groups: dict[str, str] = {}
     if (spec.path / SPLIT_CSV).is_file():
         with open(spec.path / SPLIT_CSV, newline="", encoding="utf-8") as fh:
             groups = {r["name"]: r["group"] for r in csv.DictReader(fh)}
     out = []
+    # PartSeg projects go whole into images<Split>/: read with the source's labels/classes
+    if img_dir.is_dir():
+        for project in sorted(img_dir.iterdir()):
+            if project.name.lower().endswith(_PARTSEG_SUFFIXES):
+                out.extend(_partseg(replace(spec, path=project),
+                                    groups.get(project.name, project.name)))
+    if not lab_dir.is_dir():
+        return out
     for name, label in patch_entries(lab_dir).items():
         image = image_for(patch_entries(img_dir), name, img_dir)
         out.append(_volume(open_volume(image), _label_volume(label), spec, str(label),

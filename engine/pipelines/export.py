@@ -1,9 +1,17 @@
-"""``voxelmill export``: one level or region of an OME-Zarr image to MRC, TIFF, NRRD or NIfTI."""
+"""``voxelmill export``: one level or region of an OME-Zarr image to MRC, TIFF, NRRD or NIfTI,
+or with its label images to a PartSeg project (.tgz/.tbz2).
+
+A PartSeg project holds the image (every channel, or ``--channel``), its ROI (``--label``),
+optionally a mask and named alternative label maps, as :func:`engine.io.partseg.write_project`
+writes them. PartSeg keeps a whole project in memory, so the selected level or region is
+gathered on the client before it is written (choose ``--level`` or ``--roi`` for large
+images).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +72,93 @@ class ExportPlan:
     volume: Volume
     destination: Path
     writer: Any
+    #: PartSeg projects only: "roi", "mask" and "alt_<name>" label volumes (same region)
+    labels: dict[str, Volume] = field(default_factory=dict)
+    #: PartSeg projects only: what algorithm.json records
+    algorithm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def partseg(self) -> bool:
+        return self.writer is None
+
+
+def is_partseg(path: str | Path) -> bool:
+    """Whether ``path`` names a PartSeg project archive (by its suffix)."""
+    from engine.io.partseg import SUFFIXES
+
+    return Path(path).name.lower().endswith(SUFFIXES)
+
+
+def _label_volume(src: Path, name: str, what: str, level: int, roi: str | None) -> Volume:
+    names = omezarr.label_names(src)
+    if name not in names:
+        raise OptionError(f"{what} {name!r}: {src} has label images {names or 'none'}")
+    return select(omezarr.read(src / "labels" / name, level=level), roi)
 
 
 def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | None = None,
                 channel: int | None = None, label: str | None = None,
-                overwrite: bool = False) -> ExportPlan:
-    """Check the source, options and destination before anything runs."""
+                overwrite: bool = False, mask: str | None = None,
+                alternative: Sequence[tuple[str, str]] = ()) -> ExportPlan:
+    """Check the source, options and destination before anything runs.
+
+    For a PartSeg destination (.tgz, .tbz2, .tar.gz, .tar.bz2) ``label`` is the ROI (needed),
+    ``mask`` an optional mask label image and ``alternative`` (project name, label image)
+    pairs of alternative maps; the image keeps its channels unless ``channel`` picks one.
+    """
     src, dst = Path(src), Path(dst)
-    writer = writer_for(dst)
+    partseg = is_partseg(dst)
+    writer = None if partseg else writer_for(dst)
     if detect_format(src) != "omezarr":
         raise InputError(f"{src}: export reads OME-Zarr images; convert it first")
+    if not partseg and (mask or alternative):
+        raise OptionError("--mask and --alternative go into PartSeg projects only; give a "
+                          ".tgz or .tbz2 destination")
     check_destination(dst, overwrite, src)
-    if label and label not in omezarr.label_names(src):
-        raise OptionError(f"--label {label!r}: {src} has label images "
-                          f"{omezarr.label_names(src) or 'none'}")
-    group = src / "labels" / label if label else src
-    return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer)
+    if not partseg:
+        if label and label not in omezarr.label_names(src):
+            raise OptionError(f"--label {label!r}: {src} has label images "
+                              f"{omezarr.label_names(src) or 'none'}")
+        group = src / "labels" / label if label else src
+        return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer)
+    if not label:
+        raise OptionError(f"{dst}: a PartSeg project needs its ROI: give --label NAME")
+    image = select(omezarr.read(src, level=level), roi, channel)
+    labels = {"roi": _label_volume(src, label, "--label", level, roi)}
+    if mask:
+        labels["mask"] = _label_volume(src, mask, "--mask", level, roi)
+    seen: set[str] = set()
+    for name, group in alternative:
+        if not name.isidentifier() or name in seen:
+            raise OptionError(f"--alternative {name}={group}: the map name must be a plain "
+                              "identifier (letters, digits, '_'), given once")
+        seen.add(name)
+        labels[f"alt_{name}"] = _label_volume(src, group, "--alternative", level, roi)
+    spatial = tuple(n for n, a in zip(image.shape, image.axes, strict=True) if a != "c")
+    for key, vol in labels.items():
+        if tuple(vol.shape) != spatial:
+            raise InputError(f"{src}: label image for {key} has shape {tuple(vol.shape)}, the "
+                             f"image {spatial} (level {level})")
+    algorithm = {"algorithm_name": "voxelmill", "values": {
+        "source": str(src.resolve()), "level": level, "roi": roi, "channel": channel,
+        "label": label, "mask": mask, "alternative": dict(alternative)}}
+    return ExportPlan(image, dst, None, labels, algorithm)
+
+
+def _run_partseg(plan: ExportPlan, tmp: Path, client: Any) -> None:
+    from engine.io.partseg import write_project
+
+    keys = list(plan.labels)
+    data = [plan.volume.data, *(plan.labels[k].data for k in keys)]
+    arrays = client.gather(client.compute(data)) if client is not None else [
+        d.compute(scheduler="threads") for d in data]
+    image, labels = np.asarray(arrays[0]), dict(zip(keys, arrays[1:], strict=True))
+    vol = plan.volume
+    write_project(tmp, image, vol.axes, tuple(vol.voxel_size), vol.unit, labels["roi"],
+                  tuple(vol.channel_names) if "c" in vol.axes else (),
+                  mask=labels.get("mask"),
+                  alternative={k[4:]: v for k, v in labels.items() if k.startswith("alt_")},
+                  algorithm=plan.algorithm)
 
 
 def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) -> Volume:
@@ -88,6 +167,17 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
     tmp = partial_path(dst)
     tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
     progress = progress or SilentProgress()
+    if plan.partseg:
+        progress.start(f"export {dst.name}", 1)
+        try:
+            _run_partseg(plan, tmp, client)
+            progress.advance()
+            commit(tmp, dst)
+        finally:
+            progress.finish()
+            if tmp.exists():
+                tmp.unlink()
+        return plan.volume
     progress.start(f"export {dst.name}", len(slab_bounds(plan.volume.data)) - 1)
 
     def slabs() -> Iterator[np.ndarray]:
@@ -107,11 +197,14 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
 
 def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: str | None = None,
            channel: int | None = None, label: str | None = None,
-           overwrite: bool = False, progress: Progress | None = None) -> Volume:
+           overwrite: bool = False, progress: Progress | None = None,
+           mask: str | None = None, alternative: Sequence[tuple[str, str]] = ()) -> Volume:
     """Write one level (or a region of it) of an OME-Zarr image, or of one of its label
-    images, to a single file whose format follows ``dst``'s suffix (MRC, TIFF, NRRD, NIfTI).
+    images, to a single file whose format follows ``dst``'s suffix (MRC, TIFF, NRRD, NIfTI),
+    or the image with its ROI (``label``), ``mask`` and ``alternative`` maps to a PartSeg
+    project (.tgz, .tbz2).
 
     The voxel size of the chosen level goes into the header; the source is only read.
     """
-    return run_export(plan_export(src, dst, level, roi, channel, label, overwrite), client,
-                      progress)
+    return run_export(plan_export(src, dst, level, roi, channel, label, overwrite, mask,
+                                  alternative), client, progress)

@@ -165,6 +165,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
     import zarr
 
+    from engine.cutter.train import KIND as CUTTER_KIND
     from engine.learn.model import load_model
     from engine.pipelines.segment import check_block, default_block
 
@@ -180,6 +181,9 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     if options.batch < 1:
         raise OptionError(f"--batch {options.batch}: must be ≥ 1")
     _, meta = load_model(options.model)  # refuses foreign files and pickled code
+    if meta.get("target", {}).get("kind") == CUTTER_KIND:
+        raise InputError(f"{options.model}: a cellcutter model predicts one cell per marker; "
+                         "run 'voxelmill cutter predict' with its markers and mask")
     volume = omezarr.read(src)
     if "t" in volume.axes and volume.shape[0] != 1:
         raise InputError(f"{src}: has several time points; predict needs one")

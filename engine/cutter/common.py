@@ -1,0 +1,208 @@
+"""Opening what the cutter commands read: a 2D OME-Zarr image, its channels, label images
+and marker lists.
+
+Markers are stored as a *point label image* ``IMAGE/labels/NAME``: each marker is one pixel
+holding its id (uint32, ids unique over the slide), 0 elsewhere; ``--csv`` also writes them
+as ``id,y,x`` rows. Commands that take ``--markers`` accept either such a label name or a
+CSV file (``y,x`` or ``id,y,x`` columns, with or without header; ids 1..n in row order when
+absent).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.blocks import Block, BlockGrid
+from engine.errors import InputError, OptionError
+from engine.io import omezarr
+from engine.segment.refs import Stored
+from engine.volume import select_channel
+
+
+@dataclass
+class SlideImage:
+    """A 2D OME-Zarr image opened for the cutter commands (level 0 only)."""
+
+    source: Path
+    attrs: dict[str, Any]
+    ngff: str
+    volume: Any
+    level0: str
+    axes: str
+    shape: tuple[int, int]
+    chunks: tuple[int, int]
+    dtype: np.dtype
+
+    def channel(self, channel: str | int | None) -> Stored:
+        """One channel (by index or name) as a reference of the spatial axes."""
+        _, _, prefix = select_channel(self.volume, channel)
+        return Stored(self.level0, self.shape, self.chunks, self.dtype, prefix)
+
+    @property
+    def voxel_size(self) -> tuple[float, ...]:
+        return tuple(self.volume.voxel_size)
+
+    @property
+    def unit(self) -> str:
+        return self.volume.unit
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.attrs["multiscales"][0]["datasets"])
+
+    def label(self, name: str, what: str) -> Stored:
+        """Level 0 of ``IMAGE/labels/NAME``; refused when absent or of another shape."""
+        import zarr
+
+        path = self.source / "labels" / name / "0"
+        if not path.exists():
+            have = ", ".join(omezarr.label_names(self.source)) or "none"
+            raise InputError(f"{what} {name!r}: no label image {self.source / 'labels' / name} "
+                             f"(labels: {have})")
+        arr = zarr.open_array(str(path), mode="r")
+        if tuple(arr.shape) != self.shape:
+            raise InputError(f"{what} {name!r}: shape {tuple(arr.shape)} differs from the "
+                             f"image's {self.shape}")
+        return Stored(str(path), self.shape, tuple(int(c) for c in arr.chunks),
+                      np.dtype(arr.dtype))
+
+
+def open_slide(src: str | Path) -> SlideImage:
+    """Open a 2D (optionally multichannel) OME-Zarr image; 3D is refused: cellcutter's
+    network and crops are 2D."""
+    import zarr
+
+    src = Path(src)
+    attrs, ngff = omezarr.read_image_attrs(src)
+    volume = omezarr.read(src)
+    if "t" in volume.axes and volume.data.shape[volume.axes.index("t")] != 1:
+        raise InputError(f"{src}: has several time points; the cutter needs one 2D image")
+    axes = volume.spatial_axes
+    if axes != "yx":
+        raise InputError(f"{src}: a {len(axes)}D image (axes {axes}); the cutter segments 2D "
+                         "slides (y, x) only")
+    level0 = str(src / attrs["multiscales"][0]["datasets"][0]["path"])
+    arr = zarr.open_array(level0, mode="r")
+    shape = tuple(int(volume.data.shape[volume.axes.index(a)]) for a in axes)
+    chunks = tuple(int(c) for a, c in zip(volume.axes, arr.chunks, strict=True) if a in "yx")
+    return SlideImage(src, attrs, ngff, volume, level0, axes, shape, chunks,  # type: ignore[arg-type]
+                      np.dtype(arr.dtype))
+
+
+# --------------------------------------------------------------------------- marker lists
+
+
+@dataclass(frozen=True)
+class PointsTask:
+    """Block task: the nonzero pixels of a block of a point label image, ``(ids, y, x)``."""
+
+    ref: Stored
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        data = self.ref.read_region(block.write)
+        ys, xs = np.nonzero(data)
+        return (data[ys, xs].astype(np.int64), ys + block.write[0].start,
+                xs + block.write[1].start)
+
+
+def read_point_labels(client: Any, ref: Stored, name: str) -> np.ndarray:
+    """Markers of a point label image, blockwise: ``(N, 3)`` int64 rows ``(id, y, x)`` sorted
+    by id. Every id must be a single pixel."""
+    from engine.runner import run_blocks
+
+    block = tuple(max(c, min(s, 2048 // c * c or c)) for c, s in zip(ref.chunks, ref.shape,
+                                                                      strict=True))
+    grid = BlockGrid(ref.shape, block, chunks=ref.chunks)
+    report = run_blocks(client, grid, PointsTask(ref), name="read-markers")
+    parts = [np.stack(r, axis=1) for r in report.results.values() if len(r[0])]
+    rows = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    ids, counts = np.unique(rows[:, 0], return_counts=True)
+    if len(ids) and counts.max() > 1:
+        bad = int(ids[counts.argmax()])
+        raise InputError(f"markers {name!r}: id {bad} covers {int(counts.max())} pixels; give "
+                         "a point image (one pixel per marker) from 'voxelmill cutter markers'")
+    return rows
+
+
+def read_csv_markers(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Markers from a CSV file: ``y,x`` or ``id,y,x`` per row (a header row is skipped);
+    ``(N, 3)`` int64 rows ``(id, y, x)`` sorted by id."""
+    rows: list[list[float]] = []
+    try:
+        with open(path, newline="") as fh:
+            for i, row in enumerate(csv.reader(fh)):
+                row = [c.strip() for c in row if c.strip()]
+                if not row:
+                    continue
+                try:
+                    rows.append([float(c) for c in row])
+                except ValueError:
+                    if i == 0:
+                        continue  # header
+                    raise InputError(f"{path}: line {i + 1}: expected numbers, got {row}"
+                                     ) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if not rows:
+        return np.zeros((0, 3), np.int64)
+    widths = {len(r) for r in rows}
+    if widths not in ({2}, {3}):
+        raise InputError(f"{path}: expected 2 (y,x) or 3 (id,y,x) columns on every row")
+    arr = np.asarray(rows)
+    if arr.shape[1] == 2:
+        arr = np.column_stack([np.arange(1, len(arr) + 1), arr])
+    out = np.floor(arr + 0.5).astype(np.int64)
+    if (out[:, 0] < 1).any() or len(np.unique(out[:, 0])) != len(out):
+        raise InputError(f"{path}: marker ids must be unique and ≥ 1")
+    inside = ((out[:, 1] >= 0) & (out[:, 1] < shape[0]) & (out[:, 2] >= 0)
+              & (out[:, 2] < shape[1]))
+    if not inside.all():
+        k = int(np.argmin(inside))
+        raise InputError(f"{path}: marker {out[k, 0]} at ({out[k, 1]}, {out[k, 2]}) lies "
+                         f"outside the image {shape}")
+    return out[np.argsort(out[:, 0], kind="stable")]
+
+
+def check_markers_source(image: SlideImage, spec: str) -> Stored | Path:
+    """What ``--markers`` names: a CSV file, else a label image of ``image``."""
+    if spec.lower().endswith(".csv"):
+        path = Path(spec)
+        if not path.is_file():
+            raise InputError(f"--markers {spec}: no such file")
+        return path
+    if not spec:
+        raise OptionError("--markers: give a label name or a CSV file")
+    return image.label(spec, "--markers")
+
+
+def load_markers(client: Any, image: SlideImage, source: Stored | Path, spec: str
+                 ) -> np.ndarray:
+    """``(N, 3)`` rows ``(id, y, x)``; refuses an empty list."""
+    rows = (read_csv_markers(source, image.shape) if isinstance(source, Path)
+            else read_point_labels(client, source, spec))
+    if not len(rows):
+        raise InputError(f"--markers {spec}: no markers")
+    return rows
+
+
+def in_mask(mask: Stored, rows: np.ndarray) -> np.ndarray:
+    """Whether each marker (rows ``(id, y, x)``) lies in the foreground (label > 0); each
+    storage chunk holding markers is read once."""
+    keep = np.zeros(len(rows), bool)
+    if not len(rows):
+        return keep
+    cy, cx = rows[:, 1] // mask.chunks[0], rows[:, 2] // mask.chunks[1]
+    for key in np.unique(np.column_stack([cy, cx]), axis=0):
+        sel = (cy == key[0]) & (cx == key[1])
+        y0, x0 = int(key[0]) * mask.chunks[0], int(key[1]) * mask.chunks[1]
+        region = (slice(y0, min(y0 + mask.chunks[0], mask.shape[0])),
+                  slice(x0, min(x0 + mask.chunks[1], mask.shape[1])))
+        data = np.asarray(mask.read_region(region))
+        keep[sel] = data[rows[sel, 1] - y0, rows[sel, 2] - x0] > 0
+    return keep

@@ -1,0 +1,434 @@
+"""``voxelmill instances``: class-probability maps to labelled instances with a class each.
+
+A class model's prediction (``SRC/predictions/NAME``: one channel per class, uint8 0–255 or
+float16, as ``voxelmill predict`` writes it) becomes objects, blockwise over the cluster:
+
+1. **classify** — each block takes the winning class of every voxel (``numpy.argmax`` over
+   the channels: ties go to the lower class index) and its probability (uint8 values / 255);
+   a voxel is foreground when its class is not the background class, is one of the chosen
+   classes (all others by default) and its winning probability is ``>= confidence``;
+2. **label** — connected components of the foreground across blocks with
+   :func:`engine.labels.label` (the union-find labelling ``segment`` and ``predict
+   --instances`` use: ids equal ``scipy.ndimage.label`` on the whole array), objects
+   smaller than ``min_size`` voxels (their *global* size) removed and the rest numbered
+   1..n in raster order of their first voxel;
+3. **histograms** — a reduction pass counts, per instance, its voxels of each class; the
+   client sums the sparse per-block counts and gives every instance its majority class
+   (ties: the lower class index);
+4. **class map** — each block maps its instance ids through that table.
+
+Outputs (built in hidden ``.partial`` groups, renamed into place when complete)::
+
+    SRC/labels/OUT            instance ids (uint32), NGFF labels with a pyramid (mode)
+    SRC/labels/OUT_classes    every voxel of an instance = its majority class index, every
+                              other voxel = the background class (uint8)
+    SRC/labels/OUT/OUT.csv    instance, class, class_name, voxels (one row per instance;
+                              or the file given as ``table``)
+
+The result does not depend on the block layout: every step is per voxel, or the global
+labelling, or an exact sum of integer counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import provenance
+from engine.blocks import Block, BlockGrid
+from engine.errors import InputError, OptionError
+from engine.io import omezarr
+from engine.io.sources import read_region
+from engine.labels import ApplyLut
+from engine.labels import label as label_components
+from engine.pipelines.output import (
+    check_destination,
+    check_output_name,
+    commit,
+    partial_path,
+    write_multiscale,
+)
+from engine.pyramid import Level, plan_levels
+from engine.runlock import output_lock
+from engine.runner import run_blocks
+
+#: suffix of the class-map label image written beside the instances
+CLASSES_SUFFIX = "_classes"
+TABLE_COLUMNS = ("instance", "class", "class_name", "voxels")
+
+
+@dataclass(frozen=True)
+class InstanceOptions:
+    """Options of ``voxelmill instances`` (see its ``--help``).
+
+    Parameters
+    ----------
+    predictions : str
+        Name of the prediction under ``SRC/predictions/``.
+    name : str
+        Output name: ``SRC/labels/NAME`` and ``SRC/labels/NAME_classes``.
+    confidence : float
+        Voxels whose winning class probability is below this, in [0, 1], are background.
+    min_size : int
+        Instances smaller than this many voxels (whole-volume size) are removed.
+    connectivity : int
+        1 = face neighbours … ndim = faces, edges and corners.
+    background_class : int
+        Channel index of the background class.
+    classes : tuple of int, optional
+        Classes that form instances (default: every class but the background).
+    block : tuple of int, optional
+        Block shape, multiples of the prediction's chunks.
+    table : Path, optional
+        Where to write the CSV table (default ``SRC/labels/NAME/NAME.csv``).
+    overwrite : bool
+        Replace existing outputs.
+    """
+
+    predictions: str
+    name: str
+    confidence: float = 0.5
+    min_size: int = 0
+    connectivity: int = 1
+    background_class: int = 0
+    classes: tuple[int, ...] | None = None
+    block: tuple[int, ...] | None = None
+    table: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class InstancePlan:
+    """Everything decided before compute."""
+
+    source: Path
+    options: InstanceOptions
+    level0: str
+    axes: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    block: tuple[int, ...]
+    n_classes: int
+    class_names: tuple[str, ...]
+    scale: float  # stored value of probability 1 (255 for uint8)
+    foreground: tuple[int, ...]
+    voxel_size: tuple[float, ...]
+    unit: str
+    ngff: str
+    levels: list[Level]
+
+    @property
+    def destination(self) -> Path:
+        return self.source / "labels" / self.options.name
+
+    @property
+    def classes_destination(self) -> Path:
+        return self.source / "labels" / f"{self.options.name}{CLASSES_SUFFIX}"
+
+    @property
+    def table_destination(self) -> Path:
+        return self.options.table or self.destination / f"{self.options.name}.csv"
+
+
+@dataclass
+class InstanceResult:
+    """What :func:`run_instances` wrote: paths, the instance table and timings."""
+
+    labels: Path
+    classes: Path
+    table: Path
+    n_instances: int
+    per_class: dict[str, int]
+    seconds: float
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def foreground_classes(probs: np.ndarray, scale: float, confidence: float, background: int,
+                       foreground: Sequence[int]) -> np.ndarray:
+    """Winning class + 1 of the foreground voxels, 0 elsewhere.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (K, *S)
+        Stored class probabilities (uint8 0–255 or float).
+    scale : float
+        Stored value of probability 1 (255 for uint8, 1 for floats).
+    confidence : float
+        Minimum winning probability, in [0, 1].
+    background : int
+        Background class index.
+    foreground : sequence of int
+        Classes that form instances.
+
+    Returns
+    -------
+    ndarray of uint8 (uint16 past 254 classes), shape S
+    """
+    cls = np.argmax(probs, axis=0)  # ties: the lower class index
+    top = np.take_along_axis(probs, cls[None], axis=0)[0].astype(np.float64) / scale
+    fg = (top >= confidence) & (cls != background)
+    if len(foreground) < probs.shape[0] - 1:
+        fg &= np.isin(cls, foreground)
+    dtype = np.uint8 if probs.shape[0] < 255 else np.uint16
+    return np.where(fg, cls + 1, 0).astype(dtype)
+
+
+@dataclass(frozen=True)
+class Classify:
+    """Block task: the foreground class map (:func:`foreground_classes`) of a block."""
+
+    level0: str
+    n_classes: int
+    scale: float
+    confidence: float
+    background: int
+    foreground: tuple[int, ...]
+    out: str
+
+    def __call__(self, block: Block) -> None:
+        import zarr
+
+        probs = read_region(self.level0, (slice(0, self.n_classes), *block.write))
+        zarr.open_array(self.out, mode="r+")[block.write] = foreground_classes(
+            probs, self.scale, self.confidence, self.background, self.foreground)
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """Block task: voxels of each class per instance, sparse (``id * K + class``, count)."""
+
+    instances: str
+    classes: str
+    n_classes: int
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        ids = read_region(self.instances, block.write)
+        fg = ids > 0
+        cls = read_region(self.classes, block.write)[fg].astype(np.uint64) - np.uint64(1)
+        keys = ids[fg].astype(np.uint64) * np.uint64(self.n_classes) + cls
+        uniq, counts = np.unique(keys, return_counts=True)
+        return uniq, counts.astype(np.int64)
+
+
+def majority_classes(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_instances: int,
+                     n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum per-block sparse counts; majority class (ties: lower index) and size per id.
+
+    Returns
+    -------
+    majority : ndarray of int64, shape (n_instances + 1,)
+        Index 0 unused (-1).
+    sizes : ndarray of int64, shape (n_instances + 1,)
+    """
+    table = np.zeros((n_instances + 1) * n_classes, np.int64)
+    for keys, counts in parts:
+        np.add.at(table, keys.astype(np.int64), counts)
+    table = table.reshape(n_instances + 1, n_classes)
+    majority = np.argmax(table, axis=1).astype(np.int64)
+    majority[0] = -1
+    return majority, table.sum(axis=1)
+
+
+def _class_names(attrs: dict[str, Any], k: int) -> tuple[str, ...]:
+    names = [c.get("label", "") for c in attrs.get("omero", {}).get("channels", [])]
+    return tuple(names) if len(names) == k and all(names) else tuple(f"class{i}"
+                                                                     for i in range(k))
+
+
+def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
+    """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
+    import zarr
+
+    from engine.pipelines.segment import check_block, default_block
+
+    src = Path(src)
+    img_attrs, ngff = omezarr.read_image_attrs(src)
+    check_output_name(options.name, "nuclei")
+    check_output_name(options.predictions, "classes_unet")
+    if not 0 <= options.confidence <= 1:
+        raise OptionError(f"--confidence {options.confidence}: must be between 0 and 1")
+    if options.min_size < 0:
+        raise OptionError(f"--min-size {options.min_size}: must be ≥ 0")
+    group = src / "predictions" / options.predictions
+    if not group.exists():
+        found = sorted(p.name for p in (src / "predictions").iterdir()
+                       if not p.name.startswith(".")) if (src / "predictions").is_dir() else []
+        raise InputError(f"{group}: no such prediction; {src} has "
+                         f"{', '.join(found) or 'none'} (make one with voxelmill predict)")
+    attrs, _ = omezarr.read_attrs(group)
+    if "multiscales" not in attrs:
+        raise InputError(f"{group}: no 'multiscales' metadata; not a voxelmill prediction")
+    ms = attrs["multiscales"][0]
+    axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms["axes"])
+    if not axes.startswith("c") or not 2 <= len(axes) - 1 <= 3 or set(axes[1:]) - set("zyx"):
+        raise InputError(f"{group}: axes {axes!r}; expected a channel per class then the "
+                         "spatial axes (cyx or czyx)")
+    level0 = str(group / ms["datasets"][0]["path"])
+    arr = zarr.open_array(level0, mode="r")
+    k = int(arr.shape[0])
+    if k < 2:
+        raise InputError(f"{group}: has {k} channel; instances needs a class model's "
+                         "prediction (one channel per class); for a binary model use "
+                         "voxelmill predict --instances")
+    if arr.dtype == np.uint8:
+        scale = 255.0
+    elif arr.dtype.kind == "f":
+        scale = 1.0
+    else:
+        raise InputError(f"{group}: probabilities stored as {arr.dtype}; expected uint8 "
+                         "(0–255) or float16")
+    if not 0 <= options.background_class < k:
+        raise OptionError(f"--background-class {options.background_class}: the prediction "
+                          f"has classes 0..{k - 1}")
+    if options.classes is None:
+        foreground = tuple(c for c in range(k) if c != options.background_class)
+    else:
+        foreground = tuple(sorted(set(options.classes)))
+        bad = [c for c in foreground if not 0 <= c < k or c == options.background_class]
+        if bad or not foreground:
+            raise OptionError(f"--classes {','.join(map(str, options.classes))}: give class "
+                              f"indices in 0..{k - 1} other than the background class "
+                              f"{options.background_class}")
+    spatial = axes[1:]
+    shape = tuple(int(n) for n in arr.shape[1:])
+    chunks = tuple(int(c) for c in arr.chunks[1:])
+    if options.block:
+        block = tuple(options.block) if len(options.block) > 1 else options.block * len(shape)
+        check_block(block, chunks, shape)
+    else:
+        block = default_block(chunks, shape)
+    block = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
+    scale0 = [float(s) for t in ms["datasets"][0].get("coordinateTransformations", [])
+              if t.get("type") == "scale" for s in t["scale"]][1:] or [1.0] * len(shape)
+    units = [a.get("unit") for a in ms["axes"] if isinstance(a, dict) and a.get("unit")]
+    unit = units[0] if units else "micrometer"
+    dst = src / "labels" / options.name
+    dst_classes = src / "labels" / f"{options.name}{CLASSES_SUFFIX}"
+    check_destination(dst, options.overwrite)
+    check_destination(dst_classes, options.overwrite)
+    if options.table is not None:
+        check_destination(Path(options.table), options.overwrite)
+    n_levels = len(img_attrs["multiscales"][0]["datasets"])
+    levels = plan_levels(shape, spatial, tuple(scale0), chunks, max_levels=n_levels)
+    return InstancePlan(src, options, level0, spatial, shape, chunks, block, k,
+                        _class_names(attrs, k), scale, foreground, tuple(scale0), unit, ngff,
+                        levels)
+
+
+def _write_table(path: Path, majority: np.ndarray, sizes: np.ndarray,
+                 names: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(TABLE_COLUMNS)
+        for i in range(1, len(majority)):
+            if sizes[i]:
+                w.writerow([i, int(majority[i]), names[int(majority[i])], int(sizes[i])])
+
+
+def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] | None = None,
+                  report: Callable[[str], None] = print) -> InstanceResult:
+    """Classify, label, count and write the planned instances (see the module docstring)."""
+    import dask.array as da
+    import zarr
+
+    opts = plan.options
+    with output_lock(plan.destination, report=report), \
+            output_lock(plan.classes_destination, report=report), \
+            provenance.RunRecord("instances", {
+                "predictions": opts.predictions, "confidence": opts.confidence,
+                "min_size": opts.min_size, "connectivity": opts.connectivity,
+                "background_class": opts.background_class, "classes": plan.foreground,
+                "block": plan.block}) as record:
+        inst_partial = partial_path(plan.destination)
+        cls_partial = partial_path(plan.classes_destination)
+        work = plan.source / "labels" / f".{opts.name}.instances-work"
+        table_partial = None
+        for p in (inst_partial, cls_partial, work):
+            shutil.rmtree(p, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            prog = (lambda: progress()) if progress else (lambda: None)
+            grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
+            vclass = str(work / "vclass")
+            dtype = np.uint8 if plan.n_classes < 255 else np.uint16
+            zarr.create_array(store=vclass, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
+                              fill_value=0, zarr_format=3)
+            run_blocks(client, grid, Classify(plan.level0, plan.n_classes, plan.scale,
+                                              opts.confidence, opts.background_class,
+                                              plan.foreground, vclass),
+                       name="instances-classify", progress=prog())
+            result = label_components(client, vclass, work / "instances",
+                                      connectivity=opts.connectivity, min_size=opts.min_size,
+                                      sequential=True, block_shape=plan.block,
+                                      chunks=plan.chunks, progress=prog())
+            instances = str(result.path)
+            parts = run_blocks(client, grid, ClassCounts(instances, vclass, plan.n_classes),
+                               name="instances-classes", progress=prog()).results.values()
+            majority, sizes = majority_classes(list(parts), result.n_labels, plan.n_classes)
+            lut = np.where(majority >= 0, majority, opts.background_class).astype(dtype)
+            np.save(work / "lut.npy", lut)
+            classes = str(work / "classes")
+            zarr.create_array(store=classes, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
+                              fill_value=opts.background_class, zarr_format=3)
+            run_blocks(client, grid, ApplyLut(instances, classes, str(work / "lut.npy")),
+                       name="instances-classmap", progress=prog())
+
+            write_multiscale(client, da.from_zarr(instances), inst_partial, opts.name,
+                             plan.axes, plan.unit, plan.chunks, plan.levels, plan.ngff, "mode",
+                             progress)
+            omezarr.write_group_attrs(inst_partial, {"image-label": omezarr.image_label(
+                result.values, plan.ngff)}, plan.ngff)
+            write_multiscale(client, da.from_zarr(classes), cls_partial,
+                             f"{opts.name}{CLASSES_SUFFIX}", plan.axes, plan.unit, plan.chunks,
+                             plan.levels, plan.ngff, "mode", progress)
+            omezarr.write_group_attrs(cls_partial, {"image-label": omezarr.image_label(
+                list(range(plan.n_classes)), plan.ngff)}, plan.ngff)
+            if opts.table is None:
+                _write_table(inst_partial / f"{opts.name}.csv", majority, sizes,
+                             plan.class_names)
+            else:
+                table_partial = partial_path(Path(opts.table))
+                _write_table(table_partial, majority, sizes, plan.class_names)
+        except BaseException:
+            for p in (inst_partial, cls_partial):
+                shutil.rmtree(p, ignore_errors=True)
+            if table_partial is not None:
+                table_partial.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        shutil.rmtree(work)
+        entry = record.entry()
+        provenance.append(inst_partial, [entry])
+        provenance.append(cls_partial, [entry])
+        commit(inst_partial, plan.destination)
+        commit(cls_partial, plan.classes_destination)
+        if table_partial is not None:
+            commit(table_partial, Path(opts.table))
+        names = omezarr.label_names(plan.source)
+        for n in (opts.name, f"{opts.name}{CLASSES_SUFFIX}"):
+            if n not in names:
+                names.append(n)
+        omezarr.write_group_attrs(plan.source / "labels", {"labels": names}, plan.ngff)
+        kept = majority[1:][sizes[1:] > 0]
+        per_class = {plan.class_names[c]: int((kept == c).sum()) for c in plan.foreground}
+        return InstanceResult(plan.destination, plan.classes_destination,
+                              plan.table_destination, int((sizes[1:] > 0).sum()), per_class,
+                              record.seconds, record.collector.stages)
+
+
+def instances(src: str | Path, options: InstanceOptions, client: Any,
+              progress: Callable[[], Any] | None = None,
+              report: Callable[[str], None] = print) -> InstanceResult:
+    """Plan and run :func:`run_instances`."""
+    return run_instances(plan_instances(src, options), client, progress, report)
+
+
+__all__ = ["InstanceOptions", "InstancePlan", "InstanceResult", "foreground_classes",
+           "instances", "majority_classes", "plan_instances", "run_instances"]
