@@ -16,6 +16,10 @@ import mrcfile
 import numpy as np
 import pytest
 
+# Two test processes share two cores (pytest -n 2): one intra-op thread each for torch and
+# BLAS, set before anything imports them, and inherited by the CLI subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL = SHARED / "data" / "real"
@@ -120,3 +124,9 @@ def dask_processes(logs: Path, workers: Sequence[Sequence[str]],
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the end-to-end recipe tests (minutes each) first, so that the two test
+    processes finish together instead of one running them alone at the end."""
+    items.sort(key=lambda item: not Path(str(item.fspath)).name.startswith("test_recipe_"))

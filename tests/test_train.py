@@ -135,7 +135,9 @@ def test_model_on_lowlight_channel_beats_classic_workflow(slide, client, tmp_pat
     tiled = zarr.open_array(str(pred.labels / "0"), mode="r")[...] > 0
     auto = slide["auto"] > 0  # the validation target
     assert abs(_dice(tiled[HOLDOUT:], auto[HOLDOUT:]) - result.best["val_dice"]) < 0.03
-    assert _dice(tiled[HOLDOUT:], truth[HOLDOUT:]) == pytest.approx(model_dice, abs=0.02)
+    # tiles blended with Gaussian weights are no worse than one whole-image forward pass
+    # (they can be better: 0.92 vs 0.90 with one torch thread)
+    assert _dice(tiled[HOLDOUT:], truth[HOLDOUT:]) > model_dice - 0.02
     meta = load_checkpoint(tmp_path / "run" / "best.pt").metadata
     assert meta["input"]["channels"] == ["DAPI_lowlight"]
     assert meta["input"]["normalization"]["mode"] == "percentile"
