@@ -51,6 +51,7 @@ from engine.pipelines.output import (
     check_destination,
     check_output_name,
     commit,
+    commit_recorded,
     partial_path,
     write_multiscale,
 )
@@ -404,18 +405,12 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
             shutil.rmtree(work, ignore_errors=True)
             raise
         shutil.rmtree(work)
-        entry = record.entry()
-        provenance.append(inst_partial, [entry])
-        provenance.append(cls_partial, [entry])
-        commit(inst_partial, plan.destination)
-        commit(cls_partial, plan.classes_destination)
+        commit_recorded([(inst_partial, plan.destination),
+                         (cls_partial, plan.classes_destination)], record.entry())
         if table_partial is not None:
             commit(table_partial, Path(opts.table))
-        names = omezarr.label_names(plan.source)
-        for n in (opts.name, f"{opts.name}{CLASSES_SUFFIX}"):
-            if n not in names:
-                names.append(n)
-        omezarr.write_group_attrs(plan.source / "labels", {"labels": names}, plan.ngff)
+        omezarr.add_label_names(plan.source, [opts.name, f"{opts.name}{CLASSES_SUFFIX}"],
+                                plan.ngff)
         kept = majority[1:][sizes[1:] > 0]
         per_class = {plan.class_names[c]: int((kept == c).sum()) for c in plan.foreground}
         return InstanceResult(plan.destination, plan.classes_destination,

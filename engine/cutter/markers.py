@@ -46,7 +46,7 @@ from engine.learn.normalize import ChannelStats
 from engine.pipelines.output import (
     check_destination,
     check_output_name,
-    commit,
+    commit_recorded,
     partial_path,
     write_multiscale,
 )
@@ -317,13 +317,6 @@ def write_point_labels(image: SlideImage, rows: np.ndarray, group: Path, name: s
     shutil.rmtree(work)
 
 
-def add_label_name(image: SlideImage, name: str) -> None:
-    names = omezarr.label_names(image.source)
-    if name not in names:
-        names.append(name)
-    omezarr.write_group_attrs(image.source / "labels", {"labels": names}, image.ngff)
-
-
 def write_csv(rows: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
@@ -351,9 +344,8 @@ def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | Non
         except VoxelmillError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        provenance.append(partial, [record.entry()])
-        commit(partial, dst)
-        add_label_name(plan.image, plan.options.name)
+        commit_recorded([(partial, dst)], record.entry())
+        omezarr.add_label_names(plan.image.source, [plan.options.name], plan.image.ngff)
         if plan.options.csv is not None:
             write_csv(rows, Path(plan.options.csv))
         return MarkerResult(dst, rows, plan.options.csv, record.seconds,

@@ -47,7 +47,6 @@ from engine.cutter.common import (
     open_slide,
 )
 from engine.cutter.crops import crop_box, network_inputs, read_channels, read_mask
-from engine.cutter.markers import add_label_name
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
@@ -55,7 +54,7 @@ from engine.learn.normalize import ChannelStats
 from engine.pipelines.output import (
     check_destination,
     check_output_name,
-    commit,
+    commit_recorded,
     partial_path,
     write_multiscale,
 )
@@ -409,14 +408,11 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
             shutil.rmtree(borders_partial, ignore_errors=True)
             raise
         shutil.rmtree(work)
-        entry = record.entry()
-        provenance.append(partial, [entry])
-        provenance.append(borders_partial, [entry])
         plan.state.clear()
-        commit(partial, plan.destination)
-        commit(borders_partial, plan.borders_destination)
-        add_label_name(image, opts.name)
-        add_label_name(image, f"{opts.name}_borders")
+        commit_recorded([(partial, plan.destination),
+                         (borders_partial, plan.borders_destination)], record.entry())
+        omezarr.add_label_names(image.source, [opts.name, f"{opts.name}_borders"],
+                                image.ngff)
         return CutterPredictResult(plan.destination, plan.borders_destination, len(rows),
                                    len([v for v in values if v]), record.seconds,
                                    record.collector.stages)
@@ -488,7 +484,6 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
             shutil.rmtree(partial, ignore_errors=True)
             raise
         shutil.rmtree(work)
-        provenance.append(partial, [record.entry()])
-        commit(partial, dst)
-        add_label_name(image, options.name)
+        commit_recorded([(partial, dst)], record.entry())
+        omezarr.add_label_names(image.source, [options.name], image.ngff)
         return dst, len([v for v in values if v]), time.monotonic() - t0

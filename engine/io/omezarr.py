@@ -200,6 +200,14 @@ def label_names(path: Path) -> list[str]:
     return [str(n) for n in attrs.get("labels", [])]
 
 
+def add_label_names(path: Path, names: Sequence[str], ngff: str) -> None:
+    """List label images ``names`` in ``path/labels``' ``labels`` attribute (once each,
+    after those already there), so that viewers find them."""
+    listed = label_names(path)
+    listed += [n for n in names if n not in listed]
+    write_group_attrs(path / "labels", {"labels": listed}, ngff)
+
+
 def read(path: Path, level: int = 0, **_: object) -> Volume:
     """Open one level of an OME-Zarr image lazily, with its label images."""
     attrs, _version = read_attrs(path)

@@ -167,18 +167,9 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
     tmp = partial_path(dst)
     tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
     progress = progress or SilentProgress()
-    if plan.partseg:
-        progress.start(f"export {dst.name}", 1)
-        try:
-            _run_partseg(plan, tmp, client)
-            progress.advance()
-            commit(tmp, dst)
-        finally:
-            progress.finish()
-            if tmp.exists():
-                tmp.unlink()
-        return plan.volume
-    progress.start(f"export {dst.name}", len(slab_bounds(plan.volume.data)) - 1)
+    # a PartSeg project is written in one piece; other formats stream slab by slab
+    steps = 1 if plan.partseg else len(slab_bounds(plan.volume.data)) - 1
+    progress.start(f"export {dst.name}", steps)
 
     def slabs() -> Iterator[np.ndarray]:
         for slab in iter_slabs(plan.volume.data, client):
@@ -186,7 +177,11 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
             progress.advance()
 
     try:
-        plan.writer.write(plan.volume, tmp, slabs())
+        if plan.partseg:
+            _run_partseg(plan, tmp, client)
+            progress.advance()
+        else:
+            plan.writer.write(plan.volume, tmp, slabs())
         commit(tmp, dst)
     finally:
         progress.finish()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine import provenance
 from engine.errors import DestinationError
 
 
@@ -49,6 +50,15 @@ def commit(partial: Path, dst: Path) -> None:
     partial.rename(dst)
     if trash is not None:
         shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def commit_recorded(outputs: Sequence[tuple[Path, Path]], entry: dict[str, Any]) -> None:
+    """Store the run's provenance ``entry`` in every finished ``(partial, dst)`` group, then
+    move them all into place (provenance first, so no output is ever seen without it)."""
+    for partial, _ in outputs:
+        provenance.append(partial, [entry])
+    for partial, dst in outputs:
+        commit(partial, dst)
 
 
 def write_multiscale(client: Any, data: Any, group: Path, name: str, axes: str, unit: str,

@@ -42,7 +42,7 @@ from engine.learn.normalize import ChannelStats, Normalization, apply_stats, com
 from engine.pipelines.output import (
     check_destination,
     check_output_name,
-    commit,
+    commit_recorded,
     partial_path,
     write_multiscale,
 )
@@ -449,16 +449,10 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
             shutil.rmtree(probs_partial, ignore_errors=True)
             raise
         shutil.rmtree(work)
-        entry = record.entry()
-        provenance.append(probs_partial, [entry])
-        provenance.append(labels_partial, [entry])
         plan.state.clear()
-        commit(probs_partial, plan.probabilities_destination)
-        commit(labels_partial, plan.labels_destination)
-        names = omezarr.label_names(plan.source)
-        if opts.name not in names:
-            names.append(opts.name)
-        omezarr.write_group_attrs(plan.source / "labels", {"labels": names}, plan.ngff)
+        commit_recorded([(probs_partial, plan.probabilities_destination),
+                         (labels_partial, plan.labels_destination)], record.entry())
+        omezarr.add_label_names(plan.source, [opts.name], plan.ngff)
         return PredictResult(plan.labels_destination, plan.probabilities_destination, n_objects,
                              record.seconds, stats_report, record.collector.stages)
 

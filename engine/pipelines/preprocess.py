@@ -36,6 +36,7 @@ from engine.pipelines.output import (
     check_destination,
     check_output_name,
     commit,
+    commit_recorded,
     partial_path,
     write_multiscale,
 )
@@ -553,11 +554,7 @@ def run_back(plan: BackPlan, client: Any, progress: Callable[[], Any] | None = N
         except VoxelmillError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        provenance.append(partial, [record.entry()])
-        commit(partial, dst)
-        names = omezarr.label_names(plan.original)
-        if plan.new_name not in names:
-            names.append(plan.new_name)
-        omezarr.write_group_attrs(plan.original / "labels", {"labels": names}, plan.ngff)
+        commit_recorded([(partial, dst)], record.entry())
+        omezarr.add_label_names(plan.original, [plan.new_name], plan.ngff)
         n = None if values is None else len([v for v in values if v])
         return BackResult(dst, plan.shape, n, record.seconds)

@@ -26,6 +26,7 @@ from engine.pipelines.output import (
     check_destination,
     check_output_name,
     commit,
+    commit_recorded,
     partial_path,
     write_multiscale,
 )
@@ -182,14 +183,6 @@ def _write_multiscale(plan: SegmentPlan, client: Any, data: Any, group: Path, na
                      levels or plan.levels, plan.ngff, method, progress)
 
 
-def _add_label_name(plan: SegmentPlan) -> None:
-    labels_group = plan.source / "labels"
-    names = omezarr.label_names(plan.source)
-    if plan.options.name not in names:
-        names.append(plan.options.name)
-    omezarr.write_group_attrs(labels_group, {"labels": names}, plan.ngff)
-
-
 def run_segmentation(plan: SegmentPlan, client: Any,
                      progress: Callable[[], Any] | None = None,
                      report: Callable[[str], None] = print) -> SegmentResult:
@@ -246,10 +239,9 @@ def run_segmentation(plan: SegmentPlan, client: Any,
         # anything else (an interruption, a lost cluster) keeps the hidden partial output: the
         # same command resumes from the finished blocks
         shutil.rmtree(work)
-        provenance.append(partial, [record.entry()])
         plan.state.clear()
-        commit(partial, dst)
-        _add_label_name(plan)
+        commit_recorded([(partial, dst)], record.entry())
+        omezarr.add_label_names(plan.source, [plan.options.name], plan.ngff)
         if kept:
             commit(keep_partial, plan.keep_destination)
         return SegmentResult(dst, n_objects, max_id, str(data.dtype),
