@@ -16,8 +16,8 @@ import mrcfile
 import numpy as np
 import pytest
 
-# Two test processes share two cores (pytest -n 2): one intra-op thread each for torch and
-# BLAS, set before anything imports them, and inherited by the CLI subprocesses.
+# Two test processes share two cores (pytest -n 2): one intra-op thread each for torch, set
+# before any test imports it, and for the CLI subprocesses, which inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]

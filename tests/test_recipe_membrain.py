@@ -18,7 +18,8 @@ def test_membrain_correction_loop(tmp_path):
     # fine-tuning on the corrected patches improves the model everywhere it predicts
     assert row["model"]["dice"] > row["model_round1"]["dice"] + 0.01
     assert row["model"]["dice"] > row["classic"]["dice"]
-    rows = list(csv.DictReader(open(tmp_path / "patches" / "patches.csv", newline="")))
+    with open(tmp_path / "patches" / "patches.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == N_PATCHES
     assert all(int(r["z1"]) - int(r["z0"]) == PATCH for r in rows)
     with mrcfile.open(tmp_path / "membranes.mrc", permissive=True) as mrc:

@@ -36,7 +36,9 @@ def simulate_corrections(patches: Path, truth_patches: Path, out: Path) -> int:
     not truth, inside the border shell (MemBrain-seg's correction folders)."""
     out.mkdir()
     n = 0
-    for row in csv.DictReader(open(patches / "patches.csv", newline="")):
+    with open(patches / "patches.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
         name = row["name"]
         lab_file = next((patches / "labelsCorr").glob(f"{name}.*"))
         truth_file = next((truth_patches / "labelsCorr").glob(f"{name}.*"))
