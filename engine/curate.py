@@ -53,8 +53,8 @@ import numpy as np
 
 from engine.errors import DestinationError, InputError, OptionError, VoxelmillError
 from engine.io import omezarr, open_volume, writer_for
+from engine.output import check_destination, commit, partial_path
 from engine.pipelines.convert import display_windows, spatial_chunks
-from engine.pipelines.output import check_destination, commit, partial_path
 from engine.volume import Volume, select_channel
 
 MODES: tuple[str, ...] = ("sort", "merge", "take-all")

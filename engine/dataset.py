@@ -71,9 +71,9 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.names import safe_name
+from engine.output import check_destination, commit, partial_path
 from engine.patches.extract import IMAGES_DIR, LABELS_DIR, MANIFEST
 from engine.patches.files import patch_format, patch_stem
-from engine.pipelines.output import check_destination, commit, partial_path
 
 #: split names, in the order ties are broken, and their (images, labels) folders.
 SPLITS: tuple[str, ...] = ("train", "val", "verify")

@@ -47,7 +47,7 @@ from engine.io import omezarr
 from engine.io.sources import read_region
 from engine.labels import ApplyLut
 from engine.labels import label as label_components
-from engine.pipelines.output import (
+from engine.output import (
     check_destination,
     check_output_name,
     commit,

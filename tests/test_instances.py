@@ -17,8 +17,8 @@ from skimage.segmentation import relabel_sequential
 from engine.errors import InputError, OptionError
 from engine.instances import CLASSES_SUFFIX, InstanceOptions, instances, plan_instances
 from engine.io import omezarr
+from engine.output import write_multiscale
 from engine.pipelines.convert import ConvertOptions, convert
-from engine.pipelines.output import write_multiscale
 from engine.pyramid import plan_levels
 from tests.conftest import run_cli
 

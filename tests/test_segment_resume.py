@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
+from engine.output import partial_path
 from engine.pipelines.convert import ConvertOptions, convert
-from engine.pipelines.output import partial_path
 from engine.pipelines.segment import SegmentOptions, segment
 from engine.segment import execute
 from tests.segment_helpers import spots

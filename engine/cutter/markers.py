@@ -43,7 +43,7 @@ from engine.cutter.common import SlideImage, open_slide
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.learn.normalize import ChannelStats
-from engine.pipelines.output import (
+from engine.output import (
     check_destination,
     check_output_name,
     commit_recorded,

@@ -51,7 +51,7 @@ from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.learn.normalize import ChannelStats
-from engine.pipelines.output import (
+from engine.output import (
     check_destination,
     check_output_name,
     commit_recorded,

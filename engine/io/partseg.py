@@ -342,7 +342,7 @@ def write_project(path: str | Path, image: np.ndarray, axes: str,
     ----------
     path : str or Path
         ``.tgz``/``.tar.gz`` (gzip) or ``.tbz2``/``.tar.bz2`` (bzip2). Written whole; the
-        caller makes it atomic (``engine.pipelines.output``).
+        caller makes it atomic (``engine.output``).
     image : ndarray
         The image with NGFF ``axes`` (``yx``, ``cyx``, ``zyx``, ``czyx``, with ``t`` first
         optionally), any dtype PartSeg reads (uint8/16, float32 …).

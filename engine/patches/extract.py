@@ -50,8 +50,8 @@ from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import READ_SUFFIXES, detect_format, open_volume
 from engine.io.sources import read_region
 from engine.names import safe_name
+from engine.output import check_destination, commit, partial_path
 from engine.patches.coords import ORDERS, read_coords_table
-from engine.pipelines.output import check_destination, commit, partial_path
 from engine.progress import Progress, SilentProgress
 from engine.volume import convert_length
 

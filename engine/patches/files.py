@@ -38,7 +38,7 @@ import tifffile
 
 from engine.errors import DestinationError, InputError, OptionError, VoxelmillError
 from engine.io import omezarr, open_volume, writer_for
-from engine.pipelines.output import commit
+from engine.output import commit
 from engine.volume import Volume, check_voxel_size, convert_length, normalize_unit
 
 PATCH_FORMATS: tuple[str, ...] = ("nii.gz", "nrrd", "mrc", "tif", "zarr")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import DestinationError, InputError, OptionError
+from engine.output import check_destination, commit, partial_path
 from engine.patches.files import (
     PatchHeader,
     patch_format,
@@ -49,7 +50,6 @@ from engine.patches.files import (
     unit_recorded,
     write_patch,
 )
-from engine.pipelines.output import check_destination, commit, partial_path
 from engine.volume import convert_length
 
 #: correction classes in the order they are applied, and the label each one writes.

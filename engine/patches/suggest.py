@@ -51,7 +51,7 @@ import numpy as np
 
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError, VoxelmillError
-from engine.pipelines.output import check_destination, commit, partial_path
+from engine.output import check_destination, commit, partial_path
 from engine.runner import run_blocks
 
 #: Entropy per voxel is summed as ``round(H * ENTROPY_SCALE)`` integers (see module doc).

@@ -16,7 +16,7 @@ from engine.errors import OptionError
 from engine.io import omezarr, open_volume
 from engine.io.sources import file_identity, read_region
 from engine.labels import VALUES_LIMIT
-from engine.pipelines.output import check_destination, commit, partial_path
+from engine.output import check_destination, commit, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
 from engine.runlock import output_lock

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io import detect_format, iter_slabs, omezarr, slab_bounds, writer_for
-from engine.pipelines.output import check_destination, commit, partial_path
+from engine.output import check_destination, commit, partial_path
 from engine.progress import Progress, SilentProgress
 from engine.volume import Volume
 

@@ -32,7 +32,7 @@ from engine.blocks import Region, stable_hash
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
-from engine.pipelines.output import (
+from engine.output import (
     check_destination,
     check_output_name,
     commit,

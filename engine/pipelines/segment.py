@@ -22,7 +22,7 @@ from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.labels import LabelResult
-from engine.pipelines.output import (
+from engine.output import (
     check_destination,
     check_output_name,
     commit,

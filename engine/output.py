@@ -1,0 +1,225 @@
+"""Safe destinations and the one run lifecycle of every command that writes outputs.
+
+An output is built in a hidden sibling ``.NAME.partial`` and renamed into place when
+complete (:func:`commit`), so a crash never leaves a half-written ``NAME``.
+:func:`output_run` is the lifecycle around it: lock every output, record the run's
+provenance, resume the partial outputs of an interrupted run with the same identity or
+start them afresh, remove them on a user error, and commit them with the provenance entry.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine import provenance
+from engine.errors import DestinationError, VoxelmillError
+from engine.runlock import output_lock
+
+if TYPE_CHECKING:
+    from engine.runner import RunState
+
+
+def check_destination(dst: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse a destination that exists (without ``overwrite``) or that is the source."""
+    if source is not None and dst.resolve() == Path(source).resolve():
+        raise DestinationError(f"{dst}: destination is the source; choose another path")
+    if dst.exists() and not overwrite:
+        raise DestinationError(f"{dst}: destination exists; pass --overwrite to replace it")
+    if not dst.parent.exists():
+        try:
+            dst.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise DestinationError(f"{dst.parent}: cannot create folder ({exc.strerror})") from None
+
+
+def check_output_name(name: str, example: str) -> None:
+    """Refuse a ``--name`` that is not a plain file-system name (it becomes a folder)."""
+    from engine.errors import OptionError
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
+        raise OptionError(f"--name {name!r}: use a plain name such as {example!r} (letters, "
+                          "digits, '_', '-', '.')")
+
+
+def partial_path(dst: Path) -> Path:
+    """Where an unfinished output lives: a hidden sibling, so a crash leaves no ``dst``."""
+    return dst.parent / f".{dst.name}.partial"
+
+
+def commit(partial: Path, dst: Path) -> None:
+    """Move a finished output into place, replacing ``dst`` only now that it is complete."""
+    trash = None
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old"
+        if trash.exists():
+            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        dst.rename(trash)
+    partial.rename(dst)
+    if trash is not None:
+        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def commit_recorded(outputs: Sequence[tuple[Path, Path]], entry: dict[str, Any]) -> None:
+    """Store the run's provenance ``entry`` in every finished ``(partial, dst)`` group, then
+    move them all into place (provenance first, so no output is ever seen without it)."""
+    for partial, _ in outputs:
+        provenance.append(partial, [entry])
+    for partial, dst in outputs:
+        commit(partial, dst)
+
+
+def write_multiscale(client: Any, data: Any, group: Path, name: str, axes: str, unit: str,
+                     chunks: Sequence[int], levels: Sequence[Any], ngff: str, method: str,
+                     progress: Callable[[], Any] | None = None) -> None:
+    """Write the lazy level-0 ``data`` and its pyramid (``levels`` from
+    :func:`engine.pyramid.plan_levels`) as an NGFF multiscale image ``group``, blockwise."""
+    from engine.io import omezarr
+    from engine.pyramid import build_pyramid
+
+    group.mkdir(parents=True, exist_ok=True)
+    for i, lv in enumerate(levels):
+        level_chunks = [min(c, s) for c, s in zip(chunks, lv.shape, strict=True)]
+        omezarr.create_level(group, str(i), lv.shape, level_chunks, data.dtype, axes, ngff,
+                             every_chunk_written=method != "mode")
+    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
+    omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
+        axes, unit, metas, name, ngff, method)]}, ngff)
+    build_pyramid(client, data, group, list(levels), chunks, method=method, progress=progress,
+                  name=f"{name}-pyramid")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class OutputRun:
+    """One command's outputs while they are being built (see :func:`output_run`).
+
+    Attributes
+    ----------
+    outputs : tuple of Path
+        The final destinations, locked for the run.
+    record : provenance.RunRecord
+        Collects the run's stages; its entry is stored with every output.
+    state : RunState or None
+        The done-markers of a resumable run.
+    resumed : bool
+        True when the partial outputs of an interrupted run with the same identity were
+        kept to be resumed.
+    scratch : tuple of Path
+        Partial outputs rewritten whole by every run (never resumed), committed with the
+        others when given to :meth:`commit`.
+    """
+
+    outputs: tuple[Path, ...]
+    record: provenance.RunRecord
+    state: RunState | None
+    resumed: bool
+    scratch: tuple[Path, ...] = ()
+    committed: bool = field(default=False, init=False)
+
+    def partial(self, dst: Path | None = None) -> Path:
+        """Where ``dst`` (default: the first output) is built."""
+        return partial_path(self.outputs[0] if dst is None else Path(dst))
+
+    @property
+    def work(self) -> Path:
+        """Scratch folder for intermediate arrays, inside the first partial output (so it
+        goes with it on a user error, and is resumed with it)."""
+        return self.partial() / ".work"
+
+    @property
+    def partials(self) -> list[Path]:
+        return [partial_path(d) for d in (*self.outputs, *self.scratch)]
+
+    def commit(self, outputs: Sequence[Path] | None = None,
+               recorded: Sequence[Path] | None = None) -> None:
+        """Store the provenance entry, drop the work folder and done-markers, and move the
+        finished ``outputs`` (default: every locked output, in order) into place.
+
+        Parameters
+        ----------
+        outputs : sequence of Path, optional
+            Destinations to commit, in order; a scratch destination may be among them.
+        recorded : sequence of Path, optional
+            Groups that receive the provenance entry (default: each committed partial).
+        """
+        outputs = list(self.outputs if outputs is None else outputs)
+        _remove(self.work)
+        if self.state is not None:
+            self.state.clear()
+        pairs = [(partial_path(d), d) for d in outputs]
+        entry = self.record.entry()
+        for group in (recorded if recorded is not None else [p for p, _ in pairs]):
+            provenance.append(group, [entry])
+        for partial, dst in pairs:
+            commit(partial, dst)
+        self.committed = True
+
+
+@contextmanager
+def output_run(op: str, outputs: Sequence[Path], *, state: RunState | None = None,
+               identity: dict[str, Any] | None = None, scratch: Sequence[Path] = (),
+               report: Callable[[str], None] = print, what: str | None = None,
+               work: bool = True) -> Iterator[OutputRun]:
+    """The lifecycle of a command writing ``outputs``: lock, record, partial folders,
+    resume or restart, cleanup on a user error; the body calls :meth:`OutputRun.commit`.
+
+    Parameters
+    ----------
+    op : str
+        The provenance operation (``"segment"``, ``"predict"`` …).
+    outputs : sequence of Path
+        Destinations; each is locked and built in its partial sibling.
+    state : RunState, optional
+        Done-markers (normally under the first partial output). When its run hash is
+        present the partial outputs are kept and resumed; otherwise they are removed and
+        the run starts afresh. Without a state every run starts afresh.
+    identity : dict, optional
+        The provenance parameters (default: ``state.identity``).
+    scratch : sequence of Path
+        Further destinations built whole by every run (not locked, never resumed).
+    what : str, optional
+        How the report names the run (``"a conversion"``; default ``op``).
+    work : bool
+        Create :attr:`OutputRun.work`.
+
+    A :class:`~engine.errors.VoxelmillError` raised in the body removes every partial
+    output (a user error: nothing to resume); any other exception (an interruption, a lost
+    cluster) keeps them, so the same command resumes from the finished blocks.
+    """
+    outputs = tuple(Path(d) for d in outputs)
+    what = what or op
+    with ExitStack() as stack:
+        for dst in outputs:
+            stack.enter_context(output_lock(dst, report=report))
+        record = stack.enter_context(provenance.RunRecord(
+            op, identity if identity is not None else (state.identity if state else {})))
+        resumed = state is not None and (state.directory / state.run_hash).exists()
+        run = OutputRun(outputs, record, state, resumed, tuple(Path(d) for d in scratch))
+        if resumed:
+            report(f"resuming an interrupted {what} in {run.partial()}")
+        for p in (run.partials[len(outputs):] if resumed else run.partials):
+            if p.exists() and not resumed and p == run.partial() and state is not None:
+                report(f"removing an unfinished {what} with other inputs or options: {p}")
+            _remove(p)
+        if work:
+            run.work.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            state.begin()
+        try:
+            yield run
+        except VoxelmillError:
+            for p in run.partials:
+                _remove(p)
+            raise
