@@ -74,22 +74,31 @@ def commit_recorded(outputs: Sequence[tuple[Path, Path]], entry: dict[str, Any])
         commit(partial, dst)
 
 
+def create_multiscale(group: Path, name: str, axes: str, unit: str, chunks: Sequence[int],
+                      levels: Sequence[Any], ngff: str, method: str, dtype: Any) -> list[str]:
+    """Create the empty level arrays and the multiscales metadata of the NGFF image
+    ``group`` (``levels`` from :func:`engine.pyramid.plan_levels`); return the level paths."""
+    from engine.io import omezarr
+
+    group.mkdir(parents=True, exist_ok=True)
+    for i, lv in enumerate(levels):
+        level_chunks = [min(c, s) for c, s in zip(chunks, lv.shape, strict=True)]
+        omezarr.create_level(group, str(i), lv.shape, level_chunks, dtype, axes, ngff,
+                             every_chunk_written=method != "mode")
+    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
+    omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
+        axes, unit, metas, name, ngff, method)]}, ngff)
+    return [str(group / str(i)) for i in range(len(levels))]
+
+
 def write_multiscale(client: Any, data: Any, group: Path, name: str, axes: str, unit: str,
                      chunks: Sequence[int], levels: Sequence[Any], ngff: str, method: str,
                      progress: Callable[[], Any] | None = None) -> None:
     """Write the lazy level-0 ``data`` and its pyramid (``levels`` from
     :func:`engine.pyramid.plan_levels`) as an NGFF multiscale image ``group``, blockwise."""
-    from engine.io import omezarr
     from engine.pyramid import build_pyramid
 
-    group.mkdir(parents=True, exist_ok=True)
-    for i, lv in enumerate(levels):
-        level_chunks = [min(c, s) for c, s in zip(chunks, lv.shape, strict=True)]
-        omezarr.create_level(group, str(i), lv.shape, level_chunks, data.dtype, axes, ngff,
-                             every_chunk_written=method != "mode")
-    metas = [omezarr.LevelMeta(str(i), lv.scale, lv.translation) for i, lv in enumerate(levels)]
-    omezarr.write_group_attrs(group, {"multiscales": [omezarr.multiscales(
-        axes, unit, metas, name, ngff, method)]}, ngff)
+    create_multiscale(group, name, axes, unit, chunks, levels, ngff, method, data.dtype)
     build_pyramid(client, data, group, list(levels), chunks, method=method, progress=progress,
                   name=f"{name}-pyramid")
 

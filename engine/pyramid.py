@@ -187,20 +187,25 @@ def _block_for(
 
 
 def plan_passes(levels: Sequence[Level], chunks: Sequence[int], itemsize: int,
-                budget_bytes: int = 64 * 2**20, min_blocks: int = 8) -> list[Pass]:
+                budget_bytes: int = 64 * 2**20, min_blocks: int = 8,
+                start: int = 0) -> list[Pass]:
     """Group levels into passes whose blocks stay within ``budget_bytes``.
 
     A pass reading level L and writing L+1..L+m uses blocks of one level-(L+m) chunk
     mapped back to level L, so each task writes whole chunks on every level it touches.
     At least one level is fused per pass, whatever the budget; more only while the pass
-    keeps ``min_blocks`` blocks to spread over the workers.
+    keeps ``min_blocks`` blocks to spread over the workers. With ``start`` > 0 the levels up
+    to ``start`` exist already and the first pass reads level ``start``.
     """
 
     def n_blocks(block: tuple[int, ...], shape: tuple[int, ...]) -> int:
         return int(np.prod([-(-s // b) for s, b in zip(shape, block, strict=True)]))
 
-    passes = []
-    src, base = -1, 0  # the first pass reads the input and writes level 0 itself
+    passes: list[Pass] = []
+    # the first pass reads the input and writes level 0 itself, unless levels exist already
+    src, base = (-1, 0) if start == 0 else (start, start)
+    if base >= len(levels) - 1 and src != -1:
+        return passes
     while True:
         remaining = len(levels) - 1 - base
         m = min(1, remaining)
@@ -253,6 +258,52 @@ def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
         array[dst] = np.ascontiguousarray(data[src])
 
 
+def write_levels(paths: Sequence[str], region: tuple[slice, ...], data: np.ndarray,
+                 factors: Sequence[Sequence[int]], method: str, write_first: bool = True) -> None:
+    """Write ``data``, the voxels of ``region`` of the array ``paths[0]``, and its
+    downsampled levels ``paths[1:]`` (``factors[i]`` from each level to the next).
+
+    ``region`` must cover whole storage units on every level it reaches (a block aligned to
+    ``chunk × factor``, or reaching the end of each axis): then the levels equal the
+    whole-array result. With ``write_first=False``, ``paths[0]`` is not written (the data
+    is already there).
+    """
+    import zarr
+
+    # images store every chunk (the fill-value scan costs more than it saves); labels
+    # skip empty chunks, which are common there
+    config = {"write_empty_chunks": method != "mode"}
+
+    def open_level(path: str) -> zarr.Array:
+        return zarr.open_array(path, mode="r+").with_config(config)
+
+    if write_first:
+        write_chunkwise(open_level(paths[0]), region, data)
+    origin = [s.start for s in region]
+    down = DOWNSAMPLERS[method]
+    for path, f in zip(paths[1:], factors, strict=True):
+        data = down(data, f)
+        origin = [o // k for o, k in zip(origin, f, strict=True)]
+        region = tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))
+        write_chunkwise(open_level(path), region, data)
+
+
+def levels_within(levels: Sequence[Level], chunks: Sequence[int],
+                  block: Sequence[int]) -> int:
+    """How many levels after level 0 a block of ``block`` voxels (level 0) can write from
+    its own data: those whose chunks map to a whole number of them per block (or whose
+    block covers the whole axis)."""
+    count = 0
+    factor = [1] * len(chunks)
+    for lv in levels[1:]:
+        factor = [f * k for f, k in zip(factor, lv.factors, strict=True)]
+        if not all(b % (c * f) == 0 or b >= n for b, c, f, n in
+                   zip(block, chunks, factor, levels[0].shape, strict=True)):
+            break
+        count += 1
+    return count
+
+
 @dataclass(frozen=True)
 class PyramidTask:
     """Block task of one pass: read a block, write it (pass 0) and its downsampled levels.
@@ -269,30 +320,17 @@ class PyramidTask:
     method: str
 
     def __call__(self, block) -> None:  # block: engine.blocks.Block
-        import zarr
-
-        # images store every chunk (the fill-value scan costs more than it saves); labels
-        # skip empty chunks, which are common there
-        config = {"write_empty_chunks": self.method != "mode"}
-
-        def open_level(path: str) -> zarr.Array:
-            return zarr.open_array(path, mode="r+").with_config(config)
-
         data = read_region(self.source, block.write)
-        paths = list(self.paths)
         if self.write_source:
-            write_chunkwise(open_level(paths.pop(0)), block.write, data)
-        origin = [s.start for s in block.write]
-        down = DOWNSAMPLERS[self.method]
-        for path, f in zip(paths, self.factors, strict=True):
-            data = down(data, f)
-            origin = [o // k for o, k in zip(origin, f, strict=True)]
-            region = tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))
-            write_chunkwise(open_level(path), region, data)
+            write_levels(self.paths, block.write, data, self.factors, self.method)
+        else:  # the block's voxels are on the level read, one level up from the first path
+            write_levels(("", *self.paths), block.write, data, self.factors, self.method,
+                         write_first=False)
 
 
 def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", state=None,
-                  progress=None, budget_bytes: int = 64 * 2**20, name: str = "pyramid"):
+                  progress=None, budget_bytes: int = 64 * 2**20, name: str = "pyramid",
+                  start: int = 0):
     """Write ``data`` and its pyramid into the arrays ``group/0``, ``group/1`` ... blockwise.
 
     Parameters
@@ -310,6 +348,9 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
         Done-markers for resume.
     progress : callable, optional
         Factory returning a fresh ``Progress`` per pass.
+    start : int
+        Levels ``0..start`` are written already (``data`` is then unused): build the rest
+        from level ``start``.
 
     Returns
     -------
@@ -320,7 +361,8 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
     from engine.runner import run_blocks
 
     reports = []
-    for i, p in enumerate(plan_passes(levels, chunks, data.dtype.itemsize, budget_bytes)):
+    itemsize = data.dtype.itemsize if data is not None else 1
+    for i, p in enumerate(plan_passes(levels, chunks, itemsize, budget_bytes, start=start)):
         src_level = max(p.source, 0)
         source = data if p.source == -1 else str(group / str(p.source))
         first_written = p.levels[0] if p.source == -1 else p.levels[0] - 1

@@ -18,7 +18,9 @@ from engine.learn.checkpoint import save_checkpoint
 from engine.learn.unet import UNet, receptive_field
 from engine.pipelines.convert import ConvertOptions, convert
 from engine.pipelines.predict import PredictOptions, plan_prediction, predict
-from engine.predict.tiling import TileGrid, blend_weights, predict_region, tile_starts
+from engine.predict.block import Finished, Finishing, predict_block
+from engine.predict.device import TilePredictor
+from engine.predict.tiling import TileGrid, blend_weights, tile_starts
 from tests.conftest import dask_processes, run_cli
 
 
@@ -69,22 +71,30 @@ def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
 
 def _blockwise(model: UNet, image: np.ndarray, grid: TileGrid, block: tuple[int, ...],
                blend: str) -> np.ndarray:
+    """Every block of the layout streamed through :func:`predict_block` (float16 storage
+    would hide float32 differences, so the finished probabilities are kept as float32)."""
     shape = image.shape[1:]
     out = np.zeros(shape, np.float32)
+    predictor = TilePredictor(model, torch.device("cpu"), "sigmoid", batch=3)
+    finishing = _Float32Finishing("float16", "binary")
 
-    def read(box):
-        inner = tuple(slice(max(b.start, 0), min(b.stop, n))
-                      for b, n in zip(box, shape, strict=True))
-        pad = [(i.start - b.start, b.stop - i.stop) for b, i in zip(box, inner, strict=True)]
-        return np.pad(image[(slice(None), *inner)], [(0, 0), *pad])
+    def write(done: Finished) -> None:
+        out[done.region] = done.probabilities[0]
 
     for origin in itertools.product(*[range(0, n, b) for n, b in zip(shape, block,
                                                                        strict=True)]):
         region = tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, block, shape,
                                                                   strict=True))
-        out[region] = predict_region(_sigmoid_predict(model), read, grid, region,
-                                     blend_weights(grid.tile, blend), 1, batch=3)[0]
+        times = predict_block(predictor, lambda box: image[(slice(None), *box)], grid,
+                              region, blend_weights(grid.tile, blend), 1, (0.0,), (1.0,),
+                              finishing, write, unit=block[0], prefetch=1)
+        assert times.tiles == len(grid.tiles_for(region))
     return out
+
+
+class _Float32Finishing(Finishing):
+    def __call__(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return probs.clone(), (probs[0] > 0.5).to(torch.uint8)
 
 
 @pytest.mark.parametrize("shape,tile,blocks", [
@@ -251,7 +261,7 @@ def test_torchscript_model_and_tta(halves, client, tmp_path):
 def test_interrupted_prediction_resumes(halves, client, monkeypatch):
     """Blocks that failed (a lost worker) are redone by the same command; the finished ones
     are skipped, and the result equals an uninterrupted run."""
-    from engine.pipelines.predict import PredictTask
+    from engine.predict.task import PredictTask
     from engine.runner import BlockFailed
 
     original = PredictTask.__call__

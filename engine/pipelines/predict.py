@@ -5,11 +5,13 @@ channels, the voxel size, the tile, the destination). Normalization is global: t
 checkpoint's mode with the statistics of this whole volume (one reduction pass), or the
 statistics stored in the checkpoint (``norm="checkpoint"``) — never per block.
 
-Each block task (asking for ``GPU=1`` when the cluster has GPU workers) takes the model
-its worker process has loaded once (:mod:`engine.predict.workers`), predicts the tiles of
-the global grid that overlap its write region in batches, blends them
-(:mod:`engine.predict.tiling`) and writes the probabilities and the label of its write
-region. Outputs, built in hidden ``.partial`` groups and renamed into place when complete::
+The blocks go to the GPU workers (several in flight on each) or, without any, to every
+worker (:func:`engine.predict.task.device_dispatch`); each block task streams its block
+through the model its worker process loaded once (:mod:`engine.predict.task`,
+:mod:`engine.predict.block`) and writes the probabilities, the labels and the pyramid levels
+that fit in the block straight into the output groups; the coarser levels are built from
+the finest level the blocks did not write (resumable passes). Outputs, built in hidden
+``.partial`` groups and renamed into place when complete::
 
     SRC/predictions/NAME    probabilities (uint8 0–255 or float16; c axis = model outputs),
                             NGFF image with a pyramid (mean)
@@ -22,8 +24,6 @@ image, the options and the layout).
 
 from __future__ import annotations
 
-import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,23 +32,29 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__, provenance
-from engine.blocks import Block, BlockGrid, stable_hash
-from engine.cluster import gpu_workers
-from engine.errors import InputError, OptionError, VoxelmillError
+from engine import __version__, events
+from engine.blocks import BlockGrid, stable_hash
+from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import file_identity
-from engine.learn.normalize import ChannelStats, Normalization, apply_stats, compute_stats
+from engine.learn.normalize import ChannelStats, Normalization, compute_stats
 from engine.output import (
     check_destination,
     check_output_name,
-    commit_recorded,
+    create_multiscale,
+    output_run,
     partial_path,
     write_multiscale,
 )
-from engine.predict.tiling import TileGrid, blend_weights, predict_region
-from engine.pyramid import Level, plan_levels
-from engine.runlock import output_lock
+from engine.predict.task import (
+    OutputArrays,
+    PredictTask,
+    VolumeSource,
+    device_dispatch,
+    throughput,
+)
+from engine.predict.tiling import TileGrid, blend_weights
+from engine.pyramid import Level, build_pyramid, levels_within, plan_levels
 from engine.runner import RunState, run_blocks
 from engine.volume import convert_length
 
@@ -68,7 +74,7 @@ class PredictOptions:
     overlap: float = 0.25
     blend: str = "gaussian"
     tta: bool = False
-    batch: int = 4
+    batch: int | None = None  # tiles per call; None: from free device memory (GPU), 4 (CPU)
     threshold: float = 0.5
     instances: bool = False
     device: str = "auto"
@@ -178,7 +184,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
             raise OptionError(f"{what} {value!r}: expected {' or '.join(choices)}")
     if not 0 < options.threshold < 1:
         raise OptionError(f"--threshold {options.threshold}: must be between 0 and 1")
-    if options.batch < 1:
+    if options.batch is not None and options.batch < 1:
         raise OptionError(f"--batch {options.batch}: must be ≥ 1")
     _, meta = load_model(options.model)  # refuses foreign files and pickled code
     if meta.get("target", {}).get("kind") == CUTTER_KIND:
@@ -227,96 +233,6 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
                        grid, tuple(volume.voxel_size), volume.unit, ngff, levels, state)
 
 
-@dataclass
-class PredictTask:
-    """One block: read, normalize, predict the overlapping tiles, blend, write."""
-
-    model: str
-    device: str
-    level0: str
-    channels: tuple[int, ...]
-    has_channel_axis: bool
-    prefix: tuple[int, ...]
-    shape: tuple[int, ...]
-    grid: TileGrid
-    blend: str
-    batch: int
-    tta: bool
-    stats: ChannelStats
-    prob_path: str
-    label_path: str
-    prob_dtype: str
-    threshold: float
-    kind: str
-
-    def _read(self, box: tuple[slice, ...]) -> np.ndarray:
-        from engine.io.chunkcache import read_chunked
-
-        inner = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in
-                      zip(box, self.shape, strict=True))
-        pad = [(i.start - b.start, b.stop - i.stop) for b, i in zip(box, inner, strict=True)]
-        parts = [read_chunked(self.level0, inner, self.prefix + ((c,) if self.has_channel_axis
-                                                                  else ()))
-                 for c in self.channels]
-        image = apply_stats(np.stack(parts), self.stats)
-        if any(a or b for a, b in pad):  # beyond the volume: 0, the normalized background
-            image = np.pad(image, [(0, 0), *pad])
-        return image
-
-    def __call__(self, block: Block) -> dict[str, Any]:
-        import zarr
-
-        from engine.predict.workers import (
-            TilePredictor,
-            load_counts,
-            use_worker_threads,
-            worker_model,
-        )
-
-        t0 = time.perf_counter()
-        model, meta, dev = worker_model(self.model, self.device)
-        if dev.type == "cpu":
-            use_worker_threads()
-        predictor = TilePredictor(model, dev, meta["target"].get("activation", "sigmoid"),
-                                  self.tta)
-        reads = [0.0]
-
-        def read(box: tuple[slice, ...]) -> np.ndarray:
-            r0 = time.perf_counter()
-            out = self._read(box)
-            reads[0] += time.perf_counter() - r0
-            return out
-
-        weights = blend_weights(self.grid.tile, self.blend)
-        t1 = time.perf_counter()
-        probs = predict_region(predictor, read, self.grid, block.write, weights,
-                               int(meta["arch"]["out_channels"]), self.batch)
-        t2 = time.perf_counter()
-        if self.prob_dtype == "uint8":
-            stored = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
-        else:
-            stored = probs.astype(np.float16)
-        zarr.open_array(self.prob_path, mode="r+")[(slice(None), *block.write)] = stored
-        if self.kind == "classes":
-            label = probs.argmax(0).astype(np.uint8)
-        else:  # binary and boundary models: the foreground channel
-            label = (probs[0] > self.threshold).astype(np.uint8)
-        zarr.open_array(self.label_path, mode="r+")[block.write] = label
-        t3 = time.perf_counter()
-        from distributed import get_worker
-
-        try:
-            worker = get_worker().address
-        except ValueError:  # run outside a worker (tests calling the task directly)
-            worker = socket.gethostname()
-        return {"worker": worker, "voxels": int(np.prod(block.shape)),
-                "tiles": len(self.grid.tiles_for(block.write)), "read_s": reads[0],
-                "compute_s": (t2 - t1) - reads[0], "write_s": t3 - t2,
-                "load_s": t1 - t0, "loads": load_counts().get(str(Path(self.model).resolve()),
-                                                              0),
-                "device": str(dev)}
-
-
 def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
     import dask.array as da
 
@@ -343,118 +259,113 @@ def _output_names(meta: dict[str, Any], k: int, name: str) -> list[str]:
     return ["foreground", "boundary"][:k] if kind == "boundary" else [name]
 
 
-def throughput(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Voxels per second overall and per worker, the read / compute / write split and the
-    share of the task time spent computing."""
-    per: dict[str, dict[str, float]] = {}
-    for r in results:
-        w = per.setdefault(r["worker"], {"voxels": 0, "read_s": 0.0, "compute_s": 0.0,
-                                         "write_s": 0.0, "load_s": 0.0, "blocks": 0})
-        for k in ("voxels", "read_s", "compute_s", "write_s", "load_s"):
-            w[k] += r[k]
-        w["blocks"] += 1
-    total = {k: sum(w[k] for w in per.values()) for k in ("voxels", "read_s", "compute_s",
-                                                          "write_s", "load_s")}
-    busy = total["read_s"] + total["compute_s"] + total["write_s"] + total["load_s"]
-    return {
-        "voxels": int(total["voxels"]), "seconds": round(seconds, 3),
-        "voxels_per_s": round(total["voxels"] / seconds, 1) if seconds else None,
-        "read_s": round(total["read_s"], 3), "compute_s": round(total["compute_s"], 3),
-        "write_s": round(total["write_s"], 3), "load_s": round(total["load_s"], 3),
-        "compute_fraction": round(total["compute_s"] / busy, 3) if busy else None,
-        "workers": {a: {"blocks": int(w["blocks"]), "voxels_per_s": round(
-            w["voxels"] / max(w["read_s"] + w["compute_s"] + w["write_s"] + w["load_s"],
-                              1e-9), 1)} for a, w in sorted(per.items())},
-    }
+def _grid_tiles(plan: PredictPlan) -> int:
+    return int(np.prod([len(s) for s in plan.grid.starts()]))
+
+
+def _create_outputs(plan: PredictPlan, group: Path, name: str, axes: str, chunks: tuple[int, ...],
+                    levels: list[Level], method: str, dtype: str) -> list[str]:
+    """The level arrays of an output group: created, or those of the run being resumed."""
+    if (group / "0").exists():
+        return [str(group / str(i)) for i in range(len(levels))]
+    return create_multiscale(group, name, axes, plan.unit, chunks, levels, plan.ngff, method,
+                             dtype)
 
 
 def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] | None = None,
                    report: Callable[[str], None] = print) -> PredictResult:
     """Predict the planned image blockwise and write probabilities and labels."""
-    with output_lock(plan.labels_destination, report=report), \
-            output_lock(plan.probabilities_destination, report=report), \
-            provenance.RunRecord("predict", plan.state.identity) as record:
-        import dask.array as da
+    import dask.array as da
+
+    opts = plan.options
+    with output_run("predict", [plan.labels_destination, plan.probabilities_destination],
+                    state=plan.state, report=report, what="prediction") as run:
+        labels_partial = run.partial(plan.labels_destination)
+        probs_partial = run.partial(plan.probabilities_destination)
+        k = plan.out_channels
+        prob_levels = plan_levels((k, *plan.shape), "c" + plan.axes, (1.0, *plan.voxel_size),
+                                  (1, *plan.chunks), max_levels=len(plan.levels))
+        prob_paths = _create_outputs(plan, probs_partial, opts.name, "c" + plan.axes,
+                                     (1, *plan.chunks), prob_levels, "mean", opts.probabilities)
+        # the levels a block writes from its own data (blocks aligned to 2^L chunks)
+        within = levels_within(plan.levels, plan.chunks, plan.block)
+        if opts.instances:  # the labels are labelled into instances after the pass
+            label_paths = [str(run.work / "labels")]
+            if not Path(label_paths[0]).exists():
+                zarr_array(label_paths[0], plan.shape, plan.chunks)
+        else:
+            label_paths = _create_outputs(plan, labels_partial, opts.name, plan.axes,
+                                          plan.chunks, plan.levels, "mode", "uint8")
+        stats = _stats(plan, client)
+        arr_ndim = len(plan.axes) + int(plan.has_channel_axis)
         import zarr
 
-        opts = plan.options
-        labels_partial = partial_path(plan.labels_destination)
-        probs_partial = partial_path(plan.probabilities_destination)
-        work = labels_partial / ".work"
-        resumable = (plan.state.directory / plan.state.run_hash).exists()
-        if resumable:
-            report(f"resuming an interrupted prediction in {labels_partial}")
-        else:
-            for p in (labels_partial, probs_partial):
-                shutil.rmtree(p, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        plan.state.begin()
-        k = plan.out_channels
-        prob_path, label_path = str(work / "probabilities"), str(work / "labels")
-        zarr.open_array(prob_path, mode="a", shape=(k, *plan.shape), chunks=(1, *plan.chunks),
-                        dtype=opts.probabilities, zarr_format=3)
-        zarr.open_array(label_path, mode="a", shape=plan.shape, chunks=plan.chunks, dtype=np.uint8,
-                        zarr_format=3)
-        try:
-            stats = _stats(plan, client)
-            arr = zarr.open_array(plan.level0, mode="r")
-            prefix = (0,) if arr.ndim > len(plan.axes) + int(plan.has_channel_axis) else ()
-            task = PredictTask(str(Path(opts.model).resolve()), opts.device, plan.level0,
-                               plan.channels, plan.has_channel_axis, prefix, plan.shape, plan.grid,
-                               opts.blend, opts.batch, opts.tta, stats, prob_path, label_path,
-                               opts.probabilities, opts.threshold, plan.meta["target"]["kind"])
-            gpus = gpu_workers(client)
-            report(f"predicting {len(BlockGrid(plan.shape, plan.block, chunks=plan.chunks))} "
-                   f"blocks of {plan.block} with tiles {plan.grid.tile} (stride "
-                   f"{plan.grid.stride}) on "
-                   f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
-            grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
-            t_pass = time.monotonic()
-            # one prediction at a time per worker (GPU=1 does it on GPU workers), using all of
-            # the worker's threads for torch: dask starts workers with OMP_NUM_THREADS=1
-            run = run_blocks(client, grid, task, name="predict", state=plan.state,
-                             progress=progress() if progress else None,
-                             resources={"GPU": 1} if gpus else None,
-                             max_in_flight=len(gpus) if gpus else len(client.nthreads()))
-            pass_s = time.monotonic() - t_pass
-            stats_report = throughput(list(run.results.values()), pass_s)
-            stats_report["skipped_blocks"] = run.skipped
-            probs = da.from_zarr(prob_path)
-            write_multiscale(client, probs, probs_partial, opts.name, "c" + plan.axes, plan.unit,
-                             (1, *plan.chunks), plan_levels(
-                                 (k, *plan.shape), "c" + plan.axes, (1.0, *plan.voxel_size),
-                                 (1, *plan.chunks), max_levels=len(plan.levels)),
-                             plan.ngff, "mean", progress)
-            omezarr.write_group_attrs(probs_partial, {"omero": omezarr.omero(
-                _output_names(plan.meta, k, opts.name),
-                [(0.0, 255.0 if opts.probabilities == "uint8" else 1.0, 0.0,
-                  255.0 if opts.probabilities == "uint8" else 1.0)] * k)}, plan.ngff)
-            n_objects = None
-            label_data = da.from_zarr(label_path)
-            values: list[int] | None = list(range(len(plan.meta["target"].get("classes", [0, 1]))))
-            if opts.instances:
-                from engine.labels import label as label_components
+        prefix = (0,) if zarr.open_array(plan.level0, mode="r").ndim > arr_ndim else ()
+        outputs = OutputArrays(tuple(prob_paths[:within + 1]),
+                               tuple(label_paths[:1 if opts.instances else within + 1]),
+                               tuple(lv.factors for lv in plan.levels[1:within + 1]))
+        task = PredictTask(str(Path(opts.model).resolve()), opts.device,
+                           VolumeSource(plan.level0, plan.channels, plan.has_channel_axis,
+                                        prefix),
+                           plan.grid, opts.blend, opts.batch, opts.tta, stats.offset,
+                           stats.scale, outputs, opts.probabilities, opts.threshold,
+                           plan.meta["target"]["kind"], plan.chunks[0])
+        gpus, resources, in_flight = device_dispatch(client)
+        grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
+        report(f"predicting {len(grid)} blocks of {plan.block} with tiles {plan.grid.tile} "
+               f"(stride {plan.grid.stride}) on "
+               f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
+        t_pass = time.monotonic()
+        blocks = run_blocks(client, grid, task, name="predict", state=plan.state,
+                            progress=progress() if progress else None, resources=resources,
+                            max_in_flight=in_flight)
+        stats_report = throughput(list(blocks.results.values()), time.monotonic() - t_pass,
+                                  _grid_tiles(plan))
+        stats_report["skipped_blocks"] = blocks.skipped
+        stats_report["levels_in_blocks"] = within + 1
+        for note in stats_report["notes"]:
+            report(note)
+        events.emit("device-report", stage="predict", **{
+            key: stats_report[key] for key in ("voxels_per_s", "device_busy", "model_s",
+                                               "input_wait_s", "output_wait_s", "read_s",
+                                               "write_s", "tiles", "workers")})
+        # the coarser levels: resumable passes from the finest level no block wrote whole
+        build_pyramid(client, da.from_zarr(prob_paths[within]), probs_partial, prob_levels,
+                      (1, *plan.chunks), method="mean", state=plan.state, progress=progress,
+                      name=f"{opts.name}-pyramid", start=within)
+        omezarr.write_group_attrs(probs_partial, {"omero": omezarr.omero(
+            _output_names(plan.meta, k, opts.name),
+            [(0.0, 255.0 if opts.probabilities == "uint8" else 1.0, 0.0,
+              255.0 if opts.probabilities == "uint8" else 1.0)] * k)}, plan.ngff)
+        n_objects = None
+        values: list[int] | None = list(range(len(plan.meta["target"].get("classes", [0, 1]))))
+        if opts.instances:
+            from engine.labels import label as label_components
 
-                result = label_components(client, label_data > 0, str(work / "instances"),
-                                          connectivity=1, lazy=True)
-                label_data = result.view if result.view is not None else da.from_zarr(
-                    str(result.path))
-                n_objects, values = result.n_objects, result.values
-            write_multiscale(client, label_data, labels_partial, opts.name, plan.axes, plan.unit,
-                             plan.chunks, plan.levels, plan.ngff, "mode", progress)
-            omezarr.write_group_attrs(labels_partial, {"image-label": omezarr.image_label(
-                values, plan.ngff)}, plan.ngff)
-        except VoxelmillError:
-            shutil.rmtree(labels_partial, ignore_errors=True)
-            shutil.rmtree(probs_partial, ignore_errors=True)
-            raise
-        shutil.rmtree(work)
-        plan.state.clear()
-        commit_recorded([(probs_partial, plan.probabilities_destination),
-                         (labels_partial, plan.labels_destination)], record.entry())
-        omezarr.add_label_names(plan.source, [opts.name], plan.ngff)
-        return PredictResult(plan.labels_destination, plan.probabilities_destination, n_objects,
-                             record.seconds, stats_report, record.collector.stages)
+            result = label_components(client, da.from_zarr(label_paths[0]) > 0,
+                                      str(run.work / "instances"), connectivity=1, lazy=True)
+            label_data = result.view if result.view is not None else da.from_zarr(
+                str(result.path))
+            n_objects, values = result.n_objects, result.values
+            write_multiscale(client, label_data, labels_partial, opts.name, plan.axes,
+                             plan.unit, plan.chunks, plan.levels, plan.ngff, "mode", progress)
+        else:
+            build_pyramid(client, da.from_zarr(label_paths[within]), labels_partial,
+                          plan.levels, plan.chunks, method="mode", state=plan.state,
+                          progress=progress, name=f"{opts.name}-labels-pyramid", start=within)
+        omezarr.write_group_attrs(labels_partial, {"image-label": omezarr.image_label(
+            values, plan.ngff)}, plan.ngff)
+        run.commit([plan.probabilities_destination, plan.labels_destination])
+    omezarr.add_label_names(plan.source, [opts.name], plan.ngff)
+    return PredictResult(plan.labels_destination, plan.probabilities_destination, n_objects,
+                         run.record.seconds, stats_report, run.record.collector.stages)
+
+
+def zarr_array(path: str, shape: tuple[int, ...], chunks: tuple[int, ...]) -> None:
+    """An empty uint8 zarr array (level 0 of labels to be labelled later)."""
+    import zarr
+
+    zarr.open_array(path, mode="a", shape=shape, chunks=chunks, dtype=np.uint8, zarr_format=3)
 
 
 def predict(src: str | Path, options: PredictOptions, client: Any,

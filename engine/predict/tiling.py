@@ -1,4 +1,4 @@
-"""One global tile grid, blending weights, and the prediction of a region from its tiles.
+"""One global tile grid and the blending weights of its tiles.
 
 Vocabulary (shared with :mod:`engine.blocks`): a *tile* is one network input; tiles lie on a
 single grid over the whole volume (starts ``0, stride, 2·stride, …`` per axis, the last one
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,57 +108,3 @@ def blend_weights(tile: Sequence[int], blend: str = "gaussian") -> np.ndarray:
         w = np.multiply.outer(w, np.exp(-0.5 * (x / sigma) ** 2))
     w /= w.max()
     return np.maximum(w, 1e-3).astype(np.float32)
-
-
-def predict_region(predict: Callable[[np.ndarray], np.ndarray], read: Callable[[Region],
-                   np.ndarray], grid: TileGrid, region: Region, weights: np.ndarray,
-                   channels_out: int, batch: int = 4) -> np.ndarray:
-    """The blended prediction of ``region``.
-
-    Parameters
-    ----------
-    predict : callable
-        ``predict(x)`` with ``x`` float32 ``(B, C, *tile)`` returns probabilities float32
-        ``(B, K, *tile)``.
-    read : callable
-        ``read(box)`` returns the normalized input ``(C, *box shape)`` for a box of the
-        volume that may extend past it (padded with 0, the normalized background, as the
-        training crops are).
-    grid : TileGrid
-    region : tuple of slice
-        The write region.
-    weights : ndarray
-        :func:`blend_weights` of ``grid.tile``.
-    channels_out : int
-        ``K``.
-    batch : int
-        Tiles per call of ``predict``.
-
-    Returns
-    -------
-    ndarray of float32, shape ``(K, *region shape)``
-    """
-    tiles = grid.tiles_for(region)
-    box = grid.read_region(region)
-    image = read(box)
-    shape = tuple(r.stop - r.start for r in region)
-    acc = np.zeros((channels_out, *shape), np.float64)
-    wsum = np.zeros(shape, np.float64)
-    for k in range(0, len(tiles), batch):
-        part = tiles[k:k + batch]
-        x = np.stack([image[(slice(None), *(slice(s - b.start, s - b.start + t)
-                                            for s, b, t in zip(p, box, grid.tile,
-                                                               strict=True)))]
-                      for p in part])
-        probs = predict(x)
-        for p, prob in zip(part, probs, strict=True):
-            # the part of this tile inside the write region, in tile and in region coordinates
-            tsl, rsl = [], []
-            for s, t, r in zip(p, grid.tile, region, strict=True):
-                lo, hi = max(s, r.start), min(s + t, r.stop)
-                tsl.append(slice(lo - s, hi - s))
-                rsl.append(slice(lo - r.start, hi - r.start))
-            w = weights[tuple(tsl)]
-            acc[(slice(None), *rsl)] += prob[(slice(None), *tsl)] * w
-            wsum[tuple(rsl)] += w
-    return (acc / wsum).astype(np.float32)

@@ -1,9 +1,11 @@
-"""Models loaded once per worker process, and the tile predictor that uses them.
+"""Per worker process: the model loaded once, the device it runs on, and one lock per device.
 
 A block task asks :func:`worker_model` for its model; the first task of a worker process
 loads it (from a checkpoint or a TorchScript file, on the worker's device), later tasks of
 that process reuse it. :data:`LOADS` counts the loads per model key, so tests (and the
 throughput report) can check that a worker loaded its model once, not once per block.
+:func:`device_lock` lets several block tasks of one worker read and write at the same time
+while one of them at a time feeds the device.
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 _LOCK = threading.Lock()
@@ -24,11 +24,52 @@ _MODELS: dict[tuple[str, int, int, str], tuple[torch.nn.Module, dict[str, Any]]]
 LOADS: Counter = Counter()
 
 
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def worker_gpu_index() -> int:
+    """The GPU of this worker among those it sees: a worker of a multi-GPU SLURM job is
+    started as ``NAME-0``, ``NAME-1`` … (``dask worker --nworkers K``), one per GPU; any
+    other worker (one per GPU with ``CUDA_VISIBLE_DEVICES`` set, or a single GPU) uses 0."""
+    try:
+        from distributed import get_worker
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):  # not in a worker
+        return 0
+    tail = name.rsplit("-", 1)[-1]
+    count = torch.cuda.device_count()
+    return int(tail) % count if tail.isdigit() and count > 1 else 0
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto``: this worker's GPU when it has one, else the CPU."""
+    """``auto``: this worker's GPU when it has one, else the CPU; ``cuda``: this worker's
+    GPU (see :func:`worker_gpu_index`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", worker_gpu_index())
     return torch.device(name)
+
+
+def device_lock(device: torch.device) -> threading.Lock:
+    """The lock of ``device`` in this process: held by the block task feeding it, so blocks
+    take the device one after another while their reads and writes overlap."""
+    with _LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+def register_model(path: str | os.PathLike[str], device: str, model: torch.nn.Module,
+                   meta: dict[str, Any]) -> None:
+    """Use ``model`` (already built, e.g. wrapped or compiled) for ``path`` on ``device`` in
+    this process, instead of loading the file (not counted in :data:`LOADS`)."""
+    with _LOCK:
+        _MODELS[_key(path, resolve_device(device))] = (model, meta)
+
+
+def _key(path: str | os.PathLike[str], dev: torch.device) -> tuple[str, int, int, str]:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_mtime_ns, st.st_size, str(dev)
 
 
 def worker_model(path: str | os.PathLike[str], device: str = "auto"
@@ -37,8 +78,7 @@ def worker_model(path: str | os.PathLike[str], device: str = "auto"
     from engine.learn.model import load_model
 
     dev = resolve_device(device)
-    st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size, str(dev))
+    key = _key(path, dev)
     with _LOCK:  # worker threads share the model; only one loads it
         if key not in _MODELS:
             _MODELS[key] = load_model(path, dev)
@@ -69,37 +109,28 @@ def load_counts() -> dict[str, int]:
     return out
 
 
-@dataclass
-class TilePredictor:
-    """Runs the network on batches of tiles: probabilities, optional 8-fold flip TTA,
-    mixed precision on CUDA."""
+_PREDICTORS: dict[tuple[Any, ...], Any] = {}
 
-    model: torch.nn.Module
-    device: torch.device
-    activation: str  # "sigmoid" | "softmax"
-    tta: bool = False
-    amp: bool = True
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.float16,
-                            enabled=self.amp and self.device.type == "cuda"):
-            logits = self.model(x)
-        logits = logits.float()
-        return torch.softmax(logits, 1) if self.activation == "softmax" \
-            else torch.sigmoid(logits)
+def worker_predictor(path: str | os.PathLike[str], device: str, tta: bool, batch: int | None,
+                     channels: int, tile: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+    """This process's :class:`engine.predict.device.TilePredictor` for the model at
+    ``path`` (loaded once), with ``batch`` tiles per call, or a batch chosen once from the
+    device's free memory when ``batch`` is None. A batch halved after running out of device
+    memory stays halved for later blocks."""
+    from engine.predict.device import TilePredictor, auto_batch
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
-        spatial = list(range(2, x.ndim))
-        with torch.inference_mode():
-            if not self.tta:
-                return self._forward(x).cpu().numpy()
-            # every combination of flips of the (up to 3) spatial axes: 8 in 3D, 4 in 2D
-            total = None
-            combos = [[a for i, a in enumerate(spatial) if m >> i & 1]
-                      for m in range(2 ** len(spatial))]
-            for dims in combos:
-                y = self._forward(torch.flip(x, dims) if dims else x)
-                y = torch.flip(y, dims) if dims else y
-                total = y if total is None else total + y
-            return (total / len(combos)).cpu().numpy()
+    model, meta, dev = worker_model(path, device)
+    if dev.type == "cpu":
+        use_worker_threads()
+    key = (_key(path, dev), tta, batch, channels, tuple(tile))
+    with _LOCK:
+        predictor = _PREDICTORS.get(key)
+    if predictor is None:
+        predictor = TilePredictor(model, dev, meta["target"].get("activation", "sigmoid"),
+                                  tta)
+        with device_lock(dev):  # the probe uses the device
+            predictor.batch = batch or auto_batch(predictor, channels, tuple(tile))
+        with _LOCK:
+            predictor = _PREDICTORS.setdefault(key, predictor)
+    return predictor, meta

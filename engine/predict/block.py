@@ -1,0 +1,342 @@
+"""One block predicted as a stream: read slabs in, tile rows through the device, slabs out.
+
+The block's *read region* (the union of the tiles of the global grid that overlap its
+write region, :class:`engine.predict.tiling.TileGrid`) is read in slabs along the first
+axis, one storage-chunk row at a time, by a reader thread that stays ahead of the device
+(``prefetch`` slabs); on a GPU each slab is copied to the device from pinned memory on a
+copy stream while the network runs. On the device the slab is normalized into the block's
+input buffer, the tiles of each tile row are cut from it, run through the network in
+batches, weighted and summed into the block's accumulators. As soon as no later tile row
+reaches a chunk row of the write region, that chunk row is finished on the device (divided
+by the summed weights, cast to the stored type, thresholded) and handed to a writer thread:
+reading, the network and writing overlap within a block, and across blocks while the next
+block's reader fills its queue.
+
+Every voxel sums the same tiles with the same weights as one sliding window over the whole
+volume, so the result does not depend on the block layout (within float32 rounding: the
+sums run on the device in float32).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.blocks import Region
+from engine.predict.device import TilePredictor
+from engine.predict.tiling import TileGrid
+
+#: slabs the reader may hold ahead of the device
+PREFETCH = 2
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Stored outputs of one finished slab of a write region.
+
+    ``probabilities`` is ``(K, *slab)`` in the stored type (uint8 0–255 or float16),
+    ``labels`` ``(*slab)`` uint8; ``region`` is the slab in volume coordinates.
+    """
+
+    region: Region
+    probabilities: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class BlockTimes:
+    """Where one block's time went, in seconds (``model_s`` is device time)."""
+
+    model_s: float = 0.0
+    read_s: float = 0.0
+    input_wait_s: float = 0.0
+    write_s: float = 0.0
+    output_wait_s: float = 0.0
+    tiles: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finishing:
+    """How a finished slab is stored: the probability type and the label rule."""
+
+    probabilities: str  # "uint8" | "float16"
+    kind: str  # "classes" (argmax) or anything else (foreground channel > threshold)
+    threshold: float = 0.5
+
+    def __call__(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored probabilities and labels of float32 probabilities ``(K, ...)``."""
+        if self.probabilities == "uint8":
+            stored = torch.round(probs.clamp(0, 1) * 255).to(torch.uint8)
+        else:
+            stored = probs.to(torch.float16)
+        if self.kind == "classes":
+            labels = probs.argmax(0).to(torch.uint8)
+        else:  # binary and boundary models: the foreground channel
+            labels = (probs[0] > self.threshold).to(torch.uint8)
+        return stored, labels
+
+
+def slabs(box: Region, unit: int) -> list[slice]:
+    """The first axis of ``box`` cut at multiples of ``unit`` (storage-chunk rows)."""
+    edges = [box[0].start, *range((box[0].start // unit + 1) * unit, box[0].stop, unit),
+             box[0].stop]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def _torch_compatible(a: np.ndarray) -> np.ndarray:
+    """``a`` as a contiguous array torch takes, values unchanged (wider unsigned integers
+    become signed ones of twice the width, booleans uint8, byte order native)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == bool:
+        return a.view(np.uint8)
+    if a.dtype.kind == "u" and a.itemsize > 1:
+        return a.astype({2: np.int32, 4: np.int64}.get(a.itemsize, np.float64))
+    if not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+class _Reader(threading.Thread):
+    """Reads the slabs of the clipped read region and stages them for the device."""
+
+    def __init__(self, read: Callable[[Region], np.ndarray], inner: Region, unit: int,
+                 device: torch.device, prefetch: int) -> None:
+        super().__init__(name="voxelmill-read", daemon=True)
+        self.read, self.inner, self.unit, self.device = read, inner, unit, device
+        self.out: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.seconds = 0.0
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            for sl in slabs(self.inner, self.unit) if self.inner[0].stop > self.inner[0].start \
+                    else []:
+                t0 = time.perf_counter()
+                host = torch.from_numpy(_torch_compatible(self.read((sl, *self.inner[1:]))))
+                event = None
+                if cuda:
+                    host = host.pin_memory()
+                    with torch.cuda.stream(stream):
+                        data = host.to(self.device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                else:
+                    data = host
+                self.seconds += time.perf_counter() - t0
+                if not self._put((sl, data, event)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the device loop, raised there
+            self._put(exc)
+
+
+class _Writer(threading.Thread):
+    """Waits for each finished slab's copy to the host, then stores it."""
+
+    def __init__(self, write: Callable[[Finished], None]) -> None:
+        super().__init__(name="voxelmill-write", daemon=True)
+        self.write = write
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the device loop raises it
+            region, stored, labels, event = job
+            try:
+                t0 = time.perf_counter()
+                if event is not None:
+                    event.synchronize()
+                self.write(Finished(region, stored.numpy(), labels.numpy()))
+                self.seconds += time.perf_counter() - t0
+            except BaseException as exc:  # noqa: BLE001 - raised by the device loop
+                self.error = exc
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` (pinned and asynchronous from a GPU; ``t`` itself on the CPU,
+    where finishing made it new)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray],
+                  grid: TileGrid, region: Region, weights: np.ndarray, channels_out: int,
+                  offset: Sequence[float], scale: Sequence[float], finishing: Finishing,
+                  write: Callable[[Finished], None], unit: int,
+                  prefetch: int = PREFETCH,
+                  device_slot: Callable[[], Any] | None = None) -> BlockTimes:
+    """Predict the write region ``region`` and hand its finished slabs to ``write``.
+
+    Parameters
+    ----------
+    predictor : TilePredictor
+        The network on its device.
+    read : callable
+        ``read(box)`` returns the raw input ``(C, *box shape)`` of a box inside the volume
+        (called from a reader thread).
+    grid : TileGrid
+        The global tile grid.
+    region : tuple of slice
+        The write region; its start along the first axis is a multiple of ``unit``.
+    weights : ndarray
+        :func:`engine.predict.tiling.blend_weights` of ``grid.tile``, float32.
+    channels_out : int
+        ``K``, the network's output channels.
+    offset, scale : sequence of float
+        Normalization per input channel: ``(x - offset[c]) / scale[c]``; beyond the volume
+        the normalized input is 0.
+    finishing : Finishing
+        Stored type and label rule.
+    write : callable
+        ``write(Finished)``, called from a writer thread, once per slab, in order; slabs
+        cover the write region in whole multiples of ``unit`` along the first axis (the
+        last one up to the region's end).
+    unit : int
+        Storage-chunk length of the outputs (and rows of the input) along the first axis.
+    prefetch : int
+        Input slabs read ahead.
+    device_slot : callable, optional
+        A context manager factory held while this block uses the device (one block at a
+        time per device); reading starts before it is acquired.
+
+    Returns
+    -------
+    BlockTimes
+    """
+    dev = predictor.device
+    times = BlockTimes()
+    tiles = grid.tiles_for(region)
+    times.tiles = len(tiles)
+    box = grid.read_region(region)
+    inner = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in
+                  zip(box, grid.shape, strict=True))
+    reader = _Reader(read, inner, unit, dev, prefetch)
+    writer = _Writer(write)
+    reader.start()
+    writer.start()
+    try:
+        slot = device_slot() if device_slot is not None else None
+        if slot is not None:
+            slot.__enter__()
+        try:
+            _stream(predictor, reader, writer, grid, tiles, box, inner, region, weights,
+                    channels_out, offset, scale, finishing, unit, times)
+        finally:
+            if slot is not None:
+                slot.__exit__(None, None, None)
+        t0 = time.perf_counter()
+        writer.jobs.put(None)
+        writer.join()
+        times.output_wait_s = time.perf_counter() - t0
+        if writer.error is not None:
+            raise writer.error
+    finally:
+        reader.stop.set()
+        if writer.is_alive():
+            writer.jobs.put(None)
+        reader.join()
+    times.read_s, times.write_s = reader.seconds, writer.seconds
+    return times
+
+
+def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: TileGrid,
+            tiles: list[tuple[int, ...]], box: Region, inner: Region, region: Region,
+            weights: np.ndarray, channels_out: int, offset: Sequence[float],
+            scale: Sequence[float], finishing: Finishing, unit: int,
+            times: BlockTimes) -> None:
+    """The device side of :func:`predict_block` (see there)."""
+    dev = predictor.device
+    nd = len(grid.shape)
+    channels = len(offset)
+    shape = tuple(r.stop - r.start for r in region)
+    bshape = tuple(b.stop - b.start for b in box)
+    view = (-1,) + (1,) * nd
+    off = torch.tensor(offset, dtype=torch.float32, device=dev).reshape(view)
+    sc = torch.tensor(scale, dtype=torch.float32, device=dev).reshape(view)
+    w = torch.from_numpy(np.ascontiguousarray(weights)).to(dev)
+    image = torch.zeros((channels, *bshape), dtype=torch.float32, device=dev)
+    acc = torch.zeros((channels_out, *shape), dtype=torch.float32, device=dev)
+    wsum = torch.zeros(shape, dtype=torch.float32, device=dev)
+    filled = inner[0].start  # planes of the read region copied to the device so far
+    done = region[0].start  # planes of the write region handed to the writer
+    rows = sorted({t[0] for t in tiles})
+    model_before = predictor.timer.total()
+    with torch.inference_mode():
+        for r, row_start in enumerate(rows):
+            need = min(row_start + grid.tile[0], inner[0].stop)
+            while filled < need:  # the tile row's input planes
+                t0 = time.perf_counter()
+                item = reader.out.get()
+                times.input_wait_s += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    raise item
+                sl, data, event = item
+                if event is not None:
+                    torch.cuda.current_stream(dev).wait_event(event)
+                    data.record_stream(torch.cuda.current_stream(dev))
+                dst = (slice(None), slice(sl.start - box[0].start, sl.stop - box[0].start),
+                       *(slice(i.start - b.start, i.stop - b.start)
+                         for i, b in zip(inner[1:], box[1:], strict=True)))
+                image[dst] = (data.to(torch.float32) - off) / sc
+                filled = sl.stop
+            row = [t for t in tiles if t[0] == row_start]
+            for part in predictor.batches(len(row)):
+                batch = row[part]
+                x = torch.stack([image[(slice(None), *(slice(s - b.start, s - b.start + t)
+                                                       for s, b, t in zip(p, box, grid.tile,
+                                                                          strict=True)))]
+                                 for p in batch])
+                probs = predictor.predict(x)
+                for p, prob in zip(batch, probs, strict=True):
+                    tsl, rsl = [], []
+                    for s, t, g in zip(p, grid.tile, region, strict=True):
+                        lo, hi = max(s, g.start), min(s + t, g.stop)
+                        tsl.append(slice(lo - s, hi - s))
+                        rsl.append(slice(lo - g.start, hi - g.start))
+                    wt = w[tuple(tsl)]
+                    acc[(slice(None), *rsl)].addcmul_(prob[(slice(None), *tsl)], wt)
+                    wsum[tuple(rsl)].add_(wt)
+            # planes below the next row's start get no more tiles: finish whole chunk rows
+            final = rows[r + 1] if r + 1 < len(rows) else region[0].stop
+            upto = region[0].stop if final >= region[0].stop else final // unit * unit
+            if upto > done:
+                sl = slice(done - region[0].start, upto - region[0].start)
+                stored, labels = finishing(acc[:, sl] / wsum[sl])
+                event = None
+                stored, labels = _to_host(stored), _to_host(labels)
+                if dev.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                writer.jobs.put(((slice(done, upto), *region[1:]), stored, labels, event))
+                done = upto
+                if writer.error is not None:
+                    raise writer.error
+    times.model_s = predictor.timer.total() - model_before
+    times.notes = list(predictor.notes)

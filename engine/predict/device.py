@@ -1,0 +1,174 @@
+"""The network on the device: batches of tiles in, probabilities out, timed on the device.
+
+:class:`TilePredictor` runs a model on a batch of tiles already on the device, with mixed
+precision on CUDA and optional flip TTA; it measures the device time of every forward pass
+(CUDA events, or the wall time on the CPU, where a call is synchronous) and, when a batch
+runs out of device memory, halves the batch for the rest of the run (once per size, said in
+:attr:`TilePredictor.notes`) instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: tiles per call when neither the user nor the device's free memory says otherwise
+CPU_BATCH = 4
+#: the most tiles per call the free-memory rule picks
+MAX_AUTO_BATCH = 32
+
+
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions torch raises when the device runs out of memory."""
+    found = [getattr(torch, "OutOfMemoryError", None),
+             getattr(torch.cuda, "OutOfMemoryError", None)]
+    return tuple({e for e in found if isinstance(e, type)}) or (RuntimeError,)
+
+
+class DeviceTimer:
+    """Sums the device time of timed sections: CUDA events on a GPU (read at :meth:`total`,
+    so timing never synchronizes the stream), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pairs: list[tuple[Any, Any]] = []
+        self._seconds = 0.0
+
+    def section(self) -> _Section:
+        return _Section(self)
+
+    def total(self) -> float:
+        """Seconds of device time so far (waits for the recorded sections to finish)."""
+        if self._pairs:
+            self._pairs[-1][1].synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._pairs) / 1e3
+            self._pairs.clear()
+        return self._seconds
+
+
+class _Section:
+    def __init__(self, timer: DeviceTimer) -> None:
+        self.timer = timer
+
+    def __enter__(self) -> None:
+        import time
+
+        if self.timer.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        import time
+
+        if self.timer.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.timer._pairs.append((self.start, end))
+        else:
+            self.timer._seconds += time.perf_counter() - self.t0
+
+
+@dataclass
+class TilePredictor:
+    """Probabilities ``(B, K, *tile)`` float32 of tiles ``(B, C, *tile)`` on the device.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        On ``device``, in eval mode.
+    device : torch.device
+    activation : {"sigmoid", "softmax"}
+    tta : bool
+        Average over every flip of the spatial axes (8 in 3D, 4 in 2D).
+    amp : bool
+        float16 autocast on CUDA.
+    batch : int
+        Tiles per forward pass; halved on a device out-of-memory error.
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    activation: str
+    tta: bool = False
+    amp: bool = True
+    batch: int = CPU_BATCH
+    timer: DeviceTimer = field(init=False)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.timer = DeviceTimer(self.device)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.float16,
+                            enabled=self.amp and self.device.type == "cuda"):
+            logits = self.model(x)
+        logits = logits.float()
+        return torch.softmax(logits, 1) if self.activation == "softmax" \
+            else torch.sigmoid(logits)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tta:
+            return self._forward(x)
+        spatial = list(range(2, x.ndim))
+        total = None
+        combos = [[a for i, a in enumerate(spatial) if m >> i & 1]
+                  for m in range(2 ** len(spatial))]
+        for dims in combos:
+            y = self._forward(torch.flip(x, dims) if dims else x)
+            y = torch.flip(y, dims) if dims else y
+            total = y if total is None else total + y
+        return total / len(combos)
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self.timer.section():
+            return self._predict(tiles)
+
+    def untimed(self, tiles: torch.Tensor) -> torch.Tensor:
+        """The prediction without timing it (a probe)."""
+        with torch.inference_mode():
+            return self._predict(tiles)
+
+    def batches(self, n: int) -> Iterator[slice]:
+        """Slices of ``range(n)`` of the current batch size (it may shrink between them)."""
+        start = 0
+        while start < n:
+            yield slice(start, min(start + self.batch, n))
+            start = min(start + self.batch, n)
+
+    def predict(self, tiles: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__`, retried in halves after a device out-of-memory error."""
+        try:
+            return self(tiles)
+        except out_of_memory_errors():
+            if len(tiles) <= 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = max(1, len(tiles) // 2)
+            self.notes.append(f"device out of memory with a batch of {len(tiles)} tiles: "
+                              f"retrying with batches of {half}")
+            self.batch = half
+            return torch.cat([self.predict(tiles[:half]), self.predict(tiles[half:])])
+
+
+def auto_batch(predictor: TilePredictor, channels: int, tile: tuple[int, ...],
+               share: float = 0.4) -> int:
+    """Tiles per call from the device's free memory: one tile's peak memory (measured with
+    a forward pass of one zero tile) into ``share`` of the free memory, 1 to
+    :data:`MAX_AUTO_BATCH`. On the CPU: :data:`CPU_BATCH`."""
+    if predictor.device.type != "cuda":
+        return CPU_BATCH
+    torch.cuda.synchronize(predictor.device)
+    base = torch.cuda.memory_allocated(predictor.device)
+    torch.cuda.reset_peak_memory_stats(predictor.device)
+    x = torch.zeros((1, channels, *tile), device=predictor.device)
+    with torch.inference_mode():
+        predictor.untimed(x)
+    per_tile = max(torch.cuda.max_memory_allocated(predictor.device) - base, 1)
+    free, _ = torch.cuda.mem_get_info(predictor.device)
+    return int(max(1, min(MAX_AUTO_BATCH, share * free // per_tile)))

@@ -1,0 +1,253 @@
+"""The inference block task, its dispatch to device workers, and the throughput report.
+
+:class:`PredictTask` runs on a worker for one block: it takes the model the worker process
+loaded once, streams the block through the device (:func:`engine.predict.block.predict_block`,
+one block at a time per device while other blocks of the same worker read and write), and
+writes the probabilities, the labels and the pyramid levels that fit in the block straight
+into the output arrays.
+
+:func:`device_dispatch` says how blocks go to workers: on a cluster with GPU workers
+(``--resources GPU=1``) each task asks for ``1 / IN_FLIGHT_PER_DEVICE`` of a GPU, so a GPU
+worker holds that many blocks at once (one on the device, the next being read, the last
+being written) and CPU-only workers get none; without GPU workers every worker predicts.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.blocks import Block, Region
+
+#: blocks a device worker holds at once: computing, being read, being written
+IN_FLIGHT_PER_DEVICE = 3
+
+
+def device_dispatch(client: Any) -> tuple[list[str], dict[str, float] | None, int]:
+    """``(gpu workers, task resources, blocks submitted at once)`` for a device pass."""
+    from engine.cluster import gpu_workers
+
+    gpus = gpu_workers(client)
+    if gpus:
+        return gpus, {"GPU": 1 / IN_FLIGHT_PER_DEVICE}, 2 * IN_FLIGHT_PER_DEVICE * len(gpus)
+    return gpus, None, IN_FLIGHT_PER_DEVICE * max(1, len(client.nthreads()))
+
+
+def worker_address() -> str:
+    """This worker's address (the host name outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):  # called directly, not in a worker
+        return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """The model's input channels of the level-0 array ``path`` (raw values).
+
+    ``prefix`` fixes leading axes (a time point); ``channels`` index the channel axis when
+    ``has_channel_axis``.
+    """
+
+    path: str
+    channels: tuple[int, ...]
+    has_channel_axis: bool
+    prefix: tuple[int, ...] = ()
+
+    def read(self, box: Region) -> np.ndarray:
+        """``(C, *box shape)`` of a box inside the volume; a damaged chunk is a user error
+        naming it."""
+        import zarr
+
+        from engine.io.integrity import read_checked
+
+        arr = zarr.open_array(self.path, mode="r")
+        if not self.has_channel_axis:
+            return read_checked(arr, self.path, self.prefix + tuple(box))[None]
+        return np.stack([read_checked(arr, self.path, self.prefix + (c, *box))
+                         for c in self.channels])
+
+
+@dataclass(frozen=True)
+class OutputArrays:
+    """Where a block's outputs go: the level arrays written from the block itself.
+
+    ``probabilities`` are the paths of levels 0..m of the probabilities (``(K, *spatial)``),
+    ``labels`` those of the labels (one path, level 0 only, when the labels are labelled
+    into instances later); ``factors`` are the spatial downsampling factors from each level
+    to the next.
+    """
+
+    probabilities: tuple[str, ...]
+    labels: tuple[str, ...]
+    factors: tuple[tuple[int, ...], ...]
+
+
+class _BlockOutputs:
+    """Collects a block's finished slabs: level 0 written as they come, the block kept in
+    memory for the levels written at the end."""
+
+    def __init__(self, arrays: OutputArrays, region: Region, channels_out: int,
+                 prob_dtype: str) -> None:
+        shape = tuple(r.stop - r.start for r in region)
+        self.arrays, self.region = arrays, region
+        pyramid = len(arrays.probabilities) > 1 or len(arrays.labels) > 1
+        self.probs = np.empty((channels_out, *shape), prob_dtype) if pyramid else None
+        self.labels = np.empty(shape, np.uint8) if pyramid else None
+
+    def write(self, done: Any) -> None:  # done: engine.predict.block.Finished
+        from engine.pyramid import write_levels
+
+        k = done.probabilities.shape[0]
+        write_levels(self.arrays.probabilities[:1], (slice(0, k), *done.region),
+                     done.probabilities, (), "mean")
+        write_levels(self.arrays.labels[:1], done.region, done.labels, (), "mode")
+        if self.probs is not None:
+            local = tuple(slice(d.start - r.start, d.stop - r.start)
+                          for d, r in zip(done.region, self.region, strict=True))
+            self.probs[(slice(None), *local)] = done.probabilities
+            self.labels[local] = done.labels
+
+    def finish(self) -> None:
+        """Write the pyramid levels that fit in the block, from the block in memory."""
+        from engine.pyramid import write_levels
+
+        if self.probs is None:
+            return
+        k = self.probs.shape[0]
+        f = self.arrays.factors
+        if len(self.arrays.probabilities) > 1:
+            write_levels(self.arrays.probabilities, (slice(0, k), *self.region), self.probs,
+                         tuple((1, *x) for x in f[:len(self.arrays.probabilities) - 1]),
+                         "mean", write_first=False)
+        if len(self.arrays.labels) > 1:
+            write_levels(self.arrays.labels, self.region, self.labels,
+                         f[:len(self.arrays.labels) - 1], "mode", write_first=False)
+
+
+@dataclass
+class PredictTask:
+    """One block: read, normalize, predict the overlapping tiles, blend, write (see the
+    module docstring). Returns the block's timings for :func:`throughput`."""
+
+    model: str
+    device: str
+    source: VolumeSource
+    grid: Any  # engine.predict.tiling.TileGrid
+    blend: str
+    batch: int | None
+    tta: bool
+    offset: tuple[float, ...]
+    scale: tuple[float, ...]
+    outputs: OutputArrays
+    prob_dtype: str
+    threshold: float
+    kind: str
+    unit: int  # storage-chunk length of the outputs along the first spatial axis
+
+    def __call__(self, block: Block) -> dict[str, Any]:
+        from engine.predict.block import Finishing, predict_block
+        from engine.predict.tiling import blend_weights
+        from engine.predict.workers import device_lock, load_counts, worker_predictor
+
+        start = time.time()
+        t0 = time.perf_counter()
+        predictor, meta = worker_predictor(self.model, self.device, self.tta, self.batch,
+                                           len(self.source.channels), self.grid.tile)
+        load_s = time.perf_counter() - t0
+        k = int(meta["arch"]["out_channels"])
+        sink = _BlockOutputs(self.outputs, block.write, k, self.prob_dtype)
+        lock = device_lock(predictor.device)
+        waited = [0.0]
+
+        class _Slot:  # the device, one block at a time; the wait is reported
+            def __enter__(self) -> None:
+                w0 = time.perf_counter()
+                lock.acquire()
+                waited[0] = time.perf_counter() - w0
+
+            def __exit__(self, *exc: Any) -> None:
+                lock.release()
+
+        times = predict_block(predictor, self.source.read, self.grid, block.write,
+                              blend_weights(self.grid.tile, self.blend), k, self.offset,
+                              self.scale, Finishing(self.prob_dtype, self.kind, self.threshold),
+                              sink.write, self.unit, device_slot=_Slot)
+        t1 = time.perf_counter()
+        sink.finish()
+        pyramid_s = time.perf_counter() - t1
+        return {"worker": worker_address(), "voxels": int(np.prod(block.shape)),
+                "tiles": times.tiles, "model_s": times.model_s, "read_s": times.read_s,
+                "input_wait_s": times.input_wait_s, "write_s": times.write_s + pyramid_s,
+                "output_wait_s": times.output_wait_s, "device_wait_s": waited[0],
+                "load_s": load_s, "start": start, "end": time.time(),
+                "loads": load_counts().get(str(Path(self.model).resolve()), 0),
+                "device": str(predictor.device), "batch": predictor.batch,
+                "notes": times.notes}
+
+
+@dataclass
+class Throughput:
+    """Per worker totals of the block reports."""
+
+    blocks: int = 0
+    voxels: int = 0
+    tiles: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    start: float = float("inf")
+    end: float = 0.0
+
+
+TIMED = ("model_s", "read_s", "input_wait_s", "write_s", "output_wait_s", "device_wait_s",
+         "load_s")
+
+
+def throughput(results: Sequence[dict[str, Any]], seconds: float,
+               grid_tiles: int | None = None) -> dict[str, Any]:
+    """Voxels per second overall and per worker, and where each device worker's time went:
+    ``device_busy`` is the model's device time over the worker's busy span (first block
+    start to last block end); reads and writes run in threads beside the device, so their
+    seconds overlap it. ``tiles`` counts the tiles run through the network, and
+    ``tile_ratio`` divides them by the tiles of the global grid (1.0: none computed twice)."""
+    per: dict[str, Throughput] = {}
+    notes: list[str] = []
+    for r in results:
+        w = per.setdefault(r["worker"], Throughput())
+        w.blocks += 1
+        w.voxels += r["voxels"]
+        w.tiles += r["tiles"]
+        for key in TIMED:
+            w.sums[key] = w.sums.get(key, 0.0) + r[key]
+        w.start, w.end = min(w.start, r["start"]), max(w.end, r["end"])
+        notes += [n for n in r.get("notes", []) if n not in notes]
+    total = {k: sum(w.sums.get(k, 0.0) for w in per.values()) for k in TIMED}
+    spans = sum(max(w.end - w.start, 1e-9) for w in per.values())
+    voxels = sum(w.voxels for w in per.values())
+    tiles = sum(w.tiles for w in per.values())
+    out: dict[str, Any] = {
+        "voxels": int(voxels), "seconds": round(seconds, 3),
+        "voxels_per_s": round(voxels / seconds, 1) if seconds else None,
+        **{k: round(v, 3) for k, v in total.items()},
+        "compute_s": round(total["model_s"], 3),
+        "device_busy": round(total["model_s"] / spans, 3) if per else None,
+        "tiles": int(tiles),
+        "workers": {a: {"blocks": w.blocks, "voxels_per_s": round(
+            w.voxels / max(w.end - w.start, 1e-9), 1),
+            "device_busy": round(w.sums.get("model_s", 0.0) / max(w.end - w.start, 1e-9), 3),
+            **{k: round(w.sums.get(k, 0.0), 3) for k in TIMED}}
+            for a, w in sorted(per.items())},
+        "notes": notes,
+    }
+    out["compute_fraction"] = out["device_busy"]
+    if grid_tiles:
+        out["grid_tiles"] = int(grid_tiles)
+        out["tile_ratio"] = round(tiles / grid_tiles, 3)
+    return out
