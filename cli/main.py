@@ -83,6 +83,9 @@ def _global_options(
     jobs: Annotated[int | None, typer.Option(help="SLURM jobs to start.")] = None,
     gpus_per_job: Annotated[int, typer.Option(
         help="GPUs per SLURM job (--gres=gpu:K; its worker gets --resources GPU=K).")] = 0,
+    gpus: Annotated[str | None, typer.Option(
+        help="N or auto: the embedded cluster starts one GPU worker per device (GPU=1, "
+        "CUDA_VISIBLE_DEVICES set) beside the CPU workers.")] = None,
     jobqueue_config: Annotated[Path | None, typer.Option(
         help="dask-jobqueue YAML (jobqueue: slurm: cores, memory, queue, account, walltime).")
     ] = None,
@@ -109,7 +112,7 @@ def _global_options(
     _CLUSTER_SPEC.update(cluster=cluster_kind, jobs=jobs, gpus_per_job=gpus_per_job,
                          jobqueue_config=str(jobqueue_config) if jobqueue_config else None,
                          adaptive=adaptive, tls=str(tls) if tls else None,
-                         dashboard_address=dashboard_address)
+                         dashboard_address=dashboard_address, gpus=gpus)
 
 
 @contextmanager

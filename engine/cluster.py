@@ -34,7 +34,8 @@ class ClusterOptions:
     jobs : int, optional
         SLURM jobs to start (with ``adaptive``: the most to scale up to).
     gpus_per_job : int
-        GPUs per SLURM job: ``--gres=gpu:K`` and ``--resources GPU=K`` for its worker.
+        GPUs per SLURM job: ``--gres=gpu:K`` and K workers in the job, each with
+        ``--resources GPU=1``.
     jobqueue_config : str, optional
         YAML file in dask-jobqueue's configuration layout (``jobqueue: slurm: {...}``).
     adaptive : bool
@@ -47,6 +48,10 @@ class ClusterOptions:
     dashboard_address : str
         Where the embedded cluster's dashboard listens; the default binds to this machine
         only (``0.0.0.0:8787`` opens it to the network).
+    gpus : str, optional
+        ``N`` or ``auto`` (every GPU this machine has): the embedded cluster starts one GPU
+        worker per device beside the CPU workers, each seeing its device alone
+        (``CUDA_VISIBLE_DEVICES``) and advertising ``GPU=1``.
     """
 
     scheduler: str | None = None
@@ -60,6 +65,7 @@ class ClusterOptions:
     adaptive: bool = False
     tls: str | None = None
     dashboard_address: str = "127.0.0.1:8787"
+    gpus: str | None = None
 
 
 def _cores() -> int:
@@ -79,6 +85,68 @@ def local_cluster_shape(options: ClusterOptions) -> tuple[int, int]:
     return workers, threads
 
 
+#: worker threads of an embedded GPU worker: the blocks it holds at once
+GPU_WORKER_THREADS = 3
+
+
+def gpu_count(gpus: str | None) -> int:
+    """The GPU workers ``--gpus`` asks for: ``auto`` is every visible CUDA device (0
+    without torch or CUDA); ``N`` must not exceed them."""
+    if gpus in (None, "", "0"):
+        return 0
+    try:
+        import torch
+
+        available = torch.cuda.device_count()
+    except ImportError:
+        available = 0
+    if gpus == "auto":
+        return available
+    try:
+        n = int(str(gpus))
+    except ValueError:
+        raise OptionError(f"--gpus {gpus!r}: a number of GPUs or auto") from None
+    if n < 0:
+        raise OptionError(f"--gpus {n}: must be ≥ 0 (or auto)")
+    if n > available:
+        raise OptionError(f"--gpus {n}: this machine has {available} CUDA device(s)"
+                          + ("" if available else " (or torch has no CUDA support)"))
+    return n
+
+
+def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
+              dashboard_address: str) -> object:
+    """A ``LocalCluster``, or with ``gpus`` a ``SpecCluster`` of the same CPU workers plus
+    one GPU worker per device."""
+    from distributed import LocalCluster
+
+    if not gpus:
+        return LocalCluster(
+            n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+            dashboard_address=dashboard_address, silence_logs=40, **kwargs,
+        )
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    security = kwargs.get("security")
+    common: dict[str, object] = {"host": "127.0.0.1", "silence_logs": 40}
+    if security is not None:
+        common.update(security=security, protocol="tls://")
+    if "memory_limit" in kwargs:
+        common["memory_limit"] = kwargs["memory_limit"]
+    specs: dict[str, dict[str, object]] = {
+        f"cpu{i}": {"cls": Nanny, "options": {**common, "nthreads": threads}}
+        for i in range(workers)}
+    for i in range(gpus):
+        specs[f"gpu{i}"] = {"cls": Nanny, "options": {
+            **common, "nthreads": GPU_WORKER_THREADS, "resources": {"GPU": 1},
+            "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+    scheduler = {"cls": Scheduler, "options": {
+        "host": "127.0.0.1", "dashboard_address": dashboard_address,
+        **({"security": security, "protocol": "tls://"} if security is not None else {})}}
+    return SpecCluster(workers=specs, scheduler=scheduler, security=security,
+                       silence_logs=40)
+
+
 @contextmanager
 def connect(
     options: ClusterOptions | None = None,
@@ -90,7 +158,7 @@ def connect(
     watch the run in the Dask dashboard.
     """
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     options = options or ClusterOptions()
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -146,6 +214,7 @@ def connect(
         return
 
     workers, threads = local_cluster_shape(options)
+    gpus = gpu_count(options.gpus)
     kwargs: dict[str, object] = {}
     if options.memory_limit:
         kwargs["memory_limit"] = options.memory_limit
@@ -161,14 +230,13 @@ def connect(
         # port 8787 taken (another cluster): distributed picks a free one; the link says which
         warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
         # listen on this machine only: scheduler, workers and (by default) the dashboard
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-            dashboard_address=options.dashboard_address, silence_logs=40, **kwargs,
-        )
-    client = Client(cluster)
+        cluster = _embedded(workers, threads, gpus, kwargs, options.dashboard_address)
+    client = Client(cluster, security=kwargs.get("security"))
+    if gpus:
+        client.wait_for_workers(workers + gpus)
     report(
-        f"local cluster: {workers} worker(s) × {threads} thread(s); "
-        f"dashboard: {client.dashboard_link}"
+        f"local cluster: {workers} worker(s) × {threads} thread(s)"
+        + (f" and {gpus} GPU worker(s)" if gpus else "") + f"; dashboard: {client.dashboard_link}"
     )
     try:
         yield client
@@ -234,8 +302,11 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
     directives = list(settings.pop("job_extra_directives", None) or [])
     worker_args = list(settings.pop("worker_extra_args", None) or [])
     if options.gpus_per_job:
+        # one worker per GPU, each GPU=1 (it picks its device by its index in the job, see
+        # engine.predict.workers.worker_gpu_index): --gpus means the same everywhere
         directives.append(f"--gres=gpu:{options.gpus_per_job}")
-        worker_args += ["--resources", f"GPU={options.gpus_per_job}"]
+        worker_args += ["--resources", "GPU=1"]
+        settings["processes"] = options.gpus_per_job
     settings["job_extra_directives"] = directives
     settings["worker_extra_args"] = worker_args
     return settings

@@ -228,11 +228,14 @@ class MisalignedWrite(RuntimeError):
     """A block write that would share a storage unit (chunk or shard) with another block."""
 
 
-def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
+def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray,
+                    whole: bool = False) -> None:
     """Write ``data`` at ``region`` one storage unit (shard, else chunk) at a time.
 
     Handing zarr contiguous chunk-sized pieces avoids its fill-and-copy of a region that
-    spans many chunks, which doubled a block's memory.
+    spans many chunks, which doubled a block's memory. With ``whole`` the region goes to
+    zarr in one call instead, which encodes its chunks concurrently (for slabs small
+    enough that a copy does not matter).
 
     Raises
     ------
@@ -249,6 +252,9 @@ def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
                 f"{getattr(array, 'path', array)}: axis {ax} is not aligned to its storage "
                 f"unit {tuple(unit)} (a block layout must be a multiple of the shard, else "
                 "chunk, shape)")
+    if whole:
+        array[region] = data
+        return
     starts = [range(r.start, r.stop, u) for r, u in zip(region, unit, strict=True)]
     for origin in itertools.product(*starts):
         dst = tuple(slice(o, min(o + u, r.stop)) for o, u, r in
@@ -259,14 +265,15 @@ def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray) -> None:
 
 
 def write_levels(paths: Sequence[str], region: tuple[slice, ...], data: np.ndarray,
-                 factors: Sequence[Sequence[int]], method: str, write_first: bool = True) -> None:
+                 factors: Sequence[Sequence[int]], method: str, write_first: bool = True,
+                 whole: bool = False) -> None:
     """Write ``data``, the voxels of ``region`` of the array ``paths[0]``, and its
     downsampled levels ``paths[1:]`` (``factors[i]`` from each level to the next).
 
     ``region`` must cover whole storage units on every level it reaches (a block aligned to
     ``chunk × factor``, or reaching the end of each axis): then the levels equal the
     whole-array result. With ``write_first=False``, ``paths[0]`` is not written (the data
-    is already there).
+    is already there). ``whole``: see :func:`write_chunkwise`.
     """
     import zarr
 
@@ -278,14 +285,14 @@ def write_levels(paths: Sequence[str], region: tuple[slice, ...], data: np.ndarr
         return zarr.open_array(path, mode="r+").with_config(config)
 
     if write_first:
-        write_chunkwise(open_level(paths[0]), region, data)
+        write_chunkwise(open_level(paths[0]), region, data, whole)
     origin = [s.start for s in region]
     down = DOWNSAMPLERS[method]
     for path, f in zip(paths[1:], factors, strict=True):
         data = down(data, f)
         origin = [o // k for o, k in zip(origin, f, strict=True)]
         region = tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))
-        write_chunkwise(open_level(path), region, data)
+        write_chunkwise(open_level(path), region, data, whole)
 
 
 def levels_within(levels: Sequence[Level], chunks: Sequence[int],

@@ -93,7 +93,9 @@ def test_slurm_job_script_has_directives_and_gpu_resources():
     for line in ("#SBATCH -p normal", "#SBATCH -A mylab", "#SBATCH -t 04:00:00",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=", "#SBATCH --gres=gpu:2"):
         assert line in script, line
-    assert "--resources GPU=2" in script and "--nthreads 8" in script
+    # --gpus-per-job K: K workers per job (one per GPU), each advertising GPU=1
+    assert "--resources GPU=1" in script and "--nworkers 2" in script, script
+    assert "--nthreads 4" in script
 
 
 def test_slurm_job_script_with_tls(tmp_path: Path):

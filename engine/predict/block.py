@@ -33,21 +33,25 @@ from engine.blocks import Region
 from engine.predict.device import TilePredictor
 from engine.predict.tiling import TileGrid
 
-#: slabs the reader may hold ahead of the device
-PREFETCH = 2
+#: slabs read ahead of the device, each by its own thread
+PREFETCH = 3
+#: finished slabs written at the same time
+WRITERS = 3
 
 
 @dataclass(frozen=True)
 class Finished:
-    """Stored outputs of one finished slab of a write region.
+    """Stored outputs of one finished slab of a write region, or of a pyramid level of it.
 
-    ``probabilities`` is ``(K, *slab)`` in the stored type (uint8 0–255 or float16),
-    ``labels`` ``(*slab)`` uint8; ``region`` is the slab in volume coordinates.
+    ``probabilities`` is ``(K, *slab)`` in the stored type (uint8 0–255 or float16; None on
+    a level computed on the host, see :func:`predict_block`), ``labels`` ``(*slab)`` uint8;
+    ``region`` is the slab in the coordinates of ``level`` (0: the volume's).
     """
 
     region: Region
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     labels: np.ndarray
+    level: int = 0
 
 
 @dataclass
@@ -70,6 +74,10 @@ class Finishing:
     probabilities: str  # "uint8" | "float16"
     kind: str  # "classes" (argmax) or anything else (foreground channel > threshold)
     threshold: float = 0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8 if self.probabilities == "uint8" else torch.float16
 
     def __call__(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored probabilities and labels of float32 probabilities ``(K, ...)``."""
@@ -105,15 +113,19 @@ def _torch_compatible(a: np.ndarray) -> np.ndarray:
 
 
 class _Reader(threading.Thread):
-    """Reads the slabs of the clipped read region and stages them for the device."""
+    """Reads the slabs of the clipped read region and stages them for the device, in order,
+    several at a time (``prefetch`` threads: decoding releases the GIL, and one thread
+    reads slower than a GPU consumes)."""
 
     def __init__(self, read: Callable[[Region], np.ndarray], inner: Region, unit: int,
                  device: torch.device, prefetch: int) -> None:
         super().__init__(name="voxelmill-read", daemon=True)
         self.read, self.inner, self.unit, self.device = read, inner, unit, device
-        self.out: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.prefetch = max(1, prefetch)
+        self.out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self.stop = threading.Event()
         self.seconds = 0.0
+        self._streams = threading.local()
 
     def _put(self, item: Any) -> bool:
         while not self.stop.is_set():
@@ -124,56 +136,88 @@ class _Reader(threading.Thread):
                 continue
         return False
 
+    def _stage(self, sl: slice) -> tuple[slice, torch.Tensor, Any, float]:
+        """Read one slab; on a GPU, pin it and start its copy on this thread's stream."""
+        t0 = time.perf_counter()
+        host = torch.from_numpy(_torch_compatible(self.read((sl, *self.inner[1:]))))
+        event = None
+        if self.device.type == "cuda":
+            stream = getattr(self._streams, "stream", None)
+            if stream is None:
+                stream = self._streams.stream = torch.cuda.Stream(self.device)
+            host = host.pin_memory()
+            with torch.cuda.stream(stream):
+                data = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+        else:
+            data = host
+        return sl, data, event, time.perf_counter() - t0
+
     def run(self) -> None:
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        try:
-            for sl in slabs(self.inner, self.unit) if self.inner[0].stop > self.inner[0].start \
-                    else []:
-                t0 = time.perf_counter()
-                host = torch.from_numpy(_torch_compatible(self.read((sl, *self.inner[1:]))))
-                event = None
-                if cuda:
-                    host = host.pin_memory()
-                    with torch.cuda.stream(stream):
-                        data = host.to(self.device, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                else:
-                    data = host
-                self.seconds += time.perf_counter() - t0
-                if not self._put((sl, data, event)):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the device loop, raised there
-            self._put(exc)
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = iter(slabs(self.inner, self.unit)
+                    if self.inner[0].stop > self.inner[0].start else [])
+        with ThreadPoolExecutor(self.prefetch, thread_name_prefix="voxelmill-read") as pool:
+            ahead: deque = deque()
+            try:
+                while True:
+                    while len(ahead) < self.prefetch:
+                        sl = next(todo, None)
+                        if sl is None:
+                            break
+                        ahead.append(pool.submit(self._stage, sl))
+                    if not ahead:
+                        return
+                    sl, data, event, seconds = ahead.popleft().result()
+                    self.seconds += seconds
+                    if not self._put((sl, data, event)):
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the device loop
+                self._put(exc)
+            finally:
+                for fut in ahead:
+                    fut.cancel()
 
 
 class _Writer(threading.Thread):
-    """Waits for each finished slab's copy to the host, then stores it."""
+    """Waits for each finished slab's copy to the host, then stores it; ``threads`` slabs
+    (or levels) at a time, since each one writes its own chunks."""
 
-    def __init__(self, write: Callable[[Finished], None]) -> None:
+    def __init__(self, write: Callable[[Finished], None], threads: int = WRITERS) -> None:
         super().__init__(name="voxelmill-write", daemon=True)
-        self.write = write
+        self.write, self.threads = write, threads
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def _store(self, job: tuple) -> None:
+        region, stored, labels, event, level = job
+        if self.error is not None:
+            return  # after a failure: drain; the device loop raises it
+        try:
+            t0 = time.perf_counter()
+            if event is not None:
+                event.synchronize()
+            self.write(Finished(region, None if stored is None else stored.numpy(),
+                                labels.numpy(), level))
+            with self._lock:
+                self.seconds += time.perf_counter() - t0
+        except BaseException as exc:  # noqa: BLE001 - raised by the device loop
+            self.error = exc
 
     def run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue  # drain after a failure; the device loop raises it
-            region, stored, labels, event = job
-            try:
-                t0 = time.perf_counter()
-                if event is not None:
-                    event.synchronize()
-                self.write(Finished(region, stored.numpy(), labels.numpy()))
-                self.seconds += time.perf_counter() - t0
-            except BaseException as exc:  # noqa: BLE001 - raised by the device loop
-                self.error = exc
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="voxelmill-write") as pool:
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return  # leaving the pool waits for the writes under way
+                pool.submit(self._store, job)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +235,8 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
                   offset: Sequence[float], scale: Sequence[float], finishing: Finishing,
                   write: Callable[[Finished], None], unit: int,
                   prefetch: int = PREFETCH,
-                  device_slot: Callable[[], Any] | None = None) -> BlockTimes:
+                  device_slot: Callable[[], Any] | None = None,
+                  levels: Sequence[Sequence[int]] = ()) -> BlockTimes:
     """Predict the write region ``region`` and hand its finished slabs to ``write``.
 
     Parameters
@@ -225,6 +270,12 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
     device_slot : callable, optional
         A context manager factory held while this block uses the device (one block at a
         time per device); reading starts before it is acquired.
+    levels : sequence of tuple of int
+        Spatial downsampling factors of the pyramid levels computed from the block, each
+        from the previous level: after the last slab, ``write`` also receives each level
+        of the whole write region (``Finished.level`` 1, 2 …), computed on the device
+        (:mod:`engine.predict.downsample`) for the labels and uint8 probabilities; float16
+        probabilities come as None there (their exact float16 rounding is the host's).
 
     Returns
     -------
@@ -247,7 +298,7 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
             slot.__enter__()
         try:
             _stream(predictor, reader, writer, grid, tiles, box, inner, region, weights,
-                    channels_out, offset, scale, finishing, unit, times)
+                    channels_out, offset, scale, finishing, unit, times, levels)
         finally:
             if slot is not None:
                 slot.__exit__(None, None, None)
@@ -270,7 +321,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
             tiles: list[tuple[int, ...]], box: Region, inner: Region, region: Region,
             weights: np.ndarray, channels_out: int, offset: Sequence[float],
             scale: Sequence[float], finishing: Finishing, unit: int,
-            times: BlockTimes) -> None:
+            times: BlockTimes, levels: Sequence[Sequence[int]]) -> None:
     """The device side of :func:`predict_block` (see there)."""
     dev = predictor.device
     nd = len(grid.shape)
@@ -284,59 +335,108 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
     image = torch.zeros((channels, *bshape), dtype=torch.float32, device=dev)
     acc = torch.zeros((channels_out, *shape), dtype=torch.float32, device=dev)
     wsum = torch.zeros(shape, dtype=torch.float32, device=dev)
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # the block's outputs, for levels
+    if levels:
+        kept = (torch.empty((channels_out, *shape), dtype=finishing.dtype, device=dev),
+                torch.empty(shape, dtype=torch.uint8, device=dev))
     filled = inner[0].start  # planes of the read region copied to the device so far
     done = region[0].start  # planes of the write region handed to the writer
-    rows = sorted({t[0] for t in tiles})
     model_before = predictor.timer.total()
+
+    def fill(need: int) -> None:
+        """Copy the input planes up to ``need`` into the block's input buffer."""
+        nonlocal filled
+        while filled < need:
+            t0 = time.perf_counter()
+            item = reader.out.get()
+            times.input_wait_s += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            sl, data, event = item
+            if event is not None:
+                torch.cuda.current_stream(dev).wait_event(event)
+                data.record_stream(torch.cuda.current_stream(dev))
+            dst = (slice(None), slice(sl.start - box[0].start, sl.stop - box[0].start),
+                   *(slice(i.start - b.start, i.stop - b.start)
+                     for i, b in zip(inner[1:], box[1:], strict=True)))
+            image[dst] = (data.to(torch.float32) - off) / sc
+            filled = sl.stop
+
+    def blend(batch: list[tuple[int, ...]], probs: torch.Tensor) -> None:
+        """Add each tile's weighted probabilities inside the write region."""
+        for p, prob in zip(batch, probs, strict=True):
+            tsl, rsl = [], []
+            for s, t, g in zip(p, grid.tile, region, strict=True):
+                lo, hi = max(s, g.start), min(s + t, g.stop)
+                tsl.append(slice(lo - s, hi - s))
+                rsl.append(slice(lo - g.start, hi - g.start))
+            wt = w[tuple(tsl)]
+            acc[(slice(None), *rsl)].addcmul_(prob[(slice(None), *tsl)], wt)
+            wsum[tuple(rsl)].add_(wt)
+
+    def send(level: int, where: Region, stored: torch.Tensor | None,
+             labels: torch.Tensor) -> None:
+        stored = None if stored is None else _to_host(stored)
+        labels = _to_host(labels)
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        writer.jobs.put((where, stored, labels, event, level))
+        if writer.error is not None:
+            raise writer.error
+
+    def finish(upto: int) -> None:
+        """Hand the planes of the write region below ``upto`` to the writer."""
+        nonlocal done
+        sl = slice(done - region[0].start, upto - region[0].start)
+        stored, labels = finishing(acc[:, sl] / wsum[sl])
+        if kept is not None:
+            kept[0][:, sl] = stored
+            kept[1][sl] = labels
+        send(0, (slice(done, upto), *region[1:]), stored, labels)
+        done = upto
+
+    def pyramid() -> None:
+        """The block's levels, from its outputs on the device."""
+        from engine.predict.downsample import downsample_mean, downsample_mode
+
+        assert kept is not None
+        stored, labels = kept
+        on_device = finishing.dtype == torch.uint8
+        origin = [r.start for r in region]
+        for level, f in enumerate(levels, start=1):
+            stored = downsample_mean(stored, (1, *f)) if on_device else None
+            labels = downsample_mode(labels, f)
+            origin = [o // k for o, k in zip(origin, f, strict=True)]
+            send(level, tuple(slice(o, o + n) for o, n in
+                              zip(origin, labels.shape, strict=True)), stored, labels)
+
+    # tiles in the grid's order (first axis slowest), in batches across tile rows (every
+    # batch but the last is full); the device runs batch i while batch i-1 is blended
     with torch.inference_mode():
-        for r, row_start in enumerate(rows):
-            need = min(row_start + grid.tile[0], inner[0].stop)
-            while filled < need:  # the tile row's input planes
-                t0 = time.perf_counter()
-                item = reader.out.get()
-                times.input_wait_s += time.perf_counter() - t0
-                if isinstance(item, BaseException):
-                    raise item
-                sl, data, event = item
-                if event is not None:
-                    torch.cuda.current_stream(dev).wait_event(event)
-                    data.record_stream(torch.cuda.current_stream(dev))
-                dst = (slice(None), slice(sl.start - box[0].start, sl.stop - box[0].start),
-                       *(slice(i.start - b.start, i.stop - b.start)
-                         for i, b in zip(inner[1:], box[1:], strict=True)))
-                image[dst] = (data.to(torch.float32) - off) / sc
-                filled = sl.stop
-            row = [t for t in tiles if t[0] == row_start]
-            for part in predictor.batches(len(row)):
-                batch = row[part]
+        pending: tuple[list[tuple[int, ...]], Any] | None = None
+        n = 0
+        while pending is not None or n < len(tiles):
+            launched = None
+            if n < len(tiles):
+                batch = tiles[n:n + predictor.batch]
+                fill(min(max(p[0] for p in batch) + grid.tile[0], inner[0].stop))
                 x = torch.stack([image[(slice(None), *(slice(s - b.start, s - b.start + t)
                                                        for s, b, t in zip(p, box, grid.tile,
                                                                           strict=True)))]
                                  for p in batch])
-                probs = predictor.predict(x)
-                for p, prob in zip(batch, probs, strict=True):
-                    tsl, rsl = [], []
-                    for s, t, g in zip(p, grid.tile, region, strict=True):
-                        lo, hi = max(s, g.start), min(s + t, g.stop)
-                        tsl.append(slice(lo - s, hi - s))
-                        rsl.append(slice(lo - g.start, hi - g.start))
-                    wt = w[tuple(tsl)]
-                    acc[(slice(None), *rsl)].addcmul_(prob[(slice(None), *tsl)], wt)
-                    wsum[tuple(rsl)].add_(wt)
-            # planes below the next row's start get no more tiles: finish whole chunk rows
-            final = rows[r + 1] if r + 1 < len(rows) else region[0].stop
-            upto = region[0].stop if final >= region[0].stop else final // unit * unit
-            if upto > done:
-                sl = slice(done - region[0].start, upto - region[0].start)
-                stored, labels = finishing(acc[:, sl] / wsum[sl])
-                event = None
-                stored, labels = _to_host(stored), _to_host(labels)
-                if dev.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record()
-                writer.jobs.put(((slice(done, upto), *region[1:]), stored, labels, event))
-                done = upto
-                if writer.error is not None:
-                    raise writer.error
+                launched = (batch, predictor.submit(x))
+                n += len(batch)
+            if pending is not None:
+                blend(pending[0], pending[1].result())
+                # planes below the next unblended tile get no more: finish whole chunk rows
+                final = launched[0][0][0] if launched is not None else region[0].stop
+                upto = region[0].stop if final >= region[0].stop else final // unit * unit
+                if upto > done:
+                    finish(upto)
+            pending = launched
+        if kept is not None:
+            pyramid()
     times.model_s = predictor.timer.total() - model_before
     times.notes = list(predictor.notes)

@@ -9,7 +9,7 @@ runs out of device memory, halves the batch for the rest of the run (once per si
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,7 @@ class TilePredictor:
     batch: int = CPU_BATCH
     timer: DeviceTimer = field(init=False)
     notes: list[str] = field(default_factory=list)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.timer = DeviceTimer(self.device)
@@ -133,12 +134,25 @@ class TilePredictor:
         with torch.inference_mode():
             return self._predict(tiles)
 
-    def batches(self, n: int) -> Iterator[slice]:
-        """Slices of ``range(n)`` of the current batch size (it may shrink between them)."""
-        start = 0
-        while start < n:
-            yield slice(start, min(start + self.batch, n))
-            start = min(start + self.batch, n)
+    def submit(self, tiles: torch.Tensor) -> Future:
+        """:meth:`predict` in this predictor's own thread, so the caller can blend the
+        previous batch meanwhile (on a GPU the thread only launches the work; one thread
+        for every forward pass also keeps cuDNN's per-thread handles and tuned algorithms
+        to one set)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-device")
+        return self._pool.submit(self.predict, tiles)
+
+    def warm_up(self, channels: int, tile: tuple[int, ...]) -> None:
+        """One untimed forward pass of a full batch of zero tiles in the device thread: on
+        a GPU, cuDNN chooses its algorithms for the batch's shape now, not in the first
+        block."""
+        if self.device.type == "cuda":
+            x = torch.zeros((self.batch, channels, *tile), device=self.device)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-device")
+            self._pool.submit(self.untimed, x).result()
+            torch.cuda.synchronize(self.device)
 
     def predict(self, tiles: torch.Tensor) -> torch.Tensor:
         """:meth:`__call__`, retried in halves after a device out-of-memory error."""

@@ -92,45 +92,40 @@ class OutputArrays:
 
 
 class _BlockOutputs:
-    """Collects a block's finished slabs: level 0 written as they come, the block kept in
-    memory for the levels written at the end."""
+    """Writes a block's finished slabs and levels as they come; float16 probabilities keep
+    the block in memory for their levels, written at the end on the host (see
+    :func:`engine.predict.block.predict_block`)."""
 
     def __init__(self, arrays: OutputArrays, region: Region, channels_out: int,
                  prob_dtype: str) -> None:
         shape = tuple(r.stop - r.start for r in region)
-        self.arrays, self.region = arrays, region
-        pyramid = len(arrays.probabilities) > 1 or len(arrays.labels) > 1
-        self.probs = np.empty((channels_out, *shape), prob_dtype) if pyramid else None
-        self.labels = np.empty(shape, np.uint8) if pyramid else None
+        self.arrays, self.region, self.k = arrays, region, channels_out
+        host = prob_dtype != "uint8" and len(arrays.probabilities) > 1
+        self.probs = np.empty((channels_out, *shape), prob_dtype) if host else None
 
     def write(self, done: Any) -> None:  # done: engine.predict.block.Finished
         from engine.pyramid import write_levels
 
-        k = done.probabilities.shape[0]
-        write_levels(self.arrays.probabilities[:1], (slice(0, k), *done.region),
-                     done.probabilities, (), "mean")
-        write_levels(self.arrays.labels[:1], done.region, done.labels, (), "mode")
-        if self.probs is not None:
-            local = tuple(slice(d.start - r.start, d.stop - r.start)
-                          for d, r in zip(done.region, self.region, strict=True))
-            self.probs[(slice(None), *local)] = done.probabilities
-            self.labels[local] = done.labels
+        if done.probabilities is not None:
+            write_levels(self.arrays.probabilities[done.level:done.level + 1],
+                         (slice(0, self.k), *done.region), done.probabilities, (), "mean",
+                         whole=True)
+            if done.level == 0 and self.probs is not None:
+                local = tuple(slice(d.start - r.start, d.stop - r.start)
+                              for d, r in zip(done.region, self.region, strict=True))
+                self.probs[(slice(None), *local)] = done.probabilities
+        if done.level < len(self.arrays.labels):
+            write_levels(self.arrays.labels[done.level:done.level + 1], done.region,
+                         done.labels, (), "mode", whole=True)
 
     def finish(self) -> None:
-        """Write the pyramid levels that fit in the block, from the block in memory."""
+        """Write the float16 probabilities' levels from the block in memory."""
         from engine.pyramid import write_levels
 
-        if self.probs is None:
-            return
-        k = self.probs.shape[0]
-        f = self.arrays.factors
-        if len(self.arrays.probabilities) > 1:
-            write_levels(self.arrays.probabilities, (slice(0, k), *self.region), self.probs,
-                         tuple((1, *x) for x in f[:len(self.arrays.probabilities) - 1]),
-                         "mean", write_first=False)
-        if len(self.arrays.labels) > 1:
-            write_levels(self.arrays.labels, self.region, self.labels,
-                         f[:len(self.arrays.labels) - 1], "mode", write_first=False)
+        if self.probs is not None:
+            write_levels(self.arrays.probabilities, (slice(0, self.k), *self.region),
+                         self.probs, tuple((1, *f) for f in self.arrays.factors), "mean",
+                         write_first=False)
 
 
 @dataclass
@@ -180,7 +175,8 @@ class PredictTask:
         times = predict_block(predictor, self.source.read, self.grid, block.write,
                               blend_weights(self.grid.tile, self.blend), k, self.offset,
                               self.scale, Finishing(self.prob_dtype, self.kind, self.threshold),
-                              sink.write, self.unit, device_slot=_Slot)
+                              sink.write, self.unit, device_slot=_Slot,
+                              levels=self.outputs.factors)
         t1 = time.perf_counter()
         sink.finish()
         pyramid_s = time.perf_counter() - t1

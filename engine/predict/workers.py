@@ -63,8 +63,11 @@ def register_model(path: str | os.PathLike[str], device: str, model: torch.nn.Mo
                    meta: dict[str, Any]) -> None:
     """Use ``model`` (already built, e.g. wrapped or compiled) for ``path`` on ``device`` in
     this process, instead of loading the file (not counted in :data:`LOADS`)."""
+    key = _key(path, resolve_device(device))
     with _LOCK:
-        _MODELS[_key(path, resolve_device(device))] = (model, meta)
+        _MODELS[key] = (model, meta)
+        for k in [k for k in _PREDICTORS if k[0] == key]:  # predictors of the old model
+            del _PREDICTORS[k]
 
 
 def _key(path: str | os.PathLike[str], dev: torch.device) -> tuple[str, int, int, str]:
@@ -123,14 +126,17 @@ def worker_predictor(path: str | os.PathLike[str], device: str, tta: bool, batch
     model, meta, dev = worker_model(path, device)
     if dev.type == "cpu":
         use_worker_threads()
+    else:  # tiles have one shape: let cuDNN pick its fastest algorithms for it
+        torch.backends.cudnn.benchmark = True
     key = (_key(path, dev), tta, batch, channels, tuple(tile))
     with _LOCK:
         predictor = _PREDICTORS.get(key)
     if predictor is None:
         predictor = TilePredictor(model, dev, meta["target"].get("activation", "sigmoid"),
                                   tta)
-        with device_lock(dev):  # the probe uses the device
+        with device_lock(dev):  # the probe and the warm-up use the device
             predictor.batch = batch or auto_batch(predictor, channels, tuple(tile))
+            predictor.warm_up(channels, tuple(tile))
         with _LOCK:
             predictor = _PREDICTORS.setdefault(key, predictor)
     return predictor, meta
