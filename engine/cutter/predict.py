@@ -38,7 +38,6 @@ import numpy as np
 
 from engine import __version__, provenance
 from engine.blocks import Block, BlockGrid, stable_hash
-from engine.cluster import gpu_workers
 from engine.cutter.common import (
     SlideImage,
     check_markers_source,
@@ -55,9 +54,12 @@ from engine.output import (
     check_destination,
     check_output_name,
     commit_recorded,
+    output_run,
     partial_path,
     write_multiscale,
 )
+from engine.pipelines.convert import label_values
+from engine.predict.task import device_dispatch
 from engine.pyramid import plan_levels
 from engine.runlock import output_lock
 from engine.runner import RunState, run_blocks
@@ -168,7 +170,8 @@ def plan_cutter_prediction(src: str | Path, options: CutterPredictOptions) -> Cu
                 "input": file_identity(Path(image.level0) / "zarr.json")
                 if (Path(image.level0) / "zarr.json").exists() else image.level0,
                 "model": file_identity(Path(options.model)), "markers": options.markers,
-                "mask": options.mask, "threshold": options.threshold, "block": block}
+                "mask": options.mask, "threshold": options.threshold, "block": block,
+                "batch": options.batch}
     state = RunState(partial_path(image.source / "labels" / options.name) / ".voxelmill",
                      stable_hash(identity), identity)
     return CutterPredictPlan(image, options, meta, refs, mask, markers, crop,
@@ -283,15 +286,18 @@ class CutterTask:
     def __call__(self, block: Block) -> dict[str, Any]:
         import zarr
 
-        from engine.predict.workers import use_worker_threads, worker_model
+        from engine.predict.workers import device_lock, use_worker_threads, worker_model
 
         model, _, dev = worker_model(self.model, self.device)
         if dev.type == "cpu":
             use_worker_threads()
         rows = markers_near(np.load(self.markers_path, mmap_mode="r"), block.write, self.crop)
         rows = np.asarray(rows)
+        # reading and writing overlap other blocks of this worker; the device takes one
+        # block at a time (engine.predict.task.device_dispatch puts several on a worker)
         inputs = marker_inputs(self.refs, self.stats, rows, self.crop, self.shape)
-        probs = predict_crops(model, dev, inputs, self.batch)
+        with device_lock(dev):
+            probs = predict_crops(model, dev, inputs, self.batch)
         mask = read_mask(self.mask, block.write, self.shape)
         labels = assign(probs, rows, block.write, self.crop, mask, self.threshold)
         zarr.open_array(self.out, mode="r+")[block.write] = labels
@@ -354,68 +360,47 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
 
     opts = plan.options
     image = plan.image
-    with output_lock(plan.destination, report=report), \
-            output_lock(plan.borders_destination, report=report), \
-            provenance.RunRecord("cutter-predict", plan.state.identity) as record:
-        partial = partial_path(plan.destination)
-        borders_partial = partial_path(plan.borders_destination)
-        work = partial / ".work"
-        resumable = (plan.state.directory / plan.state.run_hash).exists()
-        if resumable:
-            report(f"resuming an interrupted prediction in {partial}")
+    with output_run("cutter-predict", [plan.destination, plan.borders_destination],
+                    state=plan.state, report=report, what="prediction") as run:
+        partial = run.partial(plan.destination)
+        borders_partial = run.partial(plan.borders_destination)
+        work = run.work
+        rows = load_markers(client, image, plan.markers_source, opts.markers)
+        rows = rows[in_mask(plan.mask, rows)]  # a marker outside the mask is no cell
+        np.save(work / "markers.npy", rows)
+        stats = channel_stats(image, plan.refs, client)
+        labels_path, borders_path = str(work / "labels"), str(work / "borders")
+        zarr.open_array(labels_path, mode="a", shape=image.shape, chunks=image.chunks,
+                        dtype=np.uint32, fill_value=0, zarr_format=3)
+        zarr.create_array(store=borders_path, shape=image.shape, chunks=image.chunks,
+                          dtype=np.uint8, fill_value=0, zarr_format=3, overwrite=True)
+        gpus, resources, in_flight = device_dispatch(client)
+        grid = BlockGrid(image.shape, plan.block, chunks=image.chunks)
+        report(f"predicting {len(rows)} markers' crops ({plan.crop}×{plan.crop}) in "
+               f"{len(grid)} blocks of {plan.block} on "
+               f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
+        task = CutterTask(str(Path(opts.model).resolve()), opts.device, tuple(plan.refs),
+                          plan.mask, stats, str(work / "markers.npy"), image.shape,
+                          plan.crop, opts.threshold, opts.batch, labels_path)
+        blocks = run_blocks(client, grid, task, name="cutter-predict", state=plan.state,
+                            progress=progress() if progress else None, resources=resources,
+                            max_in_flight=in_flight)
+        if blocks.skipped:  # finished blocks of an interrupted run: their ids from storage
+            values = label_values(client, Path(labels_path), plan.block) or []
         else:
-            shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(borders_partial, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        plan.state.begin()
-        try:
-            rows = load_markers(client, image, plan.markers_source, opts.markers)
-            rows = rows[in_mask(plan.mask, rows)]  # a marker outside the mask is no cell
-            np.save(work / "markers.npy", rows)
-            stats = channel_stats(image, plan.refs, client)
-            labels_path, borders_path = str(work / "labels"), str(work / "borders")
-            zarr.open_array(labels_path, mode="a", shape=image.shape, chunks=image.chunks,
-                            dtype=np.uint32, fill_value=0, zarr_format=3)
-            zarr.create_array(store=borders_path, shape=image.shape, chunks=image.chunks,
-                              dtype=np.uint8, fill_value=0, zarr_format=3, overwrite=True)
-            gpus = gpu_workers(client)
-            grid = BlockGrid(image.shape, plan.block, chunks=image.chunks)
-            report(f"predicting {len(rows)} markers' crops ({plan.crop}×{plan.crop}) in "
-                   f"{len(grid)} blocks of {plan.block} on "
-                   f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
-            task = CutterTask(str(Path(opts.model).resolve()), opts.device, tuple(plan.refs),
-                              plan.mask, stats, str(work / "markers.npy"), image.shape,
-                              plan.crop, opts.threshold, opts.batch, labels_path)
-            run = run_blocks(client, grid, task, name="cutter-predict", state=plan.state,
-                             progress=progress() if progress else None,
-                             resources={"GPU": 1} if gpus else None,
-                             max_in_flight=len(gpus) if gpus else len(client.nthreads()))
-            if run.skipped:  # finished blocks of an interrupted run: their ids from storage
-                from engine.pipelines.convert import label_values
-
-                values = label_values(client, Path(labels_path), plan.block) or []
-            else:
-                values = sorted({0, *(i for r in run.results.values() for i in r["ids"])})
-            run_blocks(client, BlockGrid(image.shape, plan.block, halo=1, chunks=image.chunks),
-                       BordersTask(labels_path, borders_path), name="cutter-borders",
-                       progress=progress() if progress else None)
-            listed = values if len(values) <= 10001 else None
-            _write_labels(image, client, labels_path, partial, opts.name, listed, progress)
-            _write_labels(image, client, borders_path, borders_partial,
-                          f"{opts.name}_borders", [0, 1], progress)
-        except VoxelmillError:
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(borders_partial, ignore_errors=True)
-            raise
-        shutil.rmtree(work)
-        plan.state.clear()
-        commit_recorded([(partial, plan.destination),
-                         (borders_partial, plan.borders_destination)], record.entry())
-        omezarr.add_label_names(image.source, [opts.name, f"{opts.name}_borders"],
-                                image.ngff)
-        return CutterPredictResult(plan.destination, plan.borders_destination, len(rows),
-                                   len([v for v in values if v]), record.seconds,
-                                   record.collector.stages)
+            values = sorted({0, *(i for r in blocks.results.values() for i in r["ids"])})
+        run_blocks(client, BlockGrid(image.shape, plan.block, halo=1, chunks=image.chunks),
+                   BordersTask(labels_path, borders_path), name="cutter-borders",
+                   progress=progress() if progress else None)
+        listed = values if len(values) <= 10001 else None
+        _write_labels(image, client, labels_path, partial, opts.name, listed, progress)
+        _write_labels(image, client, borders_path, borders_partial,
+                      f"{opts.name}_borders", [0, 1], progress)
+        run.commit()
+    omezarr.add_label_names(image.source, [opts.name, f"{opts.name}_borders"], image.ngff)
+    return CutterPredictResult(plan.destination, plan.borders_destination, len(rows),
+                               len([v for v in values if v]), run.record.seconds,
+                               run.record.collector.stages)
 
 
 # --------------------------------------------------------------------------- the baseline
