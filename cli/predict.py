@@ -25,7 +25,9 @@ def predict(
     blend: Annotated[str, typer.Option(help="gaussian or constant weights.")] = "gaussian",
     tta: Annotated[bool, typer.Option("--tta", help="Average over every flip of the spatial "
                                       "axes (8 in 3D).")] = False,
-    batch: Annotated[int, typer.Option(help="Tiles per network call.")] = 4,
+    batch: Annotated[int | None, typer.Option(
+        help="Tiles per network call (default: from the GPU's free memory; 4 on the CPU); "
+        "halved for the rest of the run after a device out-of-memory error.")] = None,
     threshold: Annotated[float, typer.Option(help="Foreground probability threshold.")] = 0.5,
     instances: Annotated[bool, typer.Option(
         "--instances", help="Label connected components (across blocks) instead of a binary "
@@ -39,7 +41,8 @@ def predict(
         "checkpoint (the training volume's).")] = "volume",
     block: Annotated[str | None, typer.Option(
         help="Block shape, multiples of the chunks (default: about 128³, at least four "
-        "tiles).")] = None,
+        "tiles; on GPU workers larger blocks, e.g. 512 or 1024, compute fewer tiles twice).")
+    ] = None,
     overwrite: Overwrite = False,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
@@ -64,12 +67,15 @@ def predict(
         count = "" if result.n_objects is None else f", {result.n_objects} objects"
         out.print(f"wrote {result.labels}{count} and {result.probabilities} in "
                   f"{result.seconds:.1f} s", markup=False)
-        out.print(f"throughput {r['voxels_per_s']:.0f} voxels/s; read {r['read_s']:.1f} s, "
-                  f"compute {r['compute_s']:.1f} s, write {r['write_s']:.1f} s, model load "
-                  f"{r['load_s']:.1f} s (compute {100 * (r['compute_fraction'] or 0):.0f} % "
-                  f"of task time)", markup=False)
+        out.print(f"throughput {r['voxels_per_s']:.0f} voxels/s; device busy "
+                  f"{100 * (r['device_busy'] or 0):.0f} % (model {r['model_s']:.1f} s), "
+                  f"waiting for input {r['input_wait_s']:.1f} s and for output "
+                  f"{r['output_wait_s']:.1f} s; read {r['read_s']:.1f} s and write "
+                  f"{r['write_s']:.1f} s in threads beside the device; model load "
+                  f"{r['load_s']:.1f} s; {r['tiles']} tiles ({r.get('tile_ratio', 1):.2f}× "
+                  "the grid's)", markup=False)
         for worker, w in r["workers"].items():
-            out.print(f"  {worker}: {w['blocks']} blocks, {w['voxels_per_s']:.0f} voxels/s",
-                      markup=False)
+            out.print(f"  {worker}: {w['blocks']} blocks, {w['voxels_per_s']:.0f} voxels/s, "
+                      f"device busy {100 * w['device_busy']:.0f} %", markup=False)
         out.print(block_summary(result.stages), markup=False)
         out.print(json.dumps(r), markup=False)

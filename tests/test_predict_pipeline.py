@@ -160,3 +160,21 @@ def test_two_gpu_workers_share_the_blocks(column, tmp_path):
         predict(column["src"], PredictOptions(column["ckpt"], "one", **opts), local,
                 report=lambda line: None)
     np.testing.assert_array_equal(_probs(column["src"], "two"), _probs(column["src"], "one"))
+
+
+def test_cli_reports_where_the_time_went(column, tmp_path):
+    """The CLI prints the device-busy fraction and the waits, and --log-json records them."""
+    from tests.conftest import run_cli
+
+    log = tmp_path / "events.jsonl"
+    res = run_cli("--log-json", str(log), "predict", str(column["src"]), "--model",
+                  str(column["ckpt"]), "--name", "cli", "--block", "32,32,32", "--norm",
+                  "checkpoint", "--workers", "1", "--threads-per-worker", "2")
+    assert res.returncode == 0, res.stderr
+    assert "device busy" in res.stdout and "waiting for input" in res.stdout, res.stdout
+    import json
+
+    reports = [e for e in map(json.loads, log.read_text().splitlines())
+               if e["event"] == "device-report"]
+    assert len(reports) == 1 and 0 < reports[0]["device_busy"] <= 1.0, reports
+    assert reports[0]["tiles"] > 0 and set(reports[0]["workers"])
