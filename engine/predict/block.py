@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -194,16 +195,20 @@ class _Writer(threading.Thread):
         self.seconds = 0.0
         self._lock = threading.Lock()
 
-    def _store(self, job: tuple) -> None:
-        region, stored, labels, event, level = job
+    def _store(self, job: tuple | Callable[[], list[Finished]]) -> None:
         if self.error is not None:
             return  # after a failure: drain; the device loop raises it
         try:
             t0 = time.perf_counter()
-            if event is not None:
-                event.synchronize()
-            self.write(Finished(region, None if stored is None else stored.numpy(),
-                                labels.numpy(), level))
+            if callable(job):  # outputs made here (levels computed on the host)
+                for done in job():
+                    self.write(done)
+            else:
+                region, stored, labels, event, level = job
+                if event is not None:
+                    event.synchronize()
+                self.write(Finished(region, None if stored is None else stored.numpy(),
+                                    labels.numpy(), level))
             with self._lock:
                 self.seconds += time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001 - raised by the device loop
@@ -218,6 +223,24 @@ class _Writer(threading.Thread):
                 if job is None:
                     return  # leaving the pool waits for the writes under way
                 pool.submit(self._store, job)
+
+
+def host_levels(region: Region, stored: np.ndarray | None, labels: np.ndarray,
+                levels: Sequence[Sequence[int]]) -> list[Finished]:
+    """The pyramid levels of a block's outputs by :mod:`engine.pyramid` (``stored`` is
+    ``(K, *region)`` or None, ``labels`` ``(*region)``; ``levels`` spatial factors)."""
+    from engine.pyramid import downsample_mean, downsample_mode
+
+    out = []
+    origin = [r.start for r in region]
+    for level, f in enumerate(levels, start=1):
+        stored = None if stored is None else downsample_mean(stored, (1, *f))
+        labels = downsample_mode(labels, f)
+        origin = [o // k for o, k in zip(origin, f, strict=True)]
+        out.append(Finished(tuple(slice(o, o + n) for o, n in
+                                  zip(origin, labels.shape, strict=True)),
+                            stored, labels, level))
+    return out
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -398,13 +421,18 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         done = upto
 
     def pyramid() -> None:
-        """The block's levels, from its outputs on the device."""
+        """The block's levels, from its outputs on the device (on the CPU: by NumPy in a
+        writer thread, which is faster there and leaves the loop to the next block)."""
         from engine.predict.downsample import downsample_mean, downsample_mode
 
         assert kept is not None
         stored, labels = kept
         on_device = finishing.dtype == torch.uint8
         origin = [r.start for r in region]
+        if dev.type != "cuda":
+            writer.jobs.put(partial(host_levels, region, stored.numpy() if on_device else None,
+                                    labels.numpy(), levels))
+            return
         for level, f in enumerate(levels, start=1):
             stored = downsample_mean(stored, (1, *f)) if on_device else None
             labels = downsample_mode(labels, f)
