@@ -30,8 +30,9 @@ import numpy as np
 from engine.errors import OptionError
 
 __all__ = [
-    "PARAM_TYPES", "REQUIRED", "Param", "show", "build", "check_declared", "computed",
-    "declared", "suggest", "param", "slice_wise_doc", "type_name", "undeclared_fields",
+    "PARAM_TYPES", "REQUIRED", "Param", "build", "check_declared", "computed", "declared",
+    "field_names", "param", "show", "slice_wise_doc", "suggest", "type_name",
+    "undeclared_fields",
 ]
 
 PARAM_TYPES = ("float", "int", "bool", "str", "floats", "scales", "float_or_floats")
@@ -459,10 +460,11 @@ def param(type: str, default: Any = REQUIRED, *, doc: str, name: str = "",
 
     Parameters
     ----------
-    type, default, doc, minimum, maximum, exclusive_minimum, exclusive_maximum, choices, \
-nullable, lengths
+    type, default, doc
         As :class:`Param`; ``default`` is also the field's default (normalized), and a
         :data:`REQUIRED` parameter is a field without default.
+    minimum, maximum, exclusive_minimum, exclusive_maximum, choices, nullable, lengths
+        As :class:`Param`.
     name : str
         The parameter's name in workflow files; default: the field's name.
     step_default : Any
@@ -476,10 +478,8 @@ nullable, lengths
                  minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum,
                  exclusive_maximum=exclusive_maximum, choices=choices, nullable=nullable,
                  lengths=lengths, doc=doc)
-    if step_default is not _SAME:
-        default = replace(spec, default=default).default  # normalized as the step default
-    else:
-        default = spec.default
+    # the field's default, normalized as the step's (ints to floats, lists to tuples)
+    default = spec.default if step_default is _SAME else replace(spec, default=default).default
     if default is REQUIRED:
         return field(metadata={_PARAM: spec})
     return field(default=default, metadata={_PARAM: spec})

@@ -23,6 +23,10 @@ This module only describes and validates: :func:`load_workflow` checks a file co
 kinds along its edges) before anything is computed, and reports every problem of the file
 in a single :class:`~engine.errors.InputError`, one problem per line. The executors, keyed
 by the step ``function`` id, live elsewhere.
+
+A step that runs a block operation names its op class in the catalogue: its parameters
+are declared on the op's fields (:mod:`engine.segment.params`), and the executor builds the
+op from the validated values (:meth:`Step.make_op`).
 """
 
 from __future__ import annotations
