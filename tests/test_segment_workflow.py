@@ -10,12 +10,11 @@ import pytest
 import yaml
 
 from engine.errors import InputError, VoxelmillError
+from engine.segment.params import REQUIRED, Param
 from engine.segment.workflow import (
     PRESETS,
     RAW,
-    REQUIRED,
     STEPS,
-    Param,
     Workflow,
     describe_steps,
     load_workflow,

@@ -10,6 +10,9 @@ with the same boundary mode. Algorithms never see blocks, clients or storage.
 A *block reduction* computes a small partial result on the write region of a block (the
 crop of the padded read region); ``combine`` merges the partials of all blocks into the
 global value (a minimum, a histogram ...).
+
+Both are frozen dataclasses; the fields that are step parameters are declared with
+:func:`engine.segment.params.param` and checked when the operation is built.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from engine.blocks import BlockGrid, Region, pad_read
+from engine.segment.params import check_declared
 
 SCIPY_TO_NUMPY_PAD = {
     "reflect": "symmetric",  # scipy's reflect repeats the edge voxel (d c b a | a b c d)
@@ -55,6 +59,10 @@ class BlockOp:
         every input uses ``pad_mode``. See :func:`input_pad_modes`.
     """
 
+    def __post_init__(self) -> None:
+        # the declared step parameters, checked and normalized (lists to tuples ...)
+        check_declared(self)
+
     @property
     def pad_mode(self) -> str:
         return "edge"
@@ -80,7 +88,10 @@ class BlockOp:
 @dataclass(frozen=True)
 class BlockReduce:
     """Base class of block reductions: ``partial`` per block, ``combine`` over blocks.
-    Edge padding as :class:`BlockOp` (``pad_mode``, ``pad_modes``)."""
+    Edge padding and declared parameters as :class:`BlockOp`."""
+
+    def __post_init__(self) -> None:
+        check_declared(self)
 
     @property
     def pad_mode(self) -> str:

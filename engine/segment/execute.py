@@ -26,6 +26,7 @@ from engine.errors import InputError, OptionError
 from engine.runner import RunState, run_blocks
 from engine.segment import pointwise as pw
 from engine.segment.blockops import BlockOp, BlockReduce, input_pad_modes
+from engine.segment.filters import EdgePreservingStats, FilamentStats
 from engine.segment.refs import ArrayRef, Pointwise, Stored
 from engine.segment.workflow import RAW, Step, Workflow
 
@@ -343,67 +344,37 @@ def ex_clip_percentiles(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     return Pointwise(pw.Clip(float(lo), float(hi), p["rescale"]), (ref,), np.dtype(np.float32))
 
 
-def ex_gaussian(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import Gaussian
-
-    p = step.params
-    return run_op(ctx, step.name, Gaussian(p["sigma"], p["truncate"], p["mode"],
-                                           p["slice_wise"]), [ref])
+def ex_block_op(ctx: Context, step: Step, *inputs: ArrayRef) -> ArrayRef:
+    """A step whose block operation needs nothing but its parameters."""
+    return run_op(ctx, step.name, step.make_op(), inputs)
 
 
 def ex_edge_preserving(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import EdgePreserving, EdgePreservingStats
-
-    p = step.params
+    op = step.make_op()
     # the conductance is scaled by the whole image's mean squared gradient (one pass)
-    g2 = run_reduce(ctx, f"{step.name}-stats", EdgePreservingStats(p["slice_wise"]), [ref])
+    g2 = run_reduce(ctx, f"{step.name}-stats", EdgePreservingStats(op.slice_wise), [ref])
     ctx.stats_log[step.name] = {"mean_sq_gradient": float(g2)}
-    return run_op(ctx, step.name, EdgePreserving(p["iterations"], p["conductance"],
-                                                 p["time_step"], p["slice_wise"], float(g2)),
-                  [ref])
-
-
-def ex_spot(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import Spot
-
-    p = step.params
-    return run_op(ctx, step.name, Spot(_pairs(p["scales"]), p["slice_wise"]), [ref])
-
-
-def _pairs(scales: Any) -> tuple[tuple[float, float], ...]:
-    return tuple((float(a), float(b)) for a, b in scales)
+    return run_op(ctx, step.name, replace(op, mean_sq_gradient=float(g2)), [ref])
 
 
 def ex_filament(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import Filament, FilamentStats
-
-    p = step.params
-    scales = _pairs(p["scales"])
-    l3_min = run_reduce(ctx, f"{step.name}-stats", FilamentStats(scales, p["slice_wise"]),
+    op = step.make_op()
+    l3_min = run_reduce(ctx, f"{step.name}-stats", FilamentStats(op.scales, op.slice_wise),
                         [ref])
     ctx.stats_log[step.name] = {"l3_min": [float(v) for v in l3_min]}
-    return run_op(ctx, step.name, Filament(scales, p["tau"], p["slice_wise"],
-                                           tuple(float(v) for v in l3_min)), [ref])
+    return run_op(ctx, step.name, replace(op, l3_min=tuple(float(v) for v in l3_min)), [ref])
 
 
 def ex_graph_cut(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.graphcut import GraphCut
-
-    p = step.params
     # cellcutter normalises by the whole image's range: take it in one pass
     every, _ = run_reduce(ctx, f"{step.name}-stats", Moments(), [ref])
     ctx.stats_log[step.name] = {"min": every["min"], "max": every["max"]}
-    return run_op(ctx, step.name, GraphCut(p["prior"], p["max_weight"], p["sigma"], p["halo"],
-                                           every["min"], every["max"]), [ref])
+    return run_op(ctx, step.name, step.make_op(lo=every["min"], hi=every["max"]), [ref])
 
 
 def ex_watershed(ctx: Context, step: Step, image: ArrayRef, markers: ArrayRef,
                  mask: ArrayRef | None = None) -> ArrayRef:
-    from engine.segment.watershed import SeededWatershed
-
-    p = step.params
-    op = SeededWatershed(p["compactness"], p["halo"], p["connectivity"],
-                         masked=mask is not None, labels_dtype=str(markers.dtype))
+    op = step.make_op(masked=mask is not None, labels_dtype=str(markers.dtype))
     inputs = [image, markers] + ([mask] if mask is not None else [])
     return run_op(ctx, step.name, op, inputs)
 
@@ -535,22 +506,12 @@ def ex_invert(ctx: Context, step: Step, ref: ArrayRef, kind: str) -> ArrayRef:
 
 
 def ex_gamma(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import Gamma
-
     if np.dtype(ref.dtype).kind in "iub":
         raise OptionError(f"step {step.name!r} (gamma) expects an image in [0, 1], not raw "
                           f"{np.dtype(ref.dtype)} intensities: put normalize or "
                           "clip_percentiles before it")
     # voxel-wise (halo 0): a view evaluated on read, never stored
-    return Pointwise(Gamma(step.params["gamma"]), (ref,), np.dtype(np.float32))
-
-
-def ex_unsharp_mask(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import UnsharpMask
-
-    p = step.params
-    return run_op(ctx, step.name, UnsharpMask(p["radius"], p["amount"], p["slice_wise"]),
-                  [ref])
+    return Pointwise(step.make_op(), (ref,), np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -570,10 +531,7 @@ class Inside:
 
 
 def ex_shape_index(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
-    from engine.segment.filters import ShapeIndex
-
-    p = step.params
-    op = ShapeIndex(tuple(p["sigmas"]), p["combine"], p["slice_wise"])
+    op = step.make_op()
     axes = op.check_dims(len(ref.shape))  # refuse 3D without slice_wise before any work
     if any(ref.shape[a] < 2 for a in axes):
         raise InputError(f"step {step.name!r} (shape_index) needs at least 2 voxels along y "
@@ -644,9 +602,9 @@ def run_workflow(ctx: Context, wf: Workflow, raw: ArrayRef,
 EXECUTORS: dict[str, Callable[..., Any]] = {
     "normalize": ex_normalize,
     "clip_percentiles": ex_clip_percentiles,
-    "gaussian": ex_gaussian,
+    "gaussian": ex_block_op,
     "edge_preserving": ex_edge_preserving,
-    "spot": ex_spot,
+    "spot": ex_block_op,
     "filament": ex_filament,
     "threshold": ex_threshold,
     "masked_object": ex_masked_object,
@@ -658,6 +616,6 @@ EXECUTORS: dict[str, Callable[..., Any]] = {
     "combine": ex_combine,
     "invert": ex_invert,
     "gamma": ex_gamma,
-    "unsharp_mask": ex_unsharp_mask,
+    "unsharp_mask": ex_block_op,
     "shape_index": ex_shape_index,
 }

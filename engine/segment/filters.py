@@ -7,6 +7,10 @@ statistics (the vesselness ``min(lambda_3)``, the diffusion's mean squared gradi
 from :class:`~engine.segment.blockops.BlockReduce` reductions over all blocks and are passed
 to the operation as dataclass fields, never recomputed per block.
 
+The step parameters of each operation (type, default, range and the documentation that
+``voxelmill segment --list-steps`` prints) are declared on its fields
+(:func:`engine.segment.params.param`); the docstrings add what matters to Python callers.
+
 All sizes are in voxels; axes are ``(y, x)`` or ``(z, y, x)``. ``slice_wise=True`` on a 3D
 image filters each z-plane (axis 0) independently in 2D (halo 0 on axis 0); on a 2D image
 it changes nothing.
@@ -46,6 +50,7 @@ from scipy import ndimage as ndi
 from engine.blocks import Region
 from engine.errors import OptionError
 from engine.segment.blockops import BlockOp, BlockReduce, numpy_pad_mode
+from engine.segment.params import computed, param, slice_wise_doc
 
 __all__ = [
     "EdgePreserving", "EdgePreservingStats", "Filament", "FilamentStats", "Gamma", "Gaussian",
@@ -60,9 +65,9 @@ HESSIAN_TRUNCATE = 3.0
 LOG_TRUNCATE = 4.0
 """Gaussian truncation of :func:`scipy.ndimage.gaussian_laplace` (its default)."""
 
-# scipy.ndimage modes a block can reproduce by padding its own read region; "wrap" needs
-# voxels from the opposite side of the volume, which a block never reads.
-_BLOCK_MODES = ("reflect", "nearest", "mirror", "constant", "grid-constant", "grid-mirror")
+# scipy.ndimage modes a block reproduces by padding its own read region ("wrap" would need
+# voxels from the opposite side of the volume, which a block never reads).
+_BLOCK_MODES = ("reflect", "nearest", "mirror", "constant")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,43 +89,14 @@ def _per_axis(values: dict[int, int], ndim: int) -> tuple[int, ...]:
     return tuple(values.get(a, 0) for a in range(ndim))
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise OptionError(f"{name} must be true or false, got {value!r}")
+_SCALES_DOC = ("List of [sigma, cutoff] pairs: the filter runs at each sigma (voxels, the "
+               "structure's radius) and its response is thresholded at cutoff; the masks of "
+               "all scales are combined with OR. Lower a cutoff to detect fainter structures.")
 
 
-def _positive(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a number, got {value!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise OptionError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
-
-
-def _scales(value: Any, what: str) -> tuple[tuple[float, float], ...]:
-    """Normalise ``[[sigma, cutoff], ...]`` (lists from YAML) to a tuple of float pairs."""
-    try:
-        pairs = [tuple(p) for p in value]
-    except TypeError:
-        raise OptionError(f"{what} scales must be a list of [sigma, cutoff] pairs, "
-                          f"got {value!r}") from None
-    if not pairs:
-        raise OptionError(f"{what} needs at least one [sigma, cutoff] pair, got {value!r}")
-    out = []
-    for p in pairs:
-        if len(p) != 2:
-            raise OptionError(f"{what} scale {p!r} is not a [sigma, cutoff] pair")
-        sigma = _positive(f"{what} sigma", p[0])
-        try:
-            cutoff = float(p[1])
-        except (TypeError, ValueError):
-            raise OptionError(f"{what} cutoff must be a number, got {p[1]!r}") from None
-        if not math.isfinite(cutoff):
-            raise OptionError(f"{what} cutoff must be finite, got {p[1]!r}")
-        out.append((sigma, cutoff))
-    return tuple(out)
+def _scales(doc: str = _SCALES_DOC) -> Any:
+    """The required ``scales`` parameter of the spot and filament filters."""
+    return param("scales", doc=doc)
 
 
 # --------------------------------------------------------------------------- gaussian
@@ -141,36 +117,25 @@ class Gaussian(BlockOp):
     Parameters
     ----------
     sigma : float or tuple of float
-        Standard deviation in voxels, > 0: one value for every filtered axis, or one per
-        filtered axis ((z, y, x), or (y, x) when slice-wise on a 3D image).
+        One value for every filtered axis, or one per filtered axis ((z, y, x), or (y, x)
+        when slice-wise on a 3D image).
     truncate : float
-        Kernel radius in standard deviations; the halo is ``int(truncate*sigma + 0.5)``.
+        The halo is ``int(truncate*sigma + 0.5)``.
     mode : str
-        scipy.ndimage boundary mode: ``reflect``, ``nearest``, ``mirror``, ``constant``
-        (0 beyond the edge). ``wrap`` is refused: a block cannot read the opposite side.
+        scipy.ndimage boundary mode (``constant``: 0 beyond the edge); ``wrap`` is not
+        offered: a block cannot read the opposite side of the volume.
     slice_wise : bool
         Smooth each z-plane separately (no smoothing along z).
     """
 
-    sigma: float | tuple[float, ...]
-    truncate: float = 4.0
-    mode: str = "nearest"
-    slice_wise: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sigma, Sequence | np.ndarray):
-            if len(self.sigma) == 0:
-                raise OptionError("gaussian sigma must not be empty")
-            sigma: float | tuple[float, ...] = tuple(
-                _positive("gaussian sigma", s) for s in self.sigma)
-        else:
-            sigma = _positive("gaussian sigma", self.sigma)
-        object.__setattr__(self, "sigma", sigma)
-        object.__setattr__(self, "truncate", _positive("gaussian truncate", self.truncate))
-        if self.mode not in _BLOCK_MODES:
-            raise OptionError(f"gaussian mode {self.mode!r} is not supported blockwise; use "
-                              f"one of {', '.join(_BLOCK_MODES)}")
-        _check_bool("gaussian slice_wise", self.slice_wise)
+    sigma: float | tuple[float, ...] = param(
+        "float_or_floats", minimum=0, exclusive_minimum=True,
+        doc="Standard deviation in voxels; one number, or one per axis (z, y, x).")
+    truncate: float = param("float", 4.0, minimum=0, exclusive_minimum=True,
+                            doc="Kernel radius in standard deviations (sets the halo).")
+    mode: str = param("str", "nearest", choices=_BLOCK_MODES,
+                      doc="How the image is extended beyond its edges (scipy's boundary mode).")
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc("the smoothing"))
 
     @property
     def pad_mode(self) -> str:
@@ -321,11 +286,11 @@ class EdgePreserving(BlockOp):
     Parameters
     ----------
     iterations : int
-        Number of explicit steps, >= 1.
+        Number of explicit steps.
     conductance : float
-        ``k`` > 0: edges whose gradient is well above ``k * sqrt(2) * G`` are kept.
+        ``k``: edges whose gradient is well above ``k * sqrt(2) * G`` are kept.
     time_step : float
-        ``Delta t`` in (0, 0.25]; ITK advises <= 0.0625 in 3D and <= 0.125 in 2D.
+        ``Delta t``; ITK advises <= 0.0625 in 3D and <= 0.125 in 2D.
     slice_wise : bool
         Diffuse each z-plane separately.
     mean_sq_gradient : float or None
@@ -334,26 +299,19 @@ class EdgePreserving(BlockOp):
         :func:`anisotropic_diffusion`).
     """
 
-    iterations: int = 10
-    conductance: float = 1.2
-    time_step: float = 0.0625
-    slice_wise: bool = False
-    mean_sq_gradient: float | None = None
+    iterations: int = param("int", 10, minimum=1, maximum=200,
+                            doc="Diffusion steps; more steps smooth more (and cost more).")
+    conductance: float = param(
+        "float", 1.2, minimum=0, exclusive_minimum=True,
+        doc="Edge sensitivity: lower keeps weaker edges, higher smooths across them.")
+    time_step: float = param(
+        "float", 0.0625, minimum=0, maximum=0.25, exclusive_minimum=True,
+        doc="Diffusion time step; <= 0.25 keeps the scheme stable (0.0625 in 3D).")
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc("the diffusion"))
+    mean_sq_gradient: float | None = computed()
 
     def __post_init__(self) -> None:
-        if (isinstance(self.iterations, bool) or not isinstance(self.iterations, int | np.integer)
-                or self.iterations < 1):
-            raise OptionError(f"edge_preserving iterations must be an integer >= 1, "
-                              f"got {self.iterations!r}")
-        object.__setattr__(self, "iterations", int(self.iterations))
-        object.__setattr__(self, "conductance",
-                           _positive("edge_preserving conductance", self.conductance))
-        dt = _positive("edge_preserving time_step", self.time_step)
-        if dt > 0.25:
-            raise OptionError(f"edge_preserving time_step must be <= 0.25 (stability), "
-                              f"got {self.time_step!r}")
-        object.__setattr__(self, "time_step", dt)
-        _check_bool("edge_preserving slice_wise", self.slice_wise)
+        super().__post_init__()
         if self.mean_sq_gradient is not None:
             g = float(self.mean_sq_gradient)
             if not (math.isfinite(g) and g >= 0):
@@ -382,10 +340,7 @@ class EdgePreservingStats(BlockReduce):
     diffused axes, the edge voxel replicated beyond the volume (halo 1).
     """
 
-    slice_wise: bool = False
-
-    def __post_init__(self) -> None:
-        _check_bool("edge_preserving slice_wise", self.slice_wise)
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc("the diffusion"))
 
     @property
     def pad_mode(self) -> str:
@@ -446,17 +401,13 @@ class Spot(BlockOp):
     Parameters
     ----------
     scales : tuple of (sigma, cutoff)
-        Gaussian sigma in voxels (> 0) and the response cutoff of each scale.
+        Gaussian sigma in voxels and the response cutoff of each scale.
     slice_wise : bool
         2D filter on each z-plane.
     """
 
-    scales: tuple[tuple[float, float], ...]
-    slice_wise: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", _scales(self.scales, "spot"))
-        _check_bool("spot slice_wise", self.slice_wise)
+    scales: tuple[tuple[float, float], ...] = _scales()
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc())
 
     @property
     def pad_mode(self) -> str:
@@ -599,28 +550,25 @@ class Filament(BlockOp):
     Parameters
     ----------
     scales : tuple of (sigma, cutoff)
-        Gaussian sigma in voxels (> 0, about the filament radius) and the response cutoff
-        of each scale (responses lie in [0, 1]).
+        Gaussian sigma in voxels (about the filament radius) and the response cutoff of
+        each scale (responses lie in [0, 1]).
     tau : float
-        Response uniformity in (0, 1]: lower values raise the response of weak filaments.
+        Lower values raise the response of weak filaments.
     slice_wise : bool
         2D filter on each z-plane.
     l3_min : tuple of float or None
         Whole-image ``min(lambda_3)`` per scale, from :class:`FilamentStats`; required to run.
     """
 
-    scales: tuple[tuple[float, float], ...]
-    tau: float = 1.0
-    slice_wise: bool = False
-    l3_min: tuple[float, ...] | None = None
+    scales: tuple[tuple[float, float], ...] = _scales()
+    tau: float = param("float", 1.0, minimum=0, maximum=1, exclusive_minimum=True,
+                       doc="Response uniformity (Jerman's tau): lower values give a more "
+                           "uniform response along the structure and at junctions.")
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc())
+    l3_min: tuple[float, ...] | None = computed()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", _scales(self.scales, "filament"))
-        tau = _positive("filament tau", self.tau)
-        if tau > 1:
-            raise OptionError(f"filament tau must be in (0, 1], got {self.tau!r}")
-        object.__setattr__(self, "tau", tau)
-        _check_bool("filament slice_wise", self.slice_wise)
+        super().__post_init__()
         if self.l3_min is not None:
             l3 = tuple(float(v) for v in self.l3_min)
             if len(l3) != len(self.scales) or not all(math.isfinite(v) for v in l3):
@@ -664,12 +612,8 @@ class FilamentStats(BlockReduce):
     image, for any block layout.
     """
 
-    scales: tuple[tuple[float, float], ...]
-    slice_wise: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", _scales(self.scales, "filament"))
-        _check_bool("filament slice_wise", self.slice_wise)
+    scales: tuple[tuple[float, float], ...] = _scales()
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc())
 
     @property
     def pad_mode(self) -> str:
@@ -718,13 +662,12 @@ class Gamma(BlockOp):
     Parameters
     ----------
     gamma : float
-        The exponent, > 0.
+        The exponent.
     """
 
-    gamma: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "gamma", _positive("gamma gamma", self.gamma))
+    gamma: float = param("float", 1.0, minimum=0, exclusive_minimum=True,
+                         doc="The exponent: < 1 brightens faint objects (0.2 to 0.5 in "
+                             "MISIC's handbook for uneven fluorescence), > 1 darkens.")
 
     def halo(self, ndim: int) -> tuple[int, ...]:
         return (0,) * ndim
@@ -755,28 +698,19 @@ class UnsharpMask(BlockOp):
     Parameters
     ----------
     radius : float
-        Standard deviation of the Gaussian blur in voxels, > 0 (scikit-image's ``radius``).
+        Standard deviation of the Gaussian blur in voxels (scikit-image's ``radius``).
     amount : float
         Gain of the detail ``x - blur(x)``; 0 returns the image, negative values blur.
     slice_wise : bool
         Sharpen each z-plane separately.
     """
 
-    radius: float = 1.0
-    amount: float = 1.0
-    slice_wise: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "radius", _positive("unsharp_mask radius", self.radius))
-        try:
-            amount = float(self.amount)
-        except (TypeError, ValueError):
-            raise OptionError(f"unsharp_mask amount must be a number, got "
-                              f"{self.amount!r}") from None
-        if not math.isfinite(amount):
-            raise OptionError(f"unsharp_mask amount must be finite, got {self.amount!r}")
-        object.__setattr__(self, "amount", amount)
-        _check_bool("unsharp_mask slice_wise", self.slice_wise)
+    radius: float = param("float", 1.0, minimum=0, exclusive_minimum=True,
+                          doc="Standard deviation of the Gaussian blur in voxels.")
+    amount: float = param("float", 1.0,
+                          doc="Gain of the details (x - blur); MISIC's handbook uses 2 for "
+                              "fluorescence.")
+    slice_wise: bool = param("bool", False, doc=slice_wise_doc("the sharpening"))
 
     @property
     def pad_mode(self) -> str:
@@ -904,28 +838,25 @@ class ShapeIndex(BlockOp):
     Parameters
     ----------
     sigmas : tuple of float
-        Gaussian scales in voxels, each > 0 (about a quarter to half the object width).
+        Gaussian scales in voxels (about a quarter to half the object width).
     combine : str
         ``"mean"`` or ``"max"`` over the scales.
     slice_wise : bool
         Shape index of each z-plane of a 3D image (required for 3D).
     """
 
-    sigmas: tuple[float, ...] = (1.0,)
-    combine: str = "mean"
-    slice_wise: bool = False
-
-    def __post_init__(self) -> None:
-        values = self.sigmas if isinstance(self.sigmas, Sequence | np.ndarray) \
-            else (self.sigmas,)
-        if len(values) == 0:
-            raise OptionError("shape_index sigmas must not be empty")
-        object.__setattr__(self, "sigmas",
-                           tuple(_positive("shape_index sigma", s) for s in values))
-        if self.combine not in SHAPE_INDEX_COMBINE:
-            raise OptionError(f"shape_index combine must be one of "
-                              f"{', '.join(SHAPE_INDEX_COMBINE)}, got {self.combine!r}")
-        _check_bool("shape_index slice_wise", self.slice_wise)
+    sigmas: tuple[float, ...] = param(
+        "floats", [1.0], minimum=0, exclusive_minimum=True,
+        doc="Gaussian scales of the Hessian in voxels (MISIC: 1, 1.5 and 2, at an object "
+            "width of about 10 pixels).")
+    combine: str = param("str", "mean", choices=SHAPE_INDEX_COMBINE,
+                         doc="How the scales are combined: mean or max. MISIC feeds its "
+                             "network the scales as separate channels; mean keeps their "
+                             "average.")
+    slice_wise: bool = param("bool", False,
+                             doc="Compute the 2D shape index of each z-plane (last two axes) "
+                                 "of a 3D image; required for 3D images (the shape index is "
+                                 "defined in 2D).")
 
     @property
     def pad_modes(self) -> tuple[str, ...]:

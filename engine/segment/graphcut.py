@@ -66,6 +66,7 @@ import numpy as np
 
 from engine.errors import OptionError
 from engine.segment.blockops import BlockOp
+from engine.segment.params import computed, param
 
 __all__ = ["GraphCut", "graph_cut_foreground", "half_neighbourhood", "normalise"]
 
@@ -179,13 +180,14 @@ class GraphCut(BlockOp):
     Attributes
     ----------
     prior : float
-        Prior probability of foreground, in (0, 1) (cellcutter's default 0.5).
+        Prior probability of foreground (cellcutter's default 0.5).
     max_weight : float
-        Cut penalty of a pair of equal intensities, >= 0 (cellcutter's default 5).
+        Cut penalty ``W`` of a pair of equal intensities (cellcutter's default 5, the
+        default here; the workflow step's is 20).
     sigma : float
-        Intensity scale of the penalty's decay, > 0 (cellcutter's default 0.1).
+        Intensity scale of the penalty's decay (cellcutter's default 0.1).
     halo_size : int
-        Voxels of context on each side of a block, >= 0.
+        Voxels of context on each side of a block (the step's ``halo``).
     lo, hi : float, optional
         Normalisation limits; pass the whole image's minimum and maximum (a reduction run
         beforehand) to reproduce the whole-image method. If omitted, each block normalises
@@ -193,25 +195,24 @@ class GraphCut(BlockOp):
         does not contain the global extremes.
     """
 
-    prior: float = 0.5
-    max_weight: float = 5.0
-    sigma: float = 0.1
-    halo_size: int = 16
-    lo: float | None = None
-    hi: float | None = None
+    prior: float = param("float", 0.5, minimum=0, maximum=1, exclusive_minimum=True,
+                         exclusive_maximum=True,
+                         doc="Intensity separating foreground from background (data term).")
+    # the workflow step has smoothed more than cellcutter from the start; changing either
+    # default would change results (and the step's run hash)
+    max_weight: float = param("float", 5.0, step_default=20.0, minimum=0,
+                              exclusive_minimum=True,
+                              doc="Weight of the smoothness term between similar neighbours: "
+                                  "higher gives smoother masks.")
+    sigma: float = param("float", 0.1, minimum=0, exclusive_minimum=True,
+                         doc="Intensity difference at which the smoothness weight falls off.")
+    halo_size: int = param("int", 16, name="halo", minimum=0,
+                           doc="Context (voxels) read around each block.")
+    lo: float | None = computed()
+    hi: float | None = computed()
 
     def __post_init__(self) -> None:
-        prior = _finite(self.prior, "prior")
-        if not 0.0 < prior < 1.0:
-            raise OptionError(f"graph cut prior must be in (0, 1), got {self.prior!r}")
-        if _finite(self.max_weight, "max_weight") < 0:
-            raise OptionError(f"graph cut max_weight must be >= 0, got {self.max_weight!r}")
-        if _finite(self.sigma, "sigma") <= 0:
-            raise OptionError(f"graph cut sigma must be > 0, got {self.sigma!r}")
-        if (isinstance(self.halo_size, bool) or not isinstance(self.halo_size, int | np.integer)
-                or self.halo_size < 0):
-            raise OptionError(f"graph cut halo_size must be an integer >= 0, "
-                              f"got {self.halo_size!r}")
+        super().__post_init__()
         if (self.lo is None) != (self.hi is None):
             raise OptionError(f"graph cut needs both lo and hi or neither, got lo={self.lo!r}, "
                               f"hi={self.hi!r}")

@@ -33,13 +33,13 @@ the volume. Pass a mask (all True if need be) for exact volume faces in that cas
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.errors import OptionError
 from engine.segment.blockops import BlockOp
+from engine.segment.params import computed, param
 
 __all__ = ["SeededWatershed"]
 
@@ -53,9 +53,9 @@ class SeededWatershed(BlockOp):
     Attributes
     ----------
     compactness : float
-        Compact watershed weight, >= 0 (0 = classic watershed).
+        Compact watershed weight (0 = classic watershed).
     halo_size : int
-        Voxels of context on each side of a block, >= 0.
+        Voxels of context on each side of a block (the step's ``halo``).
     connectivity : int
         Neighbourhood: 1 = faces only ... ``ndim`` = full (checked against the image's
         dimensionality when called).
@@ -65,30 +65,20 @@ class SeededWatershed(BlockOp):
         Unsigned integer dtype of the output labels (the dtype of the markers).
     """
 
-    compactness: float = 0.0
-    halo_size: int = 32
-    connectivity: int = 1
-    masked: bool = False
-    labels_dtype: str = "uint32"
+    compactness: float = param("float", 0.0, minimum=0,
+                               doc="Compact watershed; 0 is the classic watershed, higher "
+                                   "gives rounder regions.")
+    halo_size: int = param("int", 32, name="halo", minimum=0,
+                           doc="Context (voxels) read around each block; regions growing "
+                               "farther than this from their marker may be cut at block "
+                               "borders.")
+    connectivity: int = param("int", 1, minimum=1, maximum=3,
+                              doc="Neighbourhood of the flooding (1: faces ... 3: corners).")
+    masked: bool = computed(False)
+    labels_dtype: str = computed("uint32")
 
     def __post_init__(self) -> None:
-        try:
-            compactness = float(self.compactness)
-        except (TypeError, ValueError):
-            raise OptionError(f"watershed compactness must be a number, "
-                              f"got {self.compactness!r}") from None
-        if not math.isfinite(compactness) or compactness < 0:
-            raise OptionError(f"watershed compactness must be finite and >= 0, "
-                              f"got {self.compactness!r}")
-        for name in ("halo_size", "connectivity"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise OptionError(f"watershed {name} must be an integer, got {value!r}")
-        if self.halo_size < 0:
-            raise OptionError(f"watershed halo_size must be >= 0, got {self.halo_size!r}")
-        if not 1 <= self.connectivity <= 3:
-            raise OptionError(f"watershed connectivity must be 1, 2 or 3, "
-                              f"got {self.connectivity!r}")
+        super().__post_init__()
         try:
             dtype = np.dtype(self.labels_dtype)
         except TypeError:

@@ -23,16 +23,19 @@ This module only describes and validates: :func:`load_workflow` checks a file co
 kinds along its edges) before anything is computed, and reports every problem of the file
 in a single :class:`~engine.errors.InputError`, one problem per line. The executors, keyed
 by the step ``function`` id, live elsewhere.
+
+A step that runs a block operation names its op class in the catalogue: its parameters
+are declared on the op's fields (:mod:`engine.segment.params`), and the executor builds the
+op from the validated values (:meth:`Step.make_op`).
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import re
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,16 +43,34 @@ from typing import Any
 import yaml
 
 from engine.errors import InputError
+from engine.segment.blockops import BlockOp
+from engine.segment.filters import (
+    EdgePreserving,
+    Filament,
+    Gamma,
+    Gaussian,
+    ShapeIndex,
+    Spot,
+    UnsharpMask,
+)
+from engine.segment.graphcut import GraphCut
+from engine.segment.params import (
+    Param,
+    build,
+    declared,
+    show,
+    slice_wise_doc,
+    suggest,
+    type_name,
+)
+from engine.segment.watershed import SeededWatershed
 from engine.yamlfile import read_yaml
 
 __all__ = [
     "KINDS",
-    "PARAM_TYPES",
     "PRESETS",
     "RAW",
-    "REQUIRED",
     "STEPS",
-    "Param",
     "Step",
     "StepSpec",
     "Workflow",
@@ -65,90 +86,13 @@ RAW = "raw"
 KINDS = ("image", "mask", "labels")
 """Kinds of the values flowing between steps: float image, bool mask, unsigned labels."""
 
-PARAM_TYPES = ("float", "int", "bool", "str", "floats", "scales", "float_or_floats")
-"""Types a :class:`Param` may declare."""
-
 TOP_LEVEL_KEYS = ("name", "description", "steps", "output")
 STEP_KEYS = ("name", "function", "parameters", "inputs")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
-class _Required:
-    """Type of the :data:`REQUIRED` sentinel."""
-
-    _instance: _Required | None = None
-
-    def __new__(cls) -> _Required:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-    def __reduce__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-"""Default of a parameter that has none: the workflow must give a value."""
-
-
 # --------------------------------------------------------------------------- formatting
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML (``null``, ``true``, ``'text'``, ``[1, 2]``)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, float):
-        return f"{value:g}" if math.isfinite(value) else str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_show(k)}: {_show(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-def _num(x: float) -> str:
-    """A bound, compactly (``0``, ``0.25``, ``1e-06``)."""
-    return f"{x:g}"
-
-
-def _type_name(value: Any) -> str:
-    """What kind of YAML value ``value`` is, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return type(value).__name__
-
-
-def _suggest(word: Any, candidates: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest candidate, or ``""``."""
-    if not isinstance(word, str):
-        return ""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _one_of(choices: Sequence[str]) -> str:
-    return ", ".join(repr(c) for c in choices)
 
 
 def _kind_phrase(kind: str) -> str:
@@ -159,224 +103,11 @@ def _kinds_phrase(kinds: Sequence[str]) -> str:
     return " or ".join(_kind_phrase(k) for k in kinds)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _plain(value: Any) -> Any:
     """Tuples to lists, recursively: a value YAML's safe dumper writes as a plain list."""
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     return value
-
-
-# --------------------------------------------------------------------------- Param
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a step: type, default, allowed range and documentation.
-
-    Attributes
-    ----------
-    name : str
-        Key in the step's ``parameters`` mapping.
-    type : str
-        One of :data:`PARAM_TYPES`: ``"float"`` (an int is accepted and converted),
-        ``"int"`` (a bool is *not* an int), ``"bool"``, ``"str"``, ``"floats"`` (a list of
-        numbers), ``"scales"`` (a list of ``[sigma, cutoff]`` pairs, ``sigma > 0``,
-        ``cutoff >= 0``) or ``"float_or_floats"`` (a number, or a list of numbers, e.g. one
-        per axis).
-    default : Any
-        Value used when the workflow omits the parameter, already normalized (lists as
-        tuples); :data:`REQUIRED` when the workflow must give one.
-    minimum, maximum : float or None
-        Bounds of the value (of every element, for list types); ``None``: unbounded.
-    exclusive_minimum, exclusive_maximum : bool
-        Whether the bound itself is excluded.
-    choices : tuple of str or None
-        Allowed values of a ``"str"`` parameter.
-    nullable : bool
-        Whether ``null`` is allowed (it means "not set"; see the doc of the parameter).
-    lengths : tuple of int or None
-        Allowed lengths of a ``"floats"`` list; ``None``: any non-empty length.
-    doc : str
-        One or two sentences: meaning, unit, when to change it.
-    """
-
-    name: str
-    type: str
-    default: Any = REQUIRED
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    exclusive_maximum: bool = False
-    choices: tuple[str, ...] | None = None
-    nullable: bool = False
-    lengths: tuple[int, ...] | None = None
-    doc: str = ""
-
-    def __post_init__(self) -> None:
-        if self.type not in PARAM_TYPES:
-            raise ValueError(f"unknown parameter type {self.type!r}")
-        if self.default is not REQUIRED:
-            object.__setattr__(self, "default", self.check(self.default))
-
-    @property
-    def required(self) -> bool:
-        """Whether the workflow must give a value (there is no default)."""
-        return self.default is REQUIRED
-
-    # ------------------------------------------------------------------ descriptions
-
-    def range_text(self) -> str:
-        """The allowed range, e.g. ``"> 0"``, ``"in (0, 1]"``, ``"in [1, 3]"``, or ``""``."""
-        lo, hi = self.minimum, self.maximum
-        if lo is not None and hi is not None:
-            left = "(" if self.exclusive_minimum else "["
-            right = ")" if self.exclusive_maximum else "]"
-            return f"in {left}{_num(lo)}, {_num(hi)}{right}"
-        if lo is not None:
-            return f"{'>' if self.exclusive_minimum else '>='} {_num(lo)}"
-        if hi is not None:
-            return f"{'<' if self.exclusive_maximum else '<='} {_num(hi)}"
-        return ""
-
-    def type_text(self) -> str:
-        """The expected value in words, e.g. ``"a list of 1, 2 or 4 numbers"``."""
-        if self.type == "float":
-            text = "a number"
-        elif self.type == "int":
-            text = "an integer"
-        elif self.type == "bool":
-            text = "true or false"
-        elif self.type == "str":
-            text = f"one of {_one_of(self.choices)}" if self.choices else "a string"
-        elif self.type == "floats":
-            if self.lengths:
-                counts = [str(n) for n in self.lengths]
-                count = counts[0] if len(counts) == 1 else (
-                    ", ".join(counts[:-1]) + " or " + counts[-1])
-                text = f"a list of {count} numbers"
-            else:
-                text = "a non-empty list of numbers"
-        elif self.type == "scales":
-            text = "a list of [sigma, cutoff] pairs, e.g. [[1, 0.04]]"
-        else:
-            text = "a number or a list of numbers (one per axis)"
-        if self.nullable:
-            text += " or null"
-        return text
-
-    # ------------------------------------------------------------------ validation
-
-    def _fail(self, what: str, value: Any) -> ValueError:
-        return ValueError(f"parameter {self.name!r} must be {what}, got {_show(value)}")
-
-    def _bounded(self, x: float, value: Any, item: str = "") -> None:
-        """Raise if the number ``x`` (``value`` as written) is out of range."""
-        if not math.isfinite(x):
-            raise ValueError(
-                f"parameter {self.name!r}{item} must be a finite number, got {_show(value)}")
-        lo, hi = self.minimum, self.maximum
-        low_bad = lo is not None and (x <= lo if self.exclusive_minimum else x < lo)
-        high_bad = hi is not None and (x >= hi if self.exclusive_maximum else x > hi)
-        if low_bad or high_bad:
-            raise ValueError(
-                f"parameter {self.name!r}{item} must be {self.range_text()}, got {_show(value)}")
-
-    def _number(self, value: Any, item: str = "") -> float:
-        if not _is_number(value):
-            raise ValueError(f"parameter {self.name!r}{item} must be a number, got "
-                             f"{_show(value)} ({_type_name(value)})")
-        self._bounded(float(value), value, item)
-        return float(value)
-
-    def _numbers(self, value: Any) -> tuple[float, ...]:
-        return tuple(self._number(v, f" item {i + 1}") for i, v in enumerate(value))
-
-    def check(self, value: Any) -> Any:
-        """Validate ``value`` and return it normalized.
-
-        Parameters
-        ----------
-        value : Any
-            The value as loaded from YAML.
-
-        Returns
-        -------
-        Any
-            ``float`` for ``"float"`` (ints converted), ``int``, ``bool``, ``str``, tuples of
-            floats for list types and a tuple of ``(sigma, cutoff)`` tuples for
-            ``"scales"``; ``None`` for ``null`` when :attr:`nullable`.
-
-        Raises
-        ------
-        ValueError
-            With a message naming the parameter, the expectation and the value, e.g.
-            ``parameter 'sigma' must be > 0, got -1``.
-        """
-        if value is None:
-            if self.nullable:
-                return None
-            raise self._fail(self.type_text(), value)
-        kind = self.type
-        if kind == "float":
-            if not _is_number(value):
-                raise ValueError(f"parameter {self.name!r} must be {self.type_text()}, got "
-                                 f"{_show(value)} ({_type_name(value)})")
-            self._bounded(float(value), value)
-            return float(value)
-        if kind == "int":
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"parameter {self.name!r} must be {self.type_text()}, got "
-                                 f"{_show(value)} ({_type_name(value)})")
-            self._bounded(value, value)
-            return int(value)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise self._fail("true or false", value)
-            return value
-        if kind == "str":
-            if not isinstance(value, str):
-                raise self._fail(self.type_text(), value)
-            if self.choices is not None and value not in self.choices:
-                raise ValueError(f"parameter {self.name!r} must be one of "
-                                 f"{_one_of(self.choices)}, got {_show(value)}"
-                                 f"{_suggest(value, self.choices)}")
-            return value
-        if kind == "floats":
-            if not isinstance(value, list | tuple) or not value:
-                raise self._fail(self.type_text(), value)
-            if self.lengths is not None and len(value) not in self.lengths:
-                raise ValueError(f"parameter {self.name!r} must be {self.type_text()}, got "
-                                 f"{len(value)}: {_show(value)}")
-            return self._numbers(value)
-        if kind == "float_or_floats":
-            if _is_number(value):
-                return self._number(value)
-            if not isinstance(value, list | tuple) or not value:
-                raise self._fail(self.type_text(), value)
-            return self._numbers(value)
-        # scales
-        if not isinstance(value, list | tuple) or not value:
-            raise self._fail(self.type_text(), value)
-        pairs = []
-        for i, pair in enumerate(value):
-            if (not isinstance(pair, list | tuple) or len(pair) != 2
-                    or not all(_is_number(v) for v in pair)):
-                raise ValueError(f"parameter {self.name!r} item {i + 1} must be a "
-                                 f"[sigma, cutoff] pair of numbers, got {_show(pair)} "
-                                 "(write a list of pairs, e.g. [[1, 0.04]])")
-            sigma, cutoff = float(pair[0]), float(pair[1])
-            if not (math.isfinite(sigma) and sigma > 0):
-                raise ValueError(f"parameter {self.name!r} item {i + 1}: sigma must be > 0, "
-                                 f"got {_show(pair[0])}")
-            if not (math.isfinite(cutoff) and cutoff >= 0):
-                raise ValueError(f"parameter {self.name!r} item {i + 1}: cutoff must be >= 0, "
-                                 f"got {_show(pair[1])}")
-            pairs.append((sigma, cutoff))
-        return tuple(pairs)
 
 
 # --------------------------------------------------------------------------- StepSpec
@@ -396,7 +127,8 @@ class StepSpec:
     doc : str
         What the step computes (first line: a one-line summary).
     params : dict of str to Param
-        The parameters, in documentation order.
+        The parameters, in documentation order: declared on the fields of :attr:`op`
+        when the step runs one.
     inputs : tuple of tuple of str
         Kinds accepted at each input position. Positions beyond the last one (when
         :attr:`max_inputs` allows them) accept the kinds of the last position.
@@ -410,6 +142,9 @@ class StepSpec:
     rules : callable or None
         Cross-parameter rules: takes the validated parameters (defaults filled), returns
         one message per violated rule.
+    op : type or None
+        The block operation the executor builds from the parameters
+        (:meth:`Step.make_op`); ``None`` for steps that are global passes or views.
     """
 
     id: str
@@ -420,6 +155,7 @@ class StepSpec:
     min_inputs: int
     max_inputs: int | None
     rules: Rule | None = field(default=None, repr=False, compare=False)
+    op: type[BlockOp] | None = None
 
     def accepts(self, position: int) -> tuple[str, ...]:
         """Kinds accepted by input ``position`` (0-based)."""
@@ -462,15 +198,18 @@ class StepSpec:
 _AS_MANY = -1  # max_inputs of _spec: as many as positions declared
 
 
-def _spec(id: str, doc: str, params: Sequence[Param], inputs: Sequence[Sequence[str]],
-          output: str, *, min_inputs: int | None = None, max_inputs: int | None = _AS_MANY,
-          rules: Rule | None = None) -> StepSpec:
+def _spec(id: str, doc: str, params: Sequence[Param] | type[BlockOp],
+          inputs: Sequence[Sequence[str]], output: str, *, min_inputs: int | None = None,
+          max_inputs: int | None = _AS_MANY, rules: Rule | None = None) -> StepSpec:
+    """A catalogue entry; ``params`` is a list, or the op class that declares them."""
     n = len(inputs)
+    op = params if isinstance(params, type) else None
     return StepSpec(
-        id=id, doc=inspect.cleandoc(doc), params={p.name: p for p in params},
+        id=id, doc=inspect.cleandoc(doc),
+        params=declared(op) if op is not None else {p.name: p for p in params},
         inputs=tuple(tuple(k) for k in inputs), output=output,
         min_inputs=n if min_inputs is None else min_inputs,
-        max_inputs=n if max_inputs == _AS_MANY else max_inputs, rules=rules)
+        max_inputs=n if max_inputs == _AS_MANY else max_inputs, rules=rules, op=op)
 
 
 # --------------------------------------------------------------------------- rules
@@ -480,20 +219,20 @@ def _normalize_rules(p: Mapping[str, Any]) -> list[str]:
     s = p["scaling"]
     out = []
     if len(s) == 1 and s[0] < 0:
-        out.append(f"parameter 'scaling' [u] needs u >= 0 (0: plain min-max), got {_show(s)}")
+        out.append(f"parameter 'scaling' [u] needs u >= 0 (0: plain min-max), got {show(s)}")
     if len(s) in (2, 4) and (s[0] < 0 or s[1] < 0):
         out.append("parameter 'scaling' [a, b, ...] needs a >= 0 and b >= 0 (numbers of "
-                   f"standard deviations), got {_show(s)}")
+                   f"standard deviations), got {show(s)}")
     if len(s) == 4 and not s[2] < s[3]:
-        out.append(f"parameter 'scaling' [a, b, c, d] needs c < d, got {_show(s)}")
+        out.append(f"parameter 'scaling' [a, b, c, d] needs c < d, got {show(s)}")
     return out
 
 
 def _clip_rules(p: Mapping[str, Any]) -> list[str]:
     if p["low"] < p["high"]:
         return []
-    return [f"parameter 'low' must be < 'high', got low={_show(p['low'])}, "
-            f"high={_show(p['high'])}"]
+    return [f"parameter 'low' must be < 'high', got low={show(p['low'])}, "
+            f"high={show(p['high'])}"]
 
 
 def _threshold_rules(p: Mapping[str, Any]) -> list[str]:
@@ -502,7 +241,7 @@ def _threshold_rules(p: Mapping[str, Any]) -> list[str]:
         out.append("parameter 'value' is required when method is 'absolute'")
     if p["method"] != "absolute" and p["value"] is not None:
         out.append(f"parameter 'value' is only used with method 'absolute' (method is "
-                   f"{p['method']!r}), got {_show(p['value'])}")
+                   f"{p['method']!r}), got {show(p['value'])}")
     if p["method"] == "multiotsu" and p["level"] > p["classes"] - 1:
         out.append(f"parameter 'level' must be <= classes - 1 = {p['classes'] - 1}, got "
                    f"{p['level']}")
@@ -519,19 +258,13 @@ def _size_rules(p: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- catalogue
 
 
-def _slice_wise(what: str = "the filter", note: str = "") -> Param:
-    return Param("slice_wise", "bool", False,
-                 doc=f"Apply {what} to each 2D slice (last two axes) separately instead of "
-                     f"in 3D; for anisotropic data or 2D-like structures.{note}")
+def _slice_wise(what: str, note: str = "") -> Param:
+    return Param("slice_wise", "bool", False, doc=slice_wise_doc(what, note))
 
 
 def _connectivity(doc: str) -> Param:
     return Param("connectivity", "int", 1, minimum=1, maximum=3, doc=doc)
 
-
-_SCALES_DOC = ("List of [sigma, cutoff] pairs: the filter runs at each sigma (voxels, the "
-               "structure's radius) and its response is thresholded at cutoff; the masks of "
-               "all scales are combined with OR. Lower a cutoff to detect fainter structures.")
 
 _STEP_LIST = [
     _spec(
@@ -565,14 +298,7 @@ _STEP_LIST = [
     _spec(
         "gaussian",
         "Gaussian smoothing (scipy.ndimage.gaussian_filter).",
-        [Param("sigma", "float_or_floats", minimum=0, exclusive_minimum=True,
-               doc="Standard deviation in voxels; one number, or one per axis (z, y, x)."),
-         Param("truncate", "float", 4.0, minimum=0, exclusive_minimum=True,
-               doc="Kernel radius in standard deviations (sets the halo)."),
-         Param("mode", "str", "nearest",
-               choices=("reflect", "nearest", "mirror", "constant"),
-               doc="How the image is extended beyond its edges (scipy's boundary mode)."),
-         _slice_wise("the smoothing")],
+        Gaussian,
         [("image",)], "image"),
     _spec(
         "edge_preserving",
@@ -580,14 +306,7 @@ _STEP_LIST = [
         Edge-preserving smoothing: anisotropic (Perona-Malik) diffusion, as the Allen
         segmenter's ``edge_preserving_smoothing_3d``; smooths flat regions and keeps edges.
         """,
-        [Param("iterations", "int", 10, minimum=1, maximum=200,
-               doc="Diffusion steps; more steps smooth more (and cost more)."),
-         Param("conductance", "float", 1.2, minimum=0, exclusive_minimum=True,
-               doc="Edge sensitivity: lower keeps weaker edges, higher smooths across them."),
-         Param("time_step", "float", 0.0625, minimum=0, maximum=0.25,
-               exclusive_minimum=True,
-               doc="Diffusion time step; <= 0.25 keeps the scheme stable (0.0625 in 3D)."),
-         _slice_wise("the diffusion")],
+        EdgePreserving,
         [("image",)], "image"),
     _spec(
         "spot",
@@ -596,7 +315,7 @@ _STEP_LIST = [
         scale, as the Allen segmenter's ``dot_3d``/``dot_2d_slice_by_slice`` wrappers. For
         puncta, vesicles and other round bright objects.
         """,
-        [Param("scales", "scales", doc=_SCALES_DOC), _slice_wise()],
+        Spot,
         [("image",)], "mask"),
     _spec(
         "filament",
@@ -605,11 +324,7 @@ _STEP_LIST = [
         Allen segmenter's ``vesselness3D``/``filament_2d`` wrappers. For fibres in 3D; with
         slice_wise, sheets (membranes) appear as curvilinear lines in each 2D slice.
         """,
-        [Param("scales", "scales", doc=_SCALES_DOC),
-         Param("tau", "float", 1.0, minimum=0, maximum=1, exclusive_minimum=True,
-               doc="Response uniformity (Jerman's tau): lower values give a more uniform "
-                   "response along the structure and at junctions."),
-         _slice_wise()],
+        Filament,
         [("image",)], "mask"),
     _spec(
         "threshold",
@@ -689,13 +404,7 @@ _STEP_LIST = [
         Seeded watershed: grows the marker labels (input 2) over the image (input 1, the
         landscape: low values are flooded first), optionally restricted to a mask (input 3).
         """,
-        [Param("compactness", "float", 0.0, minimum=0,
-               doc="Compact watershed; 0 is the classic watershed, higher gives rounder "
-                   "regions."),
-         Param("halo", "int", 32, minimum=0,
-               doc="Context (voxels) read around each block; regions growing farther than "
-                   "this from their marker may be cut at block borders."),
-         _connectivity("Neighbourhood of the flooding (1: faces ... 3: corners).")],
+        SeededWatershed,
         [("image",), ("labels",), ("mask",)], "labels", min_inputs=2, max_inputs=3),
     _spec(
         "graph_cut",
@@ -703,16 +412,7 @@ _STEP_LIST = [
         Binary graph cut (min-cut/max-flow) foreground/background segmentation of a
         normalized image in [0, 1]; smooths the decision of a threshold.
         """,
-        [Param("prior", "float", 0.5, minimum=0, maximum=1, exclusive_minimum=True,
-               exclusive_maximum=True,
-               doc="Intensity separating foreground from background (data term)."),
-         Param("max_weight", "float", 20.0, minimum=0, exclusive_minimum=True,
-               doc="Weight of the smoothness term between similar neighbours: higher "
-                   "gives smoother masks."),
-         Param("sigma", "float", 0.1, minimum=0, exclusive_minimum=True,
-               doc="Intensity difference at which the smoothness weight falls off."),
-         Param("halo", "int", 16, minimum=0,
-               doc="Context (voxels) read around each block.")],
+        GraphCut,
         [("image",)], "mask"),
     _spec(
         "combine",
@@ -735,9 +435,7 @@ _STEP_LIST = [
         adjust_gamma. Expects an image in [0, 1]: put it after normalize or
         clip_percentiles.
         """,
-        [Param("gamma", "float", 1.0, minimum=0, exclusive_minimum=True,
-               doc="The exponent: < 1 brightens faint objects (0.2 to 0.5 in MISIC's "
-                   "handbook for uneven fluorescence), > 1 darkens.")],
+        Gamma,
         [("image",)], "image"),
     _spec(
         "unsharp_mask",
@@ -746,12 +444,7 @@ _STEP_LIST = [
         scikit-image's unsharp_mask with preserve_range (reflect edges, no clipping);
         sharpens the edges between touching objects.
         """,
-        [Param("radius", "float", 1.0, minimum=0, exclusive_minimum=True,
-               doc="Standard deviation of the Gaussian blur in voxels."),
-         Param("amount", "float", 1.0,
-               doc="Gain of the details (x - blur); MISIC's handbook uses 2 for "
-                   "fluorescence."),
-         _slice_wise("the sharpening")],
+        UnsharpMask,
         [("image",)], "image"),
     _spec(
         "shape_index",
@@ -761,15 +454,7 @@ _STEP_LIST = [
         regions, where it is undefined), 0.5 ridge, 1 bright cap. Several scales are
         combined voxel-wise. 2D; a 3D image needs slice_wise.
         """,
-        [Param("sigmas", "floats", [1.0], minimum=0, exclusive_minimum=True,
-               doc="Gaussian scales of the Hessian in voxels (MISIC: 1, 1.5 and 2, at an "
-                   "object width of about 10 pixels)."),
-         Param("combine", "str", "mean", choices=("mean", "max"),
-               doc="How the scales are combined: mean or max. MISIC feeds its network the "
-                   "scales as separate channels; mean keeps their average."),
-         Param("slice_wise", "bool", False,
-               doc="Compute the 2D shape index of each z-plane (last two axes) of a 3D "
-                   "image; required for 3D images (the shape index is defined in 2D).")],
+        ShapeIndex,
         [("image",)], "image"),
 ]
 
@@ -809,6 +494,19 @@ class Step:
     def spec(self) -> StepSpec:
         """The catalogue entry of :attr:`function`."""
         return STEPS[self.function]
+
+    def make_op(self, **computed: Any) -> BlockOp:
+        """The block operation of the step, built from :attr:`params` and the ``computed``
+        fields (whole-image statistics, properties of the inputs) of its op class.
+
+        Raises
+        ------
+        KeyError
+            If the step runs no block operation (``spec.op`` is ``None``).
+        """
+        if self.spec.op is None:
+            raise KeyError(f"step {self.name!r} ({self.function}) runs no block operation")
+        return build(self.spec.op, self.params, **computed)
 
     def to_dict(self) -> dict[str, Any]:
         """The step as a YAML-ready mapping (lists instead of tuples)."""
@@ -930,7 +628,7 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        problems.add(f"'parameters' must be a mapping of name: value, got {_show(raw)}",
+        problems.add(f"'parameters' must be a mapping of name: value, got {show(raw)}",
                      where)
         return None
     ok = True
@@ -938,7 +636,7 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
     for key in raw:
         if key not in spec.params:
             known = ", ".join(spec.params) or "none"
-            problems.add(f"unknown parameter {key!r}{_suggest(key, spec.params)}; "
+            problems.add(f"unknown parameter {key!r}{suggest(key, spec.params)}; "
                          f"{spec.id} takes: {known}", where)
             ok = False
     for name, param in spec.params.items():
@@ -966,21 +664,21 @@ def _check_step(index: int, entry: Any, previous: _Draft | None, problems: _Prob
     if not isinstance(entry, Mapping):
         draft = _Draft(index, f"step #{index + 1}", in_graph=False)
         problems.add("must be a mapping with 'name' and 'function' keys, got "
-                     f"{_show(entry)}", draft)
+                     f"{show(entry)}", draft)
         return draft
     name, function = entry.get("name"), entry.get("function")
     draft = _Draft(index, _where(index, name, function))
     where = draft
     for key in entry:
         if key not in STEP_KEYS:
-            problems.add(f"unknown key {key!r}{_suggest(key, STEP_KEYS)}; a step has: "
+            problems.add(f"unknown key {key!r}{suggest(key, STEP_KEYS)}; a step has: "
                          f"{', '.join(STEP_KEYS)}", where)
     # name
     if name is None:
         problems.add("missing 'name'", where)
         draft.in_graph = False
     elif not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        problems.add(f"name must be letters, digits, '_' or '-', got {_show(name)}", where)
+        problems.add(f"name must be letters, digits, '_' or '-', got {show(name)}", where)
         draft.in_graph = False
     elif name == RAW:
         problems.add(f"name {RAW!r} is reserved for the input image", where)
@@ -992,7 +690,7 @@ def _check_step(index: int, entry: Any, previous: _Draft | None, problems: _Prob
     if function is None:
         problems.add(f"missing 'function' (one of: {', '.join(STEPS)})", where)
     elif not isinstance(function, str) or function not in STEPS:
-        problems.add(f"unknown function {_show(function)}{_suggest(function, STEPS)}; "
+        problems.add(f"unknown function {show(function)}{suggest(function, STEPS)}; "
                      f"functions: {', '.join(STEPS)}", where)
     else:
         spec = STEPS[function]
@@ -1001,7 +699,7 @@ def _check_step(index: int, entry: Any, previous: _Draft | None, problems: _Prob
     if spec is None and "parameters" in entry and not isinstance(
             entry["parameters"], Mapping | None):
         problems.add(f"'parameters' must be a mapping of name: value, got "
-                     f"{_show(entry['parameters'])}", where)
+                     f"{show(entry['parameters'])}", where)
     # inputs
     if "inputs" in entry and entry["inputs"] is not None:
         inputs = entry["inputs"]
@@ -1010,7 +708,7 @@ def _check_step(index: int, entry: Any, previous: _Draft | None, problems: _Prob
         if not isinstance(inputs, list | tuple) or not all(isinstance(i, str)
                                                            for i in inputs):
             problems.add(f"'inputs' must be a list of step names (or {RAW!r}), got "
-                         f"{_show(entry['inputs'])}", where)
+                         f"{show(entry['inputs'])}", where)
         else:
             draft.inputs = tuple(inputs)
     elif previous is None:
@@ -1021,7 +719,7 @@ def _check_step(index: int, entry: Any, previous: _Draft | None, problems: _Prob
         n = len(draft.inputs)
         if n < spec.min_inputs or (spec.max_inputs is not None and n > spec.max_inputs):
             problems.add(f"takes {spec.count_text()} ({spec.inputs_text()}), got {n}: "
-                         f"{_show(list(draft.inputs))}", where)
+                         f"{show(list(draft.inputs))}", where)
     return draft
 
 
@@ -1104,24 +802,24 @@ def parse_workflow(data: Any, source: str = "<workflow>", *,
         problems.raise_if_any()
     if not isinstance(data, Mapping):
         problems.add(f"the top level must be a mapping with a 'steps' list, got "
-                     f"{_type_name(data)}")
+                     f"{type_name(data)}")
         problems.raise_if_any()
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            problems.add(f"unknown top-level key {_show(key)}{_suggest(key, TOP_LEVEL_KEYS)}; "
+            problems.add(f"unknown top-level key {show(key)}{suggest(key, TOP_LEVEL_KEYS)}; "
                          f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
     name = data.get("name")
     if name is not None and not isinstance(name, str):
-        problems.add(f"'name' must be a string, got {_show(name)}")
+        problems.add(f"'name' must be a string, got {show(name)}")
     description = data.get("description")
     if description is not None and not isinstance(description, str):
-        problems.add(f"'description' must be a string, got {_show(description)}")
+        problems.add(f"'description' must be a string, got {show(description)}")
     entries = data.get("steps")
     if entries is None:
         problems.add("missing 'steps': a list of steps, each with 'name' and 'function'")
         problems.raise_if_any()
     if not isinstance(entries, list):
-        problems.add(f"'steps' must be a list of steps, got {_type_name(entries)}")
+        problems.add(f"'steps' must be a list of steps, got {type_name(entries)}")
         problems.raise_if_any()
     if not entries:
         problems.add("'steps' is empty; a workflow needs at least one step")
@@ -1152,7 +850,7 @@ def parse_workflow(data: Any, source: str = "<workflow>", *,
             if parent not in defined:
                 graph_ok = False
                 problems.add(f"input {parent!r} names no step"
-                             f"{_suggest(parent, sorted(defined))} (inputs are step names "
+                             f"{suggest(parent, sorted(defined))} (inputs are step names "
                              f"or {RAW!r})", d)
 
     # cycles
@@ -1196,13 +894,13 @@ def parse_workflow(data: Any, source: str = "<workflow>", *,
         output_draft = last if last.in_graph and last.name is not None else None
         output = last.name
     elif not isinstance(output, str):
-        problems.add(f"'output' must be a step name, got {_show(output)}", last=True)
+        problems.add(f"'output' must be a step name, got {show(output)}", last=True)
     elif output == RAW:
         problems.add(f"'output' must produce a mask or labels, but {RAW!r} is the input "
                      "image", last=True)
     elif output not in first_of:
         problems.add(f"'output' names an unknown step {output!r}"
-                     f"{_suggest(output, list(first_of))}", last=True)
+                     f"{suggest(output, list(first_of))}", last=True)
     else:
         output_draft = first_of[output]
     if output_draft is not None:
@@ -1266,7 +964,7 @@ def preset_path(name: str) -> Path:
         If ``name`` is not in :data:`PRESETS`.
     """
     if name not in PRESETS:
-        raise InputError(f"unknown workflow preset {name!r}{_suggest(name, PRESETS)}; "
+        raise InputError(f"unknown workflow preset {name!r}{suggest(name, PRESETS)}; "
                          f"presets: {', '.join(PRESETS)}")
     return _PRESET_DIR / f"{name}.yaml"
 
@@ -1303,7 +1001,7 @@ def load_workflow(spec: str | Path, *, image_output: bool = False) -> Workflow:
         raise InputError(f"{spec}: the workflow must be a YAML file, not a directory")
     looks_like_file = path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1
     what = "workflow file not found" if looks_like_file else "neither a workflow file nor a preset"
-    raise InputError(f"{spec}: {what}{_suggest(text, PRESETS)}; presets: "
+    raise InputError(f"{spec}: {what}{suggest(text, PRESETS)}; presets: "
                      f"{', '.join(PRESETS)}")
 
 
@@ -1319,7 +1017,7 @@ def describe_steps() -> str:
         for line in spec.doc.splitlines():
             lines.append(f"    {line.strip()}" if line.strip() else "")
         for param in spec.params.values():
-            default = "required" if param.required else f"default {_show(param.default)}"
+            default = "required" if param.required else f"default {show(param.default)}"
             details = [param.type_text()]
             if param.range_text():
                 details.append(param.range_text())
