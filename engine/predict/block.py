@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -225,22 +224,76 @@ class _Writer(threading.Thread):
                 pool.submit(self._store, job)
 
 
-def host_levels(region: Region, stored: np.ndarray | None, labels: np.ndarray,
-                levels: Sequence[Sequence[int]]) -> list[Finished]:
-    """The pyramid levels of a block's outputs by :mod:`engine.pyramid` (``stored`` is
-    ``(K, *region)`` or None, ``labels`` ``(*region)``; ``levels`` spatial factors)."""
-    from engine.pyramid import downsample_mean, downsample_mode
+class _BlockPyramid:
+    """A block's pyramid levels, built while its chunk rows are finished.
 
-    out = []
-    origin = [r.start for r in region]
-    for level, f in enumerate(levels, start=1):
-        stored = None if stored is None else downsample_mean(stored, (1, *f))
-        labels = downsample_mode(labels, f)
-        origin = [o // k for o, k in zip(origin, f, strict=True)]
-        out.append(Finished(tuple(slice(o, o + n) for o, n in
-                                  zip(origin, labels.shape, strict=True)),
-                            stored, labels, level))
-    return out
+    Level ``L`` of the block is kept whole (``1/8^L`` of the block); a level-``L`` chunk row
+    is downsampled from level ``L-1`` once the planes under it are finished, so the levels
+    are written while the network still runs and only the last rows remain at the end.
+    Downsampling windows never straddle two rows (rows are multiples of the factors), so
+    the result equals downsampling the whole block: on a GPU by
+    :mod:`engine.predict.downsample` (uint8 probabilities and labels; float16 probabilities
+    come as None, their exact rounding is the host's), on the CPU by :mod:`engine.pyramid`.
+    """
+
+    def __init__(self, shape: Sequence[int], channels: int, finishing: Finishing,
+                 levels: Sequence[Sequence[int]], unit: int, device: torch.device) -> None:
+        self.unit, self.cuda = unit, device.type == "cuda"
+        self.factors = [tuple(f) for f in levels]
+        self.factor = [(1,) * len(shape)]
+        shapes = [tuple(shape)]
+        for f in self.factors:
+            self.factor.append(tuple(a * b for a, b in zip(self.factor[-1], f, strict=True)))
+            shapes.append(tuple(-(-n // k) for n, k in zip(shapes[-1], f, strict=True)))
+        self.probs_kept = finishing.dtype == torch.uint8 or not self.cuda
+        self.stored = [torch.empty((channels, *sh), dtype=finishing.dtype, device=device)
+                       if self.probs_kept else None for sh in shapes]
+        self.labels = [torch.empty(sh, dtype=torch.uint8, device=device) for sh in shapes]
+        self.done = [0] * len(shapes)
+
+    def add(self, planes: slice, stored: torch.Tensor, labels: torch.Tensor) -> None:
+        """Level-0 planes ``planes`` (block coordinates) are finished."""
+        if self.stored[0] is not None:
+            self.stored[0][:, planes] = stored
+        self.labels[0][planes] = labels
+        self.done[0] = planes.stop
+
+    def _down(self, level: int, planes: slice) -> tuple[torch.Tensor | None, torch.Tensor]:
+        f = self.factors[level - 1]
+        src = slice(planes.start * f[0], min(planes.stop * f[0],
+                                             self.labels[level - 1].shape[0]))
+        stored = self.stored[level - 1]
+        labels = self.labels[level - 1][src]
+        if self.cuda:
+            from engine.predict.downsample import downsample_mean, downsample_mode
+
+            down_s = None if stored is None else downsample_mean(stored[:, src], (1, *f))
+            return down_s, downsample_mode(labels, f)
+        from engine.pyramid import downsample_mean as mean_np
+        from engine.pyramid import downsample_mode as mode_np
+
+        down_s = None if stored is None else torch.from_numpy(
+            mean_np(stored[:, src].numpy(), (1, *f)))
+        return down_s, torch.from_numpy(mode_np(labels.numpy(), f))
+
+    def advance(self, finished: bool) -> list[tuple[int, int, Any, torch.Tensor]]:
+        """The level rows that can be made now: ``(level, first plane, probabilities or
+        None, labels)``; with ``finished`` (every level-0 plane done) all the rest."""
+        out = []
+        for level in range(1, len(self.labels)):
+            total = self.labels[level].shape[0]
+            f = self.factors[level - 1][0]
+            ready = total if finished else self.done[level - 1] // f // self.unit * self.unit
+            if ready <= self.done[level]:
+                continue
+            planes = slice(self.done[level], ready)
+            stored, labels = self._down(level, planes)
+            if self.stored[level] is not None and stored is not None:
+                self.stored[level][:, planes] = stored
+            self.labels[level][planes] = labels
+            self.done[level] = ready
+            out.append((level, planes.start, stored, labels))
+        return out
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -358,10 +411,10 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
     image = torch.zeros((channels, *bshape), dtype=torch.float32, device=dev)
     acc = torch.zeros((channels_out, *shape), dtype=torch.float32, device=dev)
     wsum = torch.zeros(shape, dtype=torch.float32, device=dev)
-    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # the block's outputs, for levels
-    if levels:
-        kept = (torch.empty((channels_out, *shape), dtype=finishing.dtype, device=dev),
-                torch.empty(shape, dtype=torch.uint8, device=dev))
+    # the block's outputs on every level it writes (level L from level L-1, a chunk row at
+    # a time as soon as its planes are finished) and how many planes of each are done
+    pyramid = _BlockPyramid(shape, channels_out, finishing, levels, unit, dev) \
+        if levels else None
     filled = inner[0].start  # planes of the read region copied to the device so far
     done = region[0].start  # planes of the write region handed to the writer
     model_before = predictor.timer.total()
@@ -414,31 +467,16 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         nonlocal done
         sl = slice(done - region[0].start, upto - region[0].start)
         stored, labels = finishing(acc[:, sl] / wsum[sl])
-        if kept is not None:
-            kept[0][:, sl] = stored
-            kept[1][sl] = labels
         send(0, (slice(done, upto), *region[1:]), stored, labels)
         done = upto
-
-    def pyramid() -> None:
-        """The block's levels, from its outputs on the device (on the CPU: by NumPy in a
-        writer thread, which is faster there and leaves the loop to the next block)."""
-        from engine.predict.downsample import downsample_mean, downsample_mode
-
-        assert kept is not None
-        stored, labels = kept
-        on_device = finishing.dtype == torch.uint8
-        origin = [r.start for r in region]
-        if dev.type != "cuda":
-            writer.jobs.put(partial(host_levels, region, stored.numpy() if on_device else None,
-                                    labels.numpy(), levels))
-            return
-        for level, f in enumerate(levels, start=1):
-            stored = downsample_mean(stored, (1, *f)) if on_device else None
-            labels = downsample_mode(labels, f)
-            origin = [o // k for o, k in zip(origin, f, strict=True)]
-            send(level, tuple(slice(o, o + n) for o, n in
-                              zip(origin, labels.shape, strict=True)), stored, labels)
+        if pyramid is not None:
+            pyramid.add(sl, stored, labels)
+            for level, lo, stored, labels in pyramid.advance(done == region[0].stop):
+                origin = [r.start // pyramid.factor[level][a] for a, r in enumerate(region)]
+                where = (slice(origin[0] + lo, origin[0] + lo + labels.shape[0]),
+                         *(slice(o, o + n) for o, n in zip(origin[1:], labels.shape[1:],
+                                                           strict=True)))
+                send(level, where, stored, labels)
 
     # tiles in the grid's order (first axis slowest), in batches across tile rows (every
     # batch but the last is full); the device runs batch i while batch i-1 is blended
@@ -464,7 +502,5 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
                 if upto > done:
                     finish(upto)
             pending = launched
-        if kept is not None:
-            pyramid()
     times.model_s = predictor.timer.total() - model_before
     times.notes = list(predictor.notes)

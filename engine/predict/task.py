@@ -93,8 +93,8 @@ class OutputArrays:
 
 class _BlockOutputs:
     """Writes a block's finished slabs and levels as they come; float16 probabilities keep
-    the block in memory for their levels, written at the end on the host (see
-    :func:`engine.predict.block.predict_block`)."""
+    the block in memory for their levels when the device leaves them to the host (see
+    :func:`engine.predict.block.predict_block`), written at the end."""
 
     def __init__(self, arrays: OutputArrays, region: Region, channels_out: int,
                  prob_dtype: str) -> None:
@@ -102,6 +102,7 @@ class _BlockOutputs:
         self.arrays, self.region, self.k = arrays, region, channels_out
         host = prob_dtype != "uint8" and len(arrays.probabilities) > 1
         self.probs = np.empty((channels_out, *shape), prob_dtype) if host else None
+        self.missing = False  # levels came without probabilities: made here at the end
 
     def write(self, done: Any) -> None:  # done: engine.predict.block.Finished
         from engine.pyramid import write_levels
@@ -114,6 +115,8 @@ class _BlockOutputs:
                 local = tuple(slice(d.start - r.start, d.stop - r.start)
                               for d, r in zip(done.region, self.region, strict=True))
                 self.probs[(slice(None), *local)] = done.probabilities
+        elif done.level > 0:
+            self.missing = True
         if done.level < len(self.arrays.labels):
             write_levels(self.arrays.labels[done.level:done.level + 1], done.region,
                          done.labels, (), "mode", whole=True)
@@ -122,7 +125,7 @@ class _BlockOutputs:
         """Write the float16 probabilities' levels from the block in memory."""
         from engine.pyramid import write_levels
 
-        if self.probs is not None:
+        if self.probs is not None and self.missing:
             write_levels(self.arrays.probabilities, (slice(0, self.k), *self.region),
                          self.probs, tuple((1, *f) for f in self.arrays.factors), "mean",
                          write_first=False)
