@@ -246,7 +246,7 @@ def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
     """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
     import zarr
 
-    from engine.pipelines.segment import check_block, default_block
+    from engine.blocks import check_block, default_block
 
     src = Path(src)
     img_attrs, ngff = omezarr.read_image_attrs(src)

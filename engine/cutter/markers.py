@@ -225,7 +225,7 @@ class MarkerResult:
 
 def plan_markers(src: str | Path, options: MarkerOptions) -> MarkerPlan:
     """Check everything before compute; raise a ``VoxelmillError`` naming the problem."""
-    from engine.pipelines.segment import check_block, default_block
+    from engine.blocks import check_block, default_block
 
     image = open_slide(src)
     check_output_name(options.name, "markers")

@@ -140,7 +140,7 @@ def load_cutter_meta(path: Path) -> dict[str, Any]:
 
 def plan_cutter_prediction(src: str | Path, options: CutterPredictOptions) -> CutterPredictPlan:
     """Check everything before compute; raise a ``VoxelmillError`` naming the problem."""
-    from engine.pipelines.segment import check_block
+    from engine.blocks import check_block
 
     image = open_slide(src)
     check_output_name(options.name, "cells")
@@ -391,7 +391,7 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
                              resources={"GPU": 1} if gpus else None,
                              max_in_flight=len(gpus) if gpus else len(client.nthreads()))
             if run.skipped:  # finished blocks of an interrupted run: their ids from storage
-                from engine.pipelines.convert import label_values
+                from engine.labels import label_values
 
                 values = label_values(client, Path(labels_path), plan.block) or []
             else:
@@ -443,7 +443,7 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     boundaries) from the point markers, inside the mask, blockwise with ``halo``: the
     ``watershed`` step of ``voxelmill segment`` fed with the cutter's inputs. Returns the
     destination, the object count and the seconds."""
-    from engine.pipelines.segment import check_block, default_block
+    from engine.blocks import check_block, default_block
     from engine.segment import pointwise as pw
     from engine.segment.execute import Context, run_op
     from engine.segment.refs import Pointwise
@@ -475,7 +475,7 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
             t0 = time.monotonic()
             ctx = Context(client, work, block, progress, report)
             out = run_op(ctx, "watershed", op, [landscape, markers, mask])
-            from engine.pipelines.convert import label_values
+            from engine.labels import label_values
 
             values = label_values(client, Path(out.path), block) or [0]
             _write_labels(image, client, out.path, partial, options.name,

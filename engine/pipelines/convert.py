@@ -8,23 +8,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine import __version__, provenance
 from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
-from engine.io.sources import file_identity, read_region
-from engine.labels import VALUES_LIMIT
+from engine.io.sources import file_identity
+from engine.labels import label_values
 from engine.output import check_destination, commit, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
 from engine.runlock import output_lock
 from engine.runner import RunReport, RunState
-from engine.volume import Volume, check_voxel_size, normalize_unit
-
-DEFAULT_CHUNK_3D = 128
-DEFAULT_CHUNK_2D = 1024
+from engine.stats import display_windows
+from engine.volume import Volume, check_voxel_size, normalize_unit, per_axis, spatial_chunks
 
 
 @dataclass(frozen=True)
@@ -85,29 +81,6 @@ class ConvertResult:
         return sum(r.computed for r in self.reports)
 
 
-def per_axis(volume: Volume, values: Sequence[int], what: str) -> tuple[int, ...]:
-    """Expand a spatial option (one value, or one per spatial axis) to every axis (1 on t/c)."""
-    spatial = volume.spatial_axes
-    if len(values) == 1:
-        values = tuple(values) * len(spatial)
-    if len(values) != len(spatial):
-        raise OptionError(f"{what} {','.join(map(str, values))}: give one value or one per "
-                          f"spatial axis ({spatial})")
-    if any(v < 1 for v in values):
-        raise OptionError(f"{what} {values}: sizes must be positive")
-    by_axis = dict(zip(spatial, values, strict=True))
-    return tuple(by_axis.get(a, 1) for a in volume.axes)
-
-
-def spatial_chunks(volume: Volume, chunks: Sequence[int] | None) -> tuple[int, ...]:
-    """Full chunk shape (one per axis, clipped to the volume) from the chunk option."""
-    if chunks is None:
-        default = DEFAULT_CHUNK_3D if "z" in volume.spatial_axes else DEFAULT_CHUNK_2D
-        chunks = (default,)
-    full = per_axis(volume, chunks, "--chunks")
-    return tuple(min(c, s) for c, s in zip(full, volume.shape, strict=True))
-
-
 def level_shards(shards: Sequence[int], chunks: Sequence[int], shape: Sequence[int]
                  ) -> tuple[int, ...]:
     """Shard shape of one level: at most the level rounded up to whole chunks."""
@@ -149,28 +122,6 @@ def attach_labels(volume: Volume, labels: Sequence[tuple[str, str]]) -> Volume:
             raise OptionError(f"{path}: labels must be integers, not {lab.dtype}")
         found[name] = Volume(lab.data, lab.axes, volume.voxel_size, volume.unit, source=str(path))
     return replace(volume, labels=found)
-
-
-def display_windows(level_path: Path, axes: str, nchan: int
-                    ) -> list[tuple[float, float, float, float]]:
-    """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %)."""
-    import zarr
-
-    data = np.asarray(zarr.open_array(str(level_path), mode="r")[...])
-    if "c" in axes:
-        data = np.moveaxis(data, axes.index("c"), 0)
-    else:
-        data = data[None]
-    out = []
-    for ch in data[:nchan]:
-        v = ch.astype(np.float64).ravel()
-        lo, hi = np.percentile(v, [0.1, 99.9]) if v.size else (0.0, 1.0)
-        if ch.dtype.kind in "iu":  # integer data: the type's range, as viewers expect
-            info = np.iinfo(ch.dtype)
-            out.append((float(info.min), float(info.max), float(lo), float(hi)))
-        else:
-            out.append((float(v.min()), float(v.max()), float(lo), float(hi)))
-    return out
 
 
 @dataclass
@@ -317,38 +268,3 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: A
     input and options; different options start the partial output afresh.
     """
     return run_conversion(plan_conversion(src, dst, options), client, progress, report)
-
-
-@dataclass(frozen=True)
-class UniqueValues:
-    """Block task: the distinct values of a block (at most ``limit`` + 1 of them)."""
-
-    path: str
-    limit: int
-
-    def __call__(self, block: Any) -> np.ndarray:
-        data = read_region(self.path, block.write)
-        top = int(data.max(initial=0))
-        # counting is linear where np.unique sorts; worth it while the count table is small
-        values = (np.flatnonzero(np.bincount(data.ravel(), minlength=1))
-                  if data.dtype.kind in "ub" and top < 4 * data.size else np.unique(data))
-        return values[: self.limit + 1]
-
-
-def label_values(client: Any, level0: Path, block_shape: Sequence[int],
-                 limit: int = VALUES_LIMIT) -> list[int] | None:
-    """All label values of a label image, by a blockwise reduction; None past ``limit``."""
-    import zarr
-
-    from engine.blocks import BlockGrid
-    from engine.runner import run_blocks
-
-    shape = zarr.open_array(str(level0), mode="r").shape
-    grid = BlockGrid(shape, [max(b, 1) for b in block_shape])
-    report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values")
-    found: set[int] = set()
-    for values in report.results.values():
-        found.update(int(v) for v in values)
-        if len(found) > limit:
-            return None
-    return sorted(found)

@@ -165,9 +165,9 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
     import zarr
 
+    from engine.blocks import check_block, default_block
     from engine.cutter.train import KIND as CUTTER_KIND
     from engine.learn.model import load_model
-    from engine.pipelines.segment import check_block, default_block
 
     src = Path(src)
     attrs, ngff = omezarr.read_image_attrs(src)

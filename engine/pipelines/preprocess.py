@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from engine import __version__, provenance
-from engine.blocks import Region, stable_hash
+from engine.blocks import Region, check_block, default_block, stable_hash
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
@@ -40,7 +40,6 @@ from engine.output import (
     partial_path,
     write_multiscale,
 )
-from engine.pipelines.segment import check_block, default_block
 from engine.pyramid import Level, plan_levels
 from engine.runlock import output_lock
 from engine.runner import RunState
@@ -402,7 +401,8 @@ def run_preprocess(plan: PreprocessPlan, client: Any,
     """Resample, run the workflow on every chosen channel and write the planned image."""
     import dask.array as da
 
-    from engine.pipelines.convert import display_windows, label_values
+    from engine.labels import label_values
+    from engine.stats import display_windows
 
     with output_lock(plan.destination, report=report), \
             provenance.RunRecord("preprocess", plan.identity) as record:
@@ -533,7 +533,7 @@ def plan_back(scaled: str | Path, original: str | Path, name: str, new_name: str
 def run_back(plan: BackPlan, client: Any, progress: Callable[[], Any] | None = None,
              report: Callable[[str], None] = print) -> BackResult:
     """Resample the labels (nearest neighbour) onto the original grid; write them there."""
-    from engine.pipelines.convert import label_values
+    from engine.labels import label_values
 
     dst = plan.destination
     identity = {"op": "preprocess-back", "version": __version__, "scaled": str(plan.scaled),

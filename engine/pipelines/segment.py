@@ -9,7 +9,7 @@ is the name added to ``labels/``'s list, so an interrupted run leaves the image 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine import __version__, provenance
-from engine.blocks import stable_hash
+from engine.blocks import check_block, default_block, stable_hash
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr
 from engine.io.sources import file_identity
@@ -37,10 +37,6 @@ from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
 from engine.segment.workflow import Step, Workflow, load_workflow
 from engine.volume import select_channel
-
-BLOCK_VOXELS = 1 << 21
-"""Default voxels per block (128³ in 3D): big enough to amortize task overhead, small
-enough that a filter's float64 temporaries stay well under a worker's memory."""
 
 
 @dataclass
@@ -97,22 +93,6 @@ class SegmentResult:
     seconds: float
     statistics: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)  # "stage-end" events
-
-
-def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """Blocks of about :data:`BLOCK_VOXELS`, whole multiples of the storage chunks."""
-    edge = BLOCK_VOXELS ** (1 / len(chunks))
-    return tuple(min(c * max(1, round(edge / c)), s)
-                 for c, s in zip(chunks, shape, strict=True))
-
-
-def check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
-    if len(block) != len(chunks):
-        raise OptionError(f"--block {tuple(block)}: give {len(chunks)} values")
-    for b, c, s in zip(block, chunks, shape, strict=True):
-        if b <= 0 or (b % c and b < s):
-            raise OptionError(f"--block {tuple(block)}: each size must be a positive multiple "
-                              f"of the chunk shape {tuple(chunks)}")
 
 
 def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
@@ -189,7 +169,7 @@ def run_segmentation(plan: SegmentPlan, client: Any,
     """Run the planned workflow on the cluster and write the labels (and kept steps)."""
     with output_lock(plan.destination, report=report), \
             provenance.RunRecord("segment", plan.state.identity) as record:
-        from engine.pipelines.convert import label_values
+        from engine.labels import label_values
 
         dst = plan.destination
         partial = partial_path(dst)
