@@ -44,8 +44,8 @@ def split(
     from cli.common import err, floats, out, user_errors
 
     with user_errors():
-        from engine.dataset import SPLIT_DIRS, SplitOptions, plan_split, write_split
-        from engine.patches.extract import LABELS_DIR
+        from engine.dataset import SplitOptions, plan_split, write_split
+        from engine.io.layouts import LABELS_DIR, SPLIT_DIRS
 
         opts = SplitOptions(fractions=floats(fractions, "--fractions") or (), seed=seed,
                             link=link, labels_dir=labels_dir or LABELS_DIR, overwrite=overwrite)

@@ -74,9 +74,10 @@ from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.integrity import unit_shape
+from engine.io.layouts import PATCH_SUFFIXES, patch_stem
 from engine.names import safe_name
 from engine.patches.extract import IGNORE, MANIFEST_COLUMNS
-from engine.patches.files import PATCH_SUFFIXES, patch_stem, read_patch
+from engine.patches.files import read_patch
 from engine.progress import Progress
 from engine.volume import convert_length
 
