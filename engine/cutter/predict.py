@@ -444,6 +444,8 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     ``watershed`` step of ``voxelmill segment`` fed with the cutter's inputs. Returns the
     destination, the object count and the seconds."""
     from engine.blocks import check_block, default_block
+    from engine.labels import label_values
+    from engine.output import output_run
     from engine.segment import pointwise as pw
     from engine.segment.execute import Context, run_op
     from engine.segment.refs import Pointwise
@@ -465,25 +467,13 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
         if options.invert else channel
     identity = {"op": "cutter-watershed", "version": __version__, **{
         k: str(v) for k, v in options.__dict__.items() if k != "overwrite"}}
-    with output_lock(dst, report=report), \
-            provenance.RunRecord("cutter-watershed", identity) as record:
-        partial = partial_path(dst)
-        shutil.rmtree(partial, ignore_errors=True)
-        work = partial / ".work"
-        work.mkdir(parents=True)
-        try:
-            t0 = time.monotonic()
-            ctx = Context(client, work, block, progress, report)
-            out = run_op(ctx, "watershed", op, [landscape, markers, mask])
-            from engine.labels import label_values
-
-            values = label_values(client, Path(out.path), block) or [0]
-            _write_labels(image, client, out.path, partial, options.name,
-                          values if len(values) <= 10001 else None, progress)
-        except VoxelmillError:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        shutil.rmtree(work)
-        commit_recorded([(partial, dst)], record.entry())
+    with output_run("cutter-watershed", [dst], identity=identity, report=report) as run:
+        t0 = time.monotonic()
+        ctx = Context(client, run.work, block, progress, report)
+        out = run_op(ctx, "watershed", op, [landscape, markers, mask])
+        values = label_values(client, Path(out.path), block) or [0]
+        _write_labels(image, client, out.path, run.partial(), options.name,
+                      values if len(values) <= 10001 else None, progress)
+        run.commit()
         omezarr.add_label_names(image.source, [options.name], image.ngff)
         return dst, len([v for v in values if v]), time.monotonic() - t0

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, provenance
+from engine import __version__
 from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
 from engine.io.sources import file_identity
 from engine.labels import label_values
-from engine.output import check_destination, commit, partial_path
+from engine.output import check_destination, output_run, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
-from engine.runlock import output_lock
 from engine.runner import RunReport, RunState
 from engine.stats import display_windows
 from engine.volume import Volume, check_voxel_size, normalize_unit, per_axis, spatial_chunks
@@ -157,10 +155,6 @@ class ConvertPlan:
     def partial(self) -> Path:
         return partial_path(self.destination)
 
-    @property
-    def resumable(self) -> bool:
-        return (self.state.directory / self.state.run_hash).exists()
-
 
 def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertPlan:
     """Open and check the input, labels, options and destination; decide chunks and levels.
@@ -217,22 +211,16 @@ def run_conversion(plan: ConvertPlan, client: Any,
                    progress: Callable[[], Progress] | None = None,
                    report: Callable[[str], None] = print) -> ConvertResult:
     """Write the planned OME-Zarr blockwise on the cluster; resume when possible."""
-    with output_lock(plan.destination, report=report), \
-            provenance.RunRecord("convert", plan.state.identity) as record:
-        opts, partial = plan.options, plan.partial
+    with output_run("convert", [plan.destination], state=plan.state, report=report,
+                    what="conversion", work=False) as run:
+        opts, partial = plan.options, run.partial()
         groups = [plan.image, *plan.labels.values()]
-        if plan.resumable:
-            report(f"resuming an interrupted conversion in {partial}")
-        else:
-            if partial.exists():
-                report(f"removing an unfinished conversion with other inputs or options: {partial}")
-                shutil.rmtree(partial)
+        if not run.resumed:
             for ms in groups:
                 _create(ms, opts)
             if plan.labels:
                 omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
                                           opts.ngff)
-        plan.state.begin()
 
         reports: list[RunReport] = []
         for ms in groups:
@@ -249,13 +237,9 @@ def run_conversion(plan: ConvertPlan, client: Any,
         windows = display_windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
         omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
             vol.channel_names or (plan.image.name,), windows)}, opts.ngff)
-        entry = record.entry()
-        for ms in groups:
-            provenance.append(ms.group, [entry])
-        plan.state.clear()
-        commit(partial, plan.destination)
+        run.commit(recorded=[ms.group for ms in groups])
         return ConvertResult(plan.destination, [lv.shape for lv in plan.image.levels],
-                             list(plan.labels), reports, record.seconds)
+                             list(plan.labels), reports, run.record.seconds)
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: Any,
