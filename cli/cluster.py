@@ -28,7 +28,7 @@ def certs(
 ) -> None:
     """Create a private certificate authority and certificates for the scheduler, the
     workers and the client (TLS with mutual authentication)."""
-    from cli.main import out, user_errors
+    from cli.common import out, user_errors
 
     with user_errors():
         from engine.security import make_certificates

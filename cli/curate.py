@@ -34,7 +34,7 @@ Channel = Annotated[str | None, typer.Option(
 
 def _run(mode: str, table: Path, out_dir: Path, mask_means: str, allen_tif: bool,
          channel: str | None, overwrite: bool) -> None:
-    from cli.main import err, out, user_errors
+    from cli.common import err, out, user_errors
 
     with user_errors():
         from engine.curate import CurateOptions, plan_curation, run_curation

@@ -48,13 +48,13 @@ def markers(
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
     """Find one marker per cell: LoG blobs of the nucleus channel or label centroids."""
-    from cli.main import _ints, block_summary, cluster, err, out, progress_factory, user_errors
+    from cli.common import block_summary, cluster, err, ints, out, progress_factory, user_errors
 
     with user_errors():
         from engine.cutter.markers import MarkerOptions, plan_markers, run_markers
 
         opts = MarkerOptions(name, channel, sigma, diameter, threshold, min_distance,
-                             from_labels, csv, _ints(block, "--block"), overwrite)
+                             from_labels, csv, ints(block, "--block"), overwrite)
         plan = plan_markers(src, opts)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_markers(plan, client, progress_factory(),
@@ -95,7 +95,7 @@ def train(
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
     """Train the cutter network without annotation (markers + foreground mask)."""
-    from cli.main import cluster, err, out, user_errors
+    from cli.common import cluster, err, out, user_errors
     from cli.train import require_torch
 
     with user_errors():
@@ -149,7 +149,7 @@ def predict(
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
     """Predict every marker's mask blockwise and write instance labels and borders."""
-    from cli.main import _ints, block_summary, cluster, err, out, progress_factory, user_errors
+    from cli.common import block_summary, cluster, err, ints, out, progress_factory, user_errors
     from cli.train import require_torch
 
     with user_errors():
@@ -161,7 +161,7 @@ def predict(
         )
 
         opts = CutterPredictOptions(model, markers, mask, name, threshold, batch, device,
-                                    _ints(block, "--block"), overwrite)
+                                    ints(block, "--block"), overwrite)
         plan = plan_cutter_prediction(src, opts)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_cutter_prediction(plan, client, progress_factory(),
@@ -192,13 +192,13 @@ def watershed(
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
     """The classic baseline: seeded watershed from the same markers in the same mask."""
-    from cli.main import _ints, cluster, err, out, progress_factory, user_errors
+    from cli.common import cluster, err, ints, out, progress_factory, user_errors
 
     with user_errors():
         from engine.cutter.predict import WatershedOptions, run_watershed
 
         opts = WatershedOptions(markers, mask, channel, name, halo, compactness, invert,
-                                _ints(block, "--block"), overwrite)
+                                ints(block, "--block"), overwrite)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             dst, n, seconds = run_watershed(src, opts, client, progress_factory(),
                                             report=lambda line: err.print(line, markup=False))

@@ -41,13 +41,13 @@ def split(
 ) -> None:
     """Split patches or samples into training, validation and verification sets, grouped
     by source volume (no volume in two sets), reproducibly from a seed."""
-    from cli.main import _floats, err, out, user_errors
+    from cli.common import err, floats, out, user_errors
 
     with user_errors():
-        from engine.dataset import SPLIT_DIRS, SplitOptions, plan_split, write_split
-        from engine.patches.extract import LABELS_DIR
+        from engine.dataset import SplitOptions, plan_split, write_split
+        from engine.io.layouts import LABELS_DIR, SPLIT_DIRS
 
-        opts = SplitOptions(fractions=_floats(fractions, "--fractions") or (), seed=seed,
+        opts = SplitOptions(fractions=floats(fractions, "--fractions") or (), seed=seed,
                             link=link, labels_dir=labels_dir or LABELS_DIR, overwrite=overwrite)
         plan = plan_split(sources, out_dir, opts)
         for note in plan.notes:

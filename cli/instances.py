@@ -43,14 +43,14 @@ def instances(
     """Turn a class-probability prediction into instances: argmax class, confidence
     threshold, connected components across blocks, size filter, majority class per
     instance."""
-    from cli.main import _ints, block_summary, cluster, err, out, progress_factory, user_errors
+    from cli.common import block_summary, cluster, err, ints, out, progress_factory, user_errors
 
     with user_errors():
         from engine.instances import InstanceOptions, plan_instances, run_instances
 
         opts = InstanceOptions(predictions, name, confidence, min_size, connectivity,
-                               background_class, _ints(classes, "--classes"),
-                               _ints(block, "--block"), table, overwrite)
+                               background_class, ints(classes, "--classes"),
+                               ints(block, "--block"), table, overwrite)
         plan = plan_instances(src, opts)  # every user error before the cluster starts
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_instances(plan, client, progress=progress_factory(),

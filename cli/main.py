@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from cli.common import (
+    block_summary,
+    cluster,
+    err,
+    floats,
+    ints,
+    named_paths,
+    out,
+    progress_factory,
+    set_cluster_options,
+    user_errors,
+)
 from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
 from engine import events
 from engine.errors import OptionError, VoxelmillError
@@ -24,55 +33,6 @@ app = typer.Typer(
     name="voxelmill", no_args_is_help=True, add_completion=False,
     help="Dask-distributed engine for terabyte-scale microscopy volumes.",
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
-
-
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise VoxelmillError(f"{what} {text!r}: expected numbers separated by commas") from None
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    values = _floats(text, what)
-    if values is None:
-        return None
-    if any(v != int(v) for v in values):
-        raise VoxelmillError(f"{what} {text!r}: expected whole numbers")
-    return tuple(int(v) for v in values)
-
-
-def _named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
-    out = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise VoxelmillError(f"{what} {item!r}: expected NAME=PATH, e.g. cells=cells.tif")
-        out.append((name, path))
-    return tuple(out)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint."""
-    try:
-        yield
-    except VoxelmillError as exc:
-        events.emit("error", message=str(exc), exit_code=2)
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        events.emit("error", message="interrupted", exit_code=130)
-        err.print("interrupted; run the same command again to resume where it stopped")
-        raise typer.Exit(130) from None
-
-
-#: cluster options given before the command (``voxelmill --cluster slurm --jobs 4 segment …``)
-_CLUSTER_SPEC: dict[str, Any] = {}
 
 
 @app.callback()
@@ -109,33 +69,10 @@ def _global_options(
             except OSError as exc:
                 raise OptionError(f"--log-json {log_json}: cannot write ({exc.strerror})"
                                   ) from None
-    _CLUSTER_SPEC.update(cluster=cluster_kind, jobs=jobs, gpus_per_job=gpus_per_job,
-                         jobqueue_config=str(jobqueue_config) if jobqueue_config else None,
-                         adaptive=adaptive, tls=str(tls) if tls else None,
-                         dashboard_address=dashboard_address, gpus=gpus)
-
-
-@contextmanager
-def cluster(scheduler: str | None, workers: int | None, threads: int | None,
-            memory_limit: str | None) -> Iterator[Any]:
-    from engine.cluster import ClusterOptions, connect
-
-    opts = ClusterOptions(scheduler, workers, threads, memory_limit, **_CLUSTER_SPEC)
-    with connect(opts, report=lambda line: err.print(line)) as client:
-        yield client
-
-
-def block_summary(stages: list[dict[str, Any]]) -> str:
-    """``blocks: N computed, M skipped (already done)`` over a run's passes."""
-    computed = sum(s["computed"] for s in stages)
-    skipped = sum(s["skipped"] for s in stages)
-    return f"blocks: {computed} computed, {skipped} skipped (already done)"
-
-
-def progress_factory() -> Callable[[], Any]:
-    from engine.progress import default_progress
-
-    return default_progress
+    set_cluster_options(cluster=cluster_kind, jobs=jobs, gpus_per_job=gpus_per_job,
+                        jobqueue_config=str(jobqueue_config) if jobqueue_config else None,
+                        adaptive=adaptive, tls=str(tls) if tls else None,
+                        dashboard_address=dashboard_address, gpus=gpus)
 
 
 @app.command()
@@ -173,10 +110,10 @@ def convert(
         from engine.pipelines.convert import ConvertOptions, plan_conversion, run_conversion
 
         opts = ConvertOptions(
-            chunks=_ints(chunks, "--chunks"), shards=_ints(shards, "--shards"),
-            labels=_named_paths(labels or [], "--labels"), ngff=ngff, compression=compression,
+            chunks=ints(chunks, "--chunks"), shards=ints(shards, "--shards"),
+            labels=named_paths(labels or [], "--labels"), ngff=ngff, compression=compression,
             clevel=clevel,
-            voxel_size=_floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
+            voxel_size=floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
             max_levels=max_levels, block_mib=block_mib,
         )
         plan = plan_conversion(src, dst, opts)  # every user error surfaces before the cluster
@@ -217,7 +154,7 @@ def export(
         from engine.pipelines.export import plan_export, run_export
 
         plan = plan_export(src, dst, level, roi, channel, label, overwrite, mask,
-                           _named_paths(alternative or [], "--alternative"))
+                           named_paths(alternative or [], "--alternative"))
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             vol = run_export(plan, client, progress_factory()())
         out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} {vol.dtype}, "
@@ -259,7 +196,7 @@ def segment(
         if workflow is None or name is None:
             raise VoxelmillError("give --workflow (a YAML file or a preset) and --name")
         opts = SegmentOptions(workflow, name, channel, tuple(keep or ()),
-                              _ints(block, "--block"), overwrite)
+                              ints(block, "--block"), overwrite)
         plan = plan_segmentation(src, opts)  # every user error surfaces before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_segmentation(plan, client, progress=progress_factory(),

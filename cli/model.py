@@ -26,7 +26,7 @@ def info(
 ) -> None:
     """Print the architecture, input channels, normalization, output classes, patch shape,
     receptive field, voxel size and training result of a model."""
-    from cli.main import out, user_errors
+    from cli.common import out, user_errors
     from cli.train import require_torch
 
     with user_errors():
@@ -50,7 +50,7 @@ def export(
 ) -> None:
     """Export a checkpoint to TorchScript (runs without voxelmill; metadata embedded as
     voxelmill.json)."""
-    from cli.main import out, user_errors
+    from cli.common import out, user_errors
     from cli.train import require_torch
 
     with user_errors():

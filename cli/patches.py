@@ -62,13 +62,13 @@ def extract(
 ) -> None:
     """Cut patches around centres from a tomogram and its labels (MemBrain-seg layout);
     padded at volume borders (image mirrored, labels 2 = ignore), never shortened."""
-    from cli.main import _ints, cluster, err, out, progress_factory, user_errors
+    from cli.common import cluster, err, ints, out, progress_factory, user_errors
 
     with user_errors():
         from engine.patches.extract import ExtractOptions, plan_extraction, run_extraction
 
         opts = ExtractOptions(
-            size=_ints(size, "--size"), border=_ints(border, "--border"), ds_token=ds_token,
+            size=ints(size, "--size"), border=ints(border, "--border"), ds_token=ds_token,
             token=token, index_start=index_start, fmt=fmt, order=order,
             coords_unit=coords_unit, max_outside=max_outside, binarize=binarize,
             overwrite=overwrite,
@@ -121,16 +121,16 @@ def suggest(
     memory_limit: MemoryLimit = None,
 ) -> None:
     """Suggest where to correct next: the N most uncertain non-overlapping windows."""
-    from cli.main import _ints, cluster, err, progress_factory, user_errors
-    from cli.main import out as console
+    from cli.common import cluster, err, ints, progress_factory, user_errors
+    from cli.common import out as console
 
     with user_errors():
         from engine.patches.suggest import SuggestOptions, plan_suggestion, run_suggestion
 
         opts = SuggestOptions(
-            n=n, size=_ints(size, "--size"), stride=_ints(stride, "--stride"),
+            n=n, size=ints(size, "--size"), stride=ints(stride, "--stride"),
             min_distance=min_distance, weight=weight, level=level,
-            block=_ints(block, "--block"), overwrite=overwrite,
+            block=ints(block, "--block"), overwrite=overwrite,
         )
         plan = plan_suggestion(prediction, out, opts, mask=mask, second=second)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
@@ -170,7 +170,7 @@ def merge(
 ) -> None:
     """Merge Add/Remove/Ignore corrections into label patches (MemBrain-seg compatible):
     Remove → 0, Add → 1, Ignore → 2, then the border → 2."""
-    from cli.main import out, user_errors
+    from cli.common import out, user_errors
 
     with user_errors():
         from engine.patches.merge import merge_corrections
@@ -213,7 +213,7 @@ def apply(
 ) -> None:
     """Write merged patches back into full-volume labels at their manifest bounds, with a
     provenance log and undo records in the label group; lower levels are refreshed."""
-    from cli.main import cluster, err, out, progress_factory, user_errors
+    from cli.common import cluster, err, out, progress_factory, user_errors
 
     with user_errors():
         from engine.errors import OptionError

@@ -49,16 +49,16 @@ def predict(
 ) -> None:
     """Predict a whole image tile by tile on the cluster's GPU workers (or every worker),
     blending tiles seamlessly, and write probabilities and labels as OME-Zarr."""
-    from cli.main import _ints, block_summary, cluster, err, out, progress_factory, user_errors
+    from cli.common import block_summary, cluster, err, ints, out, progress_factory, user_errors
     from cli.train import require_torch
 
     with user_errors():
         require_torch("voxelmill predict")
         from engine.pipelines.predict import PredictOptions, plan_prediction, run_prediction
 
-        opts = PredictOptions(model, name, _ints(tile, "--tile"), overlap, blend, tta, batch,
+        opts = PredictOptions(model, name, ints(tile, "--tile"), overlap, blend, tta, batch,
                               threshold, instances, device, probabilities, norm,
-                              _ints(block, "--block"), overwrite)
+                              ints(block, "--block"), overwrite)
         plan = plan_prediction(src, opts)  # every user error before the cluster starts
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_prediction(plan, client, progress=progress_factory(),

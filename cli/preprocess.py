@@ -56,12 +56,12 @@ def preprocess(
     """Rescale an image so objects have the width a network expects and run a workflow's
     image steps on it (MISIC's preprocessing); --back carries labels back onto the
     original grid."""
-    from cli.main import (
-        _floats,
-        _ints,
+    from cli.common import (
         block_summary,
         cluster,
         err,
+        floats,
+        ints,
         out,
         progress_factory,
         user_errors,
@@ -94,9 +94,9 @@ def preprocess(
         if src is None or dst is None:
             raise OptionError("give SRC.ome.zarr and DST.ome.zarr (or --back SCALED --labels "
                               "NAME --into ORIGINAL)")
-        opts = pp.PreprocessOptions(workflow, tuple(channel or ()), _floats(scale, "--scale"),
+        opts = pp.PreprocessOptions(workflow, tuple(channel or ()), floats(scale, "--scale"),
                                     object_width, target_width, tuple(labels or ()),
-                                    _ints(block, "--block"), overwrite)
+                                    ints(block, "--block"), overwrite)
         plan = pp.plan_preprocess(src, dst, opts)  # every user error before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = pp.run_preprocess(plan, client, progress=progress_factory(),

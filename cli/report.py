@@ -21,7 +21,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report: slices, label overlays and statistics, prediction
     heat maps and provenance of an image; curves, metrics, config and model of a run."""
-    from cli.main import out, user_errors
+    from cli.common import out, user_errors
 
     with user_errors():
         from engine.report import write_report

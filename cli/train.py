@@ -32,7 +32,7 @@ def _overrides(output: Path | None, data: list[Path] | None, val_data: list[Path
     to the current folder, config entries to the config file)."""
     import json
 
-    from cli.main import _ints
+    from cli.common import ints
 
     out: list[str] = []
 
@@ -55,7 +55,7 @@ def _overrides(output: Path | None, data: list[Path] | None, val_data: list[Path
     if val_data:
         out.append(f"data.val={sources(val_data)}")
     if patch_shape is not None:
-        out.append(f"data.patch_shape={list(_ints(patch_shape, '--patch-shape') or ())}")
+        out.append(f"data.patch_shape={list(ints(patch_shape, '--patch-shape') or ())}")
     for key, value in (("iterations", iterations), ("batch_size", batch_size), ("lr", lr),
                        ("seed", seed)):
         if value is not None:
@@ -104,7 +104,7 @@ def train(
 ) -> None:
     """Train a U-Net on curated automatic labels; with --scheduler, on a worker that has
     GPU=1 resources."""
-    from cli.main import cluster, err, out, user_errors
+    from cli.common import cluster, err, out, user_errors
 
     with user_errors():
         require_torch("voxelmill train")
@@ -144,7 +144,7 @@ class _Display:
 
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from cli.main import err
+        from cli.common import err
 
         self.err = err
         self.bar: Any = None

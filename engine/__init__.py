@@ -1,11 +1,13 @@
 """voxelmill engine: all logic behind the ``voxelmill`` command line.
 
-The data flows one way: ``io`` (readers, writers) → ``blocks`` (the grid) →
-``runner`` (distributed execution) → pipelines (``convert``, ``export``, ``demo``).
+Its layers import only downward (``tests/test_layers.py`` holds the table):
+``pipelines`` (whole commands) → the feature packages, each importing only those before
+it (``segment``, ``patches``, ``curate``, ``dataset``, ``learn``, ``predict``,
+``instances``, ``cutter``, ``report``) → core (``runner``, ``blocks``, ``io``, ``output`` …)
+→ base (``errors``, ``events`` and this package's version).
 """
 
 from engine.errors import VoxelmillError
-from engine.volume import Volume
 
-__all__ = ["Volume", "VoxelmillError"]
+__all__ = ["VoxelmillError"]
 __version__ = "0.1.0"

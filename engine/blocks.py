@@ -8,6 +8,9 @@ Vocabulary (shared by every block operation):
   volume; what a worker reads.
 * **padding** – the part of the halo that falls outside the volume; filled the way the
   whole-volume method pads (reflect, nearest, constant ...), then cropped away.
+
+Block shapes given by the user are checked here (:func:`check_block`), and a default one
+is derived from the storage chunks (:func:`default_block`).
 """
 
 from __future__ import annotations
@@ -167,3 +170,44 @@ def pad_read(data: np.ndarray, block: Block, mode: str = "reflect", **kwargs: An
         return data
     mode = {"mirror": "reflect", "nearest": "edge", "wrap": "wrap"}.get(mode, mode)
     return np.pad(data, block.pad, mode=mode, **kwargs)
+
+
+BLOCK_VOXELS = 1 << 21
+"""Default voxels per block (128³ in 3D): big enough to amortize task overhead, small
+enough that a filter's float64 temporaries stay well under a worker's memory."""
+
+
+def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """Blocks of about :data:`BLOCK_VOXELS`, whole multiples of the storage chunks."""
+    edge = BLOCK_VOXELS ** (1 / len(chunks))
+    return tuple(min(c * max(1, round(edge / c)), s)
+                 for c, s in zip(chunks, shape, strict=True))
+
+
+def check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
+    """Refuse a ``--block`` shape that is not one positive multiple of the chunks per axis
+    (a block may end at the volume's edge), so no two blocks write one chunk."""
+    if len(block) != len(chunks):
+        raise OptionError(f"--block {tuple(block)}: give {len(chunks)} values")
+    for b, c, s in zip(block, chunks, shape, strict=True):
+        if b <= 0 or (b % c and b < s):
+            raise OptionError(f"--block {tuple(block)}: each size must be a positive multiple "
+                              f"of the chunk shape {tuple(chunks)}")
+
+
+def every_axis(values: Sequence[int] | int, n: int, what: str) -> tuple[int, ...]:
+    """A shape option for ``n`` axes: one value for all of them, or one per axis.
+
+    Raises
+    ------
+    OptionError
+        Naming the option ``what`` for any other count.
+    """
+    if isinstance(values, int):
+        return (values,) * n
+    values = tuple(int(v) for v in values)
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise OptionError(f"{what} {values}: give 1 or {n} values")
+    return values

@@ -54,8 +54,8 @@ import numpy as np
 from engine.errors import DestinationError, InputError, OptionError, VoxelmillError
 from engine.io import omezarr, open_volume, writer_for
 from engine.output import check_destination, commit, partial_path
-from engine.pipelines.convert import display_windows, spatial_chunks
-from engine.volume import Volume, select_channel
+from engine.stats import display_windows
+from engine.volume import Volume, select_channel, spatial_chunks
 
 MODES: tuple[str, ...] = ("sort", "merge", "take-all")
 MASK_MEANINGS: tuple[str, ...] = ("exclude", "include")

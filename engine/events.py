@@ -22,8 +22,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+
+
+def now() -> str:
+    """The current time, ISO 8601 in UTC to the second (``2026-11-25T02:41:07Z``)."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -33,8 +40,6 @@ _process: list[Listener] = []
 
 def emit(event: str, **fields: Any) -> None:
     """Send an event to every listener."""
-    from engine.provenance import now
-
     record = {"event": event, "time": now(), **fields}
     for listener in (*_process, *_scoped.get()):
         listener(record)

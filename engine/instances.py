@@ -32,7 +32,6 @@ labelling, or an exact sum of integer counts.
 from __future__ import annotations
 
 import csv
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,23 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from engine import provenance
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import read_region
 from engine.labels import ApplyLut
 from engine.labels import label as label_components
-from engine.output import (
-    check_destination,
-    check_output_name,
-    commit,
-    commit_recorded,
-    partial_path,
-    write_multiscale,
-)
+from engine.output import check_destination, check_output_name, output_run, write_multiscale
 from engine.pyramid import Level, plan_levels
-from engine.runlock import output_lock
 from engine.runner import run_blocks
 
 #: suffix of the class-map label image written beside the instances
@@ -246,7 +236,7 @@ def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
     """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
     import zarr
 
-    from engine.pipelines.segment import check_block, default_block
+    from engine.blocks import check_block, default_block
 
     src = Path(src)
     img_attrs, ngff = omezarr.read_image_attrs(src)
@@ -340,82 +330,66 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
     import zarr
 
     opts = plan.options
-    with output_lock(plan.destination, report=report), \
-            output_lock(plan.classes_destination, report=report), \
-            provenance.RunRecord("instances", {
-                "predictions": opts.predictions, "confidence": opts.confidence,
+    outputs = [plan.destination, plan.classes_destination]
+    table = [Path(opts.table)] if opts.table is not None else []
+    identity = {"predictions": opts.predictions, "confidence": opts.confidence,
                 "min_size": opts.min_size, "connectivity": opts.connectivity,
                 "background_class": opts.background_class, "classes": plan.foreground,
-                "block": plan.block}) as record:
-        inst_partial = partial_path(plan.destination)
-        cls_partial = partial_path(plan.classes_destination)
-        work = plan.source / "labels" / f".{opts.name}.instances-work"
-        table_partial = None
-        for p in (inst_partial, cls_partial, work):
-            shutil.rmtree(p, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            prog = (lambda: progress()) if progress else (lambda: None)
-            grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
-            vclass = str(work / "vclass")
-            dtype = np.uint8 if plan.n_classes < 255 else np.uint16
-            zarr.create_array(store=vclass, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
-                              fill_value=0, zarr_format=3)
-            run_blocks(client, grid, Classify(plan.level0, plan.n_classes, plan.scale,
-                                              opts.confidence, opts.background_class,
-                                              plan.foreground, vclass),
-                       name="instances-classify", progress=prog())
-            result = label_components(client, vclass, work / "instances",
-                                      connectivity=opts.connectivity, min_size=opts.min_size,
-                                      sequential=True, block_shape=plan.block,
-                                      chunks=plan.chunks, progress=prog())
-            instances = str(result.path)
-            parts = run_blocks(client, grid, ClassCounts(instances, vclass, plan.n_classes),
-                               name="instances-classes", progress=prog()).results.values()
-            majority, sizes = majority_classes(list(parts), result.n_labels, plan.n_classes)
-            lut = np.where(majority >= 0, majority, opts.background_class).astype(dtype)
-            np.save(work / "lut.npy", lut)
-            classes = str(work / "classes")
-            zarr.create_array(store=classes, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
-                              fill_value=opts.background_class, zarr_format=3)
-            run_blocks(client, grid, ApplyLut(instances, classes, str(work / "lut.npy")),
-                       name="instances-classmap", progress=prog())
+                "block": plan.block}
+    with output_run("instances", outputs, identity=identity, scratch=table,
+                    report=report) as run:
+        inst_partial = run.partial(plan.destination)
+        cls_partial = run.partial(plan.classes_destination)
+        work = run.work
+        prog = (lambda: progress()) if progress else (lambda: None)
+        grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
+        vclass = str(work / "vclass")
+        dtype = np.uint8 if plan.n_classes < 255 else np.uint16
+        zarr.create_array(store=vclass, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
+                          fill_value=0, zarr_format=3)
+        run_blocks(client, grid, Classify(plan.level0, plan.n_classes, plan.scale,
+                                          opts.confidence, opts.background_class,
+                                          plan.foreground, vclass),
+                   name="instances-classify", progress=prog())
+        result = label_components(client, vclass, work / "instances",
+                                  connectivity=opts.connectivity, min_size=opts.min_size,
+                                  sequential=True, block_shape=plan.block,
+                                  chunks=plan.chunks, progress=prog())
+        instances = str(result.path)
+        parts = run_blocks(client, grid, ClassCounts(instances, vclass, plan.n_classes),
+                           name="instances-classes", progress=prog()).results.values()
+        majority, sizes = majority_classes(list(parts), result.n_labels, plan.n_classes)
+        lut = np.where(majority >= 0, majority, opts.background_class).astype(dtype)
+        np.save(work / "lut.npy", lut)
+        classes = str(work / "classes")
+        zarr.create_array(store=classes, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
+                          fill_value=opts.background_class, zarr_format=3)
+        run_blocks(client, grid, ApplyLut(instances, classes, str(work / "lut.npy")),
+                   name="instances-classmap", progress=prog())
 
-            write_multiscale(client, da.from_zarr(instances), inst_partial, opts.name,
-                             plan.axes, plan.unit, plan.chunks, plan.levels, plan.ngff, "mode",
-                             progress)
-            omezarr.write_group_attrs(inst_partial, {"image-label": omezarr.image_label(
-                result.values, plan.ngff)}, plan.ngff)
-            write_multiscale(client, da.from_zarr(classes), cls_partial,
-                             f"{opts.name}{CLASSES_SUFFIX}", plan.axes, plan.unit, plan.chunks,
-                             plan.levels, plan.ngff, "mode", progress)
-            omezarr.write_group_attrs(cls_partial, {"image-label": omezarr.image_label(
-                list(range(plan.n_classes)), plan.ngff)}, plan.ngff)
-            if opts.table is None:
-                _write_table(inst_partial / f"{opts.name}.csv", majority, sizes,
-                             plan.class_names)
-            else:
-                table_partial = partial_path(Path(opts.table))
-                _write_table(table_partial, majority, sizes, plan.class_names)
-        except BaseException:
-            for p in (inst_partial, cls_partial):
-                shutil.rmtree(p, ignore_errors=True)
-            if table_partial is not None:
-                table_partial.unlink(missing_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        shutil.rmtree(work)
-        commit_recorded([(inst_partial, plan.destination),
-                         (cls_partial, plan.classes_destination)], record.entry())
-        if table_partial is not None:
-            commit(table_partial, Path(opts.table))
+        write_multiscale(client, da.from_zarr(instances), inst_partial, opts.name,
+                         plan.axes, plan.unit, plan.chunks, plan.levels, plan.ngff, "mode",
+                         progress)
+        omezarr.write_group_attrs(inst_partial, {"image-label": omezarr.image_label(
+            result.values, plan.ngff)}, plan.ngff)
+        write_multiscale(client, da.from_zarr(classes), cls_partial,
+                         f"{opts.name}{CLASSES_SUFFIX}", plan.axes, plan.unit, plan.chunks,
+                         plan.levels, plan.ngff, "mode", progress)
+        omezarr.write_group_attrs(cls_partial, {"image-label": omezarr.image_label(
+            list(range(plan.n_classes)), plan.ngff)}, plan.ngff)
+        if opts.table is None:
+            _write_table(inst_partial / f"{opts.name}.csv", majority, sizes,
+                         plan.class_names)
+        else:
+            _write_table(run.partial(Path(opts.table)), majority, sizes, plan.class_names)
+        run.commit([*outputs, *table], recorded=[inst_partial, cls_partial])
         omezarr.add_label_names(plan.source, [opts.name, f"{opts.name}{CLASSES_SUFFIX}"],
                                 plan.ngff)
         kept = majority[1:][sizes[1:] > 0]
         per_class = {plan.class_names[c]: int((kept == c).sum()) for c in plan.foreground}
         return InstanceResult(plan.destination, plan.classes_destination,
                               plan.table_destination, int((sizes[1:] > 0).sum()), per_class,
-                              record.seconds, record.collector.stages)
+                              run.record.seconds, run.record.collector.stages)
 
 
 def instances(src: str | Path, options: InstanceOptions, client: Any,

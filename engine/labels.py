@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -555,3 +556,37 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
     finally:
         lut_path.unlink(missing_ok=True)
     return keep
+
+
+@dataclass(frozen=True)
+class UniqueValues:
+    """Block task: the distinct values of a block (at most ``limit`` + 1 of them)."""
+
+    path: str
+    limit: int
+
+    def __call__(self, block: Any) -> np.ndarray:
+        data = read_region(self.path, block.write)
+        top = int(data.max(initial=0))
+        # counting is linear where np.unique sorts; worth it while the count table is small
+        values = (np.flatnonzero(np.bincount(data.ravel(), minlength=1))
+                  if data.dtype.kind in "ub" and top < 4 * data.size else np.unique(data))
+        return values[: self.limit + 1]
+
+
+def label_values(client: Any, level0: Path, block_shape: Sequence[int],
+                 limit: int = VALUES_LIMIT) -> list[int] | None:
+    """All label values of a label image, by a blockwise reduction; None past ``limit``."""
+    import zarr
+
+    from engine.runner import run_blocks
+
+    shape = zarr.open_array(str(level0), mode="r").shape
+    grid = BlockGrid(shape, [max(b, 1) for b in block_shape])
+    report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values")
+    found: set[int] = set()
+    for values in report.results.values():
+        found.update(int(v) for v in values)
+        if len(found) > limit:
+            return None
+    return sorted(found)

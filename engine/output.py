@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from engine.runner import RunState
 
 
+
 def check_destination(dst: Path, overwrite: bool, source: Path | None = None) -> None:
     """Refuse a destination that exists (without ``overwrite``) or that is the source."""
     if source is not None and dst.resolve() == Path(source).resolve():
@@ -120,8 +121,8 @@ class OutputRun:
         The final destinations, locked for the run.
     record : provenance.RunRecord
         Collects the run's stages; its entry is stored with every output.
-    state : RunState or None
-        The done-markers of a resumable run.
+    states : tuple of RunState
+        The done-markers of a resumable run (empty for a run that starts afresh each time).
     resumed : bool
         True when the partial outputs of an interrupted run with the same identity were
         kept to be resumed.
@@ -132,7 +133,7 @@ class OutputRun:
 
     outputs: tuple[Path, ...]
     record: provenance.RunRecord
-    state: RunState | None
+    states: tuple[RunState, ...]
     resumed: bool
     scratch: tuple[Path, ...] = ()
     committed: bool = field(default=False, init=False)
@@ -165,8 +166,8 @@ class OutputRun:
         """
         outputs = list(self.outputs if outputs is None else outputs)
         _remove(self.work)
-        if self.state is not None:
-            self.state.clear()
+        for state in self.states:
+            state.clear()
         pairs = [(partial_path(d), d) for d in outputs]
         entry = self.record.entry()
         for group in (recorded if recorded is not None else [p for p, _ in pairs]):
@@ -177,7 +178,8 @@ class OutputRun:
 
 
 @contextmanager
-def output_run(op: str, outputs: Sequence[Path], *, state: RunState | None = None,
+def output_run(op: str, outputs: Sequence[Path], *,
+               state: RunState | Sequence[RunState] | None = None,
                identity: dict[str, Any] | None = None, scratch: Sequence[Path] = (),
                report: Callable[[str], None] = print, what: str | None = None,
                work: bool = True) -> Iterator[OutputRun]:
@@ -190,12 +192,14 @@ def output_run(op: str, outputs: Sequence[Path], *, state: RunState | None = Non
         The provenance operation (``"segment"``, ``"predict"`` …).
     outputs : sequence of Path
         Destinations; each is locked and built in its partial sibling.
-    state : RunState, optional
-        Done-markers (normally under the first partial output). When its run hash is
-        present the partial outputs are kept and resumed; otherwise they are removed and
-        the run starts afresh. Without a state every run starts afresh.
+    state : RunState or sequence of RunState, optional
+        Done-markers (normally under the first partial output; several when the passes
+        keep them apart). When the run hash of one of them is present the partial outputs
+        are kept and resumed; otherwise they are removed and the run starts afresh. Each
+        state is begun before the body runs and cleared on commit. Without a state every
+        run starts afresh.
     identity : dict, optional
-        The provenance parameters (default: ``state.identity``).
+        The provenance parameters (default: the first state's ``identity``).
     scratch : sequence of Path
         Further destinations built whole by every run (not locked, never resumed).
     what : str, optional
@@ -205,30 +209,34 @@ def output_run(op: str, outputs: Sequence[Path], *, state: RunState | None = Non
 
     A :class:`~engine.errors.VoxelmillError` raised in the body removes every partial
     output (a user error: nothing to resume); any other exception (an interruption, a lost
-    cluster) keeps them, so the same command resumes from the finished blocks.
+    cluster) keeps them when the run has a state, so the same command resumes from the
+    finished blocks, and removes them when it has none (there is nothing to resume).
     """
     outputs = tuple(Path(d) for d in outputs)
+    states = (() if state is None else tuple(state) if isinstance(state, Sequence)
+              else (state,))
     what = what or op
     with ExitStack() as stack:
         for dst in outputs:
             stack.enter_context(output_lock(dst, report=report))
         record = stack.enter_context(provenance.RunRecord(
-            op, identity if identity is not None else (state.identity if state else {})))
-        resumed = state is not None and (state.directory / state.run_hash).exists()
-        run = OutputRun(outputs, record, state, resumed, tuple(Path(d) for d in scratch))
+            op, identity if identity is not None else (states[0].identity if states else {})))
+        resumed = any((s.directory / s.run_hash).exists() for s in states)
+        run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch))
         if resumed:
             report(f"resuming an interrupted {what} in {run.partial()}")
         for p in (run.partials[len(outputs):] if resumed else run.partials):
-            if p.exists() and not resumed and p == run.partial() and state is not None:
+            if p.exists() and not resumed and p == run.partial() and states:
                 report(f"removing an unfinished {what} with other inputs or options: {p}")
             _remove(p)
         if work:
             run.work.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            state.begin()
+        for s in states:
+            s.begin()
         try:
             yield run
-        except VoxelmillError:
-            for p in run.partials:
-                _remove(p)
+        except BaseException as exc:
+            if isinstance(exc, VoxelmillError) or not states:
+                for p in run.partials:
+                    _remove(p)
             raise

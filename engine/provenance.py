@@ -27,16 +27,13 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def now() -> str:
-    """The current time, ISO 8601 in UTC to the second (``2026-11-25T02:41:07Z``)."""
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+from engine import events
+from engine.events import StageCollector, now
 
 
 def read(group: str | Path) -> list[dict[str, Any]]:
@@ -90,8 +87,6 @@ class RunRecord:
     """
 
     def __init__(self, op: str, parameters: dict[str, Any]) -> None:
-        from engine.events import StageCollector
-
         self.op, self.parameters = op, parameters
         self.collector = StageCollector()
         self.started = now()
@@ -99,16 +94,12 @@ class RunRecord:
         self._listening: Any = None
 
     def __enter__(self) -> RunRecord:
-        from engine import events
-
         events.emit("run-start", op=self.op)
         self._listening = events.listen(self.collector)
         self._listening.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from engine import events
-
         self._listening.__exit__(*exc)
         if exc[0] is None:
             events.emit("run-end", op=self.op, seconds=round(self.seconds, 3))

@@ -122,7 +122,7 @@ def input_kind(path: Path) -> str:
 def build_report(path: Path, kind: str | None = None) -> str:
     """The report's HTML text (see the module docstring)."""
     from engine import __version__
-    from engine.provenance import now
+    from engine.events import now
 
     kind = kind or input_kind(path)
     body = image_sections(path) if kind == "image" else run_sections(path)
@@ -269,7 +269,7 @@ class Group:
         arrays, scales = [], []
         for ds in ms["datasets"]:
             arrays.append(zarr.open_array(str(path / ds["path"]), mode="r"))
-            scales.append(omezarr._scale_of(ds) or [1.0] * len(axes))
+            scales.append(omezarr.scale_of(ds) or [1.0] * len(axes))
         return cls(path, attrs, axes, units[0] if units else "pixel", arrays, scales)
 
     @property

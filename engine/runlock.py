@@ -35,9 +35,9 @@ def lock_path(dst: Path) -> Path:
 
 
 def _holder() -> dict[str, Any]:
-    from engine import provenance
+    from engine import events, provenance
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": provenance.now(),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": events.now(),
             "command": provenance.command_line(), "token": uuid.uuid4().hex}
 
 

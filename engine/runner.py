@@ -172,7 +172,8 @@ def run_blocks(
     state : RunState, optional
         Where done-markers live; without it the pass is not resumable.
     max_in_flight : int, optional
-        Futures submitted at once (default: two per worker thread).
+        Futures submitted at once (default: :func:`default_in_flight`, four per worker
+        thread and at least :data:`IN_FLIGHT_FLOOR`).
     retries : int
         Extra attempts of a block whose task raised or whose worker died.
     resources : dict, optional

@@ -19,6 +19,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,7 +168,7 @@ class Histogram:
         if self.edges.shape != other.edges.shape or not np.array_equal(self.edges, other.edges):
             raise OptionError("histograms with different bin edges cannot be merged")
         n = self.count + other.count
-        m2 = _chan_m2(self.count, self.sum, self.m2, other.count, other.sum, other.m2)
+        m2 = chan_m2(self.count, self.sum, self.m2, other.count, other.sum, other.m2)
         return Histogram(
             counts=self.counts + other.counts,
             edges=self.edges.copy(),
@@ -182,7 +183,7 @@ class Histogram:
         )
 
 
-def _chan_m2(na: int, sa: float, m2a: float, nb: int, sb: float, m2b: float) -> float:
+def chan_m2(na: int, sa: float, m2a: float, nb: int, sb: float, m2b: float) -> float:
     """Chan et al.'s pairwise update of the sum of squared deviations."""
     if na == 0:
         return m2b
@@ -420,7 +421,7 @@ def histogram(
             continue
         counts += p.counts
         if moments:
-            m2 = _chan_m2(count, total, m2, p.count, p.sum, p.m2)
+            m2 = chan_m2(count, total, m2, p.count, p.sum, p.m2)
             total += p.sum
         count += p.count
     sums = ((math.fsum(p.sum for p in parts), math.fsum(p.sum_sq for p in parts), m2)
@@ -688,3 +689,25 @@ __all__ = [
     "threshold_triangle",
     "threshold_yen",
 ]
+
+
+def display_windows(level_path: Path, axes: str, nchan: int
+                    ) -> list[tuple[float, float, float, float]]:
+    """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %)."""
+    import zarr
+
+    data = np.asarray(zarr.open_array(str(level_path), mode="r")[...])
+    if "c" in axes:
+        data = np.moveaxis(data, axes.index("c"), 0)
+    else:
+        data = data[None]
+    out = []
+    for ch in data[:nchan]:
+        v = ch.astype(np.float64).ravel()
+        lo, hi = np.percentile(v, [0.1, 99.9]) if v.size else (0.0, 1.0)
+        if ch.dtype.kind in "iu":  # integer data: the type's range, as viewers expect
+            info = np.iinfo(ch.dtype)
+            out.append((float(info.min), float(info.max), float(lo), float(hi)))
+        else:
+            out.append((float(v.min()), float(v.max()), float(lo), float(hi)))
+    return out

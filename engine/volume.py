@@ -183,3 +183,31 @@ def select_channel(volume: Volume, channel: str | int | None
     elif channel not in (None, 0, "0"):
         raise OptionError(f"--channel {channel}: {volume.source} has no channel axis")
     return data, axes, prefix
+
+
+#: default storage chunk edge of a converted image: volumes, and 2D images.
+DEFAULT_CHUNK_3D = 128
+DEFAULT_CHUNK_2D = 1024
+
+
+def per_axis(volume: Volume, values: Sequence[int], what: str) -> tuple[int, ...]:
+    """Expand a spatial option (one value, or one per spatial axis) to every axis (1 on t/c)."""
+    spatial = volume.spatial_axes
+    if len(values) == 1:
+        values = tuple(values) * len(spatial)
+    if len(values) != len(spatial):
+        raise OptionError(f"{what} {','.join(map(str, values))}: give one value or one per "
+                          f"spatial axis ({spatial})")
+    if any(v < 1 for v in values):
+        raise OptionError(f"{what} {values}: sizes must be positive")
+    by_axis = dict(zip(spatial, values, strict=True))
+    return tuple(by_axis.get(a, 1) for a in volume.axes)
+
+
+def spatial_chunks(volume: Volume, chunks: Sequence[int] | None) -> tuple[int, ...]:
+    """Full chunk shape (one per axis, clipped to the volume) from the chunk option."""
+    if chunks is None:
+        default = DEFAULT_CHUNK_3D if "z" in volume.spatial_axes else DEFAULT_CHUNK_2D
+        chunks = (default,)
+    full = per_axis(volume, chunks, "--chunks")
+    return tuple(min(c, s) for c, s in zip(full, volume.shape, strict=True))

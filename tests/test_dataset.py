@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from engine.dataset import (
-    SPLIT_DIRS,
-    SPLITS,
     SplitOptions,
     assign_groups,
     check_fractions,
@@ -21,6 +19,7 @@ from engine.dataset import (
     split_dataset,
 )
 from engine.errors import DestinationError, InputError, OptionError
+from engine.io.layouts import SPLIT_DIRS, SPLITS
 from engine.patches.extract import MANIFEST_COLUMNS
 from engine.patches.files import read_patch, write_patch
 from tests.conftest import run_cli

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from engine.errors import DestinationError, InputError, OptionError
+from engine.io.layouts import PATCH_FORMATS, patch_suffix
 from engine.patches.coords import read_coords, read_coords_table, write_coords
 from engine.patches.extract import (
     MANIFEST_COLUMNS,
@@ -24,7 +25,7 @@ from engine.patches.extract import (
     reflect_indices,
     source_stem,
 )
-from engine.patches.files import PATCH_FORMATS, patch_suffix, read_patch
+from engine.patches.files import read_patch
 from engine.pipelines.convert import ConvertOptions, convert
 from engine.volume import convert_length
 from tests.conftest import run_cli, write_mrc

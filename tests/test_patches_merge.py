@@ -17,11 +17,8 @@ import tifffile
 import zarr
 
 from engine.errors import DestinationError, InputError, OptionError
+from engine.io.layouts import PATCH_FORMATS, patch_format, patch_stem, patch_suffix
 from engine.patches.files import (
-    PATCH_FORMATS,
-    patch_format,
-    patch_stem,
-    patch_suffix,
     read_patch,
     read_patch_header,
     unit_recorded,

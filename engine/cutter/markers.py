@@ -37,21 +37,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from engine import __version__, provenance
+from engine import __version__
 from engine.blocks import Block, BlockGrid, pad_read
 from engine.cutter.common import SlideImage, open_slide
-from engine.errors import InputError, OptionError, VoxelmillError
+from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.learn.normalize import ChannelStats
-from engine.output import (
-    check_destination,
-    check_output_name,
-    commit_recorded,
-    partial_path,
-    write_multiscale,
-)
+from engine.output import check_destination, check_output_name, output_run, write_multiscale
 from engine.pyramid import plan_levels
-from engine.runlock import output_lock
 from engine.segment.filters import LOG_TRUNCATE, gaussian_radius, spot_response
 from engine.segment.refs import Stored
 
@@ -225,7 +218,7 @@ class MarkerResult:
 
 def plan_markers(src: str | Path, options: MarkerOptions) -> MarkerPlan:
     """Check everything before compute; raise a ``VoxelmillError`` naming the problem."""
-    from engine.pipelines.segment import check_block, default_block
+    from engine.blocks import check_block, default_block
 
     image = open_slide(src)
     check_output_name(options.name, "markers")
@@ -330,23 +323,18 @@ def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | Non
                 report: Callable[[str], None] = print) -> MarkerResult:
     """Detect the markers and write the point label image (and the CSV)."""
     dst = plan.destination
-    with output_lock(dst, report=report), \
-            provenance.RunRecord("cutter-markers", plan.identity) as record:
-        partial = partial_path(dst)
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            rows = detect(plan, client, progress)
-            if not len(rows):
-                raise InputError(f"{plan.image.source}: no markers found (threshold "
-                                 f"{plan.options.threshold}); lower --threshold or check "
-                                 "--channel / --diameter")
-            write_point_labels(plan.image, rows, partial, plan.options.name, client, progress)
-        except VoxelmillError:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        commit_recorded([(partial, dst)], record.entry())
+    with output_run("cutter-markers", [dst], identity=plan.identity, report=report,
+                    work=False) as run:
+        rows = detect(plan, client, progress)
+        if not len(rows):
+            raise InputError(f"{plan.image.source}: no markers found (threshold "
+                             f"{plan.options.threshold}); lower --threshold or check "
+                             "--channel / --diameter")
+        write_point_labels(plan.image, rows, run.partial(), plan.options.name, client,
+                           progress)
+        run.commit()
         omezarr.add_label_names(plan.image.source, [plan.options.name], plan.image.ngff)
         if plan.options.csv is not None:
             write_csv(rows, Path(plan.options.csv))
-        return MarkerResult(dst, rows, plan.options.csv, record.seconds,
-                            record.collector.stages)
+        return MarkerResult(dst, rows, plan.options.csv, run.record.seconds,
+                            run.record.collector.stages)

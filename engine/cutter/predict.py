@@ -27,7 +27,6 @@ the same markers, inside the same mask, over one channel as the landscape.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__, provenance
-from engine.blocks import Block, BlockGrid, stable_hash
+from engine import __version__
+from engine.blocks import Block, BlockGrid, every_axis, stable_hash
 from engine.cutter.common import (
     SlideImage,
     check_markers_source,
@@ -46,22 +45,20 @@ from engine.cutter.common import (
     open_slide,
 )
 from engine.cutter.crops import crop_box, network_inputs, read_channels, read_mask
-from engine.errors import InputError, OptionError, VoxelmillError
+from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import file_identity
+from engine.labels import label_values
 from engine.learn.normalize import ChannelStats
 from engine.output import (
     check_destination,
     check_output_name,
-    commit_recorded,
     output_run,
     partial_path,
     write_multiscale,
 )
-from engine.pipelines.convert import label_values
 from engine.predict.task import device_dispatch
 from engine.pyramid import plan_levels
-from engine.runlock import output_lock
 from engine.runner import RunState, run_blocks
 from engine.segment.refs import Stored
 
@@ -142,7 +139,7 @@ def load_cutter_meta(path: Path) -> dict[str, Any]:
 
 def plan_cutter_prediction(src: str | Path, options: CutterPredictOptions) -> CutterPredictPlan:
     """Check everything before compute; raise a ``VoxelmillError`` naming the problem."""
-    from engine.pipelines.segment import check_block
+    from engine.blocks import check_block
 
     image = open_slide(src)
     check_output_name(options.name, "cells")
@@ -156,9 +153,7 @@ def plan_cutter_prediction(src: str | Path, options: CutterPredictOptions) -> Cu
     mask = image.label(options.mask, "--mask")
     markers = check_markers_source(image, options.markers)
     if options.block:
-        block = tuple(options.block)
-        if len(block) == 1:
-            block = block * 2
+        block = every_axis(options.block, 2, "--block")
         check_block(block, image.chunks, image.shape)
     else:  # blocks at least four crops wide: the halo's crops are predicted twice
         block = tuple(c * max(1, -(-4 * crop // c)) for c in image.chunks)
@@ -428,7 +423,9 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     boundaries) from the point markers, inside the mask, blockwise with ``halo``: the
     ``watershed`` step of ``voxelmill segment`` fed with the cutter's inputs. Returns the
     destination, the object count and the seconds."""
-    from engine.pipelines.segment import check_block, default_block
+    from engine.blocks import check_block, default_block
+    from engine.labels import label_values
+    from engine.output import output_run
     from engine.segment import pointwise as pw
     from engine.segment.execute import Context, run_op
     from engine.segment.refs import Pointwise
@@ -450,25 +447,13 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
         if options.invert else channel
     identity = {"op": "cutter-watershed", "version": __version__, **{
         k: str(v) for k, v in options.__dict__.items() if k != "overwrite"}}
-    with output_lock(dst, report=report), \
-            provenance.RunRecord("cutter-watershed", identity) as record:
-        partial = partial_path(dst)
-        shutil.rmtree(partial, ignore_errors=True)
-        work = partial / ".work"
-        work.mkdir(parents=True)
-        try:
-            t0 = time.monotonic()
-            ctx = Context(client, work, block, progress, report)
-            out = run_op(ctx, "watershed", op, [landscape, markers, mask])
-            from engine.pipelines.convert import label_values
-
-            values = label_values(client, Path(out.path), block) or [0]
-            _write_labels(image, client, out.path, partial, options.name,
-                          values if len(values) <= 10001 else None, progress)
-        except VoxelmillError:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        shutil.rmtree(work)
-        commit_recorded([(partial, dst)], record.entry())
+    with output_run("cutter-watershed", [dst], identity=identity, report=report) as run:
+        t0 = time.monotonic()
+        ctx = Context(client, run.work, block, progress, report)
+        out = run_op(ctx, "watershed", op, [landscape, markers, mask])
+        values = label_values(client, Path(out.path), block) or [0]
+        _write_labels(image, client, out.path, run.partial(), options.name,
+                      values if len(values) <= 10001 else None, progress)
+        run.commit()
         omezarr.add_label_names(image.source, [options.name], image.ngff)
         return dst, len([v for v in values if v]), time.monotonic() - t0

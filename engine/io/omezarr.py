@@ -181,7 +181,8 @@ def read_image_attrs(path: Path) -> tuple[dict[str, Any], str]:
     return attrs, ngff
 
 
-def _scale_of(dataset: dict[str, Any]) -> list[float]:
+def scale_of(dataset: dict[str, Any]) -> list[float]:
+    """The ``scale`` transformation of a multiscale dataset entry (empty when none)."""
     for t in dataset.get("coordinateTransformations", []):
         if t.get("type") == "scale":
             return [float(s) for s in t["scale"]]
@@ -225,7 +226,7 @@ def read(path: Path, level: int = 0, **_: object) -> Volume:
     source = ZarrSource(str(path / datasets[level]["path"]), shape=tuple(arr.shape),
                         dtype=np.dtype(arr.dtype))
     data = to_dask(source, axes, chunks=arr.chunks)
-    scale = _scale_of(datasets[level]) or [1.0] * len(axes)
+    scale = scale_of(datasets[level]) or [1.0] * len(axes)
     voxel = tuple(s for a, s in zip(axes, scale, strict=True) if a in "zyx")
     channels = tuple(c.get("label", f"channel {i}")
                      for i, c in enumerate(attrs.get("omero", {}).get("channels", [])))
@@ -252,7 +253,7 @@ def describe(path: Path) -> dict[str, Any]:
         arr = zarr.open_array(str(path / ds["path"]), mode="r")
         out["levels"].append({"path": ds["path"], "shape": list(arr.shape),
                               "chunks": list(arr.chunks), "dtype": str(arr.dtype),
-                              "scale": _scale_of(ds)})
+                              "scale": scale_of(ds)})
     out["axes"] = "".join(a["name"] for a in ms["axes"])
     units = [a.get("unit") for a in ms["axes"] if a.get("unit")]
     out["unit"] = units[0] if units else None

@@ -44,19 +44,21 @@ import dask
 import dask.array as da
 import numpy as np
 
-from engine.dataset import (
+from engine.dataset import assign_groups
+from engine.errors import InputError, OptionError
+from engine.io import open_volume
+from engine.io.layouts import (
+    IMAGES_DIR,
+    LABELS_DIR,
+    PATCHES_MANIFEST,
     SAMPLES_MANIFEST,
     SPLIT_CSV,
     SPLIT_DIRS,
-    assign_groups,
     collect_items,
     image_for,
     patch_entries,
 )
-from engine.errors import InputError, OptionError
-from engine.io import open_volume
 from engine.learn.normalize import ChannelStats, Normalization, apply_stats, compute_stats
-from engine.patches.extract import IMAGES_DIR, LABELS_DIR, MANIFEST
 from engine.volume import Volume, select_channel
 
 KINDS = ("auto", "patches", "split", "samples", "zarr", "partseg")
@@ -160,7 +162,7 @@ def detect_kind(path: Path) -> str:
             return "split"
         if (path / SAMPLES_MANIFEST).is_file():
             return "samples"
-        if (path / IMAGES_DIR).is_dir() or (path / MANIFEST).is_file():
+        if (path / IMAGES_DIR).is_dir() or (path / PATCHES_MANIFEST).is_file():
             return "patches"
         if path.name.endswith(".zarr") or (path / "zarr.json").is_file() \
                 or (path / ".zattrs").is_file():

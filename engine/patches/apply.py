@@ -69,14 +69,15 @@ from typing import Any
 
 import numpy as np
 
-from engine import provenance
+from engine import events, provenance
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.integrity import unit_shape
+from engine.io.layouts import PATCH_SUFFIXES, patch_stem
 from engine.names import safe_name
 from engine.patches.extract import IGNORE, MANIFEST_COLUMNS
-from engine.patches.files import PATCH_SUFFIXES, patch_stem, read_patch
+from engine.patches.files import read_patch
 from engine.progress import Progress
 from engine.volume import convert_length
 
@@ -307,7 +308,7 @@ def _label_set(target: LabelTarget, client: Any) -> set[int] | None | bool:
         return {0} | {int(c["label-value"]) for c in colors}
     if client is None:
         return False
-    from engine.pipelines.convert import label_values
+    from engine.labels import label_values
 
     values = label_values(client, Path(target.paths[0]), target.units[0])
     return None if values is None else set(values)
@@ -695,7 +696,7 @@ def run_apply(plan: ApplyPlan, client: Any,
             "bounds": [list(b) for b in e.bounds],
             "clipped": [[r.start, r.stop] for r in reg],
             "file": e.path, "manifest": str(plan.manifest), "sha256": e.sha256,
-            "value": plan.value, "written": written, "time": provenance.now(),
+            "value": plan.value, "written": written, "time": events.now(),
             "undo": f"{UNDO_DIR}/{i}",
         })
     journal = target.undo_dir / JOURNAL
@@ -771,6 +772,6 @@ def undo_patch(image: str | Path, labels: str, patch: str, client: Any,
             f"voxels: {', '.join(dict.fromkeys(clobbered))}; undo them first (latest first)")
     chunks, voxels = _restore(client, target, [rec], progress)
     entry = {"action": "undo", "id": _new_id(patch), "patch": patch, "undoes": rec["id"],
-             "restored": voxels, "time": provenance.now()}
+             "restored": voxels, "time": events.now()}
     provenance.append(target.group, [entry])
     return ApplyResult([entry], chunks, voxels, rolled, time.monotonic() - t0)

@@ -48,6 +48,7 @@ import numpy as np
 
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import READ_SUFFIXES, detect_format, open_volume
+from engine.io.layouts import IMAGES_DIR, LABELS_DIR, PATCHES_MANIFEST
 from engine.io.sources import read_region
 from engine.names import safe_name
 from engine.output import check_destination, commit, partial_path
@@ -56,9 +57,6 @@ from engine.progress import Progress, SilentProgress
 from engine.volume import convert_length
 
 IGNORE = 2
-IMAGES_DIR = "imagesCorr"
-LABELS_DIR = "labelsCorr"
-MANIFEST = "patches.csv"
 MANIFEST_COLUMNS = (
     "name", "centre_z", "centre_y", "centre_x", "z0", "z1", "y0", "y1", "x0", "x1",
     "voxel_size_z", "voxel_size_y", "voxel_size_x", "unit", "image", "labels",
@@ -331,7 +329,7 @@ def plan_extraction(
         Raises a :class:`VoxelmillError` for any problem, before anything is written.
     """
     opts = options or ExtractOptions()
-    from engine.patches.files import PATCH_FORMATS, patch_suffix
+    from engine.io.layouts import PATCH_FORMATS, patch_suffix
 
     if opts.fmt not in PATCH_FORMATS:
         raise OptionError(f"--format {opts.fmt!r}: use one of {', '.join(PATCH_FORMATS)}")
@@ -504,7 +502,7 @@ def run_extraction(plan: ExtractPlan, client: Any, progress: Progress | None = N
                 raise result
             progress.advance()
             submit_next()
-        _write_manifest(partial / MANIFEST, plan)
+        _write_manifest(partial / PATCHES_MANIFEST, plan)
         commit(partial, dst)
     except BaseException:
         # tasks already running keep running on their workers even when cancelled: let
@@ -522,7 +520,7 @@ def run_extraction(plan: ExtractPlan, client: Any, progress: Progress | None = N
     finally:
         progress.finish()
     padded = sum(j.padded(plan.image.shape) for j in plan.jobs)
-    return ExtractResult(dst, dst / MANIFEST, plan.jobs, padded, time.monotonic() - t0)
+    return ExtractResult(dst, dst / PATCHES_MANIFEST, plan.jobs, padded, time.monotonic() - t0)
 
 
 def _write_manifest(path: Path, plan: ExtractPlan) -> None:

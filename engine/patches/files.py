@@ -38,14 +38,13 @@ import tifffile
 
 from engine.errors import DestinationError, InputError, OptionError, VoxelmillError
 from engine.io import omezarr, open_volume, writer_for
+from engine.io.layouts import (
+    patch_format,
+    patch_name_suffix,
+    patch_stem,
+)
 from engine.output import commit
 from engine.volume import Volume, check_voxel_size, convert_length, normalize_unit
-
-PATCH_FORMATS: tuple[str, ...] = ("nii.gz", "nrrd", "mrc", "tif", "zarr")
-
-#: file-name suffix (lower case) → patch format; ``.nii`` and ``.tiff`` are the same formats.
-PATCH_SUFFIXES = {".nii.gz": "nii.gz", ".nii": "nii.gz", ".nrrd": "nrrd", ".mrc": "mrc",
-                  ".tif": "tif", ".tiff": "tif", ".zarr": "zarr"}
 
 #: formats whose files keep an origin (see the module docstring).
 ORIGIN_FORMATS: tuple[str, ...] = ("nii.gz", "nrrd", "mrc", "zarr")
@@ -60,57 +59,7 @@ _NRRD_FLIPS = {"left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
 _ZARR_CHUNK = 128
 
 
-def patch_suffix(fmt: str) -> str:
-    """File-name suffix of a patch format (``"nii.gz"`` → ``".nii.gz"``).
 
-    Raises
-    ------
-    OptionError
-        When ``fmt`` is not one of :data:`PATCH_FORMATS`.
-    """
-    if fmt not in PATCH_FORMATS:
-        raise OptionError(f"patch format {fmt!r}: use one of {', '.join(PATCH_FORMATS)}")
-    return "." + fmt
-
-
-def _suffix(path: str | Path) -> str | None:
-    """The patch suffix that ends ``path``'s name, in the name's own case, or None."""
-    name = Path(path).name
-    for suffix in sorted(PATCH_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[-len(suffix):]
-    return None
-
-
-def patch_format(path: str | Path) -> str:
-    """The patch format of ``path`` by its suffix (case-insensitive).
-
-    ``.nii.gz`` and ``.nii`` give ``"nii.gz"`` (NIfTI), ``.tif`` and ``.tiff`` give
-    ``"tif"``; ``.nrrd``, ``.mrc`` and ``.zarr`` give their names.
-
-    Raises
-    ------
-    OptionError
-        Naming the file when its suffix is none of these.
-    """
-    suffix = _suffix(path)
-    if suffix is None:
-        raise OptionError(f"{path}: not a patch file; patch files end with "
-                          f"{', '.join(PATCH_SUFFIXES)}")
-    return PATCH_SUFFIXES[suffix.lower()]
-
-
-def patch_stem(path: str | Path) -> str:
-    """``path``'s name without its patch suffix (``"p1.nii.gz"`` → ``"p1"``).
-
-    Raises
-    ------
-    OptionError
-        When the name has no patch suffix.
-    """
-    patch_format(path)
-    name = Path(path).name
-    return name[: len(name) - len(_suffix(path) or "")]
 
 
 @dataclass(frozen=True)
@@ -427,7 +376,7 @@ def write_patch(path: str | Path, data: np.ndarray, voxel_size: Sequence[float],
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DestinationError(f"{p.parent}: cannot create folder ({exc.strerror})") from None
-    suffix = _suffix(p) or ""
+    suffix = patch_name_suffix(p) or ""
     # hidden sibling with the same suffix: writers pick gzip etc. from the file name
     partial = p.parent / f".{p.name[: len(p.name) - len(suffix)]}.partial{suffix}"
     _remove(partial)

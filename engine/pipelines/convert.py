@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from engine import __version__, provenance
+from engine import __version__
 from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
-from engine.io.sources import file_identity, read_region
-from engine.labels import VALUES_LIMIT
-from engine.output import check_destination, commit, partial_path
+from engine.io.sources import file_identity
+from engine.labels import label_values
+from engine.output import check_destination, output_run, partial_path
 from engine.progress import Progress
 from engine.pyramid import Level, build_pyramid, plan_levels
-from engine.runlock import output_lock
 from engine.runner import RunReport, RunState
-from engine.volume import Volume, check_voxel_size, normalize_unit
-
-DEFAULT_CHUNK_3D = 128
-DEFAULT_CHUNK_2D = 1024
+from engine.stats import display_windows
+from engine.volume import Volume, check_voxel_size, normalize_unit, per_axis, spatial_chunks
 
 
 @dataclass(frozen=True)
@@ -85,29 +79,6 @@ class ConvertResult:
         return sum(r.computed for r in self.reports)
 
 
-def per_axis(volume: Volume, values: Sequence[int], what: str) -> tuple[int, ...]:
-    """Expand a spatial option (one value, or one per spatial axis) to every axis (1 on t/c)."""
-    spatial = volume.spatial_axes
-    if len(values) == 1:
-        values = tuple(values) * len(spatial)
-    if len(values) != len(spatial):
-        raise OptionError(f"{what} {','.join(map(str, values))}: give one value or one per "
-                          f"spatial axis ({spatial})")
-    if any(v < 1 for v in values):
-        raise OptionError(f"{what} {values}: sizes must be positive")
-    by_axis = dict(zip(spatial, values, strict=True))
-    return tuple(by_axis.get(a, 1) for a in volume.axes)
-
-
-def spatial_chunks(volume: Volume, chunks: Sequence[int] | None) -> tuple[int, ...]:
-    """Full chunk shape (one per axis, clipped to the volume) from the chunk option."""
-    if chunks is None:
-        default = DEFAULT_CHUNK_3D if "z" in volume.spatial_axes else DEFAULT_CHUNK_2D
-        chunks = (default,)
-    full = per_axis(volume, chunks, "--chunks")
-    return tuple(min(c, s) for c, s in zip(full, volume.shape, strict=True))
-
-
 def level_shards(shards: Sequence[int], chunks: Sequence[int], shape: Sequence[int]
                  ) -> tuple[int, ...]:
     """Shard shape of one level: at most the level rounded up to whole chunks."""
@@ -151,28 +122,6 @@ def attach_labels(volume: Volume, labels: Sequence[tuple[str, str]]) -> Volume:
     return replace(volume, labels=found)
 
 
-def display_windows(level_path: Path, axes: str, nchan: int
-                    ) -> list[tuple[float, float, float, float]]:
-    """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %)."""
-    import zarr
-
-    data = np.asarray(zarr.open_array(str(level_path), mode="r")[...])
-    if "c" in axes:
-        data = np.moveaxis(data, axes.index("c"), 0)
-    else:
-        data = data[None]
-    out = []
-    for ch in data[:nchan]:
-        v = ch.astype(np.float64).ravel()
-        lo, hi = np.percentile(v, [0.1, 99.9]) if v.size else (0.0, 1.0)
-        if ch.dtype.kind in "iu":  # integer data: the type's range, as viewers expect
-            info = np.iinfo(ch.dtype)
-            out.append((float(info.min), float(info.max), float(lo), float(hi)))
-        else:
-            out.append((float(v.min()), float(v.max()), float(lo), float(hi)))
-    return out
-
-
 @dataclass
 class Multiscale:
     """One multiscale group to write: the image, or one label image."""
@@ -205,10 +154,6 @@ class ConvertPlan:
     @property
     def partial(self) -> Path:
         return partial_path(self.destination)
-
-    @property
-    def resumable(self) -> bool:
-        return (self.state.directory / self.state.run_hash).exists()
 
 
 def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -> ConvertPlan:
@@ -266,22 +211,16 @@ def run_conversion(plan: ConvertPlan, client: Any,
                    progress: Callable[[], Progress] | None = None,
                    report: Callable[[str], None] = print) -> ConvertResult:
     """Write the planned OME-Zarr blockwise on the cluster; resume when possible."""
-    with output_lock(plan.destination, report=report), \
-            provenance.RunRecord("convert", plan.state.identity) as record:
-        opts, partial = plan.options, plan.partial
+    with output_run("convert", [plan.destination], state=plan.state, report=report,
+                    what="conversion", work=False) as run:
+        opts, partial = plan.options, run.partial()
         groups = [plan.image, *plan.labels.values()]
-        if plan.resumable:
-            report(f"resuming an interrupted conversion in {partial}")
-        else:
-            if partial.exists():
-                report(f"removing an unfinished conversion with other inputs or options: {partial}")
-                shutil.rmtree(partial)
+        if not run.resumed:
             for ms in groups:
                 _create(ms, opts)
             if plan.labels:
                 omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
                                           opts.ngff)
-        plan.state.begin()
 
         reports: list[RunReport] = []
         for ms in groups:
@@ -298,13 +237,9 @@ def run_conversion(plan: ConvertPlan, client: Any,
         windows = display_windows(partial / str(len(plan.image.levels) - 1), vol.axes, nchan)
         omezarr.write_group_attrs(partial, {"omero": omezarr.omero(
             vol.channel_names or (plan.image.name,), windows)}, opts.ngff)
-        entry = record.entry()
-        for ms in groups:
-            provenance.append(ms.group, [entry])
-        plan.state.clear()
-        commit(partial, plan.destination)
+        run.commit(recorded=[ms.group for ms in groups])
         return ConvertResult(plan.destination, [lv.shape for lv in plan.image.levels],
-                             list(plan.labels), reports, record.seconds)
+                             list(plan.labels), reports, run.record.seconds)
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: Any,
@@ -317,38 +252,3 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions, client: A
     input and options; different options start the partial output afresh.
     """
     return run_conversion(plan_conversion(src, dst, options), client, progress, report)
-
-
-@dataclass(frozen=True)
-class UniqueValues:
-    """Block task: the distinct values of a block (at most ``limit`` + 1 of them)."""
-
-    path: str
-    limit: int
-
-    def __call__(self, block: Any) -> np.ndarray:
-        data = read_region(self.path, block.write)
-        top = int(data.max(initial=0))
-        # counting is linear where np.unique sorts; worth it while the count table is small
-        values = (np.flatnonzero(np.bincount(data.ravel(), minlength=1))
-                  if data.dtype.kind in "ub" and top < 4 * data.size else np.unique(data))
-        return values[: self.limit + 1]
-
-
-def label_values(client: Any, level0: Path, block_shape: Sequence[int],
-                 limit: int = VALUES_LIMIT) -> list[int] | None:
-    """All label values of a label image, by a blockwise reduction; None past ``limit``."""
-    import zarr
-
-    from engine.blocks import BlockGrid
-    from engine.runner import run_blocks
-
-    shape = zarr.open_array(str(level0), mode="r").shape
-    grid = BlockGrid(shape, [max(b, 1) for b in block_shape])
-    report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values")
-    found: set[int] = set()
-    for values in report.results.values():
-        found.update(int(v) for v in values)
-        if len(found) > limit:
-            return None
-    return sorted(found)

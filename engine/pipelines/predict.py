@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from engine import __version__, events
-from engine.blocks import BlockGrid, stable_hash
+from engine.blocks import BlockGrid, every_axis, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import file_identity
@@ -126,17 +126,6 @@ class PredictResult:
     stages: list[dict[str, Any]] = field(default_factory=list)  # "stage-end" events
 
 
-def _ints(values: Sequence[int] | int, n: int, what: str) -> tuple[int, ...]:
-    if isinstance(values, int):
-        return (values,) * n
-    values = tuple(int(v) for v in values)
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise OptionError(f"{what} {values}: give 1 or {n} values")
-    return values
-
-
 def _channels(meta: dict[str, Any], names: Sequence[str], n_channels: int | None,
               src: Path) -> tuple[int, ...]:
     wanted = list(meta["input"]["channels"])
@@ -171,9 +160,9 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
     import zarr
 
+    from engine.blocks import check_block, default_block
     from engine.cutter.train import KIND as CUTTER_KIND
     from engine.learn.model import load_model
-    from engine.pipelines.segment import check_block, default_block
 
     src = Path(src)
     attrs, ngff = omezarr.read_image_attrs(src)
@@ -206,13 +195,13 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     arr = zarr.open_array(level0, mode="r")
     shape = tuple(int(volume.data.shape[volume.axes.index(a)]) for a in axes)
     chunks = tuple(int(c) for a, c in zip(volume.axes, arr.chunks, strict=True) if a in "zyx")
-    tile = _ints(options.tile or meta["patch_shape"], dims, "--tile")
+    tile = every_axis(options.tile or meta["patch_shape"], dims, "--tile")
     grid = TileGrid.make(shape, tile, options.overlap, meta["divisor"])
     blend_weights(grid.tile, options.blend)  # checks the name
     # blocks of whole chunks, at least four tiles wide: tiles across a block edge are
     # predicted by both neighbours, about tile / block of the work per axis
     if options.block:
-        block = _ints(options.block, dims, "--block")
+        block = every_axis(options.block, dims, "--block")
         check_block(block, chunks, shape)
     else:
         block = tuple(max(b, c * -(-4 * t // c)) for b, c, t in

@@ -27,22 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__, provenance
-from engine.blocks import Region, stable_hash
-from engine.errors import InputError, OptionError, VoxelmillError
+from engine import __version__
+from engine.blocks import Region, check_block, default_block, stable_hash
+from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.output import (
     check_destination,
     check_output_name,
-    commit,
-    commit_recorded,
+    output_run,
     partial_path,
     write_multiscale,
 )
-from engine.pipelines.segment import check_block, default_block
 from engine.pyramid import Level, plan_levels
-from engine.runlock import output_lock
 from engine.runner import RunState
 from engine.segment.refs import ArrayRef, Stored, to_dask
 from engine.segment.workflow import Workflow, load_workflow
@@ -223,11 +220,6 @@ class PreprocessPlan:
         return RunState(self.partial / ".voxelmill" / f"channel-{k}",
                         stable_hash(self.identity), self.identity)
 
-    @property
-    def resumable(self) -> bool:
-        return any((s.directory / s.run_hash).exists()
-                   for s in (self.state(k) for k in range(len(self.channels))))
-
 
 @dataclass
 class PreprocessResult:
@@ -389,9 +381,7 @@ def _channel_image(plan: PreprocessPlan, k: int, client: Any,
         return ref
     work = plan.partial / ".work" / f"channel-{k}"
     work.mkdir(parents=True, exist_ok=True)
-    state = plan.state(k)
-    state.begin()
-    ctx = Context(client, work, plan.block_shape, progress, report, state=state)
+    ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state(k))
     report(f"channel {channel.name}: workflow {plan.workflow.name!r}")
     return run_workflow(ctx, plan.workflow, ref)
 
@@ -402,55 +392,46 @@ def run_preprocess(plan: PreprocessPlan, client: Any,
     """Resample, run the workflow on every chosen channel and write the planned image."""
     import dask.array as da
 
-    from engine.pipelines.convert import display_windows, label_values
+    from engine.labels import label_values
+    from engine.stats import display_windows
 
-    with output_lock(plan.destination, report=report), \
-            provenance.RunRecord("preprocess", plan.identity) as record:
-        partial = plan.partial
-        if plan.resumable:
-            report(f"resuming an interrupted preprocessing in {partial}")
-        elif partial.exists():
-            report(f"removing an unfinished preprocessing with other inputs or options: "
-                   f"{partial}")
-            shutil.rmtree(partial)
-        try:
-            refs = [_channel_image(plan, k, client, progress, report)
-                    for k in range(len(plan.channels))]
-            parts = [to_dask(r, plan.block_shape).astype(np.float32) for r in refs]
-            data = da.stack(parts) if plan.has_channel_axis else parts[0]
-            chunks = ((1,) if plan.has_channel_axis else ()) + plan.chunks
-            write_multiscale(client, data, partial, plan.destination.name, plan.axes,
-                             plan.unit, chunks, plan.levels, plan.ngff, "mean", progress)
-            names = [c.name for c in plan.channels]
-            windows = display_windows(partial / str(len(plan.levels) - 1), plan.axes,
-                                      len(names))
-            omezarr.write_group_attrs(partial, {"omero": omezarr.omero(names, windows)},
+    # one state per channel, so that its passes keep their done-markers apart; without a
+    # workflow there are no passes to resume
+    states = ([plan.state(k) for k in range(len(plan.channels))]
+              if plan.workflow is not None else [])
+    with output_run("preprocess", [plan.destination], state=states, identity=plan.identity,
+                    report=report, what="preprocessing") as run:
+        partial = run.partial()
+        refs = [_channel_image(plan, k, client, progress, report)
+                for k in range(len(plan.channels))]
+        parts = [to_dask(r, plan.block_shape).astype(np.float32) for r in refs]
+        data = da.stack(parts) if plan.has_channel_axis else parts[0]
+        chunks = ((1,) if plan.has_channel_axis else ()) + plan.chunks
+        write_multiscale(client, data, partial, plan.destination.name, plan.axes,
+                         plan.unit, chunks, plan.levels, plan.ngff, "mean", progress)
+        names = [c.name for c in plan.channels]
+        windows = display_windows(partial / str(len(plan.levels) - 1), plan.axes,
+                                  len(names))
+        omezarr.write_group_attrs(partial, {"omero": omezarr.omero(names, windows)},
+                                  plan.ngff)
+        for name, lab in plan.labels.items():
+            group = partial / "labels" / name
+            view = Resampled(lab, plan.out_shape, plan.block_shape, order=0)
+            write_multiscale(client, to_dask(view, plan.block_shape), group, name,
+                             plan.spatial_axes, plan.unit, plan.chunks, plan.label_levels,
+                             plan.ngff, "mode", progress)
+            values = label_values(client, group / "0", plan.block_shape)
+            omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(
+                values, plan.ngff)}, plan.ngff)
+        if plan.labels:
+            omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
                                       plan.ngff)
-            for name, lab in plan.labels.items():
-                group = partial / "labels" / name
-                view = Resampled(lab, plan.out_shape, plan.block_shape, order=0)
-                write_multiscale(client, to_dask(view, plan.block_shape), group, name,
-                                 plan.spatial_axes, plan.unit, plan.chunks, plan.label_levels,
-                                 plan.ngff, "mode", progress)
-                values = label_values(client, group / "0", plan.block_shape)
-                omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(
-                    values, plan.ngff)}, plan.ngff)
-            if plan.labels:
-                omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
-                                          plan.ngff)
-        except VoxelmillError:  # a user error found on the way: nothing to resume
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        shutil.rmtree(partial / ".work", ignore_errors=True)
-        shutil.rmtree(partial / ".voxelmill", ignore_errors=True)
-        entry = record.entry()
-        provenance.append(partial, [entry])
-        for name in plan.labels:
-            provenance.append(partial / "labels" / name, [entry])
-        commit(partial, plan.destination)
+        shutil.rmtree(partial / ".voxelmill", ignore_errors=True)  # the channels' states
+        run.commit(recorded=[partial, *(partial / "labels" / n for n in plan.labels)])
         return PreprocessResult(plan.destination, plan.out_shape, names, plan.voxel_size,
                                 plan.unit, plan.factors, [lv.shape for lv in plan.levels],
-                                list(plan.labels), record.seconds, record.collector.stages)
+                                list(plan.labels), run.record.seconds,
+                                run.record.collector.stages)
 
 
 def preprocess(src: str | Path, dst: str | Path, options: PreprocessOptions, client: Any,
@@ -533,28 +514,22 @@ def plan_back(scaled: str | Path, original: str | Path, name: str, new_name: str
 def run_back(plan: BackPlan, client: Any, progress: Callable[[], Any] | None = None,
              report: Callable[[str], None] = print) -> BackResult:
     """Resample the labels (nearest neighbour) onto the original grid; write them there."""
-    from engine.pipelines.convert import label_values
+    from engine.labels import label_values
 
     dst = plan.destination
     identity = {"op": "preprocess-back", "version": __version__, "scaled": str(plan.scaled),
                 "labels": plan.name, "shape": plan.shape}
-    with output_lock(dst, report=report), \
-            provenance.RunRecord("preprocess-back", identity) as record:
-        partial = partial_path(dst)
-        if partial.exists():
-            shutil.rmtree(partial)
-        try:
-            view = Resampled(plan.label, plan.shape, plan.block_shape, order=0)
-            write_multiscale(client, to_dask(view, plan.block_shape), partial, plan.new_name,
-                             plan.spatial_axes, plan.unit, plan.chunks, plan.levels, plan.ngff,
-                             "mode", progress)
-            values = label_values(client, partial / "0", plan.block_shape)
-            omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(
-                values, plan.ngff)}, plan.ngff)
-        except VoxelmillError:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        commit_recorded([(partial, dst)], record.entry())
+    with output_run("preprocess-back", [dst], identity=identity, report=report,
+                    work=False) as run:
+        partial = run.partial()
+        view = Resampled(plan.label, plan.shape, plan.block_shape, order=0)
+        write_multiscale(client, to_dask(view, plan.block_shape), partial, plan.new_name,
+                         plan.spatial_axes, plan.unit, plan.chunks, plan.levels, plan.ngff,
+                         "mode", progress)
+        values = label_values(client, partial / "0", plan.block_shape)
+        omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(
+            values, plan.ngff)}, plan.ngff)
+        run.commit()
         omezarr.add_label_names(plan.original, [plan.new_name], plan.ngff)
         n = None if values is None else len([v for v in values if v])
-        return BackResult(dst, plan.shape, n, record.seconds)
+        return BackResult(dst, plan.shape, n, run.record.seconds)

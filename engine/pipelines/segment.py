@@ -8,39 +8,32 @@ is the name added to ``labels/``'s list, so an interrupted run leaves the image 
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine import __version__, provenance
-from engine.blocks import stable_hash
-from engine.errors import InputError, OptionError, VoxelmillError
+from engine import __version__
+from engine.blocks import check_block, default_block, stable_hash
+from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import file_identity
-from engine.labels import LabelResult
+from engine.labels import LabelResult, label_values
 from engine.output import (
     check_destination,
     check_output_name,
-    commit,
-    commit_recorded,
+    output_run,
     partial_path,
     write_multiscale,
 )
 from engine.pyramid import Level, plan_levels
-from engine.runlock import output_lock
 from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
 from engine.segment.workflow import Step, Workflow, load_workflow
 from engine.volume import select_channel
-
-BLOCK_VOXELS = 1 << 21
-"""Default voxels per block (128³ in 3D): big enough to amortize task overhead, small
-enough that a filter's float64 temporaries stay well under a worker's memory."""
 
 
 @dataclass
@@ -77,11 +70,6 @@ class SegmentPlan:
         return self.source / "labels" / self.options.name
 
     @property
-    def resumable(self) -> bool:
-        """An interrupted run of this very plan left its work behind."""
-        return (self.state.directory / self.state.run_hash).exists()
-
-    @property
     def keep_destination(self) -> Path:
         return self.source / "intermediates" / self.options.name
 
@@ -97,22 +85,6 @@ class SegmentResult:
     seconds: float
     statistics: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)  # "stage-end" events
-
-
-def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """Blocks of about :data:`BLOCK_VOXELS`, whole multiples of the storage chunks."""
-    edge = BLOCK_VOXELS ** (1 / len(chunks))
-    return tuple(min(c * max(1, round(edge / c)), s)
-                 for c, s in zip(chunks, shape, strict=True))
-
-
-def check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
-    if len(block) != len(chunks):
-        raise OptionError(f"--block {tuple(block)}: give {len(chunks)} values")
-    for b, c, s in zip(block, chunks, shape, strict=True):
-        if b <= 0 or (b % c and b < s):
-            raise OptionError(f"--block {tuple(block)}: each size must be a positive multiple "
-                              f"of the chunk shape {tuple(chunks)}")
 
 
 def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
@@ -187,24 +159,12 @@ def run_segmentation(plan: SegmentPlan, client: Any,
                      progress: Callable[[], Any] | None = None,
                      report: Callable[[str], None] = print) -> SegmentResult:
     """Run the planned workflow on the cluster and write the labels (and kept steps)."""
-    with output_lock(plan.destination, report=report), \
-            provenance.RunRecord("segment", plan.state.identity) as record:
-        from engine.pipelines.convert import label_values
-
-        dst = plan.destination
-        partial = partial_path(dst)
-        keep_partial = partial_path(plan.keep_destination)
-        work = partial / ".work"
-        if plan.resumable:
-            report(f"resuming an interrupted segmentation in {partial}")
-        elif partial.exists():
-            report(f"removing an unfinished segmentation with other inputs or options: {partial}")
-            shutil.rmtree(partial)
-        if keep_partial.exists():  # kept images are rewritten whole
-            shutil.rmtree(keep_partial)
-        work.mkdir(parents=True, exist_ok=True)
-        plan.state.begin()
-        ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state)
+    dst = plan.destination
+    # kept images are rewritten whole by every run
+    with output_run("segment", [dst], state=plan.state, scratch=[plan.keep_destination],
+                    report=report, what="segmentation") as run:
+        partial, keep_partial = run.partial(), run.partial(plan.keep_destination)
+        ctx = Context(client, run.work, plan.block_shape, progress, report, state=plan.state)
         kept: list[Path] = []
 
         def keep(step: Step, ref: Any) -> None:
@@ -218,35 +178,24 @@ def run_segmentation(plan: SegmentPlan, client: Any,
                               progress, plan.levels[:1])
             kept.append(plan.keep_destination / step.name)
 
-        try:
-            result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
-            data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
-            _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
-            if isinstance(result, LabelResult):  # the labelling listed its ids: no extra pass
-                values = result.values
-            else:
-                values = label_values(client, partial / "0", plan.block_shape)
-            if values is not None:
-                max_id = max(values, default=0)
-                n_objects = len([v for v in values if v])
-            omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(values,
-                                                                                   plan.ngff)},
-                                      plan.ngff)
-        except VoxelmillError:  # a user error found on the way: nothing to resume
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(keep_partial, ignore_errors=True)
-            raise
-        # anything else (an interruption, a lost cluster) keeps the hidden partial output: the
-        # same command resumes from the finished blocks
-        shutil.rmtree(work)
-        plan.state.clear()
-        commit_recorded([(partial, dst)], record.entry())
+        result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
+        data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
+        _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
+        if isinstance(result, LabelResult):  # the labelling listed its ids: no extra pass
+            values = result.values
+        else:
+            values = label_values(client, partial / "0", plan.block_shape)
+        if values is not None:
+            max_id = max(values, default=0)
+            n_objects = len([v for v in values if v])
+        omezarr.write_group_attrs(partial, {"image-label": omezarr.image_label(values,
+                                                                               plan.ngff)},
+                                  plan.ngff)
+        run.commit([dst, plan.keep_destination] if kept else [dst], recorded=[partial])
         omezarr.add_label_names(plan.source, [plan.options.name], plan.ngff)
-        if kept:
-            commit(keep_partial, plan.keep_destination)
         return SegmentResult(dst, n_objects, max_id, str(data.dtype),
-                             [lv.shape for lv in plan.levels], kept, record.seconds,
-                             ctx.stats_log, record.collector.stages)
+                             [lv.shape for lv in plan.levels], kept, run.record.seconds,
+                             ctx.stats_log, run.record.collector.stages)
 
 
 def segment(src: str | Path, options: SegmentOptions, client: Any,

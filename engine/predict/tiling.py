@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.blocks import Region
 from engine.errors import OptionError
 
 BLENDS = ("gaussian", "constant")
-Region = tuple[slice, ...]
 
 
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:

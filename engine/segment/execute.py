@@ -171,7 +171,7 @@ class Moments(BlockReduce):
         for pn, plo, phi, psum, pm2 in parts:
             if not pn:
                 continue
-            m2 = stats._chan_m2(n, total, m2, pn, psum, pm2)
+            m2 = stats.chan_m2(n, total, m2, pn, psum, pm2)
             n, total = n + pn, total + psum
             lo, hi = min(lo, plo), max(hi, phi)
         mean = total / n if n else math.nan

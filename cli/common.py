@@ -1,0 +1,101 @@
+"""What every ``voxelmill`` command shares: the consoles, option parsing, user-error
+handling, the cluster a command runs on and its progress display.
+
+``cli.main`` and each command module import these; this module imports no command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from engine import events
+from engine.errors import VoxelmillError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """Numbers separated by commas (or ``x``), e.g. ``--voxel-size 1,0.5,0.5``."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise VoxelmillError(f"{what} {text!r}: expected numbers separated by commas") from None
+
+
+def ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    """Whole numbers separated by commas (or ``x``), e.g. ``--block 64,128,128``."""
+    values = floats(text, what)
+    if values is None:
+        return None
+    if any(v != int(v) for v in values):
+        raise VoxelmillError(f"{what} {text!r}: expected whole numbers")
+    return tuple(int(v) for v in values)
+
+
+def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
+    """``NAME=PATH`` options as ``(name, path)`` pairs."""
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise VoxelmillError(f"{what} {item!r}: expected NAME=PATH, e.g. cells=cells.tif")
+        out.append((name, path))
+    return tuple(out)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint."""
+    try:
+        yield
+    except VoxelmillError as exc:
+        events.emit("error", message=str(exc), exit_code=2)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        events.emit("error", message="interrupted", exit_code=130)
+        err.print("interrupted; run the same command again to resume where it stopped")
+        raise typer.Exit(130) from None
+
+
+#: cluster options given before the command (``voxelmill --cluster slurm --jobs 4 segment …``)
+_cluster_spec: dict[str, Any] = {}
+
+
+def set_cluster_options(**spec: Any) -> None:
+    """Remember the cluster options given before the command, for :func:`cluster`."""
+    _cluster_spec.update(spec)
+
+
+@contextmanager
+def cluster(scheduler: str | None, workers: int | None, threads: int | None,
+            memory_limit: str | None) -> Iterator[Any]:
+    """The client a command runs on, from its options and the global cluster options."""
+    from engine.cluster import ClusterOptions, connect
+
+    opts = ClusterOptions(scheduler, workers, threads, memory_limit, **_cluster_spec)
+    with connect(opts, report=lambda line: err.print(line)) as client:
+        yield client
+
+
+def block_summary(stages: list[dict[str, Any]]) -> str:
+    """``blocks: N computed, M skipped (already done)`` over a run's passes."""
+    computed = sum(s["computed"] for s in stages)
+    skipped = sum(s["skipped"] for s in stages)
+    return f"blocks: {computed} computed, {skipped} skipped (already done)"
+
+
+def progress_factory() -> Callable[[], Any]:
+    """What makes a pass's progress display (imported late: rich loads only when used)."""
+    from engine.progress import default_progress
+
+    return default_progress
