@@ -178,3 +178,26 @@ def test_cli_reports_where_the_time_went(column, tmp_path):
                if e["event"] == "device-report"]
     assert len(reports) == 1 and 0 < reports[0]["device_busy"] <= 1.0, reports
     assert reports[0]["tiles"] > 0 and set(reports[0]["workers"])
+
+
+@pytest.mark.parametrize("probabilities", ["uint8", "float16"])
+def test_pyramid_from_blocks_equals_downsampling_level_zero(column, client, probabilities):
+    """Levels written from the blocks (row by row while they are finished) and the coarser
+    ones built afterwards equal engine.pyramid's downsampling of the level below."""
+    from engine.pyramid import downsample_mean, downsample_mode
+
+    name = f"pyr{probabilities}"
+    res = predict(column["src"], PredictOptions(column["ckpt"], name, block=(64, 32, 32),
+                                                probabilities=probabilities,
+                                                norm="checkpoint"), client,
+                  report=lambda line: None)
+    assert 1 < res.report["levels_in_blocks"] < 5  # some levels from blocks, some after
+    probs = zarr.open_group(str(res.probabilities), mode="r")
+    labels = zarr.open_group(str(res.labels), mode="r")
+    n = len(list(probs.array_keys()))
+    assert n == 5 and len(list(labels.array_keys())) == n
+    for level in range(1, n):
+        np.testing.assert_array_equal(
+            probs[str(level)][...], downsample_mean(probs[str(level - 1)][...], (1, 2, 2, 2)))
+        np.testing.assert_array_equal(
+            labels[str(level)][...], downsample_mode(labels[str(level - 1)][...], (2, 2, 2)))

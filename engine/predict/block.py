@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -415,6 +416,9 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
     # a time as soon as its planes are finished) and how many planes of each are done
     pyramid = _BlockPyramid(shape, channels_out, finishing, levels, unit, dev) \
         if levels else None
+    levels_thread = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-levels") \
+        if pyramid is not None and dev.type != "cuda" else None
+    level_jobs: list[Any] = []
     filled = inner[0].start  # planes of the read region copied to the device so far
     done = region[0].start  # planes of the write region handed to the writer
     model_before = predictor.timer.total()
@@ -471,15 +475,41 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         done = upto
         if pyramid is not None:
             pyramid.add(sl, stored, labels)
-            for level, lo, stored, labels in pyramid.advance(done == region[0].stop):
-                origin = [r.start // pyramid.factor[level][a] for a, r in enumerate(region)]
-                where = (slice(origin[0] + lo, origin[0] + lo + labels.shape[0]),
-                         *(slice(o, o + n) for o, n in zip(origin[1:], labels.shape[1:],
-                                                           strict=True)))
-                send(level, where, stored, labels)
+            if levels_thread is None:  # a GPU: launching the downsampling costs nothing
+                levels_rows(done == region[0].stop)
+            else:  # the CPU: downsampling is work, done beside the loop (rows in order)
+                level_jobs.append(levels_thread.submit(levels_rows, done == region[0].stop))
+
+    def levels_rows(finished: bool) -> None:
+        """Send the pyramid rows the finished planes allow."""
+        assert pyramid is not None
+        for level, lo, stored, labels in pyramid.advance(finished):
+            origin = [r.start // pyramid.factor[level][a] for a, r in enumerate(region)]
+            where = (slice(origin[0] + lo, origin[0] + lo + labels.shape[0]),
+                     *(slice(o, o + n) for o, n in zip(origin[1:], labels.shape[1:],
+                                                       strict=True)))
+            send(level, where, stored, labels)
 
     # tiles in the grid's order (first axis slowest), in batches across tile rows (every
     # batch but the last is full); the device runs batch i while batch i-1 is blended
+    try:
+        _loop(predictor, tiles, grid, box, inner, region, unit, fill, image, blend, finish,
+              lambda: done)
+    finally:
+        if levels_thread is not None:
+            levels_thread.shutdown(wait=True)
+    for job in level_jobs:
+        job.result()  # raises what the levels thread met
+    times.model_s = predictor.timer.total() - model_before
+    times.notes = list(predictor.notes)
+
+
+def _loop(predictor: TilePredictor, tiles: list[tuple[int, ...]], grid: TileGrid, box: Region,
+          inner: Region, region: Region, unit: int, fill: Callable[[int], None],
+          image: torch.Tensor, blend: Callable[[list[tuple[int, ...]], torch.Tensor], None],
+          finish: Callable[[int], None], finished_upto: Callable[[], int]) -> None:
+    """The batches of :func:`_stream`: fill the input, cut the tiles, run batch i on the
+    device while batch i-1 is blended, finish chunk rows nothing later reaches."""
     with torch.inference_mode():
         pending: tuple[list[tuple[int, ...]], Any] | None = None
         n = 0
@@ -499,8 +529,6 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
                 # planes below the next unblended tile get no more: finish whole chunk rows
                 final = launched[0][0][0] if launched is not None else region[0].stop
                 upto = region[0].stop if final >= region[0].stop else final // unit * unit
-                if upto > done:
+                if upto > finished_upto():
                     finish(upto)
             pending = launched
-    times.model_s = predictor.timer.total() - model_before
-    times.notes = list(predictor.notes)
