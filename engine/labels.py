@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
 from engine.io.sources import read_region
+from engine.runner import RunState
 
 SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
 
@@ -119,8 +120,26 @@ class LocalLabels:
         face = face[face > 0]
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
         np.savez(_block_file(self.work, bid), keys=keys, sizes=sizes, face=face, **planes)
-        return ((np.uint64(bid) << SHIFT) | face.astype(np.uint64), keys[face - 1],
-                sizes[face - 1])
+        return _face_table(bid, face, keys, sizes)
+
+
+def _face_table(bid: int, face: np.ndarray, keys: np.ndarray, sizes: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return ((np.uint64(bid) << SHIFT) | face.astype(np.uint64), keys[face - 1],
+            sizes[face - 1])
+
+
+@dataclass(frozen=True)
+class SavedFaces:
+    """Recovers a finished :class:`LocalLabels` block's result from its block file."""
+
+    work: str
+    grid_shape: tuple[int, ...]
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
+        f = np.load(_block_file(self.work, bid))
+        return _face_table(bid, f["face"], f["keys"], f["sizes"])
 
 
 def concatenate_tables(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]
@@ -217,9 +236,26 @@ class FacePairs:
                 both = (p > 0) & (q > 0)
                 if both.any():
                     pairs.append(np.stack([p[both], q[both]], axis=1))
-        if not pairs:
-            return np.zeros((0, 2), np.uint64)
-        return _unique_rows(np.concatenate(pairs))
+        found = (_unique_rows(np.concatenate(pairs)) if pairs
+                 else np.zeros((0, 2), np.uint64))
+        np.save(_pairs_file(self.work, bid), found)  # what a resumed run recovers
+        return found
+
+
+def _pairs_file(work: str, bid: int) -> Path:
+    return Path(work) / "pairs" / f"{bid}.npy"
+
+
+@dataclass(frozen=True)
+class SavedPairs:
+    """Recovers a finished :class:`FacePairs` block's result from its pairs file."""
+
+    work: str
+    grid_shape: tuple[int, ...]
+
+    def __call__(self, block: Block) -> np.ndarray:
+        return np.load(_pairs_file(self.work, int(np.ravel_multi_index(block.index,
+                                                                       self.grid_shape))))
 
 
 @dataclass(frozen=True)
@@ -248,6 +284,13 @@ class SlabRanks:
         np.save(work / "slabs" / f"{s}.npy", sorted_keys)
         return len(sorted_keys), np.searchsorted(sorted_keys, keys[0])
 
+    def recover(self, slab: Block) -> tuple[int, np.ndarray]:
+        """The result of a slab finished by an earlier run, from its saved keys."""
+        work = Path(self.work)
+        sorted_keys = np.load(work / "slabs" / f"{slab.index[0]}.npy")
+        reps = np.load(work / "slabs" / f"reps-{slab.index[0]}.npy")
+        return len(sorted_keys), np.searchsorted(sorted_keys, reps)
+
 
 def _in_range(sizes: np.ndarray, min_size: int, max_size: int | None) -> np.ndarray:
     keep = sizes >= min_size
@@ -269,6 +312,13 @@ class Relabel:
     dtype: str
 
     def __call__(self, block: Block) -> tuple[int, int, np.ndarray | None]:
+        return self._run(block, write=True)
+
+    def recover(self, block: Block) -> tuple[int, int, np.ndarray | None]:
+        """The result of a block finished by an earlier run: its map again, not written."""
+        return self._run(block, write=False)
+
+    def _run(self, block: Block, write: bool) -> tuple[int, int, np.ndarray | None]:
         import zarr
 
         work = Path(self.work)
@@ -282,9 +332,9 @@ class Relabel:
         face = np.load(work / "maps" / f"face-{bid}.npy")
         lut[face[:, 0].astype(np.int64)] = face[:, 1]
         interior_kept = int(kept.sum()) - int(kept[face[:, 0].astype(np.int64) - 1].sum())
-        if self.out is None:
+        if write and self.out is None:
             np.save(work / "maps" / f"{bid}.npy", lut)
-        else:
+        elif write:
             local = read_region(str(work / "local"), block.write)
             zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
         ids = lut[1:][lut[1:] > 0]  # the block's final ids, for the label image's colours
@@ -358,7 +408,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
           slice_wise: bool = False, min_size: int = 0, max_size: int | None = None,
           sequential: bool = False, block_shape: tuple[int, ...] | None = None,
           chunks: tuple[int, ...] | None = None, progress: Any = None,
-          lazy: bool = False) -> LabelResult:
+          lazy: bool = False, state: RunState | None = None) -> LabelResult:
     """Connected components of ``mask``, blockwise, identical to the whole-array result.
 
     Parameters
@@ -384,6 +434,11 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     lazy : bool
         Skip writing: keep the local labels and maps in ``out``'s sibling work folder and
         return a lazy ``view`` that applies the maps on read.
+    state : RunState, optional
+        Makes the labelling resumable: every pass records its finished blocks (in the
+        work folder, under ``state.run_hash``), and a re-run with the same hash keeps the
+        work folder and skips them, recovering their results from what they stored. The
+        work folder of another hash, or of a run without ``state``, is started afresh.
 
     Returns
     -------
@@ -406,19 +461,28 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     grid = BlockGrid(shape, block_shape, halo=0, chunks=chunks)
     gshape = grid.grid_shape
     work = out.parent / f".{out.name}.labels-work"
-    shutil.rmtree(work, ignore_errors=True)
-    for sub in ("blocks", "maps", "slabs"):
-        (work / sub).mkdir(parents=True)
+    resumed = state is not None and (work / "state" / state.run_hash).is_dir()
+    if not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+    for sub in ("blocks", "maps", "slabs", "pairs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    marks = None
+    if state is not None:  # markers live in the work folder: they go when it goes
+        marks = RunState(work / "state", state.run_hash, state.identity)
+        marks.begin()
     try:
-        zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
-                          dtype=np.uint32, fill_value=0, zarr_format=3)
+        if not (work / "local" / "zarr.json").exists():
+            zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
+                              dtype=np.uint32, fill_value=0, zarr_format=3)
         # both passes stream: the client holds the face tables, never a result per block
         face_ids, face_keys, face_sizes = run_blocks(
             client, grid, LocalLabels(mask, str(work), struct, shape, gshape),
-            name="label-local", progress=progress, combine=concatenate_tables).value
+            name="label-local", progress=progress, combine=concatenate_tables,
+            state=marks, recover=SavedFaces(str(work), gshape)).value
         pairs = run_blocks(client, grid, FacePairs(str(work), struct, gshape),
                            name="label-faces", progress=progress,
-                           combine=concatenate_rows).value
+                           combine=concatenate_rows, state=marks,
+                           recover=SavedPairs(str(work), gshape)).value
 
         # the face graph: nodes are face components only
         order = np.argsort(face_ids)
@@ -439,9 +503,9 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             np.save(work / "slabs" / f"reps-{s}.npy",
                     np.sort(group_key[counted & (group_slab == s)]))
         slabs = BlockGrid((shape[0],), (grid.block_shape[0],))
-        ranks = run_blocks(client, slabs, SlabRanks(str(work), gshape, min_size, max_size,
-                                                    sequential),
-                           name="label-ranks", progress=progress).results
+        slab_ranks = SlabRanks(str(work), gshape, min_size, max_size, sequential)
+        ranks = run_blocks(client, slabs, slab_ranks, name="label-ranks", progress=progress,
+                           state=marks, recover=slab_ranks.recover).results
         counts = [ranks[(s,)][0] for s in range(gshape[0])]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         group_final = np.zeros(ngroups, np.uint64)
@@ -458,14 +522,14 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             lo, hi = np.searchsorted(block_of, [bid, bid + 1])
             np.save(work / "maps" / f"face-{bid}.npy", np.stack(
                 [face_ids[lo:hi] & np.uint64(0xFFFFFFFF), face_final[lo:hi]], axis=1))
-        if not lazy:
+        if not lazy and not (resumed and (out / "zarr.json").exists()):
             zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
                               fill_value=0, zarr_format=3, overwrite=True)
+        relabel = Relabel(str(work), None if lazy else str(out), gshape,
+                          tuple(int(o) for o in offsets), min_size, max_size, dtype.str)
         n, interior, block_ids = run_blocks(
-            client, grid, Relabel(str(work), None if lazy else str(out), gshape,
-                                  tuple(int(o) for o in offsets), min_size, max_size,
-                                  dtype.str),
-            name="label-relabel", progress=progress, combine=merge_relabelled).value
+            client, grid, relabel, name="label-relabel", progress=progress,
+            combine=merge_relabelled, state=marks, recover=relabel.recover).value
         n_objects = interior + int(group_kept.sum())
         values = ([int(v) for v in block_ids] if block_ids is not None
                   and n_objects <= VALUES_LIMIT else None)
@@ -473,7 +537,8 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             return LabelResult(None, n, dtype, relabel_view(work, gshape, grid.block_shape,
                                                             dtype), work, n_objects, values)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if state is None:  # a resumable run keeps its finished blocks
+            shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
     return LabelResult(out, n, dtype, n_objects=n_objects, values=values)

@@ -167,12 +167,28 @@ class TreeFold:
 
 
 @dataclass
+class _ResumeTask:
+    """Runs on a worker: the marked task for a block still to do, ``recover`` for a block
+    finished by an earlier run (its result read back from what the block stored)."""
+
+    marked: _MarkedTask
+    recover: BlockTask
+
+    def __call__(self, block: Block, finished: bool) -> tuple[Any, float]:
+        if not finished:
+            return self.marked(block)
+        return self.recover(block), 0.0
+
+
+@dataclass
 class RunReport:
     """What a pass did: blocks computed, blocks skipped as already done, their results,
     the pass's wall time and each computed block's task time on its worker (seconds).
 
-    A pass run with ``combine`` keeps no ``results`` (an empty dict): ``value`` holds the
-    folded result and ``held_peak`` the most partials the client held at once.
+    ``results`` holds the blocks' results that are not None (a pass whose tasks only write
+    keeps nothing per block). A pass run with ``combine`` keeps no ``results`` at all:
+    ``value`` holds the folded result and ``held_peak`` the most partials the client held
+    at once.
     ``block_seconds`` is one float per computed block (8 bytes each: 0.8 MB at 10⁵ blocks).
     """
 
@@ -210,6 +226,7 @@ def run_blocks(
     resources: dict[str, float] | None = None,
     combine: Callable[[Any, Any], Any] | None = None,
     initial: Any = None,
+    recover: BlockTask | None = None,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
 
@@ -240,6 +257,11 @@ def run_blocks(
         arrival order) and not kept. The fold is in ``RunReport.value``.
     initial : optional
         ``RunReport.value`` of a reduction in which no block was computed.
+    recover : callable, optional
+        Picklable ``recover(block) -> result``: the result of a block that an earlier run
+        finished (read back from what it stored), so a resumed reduction folds every
+        block. Recovered blocks count as skipped; the fold's tree is the same as in a run
+        that computed them all.
     """
     from distributed import as_completed
 
@@ -263,7 +285,8 @@ def run_blocks(
     block_seconds: list[float] = []
     t0 = last_event = time.monotonic()
     # blocks are made as they are submitted: a grid of millions never sits in memory
-    pending = (b for b in grid if not done[b.index])
+    pending = (b for b in grid if recover is not None or not done[b.index])
+    runner: Any = marked if recover is None else _ResumeTask(marked, recover)
     voxels = 0
     futures: dict[Any, tuple[Block, int]] = {}  # future -> (block, submission number)
     fold = TreeFold(combine) if combine is not None else None
@@ -279,8 +302,10 @@ def run_blocks(
         blocks = list(itertools.islice(pending, n))
         if not blocks:
             return
-        voxels += sum(b.write_size for b in blocks)
-        batch = client.map(marked, blocks, key=[f"{prefix}-{b.key}" for b in blocks],
+        finished = [bool(done[b.index]) for b in blocks]
+        voxels += sum(b.write_size for b, f in zip(blocks, finished, strict=True) if not f)
+        extra = () if recover is None else (finished,)
+        batch = client.map(runner, blocks, *extra, key=[f"{prefix}-{b.key}" for b in blocks],
                            retries=retries, pure=False, resources=resources)
         for number, (fut, block) in enumerate(zip(batch, blocks, strict=True), submitted):
             futures[fut] = block, number
@@ -312,10 +337,11 @@ def run_blocks(
                     raise failed(block, result.error)
                 if fold is not None:
                     fold.add(number, result)
-                else:
+                elif result is not None:  # a write pass's Nones would cost a dict entry each
                     results[block.index] = result
-                block_seconds.append(seconds)
-                progress.advance()
+                if not done[block.index]:
+                    block_seconds.append(seconds)
+                    progress.advance()
             submit(len(batch))
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()
