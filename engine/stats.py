@@ -1,9 +1,11 @@
 """Global statistics of a lazy array, computed by a reduction pass over blocks.
 
 Every statistic here is *global*: block tasks return small partial results (a bincount,
-a fixed-bin histogram, a count, min, max and a sum) that are merged on the client, so the
-result does not depend on the block layout and equals what numpy and scikit-image compute
-on the whole array in memory. Nothing is estimated from a single block.
+a fixed-bin histogram, a count, min, max and a sum) that are merged on the client as they
+arrive (a streaming reduction: the client holds a bounded number of partials, whatever the
+block count; see :func:`engine.runner.run_blocks`), so the result does not depend on the
+block layout and equals what numpy and scikit-image compute on the whole array in memory.
+Nothing is estimated from a single block.
 
 * :func:`histogram` builds a :class:`Histogram` in one pass (integer data of at most
   16 bits: one exact bin per integer value) or two passes (min/max, then fixed bins).
@@ -53,7 +55,7 @@ class Histogram:
         Voxels counted (NaN and masked-out voxels excluded); ``counts.sum()``.
     sum, sum_sq : float
         Sum of the values and of their squares (float64; exact for integer data with
-        exact bins, else a compensated sum of float64 block sums).
+        exact bins, else the correctly rounded sum of the float64 block sums).
     min, max : float
         Smallest and largest value (NaN when ``count == 0``).
     m2 : float
