@@ -254,7 +254,8 @@ def run_blocks(
         Makes the pass a streaming reduction: ``combine(left, right)`` merges two partial
         results (block results or merged ones) into one of the same kind; results are
         folded on the client as they arrive (:class:`TreeFold`, deterministic whatever the
-        arrival order) and not kept. The fold is in ``RunReport.value``.
+        arrival order) and not kept. The fold is in ``RunReport.value``. With ``state`` but
+        no ``recover``, blocks skipped as done are not in the fold (``computed < total``).
     initial : optional
         ``RunReport.value`` of a reduction in which no block was computed.
     recover : callable, optional
