@@ -43,7 +43,7 @@ from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.sources import read_region
-from engine.labels import ApplyLut
+from engine.labels import ApplyLut, merge_counts
 from engine.labels import label as label_components
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
 from engine.pyramid import Level, plan_levels
@@ -356,9 +356,11 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
                                   sequential=True, block_shape=plan.block,
                                   chunks=plan.chunks, progress=prog())
         instances = str(result.path)
-        parts = run_blocks(client, grid, ClassCounts(instances, vclass, plan.n_classes),
-                           name="instances-classes", progress=prog()).results.values()
-        majority, sizes = majority_classes(list(parts), result.n_labels, plan.n_classes)
+        # streams: sparse (id, class) counts merged as blocks finish, one table held
+        counts = run_blocks(client, grid, ClassCounts(instances, vclass, plan.n_classes),
+                            name="instances-classes", progress=prog(),
+                            combine=merge_counts).value
+        majority, sizes = majority_classes([counts], result.n_labels, plan.n_classes)
         lut = np.where(majority >= 0, majority, opts.background_class).astype(dtype)
         np.save(work / "lut.npy", lut)
         classes = str(work / "classes")

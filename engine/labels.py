@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
 from engine.io.sources import read_region
+from engine.runner import RunState
 
 SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
 
@@ -93,7 +94,9 @@ class LocalLabels:
     shape: tuple[int, ...]
     grid_shape: tuple[int, ...]
 
-    def __call__(self, block: Block) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Label the block; return its face components: their global ids (block id and
+        local label, see :data:`SHIFT`), first-voxel keys and sizes."""
         import zarr
 
         m = read_region(self.mask, block.write)
@@ -117,7 +120,46 @@ class LocalLabels:
         face = face[face > 0]
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
         np.savez(_block_file(self.work, bid), keys=keys, sizes=sizes, face=face, **planes)
-        return n, face, keys[face - 1], sizes[face - 1]
+        return _face_table(bid, face, keys, sizes)
+
+
+def _face_table(bid: int, face: np.ndarray, keys: np.ndarray, sizes: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return ((np.uint64(bid) << SHIFT) | face.astype(np.uint64), keys[face - 1],
+            sizes[face - 1])
+
+
+@dataclass(frozen=True)
+class SavedFaces:
+    """Recovers a finished :class:`LocalLabels` block's result from its block file."""
+
+    work: str
+    grid_shape: tuple[int, ...]
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
+        f = np.load(_block_file(self.work, bid))
+        return _face_table(bid, f["face"], f["keys"], f["sizes"])
+
+
+def concatenate_tables(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]
+                       ) -> tuple[np.ndarray, ...]:
+    """Concatenate two tuples of arrays column by column (a ``combine`` for the runner)."""
+    return tuple(np.concatenate([x, y]) for x, y in zip(a, b, strict=True))
+
+
+def concatenate_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Stack two tables of rows (a ``combine`` for the runner)."""
+    return np.concatenate([a, b])
+
+
+def merge_relabelled(a: tuple[int, int, np.ndarray | None],
+                     b: tuple[int, int, np.ndarray | None]) -> tuple[int, int, np.ndarray | None]:
+    """Merge two :class:`Relabel` results: largest id, interior objects kept, and the ids
+    present (None once more than :data:`VALUES_LIMIT`, then the list is not wanted)."""
+    ids = None if a[2] is None or b[2] is None else np.union1d(a[2], b[2])
+    return (max(a[0], b[0]), a[1] + b[1],
+            ids if ids is not None and ids.size <= VALUES_LIMIT else None)
 
 
 def _unique_rows(pairs: np.ndarray) -> np.ndarray:
@@ -194,9 +236,26 @@ class FacePairs:
                 both = (p > 0) & (q > 0)
                 if both.any():
                     pairs.append(np.stack([p[both], q[both]], axis=1))
-        if not pairs:
-            return np.zeros((0, 2), np.uint64)
-        return _unique_rows(np.concatenate(pairs))
+        found = (_unique_rows(np.concatenate(pairs)) if pairs
+                 else np.zeros((0, 2), np.uint64))
+        np.save(_pairs_file(self.work, bid), found)  # what a resumed run recovers
+        return found
+
+
+def _pairs_file(work: str, bid: int) -> Path:
+    return Path(work) / "pairs" / f"{bid}.npy"
+
+
+@dataclass(frozen=True)
+class SavedPairs:
+    """Recovers a finished :class:`FacePairs` block's result from its pairs file."""
+
+    work: str
+    grid_shape: tuple[int, ...]
+
+    def __call__(self, block: Block) -> np.ndarray:
+        return np.load(_pairs_file(self.work, int(np.ravel_multi_index(block.index,
+                                                                       self.grid_shape))))
 
 
 @dataclass(frozen=True)
@@ -225,6 +284,13 @@ class SlabRanks:
         np.save(work / "slabs" / f"{s}.npy", sorted_keys)
         return len(sorted_keys), np.searchsorted(sorted_keys, keys[0])
 
+    def recover(self, slab: Block) -> tuple[int, np.ndarray]:
+        """The result of a slab finished by an earlier run, from its saved keys."""
+        work = Path(self.work)
+        sorted_keys = np.load(work / "slabs" / f"{slab.index[0]}.npy")
+        reps = np.load(work / "slabs" / f"reps-{slab.index[0]}.npy")
+        return len(sorted_keys), np.searchsorted(sorted_keys, reps)
+
 
 def _in_range(sizes: np.ndarray, min_size: int, max_size: int | None) -> np.ndarray:
     keep = sizes >= min_size
@@ -246,6 +312,13 @@ class Relabel:
     dtype: str
 
     def __call__(self, block: Block) -> tuple[int, int, np.ndarray | None]:
+        return self._run(block, write=True)
+
+    def recover(self, block: Block) -> tuple[int, int, np.ndarray | None]:
+        """The result of a block finished by an earlier run: its map again, not written."""
+        return self._run(block, write=False)
+
+    def _run(self, block: Block, write: bool) -> tuple[int, int, np.ndarray | None]:
         import zarr
 
         work = Path(self.work)
@@ -259,9 +332,9 @@ class Relabel:
         face = np.load(work / "maps" / f"face-{bid}.npy")
         lut[face[:, 0].astype(np.int64)] = face[:, 1]
         interior_kept = int(kept.sum()) - int(kept[face[:, 0].astype(np.int64) - 1].sum())
-        if self.out is None:
+        if write and self.out is None:
             np.save(work / "maps" / f"{bid}.npy", lut)
-        else:
+        elif write:
             local = read_region(str(work / "local"), block.write)
             zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
         ids = lut[1:][lut[1:] > 0]  # the block's final ids, for the label image's colours
@@ -301,13 +374,6 @@ class LabelResult:
     values: list[int] | None = None
 
 
-def _all_values(parts: list[np.ndarray | None]) -> list[int] | None:
-    """The union of the blocks' id lists; None when a block had too many to list."""
-    if any(p is None for p in parts):
-        return None
-    return sorted({int(v) for p in parts for v in p})
-
-
 def _apply_map(local: np.ndarray, maps: str, grid_shape: tuple[int, ...],
                block_info: dict | None = None) -> np.ndarray:
     index = tuple(block_info[0]["chunk-location"])
@@ -342,7 +408,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
           slice_wise: bool = False, min_size: int = 0, max_size: int | None = None,
           sequential: bool = False, block_shape: tuple[int, ...] | None = None,
           chunks: tuple[int, ...] | None = None, progress: Any = None,
-          lazy: bool = False) -> LabelResult:
+          lazy: bool = False, state: RunState | None = None) -> LabelResult:
     """Connected components of ``mask``, blockwise, identical to the whole-array result.
 
     Parameters
@@ -368,6 +434,11 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     lazy : bool
         Skip writing: keep the local labels and maps in ``out``'s sibling work folder and
         return a lazy ``view`` that applies the maps on read.
+    state : RunState, optional
+        Makes the labelling resumable: every pass records its finished blocks (in the
+        work folder, under ``state.run_hash``), and a re-run with the same hash keeps the
+        work folder and skips them, recovering their results from what they stored. The
+        work folder of another hash, or of a run without ``state``, is started afresh.
 
     Returns
     -------
@@ -390,31 +461,33 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     grid = BlockGrid(shape, block_shape, halo=0, chunks=chunks)
     gshape = grid.grid_shape
     work = out.parent / f".{out.name}.labels-work"
-    shutil.rmtree(work, ignore_errors=True)
-    for sub in ("blocks", "maps", "slabs"):
-        (work / sub).mkdir(parents=True)
+    resumed = state is not None and (work / "state" / state.run_hash).is_dir()
+    if not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+    for sub in ("blocks", "maps", "slabs", "pairs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    marks = None
+    if state is not None:  # markers live in the work folder: they go when it goes
+        marks = RunState(work / "state", state.run_hash, state.identity)
+        marks.begin()
     try:
-        zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
-                          dtype=np.uint32, fill_value=0, zarr_format=3)
-        local = run_blocks(client, grid, LocalLabels(mask, str(work), struct, shape, gshape),
-                           name="label-local", progress=progress).results
-        pairs = [p for p in run_blocks(client, grid, FacePairs(str(work), struct, gshape),
-                                       name="label-faces", progress=progress).results.values()
-                 if len(p)]
+        if not (work / "local" / "zarr.json").exists():
+            zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
+                              dtype=np.uint32, fill_value=0, zarr_format=3)
+        # both passes stream: the client holds the face tables, never a result per block
+        face_ids, face_keys, face_sizes = run_blocks(
+            client, grid, LocalLabels(mask, str(work), struct, shape, gshape),
+            name="label-local", progress=progress, combine=concatenate_tables,
+            state=marks, recover=SavedFaces(str(work), gshape)).value
+        pairs = run_blocks(client, grid, FacePairs(str(work), struct, gshape),
+                           name="label-faces", progress=progress,
+                           combine=concatenate_rows, state=marks,
+                           recover=SavedPairs(str(work), gshape)).value
 
         # the face graph: nodes are face components only
-        ids, keys, sizes = [], [], []
-        for index, (_, face, fkeys, fsizes) in local.items():
-            bid = np.uint64(np.ravel_multi_index(index, gshape))
-            ids.append((bid << SHIFT) | face.astype(np.uint64))
-            keys.append(fkeys)
-            sizes.append(fsizes)
-        face_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
         order = np.argsort(face_ids)
-        face_ids = face_ids[order]
-        face_keys = np.concatenate(keys)[order] if ids else np.zeros(0, np.uint64)
-        face_sizes = np.concatenate(sizes)[order] if ids else np.zeros(0, np.int64)
-        group = _merge(face_ids, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+        face_ids, face_keys, face_sizes = face_ids[order], face_keys[order], face_sizes[order]
+        group = _merge(face_ids, pairs)
         ngroups = int(group.max()) + 1 if len(group) else 0
         group_key = np.full(ngroups, np.iinfo(np.uint64).max, np.uint64)
         np.minimum.at(group_key, group, face_keys)
@@ -430,9 +503,9 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             np.save(work / "slabs" / f"reps-{s}.npy",
                     np.sort(group_key[counted & (group_slab == s)]))
         slabs = BlockGrid((shape[0],), (grid.block_shape[0],))
-        ranks = run_blocks(client, slabs, SlabRanks(str(work), gshape, min_size, max_size,
-                                                    sequential),
-                           name="label-ranks", progress=progress).results
+        slab_ranks = SlabRanks(str(work), gshape, min_size, max_size, sequential)
+        ranks = run_blocks(client, slabs, slab_ranks, name="label-ranks", progress=progress,
+                           state=marks, recover=slab_ranks.recover).results
         counts = [ranks[(s,)][0] for s in range(gshape[0])]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         group_final = np.zeros(ngroups, np.uint64)
@@ -444,59 +517,109 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         dtype = np.dtype(np.uint32) if offsets[-1] < 2**32 else np.dtype(np.uint64)
         face_final = group_final[group]
         block_of = face_ids >> SHIFT
-        for index in local:
-            bid = int(np.ravel_multi_index(index, gshape))
+        for block in grid:
+            bid = int(np.ravel_multi_index(block.index, gshape))
             lo, hi = np.searchsorted(block_of, [bid, bid + 1])
             np.save(work / "maps" / f"face-{bid}.npy", np.stack(
                 [face_ids[lo:hi] & np.uint64(0xFFFFFFFF), face_final[lo:hi]], axis=1))
-        if not lazy:
+        if not lazy and not (resumed and (out / "zarr.json").exists()):
             zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
                               fill_value=0, zarr_format=3, overwrite=True)
-        done = run_blocks(client, grid, Relabel(str(work), None if lazy else str(out), gshape,
-                                                tuple(int(o) for o in offsets), min_size,
-                                                max_size, dtype.str),
-                          name="label-relabel", progress=progress).results.values()
-        n = max([top for top, _, _ in done], default=0)
-        n_objects = sum(c for _, c, _ in done) + int(group_kept.sum())
-        values = _all_values([ids for _, _, ids in done]) if n_objects <= VALUES_LIMIT else None
+        relabel = Relabel(str(work), None if lazy else str(out), gshape,
+                          tuple(int(o) for o in offsets), min_size, max_size, dtype.str)
+        n, interior, block_ids = run_blocks(
+            client, grid, relabel, name="label-relabel", progress=progress,
+            combine=merge_relabelled, state=marks, recover=relabel.recover).value
+        n_objects = interior + int(group_kept.sum())
+        values = ([int(v) for v in block_ids] if block_ids is not None
+                  and n_objects <= VALUES_LIMIT else None)
         if lazy:
             return LabelResult(None, n, dtype, relabel_view(work, gshape, grid.block_shape,
                                                             dtype), work, n_objects, values)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if state is None:  # a resumable run keeps its finished blocks
+            shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
     return LabelResult(out, n, dtype, n_objects=n_objects, values=values)
 
 
+def merge_by_id(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...],
+                reducers: Sequence[np.ufunc]) -> tuple[np.ndarray, ...]:
+    """Merge two per-object tables ``(ids, *columns)``, ids sorted and unique in each.
+
+    The result is one table with sorted unique ids; the columns of an id present in both
+    are combined by its ufunc in ``reducers`` (``np.add`` for counts, ``np.minimum``,
+    ``np.maximum`` for extrema). Arrays, not Python objects per id: a table of 10⁷ objects
+    is a few hundred MB at most, and merging is a sort.
+    """
+    ids = np.concatenate([a[0], b[0]])
+    cols = [np.concatenate([x, y]) for x, y in zip(a[1:], b[1:], strict=True)]
+    if ids.size == 0 or a[0].size == 0 or b[0].size == 0:
+        return (ids, *cols)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return (ids[starts], *(ufunc.reduceat(c[order], starts)
+                           for ufunc, c in zip(reducers, cols, strict=True)))
+
+
+@dataclass(frozen=True, eq=False)  # equality is the Mapping's: by items
+class ObjectSizes(Mapping):
+    """Voxel count of every object, as two arrays: ``ids`` (sorted uint64) and
+    ``counts`` (int64). Read-only mapping ``id -> count`` (a lookup is a binary search),
+    so it compares equal to the dict of the same sizes."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+
+    def __getitem__(self, key: int) -> int:
+        k = int(np.searchsorted(self.ids, key))
+        if k == self.ids.size or self.ids[k] != key:
+            raise KeyError(key)
+        return int(self.counts[k])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids.tolist())
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+
 @dataclass(frozen=True)
 class LabelCounts:
-    """Block task: voxel count per label id in the block (sparse: ids and counts)."""
+    """Block task: voxel count per label id in the block (sparse: ids and counts, 0
+    excluded)."""
 
     path: str
 
     def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         ids, counts = np.unique(read_region(self.path, block.write), return_counts=True)
-        return ids.astype(np.uint64), counts.astype(np.int64)
+        keep = ids != 0
+        return ids[keep].astype(np.uint64), counts[keep].astype(np.int64)
+
+
+def merge_counts(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two sparse ``(ids, counts)`` tables (a ``combine`` for the runner)."""
+    return merge_by_id(a, b, (np.add,))
 
 
 def label_sizes(client: Any, labels: str | Path, block_shape: tuple[int, ...] | None = None,
-                progress: Any = None) -> dict[int, int]:
-    """Voxel count of every label of a label array, by one reduction pass (0 excluded)."""
+                progress: Any = None) -> ObjectSizes:
+    """Voxel count of every label of a label array, by one streaming reduction pass (0
+    excluded): the client holds the merged table and the partials in flight, never one
+    table per block."""
     import zarr
 
     from engine.runner import run_blocks
 
     arr = zarr.open_array(str(labels), mode="r")
     grid = BlockGrid(arr.shape, block_shape or arr.chunks)
+    empty = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
     report = run_blocks(client, grid, LabelCounts(str(labels)), name="label-sizes",
-                        progress=progress)
-    sizes: dict[int, int] = {}
-    for ids, counts in report.results.values():
-        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
-            if i:
-                sizes[i] = sizes.get(i, 0) + c
-    return sizes
+                        progress=progress, combine=merge_counts, initial=empty)
+    return ObjectSizes(*report.value)
 
 
 @dataclass(frozen=True)
@@ -523,11 +646,11 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
     judged by its full size. Kept objects keep their ids (as
     ``skimage.morphology.remove_small_objects``), or with ``relabel`` are numbered 1..n in
     the order of their ids (as ``skimage.segmentation.relabel_sequential``); removed ones
-    become 0. The client holds one size per label id.
+    become 0. The client holds the sizes as arrays (:class:`ObjectSizes`).
 
     Returns
     -------
-    dict
+    ObjectSizes
         The sizes of the kept labels.
     """
     import zarr
@@ -538,12 +661,12 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
         raise OptionError(f"size range [{min_size}, {max_size}] is empty or negative")
     sizes = label_sizes(client, labels, progress=progress)
     arr = zarr.open_array(str(labels), mode="r")
-    top = max(sizes, default=0)
+    top = int(sizes.ids[-1]) if len(sizes) else 0
     lut = np.zeros(top + 1, dtype=arr.dtype)
-    keep = {i: s for i, s in sizes.items()
-            if s >= min_size and (max_size is None or s <= max_size)}
-    kept_ids = sorted(keep)
-    lut[kept_ids] = np.arange(1, len(kept_ids) + 1) if relabel else kept_ids
+    in_range = _in_range(sizes.counts, min_size, max_size)
+    keep = ObjectSizes(sizes.ids[in_range], sizes.counts[in_range])
+    lut[keep.ids.astype(np.int64)] = (np.arange(1, len(keep) + 1) if relabel
+                                      else keep.ids.astype(lut.dtype))
     out = Path(out)
     lut_path = out.parent / f".{out.name}.lut.npy"
     np.save(lut_path, lut)
@@ -560,33 +683,35 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
 
 @dataclass(frozen=True)
 class UniqueValues:
-    """Block task: the distinct values of a block (at most ``limit`` + 1 of them)."""
+    """Block task: the distinct values of a block, or None when there are more than
+    ``limit`` of them."""
 
     path: str
     limit: int
 
-    def __call__(self, block: Any) -> np.ndarray:
+    def __call__(self, block: Any) -> frozenset[int] | None:
         data = read_region(self.path, block.write)
         top = int(data.max(initial=0))
         # counting is linear where np.unique sorts; worth it while the count table is small
         values = (np.flatnonzero(np.bincount(data.ravel(), minlength=1))
                   if data.dtype.kind in "ub" and top < 4 * data.size else np.unique(data))
-        return values[: self.limit + 1]
+        return frozenset(map(int, values.tolist())) if values.size <= self.limit else None
 
 
 def label_values(client: Any, level0: Path, block_shape: Sequence[int],
                  limit: int = VALUES_LIMIT) -> list[int] | None:
-    """All label values of a label image, by a blockwise reduction; None past ``limit``."""
+    """All label values of a label image, by a streaming blockwise reduction; None past
+    ``limit`` (so the client never holds more than ``limit`` values per partial)."""
     import zarr
 
     from engine.runner import run_blocks
 
+    def merge(a: frozenset[int] | None, b: frozenset[int] | None) -> frozenset[int] | None:
+        union = None if a is None or b is None else a | b
+        return union if union is not None and len(union) <= limit else None
+
     shape = zarr.open_array(str(level0), mode="r").shape
     grid = BlockGrid(shape, [max(b, 1) for b in block_shape])
-    report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values")
-    found: set[int] = set()
-    for values in report.results.values():
-        found.update(int(v) for v in values)
-        if len(found) > limit:
-            return None
-    return sorted(found)
+    report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values",
+                        combine=merge, initial=frozenset())
+    return None if report.value is None else sorted(report.value)

@@ -9,6 +9,10 @@ Resume: each run has a hash of (operation, parameters, input, layout). Finished 
 recorded in a done-marker zarr array (one chunk per block, so markers never race) under
 the run's state directory, written by the worker *after* the block's write succeeded.
 A re-run with the same hash skips them; a different hash starts afresh.
+
+Reductions stream: a pass given ``combine`` folds each block's result into a fixed binary
+tree over the blocks' submission order as results arrive, and keeps no per-block results,
+so the client holds O(in-flight window + log blocks) partials whatever the grid size.
 """
 
 from __future__ import annotations
@@ -120,10 +124,73 @@ class _MarkedTask:
         return result, seconds
 
 
+class TreeFold:
+    """Folds values numbered ``0, 1, 2, …`` (arriving in any order) with ``combine`` along
+    a fixed binary tree over their numbers.
+
+    The tree does not depend on the arrival order, so the result is the same on every run
+    even for a ``combine`` that is associative only up to rounding (Chan's variance
+    update); ``combine(left, right)`` always gets the lower-numbered values on the left.
+    Two siblings are merged as soon as both are held, so at most one partial per tree level
+    waits for each value still missing: O(missing · log n) partials, never O(n).
+
+    Parameters
+    ----------
+    combine : callable
+        ``combine(left, right) -> value`` of the same kind.
+    """
+
+    def __init__(self, combine: Callable[[Any, Any], Any]) -> None:
+        self.combine = combine
+        self.nodes: dict[tuple[int, int], Any] = {}  # (level, index at that level) -> value
+        self.peak = 0
+
+    def add(self, position: int, value: Any) -> None:
+        """Fold in the value numbered ``position`` (each number once)."""
+        level, index = 0, position
+        while (level, index ^ 1) in self.nodes:
+            sibling = self.nodes.pop((level, index ^ 1))
+            value = self.combine(value, sibling) if index % 2 == 0 else self.combine(sibling,
+                                                                                      value)
+            level, index = level + 1, index // 2
+        self.nodes[level, index] = value
+        self.peak = max(self.peak, len(self.nodes))
+
+    def result(self, initial: Any = None) -> Any:
+        """All values folded (``initial`` when none came); the tree's last incomplete
+        nodes are combined left to right, which again depends only on the count."""
+        value, first = initial, True
+        for level, index in sorted(self.nodes, key=lambda k: k[1] << k[0]):
+            node = self.nodes[level, index]
+            value, first = (node, False) if first else (self.combine(value, node), False)
+        return value
+
+
+@dataclass
+class _ResumeTask:
+    """Runs on a worker: the marked task for a block still to do, ``recover`` for a block
+    finished by an earlier run (its result read back from what the block stored)."""
+
+    marked: _MarkedTask
+    recover: BlockTask
+
+    def __call__(self, block: Block, finished: bool) -> tuple[Any, float]:
+        if not finished:
+            return self.marked(block)
+        return self.recover(block), 0.0
+
+
 @dataclass
 class RunReport:
     """What a pass did: blocks computed, blocks skipped as already done, their results,
-    the pass's wall time and each computed block's task time on its worker (seconds)."""
+    the pass's wall time and each computed block's task time on its worker (seconds).
+
+    ``results`` holds the blocks' results that are not None (a pass whose tasks only write
+    keeps nothing per block). A pass run with ``combine`` keeps no ``results`` at all:
+    ``value`` holds the folded result and ``held_peak`` the most partials the client held
+    at once.
+    ``block_seconds`` is one float per computed block (8 bytes each: 0.8 MB at 10⁵ blocks).
+    """
 
     name: str
     total: int
@@ -133,6 +200,8 @@ class RunReport:
     seconds: float = 0.0
     block_seconds: list[float] = field(default_factory=list)
     voxels: int = 0
+    value: Any = None
+    held_peak: int = 0
 
 
 def default_in_flight(client: Any) -> int:
@@ -155,6 +224,9 @@ def run_blocks(
     max_in_flight: int | None = None,
     retries: int = 2,
     resources: dict[str, float] | None = None,
+    combine: Callable[[Any, Any], Any] | None = None,
+    initial: Any = None,
+    recover: BlockTask | None = None,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
 
@@ -178,6 +250,19 @@ def run_blocks(
         Extra attempts of a block whose task raised or whose worker died.
     resources : dict, optional
         Worker resources each task needs, e.g. ``{"GPU": 1}``.
+    combine : callable, optional
+        Makes the pass a streaming reduction: ``combine(left, right)`` merges two partial
+        results (block results or merged ones) into one of the same kind; results are
+        folded on the client as they arrive (:class:`TreeFold`, deterministic whatever the
+        arrival order) and not kept. The fold is in ``RunReport.value``. With ``state`` but
+        no ``recover``, blocks skipped as done are not in the fold (``computed < total``).
+    initial : optional
+        ``RunReport.value`` of a reduction in which no block was computed.
+    recover : callable, optional
+        Picklable ``recover(block) -> result``: the result of a block that an earlier run
+        finished (read back from what it stored), so a resumed reduction folds every
+        block. Recovered blocks count as skipped; the fold's tree is the same as in a run
+        that computed them all.
     """
     from distributed import as_completed
 
@@ -201,9 +286,12 @@ def run_blocks(
     block_seconds: list[float] = []
     t0 = last_event = time.monotonic()
     # blocks are made as they are submitted: a grid of millions never sits in memory
-    pending = (b for b in grid if not done[b.index])
+    pending = (b for b in grid if recover is not None or not done[b.index])
+    runner: Any = marked if recover is None else _ResumeTask(marked, recover)
     voxels = 0
-    futures: dict[Any, Block] = {}
+    futures: dict[Any, tuple[Block, int]] = {}  # future -> (block, submission number)
+    fold = TreeFold(combine) if combine is not None else None
+    submitted = 0
     # finished blocks are handled in batches and their results gathered in one call:
     # fetching each result on its own is a round trip per block, which capped short blocks
     # at ~100 per second
@@ -211,15 +299,18 @@ def run_blocks(
 
     def submit(n: int) -> None:
         """Submit the next ``n`` blocks (one message to the scheduler for all of them)."""
-        nonlocal voxels
+        nonlocal voxels, submitted
         blocks = list(itertools.islice(pending, n))
         if not blocks:
             return
-        voxels += sum(b.write_size for b in blocks)
-        batch = client.map(marked, blocks, key=[f"{prefix}-{b.key}" for b in blocks],
+        finished = [bool(done[b.index]) for b in blocks]
+        voxels += sum(b.write_size for b, f in zip(blocks, finished, strict=True) if not f)
+        extra = () if recover is None else (finished,)
+        batch = client.map(runner, blocks, *extra, key=[f"{prefix}-{b.key}" for b in blocks],
                            retries=retries, pure=False, resources=resources)
-        for fut, block in zip(batch, blocks, strict=True):
-            futures[fut] = block
+        for number, (fut, block) in enumerate(zip(batch, blocks, strict=True), submitted):
+            futures[fut] = block, number
+        submitted += len(blocks)
         ac.update(batch)
 
     def failed(block: Block, exc: BaseException) -> Exception:
@@ -238,16 +329,20 @@ def run_blocks(
             for fut in batch:
                 if fut.status != "finished":
                     exc = fut.exception()
-                    raise failed(futures[fut], exc) from exc
+                    raise failed(futures[fut][0], exc) from exc
             values = client.gather(batch)
             for fut, (result, seconds) in zip(batch, values, strict=True):
-                block = futures.pop(fut)
+                block, number = futures.pop(fut)
                 fut.release()
                 if isinstance(result, _UserError):
                     raise failed(block, result.error)
-                results[block.index] = result
-                block_seconds.append(seconds)
-                progress.advance()
+                if fold is not None:
+                    fold.add(number, result)
+                elif result is not None:  # a write pass's Nones would cost a dict entry each
+                    results[block.index] = result
+                if not done[block.index]:
+                    block_seconds.append(seconds)
+                    progress.advance()
             submit(len(batch))
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()
@@ -259,7 +354,9 @@ def run_blocks(
             fut.cancel()
         progress.finish()
     report = RunReport(name, total, n_todo, skipped, results, time.monotonic() - t0,
-                       block_seconds, voxels)
+                       block_seconds, voxels,
+                       value=fold.result(initial) if fold is not None else None,
+                       held_peak=fold.peak if fold is not None else len(results))
     events.emit("stage-end", stage=name, blocks=total, computed=report.computed,
                 skipped=skipped, seconds=round(report.seconds, 3), voxels=report.voxels,
                 mvoxels_per_s=round(report.voxels / max(report.seconds, 1e-9) / 1e6, 3),

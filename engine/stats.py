@@ -1,9 +1,11 @@
 """Global statistics of a lazy array, computed by a reduction pass over blocks.
 
 Every statistic here is *global*: block tasks return small partial results (a bincount,
-a fixed-bin histogram, a count, min, max and a sum) that are merged on the client, so the
-result does not depend on the block layout and equals what numpy and scikit-image compute
-on the whole array in memory. Nothing is estimated from a single block.
+a fixed-bin histogram, a count, min, max and a sum) that are merged on the client as they
+arrive (a streaming reduction: the client holds a bounded number of partials, whatever the
+block count; see :func:`engine.runner.run_blocks`), so the result does not depend on the
+block layout and equals what numpy and scikit-image compute on the whole array in memory.
+Nothing is estimated from a single block.
 
 * :func:`histogram` builds a :class:`Histogram` in one pass (integer data of at most
   16 bits: one exact bin per integer value) or two passes (min/max, then fixed bins).
@@ -53,7 +55,7 @@ class Histogram:
         Voxels counted (NaN and masked-out voxels excluded); ``counts.sum()``.
     sum, sum_sq : float
         Sum of the values and of their squares (float64; exact for integer data with
-        exact bins, else a compensated sum of float64 block sums).
+        exact bins, else the correctly rounded sum of the float64 block sums).
     min, max : float
         Smallest and largest value (NaN when ``count == 0``).
     m2 : float
@@ -196,18 +198,46 @@ def chan_m2(na: int, sa: float, m2a: float, nb: int, sb: float, m2b: float) -> f
 # --------------------------------------------------------------------------- block tasks
 
 
+FIXED_SHIFT = 1074
+"""Float sums are carried exactly as integers in units of ``2**-FIXED_SHIFT`` (the smallest
+subnormal), so partial sums merge in any order and round once, like :func:`math.fsum`."""
+
+
+def to_fixed(x: float) -> int:
+    """``x`` exactly, as an integer multiple of ``2**-FIXED_SHIFT``."""
+    num, den = float(x).as_integer_ratio()  # den is a power of two <= 2**FIXED_SHIFT
+    return num << (FIXED_SHIFT - den.bit_length() + 1)
+
+
+def from_fixed(n: int) -> float:
+    """The float nearest to ``n * 2**-FIXED_SHIFT`` (Python's int division rounds once)."""
+    return n / (1 << FIXED_SHIFT)
+
+
 @dataclass(frozen=True)
 class _Partial:
-    """What a block task returns: a few numbers and at most one small bin array."""
+    """What a block task returns: a few numbers and at most one small bin array.
+
+    Sums are exact fixed-point integers (:func:`to_fixed`): merging partials in any order
+    gives the correctly rounded total.
+    """
 
     count: int
     min: float
     max: float
-    sum: float = 0.0
-    sum_sq: float = 0.0
+    sum_fx: int = 0
+    sum_sq_fx: int = 0
     m2: float = 0.0
     offset: int = 0
     counts: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def sum(self) -> float:
+        return from_fixed(self.sum_fx)
+
+    @property
+    def sum_sq(self) -> float:
+        return from_fixed(self.sum_sq_fx)
 
 
 def value_range(values: np.ndarray) -> _Partial:
@@ -225,13 +255,43 @@ def value_range(values: np.ndarray) -> _Partial:
     return _Partial(n, float(v.min()), float(v.max()))
 
 
+def merge_range(a: _Partial | None, b: _Partial | None) -> _Partial | None:
+    """The extent of two disjoint voxel sets from their :func:`value_range` results (a
+    ``combine`` for :func:`engine.runner.run_blocks`; ``None`` stands for no extent)."""
+    if a is None or not a.count:
+        return b if b is not None and b.count else a
+    if b is None or not b.count:
+        return a
+    return _Partial(a.count + b.count, min(a.min, b.min), max(a.max, b.max))
+
+
 def merge_ranges(parts: Sequence[_Partial]) -> _Partial:
     """The extent of the union of blocks from their :func:`value_range` results."""
-    parts = [p for p in parts if p.count]
-    if not parts:
-        return _Partial(0, math.nan, math.nan)
-    return _Partial(sum(p.count for p in parts), min(p.min for p in parts),
-                    max(p.max for p in parts))
+    out = None
+    for p in parts:
+        out = merge_range(out, p)
+    return out if out is not None and out.count else _Partial(0, math.nan, math.nan)
+
+
+def merge_partials(a: _Partial, b: _Partial) -> _Partial:
+    """Merge two partials of one :class:`_StatsTask` pass (a ``combine`` for
+    :func:`engine.runner.run_blocks`): extents, exact sums, Chan's M2, and bin counts
+    (bincounts at different offsets are aligned on the union of their ranges)."""
+    if not a.count:
+        return b
+    if not b.count:
+        return a
+    counts = None
+    offset = min(a.offset, b.offset)
+    if a.counts is not None and b.counts is not None:
+        size = max(a.offset + a.counts.size, b.offset + b.counts.size) - offset
+        counts = np.zeros(size, np.int64)
+        counts[a.offset - offset: a.offset - offset + a.counts.size] += a.counts
+        counts[b.offset - offset: b.offset - offset + b.counts.size] += b.counts
+    return _Partial(a.count + b.count, float(np.fmin(a.min, b.min)),
+                    float(np.fmax(a.max, b.max)), a.sum_fx + b.sum_fx,
+                    a.sum_sq_fx + b.sum_sq_fx,
+                    chan_m2(a.count, a.sum, a.m2, b.count, b.sum, b.m2), offset, counts)
 
 
 @dataclass(frozen=True)
@@ -283,8 +343,8 @@ class _StatsTask:
         f = v.astype(np.float64)
         s = float(f.sum())
         m2 = float(np.sum((f - s / f.size) ** 2))
-        return _Partial(int(v.size), math.nan, math.nan, sum=s,
-                        sum_sq=float(np.dot(f, f)), m2=m2, counts=counts)
+        return _Partial(int(v.size), math.nan, math.nan, sum_fx=to_fixed(s),
+                        sum_sq_fx=to_fixed(float(np.dot(f, f))), m2=m2, counts=counts)
 
 
 # --------------------------------------------------------------------------- histogram
@@ -306,12 +366,15 @@ def _chunks(data: Any) -> tuple[int, ...]:
     return tuple(getattr(data, "chunksize", None) or data.chunks)
 
 
-def _run(client: Any, grid: BlockGrid, task: _StatsTask, name: str) -> list[_Partial]:
+def _run(client: Any, grid: BlockGrid, task: Any, name: str,
+         combine: Any = merge_partials) -> Any:
+    """One streaming reduction pass: the partials of all blocks, merged by ``combine``."""
     from engine.runner import run_blocks
 
     # a unique pass name: two histograms on one client must never share task keys
-    report = run_blocks(client, grid, task, name=f"stats-{name}-{uuid.uuid4().hex[:8]}")
-    return [report.results[k] for k in sorted(report.results)]
+    report = run_blocks(client, grid, task, name=f"stats-{name}-{uuid.uuid4().hex[:8]}",
+                        combine=combine)
+    return report.value if report.value is not None else _Partial(0, math.nan, math.nan)
 
 
 def _exact_edges(lo: int, hi: int) -> np.ndarray:
@@ -395,11 +458,11 @@ def histogram(
     integer = data.dtype.kind in "biu"
 
     if integer and bins is None and data.dtype.itemsize <= 2:
-        parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
-        return _merge_bincounts(parts, data.dtype)
+        return _from_bincount(_run(client, grid, _StatsTask(data, mask, "bincount"), "bincount"),
+                              data.dtype)
 
     if extent is None or mask is not None:
-        extent = merge_ranges(_run(client, grid, _StatsTask(data, mask, "minmax"), "minmax"))
+        extent = _run(client, grid, _StatsTask(data, mask, "minmax"), "minmax")
     if extent.count == 0:
         return _empty(data.dtype)
     lo, hi = extent.min, extent.max
@@ -407,40 +470,22 @@ def histogram(
         raise OptionError("the data holds infinite values; histograms need finite data "
                           "(NaN is ignored)")
     if integer and bins is None and hi - lo + 1 <= MAX_EXACT_BINS:
-        parts = _run(client, grid, _StatsTask(data, mask, "bincount"), "bincount")
-        return _merge_bincounts(parts, data.dtype)
+        return _from_bincount(_run(client, grid, _StatsTask(data, mask, "bincount"), "bincount"),
+                              data.dtype)
     nbins = int(bins or DEFAULT_BINS)
     # numpy bins float32 data with float32 edges; scikit-image's thresholds inherit them
     native = (data.dtype.type(lo), data.dtype.type(hi))
     edges = np.histogram(np.zeros(0, data.dtype), bins=nbins, range=native)[1]
-    parts = _run(client, grid, _StatsTask(data, mask, "bins", nbins, native, moments), "bins")
-    counts = np.zeros(nbins, np.int64)
-    count, m2, total = 0, 0.0, 0.0
-    for p in parts:
-        if not p.count:
-            continue
-        counts += p.counts
-        if moments:
-            m2 = chan_m2(count, total, m2, p.count, p.sum, p.m2)
-            total += p.sum
-        count += p.count
-    sums = ((math.fsum(p.sum for p in parts), math.fsum(p.sum_sq for p in parts), m2)
-            if moments else (math.nan,) * 3)
-    return Histogram(counts, edges, count=count, sum=sums[0], sum_sq=sums[1],
+    part = _run(client, grid, _StatsTask(data, mask, "bins", nbins, native, moments), "bins")
+    counts = part.counts if part.count else np.zeros(nbins, np.int64)
+    sums = (part.sum, part.sum_sq, part.m2) if moments else (math.nan,) * 3
+    return Histogram(counts, edges, count=part.count, sum=sums[0], sum_sq=sums[1],
                      min=float(lo), max=float(hi), m2=sums[2], exact=False,
                      edge_dtype=str(edges.dtype))
 
 
-def _merge_bincounts(parts: list[_Partial], dtype: np.dtype) -> Histogram:
-    parts = [p for p in parts if p.count]
-    if not parts:
-        return _empty(dtype)
-    lo = min(p.offset for p in parts)
-    hi = max(p.offset + p.counts.size - 1 for p in parts)
-    counts = np.zeros(hi - lo + 1, np.int64)
-    for p in parts:
-        counts[p.offset - lo: p.offset - lo + p.counts.size] += p.counts
-    return _from_exact_counts(counts, lo)
+def _from_bincount(part: _Partial, dtype: np.dtype) -> Histogram:
+    return _from_exact_counts(part.counts, part.offset) if part.count else _empty(dtype)
 
 
 # --------------------------------------------------------------------------- exact percentiles
@@ -471,6 +516,19 @@ class _RangeTask:
         return below, counts
 
 
+def merge_selected(a: tuple[int, np.ndarray], b: tuple[int, np.ndarray]
+                   ) -> tuple[int, np.ndarray]:
+    """Merge two :class:`_RangeTask` results that hold sorted values: counts below add, the
+    values merge sorted (a selection pass collects at most about ``SELECT_LIMIT`` values)."""
+    return a[0] + b[0], np.sort(np.concatenate([a[1], b[1]]), kind="stable")
+
+
+def merge_binned(a: tuple[int, np.ndarray], b: tuple[int, np.ndarray]
+                 ) -> tuple[int, np.ndarray]:
+    """Merge two :class:`_RangeTask` results that hold bin counts: both add."""
+    return a[0] + b[0], a[1] + b[1]
+
+
 def _order_statistic(client: Any, grid: BlockGrid, task: _StatsTask, hist: Histogram,
                      rank: int) -> float:
     """The ``rank``-th smallest counted value (0-based), exactly: find its bin, refine the
@@ -484,11 +542,11 @@ def _order_statistic(client: Any, grid: BlockGrid, task: _StatsTask, hist: Histo
         closed = closed and b == len(counts) - 1  # only the last bin holds its top edge
         below += int(cum[b - 1]) if b > 0 else 0
         nbins = 0 if counts[b] <= SELECT_LIMIT or lo == hi else DEFAULT_BINS
-        parts = _run(client, grid, _RangeTask(task, lo, hi, closed, nbins), "select")
+        _, part = _run(client, grid, _RangeTask(task, lo, hi, closed, nbins), "select",
+                       merge_binned if nbins else merge_selected)
         if nbins == 0:
-            values = np.sort(np.concatenate([p[1] for p in parts]))
-            return float(values[rank - below])
-        counts = np.sum([p[1] for p in parts], axis=0)
+            return float(part[rank - below])
+        counts = part
         edges = np.histogram(np.zeros(0), bins=nbins, range=(lo, hi))[1]
         if counts.sum() == 0:  # float rounding put the values on an edge: collect them
             nbins = 0

@@ -95,3 +95,43 @@ def test_user_error_mid_run_leaves_nothing(volume, client, monkeypatch):
     with pytest.raises(OptionError):
         _run(src, client, [])
     assert not dst.exists() and not partial_path(dst).exists()
+
+
+def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monkeypatch):
+    """A run that dies in labelling's last pass resumes it: the finished labelling blocks
+    of every pass are skipped (their results recovered), the output is identical."""
+    from engine import labels
+
+    src, vol = volume
+    dst = src / "labels" / "spots"
+    relabel = labels.Relabel.__call__
+    calls = {"local": 0, "faces": 0, "relabel": 0}
+
+    def dies_late(self, block):
+        if int(np.ravel_multi_index(block.index, self.grid_shape)) >= 20:
+            raise Lost("the cluster went away")
+        return relabel(self, block)
+
+    with monkeypatch.context() as m:
+        m.setattr(labels.Relabel, "__call__", dies_late)
+        with pytest.raises(Exception, match="the cluster went away"):
+            _run(src, client, [])
+    assert not dst.exists() and partial_path(dst).exists()
+
+    def counted(name, original):
+        def call(self, block):
+            calls[name] += 1
+            return original(self, block)
+        return call
+
+    monkeypatch.setattr(labels.LocalLabels, "__call__",
+                        counted("local", labels.LocalLabels.__call__))
+    monkeypatch.setattr(labels.FacePairs, "__call__",
+                        counted("faces", labels.FacePairs.__call__))
+    monkeypatch.setattr(labels.Relabel, "__call__", counted("relabel", relabel))
+    result = _run(src, client, [])
+    assert calls == {"local": 0, "faces": 0, "relabel": 3 * 3 * 3 - 20}
+    got = zarr.open_array(str(dst / "0"), mode="r")[...]
+    np.testing.assert_array_equal(got, threshold_preset_reference(vol))
+    assert result.n_objects == len(np.unique(got)) - 1 > 3
+    assert not partial_path(dst).exists()

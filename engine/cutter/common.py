@@ -20,6 +20,7 @@ import numpy as np
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.labels import concatenate_tables
 from engine.segment.refs import Stored
 from engine.volume import select_channel
 
@@ -118,9 +119,9 @@ def read_point_labels(client: Any, ref: Stored, name: str) -> np.ndarray:
     block = tuple(max(c, min(s, 2048 // c * c or c)) for c, s in zip(ref.chunks, ref.shape,
                                                                       strict=True))
     grid = BlockGrid(ref.shape, block, chunks=ref.chunks)
-    report = run_blocks(client, grid, PointsTask(ref), name="read-markers")
-    parts = [np.stack(r, axis=1) for r in report.results.values() if len(r[0])]
-    rows = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    # streams: the blocks' points are concatenated as they arrive, no result per block kept
+    rows = np.stack(run_blocks(client, grid, PointsTask(ref), name="read-markers",
+                               combine=concatenate_tables).value, axis=1).astype(np.int64)
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
     ids, counts = np.unique(rows[:, 0], return_counts=True)
     if len(ids) and counts.max() > 1:

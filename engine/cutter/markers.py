@@ -42,6 +42,7 @@ from engine.blocks import Block, BlockGrid, pad_read
 from engine.cutter.common import SlideImage, open_slide
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.labels import concatenate_rows, merge_by_id
 from engine.learn.normalize import ChannelStats
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
 from engine.pyramid import plan_levels
@@ -149,6 +150,14 @@ class CentroidTask:
         # exact integer sums (coordinates < 2^26, pixels per block < 2^26)
         return np.column_stack([ids.astype(np.int64), n, np.rint(sy), np.rint(sx)]
                                ).astype(np.int64)
+
+
+def merge_centroid_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Merge two :class:`CentroidTask` tables ``(id, n, sum y, sum x)`` (ids sorted and
+    unique in each) into one, summing the rows of an id in both (a ``combine`` for the
+    runner: the client holds one row per marker, never one table per block)."""
+    merged = merge_by_id(tuple(a.T), tuple(b.T), (np.add, np.add, np.add))
+    return np.column_stack(merged).astype(np.int64).reshape(-1, 4)
 
 
 def combine_centroids(parts: list[np.ndarray]) -> np.ndarray:
@@ -272,15 +281,14 @@ def detect(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | None = N
     if opts.from_labels is not None:
         grid = BlockGrid(plan.image.shape, plan.block)
         run = run_blocks(client, grid, CentroidTask(plan.source), name="centroids",
-                         progress=prog)
-        return combine_centroids(list(run.results.values()))
+                         progress=prog, combine=merge_centroid_sums)
+        return combine_centroids([run.value])
     stats = _normalization(plan, client)
     task = BlobTask(plan.source, opts.scale_sigma, float(opts.threshold), opts.window,
                     stats.offset[0], stats.scale[0])
     grid = BlockGrid(plan.image.shape, plan.block, halo=task.halo())
-    run = run_blocks(client, grid, task, name="blobs", progress=prog)
-    parts = [p for p in run.results.values() if len(p)]
-    yx = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+    yx = run_blocks(client, grid, task, name="blobs", progress=prog,
+                    combine=concatenate_rows).value.reshape(-1, 2)
     yx = yx[np.lexsort((yx[:, 1], yx[:, 0]))]  # raster order over the slide: ids 1..n
     return np.column_stack([np.arange(1, len(yx) + 1), yx]).astype(np.int64)
 

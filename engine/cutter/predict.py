@@ -299,6 +299,12 @@ class CutterTask:
         return {"markers": len(rows), "ids": np.unique(labels[labels > 0]).tolist()}
 
 
+def merge_block_ids(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge two :class:`CutterTask` results: markers counted, ids present (a ``combine``
+    for the runner, so the client keeps no result per block)."""
+    return {"markers": a["markers"] + b["markers"], "ids": [*{*a["ids"], *b["ids"]}]}
+
+
 def inner_borders(labels: np.ndarray) -> np.ndarray:
     """``find_boundaries(labels, connectivity=1, mode="inner")`` of a padded read region
     (edge-padded: the image border is no boundary); uint8."""
@@ -379,11 +385,11 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
                           plan.crop, opts.threshold, opts.batch, labels_path)
         blocks = run_blocks(client, grid, task, name="cutter-predict", state=plan.state,
                             progress=progress() if progress else None, resources=resources,
-                            max_in_flight=in_flight)
+                            max_in_flight=in_flight, combine=merge_block_ids)
         if blocks.skipped:  # finished blocks of an interrupted run: their ids from storage
             values = label_values(client, Path(labels_path), plan.block) or []
         else:
-            values = sorted({0, *(i for r in blocks.results.values() for i in r["ids"])})
+            values = sorted({0, *blocks.value["ids"]})
         run_blocks(client, BlockGrid(image.shape, plan.block, halo=1, chunks=image.chunks),
                    BordersTask(labels_path, borders_path), name="cutter-borders",
                    progress=progress() if progress else None)

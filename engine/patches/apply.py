@@ -569,12 +569,19 @@ class _Touched(BlockGrid):
             yield self.block(index)
 
 
+def _add_counts(a: int | None, b: int | None) -> int:
+    return (a or 0) + (b or 0)
+
+
 def _run(client: Any, grid: BlockGrid, task: Any, name: str,
-         progress: Callable[[], Progress] | None) -> dict[tuple[int, ...], Any]:
+         progress: Callable[[], Progress] | None) -> int:
+    """Run a pass; the sum of its blocks' counts (tasks that count nothing return None),
+    folded as blocks finish."""
     from engine.runner import run_blocks
 
-    return run_blocks(client, grid, task, name=name,
-                      progress=progress() if progress else None).results
+    return int(run_blocks(client, grid, task, name=name,
+                          progress=progress() if progress else None,
+                          combine=_add_counts, initial=0).value or 0)
 
 
 def refresh_pyramid(client: Any, target: LabelTarget, regions: Sequence[Sequence[slice]],
@@ -634,10 +641,10 @@ def _restore(client: Any, target: LabelTarget, records: Sequence[dict[str, Any]]
     ordered = tuple((str(target.group / r["undo"]), reg)
                     for r, reg in reversed(list(zip(records, regions, strict=True))))
     grid = _Touched(target.shapes[0], target.units[0], regions)
-    results = _run(client, grid, _RestoreTask(target.paths[0], ordered),
+    written = _run(client, grid, _RestoreTask(target.paths[0], ordered),
                    "patches-undo", progress)
     refresh_pyramid(client, target, regions, progress)
-    return len(grid), sum(results.values())
+    return len(grid), written
 
 
 def _roll_back_pending(client: Any, target: LabelTarget,
@@ -702,14 +709,14 @@ def run_apply(plan: ApplyPlan, client: Any,
     journal = target.undo_dir / JOURNAL
     journal.write_text(json.dumps(log, indent=1))
     grid = _Touched(shape, target.units[0], regions)
-    results = _run(client, grid, _ApplyTask(target.paths[0], entries, plan.value),
+    written = _run(client, grid, _ApplyTask(target.paths[0], entries, plan.value),
                    "patches-apply", progress)
     refresh_pyramid(client, target, regions, progress)
     if any(entry["written"] for entry in log):
         _update_colors(target, plan.value)
     provenance.append(target.group, log)
     journal.unlink()
-    return ApplyResult(log, len(grid), sum(results.values()), rolled, time.monotonic() - t0)
+    return ApplyResult(log, len(grid), written, rolled, time.monotonic() - t0)
 
 
 def apply_patches(merged_dir: str | Path, manifest: str | Path, image: str | Path,

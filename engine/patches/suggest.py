@@ -269,6 +269,16 @@ class SuggestTask:
         best = rank_order(zyx, score)[: self.k]
         return zyx[best], score[best], entropy[best], disagreement[best], int(keep.sum()), None
 
+    def merge(self, a: tuple, b: tuple) -> tuple:
+        """Merge two results (of blocks or merged ones): the top ``k`` of both, the
+        candidate count, and the first bad value in block order (``a`` holds the earlier
+        blocks). The ranking is a total order, so the top ``k`` of partial top-``k`` lists
+        are the top ``k`` of all candidates."""
+        zyx, score, entropy, disagreement = (np.concatenate([a[i], b[i]]) for i in range(4))
+        best = rank_order(zyx, score)[: self.k]
+        return (zyx[best], score[best], entropy[best], disagreement[best], a[4] + b[4],
+                a[5] if a[5] is not None else b[5])
+
 
 # --------------------------------------------------------------------------- plan and run
 
@@ -502,28 +512,23 @@ def run_suggestion(plan: SuggestPlan, client: Any, progress: Any = None) -> Sugg
 
     t0 = time.monotonic()
     grid = BlockGrid(plan.shape, plan.block_shape, halo=tuple(s // 2 for s in plan.size))
-    report = run_blocks(client, grid, plan.task, name="patches-suggest", progress=progress)
-    parts = [report.results[key] for key in sorted(report.results)]
-    bad = next((p[5] for p in parts if p[5] is not None), None)
+    # streams: the client holds the top K of the blocks finished so far, not every block's
+    zyx, score, entropy, disagreement, candidates, bad = run_blocks(
+        client, grid, plan.task, name="patches-suggest", progress=progress,
+        combine=plan.task.merge).value
     if bad is not None:
         value, at = bad
         raise InputError(
             f"{plan.prediction}: value {value!r} at voxel (z,y,x) {at} is not a probability; "
             "expected floats in [0, 1] (or uint8 0..255 = probability × 255)")
-    ndim = len(plan.shape)
-    zyx = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, ndim), np.int64)
-    score, entropy, disagreement = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
-    candidates = sum(p[4] for p in parts)
     # the global top K decide the suppression exactly as all candidates would (module doc)
-    top = rank_order(zyx, score)[: plan.task.k]
-    zyx, score, entropy, disagreement = zyx[top], score[top], entropy[top], disagreement[top]
     chosen = non_max_suppression(zyx, score, plan.options.n, plan.size,
                                  plan.options.min_distance)
     zyx, score = zyx[chosen], score[chosen]
     entropy, disagreement = entropy[chosen], disagreement[chosen]
     seconds = time.monotonic() - t0
     # CSV columns are x, y, z: a 2D image's centres get z = 0
-    zyx3 = np.concatenate([np.zeros((len(zyx), 3 - ndim), np.int64), zyx], axis=1)
+    zyx3 = np.concatenate([np.zeros((len(zyx), 3 - len(plan.shape)), np.int64), zyx], axis=1)
     partial = partial_path(plan.out)
     write_coords(partial, zyx3, [float(s) for s in score])
     commit(partial, plan.out)

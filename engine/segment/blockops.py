@@ -17,6 +17,7 @@ Both are frozen dataclasses; the fields that are step parameters are declared wi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +88,14 @@ class BlockOp:
 
 @dataclass(frozen=True)
 class BlockReduce:
-    """Base class of block reductions: ``partial`` per block, ``combine`` over blocks.
-    Edge padding and declared parameters as :class:`BlockOp`."""
+    """Base class of block reductions: ``partial`` per block, ``merge`` of two partials,
+    ``finish`` of the merged partial. Edge padding and declared parameters as
+    :class:`BlockOp`.
+
+    ``merge`` makes the reduction stream (partials are folded as blocks finish, see
+    :func:`engine.runner.run_blocks`): it must be associative and give a partial of the
+    same kind; the fold's tree is fixed, so float merges are deterministic too.
+    """
 
     def __post_init__(self) -> None:
         check_declared(self)
@@ -108,8 +115,17 @@ class BlockReduce:
         """Partial result of the write region ``images[k][crop]`` (inputs are padded)."""
         raise NotImplementedError
 
-    def combine(self, partials: Sequence[Any]) -> Any:
+    def merge(self, a: Any, b: Any) -> Any:
+        """One partial of the union of the voxels of partials ``a`` and ``b``."""
         raise NotImplementedError
+
+    def finish(self, merged: Any) -> Any:
+        """The reduction's result from the partial of all blocks."""
+        return merged
+
+    def combine(self, partials: Sequence[Any]) -> Any:
+        """The result of a sequence of partials (at least one), merged left to right."""
+        return self.finish(functools.reduce(self.merge, partials))
 
 
 def input_pad_modes(op: BlockOp | BlockReduce, n: int) -> tuple[str, ...]:

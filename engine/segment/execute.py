@@ -118,21 +118,24 @@ def run_op(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]) -> 
     out = create_store(ctx, name, shape, op.dtype)
     grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)), chunks=out.chunks)
     report = run_blocks(ctx.client, grid, OpTask(op, tuple(inputs), out.path), name=f"{name}",
-                        state=ctx.state, progress=ctx.new_progress())
+                        state=ctx.state, progress=ctx.new_progress(),
+                        combine=stats.merge_range)
     if report.skipped:
         ctx.log(f"{name}: {report.skipped} of {report.total} blocks already done")
-    if out.dtype.kind != "f" or len(report.results) != len(grid):  # no range from skipped
+    if out.dtype.kind != "f" or report.computed != len(grid):  # no range from skipped
         return out
-    return replace(out, extent=stats.merge_ranges(list(report.results.values())))
+    return replace(out, extent=report.value)
 
 
 def run_reduce(ctx: Context, name: str, op: BlockReduce, inputs: Sequence[ArrayRef]) -> Any:
-    """Run a block reduction over the whole volume; combine the partials on the client."""
+    """Run a block reduction over the whole volume; its partials are merged on the client
+    as blocks finish (``op.merge``), then finished (``op.finish``)."""
     shape = inputs[0].shape
     grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)))
     report = run_blocks(ctx.client, grid, ReduceTask(op, tuple(inputs)),
-                        name=f"{name}-{uuid.uuid4().hex[:6]}", progress=ctx.new_progress())
-    return op.combine([report.results[k] for k in sorted(report.results)])
+                        name=f"{name}-{uuid.uuid4().hex[:6]}", progress=ctx.new_progress(),
+                        combine=op.merge)
+    return op.finish(report.value)
 
 
 # --------------------------------------------------------------------------- reductions
@@ -152,12 +155,14 @@ class Moments(BlockReduce):
         return (0,) * ndim
 
     @staticmethod
-    def _summary(v: np.ndarray) -> tuple[int, float, float, float, float]:
+    def _summary(v: np.ndarray) -> tuple[int, float, float, int, float]:
+        """Count, min, max, exact sum (:func:`engine.stats.to_fixed`) and M2 of ``v``."""
         if v.size == 0:
-            return 0, math.inf, -math.inf, 0.0, 0.0
+            return 0, math.inf, -math.inf, 0, 0.0
         f = v.astype(np.float64)
         s = float(f.sum())
-        return int(v.size), float(f.min()), float(f.max()), s, float(((f - s / f.size) ** 2).sum())
+        return (int(v.size), float(f.min()), float(f.max()), stats.to_fixed(s),
+                float(((f - s / f.size) ** 2).sum()))
 
     def partial(self, crop: Region, *images: np.ndarray) -> Any:
         v = images[0][crop].ravel()
@@ -166,25 +171,33 @@ class Moments(BlockReduce):
         return self._summary(v), self._summary(v[inside])
 
     @staticmethod
-    def _merge(parts: Sequence[tuple]) -> dict[str, float]:
-        n, lo, hi, total, m2 = 0, math.inf, -math.inf, 0.0, 0.0
-        for pn, plo, phi, psum, pm2 in parts:
-            if not pn:
-                continue
-            m2 = stats.chan_m2(n, total, m2, pn, psum, pm2)
-            n, total = n + pn, total + psum
-            lo, hi = min(lo, plo), max(hi, phi)
-        mean = total / n if n else math.nan
+    def _merge(a: tuple, b: tuple) -> tuple:
+        if not a[0]:
+            return b
+        if not b[0]:
+            return a
+        m2 = stats.chan_m2(a[0], stats.from_fixed(a[3]), a[4],
+                           b[0], stats.from_fixed(b[3]), b[4])
+        return a[0] + b[0], min(a[1], b[1]), max(a[2], b[2]), a[3] + b[3], m2
+
+    @staticmethod
+    def _result(summary: tuple) -> dict[str, float]:
+        n, lo, hi, total, m2 = summary
+        mean = stats.from_fixed(total) / n if n else math.nan
         return {"count": n, "min": lo, "max": hi, "mean": mean,
                 "std": math.sqrt(max(m2, 0.0) / n) if n else math.nan}
 
-    def combine(self, partials: Sequence[Any]) -> tuple[dict[str, float], dict[str, float]]:
-        return self._merge([p[0] for p in partials]), self._merge([p[1] for p in partials])
+    def merge(self, a: Any, b: Any) -> Any:
+        return self._merge(a[0], b[0]), self._merge(a[1], b[1])
+
+    def finish(self, merged: Any) -> tuple[dict[str, float], dict[str, float]]:
+        return self._result(merged[0]), self._result(merged[1])
 
 
 @dataclass(frozen=True)
 class ObjectExtrema(BlockReduce):
-    """Per object of a label image: min and max of the image inside it (sparse)."""
+    """Per object of a label image: min and max of the image inside it, as sorted arrays
+    ``(ids, lo, hi)`` (no per-object Python objects)."""
 
     def halo(self, ndim: int) -> tuple[int, ...]:
         return (0,) * ndim
@@ -195,22 +208,15 @@ class ObjectExtrema(BlockReduce):
         inside = lab != 0
         lab, val = lab[inside], val[inside]
         if lab.size == 0:
-            return np.zeros(0, np.uint64), np.zeros(0), np.zeros(0)
+            return np.zeros(0, np.uint64), np.zeros(0, val.dtype), np.zeros(0, val.dtype)
         order = np.argsort(lab, kind="stable")
         lab, val = lab[order], val[order]
         starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
         return (lab[starts].astype(np.uint64), np.minimum.reduceat(val, starts),
                 np.maximum.reduceat(val, starts))
 
-    def combine(self, partials: Sequence[Any]) -> dict[int, tuple[Any, Any]]:
-        out: dict[int, tuple[Any, Any]] = {}
-        for ids, lo, hi in partials:
-            for i, a, b in zip(ids.tolist(), lo, hi, strict=True):
-                if i in out:
-                    out[i] = (min(out[i][0], a), max(out[i][1], b))
-                else:
-                    out[i] = (a, b)
-        return out
+    def merge(self, a: Any, b: Any) -> Any:
+        return labelling.merge_by_id(a, b, (np.minimum, np.maximum))
 
 
 @dataclass(frozen=True)
@@ -231,12 +237,20 @@ class ObjectHistograms(BlockReduce):
     def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
         ext = np.load(self.extrema)
         lab = objects[crop].ravel()
-        val = image[crop].ravel()
+        inside = lab != 0
+        lab, val = lab[inside], image[crop].ravel()[inside]
+        if lab.size == 0:
+            return {}
+        # one sort groups each object's voxels: O(voxels log voxels), not objects × voxels
+        order = np.argsort(lab, kind="stable")
+        lab, val = lab[order], val[order]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        ends = np.r_[starts[1:], lab.size]
+        ks = np.searchsorted(ext["ids"], lab[starts].astype(np.uint64))
         out = {}
-        present = np.unique(lab[lab != 0])
-        for i in present.tolist():
-            k = int(np.searchsorted(ext["ids"], i))
-            v = val[lab == i]
+        for i, k, a, b in zip(lab[starts].tolist(), ks.tolist(), starts.tolist(),
+                              ends.tolist(), strict=True):
+            v = val[a:b]
             lo, hi = ext["lo"][k], ext["hi"][k]
             if v.dtype.kind in "iub":
                 out[i] = np.bincount((v.astype(np.int64) - int(lo)),
@@ -245,11 +259,12 @@ class ObjectHistograms(BlockReduce):
                 out[i] = np.histogram(v, bins=self.nbins, range=(lo, hi))[0]
         return out
 
-    def combine(self, partials: Sequence[Any]) -> dict[int, np.ndarray]:
-        out: dict[int, np.ndarray] = {}
-        for part in partials:
-            for i, counts in part.items():
-                out[i] = out[i] + counts if i in out else counts.astype(np.int64)
+    def merge(self, a: dict[int, np.ndarray], b: dict[int, np.ndarray]
+              ) -> dict[int, np.ndarray]:
+        small, large = (a, b) if len(a) <= len(b) else (b, a)
+        out = {i: c.astype(np.int64, copy=False) for i, c in large.items()}
+        for i, counts in small.items():
+            out[i] = out[i] + counts if i in out else counts.astype(np.int64)
         return out
 
 
@@ -387,7 +402,7 @@ def _label(ctx: Context, name: str, mask: ArrayRef, *, connectivity: int | None,
                           sequential=sequential, block_shape=ctx.block_shape,
                           chunks=tuple(min(b, s) for b, s in zip(ctx.block_shape, mask.shape,
                                                                   strict=True)),
-                          progress=ctx.new_progress(), lazy=lazy)
+                          progress=ctx.new_progress(), lazy=lazy, state=ctx.state)
     ctx.log(f"{name}: {res.n_objects} objects")
     ctx.stats_log[name] = {"objects": res.n_objects, "max_id": res.n_labels}
     return res
@@ -460,18 +475,18 @@ def ex_masked_object(ctx: Context, step: Step, image: ArrayRef) -> ArrayRef:
     objects = _stored(_label(ctx, f"{step.name}-objects", low,
                              connectivity=_check_connectivity(step, len(image.shape)),
                              min_size=p["object_min_size"]), ctx.block_shape)
-    extrema = run_reduce(ctx, f"{step.name}-extrema", ObjectExtrema(), [image, objects])
-    ids = np.array(sorted(extrema), dtype=np.uint64)
+    ids, ext_lo, ext_hi = run_reduce(ctx, f"{step.name}-extrema", ObjectExtrema(),
+                                     [image, objects])
     ext_path = ctx.path(f"{step.name}-extrema.npz")
     dtype = np.dtype(image.dtype)
-    np.savez(ext_path, ids=ids, lo=np.array([extrema[i][0] for i in ids.tolist()], dtype),
-             hi=np.array([extrema[i][1] for i in ids.tolist()], dtype))
+    # in the image's dtype: np.histogram's edges below take the dtype of the range
+    ext_lo, ext_hi = ext_lo.astype(dtype), ext_hi.astype(dtype)
+    np.savez(ext_path, ids=ids, lo=ext_lo, hi=ext_hi)
     hists = run_reduce(ctx, f"{step.name}-histograms", ObjectHistograms(str(ext_path)),
                        [image, objects])
     top = int(ids.max()) if len(ids) else 0
     lut = np.full(top + 1, np.inf, dtype=np.float64 if dtype.kind != "f" else dtype)
-    for i in ids.tolist():
-        lo, hi = extrema[i]
+    for i, lo, hi in zip(ids.tolist(), ext_lo, ext_hi, strict=True):
         counts = hists[i]
         if lo == hi:  # scikit-image returns the value of a constant image
             lut[i] = dtype.type(lo) * p["local_adjust"] if dtype.kind == "f" else \

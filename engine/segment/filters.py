@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from engine import stats
 from engine.blocks import Region
 from engine.errors import OptionError
 from engine.segment.blockops import BlockOp, BlockReduce, numpy_pad_mode
@@ -350,17 +351,22 @@ class EdgePreservingStats(BlockReduce):
         return _per_axis(dict.fromkeys(_axes(ndim, self.slice_wise, "edge_preserving"), 1),
                          ndim)
 
-    def partial(self, crop: Region, image: np.ndarray) -> tuple[float, int]:
+    def partial(self, crop: Region, image: np.ndarray) -> tuple[int, int]:
+        """The block's sum of squared gradients (exact fixed point, see
+        :func:`engine.stats.to_fixed`) and its voxel count."""
         axes = _axes(image.ndim, self.slice_wise, "edge_preserving")
         # pad one more voxel so _sq_gradient's output has the padded shape; crop lies inside
         x = np.pad(image.astype(np.float64), 1, mode="edge")
         sq = _sq_gradient(x, axes)[crop]
-        return float(sq.sum()), int(sq.size)
+        return stats.to_fixed(float(sq.sum())), int(sq.size)
 
-    def combine(self, partials: Sequence[tuple[float, int]]) -> float:
-        total = math.fsum(p[0] for p in partials)
-        count = sum(p[1] for p in partials)
-        return total / count if count else 0.0
+    def merge(self, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        return a[0] + b[0], a[1] + b[1]
+
+    def finish(self, merged: tuple[int, int]) -> float:
+        # the exact total rounded once: math.fsum of the block sums
+        total, count = merged
+        return stats.from_fixed(total) / count if count else 0.0
 
 
 # --------------------------------------------------------------------------- spot
@@ -626,8 +632,9 @@ class FilamentStats(BlockReduce):
         return tuple(float(hessian_eigenvalues(image, s, self.slice_wise)[crop][..., -1].min())
                      for s, _ in self.scales)
 
-    def combine(self, partials: Sequence[tuple[float, ...]]) -> tuple[float, ...]:
-        return tuple(float(v) for v in np.min(np.asarray(partials, np.float64), axis=0))
+    def merge(self, a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.minimum(np.asarray(a, np.float64),
+                                                  np.asarray(b, np.float64)))
 
 
 # --------------------------------------------------------------------------- MISIC preprocessing
