@@ -227,6 +227,7 @@ def run_blocks(
     combine: Callable[[Any, Any], Any] | None = None,
     initial: Any = None,
     recover: BlockTask | None = None,
+    settle: float = 0.0,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
 
@@ -263,6 +264,10 @@ def run_blocks(
         finished (read back from what it stored), so a resumed reduction folds every
         block. Recovered blocks count as skipped; the fold's tree is the same as in a run
         that computed them all.
+    settle : float
+        After a failure, wait up to this many seconds for the blocks already submitted to
+        end before cancelling the rest: a task running on a worker cannot be stopped, and
+        one that writes after the caller removed its output would bring it back.
     """
     from distributed import as_completed
 
@@ -349,6 +354,15 @@ def run_blocks(
                 events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),
                             blocks=total, blocks_per_s=round(len(block_seconds)
                                                              / (last_event - t0), 3))
+    except BaseException:
+        if settle > 0 and futures:
+            from distributed import wait
+
+            try:
+                wait(list(futures), timeout=settle)
+            except Exception:  # noqa: BLE001 - a timeout or a failed task: stop waiting
+                pass
+        raise
     finally:
         for fut in futures:
             fut.cancel()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import csv
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import READ_SUFFIXES, detect_format, open_volume
 from engine.io.layouts import IMAGES_DIR, LABELS_DIR, PATCHES_MANIFEST
@@ -53,7 +53,7 @@ from engine.io.sources import read_region
 from engine.names import safe_name
 from engine.output import check_destination, commit, partial_path
 from engine.patches.coords import ORDERS, read_coords_table
-from engine.progress import Progress, SilentProgress
+from engine.progress import Progress
 from engine.volume import convert_length
 
 IGNORE = 2
@@ -420,8 +420,13 @@ def _check_inside(centres: np.ndarray, lines: np.ndarray, shape: Sequence[int], 
 
 @dataclass(frozen=True)
 class _PatchTask:
-    """Runs on a worker: read one patch of image and labels, write its two files."""
+    """Runs on a worker: read one patch of image and labels, write its two files.
 
+    The patches are the blocks of a one-dimensional grid over the job list: block ``(i,)``
+    is job ``i``.
+    """
+
+    jobs: tuple[PatchJob, ...]
     image: PatchSource
     labels: PatchSource
     border: tuple[int, int, int]
@@ -431,9 +436,10 @@ class _PatchTask:
     voxel_size: tuple[float, float, float]
     unit: str
 
-    def __call__(self, job: PatchJob) -> Any:
+    def __call__(self, block: Block) -> str | None:
         from engine.patches.files import write_patch
 
+        job = self.jobs[block.index[0]]
         try:
             img = read_image_patch(self.image, job.start, job.size)
             lab = read_label_patch(self.labels, job.start, job.size, self.border,
@@ -446,8 +452,11 @@ class _PatchTask:
                         self.unit, origin)
             write_patch(root / LABELS_DIR / f"{job.name}{self.suffix}", lab, self.voxel_size,
                         self.unit, origin)
-        except VoxelmillError as exc:
-            return exc  # a user error: reported once by the client, not retried
+        except VoxelmillError:
+            raise  # a user error: the runner reports it once, without retries
+        except Exception as exc:  # name the patch in the runner's message
+            raise RuntimeError(f"patch {job.name} (centre z, y, x {job.centre}): "
+                               f"{type(exc).__name__}: {exc}") from exc
         return job.name
 
 
@@ -458,67 +467,28 @@ def run_extraction(plan: ExtractPlan, client: Any, progress: Progress | None = N
     The tasks write into ``.DIR.partial``; the manifest is written last and the folder is
     renamed to ``DIR`` only when everything succeeded (otherwise it is removed).
     """
-    from distributed import as_completed
-
-    from engine.runner import default_in_flight
+    from engine.runner import run_blocks
 
     t0 = time.monotonic()
-    progress = progress or SilentProgress()
     dst = plan.destination
     partial = partial_path(dst)
     if partial.exists():  # left by an interrupted run; patches are cheap to redo
         shutil.rmtree(partial)
     (partial / IMAGES_DIR).mkdir(parents=True)
     (partial / LABELS_DIR).mkdir()
-    task = _PatchTask(plan.image, plan.labels, _per_axis(plan.options.border, "border", 0),
-                      plan.options.binarize, str(partial), plan.suffix,
-                      plan.image.voxel_size, plan.image.unit)
-    run_id = uuid.uuid4().hex[:8]
-    pending = iter(plan.jobs)
-    futures: dict[Any, PatchJob] = {}
-    ac = as_completed()
-
-    def submit_next() -> None:
-        job = next(pending, None)
-        if job is not None:
-            fut = client.submit(task, job, key=f"patches-extract-{run_id}-{job.name}",
-                                pure=False, retries=1)
-            futures[fut] = job
-            ac.add(fut)
-
-    progress.start("patches", len(plan.jobs))
+    task = _PatchTask(tuple(plan.jobs), plan.image, plan.labels,
+                      _per_axis(plan.options.border, "border", 0), plan.options.binarize,
+                      str(partial), plan.suffix, plan.image.voxel_size, plan.image.unit)
     try:
-        for _ in range(default_in_flight(client)):
-            submit_next()
-        for fut in ac:
-            job = futures.pop(fut)
-            if fut.status != "finished":
-                exc = fut.exception()
-                raise RuntimeError(f"patch {job.name} (centre z, y, x {job.centre}) failed: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-            result = fut.result()
-            fut.release()
-            if isinstance(result, VoxelmillError):
-                raise result
-            progress.advance()
-            submit_next()
+        if plan.jobs:
+            run_blocks(client, BlockGrid((len(plan.jobs),), 1), task, name="patches",
+                       progress=progress, retries=1, settle=60.0)
         _write_manifest(partial / PATCHES_MANIFEST, plan)
         commit(partial, dst)
     except BaseException:
-        # tasks already running keep running on their workers even when cancelled: let
-        # them end (a few patches at most) so none writes into the folder after its removal
-        from distributed import wait
-
-        try:
-            wait(list(futures), timeout=60)
-        except Exception:  # a timeout or a failed task: nothing more to wait for
-            pass
-        for fut in futures:
-            fut.cancel()
+        # the runner waited for the patches under way (settle), so none writes after this
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    finally:
-        progress.finish()
     padded = sum(j.padded(plan.image.shape) for j in plan.jobs)
     return ExtractResult(dst, dst / PATCHES_MANIFEST, plan.jobs, padded, time.monotonic() - t0)
 
