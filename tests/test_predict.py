@@ -188,8 +188,11 @@ def test_bad_input(halves, client, tmp_path):
         plan_prediction(src, PredictOptions(tmp_path / "none.pt", "x"))
     with pytest.raises(OptionError, match="divisible by the model's"):
         plan_prediction(src, PredictOptions(ckpt, "x", tile=(7, 16, 16)))
+    taken = src / "labels" / "taken"  # made here: another test's output may not exist yet
+    taken.mkdir()
     with pytest.raises(DestinationError, match="--overwrite"):
-        plan_prediction(src, PredictOptions(ckpt, "p0"))
+        plan_prediction(src, PredictOptions(ckpt, "taken"))
+    taken.rmdir()
     pickled = tmp_path / "pickled.pt"
     torch.save(halves["model"], pickled)
     res = run_cli("predict", str(src), "--model", str(pickled), "--name", "bad")
@@ -210,7 +213,7 @@ def test_bad_input(halves, client, tmp_path):
     assert not (src / "labels" / "bad").exists() and not (src / "predictions" / "bad").exists()
 
 
-def test_real_cluster_gpu_worker_loads_once(halves, tmp_path):
+def test_real_cluster_gpu_worker_loads_once(halves, client, tmp_path):
     """`dask scheduler` + two workers, one with GPU=1: every block runs on that worker, which
     loads the model once; the result equals a local run."""
     from distributed import Client
@@ -230,8 +233,12 @@ def test_real_cluster_gpu_worker_loads_once(halves, tmp_path):
         counts = c.run(load_counts)
         assert counts[gpu] == {str(halves["ckpt"].resolve()): 1}
         assert all(not v for a, v in counts.items() if a != gpu)
+    # the local run is made here: under --dist worksteal another test's output may not exist
+    predict(halves["src"], PredictOptions(halves["ckpt"], "local", block=(8, 8, 12),
+                                          probabilities="float16"), client,
+            report=lambda line: None)
     got = _probabilities(halves["src"], "remote")
-    np.testing.assert_allclose(got, _probabilities(halves["src"], "p0"), atol=1e-3)
+    np.testing.assert_allclose(got, _probabilities(halves["src"], "local"), atol=1e-3)
 
 
 def test_torchscript_model_and_tta(halves, client, tmp_path):
