@@ -14,6 +14,7 @@ raised before any cluster starts).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -238,10 +239,18 @@ def test_user_error(outcomes: dict[str, Outcome], name: str) -> None:
 
 
 def test_overwrite_replaces_destination(tmp_path: Path) -> None:
-    """The refused destination of ``destination-exists`` is replaced with ``--overwrite``."""
+    """The refused destination of ``destination-exists`` is replaced with ``--overwrite``
+    once it carries voxelmill's provenance record; a foreign folder is never deleted."""
     put_existing_zarr_destination(tmp_path)
     age(tmp_path)
-    src_before = snapshot(tmp_path)["vol.mrc"]
+    before = snapshot(tmp_path)
+    src_before = before["vol.mrc"]
+    res = run_cli("convert", "vol.mrc", "out.ome.zarr", "--overwrite", cwd=tmp_path)
+    assert res.returncode == 2 and "by hand" in res.stderr, res.stderr
+    assert snapshot(tmp_path) == before
+    (tmp_path / "out.ome.zarr" / "zarr.json").write_text(json.dumps({
+        "zarr_format": 3, "node_type": "group",
+        "attributes": {"voxelmill": {"provenance": [{"op": "convert"}]}}}))
     res = run_cli("convert", "vol.mrc", "out.ome.zarr", "--overwrite", "--chunks", "16",
                   "--workers", "1", "--threads-per-worker", "1", cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
