@@ -109,10 +109,28 @@ def check_destination(dst: Path, overwrite: bool, source: Path | None = None, *,
                                    "provenance record); --overwrite replaces only voxelmill's "
                                    "outputs: remove it by hand or choose another path")
     if not dst.parent.exists():
+        missing = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
         try:
             dst.parent.mkdir(parents=True)
         except OSError as exc:
             raise DestinationError(f"{dst.parent}: cannot create folder ({exc.strerror})") from None
+        made_folders.update(missing)
+
+
+#: Folders :func:`check_destination` created for destinations in this process; a run that
+#: fails removes those left empty (:func:`remove_made_folders`), so it leaves nothing behind.
+made_folders: set[Path] = set()
+
+
+def remove_made_folders() -> None:
+    """Remove the folders :func:`check_destination` created that are still empty, deepest
+    first (one that now holds anything is kept)."""
+    for folder in sorted(made_folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            continue
+        made_folders.discard(folder)
 
 
 def check_output_name(name: str, example: str) -> None:
@@ -292,27 +310,33 @@ def output_run(op: str, outputs: Sequence[Path], *,
     states = (() if state is None else tuple(state) if isinstance(state, Sequence)
               else (state,))
     what = what or op
-    with ExitStack() as stack:
-        for dst in outputs:
-            stack.enter_context(output_lock(dst, report=report))
-        record = stack.enter_context(provenance.RunRecord(
-            op, identity if identity is not None else (states[0].identity if states else {})))
-        resumed = any((s.directory / s.run_hash).exists() for s in states)
-        run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch))
-        if resumed:
-            report(f"resuming an interrupted {what} in {run.partial()}")
-        for p in (run.partials[len(outputs):] if resumed else run.partials):
-            if p.exists() and not resumed and p == run.partial() and states:
-                report(f"removing an unfinished {what} with other inputs or options: {p}")
-            _remove(p)
-        if work:
-            run.work.mkdir(parents=True, exist_ok=True)
-        for s in states:
-            s.begin()
-        try:
-            yield run
-        except BaseException as exc:
-            if isinstance(exc, VoxelmillError) or not states:
-                for p in run.partials:
-                    _remove(p)
-            raise
+    failed = False  # a failure that leaves nothing to resume
+    try:
+        with ExitStack() as stack:
+            for dst in outputs:
+                stack.enter_context(output_lock(dst, report=report))
+            record = stack.enter_context(provenance.RunRecord(
+                op, identity if identity is not None else (states[0].identity if states else {})))
+            resumed = any((s.directory / s.run_hash).exists() for s in states)
+            run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch))
+            if resumed:
+                report(f"resuming an interrupted {what} in {run.partial()}")
+            for p in (run.partials[len(outputs):] if resumed else run.partials):
+                if p.exists() and not resumed and p == run.partial() and states:
+                    report(f"removing an unfinished {what} with other inputs or options: {p}")
+                _remove(p)
+            if work:
+                run.work.mkdir(parents=True, exist_ok=True)
+            for s in states:
+                s.begin()
+            try:
+                yield run
+            except BaseException as exc:
+                if isinstance(exc, VoxelmillError) or not states:
+                    for p in run.partials:
+                        _remove(p)
+                    failed = True
+                raise
+    finally:
+        if failed:  # after the locks are gone: the folders made for them are empty now
+            remove_made_folders()
