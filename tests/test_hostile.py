@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,10 @@ BASE: dict[str, tuple[str, ...]] = {
     "(global)": ("convert", "vol.mrc", "out.ome.zarr"),  # options go before the command
 }
 
-NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW = (
+NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER = (
     "non-numeric", "non-finite", "out-of-range", "memory-size", "usage", "destination",
-    "workflow")
+    "workflow", "declared-size")
+CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER)
 
 #: Bad values per command and option, ``COMMAND: OPTION VALUE...; OPTION VALUE...``: each
 #: value is one case, ``BASE[command] + (OPTION, VALUE)``, in the category
@@ -186,6 +188,12 @@ CASES.update({
                                           "--name", "seg"), ("nan.yaml", "sigma")),
     "workflow-sigma-negative": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "neg.yaml",
                                                "--name", "seg"), ("neg.yaml", "sigma")),
+    # a 138-byte TIFF whose header declares 2·10⁹ × 2·10⁹ pixels: refused, not allocated
+    "tiff-huge-strip": Case(HEADER, ("convert", "huge.tif", "out.ome.zarr"),
+                            ("huge.tif", "ImageWidth 2000000000")),
+    "tiff-short-data": Case(HEADER, ("convert", "short.tif", "out.ome.zarr"),
+                            ("short.tif", "stores 16 bytes")),
+    "tiff-huge-info": Case(HEADER, ("info", "huge.tif"), ("huge.tif",)),
     "dest-exists": Case(DESTINATION, ("convert", "vol.mrc", "mine"), ("mine", "--overwrite"),
                         "foreign"),
 })
@@ -214,6 +222,19 @@ def _file(d: Path) -> None:
 PREPARE = {"foreign": _foreign, "sub": _sub, "symlink": _symlink, "file": _file}
 
 
+def _hostile_tiff(path: Path, width: int, length: int) -> None:
+    """A minimal uncompressed 8-bit TIFF whose one strip holds 16 bytes, whatever its
+    ImageWidth and ImageLength tags declare."""
+    data_at = 8 + 2 + 12 * 9 + 4
+    tags = [(256, 4, width), (257, 4, length), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+            (273, 4, data_at), (277, 3, 1), (278, 4, length), (279, 4, 16)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in tags)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, client) -> Path:
     """Valid inputs for every command: an MRC, an OME-Zarr image (made by voxelmill) with a
@@ -235,6 +256,8 @@ def world(tmp_path_factory, client) -> Path:
         (d / f"{name}.yaml").write_text(
             "steps:\n  - name: smooth\n    function: gaussian\n    parameters:\n"
             f"      sigma: {sigma}\n  - {{name: mask, function: threshold, inputs: [smooth]}}\n")
+    _hostile_tiff(d / "huge.tif", 2_000_000_000, 2_000_000_000)
+    _hostile_tiff(d / "short.tif", 2_000_000_000, 1)
     (d / "centres.csv").write_text("x,y,z\n8,8,8\n")
     (d / "model.pt").write_bytes(b"not a checkpoint")
     (d / "labelsCorr").mkdir()
@@ -302,9 +325,9 @@ def test_counts(outcomes: dict[str, Outcome]) -> None:
     per = Counter(c.category for c in CASES.values())
     passed = Counter(c.category for n, c in CASES.items() if _passes(outcomes[n], c))
     print("\nhostile cases per category (passed/total):")
-    for cat in (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW):
+    for cat in CATEGORIES:
         print(f"  {cat:13s} {passed[cat]:3d}/{per[cat]}")
     print(f"  {'total':13s} {sum(passed.values()):3d}/{len(CASES)}")
-    assert set(per) == {NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW}
+    assert set(per) == set(CATEGORIES)
     assert min(per.values()) >= 3, per
     assert passed == per, {k: f"{passed[k]}/{per[k]}" for k in per}
