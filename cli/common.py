@@ -6,6 +6,7 @@ handling, the cluster a command runs on and its progress display.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,9 +27,12 @@ def floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.replace("x", ",").split(","))
+        values = tuple(float(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise VoxelmillError(f"{what} {text!r}: expected numbers separated by commas") from None
+    if not all(math.isfinite(v) for v in values):
+        raise VoxelmillError(f"{what} {text!r}: expected finite numbers (no nan or inf)")
+    return values
 
 
 def ints(text: str | None, what: str) -> tuple[int, ...] | None:

@@ -26,6 +26,7 @@ from cli.common import (
     user_errors,
 )
 from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
+from cli.validate import validate_app
 from engine import events
 from engine.errors import OptionError, VoxelmillError
 
@@ -283,10 +284,28 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+validate_app(app)  # after every command is registered: each one's options are checked
 
 
-def main() -> None:
-    app()
+def main() -> int:
+    """The console script. A usage error that typer finds (an unknown option, a value that
+    is not a number) is one line and exit code 2, like every other user error."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's usage errors (its own click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``voxelmill`` or a group
+            exc.show()
+            return 2
+        ctx = getattr(exc, "ctx", None)
+        message = " ".join(exc.format_message().split())  # typer wraps long messages
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        events.emit("error", message=message, exit_code=2)
+        err.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}")
+        return 2
+    except typer.Abort:
+        err.print("interrupted")
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,12 @@ import numpy as np
 from engine.errors import OptionError
 
 Region = tuple[slice, ...]
+
+#: The most voxels a block's read region (write region plus halo) may hold: a worker
+#: holds it whole, so a larger one comes from a parameter typed wrong (``sigma: 1e9``),
+#: refused before anything runs rather than failing in every worker (2³¹ float32 voxels
+#: are 8 GiB).
+MAX_READ_VOXELS = 2**31
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,12 @@ class BlockGrid:
         self.halo = _as_tuple(halo, ndim, "halo")
         if any(b <= 0 for b in self.block_shape) or any(h < 0 for h in self.halo):
             raise OptionError(f"invalid block shape {self.block_shape} or halo {self.halo}")
+        read = math.prod(b + 2 * h for b, h in zip(self.block_shape, self.halo, strict=True))
+        if read > MAX_READ_VOXELS:  # checked here, before any worker tries to allocate it
+            raise OptionError(
+                f"a block's read region ({self.block_shape} plus a halo of {self.halo} voxels "
+                f"per side) holds {read:.3g} voxels, more than {MAX_READ_VOXELS:.3g}: a "
+                "parameter that sets the halo (a sigma, radius or iteration count) is too large")
         if chunks is not None:
             chunks = _as_tuple(chunks, ndim, "chunk shape")
             for ax, (b, c, s) in enumerate(zip(self.block_shape, chunks, self.shape, strict=True)):

@@ -51,7 +51,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from engine.errors import DestinationError, InputError, OptionError, VoxelmillError
+from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import omezarr, open_volume, writer_for
 from engine.output import check_destination, commit, partial_path
 from engine.stats import display_windows
@@ -325,14 +325,10 @@ def plan_curation(mode: str, table: str | Path, destination: str | Path,
             if path is not None:
                 _label(path, image, row.image, what)
         plan.images[row.line] = image
-    check_destination(dst, options.overwrite)
-    if dst.exists():  # --overwrite must not delete the inputs it reads
-        root = dst.resolve()
-        for row in plan.samples:
-            for p in (row.image, *(p for _, p in _sources(row) if p is not None)):
-                if p.resolve().is_relative_to(root):
-                    raise DestinationError(f"{dst}: holds input {p}; choose another output "
-                                           "folder")
+    # --overwrite must not delete the inputs it reads
+    check_destination(dst, options.overwrite, manifests=(MANIFEST,), sources=[
+        p for row in plan.samples
+        for p in (row.image, *(p for _, p in _sources(row) if p is not None))])
     return plan
 
 

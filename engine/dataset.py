@@ -302,7 +302,7 @@ def plan_split(sources: Iterable[str | Path], destination: str | Path,
             f"{','.join(f'{f:g}' for f in fractions)}: every split needs a volume of its own "
             "(patches of one volume never go to two splits); add sources or set a fraction "
             "to 0")
-    check_destination(dst, opts.overwrite)
+    check_destination(dst, opts.overwrite, sources=srcs, manifests=(SPLIT_JSON,))
     items.sort(key=lambda it: it.name)
     plan = SplitPlan(srcs, dst, opts, fractions, items,
                      assign_groups(sizes, fractions, int(opts.seed)))

@@ -304,7 +304,7 @@ def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
     check_destination(dst, options.overwrite)
     check_destination(dst_classes, options.overwrite)
     if options.table is not None:
-        check_destination(Path(options.table), options.overwrite)
+        check_destination(Path(options.table), options.overwrite, file=True)
     n_levels = len(img_attrs["multiscales"][0]["datasets"])
     levels = plan_levels(shape, spatial, tuple(scale0), chunks, max_levels=n_levels)
     return InstancePlan(src, options, level0, spatial, shape, chunks, block, k,

@@ -9,6 +9,7 @@ start them afresh, remove them on a user error, and commit them with the provena
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -25,18 +26,111 @@ if TYPE_CHECKING:
     from engine.runner import RunState
 
 
+def made_by_voxelmill(folder: Path, manifests: Sequence[str] = ()) -> bool:
+    """Whether ``folder`` is an output of voxelmill: a zarr group whose attributes carry
+    voxelmill's provenance record, or an output folder holding one of ``manifests`` (the
+    manifest the command that made it writes)."""
+    for meta, inner in (("zarr.json", True), (".zattrs", False)):
+        try:
+            attrs = json.loads((folder / meta).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if inner:
+            attrs = attrs.get("attributes", {}) if isinstance(attrs, dict) else {}
+        vm = attrs.get("voxelmill") if isinstance(attrs, dict) else None
+        if isinstance(vm, dict) and "provenance" in vm:
+            return True
+    return any((folder / m).is_file() and not (folder / m).is_symlink() for m in manifests)
 
-def check_destination(dst: Path, overwrite: bool, source: Path | None = None) -> None:
-    """Refuse a destination that exists (without ``overwrite``) or that is the source."""
-    if source is not None and dst.resolve() == Path(source).resolve():
-        raise DestinationError(f"{dst}: destination is the source; choose another path")
-    if dst.exists() and not overwrite:
+
+def check_destination(dst: Path, overwrite: bool, source: Path | None = None, *,
+                      sources: Sequence[Path] = (), file: bool = False,
+                      manifests: Sequence[str] = (),
+                      owned: Callable[[Path], bool] | None = None) -> None:
+    """Refuse a destination that is not safe to write, and create its parent folder.
+
+    Without ``overwrite`` an existing ``dst`` is refused. With it, ``dst`` is replaced only
+    when voxelmill made it: a single file when the command writes a file (``file``), or a
+    folder carrying voxelmill's record (:func:`made_by_voxelmill`) when it writes a folder.
+    A foreign folder, a symbolic link, a folder holding an input or the current directory
+    is refused whatever the options, with a message saying to remove it by hand.
+
+    Parameters
+    ----------
+    dst : Path
+        The destination the command will build (in its partial sibling) and commit.
+    overwrite : bool
+        The user's ``--overwrite``.
+    source, sources : Path, sequence of Path
+        The inputs; none may be ``dst`` or lie inside it.
+    file : bool
+        The command writes a single file (else a folder).
+    manifests : sequence of str
+        File names whose presence marks an output folder of this command as voxelmill's.
+    owned : callable, optional
+        A further test that a folder is this command's output (for outputs without a
+        manifest); an empty folder holds nothing to lose and is always replaced.
+
+    Raises
+    ------
+    DestinationError
+        With one line naming ``dst`` and what to do.
+    """
+    dst = Path(dst)
+    inputs = [Path(s) for s in ((source,) if source is not None else ())] + \
+        [Path(s) for s in sources]
+    for src in inputs:
+        if dst.resolve() == src.resolve():
+            raise DestinationError(f"{dst}: destination is the source; choose another path")
+    if dst.is_symlink() and overwrite:
+        # replacing a link would write through it or drop it: neither is voxelmill's to do
+        raise DestinationError(f"{dst}: destination is a symbolic link; voxelmill does not "
+                               "replace links: remove it by hand or choose another path")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise DestinationError(f"{dst}: destination exists; pass --overwrite to replace it")
+    if dst.exists():
+        root = dst.resolve()
+        for src in inputs:
+            if src.resolve().is_relative_to(root):
+                raise DestinationError(f"{dst}: destination holds the input {src}; "
+                                       "choose another path")
+        if Path.cwd().resolve().is_relative_to(root):
+            raise DestinationError(f"{dst}: destination holds the current folder; "
+                                   "choose another path")
+        if dst.is_dir() and file:
+            raise DestinationError(f"{dst}: destination is a folder, not a file; remove it "
+                                   "by hand or choose another path")
+        if not dst.is_dir() and not file:
+            raise DestinationError(f"{dst}: destination is a file, not an output folder; "
+                                   "remove it by hand or choose another path")
+        if dst.is_dir() and next(dst.iterdir(), None) is not None \
+                and not made_by_voxelmill(dst, manifests) and not (owned and owned(dst)):
+            raise DestinationError(f"{dst}: destination was not made by voxelmill (it has no "
+                                   "provenance record); --overwrite replaces only voxelmill's "
+                                   "outputs: remove it by hand or choose another path")
     if not dst.parent.exists():
+        missing = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
         try:
             dst.parent.mkdir(parents=True)
         except OSError as exc:
             raise DestinationError(f"{dst.parent}: cannot create folder ({exc.strerror})") from None
+        made_folders.update(missing)
+
+
+#: Folders :func:`check_destination` created for destinations in this process; a run that
+#: fails removes those left empty (:func:`remove_made_folders`), so it leaves nothing behind.
+made_folders: set[Path] = set()
+
+
+def remove_made_folders() -> None:
+    """Remove the folders :func:`check_destination` created that are still empty, deepest
+    first (one that now holds anything is kept)."""
+    for folder in sorted(made_folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            continue
+        made_folders.discard(folder)
 
 
 def check_output_name(name: str, example: str) -> None:
@@ -216,27 +310,33 @@ def output_run(op: str, outputs: Sequence[Path], *,
     states = (() if state is None else tuple(state) if isinstance(state, Sequence)
               else (state,))
     what = what or op
-    with ExitStack() as stack:
-        for dst in outputs:
-            stack.enter_context(output_lock(dst, report=report))
-        record = stack.enter_context(provenance.RunRecord(
-            op, identity if identity is not None else (states[0].identity if states else {})))
-        resumed = any((s.directory / s.run_hash).exists() for s in states)
-        run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch))
-        if resumed:
-            report(f"resuming an interrupted {what} in {run.partial()}")
-        for p in (run.partials[len(outputs):] if resumed else run.partials):
-            if p.exists() and not resumed and p == run.partial() and states:
-                report(f"removing an unfinished {what} with other inputs or options: {p}")
-            _remove(p)
-        if work:
-            run.work.mkdir(parents=True, exist_ok=True)
-        for s in states:
-            s.begin()
-        try:
-            yield run
-        except BaseException as exc:
-            if isinstance(exc, VoxelmillError) or not states:
-                for p in run.partials:
-                    _remove(p)
-            raise
+    failed = False  # a failure that leaves nothing to resume
+    try:
+        with ExitStack() as stack:
+            for dst in outputs:
+                stack.enter_context(output_lock(dst, report=report))
+            record = stack.enter_context(provenance.RunRecord(
+                op, identity if identity is not None else (states[0].identity if states else {})))
+            resumed = any((s.directory / s.run_hash).exists() for s in states)
+            run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch))
+            if resumed:
+                report(f"resuming an interrupted {what} in {run.partial()}")
+            for p in (run.partials[len(outputs):] if resumed else run.partials):
+                if p.exists() and not resumed and p == run.partial() and states:
+                    report(f"removing an unfinished {what} with other inputs or options: {p}")
+                _remove(p)
+            if work:
+                run.work.mkdir(parents=True, exist_ok=True)
+            for s in states:
+                s.begin()
+            try:
+                yield run
+            except BaseException as exc:
+                if isinstance(exc, VoxelmillError) or not states:
+                    for p in run.partials:
+                        _remove(p)
+                    failed = True
+                raise
+    finally:
+        if failed:  # after the locks are gone: the folders made for them are empty now
+            remove_made_folders()

@@ -51,7 +51,7 @@ def append(group: str | Path, entries: Sequence[dict[str, Any]]) -> None:
     g = zarr.open_group(str(group), mode="a")
     vm = dict(g.attrs.get("voxelmill", {}))
     vm["provenance"] = [*vm.get("provenance", []), *entries]
-    g.attrs["voxelmill"] = vm
+    g.attrs["voxelmill"] = jsonable(vm)
 
 
 def command_line() -> str | None:
@@ -113,18 +113,24 @@ class RunRecord:
         from engine import __version__
 
         return {"op": self.op, "command": command_line(),
-                "parameters": _jsonable(self.parameters), "version": __version__,
+                "parameters": jsonable(self.parameters), "version": __version__,
                 "host": socket.gethostname(), "started": self.started,
                 "seconds": round(self.seconds, 3), "stages": list(self.collector.stages)}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON: keys as strings, tuples as lists, NumPy scalars as Python
+    numbers, NaN and ±inf as null (a bare ``NaN`` is not JSON: browsers' ``JSON.parse`` and
+    other strict parsers refuse the whole file, so a viewer could not open the store), and
+    anything else as its string."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     return str(value)

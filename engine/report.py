@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import DestinationError, InputError
+from engine.output import check_destination
 
 #: thumbnails come from the finest level whose largest side is at most this (about)
 THUMB_SIDE = 512
@@ -143,12 +144,11 @@ def _check_destination(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents:
         raise DestinationError(f"{out}: the report must not be written inside the input {src}")
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise DestinationError(f"{out}: is a folder; give a file name such as report.html")
-    if out.exists() and not overwrite:
-        raise DestinationError(f"{out}: exists; use --overwrite to replace it")
     if not out.parent.is_dir():
         raise DestinationError(f"{out}: folder {out.parent} does not exist")
+    check_destination(out, overwrite, src, file=True)
 
 
 def _write_atomic(out: Path, text: str, overwrite: bool) -> None:

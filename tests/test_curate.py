@@ -355,6 +355,11 @@ def test_existing_destination(data, tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr
     assert [ln for ln in r.stderr.splitlines() if "error:" in ln].__len__() == 1
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    # a folder voxelmill did not make is never deleted, even with --overwrite
+    r = run_cli("curate", "take-all", "--table", str(table), "--out", str(dst), "--overwrite")
+    assert r.returncode == 2 and "by hand" in r.stderr, r.stderr
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    (dst / MANIFEST).write_text("line\n")  # an earlier curate output: replaced
     r = run_cli("curate", "take-all", "--table", str(table), "--out", str(dst), "--overwrite")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in dst.iterdir()) == sorted([MANIFEST, "sample_000.ome.zarr"])

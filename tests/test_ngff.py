@@ -207,3 +207,27 @@ def test_ome_zarr_py_reads_it(written, inputs) -> None:
     assert [tuple(a.shape) for a in image[0].data] == TIF_LEVELS
     np.testing.assert_array_equal(np.asarray(image[0].data[0]), inputs["slide"])
     assert image[0].metadata["channel_names"] == CHANNELS
+
+
+@pytest.mark.parametrize("ngff", ["0.5", "0.4"])
+def test_metadata_is_strict_json_with_non_finite_voxels(tmp_path, client, ngff) -> None:
+    """One NaN and one inf voxel: every metadata file still parses as strict JSON (no bare
+    NaN or Infinity, which browsers' JSON.parse refuses), and the data keeps them."""
+    import json
+
+    data = np.random.default_rng(5).random((12, 14, 16), dtype=np.float32)
+    data[3, 4, 5], data[6, 7, 8] = np.nan, np.inf
+    write_mrc(tmp_path / "nan.mrc", data)
+    dst = tmp_path / "nan.ome.zarr"
+    convert(tmp_path / "nan.mrc", dst, ConvertOptions(chunks=(8,), ngff=ngff), client,
+            report=lambda _: None)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"bare {constant} in metadata")
+
+    metas = [p for p in dst.rglob("*") if p.name in ("zarr.json", ".zattrs", ".zarray")]
+    assert metas
+    for p in metas:
+        json.loads(p.read_text(), parse_constant=refuse)
+    got = zarr.open_array(str(dst / "0"), mode="r")[...]
+    assert np.isnan(got[3, 4, 5]) and np.isinf(got[6, 7, 8])

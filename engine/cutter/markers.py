@@ -253,7 +253,7 @@ def plan_markers(src: str | Path, options: MarkerOptions) -> MarkerPlan:
     block = tuple(min(b, s) for b, s in zip(block, image.shape, strict=True))
     check_destination(image.source / "labels" / options.name, options.overwrite)
     if options.csv is not None:
-        check_destination(Path(options.csv), options.overwrite)
+        check_destination(Path(options.csv), options.overwrite, file=True)
     identity = {"op": "cutter-markers", "version": __version__, "source": source.path,
                 "prefix": source.prefix, "from_labels": options.from_labels,
                 "sigma": options.scale_sigma, "threshold": options.threshold,

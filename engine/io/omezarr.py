@@ -14,6 +14,7 @@ import zarr
 from engine.errors import InputError, OptionError
 from engine.io.integrity import COMPLETE_ATTR
 from engine.io.sources import ZarrSource, to_dask
+from engine.provenance import jsonable
 from engine.volume import Volume
 
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -140,6 +141,7 @@ def write_group_attrs(path: Path, attrs: dict[str, Any], ngff: str) -> None:
     """Write (or update) a group's OME attributes in the layout of the NGFF version."""
     fmt = zarr_format(ngff)
     group = zarr.open_group(str(path), mode="a", zarr_format=fmt)
+    attrs = jsonable(attrs)  # strict JSON: a NaN window is null, never a bare NaN
     if fmt == 3:
         ome = dict(group.attrs.get("ome", {}))
         ome.update(attrs)

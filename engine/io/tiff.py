@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
@@ -86,6 +87,35 @@ def _imagej_or_tags(tif: tifffile.TiffFile) -> tuple[dict[str, float], str | Non
     return sizes, unit, channels
 
 
+#: The most bytes one strip or tile may decode to: a reader holds one whole, so a header
+#: declaring more is refused before anything is allocated (2 GiB).
+MAX_CHUNK_BYTES = 2**31
+
+
+def check_declared_size(path: Path, page: tifffile.TiffPage | tifffile.TiffFrame) -> None:
+    """Refuse a page whose header declares more pixels than the file can hold or than one
+    reader may decode: the sizes are checked against the file before any allocation.
+
+    Raises
+    ------
+    InputError
+        Naming the file, the page and the declared numbers.
+    """
+    key = page.keyframe or page  # a frame of a multi-page series shares its keyframe's tags
+    chunk = math.prod(key.chunks) * np.dtype(key.dtype).itemsize
+    if chunk > MAX_CHUNK_BYTES:
+        raise InputError(
+            f"{path}: page {page.index} declares strips or tiles of {key.chunks} pixels "
+            f"({chunk:.3g} bytes each), more than the {MAX_CHUNK_BYTES:.3g} bytes a reader may "
+            f"hold; the header (ImageWidth {key.imagewidth}, ImageLength {key.imagelength}) "
+            "is damaged or the file needs tiling")
+    stored = sum(page.databytecounts)
+    if int(key.compression) == 1 and stored < key.nbytes:  # uncompressed: every byte stored
+        raise InputError(
+            f"{path}: page {page.index} declares {key.nbytes:.3g} bytes of uncompressed pixels "
+            f"(shape {key.shape}) but stores {stored} bytes; the header is damaged")
+
+
 def read(path: Path, series: int = 0, **_: object) -> Volume:
     """Open a TIFF lazily (series 0, full resolution).
 
@@ -105,6 +135,7 @@ def read(path: Path, series: int = 0, **_: object) -> Volume:
             if ends and max(ends) > size:
                 raise InputError(f"{path}: truncated TIFF: image data of page {page.index} "
                                  f"ends at byte {max(ends)} but the file has {size} bytes")
+            check_declared_size(path, page)
         if tif.is_ome:
             sizes, unit, channels = _ome_pixels(tif)
         else:

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from engine.errors import DestinationError, InputError
+from engine.errors import InputError
 from engine.learn.checkpoint import load_checkpoint
 from engine.learn.unet import UNet
+from engine.output import check_destination
 
 META_FILE = "voxelmill.json"
 ARCHITECTURES = {"unet": UNet}
@@ -94,8 +95,7 @@ def export_torchscript(checkpoint: str | os.PathLike[str], out: str | os.PathLik
     shape-dependent control flow, so the traced model takes any divisible shape.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DestinationError(f"{out}: exists; use --overwrite to replace it")
+    check_destination(out, overwrite, Path(checkpoint), file=True)
     model, meta = load_model(checkpoint)
     arch = meta["arch"]
     example = torch.zeros((1, arch["in_channels"], *meta["patch_shape"]))

@@ -381,7 +381,8 @@ def plan_extraction(
     _check_inside(centres, lines, img.shape, opts.max_outside, where, what, img.path)
 
     dst = Path(destination)
-    check_destination(dst, opts.overwrite, source=image_p)
+    check_destination(dst, opts.overwrite, source=image_p, sources=(labels_p,),
+                      manifests=(PATCHES_MANIFEST,))
     for src in (image_p, labels_p):
         if dst.resolve() in src.resolve().parents:
             raise OptionError(f"{dst}: the destination would replace a folder that holds the "

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import DestinationError, InputError, OptionError
+from engine.io.layouts import patch_name_suffix
 from engine.output import check_destination, commit, partial_path
 from engine.patches.files import (
     PatchHeader,
@@ -350,7 +351,9 @@ def merge_corrections(labels_dir: str | Path, corrections_dir: str | Path,
 
     plans, skipped = _plan(labels_dir, corrections_dir, int(border), report)
 
-    check_destination(out_dir, overwrite)
+    # a merge writes no manifest: its output folder holds patch files only
+    check_destination(out_dir, overwrite, sources=(labels_dir, corrections_dir),
+                      owned=lambda d: all(patch_name_suffix(p) for p in d.iterdir()))
     result = MergeReport(out_dir, skipped=skipped)
     partial = partial_path(out_dir)
     if partial.exists():  # left by an interrupted run; nothing in it is trusted

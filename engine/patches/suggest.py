@@ -492,7 +492,7 @@ def plan_suggestion(
     else:
         block = tuple(c * max(1, round(BLOCK_EDGE / c)) for c in chunks)
     block = tuple(min(b, n) for b, n in zip(block, shape, strict=True))
-    check_destination(out, options.overwrite, source=prediction)
+    check_destination(out, options.overwrite, source=prediction, file=True)
     task = SuggestTask(pred_ref, lattices, size, k, refs.get("--mask"), refs.get("--second"),
                        float(options.weight), label_set)
     return SuggestPlan(prediction, out, options, shape, size, lattices, k, block, task)

@@ -166,7 +166,8 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
     omezarr.compressor(options.compression, options.clevel, 3, 1)
     volume = apply_voxel_size(open_volume(src), options.voxel_size, options.unit)
     volume = attach_labels(volume, options.labels)
-    check_destination(dst, options.overwrite, src)
+    check_destination(dst, options.overwrite, src,
+                      sources=[Path(p) for _, p in options.labels])
     partial = partial_path(dst)
 
     def multiscale(vol: Volume, group: Path, name: str, method: str) -> Multiscale:

@@ -114,7 +114,7 @@ def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | Non
     if not partseg and (mask or alternative):
         raise OptionError("--mask and --alternative go into PartSeg projects only; give a "
                           ".tgz or .tbz2 destination")
-    check_destination(dst, overwrite, src)
+    check_destination(dst, overwrite, src, file=True)
     if not partseg:
         if label and label not in omezarr.label_names(src):
             raise OptionError(f"--label {label!r}: {src} has label images "

@@ -1,0 +1,333 @@
+"""Hostile input through the real CLI: bad options and unsafe destinations, every command.
+
+Each case runs ``voxelmill`` (:func:`tests.conftest.run_cli`) in its own copy of a small
+working folder of valid inputs, with ``HOME`` and ``TMPDIR`` inside it, and must end with
+exit code 2, one ``error:`` line naming the option, value or path, no traceback, no
+cluster started, and the folder exactly as it was (nothing new, nothing changed, nothing
+lost). The cases are counted per category; :func:`test_counts` prints the counts and checks
+that every command and every category is covered.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.patches.files import write_patch
+from engine.pipelines.convert import ConvertOptions, convert
+from tests.conftest import write_mrc
+from tests.test_cli_errors import Outcome, age, assert_refused, run_all
+
+SHAPE = (16, 16, 16)
+#: an option error costs interpreter start-up and imports only, never a cluster start
+FAST_S = 30.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile command line and what its one error line must hold."""
+
+    category: str
+    args: tuple[str, ...]
+    names: tuple[str, ...]  # each must appear in the error line
+    prepare: str | None = None  # a key of PREPARE: extra files this case needs
+    cluster: bool = False  # refused by the run (after the cluster started), not the plan
+
+
+#: A valid command line of each command; an option case appends ``OPTION VALUE``.
+BASE: dict[str, tuple[str, ...]] = {
+    "convert": ("convert", "vol.mrc", "out.ome.zarr"),
+    "export": ("export", "src.ome.zarr", "out.tif"),
+    "segment": ("segment", "src.ome.zarr", "--workflow", "threshold", "--name", "seg"),
+    "predict": ("predict", "src.ome.zarr", "--model", "model.pt", "--name", "pred"),
+    "instances": ("instances", "src.ome.zarr", "--predictions", "pred", "--name", "inst"),
+    "preprocess": ("preprocess", "src.ome.zarr", "pre.ome.zarr"),
+    "patches extract": ("patches", "extract", "src.ome.zarr", "cells", "--coords",
+                        "centres.csv", "--out", "patches"),
+    "patches suggest": ("patches", "suggest", "src.ome.zarr", "--n", "3", "--out", "s.csv"),
+    "patches merge": ("patches", "merge", "--labels-dir", "labelsCorr", "--corrections-dir",
+                      "corrections", "--out-dir", "merged"),
+    "patches apply": ("patches", "apply", "labelsCorr", "--into", "src.ome.zarr", "--labels",
+                      "cells"),
+    "cutter markers": ("cutter", "markers", "src.ome.zarr", "--name", "marks"),
+    "cutter train": ("cutter", "train", "src.ome.zarr", "--markers", "marks", "--mask",
+                     "cells", "--output", "run"),
+    "cutter predict": ("cutter", "predict", "src.ome.zarr", "--model", "model.pt",
+                       "--markers", "marks", "--mask", "cells", "--name", "cut"),
+    "cutter watershed": ("cutter", "watershed", "src.ome.zarr", "--markers", "marks",
+                         "--mask", "cells", "--name", "ws"),
+    "dataset split": ("dataset", "split", "labelsCorr", "--out", "split"),
+    "train": ("train", "--data", "src.ome.zarr", "--labels", "cells", "--output", "run"),
+    "demo": ("demo", "--out", "demo"),
+    "cluster certs": ("cluster", "certs", "certs"),
+    "(global)": ("convert", "vol.mrc", "out.ome.zarr"),  # options go before the command
+}
+
+NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER = (
+    "non-numeric", "non-finite", "out-of-range", "memory-size", "usage", "destination",
+    "workflow", "declared-size")
+CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER)
+
+#: Bad values per command and option, ``COMMAND: OPTION VALUE...; OPTION VALUE...``: each
+#: value is one case, ``BASE[command] + (OPTION, VALUE)``, in the category
+#: :func:`_category` gives it.
+OPTION_TABLE = """
+convert: --block-mib nan inf -inf 0 -1 lots; --chunks 0 nan 16,banana 1e999; --shards -4
+convert: --voxel-size nan 1,inf,1; --max-levels 0; --workers 0; --threads-per-worker -1
+convert: --memory-limit banana -5GB 4parsecs 0 nanGB
+export: --level -1; --channel -2; --memory-limit 1.5.5GiB
+segment: --block 0 banana; --workers -3
+predict: --tile 0 100000 64,nan,64; --overlap 1.5 1 -0.1 nan; --batch 0; --threshold 2 nan
+predict: --block -16
+instances: --confidence 1.5 inf; --min-size -1; --connectivity 4; --background-class -1
+instances: --block 0
+preprocess: --scale nan; --object-width 0 inf; --target-width -3; --block 0
+patches extract: --size 100000 0 nan; --border -1; --index-start -1; --max-outside -2
+patches suggest: --size 0; --stride 0; --weight -1 nan; --min-distance -1; --level -1
+patches suggest: --block 0
+patches merge: --border -1 wide
+patches apply: --value -1
+cutter markers: --sigma 0 nan; --diameter -1; --threshold -1; --min-distance -1
+cutter train: --crop 0; --iterations 0; --lr 0 nan; --threads 0; --overlap-weight -1
+cutter train: --outside-weight inf
+cutter predict: --threshold 1.5; --batch 0
+cutter watershed: --halo -1; --compactness nan -1
+dataset split: --fractions nan,0.5,0.5; --seed -1
+train: --patch-shape 0 100000; --iterations 0; --batch-size 0; --lr -1 nan
+demo: --size 4; --train-iterations 0
+cluster certs: --days 0
+(global): --jobs 0; --gpus-per-job -1; --gpus many
+"""
+
+
+def _category(option: str, value: str) -> str:
+    if option == "--memory-limit":
+        return MEMORY
+    words = value.replace(",", " ").split()
+    if any(w.lstrip("-") in ("nan", "inf") or w == "1e999" for w in words):
+        return NON_FINITE
+    if any(not w.lstrip("-").replace(".", "", 1).replace("e", "", 1).isdigit() for w in words):
+        return NON_NUMERIC
+    return RANGE
+
+
+def _option_cases() -> dict[str, Case]:
+    cases = {}
+    for row in OPTION_TABLE.strip().splitlines():
+        command, _, rest = row.partition(": ")
+        for group in rest.split("; "):
+            option, *values = group.split()
+            for value in values:
+                base = BASE[command]
+                args = (option, value, *base) if command == "(global)" else \
+                    (*base, option, value)
+                cases[f"{command}{option}={value}"] = Case(_category(option, value), args,
+                                                           (option,))
+    return cases
+
+
+def _usage(command: str, *extra: str, names: tuple[str, ...]) -> Case:
+    return Case(USAGE, (*BASE[command], *extra), names)
+
+
+CASES: dict[str, Case] = _option_cases()
+CASES.update({
+    # options typer parses itself: one line too, never a box or a traceback
+    "usage-int-text": _usage("convert", "--workers", "two", names=("--workers",)),
+    "usage-float-text": _usage("predict", "--overlap", "half", names=("--overlap",)),
+    "usage-unknown-option": _usage("convert", "--wrkers", "2", names=("--wrkers",)),
+    "usage-missing-value": _usage("export", "--level", names=("--level",)),
+    "usage-missing-argument": Case(USAGE, ("convert", "vol.mrc"), ("dst",)),
+    "usage-unknown-command": Case(USAGE, ("convrt", "vol.mrc", "x.ome.zarr"), ("convrt",)),
+    # --overwrite replaces only what voxelmill made, and never an input or the working folder
+    "dest-foreign-folder": Case(DESTINATION, ("convert", "vol.mrc", "mine", "--overwrite"),
+                                ("mine", "by hand"), "foreign"),
+    "dest-holds-source": Case(DESTINATION, ("convert", "sub/vol.mrc", "sub", "--overwrite"),
+                              ("sub", "holds the input"), "sub"),
+    "dest-is-cwd": Case(DESTINATION, ("convert", "vol.mrc", ".", "--overwrite"),
+                        ("choose another path",)),
+    "dest-holds-cwd": Case(DESTINATION, ("convert", "../vol.mrc", "..", "--overwrite"),
+                           ("choose another path",)),
+    "dest-symlink": Case(DESTINATION, ("convert", "vol.mrc", "link.ome.zarr", "--overwrite"),
+                         ("link.ome.zarr", "symbolic link"), "symlink"),
+    "dest-file-for-folder": Case(DESTINATION, ("convert", "vol.mrc", "f.ome.zarr",
+                                               "--overwrite"), ("f.ome.zarr", "is a file"),
+                                 "file"),
+    "dest-is-source": Case(DESTINATION, ("convert", "vol.mrc", "vol.mrc", "--overwrite"),
+                           ("vol.mrc", "is the source")),
+    "dest-export-folder": Case(DESTINATION, ("export", "src.ome.zarr", "mine.tif",
+                                             "--overwrite"), ("mine.tif", "folder"), "foreign"),
+    "dest-foreign-label": Case(DESTINATION, (*BASE["segment"][:4], "--name", "handmade",
+                                             "--overwrite"), ("handmade", "by hand")),
+    "dest-report-folder": Case(DESTINATION, ("report", "src.ome.zarr", "--out", "mine.html",
+                                             "--overwrite"), ("mine.html", "folder"),
+                               "foreign"),
+    "dest-model-folder": Case(DESTINATION, ("model", "export", "model.pt", "mine.pt",
+                                            "--overwrite"), ("mine.pt", "folder"), "foreign"),
+    "dest-merge-foreign": Case(DESTINATION, (*BASE["patches merge"][:6], "--out-dir", "mine",
+                                             "--overwrite"), ("mine", "by hand"), "foreign"),
+    "dest-merge-inputs": Case(DESTINATION, (*BASE["patches merge"][:6], "--out-dir",
+                                            "labelsCorr", "--overwrite"), ("labelsCorr",)),
+    "dest-extract-foreign": Case(DESTINATION, (*BASE["patches extract"][:6], "--out", "mine",
+                                               "--overwrite"), ("mine", "by hand"), "foreign"),
+    "dest-suggest-folder": Case(DESTINATION, (*BASE["patches suggest"][:5], "--size", "8",
+                                              "--out", "mine.csv", "--overwrite"),
+                                ("mine.csv", "folder"), "foreign"),
+    # workflow parameters: a halo no worker can hold is refused before any block runs
+    "workflow-sigma-huge": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "huge.yaml",
+                                           "--name", "seg", "--workers", "1"),
+                                ("halo", "too large"), cluster=True),
+    "workflow-sigma-nan": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "nan.yaml",
+                                          "--name", "seg"), ("nan.yaml", "sigma")),
+    "workflow-sigma-negative": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "neg.yaml",
+                                               "--name", "seg"), ("neg.yaml", "sigma")),
+    # a 138-byte TIFF whose header declares 2·10⁹ × 2·10⁹ pixels: refused, not allocated
+    "tiff-huge-strip": Case(HEADER, ("convert", "huge.tif", "out.ome.zarr"),
+                            ("huge.tif", "ImageWidth 2000000000")),
+    "tiff-short-data": Case(HEADER, ("convert", "short.tif", "out.ome.zarr"),
+                            ("short.tif", "stores 16 bytes")),
+    "tiff-huge-info": Case(HEADER, ("info", "huge.tif"), ("huge.tif",)),
+    "dest-exists": Case(DESTINATION, ("convert", "vol.mrc", "mine"), ("mine", "--overwrite"),
+                        "foreign"),
+})
+
+
+def _foreign(d: Path) -> None:
+    for name in ("mine", "mine.tif", "mine.html", "mine.pt", "mine.csv"):
+        (d / name).mkdir()
+        (d / name / "thesis.txt").write_text("four years of work")
+
+
+def _sub(d: Path) -> None:
+    (d / "sub").mkdir()
+    shutil.copy2(d / "vol.mrc", d / "sub" / "vol.mrc")
+
+
+def _symlink(d: Path) -> None:
+    shutil.copytree(d / "src.ome.zarr", d / "made.ome.zarr")  # voxelmill's, behind a link
+    (d / "link.ome.zarr").symlink_to("made.ome.zarr")
+
+
+def _file(d: Path) -> None:
+    (d / "f.ome.zarr").write_text("a file, not a store")
+
+
+PREPARE = {"foreign": _foreign, "sub": _sub, "symlink": _symlink, "file": _file}
+
+
+def _hostile_tiff(path: Path, width: int, length: int) -> None:
+    """A minimal uncompressed 8-bit TIFF whose one strip holds 16 bytes, whatever its
+    ImageWidth and ImageLength tags declare."""
+    data_at = 8 + 2 + 12 * 9 + 4
+    tags = [(256, 4, width), (257, 4, length), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+            (273, 4, data_at), (277, 3, 1), (278, 4, length), (279, 4, 16)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in tags)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, client) -> Path:
+    """Valid inputs for every command: an MRC, an OME-Zarr image (made by voxelmill) with a
+    label image ``cells`` and a foreign one ``handmade``, patch folders, coordinates."""
+    d = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(3)
+    write_mrc(d / "vol.mrc", rng.random(SHAPE, dtype=np.float32))
+    lab = np.zeros(SHAPE, np.uint16)
+    lab[2:10, 4:12, 3:9] = 1
+    write_mrc(d / "lab.mrc", lab)
+    convert(d / "vol.mrc", d / "src.ome.zarr", ConvertOptions(
+        chunks=(8,), labels=(("cells", str(d / "lab.mrc")),)), client, report=lambda _: None)
+    hand = d / "src.ome.zarr" / "labels" / "handmade"
+    shutil.copytree(d / "src.ome.zarr" / "labels" / "cells", hand)
+    meta = json.loads((hand / "zarr.json").read_text())
+    meta["attributes"].pop("voxelmill", None)  # made by another tool: no provenance record
+    (hand / "zarr.json").write_text(json.dumps(meta))
+    for name, sigma in (("huge", "1e9"), ("nan", ".nan"), ("neg", "-2")):
+        (d / f"{name}.yaml").write_text(
+            "steps:\n  - name: smooth\n    function: gaussian\n    parameters:\n"
+            f"      sigma: {sigma}\n  - {{name: mask, function: threshold, inputs: [smooth]}}\n")
+    _hostile_tiff(d / "huge.tif", 2_000_000_000, 2_000_000_000)
+    _hostile_tiff(d / "short.tif", 2_000_000_000, 1)
+    (d / "centres.csv").write_text("x,y,z\n8,8,8\n")
+    (d / "model.pt").write_bytes(b"not a checkpoint")
+    (d / "labelsCorr").mkdir()
+    write_patch(d / "labelsCorr" / "p1.nii.gz", np.zeros((40, 40, 40), np.uint8), (1.0,) * 3)
+    (d / "corrections" / "p1").mkdir(parents=True)
+    write_patch(d / "corrections" / "p1" / "Add.nii.gz", np.ones((40, 40, 40), np.uint8),
+                (1.0,) * 3)
+    (d / "lab.mrc").unlink()
+    return d
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, world) -> dict[str, Outcome]:
+    """Every case in its own copy of the world (cwd = ``work/`` inside it, so ``..`` is
+    the case's folder too), run a few at a time."""
+    dirs: dict[str, Path] = {}
+    for name, case in CASES.items():
+        root = tmp_path_factory.mktemp("case")
+        work = root / "work"
+        shutil.copytree(world, work, symlinks=True)
+        shutil.copy2(world / "vol.mrc", root / "vol.mrc")  # for ``../vol.mrc``
+        for extra in ("home", "tmp"):
+            (root / extra).mkdir()
+        if case.prepare is not None:
+            PREPARE[case.prepare](work)
+        age(root)
+        dirs[name] = root
+
+    return run_all({name: (CASES[name].args, d / "work", d) for name, d in dirs.items()},
+                   env=lambda d: {"HOME": str(d / "home"), "TMPDIR": str(d / "tmp")})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile(outcomes: dict[str, Outcome], name: str) -> None:
+    assert_refused(outcomes[name], CASES[name].names, CASES[name].cluster)
+
+
+def _passes(o: Outcome, case: Case) -> bool:
+    try:
+        assert_refused(o, case.names, case.cluster)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_counts(outcomes: dict[str, Outcome]) -> None:
+    """Every command and every category has cases; the counts are printed with the passes."""
+    from typer.main import get_command
+
+    from cli.main import app
+
+    def commands(cmd, path: str = "") -> list[str]:
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            return [path.strip()]
+        return [c for n, s in subs.items() for c in commands(s, f"{path} {n}")]
+
+    covered = {" ".join(c.args[:2]) for c in CASES.values()} | \
+        {c.args[0] for c in CASES.values()}
+    # info and model info only read and take no numeric option or destination
+    missing = [c for c in commands(get_command(app)) if c not in covered
+               and c not in ("info", "model info", "curate sort", "curate merge",
+                             "curate take-all")]
+    assert not missing, f"commands without a hostile case: {missing}"
+    per = Counter(c.category for c in CASES.values())
+    passed = Counter(c.category for n, c in CASES.items() if _passes(outcomes[n], c))
+    print("\nhostile cases per category (passed/total):")
+    for cat in CATEGORIES:
+        print(f"  {cat:13s} {passed[cat]:3d}/{per[cat]}")
+    print(f"  {'total':13s} {sum(passed.values()):3d}/{len(CASES)}")
+    assert set(per) == set(CATEGORIES)
+    assert min(per.values()) >= 3, per
+    assert passed == per, {k: f"{passed[k]}/{per[k]}" for k in per}
