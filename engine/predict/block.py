@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,20 +196,16 @@ class _Writer(threading.Thread):
         self.seconds = 0.0
         self._lock = threading.Lock()
 
-    def _store(self, job: tuple | Callable[[], list[Finished]]) -> None:
+    def _store(self, job: tuple) -> None:
         if self.error is not None:
             return  # after a failure: drain; the device loop raises it
         try:
             t0 = time.perf_counter()
-            if callable(job):  # outputs made here (levels computed on the host)
-                for done in job():
-                    self.write(done)
-            else:
-                region, stored, labels, event, level = job
-                if event is not None:
-                    event.synchronize()
-                self.write(Finished(region, None if stored is None else stored.numpy(),
-                                    labels.numpy(), level))
+            region, stored, labels, event, level = job
+            if event is not None:
+                event.synchronize()
+            self.write(Finished(region, None if stored is None else stored.numpy(),
+                                labels.numpy(), level))
             with self._lock:
                 self.seconds += time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001 - raised by the device loop
@@ -223,6 +220,13 @@ class _Writer(threading.Thread):
                 if job is None:
                     return  # leaving the pool waits for the writes under way
                 pool.submit(self._store, job)
+
+
+def probability_levels_here(device: torch.device, probabilities: str) -> bool:
+    """Whether :func:`predict_block` makes the probabilities' pyramid levels itself: always
+    on the CPU; on a GPU for uint8 only, since torch rounds float64 to float16 through
+    float32 there, and the levels must equal :mod:`engine.pyramid`'s exactly."""
+    return device.type != "cuda" or probabilities == "uint8"
 
 
 class _BlockPyramid:
@@ -246,9 +250,9 @@ class _BlockPyramid:
         for f in self.factors:
             self.factor.append(tuple(a * b for a, b in zip(self.factor[-1], f, strict=True)))
             shapes.append(tuple(-(-n // k) for n, k in zip(shapes[-1], f, strict=True)))
-        self.probs_kept = finishing.dtype == torch.uint8 or not self.cuda
         self.stored = [torch.empty((channels, *sh), dtype=finishing.dtype, device=device)
-                       if self.probs_kept else None for sh in shapes]
+                       if probability_levels_here(device, finishing.probabilities) else None
+                       for sh in shapes]
         self.labels = [torch.empty(sh, dtype=torch.uint8, device=device) for sh in shapes]
         self.done = [0] * len(shapes)
 
@@ -352,7 +356,7 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
         from the previous level: after the last slab, ``write`` also receives each level
         of the whole write region (``Finished.level`` 1, 2 …), computed on the device
         (:mod:`engine.predict.downsample`) for the labels and uint8 probabilities; float16
-        probabilities come as None there (their exact float16 rounding is the host's).
+        probabilities come as None there (see :func:`probability_levels_here`).
 
     Returns
     -------
@@ -370,15 +374,9 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
     reader.start()
     writer.start()
     try:
-        slot = device_slot() if device_slot is not None else None
-        if slot is not None:
-            slot.__enter__()
-        try:
+        with device_slot() if device_slot is not None else nullcontext():
             _stream(predictor, reader, writer, grid, tiles, box, inner, region, weights,
                     channels_out, offset, scale, finishing, unit, times, levels)
-        finally:
-            if slot is not None:
-                slot.__exit__(None, None, None)
         t0 = time.perf_counter()
         writer.jobs.put(None)
         writer.join()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,17 +93,17 @@ class OutputArrays:
 
 
 class _BlockOutputs:
-    """Writes a block's finished slabs and levels as they come; float16 probabilities keep
-    the block in memory for their levels when the device leaves them to the host (see
-    :func:`engine.predict.block.predict_block`), written at the end."""
+    """Writes a block's finished slabs and levels as they come. When the block predictor
+    leaves the probabilities' levels to the host (``levels_here`` False, see
+    :func:`engine.predict.block.probability_levels_here`), the block's probabilities are
+    kept in memory and their levels written at the end."""
 
     def __init__(self, arrays: OutputArrays, region: Region, channels_out: int,
-                 prob_dtype: str) -> None:
+                 prob_dtype: str, levels_here: bool) -> None:
         shape = tuple(r.stop - r.start for r in region)
         self.arrays, self.region, self.k = arrays, region, channels_out
-        host = prob_dtype != "uint8" and len(arrays.probabilities) > 1
+        host = not levels_here and len(arrays.probabilities) > 1
         self.probs = np.empty((channels_out, *shape), prob_dtype) if host else None
-        self.missing = False  # levels came without probabilities: made here at the end
 
     def write(self, done: Any) -> None:  # done: engine.predict.block.Finished
         from engine.pyramid import write_levels
@@ -115,8 +116,6 @@ class _BlockOutputs:
                 local = tuple(slice(d.start - r.start, d.stop - r.start)
                               for d, r in zip(done.region, self.region, strict=True))
                 self.probs[(slice(None), *local)] = done.probabilities
-        elif done.level > 0:
-            self.missing = True
         if done.level < len(self.arrays.labels):
             write_levels(self.arrays.labels[done.level:done.level + 1], done.region,
                          done.labels, (), "mode", whole=True)
@@ -125,7 +124,7 @@ class _BlockOutputs:
         """Write the float16 probabilities' levels from the block in memory."""
         from engine.pyramid import write_levels
 
-        if self.probs is not None and self.missing:
+        if self.probs is not None:
             write_levels(self.arrays.probabilities, (slice(0, self.k), *self.region),
                          self.probs, tuple((1, *f) for f in self.arrays.factors), "mean",
                          write_first=False)
@@ -152,7 +151,7 @@ class PredictTask:
     unit: int  # storage-chunk length of the outputs along the first spatial axis
 
     def __call__(self, block: Block) -> dict[str, Any]:
-        from engine.predict.block import Finishing, predict_block
+        from engine.predict.block import Finishing, predict_block, probability_levels_here
         from engine.predict.tiling import blend_weights
         from engine.predict.workers import device_lock, load_counts, worker_predictor
 
@@ -162,23 +161,22 @@ class PredictTask:
                                            len(self.source.channels), self.grid.tile)
         load_s = time.perf_counter() - t0
         k = int(meta["arch"]["out_channels"])
-        sink = _BlockOutputs(self.outputs, block.write, k, self.prob_dtype)
+        sink = _BlockOutputs(self.outputs, block.write, k, self.prob_dtype,
+                             probability_levels_here(predictor.device, self.prob_dtype))
         lock = device_lock(predictor.device)
         waited = [0.0]
 
-        class _Slot:  # the device, one block at a time; the wait is reported
-            def __enter__(self) -> None:
-                w0 = time.perf_counter()
-                lock.acquire()
+        @contextmanager
+        def slot() -> Iterator[None]:  # the device, one block at a time; the wait is reported
+            w0 = time.perf_counter()
+            with lock:
                 waited[0] = time.perf_counter() - w0
-
-            def __exit__(self, *exc: Any) -> None:
-                lock.release()
+                yield
 
         times = predict_block(predictor, self.source.read, self.grid, block.write,
                               blend_weights(self.grid.tile, self.blend), k, self.offset,
                               self.scale, Finishing(self.prob_dtype, self.kind, self.threshold),
-                              sink.write, self.unit, device_slot=_Slot,
+                              sink.write, self.unit, device_slot=slot,
                               levels=self.outputs.factors)
         t1 = time.perf_counter()
         sink.finish()
@@ -235,7 +233,6 @@ def throughput(results: Sequence[dict[str, Any]], seconds: float,
         "voxels": int(voxels), "seconds": round(seconds, 3),
         "voxels_per_s": round(voxels / seconds, 1) if seconds else None,
         **{k: round(v, 3) for k, v in total.items()},
-        "compute_s": round(total["model_s"], 3),
         "device_busy": round(total["model_s"] / spans, 3) if per else None,
         "tiles": int(tiles),
         "workers": {a: {"blocks": w.blocks, "voxels_per_s": round(
@@ -245,7 +242,6 @@ def throughput(results: Sequence[dict[str, Any]], seconds: float,
             for a, w in sorted(per.items())},
         "notes": notes,
     }
-    out["compute_fraction"] = out["device_busy"]
     if grid_tiles:
         out["grid_tiles"] = int(grid_tiles)
         out["tile_ratio"] = round(tiles / grid_tiles, 3)
