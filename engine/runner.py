@@ -38,6 +38,8 @@ from engine.provenance import block_time_summary
 
 BlockTask = Callable[[Block], Any]
 IN_FLIGHT_FLOOR = 128
+#: after a failed pass, the longest wait for its tasks still running on workers
+SETTLE_S = 60.0
 
 
 class BlockFailed(RuntimeError):
@@ -204,6 +206,25 @@ class RunReport:
     held_peak: int = 0
 
 
+def _executing(prefix: str, dask_worker: Any = None) -> int:
+    """Tasks of the pass with key ``prefix`` this worker is still running (cancelled ones
+    too: a worker finishes a task it has started)."""
+    return sum(1 for ts in dask_worker.state.executing if str(ts.key).startswith(prefix))
+
+
+def _wait_running(client: Any, prefix: str, timeout: float = SETTLE_S) -> None:
+    """Wait until no worker runs a task of the pass (at most ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(_executing, prefix)
+        except Exception:  # noqa: BLE001 - a lost cluster: nothing left to wait for
+            return
+        if not any(running.values()):
+            return
+        time.sleep(0.05)
+
+
 def default_in_flight(client: Any) -> int:
     """Blocks submitted at once: enough that the round trip of a finished block never
     leaves a thread idle (short blocks are latency-bound), bounded so the scheduler holds a
@@ -227,7 +248,6 @@ def run_blocks(
     combine: Callable[[Any, Any], Any] | None = None,
     initial: Any = None,
     recover: BlockTask | None = None,
-    settle: float = 0.0,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
 
@@ -264,10 +284,6 @@ def run_blocks(
         finished (read back from what it stored), so a resumed reduction folds every
         block. Recovered blocks count as skipped; the fold's tree is the same as in a run
         that computed them all.
-    settle : float
-        After a failure, wait up to this many seconds for the blocks already submitted to
-        end before cancelling the rest: a task running on a worker cannot be stopped, and
-        one that writes after the caller removed its output would bring it back.
     """
     from distributed import as_completed
 
@@ -354,18 +370,13 @@ def run_blocks(
                 events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),
                             blocks=total, blocks_per_s=round(len(block_seconds)
                                                              / (last_event - t0), 3))
-    except BaseException:
-        if settle > 0 and futures:
-            from distributed import wait
-
-            try:
-                wait(list(futures), timeout=settle)
-            except Exception:  # noqa: BLE001 - a timeout or a failed task: stop waiting
-                pass
-        raise
     finally:
         for fut in futures:
             fut.cancel()
+        if futures:
+            # a task running on a worker cannot be stopped: let those of this pass end, so
+            # none writes (a block, a done-marker) after the caller removes its output
+            _wait_running(client, prefix)
         progress.finish()
     report = RunReport(name, total, n_todo, skipped, results, time.monotonic() - t0,
                        block_seconds, voxels,

@@ -483,11 +483,11 @@ def run_extraction(plan: ExtractPlan, client: Any, progress: Progress | None = N
     try:
         if plan.jobs:
             run_blocks(client, BlockGrid((len(plan.jobs),), 1), task, name="patches",
-                       progress=progress, retries=1, settle=60.0)
+                       progress=progress, retries=1)
         _write_manifest(partial / PATCHES_MANIFEST, plan)
         commit(partial, dst)
     except BaseException:
-        # the runner waited for the patches under way (settle), so none writes after this
+        # the runner waited for the patches under way, so none writes after this
         shutil.rmtree(partial, ignore_errors=True)
         raise
     padded = sum(j.padded(plan.image.shape) for j in plan.jobs)
