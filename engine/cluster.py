@@ -414,6 +414,18 @@ def check_dashboard_address(options: ClusterOptions) -> None:
         "--insecure-dashboard to accept that")
 
 
+def dashboard_link(client: object, options: ClusterOptions) -> str:
+    """The dashboard's URL as this machine reaches it: dask names the scheduler's host
+    (reachable by the SLURM nodes), where a loopback-only dashboard does not answer."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    link = str(client.dashboard_link)  # type: ignore[attr-defined]
+    if not _is_loopback(options.dashboard_address):
+        return link
+    parts = urlsplit(link)
+    return urlunsplit(parts._replace(netloc=f"127.0.0.1:{parts.port}")) if parts.port else link
+
+
 def _dashboard_tls(options: ClusterOptions, security: object | None) -> dict[str, object]:
     """Dask settings that serve a dashboard opened beyond this machine over HTTPS, with the
     scheduler's certificate of ``--tls`` (none otherwise)."""
@@ -513,7 +525,7 @@ def slurm_client(options: ClusterOptions, security: object | None,
                 wait_for_slurm_workers(client, cluster, options.worker_timeout)
             report(f"SLURM cluster: {options.jobs} job(s)"
                    f"{' (adaptive)' if options.adaptive else ''}, {options.gpus_per_job} "
-                   f"GPU(s) per job; dashboard: {client.dashboard_link}")
+                   f"GPU(s) per job; dashboard: {dashboard_link(client, options)}")
             yield client
         finally:
             client.close()

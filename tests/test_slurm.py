@@ -172,7 +172,7 @@ def test_convert_segment_predict_on_two_gpu_jobs_and_a_cancelled_job(
             convert(volume, out, CONVERT, c, report=lambda line: None)
             segment(out, SegmentOptions("threshold", "objects", block=(32, 32, 32)), c,
                     report=lambda line: None)
-        ran = {t["worker"] for t in stream.data if str(t["key"]).startswith("image-pass0")}
+        ran = {t["worker"] for t in stream.data if str(t["key"]).startswith("image_pass0")}
         assert ran == set(jobs), "both worker jobs convert blocks"
         assert_same(out, reference)
         assert_same(out, reference, "labels/objects")
