@@ -52,13 +52,17 @@ fi
 
 # 2. the wheelhouse (the image's python is bookworm's 3.11, as the host's must be)
 WHEELS=$REPO/deploy/compose/wheels
-"$PYTHON" -m pip wheel -q -w "$WHEELS" -c constraints.txt ".[learn]"
-"$PYTHON" -m pip download -q -d "$WHEELS" --only-binary=:all: setuptools wheel
+# (a pip configuration's missing local index folders warn once per package: not shown)
+"$PYTHON" -m pip wheel -q -w "$WHEELS" -c constraints.txt ".[learn]" 2>&1 \
+    | { grep -v "^WARNING: Location" || true; }
+"$PYTHON" -m pip download -q -d "$WHEELS" --only-binary=:all: setuptools wheel 2>&1 \
+    | { grep -v "^WARNING: Location" || true; }
 rm -f "$WHEELS"/voxelmill-*.whl   # the image builds voxelmill from its own sources
 step "wheelhouse ($(ls "$WHEELS"/*.whl | wc -l) wheels, $(du -sm "$WHEELS" | cut -f1) MiB)"
 
 # 3. the image
-docker build -q -f deploy/compose/Dockerfile --build-arg BASE="$BASE_IMAGE" -t voxelmill:cpu . >/dev/null
+docker build -q -f deploy/compose/Dockerfile --build-arg BASE="$BASE_IMAGE" -t voxelmill:cpu . \
+    >/dev/null 2>"$WORK/build.log" || { cat "$WORK/build.log"; exit 1; }
 step "docker build voxelmill:cpu"
 
 # 4. the stack, in its own project folder: ./data and ./certs as the compose file mounts them

@@ -10,7 +10,7 @@
 #
 # Both are idempotent. Needs root and apt-get (Debian/Ubuntu). Partition: `debug`
 # (OverSubscribe=FORCE:4, so several one-core worker jobs share the cores of a small
-# machine); tests/test_slurm.py uses it through tests/slurm/jobqueue.yaml.
+# machine); tests/test_slurm.py submits its worker jobs there. See deploy/slurm/README.md.
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
