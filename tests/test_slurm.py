@@ -3,13 +3,14 @@
 
 Convert, a segmentation workflow and inference with ``--gpus-per-job 1`` run on two worker
 jobs and equal the embedded cluster's output; a worker job cancelled mid-run costs nothing;
-``--adaptive`` jobs are gone after the run; ``--tls`` works; bad SLURM input is one line,
-exit 2, nothing written and no job left. Where SLURM is not running the tests skip, saying
-why (under ``CI=true`` they fail instead).
+``--adaptive`` jobs are gone after the run; the CLI with ``--tls`` works; bad SLURM input
+is one line, exit 2, nothing written and no job left. Where SLURM is not running the tests
+skip, saying why (under ``CI=true`` they fail instead).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -39,21 +40,31 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"SLURM not available: {reason} (run `{START}` as root)")
 
 
-@pytest.fixture(scope="session")
-def partition() -> str:
-    """The default partition of a running SLURM whose node is idle (or partly used)."""
+@functools.cache
+def _slurm_partition() -> tuple[str | None, str]:
+    """The default partition of a running SLURM whose node is idle (or partly used), or
+    why there is none (asked once: sinfo takes seconds to give up on a missing slurmctld)."""
     if shutil.which("sinfo") is None:
-        _unavailable("sinfo not found")
+        return None, "sinfo not found"
     res = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True,
-                         timeout=30)
+                         timeout=60)
     if res.returncode != 0:
-        _unavailable(f"sinfo failed: {res.stderr.strip()}")
+        return None, f"sinfo failed: {res.stderr.strip()}"
     rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
     usable = [p for p, state in rows if state in ("idle", "mixed", "allocated")]
     if not usable:
-        _unavailable(f"no node is idle (sinfo: {res.stdout.strip() or 'nothing'})")
+        return None, f"no node is idle (sinfo: {res.stdout.strip() or 'nothing'})"
     default = [p for p in usable if p.endswith("*")]
-    return (default or usable)[0].rstrip("*")
+    return (default or usable)[0].rstrip("*"), ""
+
+
+@pytest.fixture(scope="session")
+def partition() -> str:
+    """The partition the worker jobs go to; skips (fails under CI=true) without SLURM."""
+    name, reason = _slurm_partition()
+    if name is None:
+        _unavailable(reason)
+    return name
 
 
 def jobqueue(tmp: Path, partition: str, **extra: object) -> tuple[Path, str]:
@@ -243,35 +254,24 @@ def test_adaptive_jobs_come_and_go(partition, volume, reference, tmp_path):
     assert_no_jobs(name)
 
 
-def test_tls_over_slurm(partition, volume, reference, tmp_path):
-    """--tls: the scheduler and the worker job speak TLS with the folder's certificates."""
+def test_cli_convert_on_slurm_with_tls(partition, volume, reference, tmp_path):
+    """The command as a user types it, with TLS: `voxelmill --tls DIR --cluster slurm --jobs 2
+    … convert`; both worker jobs register with the scheduler over tls://."""
     from engine.security import make_certificates
 
     certs = make_certificates(tmp_path / "certs")
     config, name = jobqueue(tmp_path, partition)
     out = tmp_path / "vol.ome.zarr"
-    opts = ClusterOptions(cluster="slurm", jobs=1, tls=str(certs.directory),
-                          jobqueue_config=str(config), dashboard_address="127.0.0.1:0")
-    with connect(opts, report=lambda line: None) as c:
-        assert c.scheduler.address.startswith("tls://")
-        (worker,) = c.scheduler_info()["workers"]
-        assert worker.startswith("tls://") and c.run(_job_id)[worker] in queued(name)
-        convert(volume, out, CONVERT, c, report=lambda line: None)
-    assert_same(out, reference)
-    assert_no_jobs(name)
-
-
-def test_cli_convert_on_slurm(partition, volume, reference, tmp_path):
-    """The command as a user types it: `voxelmill --cluster slurm --jobs 2 … convert`."""
-    config, name = jobqueue(tmp_path, partition)
-    out = tmp_path / "vol.ome.zarr"
-    res = run_cli("--cluster", "slurm", "--jobs", "2", "--jobqueue-config", str(config),
-                  "--dashboard-address", "127.0.0.1:0", "convert", str(volume), str(out),
-                  "--chunks", "32", cwd=tmp_path)
+    res = run_cli("--tls", str(certs.directory), "--cluster", "slurm", "--jobs", "2",
+                  "--jobqueue-config", str(config), "--dashboard-address", "127.0.0.1:0",
+                  "convert", str(volume), str(out), "--chunks", "32", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "SLURM cluster: 2 job(s)" in res.stderr
     assert_same(out, reference)
     assert_no_jobs(name)
+    logs = [p.read_text() for p in (tmp_path / "slurm-logs").glob(f"{name}-*.err")]
+    assert len(logs) == 2 and all("Registered to:" in log for log in logs), logs
+    assert all("tls://" in log.split("Registered to:", 1)[1].split()[0] for log in logs)
 
 
 def test_bad_slurm_input(partition, volume, tmp_path):
