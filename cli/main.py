@@ -56,13 +56,24 @@ def _global_options(
         "--tls", metavar="DIR", help="Folder from 'voxelmill cluster certs': TLS with mutual "
         "authentication between client, scheduler and workers.")] = None,
     dashboard_address: Annotated[str, typer.Option(
-        help="Where the embedded cluster's dashboard listens: on this machine only unless "
-        "told otherwise, e.g. 0.0.0.0:8787.")] = "127.0.0.1:8787",
+        help="Where the dashboard of the embedded or SLURM cluster listens: on this machine "
+        "only unless told otherwise, e.g. 0.0.0.0:8787 (then --tls or --insecure-dashboard)."
+    )] = "127.0.0.1:8787",
+    insecure_dashboard: Annotated[bool, typer.Option(
+        "--insecure-dashboard", help="Allow a --dashboard-address beyond this machine without "
+        "--tls: plain HTTP, no login.")] = False,
+    worker_timeout: Annotated[float, typer.Option(
+        help="--cluster slurm: seconds to wait for the first worker job to start before "
+        "giving up and cancelling the jobs (0: wait forever).")] = 120.0,
     log_json: Annotated[Path | None, typer.Option(
         "--log-json", metavar="FILE", help="Append structured events (one JSON object per "
         "line: stages, blocks done, throughput, errors) to FILE.")] = None,
 ) -> None:
     """Dask-distributed engine for terabyte-scale microscopy volumes."""
+    if worker_timeout < 0:
+        with user_errors():
+            raise OptionError(f"--worker-timeout {worker_timeout:g}: must be ≥ 0 (0: wait "
+                              "forever)")
     if log_json is not None:
         with user_errors():
             try:
@@ -73,7 +84,8 @@ def _global_options(
     set_cluster_options(cluster=cluster_kind, jobs=jobs, gpus_per_job=gpus_per_job,
                         jobqueue_config=str(jobqueue_config) if jobqueue_config else None,
                         adaptive=adaptive, tls=str(tls) if tls else None,
-                        dashboard_address=dashboard_address, gpus=gpus)
+                        dashboard_address=dashboard_address, gpus=gpus,
+                        insecure_dashboard=insecure_dashboard, worker_timeout=worker_timeout)
 
 
 @app.command()

@@ -54,6 +54,12 @@ class ClusterOptions:
         ``N`` or ``auto`` (every GPU this machine has): the embedded cluster starts one GPU
         worker per device beside the CPU workers, each seeing its device alone
         (``CUDA_VISIBLE_DEVICES``) and advertising ``GPU=1``.
+    worker_timeout : float
+        Seconds to wait for the first SLURM worker to join before giving up (its jobs are
+        cancelled); 0 waits forever. Not applied with ``adaptive`` (jobs start with work).
+    insecure_dashboard : bool
+        Allow a ``dashboard_address`` beyond this machine without ``tls`` (plain HTTP that
+        anyone on the network can read).
     """
 
     scheduler: str | None = None
@@ -68,6 +74,8 @@ class ClusterOptions:
     tls: str | None = None
     dashboard_address: str = "127.0.0.1:8787"
     gpus: str | None = None
+    worker_timeout: float = 120.0
+    insecure_dashboard: bool = False
 
 
 def _cores() -> int:
@@ -183,19 +191,10 @@ def connect(
         security = load_security(Path(options.tls), "client",
                                  require=("scheduler", "worker") if embedded else ())
     if options.cluster == "slurm":
-        cluster = slurm_cluster(options, security=security)
-        if options.adaptive:
-            cluster.adapt(minimum_jobs=0, maximum_jobs=options.jobs)
-        else:
-            cluster.scale(jobs=options.jobs)
-        client = Client(cluster)
-        report(f"SLURM cluster: {options.jobs} job(s){' (adaptive)' if options.adaptive else ''}"
-               f", {options.gpus_per_job} GPU(s) per job; dashboard: {client.dashboard_link}")
-        try:
+        check_dashboard_address(options)
+        with dask.config.set(_dashboard_tls(options, security)), \
+                slurm_client(options, security, report) as client:
             yield client
-        finally:
-            client.close()
-            cluster.close()
         return
     if options.scheduler:
         if not options.scheduler.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
@@ -215,6 +214,20 @@ def connect(
         finally:
             client.close()
         return
+
+    check_dashboard_address(options)
+    # the dashboard's TLS settings stay set while the client lives: its link says https
+    with dask.config.set(_dashboard_tls(options, security)), \
+            _local_client(options, security, report) as client:
+        yield client
+
+
+@contextmanager
+def _local_client(options: ClusterOptions, security: object | None,
+                  report: Callable[[str], None]) -> Iterator[object]:
+    """A client of the embedded cluster, which lives as long as the client."""
+    import dask
+    from distributed import Client
 
     workers, threads = local_cluster_shape(options)
     gpus = gpu_count(options.gpus)
@@ -312,6 +325,8 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
     if missing:
         raise OptionError(f"{path}: jobqueue.slurm needs {', '.join(missing)}")
     settings = {k.replace("-", "_"): v for k, v in section.items()}
+    if "name" in settings:  # the job's name in dask-jobqueue's file (its keyword: job_name)
+        settings["job_name"] = settings.pop("name")
     directives = list(settings.pop("job_extra_directives", None) or [])
     worker_args = list(settings.pop("worker_extra_args", None) or [])
     if options.gpus_per_job:
@@ -332,6 +347,10 @@ def slurm_cluster(options: ClusterOptions, security: object | None = None) -> ob
     mutual authentication; the certificate folder must be on a file system the nodes see
     under the same path (the job script passes its files to ``dask worker``).
     """
+    import dataclasses
+
+    import dask
+
     settings = slurm_settings(options)
     if security is not None:
         settings.update(security=security, protocol="tls://")
@@ -340,7 +359,175 @@ def slurm_cluster(options: ClusterOptions, security: object | None = None) -> ob
     except ImportError:
         raise OptionError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue"
                           ) from None
+    # the scheduler runs here: its dashboard follows --dashboard-address (this machine only
+    # by default) unless the file or dask's configuration names one, which is checked too
+    scheduler_options = {**(dask.config.get("jobqueue.slurm.scheduler-options", None) or {}),
+                         **(settings.pop("scheduler_options", None) or {})}
+    scheduler_options.setdefault("dashboard_address", options.dashboard_address)
+    check_dashboard_address(dataclasses.replace(
+        options, dashboard_address=str(scheduler_options["dashboard_address"])))
+    settings["scheduler_options"] = scheduler_options
     try:
         return SLURMCluster(**settings)
     except (TypeError, ValueError) as exc:
         raise OptionError(f"{options.jobqueue_config}: {exc}") from None
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a ``HOST:PORT`` listening address binds to this machine only (``:8787`` and
+    ``0.0.0.0:8787`` bind to every interface)."""
+    import ipaddress
+
+    host = address.strip()
+    if "://" in host:
+        host = host.split("://", 1)[1]
+    if host.startswith("["):  # [::1]:8787
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1 or host.isdigit():
+        host = host.rsplit(":", 1)[0] if ":" in host else ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or an interface: reachable from elsewhere
+
+
+def check_dashboard_address(options: ClusterOptions) -> None:
+    """Refuse a dashboard open to the network in plain HTTP.
+
+    The dashboard shows the cluster's tasks, logs and call stacks and needs no login; beyond
+    this machine it is allowed with ``tls`` (served over HTTPS with the scheduler's
+    certificate) or when the user accepts it with ``insecure_dashboard``.
+
+    Raises
+    ------
+    OptionError
+        For a non-loopback ``dashboard_address`` without either.
+    """
+    address = options.dashboard_address
+    if _is_loopback(address) or options.tls or options.insecure_dashboard:
+        return
+    raise OptionError(
+        f"--dashboard-address {address}: opens the dashboard (tasks, logs, call stacks; no "
+        "login) to the network over plain HTTP; add --tls DIR to serve it over HTTPS, or "
+        "--insecure-dashboard to accept that")
+
+
+def dashboard_link(client: object, options: ClusterOptions) -> str:
+    """The dashboard's URL as this machine reaches it: dask names the scheduler's host
+    (reachable by the SLURM nodes), where a loopback-only dashboard does not answer."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    link = str(client.dashboard_link)  # type: ignore[attr-defined]
+    if not _is_loopback(options.dashboard_address):
+        return link
+    parts = urlsplit(link)
+    return urlunsplit(parts._replace(netloc=f"127.0.0.1:{parts.port}")) if parts.port else link
+
+
+def _dashboard_tls(options: ClusterOptions, security: object | None) -> dict[str, object]:
+    """Dask settings that serve a dashboard opened beyond this machine over HTTPS, with the
+    scheduler's certificate of ``--tls`` (none otherwise)."""
+    if security is None or _is_loopback(options.dashboard_address):
+        return {}
+    prefix = "distributed.scheduler.dashboard.tls."
+    return {prefix + "cert": security.tls_scheduler_cert,  # type: ignore[attr-defined]
+            prefix + "key": security.tls_scheduler_key,  # type: ignore[attr-defined]
+            prefix + "ca-file": security.tls_ca_file}  # type: ignore[attr-defined]
+
+
+def _squeue(job_ids: list[str]) -> list[str]:
+    """``JOBID STATE (REASON)`` of the given SLURM jobs still listed by ``squeue``."""
+    import subprocess
+
+    if not job_ids:
+        return []
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T (%r)"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def check_slurm_submission(cluster: object, config: str) -> None:
+    """Ask SLURM whether it would accept the worker job (``sbatch --test-only``), so a wrong
+    partition, account, memory or GRES request is one clear error before any job exists.
+
+    Raises
+    ------
+    OptionError
+        Naming ``config`` and quoting SLURM's reason; or when ``sbatch`` is not on the PATH.
+    """
+    import subprocess
+
+    if shutil.which("sbatch") is None:
+        raise OptionError("--cluster slurm: sbatch is not on the PATH (run voxelmill where "
+                          "SLURM jobs can be submitted, e.g. a login node)")
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="voxelmill-job-") as script:
+        script.write(cluster.job_script())  # type: ignore[attr-defined]
+        script.flush()
+        try:
+            res = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True,
+                                 text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise OptionError(f"--cluster slurm: sbatch --test-only failed: {exc}") from None
+    if res.returncode != 0:
+        lines = [ln.removeprefix("sbatch: error: ").strip()
+                 for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+        reason = "; ".join(lines[-2:]) or f"exit code {res.returncode}"
+        raise OptionError(f"{config}: SLURM refuses the worker job: {reason}")
+
+
+def wait_for_slurm_workers(client: object, cluster: object, timeout: float) -> None:
+    """Wait until the first SLURM worker joins (the others join as their jobs start).
+
+    Raises
+    ------
+    OptionError
+        When none joined within ``timeout`` seconds (0: wait forever), naming the jobs and
+        why SLURM holds them.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+    while not client.scheduler_info()["workers"]:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            jobs = [str(j.job_id) for j in cluster.workers.values()  # type: ignore[attr-defined]
+                    if getattr(j, "job_id", None)]
+            states = _squeue(jobs)
+            raise OptionError(
+                f"--cluster slurm: no worker joined within {timeout:g} s (--worker-timeout); "
+                + (f"jobs: {', '.join(states)}" if states else
+                   f"jobs {', '.join(jobs) or '(none submitted)'} no longer queued")
+                + "; cancelled them")
+        time.sleep(0.5)
+
+
+@contextmanager
+def slurm_client(options: ClusterOptions, security: object | None,
+                 report: Callable[[str], None]) -> Iterator[object]:
+    """A client of a ``SLURMCluster`` whose scheduler runs here and whose workers are SLURM
+    jobs; every job it submitted is cancelled when it ends, on error too."""
+    from distributed import Client
+
+    cluster = slurm_cluster(options, security=security)
+    try:
+        check_slurm_submission(cluster, str(options.jobqueue_config))
+        if options.adaptive:
+            cluster.adapt(minimum_jobs=0, maximum_jobs=options.jobs)  # type: ignore
+        else:
+            cluster.scale(jobs=options.jobs)  # type: ignore[attr-defined]
+        client = Client(cluster, security=security)
+        try:
+            if not options.adaptive:
+                wait_for_slurm_workers(client, cluster, options.worker_timeout)
+            report(f"SLURM cluster: {options.jobs} job(s)"
+                   f"{' (adaptive)' if options.adaptive else ''}, {options.gpus_per_job} "
+                   f"GPU(s) per job; dashboard: {dashboard_link(client, options)}")
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()  # type: ignore[attr-defined]

@@ -300,7 +300,10 @@ def run_blocks(
     events.emit("stage-start", stage=name, blocks=total, skipped=skipped)
     marked = _MarkedTask(task, markers)
     # unique per call: a key reused by a later call could be served a stale (erred) result
-    prefix = f"{name}-{state.run_hash[:8] if state else 'once'}-{uuid.uuid4().hex[:6]}"
+    # (the pass name is the key's first word, without hyphens: the dashboard's task stream
+    # names tasks by dask's key_split, which would cut "image-pass0" down to "image")
+    prefix = (f"{name.replace('-', '_')}-{state.run_hash[:8] if state else 'once'}-"
+              f"{uuid.uuid4().hex[:6]}")
     limit = max_in_flight or default_in_flight(client)
 
     results: dict[tuple[int, ...], Any] = {}

@@ -149,3 +149,6 @@ def test_cli_cluster_errors_exit_2(tmp_path: Path):
     assert "Traceback" not in res.stderr
     res = run_cli("--cluster", "pbs", "convert", str(src), str(tmp_path / "a.ome.zarr"))
     assert res.returncode == 2 and "expected one of local, slurm" in res.stderr
+    res = run_cli("--worker-timeout", "-1", "convert", str(src), str(tmp_path / "a.ome.zarr"))
+    assert res.returncode == 2 and "--worker-timeout -1: must be ≥ 0" in res.stderr
+    assert not (tmp_path / "a.ome.zarr").exists()

@@ -1,0 +1,308 @@
+"""voxelmill through real SLURM jobs: a single-node SLURM cluster with two fake GPUs
+(``deploy/slurm/ci-cluster.sh start``, which ``.ci/run`` runs before the tests).
+
+Convert, a segmentation workflow and inference with ``--gpus-per-job 1`` run on two worker
+jobs and equal the embedded cluster's output; a worker job cancelled mid-run costs nothing;
+``--adaptive`` jobs are gone after the run; the CLI with ``--tls`` works; bad SLURM input
+is one line, exit 2, nothing written and no job left. Where SLURM is not running the tests
+skip, saying why (under ``CI=true`` they fail instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+
+from engine.cluster import ClusterOptions, connect, gpu_workers
+from engine.pipelines.convert import ConvertOptions, convert
+from engine.pipelines.segment import SegmentOptions, segment
+from tests.conftest import free_port, run_cli, write_mrc
+
+pytestmark = pytest.mark.slurm
+
+START = "deploy/slurm/ci-cluster.sh start"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"SLURM is required under CI=true: {reason}")
+    pytest.skip(f"SLURM not available: {reason} (run `{START}` as root)")
+
+
+@functools.cache
+def _slurm_partition() -> tuple[str | None, str]:
+    """The default partition of a running SLURM whose node is idle (or partly used), or
+    why there is none (asked once: sinfo takes seconds to give up on a missing slurmctld)."""
+    if shutil.which("sinfo") is None:
+        return None, "sinfo not found"
+    res = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True,
+                         timeout=60)
+    if res.returncode != 0:
+        return None, f"sinfo failed: {res.stderr.strip()}"
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
+    usable = [p for p, state in rows if state in ("idle", "mixed", "allocated")]
+    if not usable:
+        return None, f"no node is idle (sinfo: {res.stdout.strip() or 'nothing'})"
+    default = [p for p in usable if p.endswith("*")]
+    return (default or usable)[0].rstrip("*"), ""
+
+
+@pytest.fixture(scope="session")
+def partition() -> str:
+    """The partition the worker jobs go to; skips (fails under CI=true) without SLURM."""
+    name, reason = _slurm_partition()
+    if name is None:
+        _unavailable(reason)
+    return name
+
+
+def jobqueue(tmp: Path, partition: str, **extra: object) -> tuple[Path, str]:
+    """A dask-jobqueue file for one-core, 2 GiB worker jobs under a name of their own."""
+    import yaml
+
+    name = f"vmtest-{uuid.uuid4().hex[:8]}"
+    (tmp / "slurm-logs").mkdir(exist_ok=True)
+    section = {"name": name, "cores": 1, "memory": "2GiB", "processes": 1,
+               "queue": partition, "walltime": "00:20:00", "local-directory": str(tmp),
+               "log-directory": str(tmp / "slurm-logs"), **extra}
+    path = tmp / "jobqueue.yaml"
+    path.write_text(yaml.safe_dump({"jobqueue": {"slurm": section}}))
+    return path, name
+
+
+def queued(name: str) -> list[str]:
+    """Ids of the jobs named ``name`` that ``squeue`` still lists."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return out.split()
+
+
+def assert_no_jobs(name: str, wait: float = 30) -> None:
+    """No job named ``name`` is left (jobs being cancelled may linger a moment)."""
+    deadline = time.monotonic() + wait
+    while queued(name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert queued(name) == [], f"SLURM jobs left: {queued(name)}"
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    """A smooth random 64 × 96 × 96 float32 MRC: 18 blocks of 32³ at full resolution."""
+    tmp = tmp_path_factory.mktemp("slurm-volume")
+    rng = np.random.default_rng(3)
+    data = ndimage.gaussian_filter(rng.normal(size=(64, 96, 96)), 2).astype(np.float32)
+    return write_mrc(tmp / "vol.mrc", data, voxel_size=10.0)
+
+
+CONVERT = ConvertOptions(chunks=(32, 32, 32))
+
+
+def levels(path: Path, group: str = "") -> list[np.ndarray]:
+    root = zarr.open_group(str(path / group) if group else str(path), mode="r")
+    names = sorted((k for k in root.array_keys() if k.isdigit()), key=int)
+    return [root[k][...] for k in names]
+
+
+def assert_same(a: Path, b: Path, group: str = "") -> None:
+    got, want = levels(a, group), levels(b, group)
+    assert len(got) == len(want) > 0
+    for x, y in zip(got, want, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference(volume, client, tmp_path_factory) -> Path:
+    """Convert and segment on the embedded cluster: what every SLURM run must equal."""
+    ref = tmp_path_factory.mktemp("slurm-ref") / "vol.ome.zarr"
+    convert(volume, ref, CONVERT, client, report=lambda line: None)
+    for name in ("objects", "again"):
+        segment(ref, SegmentOptions("threshold", name, block=(32, 32, 32)), client,
+                report=lambda line: None)
+    return ref
+
+
+def _job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _tiny_model(path: Path) -> Path:
+    """A fixed random 3D U-Net checkpoint for one input channel (sigmoid output)."""
+    import torch
+
+    from engine.learn.checkpoint import save_checkpoint
+    from engine.learn.unet import UNet, receptive_field
+
+    torch.manual_seed(0)
+    model = UNet(3, 1, 1, features=(4, 8), norm=None).eval()
+    meta = {"arch": {"name": "unet", **model.arch()},
+            "input": {"channels": ["c0"], "normalization": {"mode": "meanstd", "low": 1.0,
+                                                            "high": 99.8},
+                      "stats": [{"name": "x", "offset": [0.0], "scale": [1.0]}]},
+            "target": {"kind": "binary", "classes": ["background", "foreground"],
+                       "activation": "sigmoid"},
+            "patch_shape": [16, 32, 32], "divisor": list(model.divisor),
+            "receptive_field": list(receptive_field(model)), "voxel_size": [10.0] * 3,
+            "unit": "angstrom"}
+    save_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+def test_convert_segment_predict_on_two_gpu_jobs_and_a_cancelled_job(
+        partition, volume, reference, client, tmp_path):
+    """Two worker jobs with one fake GPU each: convert, segment and predict spread over both
+    (each worker reports its own SLURM_JOB_ID), the outputs equal the embedded cluster's;
+    then a worker job is cancelled with scancel while a segmentation runs on it, and the
+    run still completes with identical labels."""
+    from distributed import get_task_stream
+
+    from engine.pipelines.predict import PredictOptions, predict
+
+    config, name = jobqueue(tmp_path, partition)
+    out = tmp_path / "vol.ome.zarr"
+    opts = ClusterOptions(cluster="slurm", jobs=2, gpus_per_job=1, jobqueue_config=str(config),
+                          dashboard_address="127.0.0.1:0")
+    with connect(opts, report=lambda line: None) as c:
+        c.wait_for_workers(2, timeout=120)
+        jobs = c.run(_job_id)
+        assert len(set(jobs.values())) == 2 and set(jobs.values()) == set(queued(name))
+        # --gpus-per-job 1: every worker advertises GPU=1
+        assert gpu_workers(c) == sorted(jobs)
+
+        with get_task_stream(c) as stream:
+            convert(volume, out, CONVERT, c, report=lambda line: None)
+            segment(out, SegmentOptions("threshold", "objects", block=(32, 32, 32)), c,
+                    report=lambda line: None)
+        ran = {t["worker"] for t in stream.data if str(t["key"]).startswith("image_pass0")}
+        assert ran == set(jobs), "both worker jobs convert blocks"
+        assert_same(out, reference)
+        assert_same(out, reference, "labels/objects")
+
+        # inference asks for GPU=1: here every worker has it, and the report says which ran
+        ckpt = _tiny_model(tmp_path / "model.pt")
+        popts = PredictOptions(ckpt, "slurm", block=(32, 32, 32), probabilities="float16",
+                               device="cpu")
+        res = predict(out, popts, c, report=lambda line: None)
+        assert set(res.report["workers"]) <= set(gpu_workers(c))
+        assert sum(w["blocks"] for w in res.report["workers"].values()) == 18
+
+        # scancel one worker job while it runs blocks of a segmentation
+        victim_worker, victim_job = sorted(jobs.items())[0]
+        cancelled = threading.Event()
+
+        def cancel_when_busy() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if c.processing(workers=[victim_worker]).get(victim_worker):
+                    subprocess.run(["scancel", victim_job], check=True, timeout=30)
+                    cancelled.set()
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=cancel_when_busy, daemon=True)
+        killer.start()
+        segment(out, SegmentOptions("threshold", "again", block=(32, 32, 32)), c,
+                report=lambda line: None)
+        killer.join(timeout=60)
+        assert cancelled.is_set(), "the victim job never ran a block"
+        assert victim_job not in queued(name)
+    assert_same(out, reference, "labels/again")
+    # the local run's predictions: the same network on the same blocks
+    local = tmp_path / "local.ome.zarr"
+    shutil.copytree(out, local, ignore=shutil.ignore_patterns("predictions", "labels"))
+    predict(local, PredictOptions(ckpt, "slurm", block=(32, 32, 32), probabilities="float16",
+                                  device="cpu"), client, report=lambda line: None)
+    np.testing.assert_allclose(levels(out, "predictions/slurm")[0].astype(np.float32),
+                               levels(local, "predictions/slurm")[0].astype(np.float32),
+                               atol=1e-3)
+    assert_no_jobs(name)
+
+
+def test_adaptive_jobs_come_and_go(partition, volume, reference, tmp_path):
+    """--adaptive: no job before the work, jobs during it, none after it."""
+    config, name = jobqueue(tmp_path, partition)
+    out = tmp_path / "vol.ome.zarr"
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(queued(name))
+            time.sleep(0.2)
+
+    opts = ClusterOptions(cluster="slurm", jobs=2, adaptive=True, jobqueue_config=str(config),
+                          dashboard_address="127.0.0.1:0")
+    with connect(opts, report=lambda line: None) as c:
+        assert queued(name) == [] and not c.scheduler_info()["workers"]
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        convert(volume, out, CONVERT, c, report=lambda line: None)
+        done.set()
+        watcher.join()
+    assert seen, "the adaptive cluster started no job"
+    assert_same(out, reference)
+    assert_no_jobs(name)
+
+
+def test_cli_convert_on_slurm_with_tls(partition, volume, reference, tmp_path):
+    """The command as a user types it, with TLS: `voxelmill --tls DIR --cluster slurm --jobs 2
+    … convert`; both worker jobs register with the scheduler over tls://."""
+    from engine.security import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    config, name = jobqueue(tmp_path, partition)
+    out = tmp_path / "vol.ome.zarr"
+    res = run_cli("--tls", str(certs.directory), "--cluster", "slurm", "--jobs", "2",
+                  "--jobqueue-config", str(config), "--dashboard-address", "127.0.0.1:0",
+                  "convert", str(volume), str(out), "--chunks", "32", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "SLURM cluster: 2 job(s)" in res.stderr
+    assert_same(out, reference)
+    assert_no_jobs(name)
+    logs = [p.read_text() for p in (tmp_path / "slurm-logs").glob(f"{name}-*.err")]
+    assert len(logs) == 2 and all("Registered to:" in log for log in logs), logs
+    assert all("tls://" in log.split("Registered to:", 1)[1].split()[0] for log in logs)
+
+
+def test_bad_slurm_input(partition, volume, tmp_path):
+    """A partition that does not exist, workers that never start: one line naming the file
+    or the jobs, exit 2, nothing written, no job left."""
+    out = tmp_path / "out.ome.zarr"
+    config, name = jobqueue(tmp_path, partition, queue="no-such-partition")
+    res = run_cli("--cluster", "slurm", "--jobs", "2", "--jobqueue-config", str(config),
+                  "convert", str(volume), str(out), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{config}: SLURM refuses the worker job" in res.stderr
+    assert "invalid partition" in res.stderr.lower()
+    assert not out.exists() and not list(tmp_path.glob(".out.ome.zarr*"))
+    assert_no_jobs(name)
+
+    # jobs that SLURM keeps pending (here: told to begin in an hour)
+    config, name = jobqueue(tmp_path, partition, **{"job-extra-directives": ["--begin=now+1hour"]})
+    res = run_cli("--cluster", "slurm", "--jobs", "2", "--jobqueue-config", str(config),
+                  "--worker-timeout", "3", "convert", str(volume), str(out), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line = " ".join(res.stderr.split())
+    assert "no worker joined within 3 s (--worker-timeout)" in line and "PENDING" in line
+    assert not out.exists() and not list(tmp_path.glob(".out.ome.zarr*"))
+    assert_no_jobs(name)
+
+
+def test_refusing_scheduler_address(volume, tmp_path):
+    """A scheduler address where nothing listens: one line naming it, exit 2, no output."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    out = tmp_path / "out.ome.zarr"
+    res = run_cli("convert", str(volume), str(out), "--scheduler", address)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"cannot reach the scheduler at {address}" in " ".join(res.stderr.split())
+    assert not out.exists() and not list(tmp_path.glob(".out.ome.zarr*"))
