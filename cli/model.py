@@ -60,8 +60,6 @@ def export(
                    ] = "torchscript",
     author: Annotated[list[str] | None, typer.Option(
         help="bioimageio: an author's name (repeat for several; at least one).")] = None,
-    maintainer: Annotated[list[str] | None, typer.Option(
-        help="bioimageio: a maintainer's GitHub user name (repeatable).")] = None,
     name: Annotated[str | None, typer.Option(
         help="bioimageio: the model's name (default: from the training run's folder).")
     ] = None,
@@ -100,7 +98,7 @@ def export(
 
         info = PackageInfo(tuple(author or ()), name, description,
                            tuple(parse_citation(c) for c in cite or ()), license_id,
-                           tuple(tag or ()), tuple(maintainer or ()))
+                           tuple(tag or ()))
         written, warnings = export_package(checkpoint, dst, info, sample, overwrite)
         for w in warnings:
             err.print(f"bioimageio.spec: {w}", markup=False)

@@ -166,8 +166,8 @@ def _check_voxel_size(meta: dict[str, Any], voxel: Sequence[float], unit: str,
 def _package_tile(zoo: dict[str, Any], tile: tuple[int, ...], overlap: float, model: Path
                   ) -> tuple[tuple[int, ...], float]:
     """A bioimage.io package's tile constraints: a fixed tile, at least the minimum, and
-    tiles overlapping by at least twice the output halo (so each voxel's blend is led by
-    tiles where it lies outside the halo)."""
+    tiles overlapping by at least twice the output halo (the halo of each tile is left out
+    of the blend, see :meth:`engine.predict.tiling.TileGrid.kept`)."""
     fixed, low, halo = zoo.get("fixed_shape"), zoo["min_shape"], zoo["halo"]
     if fixed and tuple(tile) != tuple(fixed):
         raise OptionError(f"--tile {tuple(tile)}: {model} takes tiles of {tuple(fixed)} only")
@@ -228,7 +228,8 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     overlap = options.overlap
     if "zoo" in meta:
         tile, overlap = _package_tile(meta["zoo"], tile, overlap, options.model)
-    grid = TileGrid.make(shape, tile, overlap, meta["divisor"])
+    grid = TileGrid.make(shape, tile, overlap, meta["divisor"],
+                         meta["zoo"]["halo"] if "zoo" in meta else ())
     if "zoo" in meta and any(t < m for t, m in zip(grid.tile, meta["zoo"]["min_shape"],
                                                    strict=True)):
         raise InputError(f"{src}: shape {shape} is smaller than the smallest tile of "
