@@ -6,6 +6,7 @@ packages are refused before anything is written."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import zipfile
@@ -128,6 +129,46 @@ def test_package_predicts_like_its_checkpoint(trained, client):
     r = run_cli("model", "info", str(trained["zip"]))
     assert r.returncode == 0, r.stderr
     assert "bioimage.io format 0.5" in r.stdout and "voxelmill_unet" in r.stdout
+
+
+def test_export_class_model_from_sample(trained, tmp_path):
+    """A class model whose training data is gone: refused until --sample names an image;
+    then softmax postprocessing, channel names from the classes, and bioimageio.core
+    reproduces the test output."""
+    from bioimageio.core import test_model
+
+    from engine.learn.checkpoint import save_checkpoint
+    from engine.learn.unet import UNet, receptive_field
+    from engine.zoo.export import PackageInfo, export_package
+
+    torch.manual_seed(0)
+    model = UNet(3, 1, 3, features=(4, 8), norm="batch").eval()
+    meta = {"arch": {"name": "unet", **model.arch()},
+            "input": {"channels": ["raw"], "normalization": {"mode": "percentile",
+                                                             "low": 1.0, "high": 99.0},
+                      "stats": [{"name": "x", "offset": [90.0], "scale": [60.0]}]},
+            "target": {"kind": "classes", "classes": ["background", "rim", "core"],
+                       "activation": "softmax"},
+            "patch_shape": [8, 16, 16], "divisor": list(model.divisor),
+            "receptive_field": list(receptive_field(model)), "voxel_size": [1.0, 0.5, 0.5],
+            "unit": "micrometer", "config": {"data": {"train": [
+                {"path": str(tmp_path / "gone.ome.zarr")}]}}}
+    save_checkpoint(tmp_path / "classes.pt", model.state_dict(), meta)
+    info = PackageInfo(authors=("Test",), cite=(("A paper", "10.1000/xyz"),))
+    with pytest.raises(InputError, match="--sample IMAGE"):
+        export_package(tmp_path / "classes.pt", tmp_path / "c.zip", info)
+    assert not (tmp_path / "c.zip").exists()
+    out, _ = export_package(tmp_path / "classes.pt", tmp_path / "c.zip", info,
+                            sample=trained["src"])
+    with zipfile.ZipFile(out) as zf:
+        rdf = yaml.safe_load(zf.read("rdf.yaml"))
+        x = np.load(io.BytesIO(zf.read("test_input.npy")))
+    assert x.shape == (1, 1, 8, 16, 16)
+    assert rdf["outputs"][0]["postprocessing"] == [{"id": "softmax",
+                                                    "kwargs": {"axis": "channel"}}]
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["background", "rim", "core"]
+    assert rdf["cite"] == [{"text": "A paper", "doi": "10.1000/xyz"}]
+    assert test_model(out, weight_format="torchscript", devices=["cpu"]).status == "passed"
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ import tifffile
 import torch
 import yaml
 
-from engine.errors import InputError, OptionError
+from engine.errors import InputError, OptionError, VoxelmillError
 from engine.learn.model import export_torchscript, load_model
 from engine.learn.normalize import ChannelStats, apply_stats
 from engine.output import check_destination
@@ -112,7 +112,13 @@ def _sample_crop(meta: Mapping[str, Any], sample: Path | None) -> tuple[np.ndarr
         path = Path(sample)
         if not path.exists():
             raise InputError(f"--sample {path}: no such file or folder")
-    volume = open_volume(path)
+    try:
+        volume = open_volume(path)
+    except VoxelmillError as exc:
+        if sample is not None:
+            raise
+        raise InputError(f"cannot cut the package's test input from the training data "
+                         f"({exc}); pass --sample IMAGE") from None
     dims = int(meta["arch"]["spatial_dims"])
     axes = volume.spatial_axes
     if len(axes) != dims:

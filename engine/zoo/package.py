@@ -110,7 +110,9 @@ def open_package(path: str | os.PathLike[str]) -> Package:
     if not p.exists():
         raise InputError(f"model package {p}: no such file or folder")
     if p.is_dir():
-        rdf_path = next(p / n for n in RDF_NAMES if (p / n).is_file())
+        rdf_path = next((p / n for n in RDF_NAMES if (p / n).is_file()), None)
+        if rdf_path is None:
+            raise InputError(f"model package {p}: a folder without rdf.yaml")
         pkg = Package(p, {}, folder=p)
         text = rdf_path.read_bytes()
     elif p.suffix.lower() == ".zip":
