@@ -455,7 +455,9 @@ def describe_package(meta: Mapping[str, Any]) -> list[str]:
     return [
         f"package    {zoo.get('name')} (bioimage.io format {zoo['format_version']}), "
         f"authors {', '.join(map(str, zoo.get('authors') or [])) or '?'}",
-        f"weights    {zoo['weights']}",
+        f"weights    {zoo['weights']}" + (
+            f" (runs the package's own code: needs {TRUST_FLAG})"
+            if zoo["weights"] == "pytorch_state_dict" else ""),
         f"input      {', '.join(inp['channels'])}; normalization {norm}"
         + (" (fixed statistics)" if inp.get("fixed") else ""),
         f"output     {target['kind']} ({target['activation']}): {', '.join(target['classes'])}",
