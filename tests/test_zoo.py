@@ -281,8 +281,10 @@ def test_bad_and_untrusted_packages_refused(handmade, tmp_path):
     def axes(d, r):
         r["inputs"][0]["axes"] = [r["inputs"][0]["axes"][i] for i in (0, 2, 3, 4, 1)]
 
-    def tampered(d, r):
+    def tampered(d, r):  # rdf.yaml edited: the weights no longer fit
         r["weights"]["pytorch_state_dict"]["architecture"]["kwargs"] = {"width": 8}
+
+    def swapped(d, r):  # a file replaced after the package was made
         (d / "net.py").write_text(ARCH.replace("padding=1", "padding=2", 1))
 
     def unlisted(d, r):
@@ -298,7 +300,8 @@ def test_bad_and_untrusted_packages_refused(handmade, tmp_path):
     cases = [(missing, True, "no file 'weights.pt'"),
              (onnx, True, "runs pytorch_state_dict or torchscript weights only"),
              (axes, True, "supports batch, [channel,] then z, y, x"),
-             (tampered, True, "does not match its sha256"),
+             (tampered, True, "the weights do not fit the architecture"),
+             (swapped, True, "net.py does not match its sha256"),
              (unlisted, True, "needs the module voxelmill_no_such_module"),
              (side_effect, False, "--trust-architecture-code")]
     for edit, trust, message in cases:
@@ -307,7 +310,7 @@ def test_bad_and_untrusted_packages_refused(handmade, tmp_path):
             plan_prediction(handmade["src"], PredictOptions(pkg, "bad", trust_code=trust))
     assert not marker.exists()  # the untrusted package's code never ran
     for pkg, extra in ((tmp_path / "pkg0", ["--trust-architecture-code"]),
-                       (tmp_path / "pkg5", [])):
+                       (tmp_path / "pkg6", [])):
         r = run_cli("predict", str(handmade["src"]), "--model", str(pkg), "--name", "bad",
                     *extra)
         assert r.returncode == 2, r.stderr
@@ -315,5 +318,45 @@ def test_bad_and_untrusted_packages_refused(handmade, tmp_path):
         assert not (handmade["src"] / "predictions" / "bad").exists()
         assert not (handmade["src"] / "labels" / "bad").exists()
     assert not marker.exists()
-    r = run_cli("model", "info", str(tmp_path / "pkg5"))  # described, never run
+    r = run_cli("model", "info", str(tmp_path / "pkg6"))  # described, never run
     assert r.returncode == 0 and "--trust-architecture-code" in r.stdout and not marker.exists()
+
+
+def test_which_code_runs(trained, handmade, tmp_path):
+    """No flag needed for TorchScript weights, nor for state-dict weights whose architecture
+    file is byte for byte voxelmill's (built from voxelmill's own UNet); one changed byte
+    and the package's code would run, so the flag is needed."""
+    from engine.learn.unet import UNet
+    from engine.zoo.package import load_package
+
+    folder = tmp_path / "exported"
+    with zipfile.ZipFile(trained["zip"]) as zf:
+        zf.extractall(folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    del rdf["weights"]["torchscript"]
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    model, meta = load_package(folder)
+    assert meta["zoo"]["weights"] == "voxelmill_unet" and isinstance(model.net, UNet)
+    source = folder / "voxelmill_unet.py"
+    source.write_bytes(source.read_bytes() + b"\n")
+    rdf["weights"]["pytorch_state_dict"]["architecture"]["sha256"] = _sha(source)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    with pytest.raises(InputError, match="--trust-architecture-code"):
+        load_package(folder)
+    # the hand-made (foreign) network as TorchScript beside its state dict: no flag
+    pkg = tmp_path / "ts"
+    shutil.copytree(handmade["pkg"], pkg)
+    rdf = json.loads(json.dumps(handmade["rdf"]))
+    namespace: dict = {}
+    exec(compile(ARCH, "net.py", "exec"), namespace)
+    net = namespace["Net"](width=4).eval()
+    net.load_state_dict(torch.load(pkg / "weights.pt", weights_only=True))
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, 8, 8, 8)), str(pkg / "net.ts"))
+    rdf["weights"]["torchscript"] = {"source": "net.ts", "sha256": _sha(pkg / "net.ts"),
+                                     "pytorch_version": "2.0"}
+    (pkg / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    model, meta = load_package(pkg)
+    assert meta["zoo"]["weights"] == "torchscript"
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x))
