@@ -188,7 +188,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     from engine.blocks import check_block, default_block
     from engine.cutter.train import KIND as CUTTER_KIND
     from engine.learn.model import load_model
-    from engine.zoo.package import is_package, load_package
+    from engine.zoo.package import is_package, load_package, rdf_file
 
     src = Path(src)
     attrs, ngff = omezarr.read_image_attrs(src)
@@ -250,7 +250,8 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
                          max_levels=len(ms["datasets"]))
     identity = {"op": "predict", "version": __version__, "input": file_identity(
         Path(level0) / "zarr.json") if (Path(level0) / "zarr.json").exists() else level0,
-        "model": file_identity(options.model), "options": {
+        "model": file_identity(rdf_file(options.model) if Path(options.model).is_dir()
+                               else options.model), "options": {
             k: str(v) for k, v in options.__dict__.items() if k not in ("overwrite", "device")},
         "block": block, "grid": [grid.tile, grid.stride], "channels": channels}
     state = RunState(partial_path(src / "labels" / options.name) / ".voxelmill",

@@ -144,9 +144,9 @@ def _sample_crop(meta: Mapping[str, Any], sample: Path | None) -> tuple[np.ndarr
     shape = data.shape[1:]
     patch, div = meta["patch_shape"], meta["divisor"]
     crop = [min(p, n // d * d) for p, n, d in zip(patch, shape, div, strict=True)]
-    if any(c < 1 for c in crop):
-        raise InputError(f"{path}: shape {tuple(shape)} is smaller than the model's "
-                         f"divisor {tuple(div)}")
+    if any(c < 2 * d for c, d in zip(crop, div, strict=True)):  # the package's smallest tile
+        raise InputError(f"{path}: shape {tuple(shape)} is smaller than the package's "
+                         f"smallest tile {tuple(2 * d for d in div)}")
     box = tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(shape, crop, strict=True))
     return np.asarray(data[(slice(None), *box)], dtype=np.float32), str(path)
 

@@ -63,6 +63,15 @@ def is_package(path: str | os.PathLike[str]) -> bool:
     return p.suffix.lower() == ".zip" or p.name.endswith(RDF_NAMES)
 
 
+def rdf_file(folder: str | os.PathLike[str]) -> Path:
+    """The description file of a package folder (``rdf.yaml`` or ``bioimageio.yaml``)."""
+    p = Path(folder)
+    found = next((p / n for n in RDF_NAMES if (p / n).is_file()), None)
+    if found is None:
+        raise InputError(f"model package {p}: a folder without rdf.yaml")
+    return found
+
+
 @dataclass
 class Package:
     """An opened package: its description and access to its files."""
@@ -110,11 +119,8 @@ def open_package(path: str | os.PathLike[str]) -> Package:
     if not p.exists():
         raise InputError(f"model package {p}: no such file or folder")
     if p.is_dir():
-        rdf_path = next((p / n for n in RDF_NAMES if (p / n).is_file()), None)
-        if rdf_path is None:
-            raise InputError(f"model package {p}: a folder without rdf.yaml")
         pkg = Package(p, {}, folder=p)
-        text = rdf_path.read_bytes()
+        text = rdf_file(p).read_bytes()
     elif p.suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(p) as zf:
