@@ -461,11 +461,13 @@ def describe_package(meta: Mapping[str, Any]) -> list[str]:
     return [
         f"package    {zoo.get('name')} (bioimage.io format {zoo['format_version']}), "
         f"authors {', '.join(map(str, zoo.get('authors') or [])) or '?'}",
-        f"weights    {zoo['weights']}" + (
-            f" (runs the package's own code: needs {TRUST_FLAG})"
-            if zoo["weights"] == "pytorch_state_dict" else ""),
-        f"input      {', '.join(inp['channels'])}; normalization {norm}"
-        + (" (fixed statistics)" if inp.get("fixed") else ""),
+        f"weights    {zoo['weights']}" + {
+            "pytorch_state_dict": f" (runs the package's own code: needs {TRUST_FLAG})",
+            "voxelmill_unet": " (state dict of voxelmill's own U-Net, built from its code)",
+            "torchscript": " (no Python code of the package runs)"}.get(zoo["weights"], ""),
+        f"input      {', '.join(inp['channels'])}; normalization "
+        + ("with fixed statistics" if inp.get("fixed") else
+           "none" if norm == "none" else f"{norm} of the whole volume"),
         f"output     {target['kind']} ({target['activation']}): {', '.join(target['classes'])}",
         f"tiles      min {zoo['min_shape']}, step {meta['divisor']}"
         + (" (fixed)" if zoo.get("fixed_shape") else "") + f", halo {zoo['halo']}; "
