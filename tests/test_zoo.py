@@ -362,3 +362,21 @@ def test_which_code_runs(trained, handmade, tmp_path):
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x))
+
+
+def test_trimmed_tile_grid():
+    """A package's halo: tiles overlap by at least twice the halo, and each tile's halo is
+    left out of the blend except on faces at the volume's border, so every voxel is still
+    covered by the kept part of some tile."""
+    from engine.predict.tiling import TileGrid
+
+    grid = TileGrid.make((50,), (16,), 0.0, (4,), trim=(3,))
+    assert grid.stride == (10,) and grid.starts() == [[0, 10, 20, 30, 34]]
+    kept = [grid.kept((s,))[0] for s in grid.starts()[0]]
+    assert kept[0] == slice(0, 13) and kept[-1] == slice(37, 50)  # border faces kept
+    assert kept[1] == slice(13, 23)
+    covered = np.zeros(50, bool)
+    for k in kept:
+        covered[k] = True
+    assert covered.all()
+    assert TileGrid.make((10,), (16,), 0.0, (4,), trim=(3,)).kept((0,)) == (slice(0, 12),)
