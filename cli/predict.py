@@ -15,7 +15,8 @@ from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
 def predict(
     src: Annotated[Path, typer.Argument(help="OME-Zarr image to predict.")],
     model: Annotated[Path, typer.Option(
-        help="A voxelmill checkpoint (best.pt) or an exported TorchScript file.")],
+        help="A voxelmill checkpoint (best.pt), an exported TorchScript file, or a "
+        "bioimage.io model package (.zip, a folder, or its rdf.yaml).")],
     name: Annotated[str, typer.Option(
         help="Output name: SRC/labels/NAME and SRC/predictions/NAME.")],
     tile: Annotated[str | None, typer.Option(
@@ -44,6 +45,10 @@ def predict(
         "tiles; on GPU workers larger blocks, e.g. 512 or 1024, compute fewer tiles twice).")
     ] = None,
     overwrite: Overwrite = False,
+    trust_architecture_code: Annotated[bool, typer.Option(
+        "--trust-architecture-code", help="Let a bioimage.io package run its own Python "
+        "architecture code (needed for state-dict weights of a network voxelmill does not "
+        "know; TorchScript weights and voxelmill's own U-Net need no flag).")] = False,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
@@ -58,7 +63,7 @@ def predict(
 
         opts = PredictOptions(model, name, ints(tile, "--tile"), overlap, blend, tta, batch,
                               threshold, instances, device, probabilities, norm,
-                              ints(block, "--block"), overwrite)
+                              ints(block, "--block"), overwrite, trust_architecture_code)
         plan = plan_prediction(src, opts)  # every user error before the cluster starts
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_prediction(plan, client, progress=progress_factory(),

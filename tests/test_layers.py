@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("curate", ["engine.curate"]),
     ("dataset", ["engine.dataset"]),
     ("learn", ["engine.learn.*"]),
+    ("zoo", ["engine.zoo.*"]),
     ("predict", ["engine.predict.*"]),
     ("instances", ["engine.instances"]),
     ("cutter", ["engine.cutter.*"]),

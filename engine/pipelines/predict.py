@@ -5,6 +5,12 @@ channels, the voxel size, the tile, the destination). Normalization is global: t
 checkpoint's mode with the statistics of this whole volume (one reduction pass), or the
 statistics stored in the checkpoint (``norm="checkpoint"``) — never per block.
 
+The model may also be a bioimage.io package (:mod:`engine.zoo.package`): it runs through
+the same engine with its declared tile constraints, its halo as the minimum overlap of the
+blended tiles, its preprocessing as global normalization (fixed statistics, or this whole
+volume's) and its postprocessing as the activation; its own code runs only with
+``trust_code``.
+
 The blocks go to the GPU workers (several in flight on each) or, without any, to every
 worker (:func:`engine.predict.task.device_dispatch`); each block task streams its block
 through the model its worker process loaded once (:mod:`engine.predict.task`,
@@ -82,6 +88,7 @@ class PredictOptions:
     norm: str = "volume"
     block: tuple[int, ...] | None = None
     overwrite: bool = False
+    trust_code: bool = False  # a bioimage.io package may run its own architecture code
 
 
 @dataclass
@@ -156,6 +163,24 @@ def _check_voxel_size(meta: dict[str, Any], voxel: Sequence[float], unit: str,
             "(voxelmill convert --voxel-size only relabels it) or train at this resolution")
 
 
+def _package_tile(zoo: dict[str, Any], tile: tuple[int, ...], overlap: float, model: Path
+                  ) -> tuple[tuple[int, ...], float]:
+    """A bioimage.io package's tile constraints: a fixed tile, at least the minimum, and
+    tiles overlapping by at least twice the output halo (the halo of each tile is left out
+    of the blend, see :meth:`engine.predict.tiling.TileGrid.kept`)."""
+    fixed, low, halo = zoo.get("fixed_shape"), zoo["min_shape"], zoo["halo"]
+    if fixed and tuple(tile) != tuple(fixed):
+        raise OptionError(f"--tile {tuple(tile)}: {model} takes tiles of {tuple(fixed)} only")
+    if any(t < m for t, m in zip(tile, low, strict=True)):
+        raise OptionError(f"--tile {tuple(tile)}: {model} needs tiles of at least "
+                          f"{tuple(low)}")
+    need = max(2 * h / t for h, t in zip(halo, tile, strict=True))
+    if need >= 1:
+        raise OptionError(f"--tile {tuple(tile)}: {model} has an output halo of {tuple(halo)}"
+                          "; tiles must be more than twice as large")
+    return tuple(tile), max(overlap, need)
+
+
 def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     """Open and check everything; raise a ``VoxelmillError`` naming the problem."""
     import zarr
@@ -163,6 +188,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     from engine.blocks import check_block, default_block
     from engine.cutter.train import KIND as CUTTER_KIND
     from engine.learn.model import load_model
+    from engine.zoo.package import is_package, load_package, rdf_file
 
     src = Path(src)
     attrs, ngff = omezarr.read_image_attrs(src)
@@ -175,7 +201,10 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
         raise OptionError(f"--threshold {options.threshold}: must be between 0 and 1")
     if options.batch is not None and options.batch < 1:
         raise OptionError(f"--batch {options.batch}: must be ≥ 1")
-    _, meta = load_model(options.model)  # refuses foreign files and pickled code
+    if is_package(options.model):  # refuses packages it cannot run, or only with their code
+        _, meta = load_package(options.model, "cpu", options.trust_code)
+    else:
+        _, meta = load_model(options.model)  # refuses foreign files and pickled code
     if meta.get("target", {}).get("kind") == CUTTER_KIND:
         raise InputError(f"{options.model}: a cellcutter model predicts one cell per marker; "
                          "run 'voxelmill cutter predict' with its markers and mask")
@@ -196,7 +225,15 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     shape = tuple(int(volume.data.shape[volume.axes.index(a)]) for a in axes)
     chunks = tuple(int(c) for a, c in zip(volume.axes, arr.chunks, strict=True) if a in "zyx")
     tile = every_axis(options.tile or meta["patch_shape"], dims, "--tile")
-    grid = TileGrid.make(shape, tile, options.overlap, meta["divisor"])
+    overlap = options.overlap
+    if "zoo" in meta:
+        tile, overlap = _package_tile(meta["zoo"], tile, overlap, options.model)
+    grid = TileGrid.make(shape, tile, overlap, meta["divisor"],
+                         meta["zoo"]["halo"] if "zoo" in meta else ())
+    if "zoo" in meta and any(t < m for t, m in zip(grid.tile, meta["zoo"]["min_shape"],
+                                                   strict=True)):
+        raise InputError(f"{src}: shape {shape} is smaller than the smallest tile of "
+                         f"{options.model} ({tuple(meta['zoo']['min_shape'])})")
     blend_weights(grid.tile, options.blend)  # checks the name
     # blocks of whole chunks, at least four tiles wide: tiles across a block edge are
     # predicted by both neighbours, about tile / block of the work per axis
@@ -213,7 +250,8 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
                          max_levels=len(ms["datasets"]))
     identity = {"op": "predict", "version": __version__, "input": file_identity(
         Path(level0) / "zarr.json") if (Path(level0) / "zarr.json").exists() else level0,
-        "model": file_identity(options.model), "options": {
+        "model": file_identity(rdf_file(options.model) if Path(options.model).is_dir()
+                               else options.model), "options": {
             k: str(v) for k, v in options.__dict__.items() if k not in ("overwrite", "device")},
         "block": block, "grid": [grid.tile, grid.stride], "channels": channels}
     state = RunState(partial_path(src / "labels" / options.name) / ".voxelmill",
@@ -226,7 +264,7 @@ def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
     import dask.array as da
 
     meta = plan.meta
-    if plan.options.norm == "checkpoint":
+    if plan.options.norm == "checkpoint" or meta["input"].get("fixed"):
         stored = meta["input"].get("stats") or []
         if not stored:
             raise InputError(f"{plan.options.model}: the checkpoint stores no normalization "
@@ -238,12 +276,14 @@ def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
     if prefix:
         arr = arr[0]
     data = arr[list(plan.channels)] if plan.has_channel_axis else arr[None]
-    return compute_stats(data, norm, client)
+    stats = compute_stats(data, norm, client)
+    eps = float(meta["input"].get("eps", 0.0))  # bioimage.io: (x - m) / (s + eps)
+    return ChannelStats(stats.offset, tuple(s + eps for s in stats.scale)) if eps else stats
 
 
 def _output_names(meta: dict[str, Any], k: int, name: str) -> list[str]:
     kind = meta["target"]["kind"]
-    if kind == "classes":
+    if kind == "classes" or "zoo" in meta:  # a package names its output channels
         return list(meta["target"]["classes"])[:k]
     return ["foreground", "boundary"][:k] if kind == "boundary" else [name]
 
@@ -298,7 +338,7 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
                                         prefix),
                            plan.grid, opts.blend, opts.batch, opts.tta, stats.offset,
                            stats.scale, outputs, opts.probabilities, opts.threshold,
-                           plan.meta["target"]["kind"], plan.chunks[0])
+                           plan.meta["target"]["kind"], plan.chunks[0], opts.trust_code)
         gpus, resources, in_flight = device_dispatch(client)
         grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
         report(f"predicting {len(grid)} blocks of {plan.block} with tiles {plan.grid.tile} "
@@ -327,7 +367,9 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
             [(0.0, 255.0 if opts.probabilities == "uint8" else 1.0, 0.0,
               255.0 if opts.probabilities == "uint8" else 1.0)] * k)}, plan.ngff)
         n_objects = None
-        values: list[int] | None = list(range(len(plan.meta["target"].get("classes", [0, 1]))))
+        values: list[int] | None = list(range(len(plan.meta["target"].get("classes", [0, 1]))
+                                              if plan.meta["target"]["kind"] == "classes"
+                                              else 2))
         if opts.instances:
             from engine.labels import label as label_components
 

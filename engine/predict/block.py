@@ -444,8 +444,8 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         """Add each tile's weighted probabilities inside the write region."""
         for p, prob in zip(batch, probs, strict=True):
             tsl, rsl = [], []
-            for s, t, g in zip(p, grid.tile, region, strict=True):
-                lo, hi = max(s, g.start), min(s + t, g.stop)
+            for s, k, g in zip(p, grid.kept(p), region, strict=True):
+                lo, hi = max(k.start, g.start), min(k.stop, g.stop)
                 tsl.append(slice(lo - s, hi - s))
                 rsl.append(slice(lo - g.start, hi - g.start))
             wt = w[tuple(tsl)]

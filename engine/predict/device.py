@@ -82,7 +82,7 @@ class TilePredictor:
     model : torch.nn.Module
         On ``device``, in eval mode.
     device : torch.device
-    activation : {"sigmoid", "softmax"}
+    activation : {"sigmoid", "softmax", "none"}
     tta : bool
         Average over every flip of the spatial axes (8 in 3D, 4 in 2D).
     amp : bool
@@ -109,6 +109,8 @@ class TilePredictor:
                             enabled=self.amp and self.device.type == "cuda"):
             logits = self.model(x)
         logits = logits.float()
+        if self.activation == "none":  # a package whose outputs need no activation
+            return logits
         return torch.softmax(logits, 1) if self.activation == "softmax" \
             else torch.sigmoid(logits)
 

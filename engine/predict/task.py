@@ -149,6 +149,7 @@ class PredictTask:
     threshold: float
     kind: str
     unit: int  # storage-chunk length of the outputs along the first spatial axis
+    trust_code: bool = False  # a bioimage.io package may run its own architecture code
 
     def __call__(self, block: Block) -> dict[str, Any]:
         from engine.predict.block import Finishing, predict_block, probability_levels_here
@@ -158,7 +159,8 @@ class PredictTask:
         start = time.time()
         t0 = time.perf_counter()
         predictor, meta = worker_predictor(self.model, self.device, self.tta, self.batch,
-                                           len(self.source.channels), self.grid.tile)
+                                           len(self.source.channels), self.grid.tile,
+                                           self.trust_code)
         load_s = time.perf_counter() - t0
         k = int(meta["arch"]["out_channels"])
         sink = _BlockOutputs(self.outputs, block.write, k, self.prob_dtype,

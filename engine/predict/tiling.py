@@ -50,17 +50,22 @@ class TileGrid:
         is the volume's length rounded up to ``divisor`` (the tile is padded).
     stride : tuple of int
         Distance between tile starts (``tile - overlap``).
+    trim : tuple of int
+        Per axis, the voxels of each tile face that do not count (a model's output halo),
+        except on faces at the volume's border; empty: none. The stride must leave the
+        trimmed tiles overlapping (``stride <= tile - 2 * trim``).
     """
 
     shape: tuple[int, ...]
     tile: tuple[int, ...]
     stride: tuple[int, ...]
+    trim: tuple[int, ...] = ()
 
     @classmethod
     def make(cls, shape: Sequence[int], tile: Sequence[int], overlap: float,
-             divisor: Sequence[int]) -> TileGrid:
+             divisor: Sequence[int], trim: Sequence[int] = ()) -> TileGrid:
         """A grid with tiles of ``tile`` voxels (shrunk to the volume, rounded up to the
-        divisor) overlapping by the fraction ``overlap``."""
+        divisor) overlapping by the fraction ``overlap``, and at least ``2 * trim``."""
         if not 0 <= overlap < 1:
             raise OptionError(f"--overlap {overlap}: must be in [0, 1)")
         tiles, strides = [], []
@@ -71,7 +76,20 @@ class TileGrid:
             t = min(t, math.ceil(n / d) * d)
             tiles.append(t)
             strides.append(max(1, t - int(round(t * overlap))))
-        return cls(tuple(int(s) for s in shape), tuple(tiles), tuple(strides))
+        if trim:
+            strides = [max(1, min(s, t - 2 * h)) for s, t, h in zip(strides, tiles, trim,
+                                                                     strict=True)]
+        return cls(tuple(int(s) for s in shape), tuple(tiles), tuple(strides),
+                   tuple(int(h) for h in trim))
+
+    def kept(self, start: Sequence[int]) -> Region:
+        """The part of the tile at ``start`` that is blended (volume coordinates): the
+        tile less :attr:`trim` on every face not at the volume's border."""
+        out = []
+        for a, (s, t, n) in enumerate(zip(start, self.tile, self.shape, strict=True)):
+            h = self.trim[a] if self.trim else 0
+            out.append(slice(s + h if s > 0 else s, s + t - h if s + t < n else s + t))
+        return tuple(out)
 
     def starts(self) -> list[list[int]]:
         return [tile_starts(n, t, s) for n, t, s in

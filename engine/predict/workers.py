@@ -1,9 +1,10 @@
 """Per worker process: the model loaded once, the device it runs on, and one lock per device.
 
 A block task asks :func:`worker_model` for its model; the first task of a worker process
-loads it (from a checkpoint or a TorchScript file, on the worker's device), later tasks of
-that process reuse it. :data:`LOADS` counts the loads per model key, so tests (and the
-throughput report) can check that a worker loaded its model once, not once per block.
+loads it (from a checkpoint, a TorchScript file or a bioimage.io package, on the worker's
+device), later tasks of that process reuse it. :data:`LOADS` counts the loads per model
+key, so tests (and the throughput report) can check that a worker loaded its model once,
+not once per block.
 :func:`device_lock` lets several block tasks of one worker read and write at the same time
 while one of them at a time feeds the device.
 """
@@ -75,16 +76,20 @@ def _key(path: str | os.PathLike[str], dev: torch.device) -> tuple[str, int, int
     return str(Path(path).resolve()), st.st_mtime_ns, st.st_size, str(dev)
 
 
-def worker_model(path: str | os.PathLike[str], device: str = "auto"
+def worker_model(path: str | os.PathLike[str], device: str = "auto", trust_code: bool = False
                  ) -> tuple[torch.nn.Module, dict[str, Any], torch.device]:
-    """The model at ``path`` on this process's device, loaded at the first call only."""
+    """The model at ``path`` (a checkpoint, a TorchScript file or a bioimage.io package)
+    on this process's device, loaded at the first call only; a package's own code runs
+    only with ``trust_code``."""
     from engine.learn.model import load_model
+    from engine.zoo.package import is_package, load_package
 
     dev = resolve_device(device)
     key = _key(path, dev)
     with _LOCK:  # worker threads share the model; only one loads it
         if key not in _MODELS:
-            _MODELS[key] = load_model(path, dev)
+            _MODELS[key] = load_package(path, dev, trust_code) if is_package(path) \
+                else load_model(path, dev)
             LOADS[key] += 1
     model, meta = _MODELS[key]
     return model, meta, dev
@@ -116,14 +121,15 @@ _PREDICTORS: dict[tuple[Any, ...], Any] = {}
 
 
 def worker_predictor(path: str | os.PathLike[str], device: str, tta: bool, batch: int | None,
-                     channels: int, tile: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+                     channels: int, tile: tuple[int, ...], trust_code: bool = False
+                     ) -> tuple[Any, dict[str, Any]]:
     """This process's :class:`engine.predict.device.TilePredictor` for the model at
     ``path`` (loaded once), with ``batch`` tiles per call, or a batch chosen once from the
     device's free memory when ``batch`` is None. A batch halved after running out of device
     memory stays halved for later blocks."""
     from engine.predict.device import TilePredictor, auto_batch
 
-    model, meta, dev = worker_model(path, device)
+    model, meta, dev = worker_model(path, device, trust_code)
     if dev.type == "cpu":
         use_worker_threads()
     else:  # tiles have one shape: let cuDNN pick its fastest algorithms for it

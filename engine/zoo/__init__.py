@@ -1,0 +1,1 @@
+"""BioImage Model Zoo packages: export voxelmill checkpoints, read and run packages."""
