@@ -108,6 +108,8 @@ class TrainResult:
     device: str
     host: str = field(default_factory=socket.gethostname)
     worker: str | None = None
+    data_wait_s: float = 0.0
+    step_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- planning
@@ -497,7 +499,9 @@ def _write_metrics(out: Path, history: list[Event], best: dict[str, Any], stoppe
 
 
 def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
-                 overwrite: bool = False, rank: ddp.Rank | None = None) -> TrainResult:
+                 overwrite: bool = False, rank: ddp.Rank | None = None,
+                 step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+                 ) -> TrainResult:
     """Train as planned; checkpoints, metrics and curves go to ``plan.config.output``.
 
     Parameters
@@ -512,12 +516,16 @@ def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
     rank : engine.learn.ddp.Rank, optional
         This process's rank of a data-parallel training (:func:`train_on_cluster` starts
         one per GPU worker); rank 0 writes the outputs and reports.
+    step_model : callable, optional
+        Makes the module the steps run (and the optimizer updates) from the U-Net, for
+        benchmarks: e.g. a simulated accelerator (``tests/simdevice.py``). The checkpoints
+        hold the U-Net.
     """
     if rank is not None and not rank.is_main:
-        return _run_training(plan, None, False, rank)
+        return _run_training(plan, None, False, rank, step_model)
     # one writer per run folder (on the cluster, the worker that trains holds it)
     with output_lock(plan.config.output):
-        return _run_training(plan, events, overwrite, rank)
+        return _run_training(plan, events, overwrite, rank, step_model)
 
 
 def amp_dtype(setting: bool | str, device: torch.device) -> torch.dtype | None:
@@ -556,7 +564,9 @@ class _Clock:
 
 
 def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
-                  overwrite: bool, rank: ddp.Rank | None = None) -> TrainResult:
+                  overwrite: bool, rank: ddp.Rank | None = None,
+                  step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+                  ) -> TrainResult:
     cfg = plan.config
     main = rank is None or rank.is_main
     emit = (events or (lambda e: None)) if main else (lambda e: None)
@@ -571,14 +581,16 @@ def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
     if rank is not None:
         ddp.start(rank, device)
     try:
-        return _train_loop(plan, emit, device, rank)
+        return _train_loop(plan, emit, device, rank, step_model)
     finally:
         if rank is not None:
             ddp.stop()
 
 
 def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.device,
-                rank: ddp.Rank | None) -> TrainResult:
+                rank: ddp.Rank | None,
+                step_model: Callable[[torch.nn.Module], torch.nn.Module] | None
+                ) -> TrainResult:
     cfg = plan.config
     out = cfg.output
     main = rank is None or rank.is_main
@@ -607,11 +619,13 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
     else:
         model.to(device, memory_format=fmt)
     model = ddp.sync_batch_norm(model, device)
+    stepped = model if step_model is None else step_model(model).to(device)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = opt_cls(stepped.parameters(), lr=cfg.train.lr,
+                        weight_decay=cfg.train.weight_decay)
     if ck is not None and ck.optimizer is not None:
         optimizer.load_state_dict(ck.optimizer)
-    net = ddp.wrap(model, device)
+    net = ddp.wrap(stepped, device)
     if cfg.train.compile:
         net = torch.compile(net)
     reduce = ddp.reducer()
@@ -730,7 +744,8 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
     emit({"event": "end", "iteration": iteration, "stopped": stopped, "best": best,
           "seconds": seconds, "data_wait_s": round(clock.total_data, 3),
           "step_s": round(clock.total_step, 3)})
-    return TrainResult(out, iteration, best, history, stopped, seconds, str(device))
+    return TrainResult(out, iteration, best, history, stopped, seconds, str(device),
+                       data_wait_s=clock.total_data, step_s=clock.total_step)
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
