@@ -198,6 +198,33 @@ def test_training_with_device_augmentation_is_exact_across_loader_threads(blobs,
 # ------------------------------------------------------------------- global-batch losses
 
 
+def _two_ranks(loss, x: torch.Tensor, t: torch.Tensor) -> tuple[list, list]:
+    """``loss`` of the two halves of a batch on two threads ("ranks") whose reduce adds the
+    other's sum (a constant for this rank's gradient, as an all-reduce's own share)."""
+    halves = [x[:2].clone().requires_grad_(), x[2:].clone().requires_grad_()]
+    targets = [t[:2], t[2:]]
+    barrier, slots = threading.Barrier(2), [None, None]
+    values: list = [None, None]
+
+    def rank(k: int) -> None:
+        def reduce(v: torch.Tensor) -> torch.Tensor:
+            slots[k] = v.detach()
+            barrier.wait()
+            other = slots[1 - k]
+            barrier.wait()
+            return v + other
+
+        values[k] = loss(halves[k], targets[k], reduce)
+        values[k].backward()
+
+    threads = [threading.Thread(target=rank, args=(k,)) for k in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return values, halves
+
+
 def test_losses_with_a_reduce_over_shares_equal_the_whole_batch():
     """Summing the batch-wide normalizers over two halves of a batch (as ranks do) gives
     the loss of the whole batch, and the halves' gradients together are its gradient."""
@@ -216,31 +243,7 @@ def test_losses_with_a_reduce_over_shares_equal_the_whole_batch():
         whole = x.clone().requires_grad_()
         ref = loss(whole, t)
         ref.backward()
-        halves = [x[:2].clone().requires_grad_(), x[2:].clone().requires_grad_()]
-        targets = [t[:2], t[2:]]
-        # two "ranks" on threads; the reduce adds the other's sum, a constant here
-        barrier, slots = threading.Barrier(2), [None, None]
-
-        def share(k: int):
-            def reduce(v: torch.Tensor) -> torch.Tensor:
-                slots[k] = v.detach()
-                barrier.wait()
-                other = slots[1 - k]
-                barrier.wait()
-                return v + other
-            return reduce
-
-        values: list = [None, None]
-
-        def rank(k: int) -> None:
-            values[k] = loss(halves[k], targets[k], share(k))
-            values[k].backward()
-
-        threads = [threading.Thread(target=rank, args=(k,)) for k in (0, 1)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        values, halves = _two_ranks(loss, x, t)
         for v in values:
             assert float(v.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
         got = torch.cat([h.grad for h in halves])
