@@ -601,8 +601,13 @@ class CropSampler:
             inner.append(slice(lo, hi))
             pad.append((lo - s, s + p - hi))
         box = tuple(inner)
-        image = _read(image_src, (slice(None), *box))
-        label = _read(label_src, box).astype(np.int64)
+        if isinstance(image_src, np.ndarray) or isinstance(label_src, np.ndarray):
+            image = _read(image_src, (slice(None), *box))
+            label = _read(label_src, box).astype(np.int64)
+        else:  # one graph for both: dask's per-call overhead holds the GIL the loader shares
+            image, label = dask.compute(image_src[(slice(None), *box)], label_src[box],
+                                        scheduler="synchronous")
+            image, label = np.asarray(image), np.asarray(label).astype(np.int64, copy=False)
         stats = vol.stats or ChannelStats((0.0,) * image.shape[0], (1.0,) * image.shape[0])
         image = apply_stats(image, stats)
         if any(a or b for a, b in pad):
