@@ -281,6 +281,20 @@ def test_data_parallel_ranks_on_dask_workers_train_the_global_batch(blobs, tmp_p
         resumed = train_on_cluster(plan_training(parse_config(sliced, "t", tmp_path), c,
                                                  resume=True), c, report=lines.append)
         assert resumed.iterations == 6
+        # Ctrl-C on the client stops both ranks (before it returns): the folder is free
+        endless = _config(blobs, tmp_path / "endless", iterations=10**6, val_every=10**6)
+
+        def interrupt(event: dict) -> None:
+            if event["event"] == "start":
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train_on_cluster(plan_training(parse_config(endless, "t", tmp_path), c), c,
+                             interrupt, report=lines.append)
+        endless["train"].update(iterations=2, val_every=2)
+        short = train_on_cluster(plan_training(parse_config(endless, "t", tmp_path), c,
+                                               overwrite=True), c, report=lines.append)
+        assert short.iterations == 2
         small = _config(blobs, tmp_path / "small", batch_size=1)
         with pytest.raises(Exception, match="batch_size 1: smaller than the 2 GPU workers"):
             train_on_cluster(plan_training(parse_config(small, "t", tmp_path), c), c,

@@ -35,6 +35,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -500,8 +501,8 @@ def _write_metrics(out: Path, history: list[Event], best: dict[str, Any], stoppe
 
 def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
                  overwrite: bool = False, rank: ddp.Rank | None = None,
-                 step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-                 ) -> TrainResult:
+                 step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train as planned; checkpoints, metrics and curves go to ``plan.config.output``.
 
     Parameters
@@ -520,12 +521,16 @@ def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
         Makes the module the steps run (and the optimizer updates) from the U-Net, for
         benchmarks: e.g. a simulated accelerator (``tests/simdevice.py``). The checkpoints
         hold the U-Net.
+    should_stop : callable, optional
+        Asked before every iteration (on every rank); true stops the run as an interrupt
+        would (``stopped: "interrupted"``, ``last.pt`` from the last validation): the client
+        of a cluster run went away.
     """
     if rank is not None and not rank.is_main:
-        return _run_training(plan, None, False, rank, step_model)
+        return _run_training(plan, None, False, rank, step_model, should_stop)
     # one writer per run folder (on the cluster, the worker that trains holds it)
     with output_lock(plan.config.output):
-        return _run_training(plan, events, overwrite, rank, step_model)
+        return _run_training(plan, events, overwrite, rank, step_model, should_stop)
 
 
 def amp_dtype(setting: bool | str, device: torch.device) -> torch.dtype | None:
@@ -565,8 +570,8 @@ class _Clock:
 
 def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
                   overwrite: bool, rank: ddp.Rank | None = None,
-                  step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-                  ) -> TrainResult:
+                  step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
     cfg = plan.config
     main = rank is None or rank.is_main
     emit = (events or (lambda e: None)) if main else (lambda e: None)
@@ -581,7 +586,7 @@ def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
     if rank is not None:
         ddp.start(rank, device)
     try:
-        return _train_loop(plan, emit, device, rank, step_model)
+        return _train_loop(plan, emit, device, rank, step_model, should_stop)
     finally:
         if rank is not None:
             ddp.stop()
@@ -589,8 +594,8 @@ def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
 
 def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.device,
                 rank: ddp.Rank | None,
-                step_model: Callable[[torch.nn.Module], torch.nn.Module] | None
-                ) -> TrainResult:
+                step_model: Callable[[torch.nn.Module], torch.nn.Module] | None,
+                should_stop: Callable[[], bool] | None = None) -> TrainResult:
     cfg = plan.config
     out = cfg.output
     main = rank is None or rank.is_main
@@ -661,6 +666,10 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
 
     try:
         for iteration in range(start, stop_at + 1):
+            if should_stop is not None and ddp.any_rank(should_stop(), device):
+                stopped = "interrupted"
+                iteration -= 1
+                break
             lr = learning_rate(cfg, iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -766,6 +775,28 @@ def _write_yaml(path: Path, data: Any) -> None:
 # --------------------------------------------------------------------------- on a cluster
 
 
+def _stop_flag(name: str) -> tuple[threading.Event, threading.Event]:
+    """A local flag set when the client sets the Dask event ``name`` (watched by a thread,
+    so the loop asks a local flag, not the scheduler); set the second to end the watch."""
+    from distributed import Event
+
+    stop, done = threading.Event(), threading.Event()
+    remote = Event(name)
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                if remote.wait(timeout=1.0):
+                    stop.set()
+                    return
+            except Exception:  # noqa: BLE001 - the scheduler went away: stop
+                stop.set()
+                return
+
+    threading.Thread(target=watch, name="voxelmill-stop-watch", daemon=True).start()
+    return stop, done
+
+
 def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool,
                 rank: ddp.Rank | None = None) -> TrainResult:
     from distributed import Queue, get_worker
@@ -773,6 +804,7 @@ def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool,
     worker = get_worker()
     queue = Queue(queue_name)
     last_put = [0.0]
+    stop, done = _stop_flag(f"{queue_name}-stop")
 
     def forward(event: Event) -> None:
         # iterations are frequent: send one per second at most, the rest always
@@ -782,7 +814,10 @@ def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool,
         last_put[0] = now
         queue.put(json.loads(json.dumps(event, default=str)))
 
-    result = run_training(plan, forward, overwrite, rank)
+    try:
+        result = run_training(plan, forward, overwrite, rank, should_stop=stop.is_set)
+    finally:
+        done.set()
     result.worker = worker.address
     return result
 
@@ -839,6 +874,7 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
                                  resources={"GPU": 1} if gpus else None, pure=False, key=name)]
     queue = Queue(name, client=client)
     emit = events or (lambda e: None)
+    finished = False
     try:
         while True:
             try:
@@ -849,9 +885,24 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
         while queue.qsize():
             emit(queue.get())
         results = [f.result() for f in futures]  # a rank's error is raised here
+        finished = True
         return results[0]
     finally:
+        if not finished:  # interrupted here (Ctrl-C, an error): the ranks stop too
+            _stop_ranks(client, name, futures)
         queue.close()
+
+
+def _stop_ranks(client: Any, name: str, futures: list[Any], wait_s: float = 60.0) -> None:
+    """Tell the training tasks to stop and wait (a while) until they have, so that no rank
+    writes into the run folder after this returns."""
+    from distributed import Event, wait
+
+    try:
+        Event(f"{name}-stop", client=client).set()
+        wait(futures, timeout=wait_s)
+    except Exception:  # noqa: BLE001 - best effort on the way out; the caller's error wins
+        pass
 
 
 def train(config: TrainConfig, client: Any = None, resume: bool = False,
