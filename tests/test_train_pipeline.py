@@ -348,3 +348,23 @@ def test_step_options_are_checked_and_run_on_the_cpu(blobs, tmp_path):
     cfg["data"]["patch_shape"] = [32, 32]
     result = run_training(plan_training(parse_config(cfg, "t", tmp_path)))
     assert result.iterations == 2 and result.step_s > 0
+
+
+def test_training_in_slices_equals_one_run(blobs, tmp_path):
+    """train.stop_at between validations: last.pt holds the iteration and the running loss,
+    and the resumed run ends with the uninterrupted run's weights and history."""
+    whole = run_training(plan_training(parse_config(
+        _config(blobs, tmp_path / "whole", iterations=4), "t", tmp_path)))
+    sliced = _config(blobs, tmp_path / "sliced", iterations=4, stop_at=3)
+    part = run_training(plan_training(parse_config(sliced, "t", tmp_path)))
+    assert part.stopped == "stopped" and part.iterations == 3
+    assert load_checkpoint(tmp_path / "sliced" / "last.pt").metadata["iteration"] == 3
+    sliced["train"]["stop_at"] = None
+    rest = run_training(plan_training(parse_config(sliced, "t", tmp_path), resume=True))
+    assert rest.stopped == "completed" and rest.iterations == 4
+    a, b = _weights(tmp_path / "whole" / "last.pt"), _weights(tmp_path / "sliced" / "last.pt")
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    untimed = ("time_s", "data_wait_s", "step_s", "val_s", "data_wait_fraction")
+    strip = [{k: v for k, v in h.items() if k not in untimed} for h in whole.history]
+    assert strip == [{k: v for k, v in h.items() if k not in untimed} for h in rest.history]
