@@ -99,12 +99,16 @@ def train(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in the output folder from its last.pt.")] = False,
     overwrite: Overwrite = False,
+    gpus: Annotated[str | None, typer.Option(
+        help="N or auto: the embedded cluster starts one GPU worker per device and trains on "
+        "them, one data-parallel rank each (the batch shared among them); with --device cpu, "
+        "N CPU ranks (gloo).")] = None,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
-    """Train a U-Net on curated automatic labels; with --scheduler, on a worker that has
-    GPU=1 resources."""
-    from cli.common import cluster, err, out, user_errors
+    """Train a U-Net on curated automatic labels; with --scheduler or --gpus, on the workers
+    that have GPU=1 resources (data-parallel when there are several)."""
+    from cli.common import cluster, err, out, set_cluster_options, user_errors
 
     with user_errors():
         require_torch("voxelmill train")
@@ -114,16 +118,21 @@ def train(
         cfg = load_config(config, _overrides(output, data, val_data, labels, channels,
                                              patch_shape, iterations, batch_size, lr, device,
                                              seed, init, settings))
+        from engine.cluster import gpu_workers
+
+        if gpus is not None:
+            set_cluster_options(gpus=gpus, cpu_gpu_workers=cfg.train.device == "cpu")
         show = _Display(cfg.train.iterations)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             plan = plan_training(cfg, client, resume, overwrite)
             err.print(f"training on {sum(v.image.size for v in plan.train) / 1e6:.1f} M voxels "
                       f"from {len(plan.train)} volume(s), validating on {len(plan.val)}",
                       markup=False)
-            if scheduler:
+            on_cluster = bool(scheduler) or bool(gpu_workers(client))
+            if on_cluster:
                 result = train_on_cluster(plan, client, show, overwrite,
                                           report=lambda line: err.print(line, markup=False))
-        if not scheduler:  # the embedded cluster only computed the statistics
+        if not on_cluster:  # the embedded cluster only computed the statistics
             result = run_training(plan, show, overwrite)
         show.close()
         best = result.best
@@ -151,8 +160,9 @@ class _Display:
         if sys.stderr.isatty():
             self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/"
                                 "{task.total}"), TextColumn("{task.fields[loss]}"),
-                                TimeRemainingColumn(), console=err)
-            self.task = self.bar.add_task("train", total=total, loss="")
+                                TextColumn("{task.fields[wait]}"), TimeRemainingColumn(),
+                                console=err)
+            self.task = self.bar.add_task("train", total=total, loss="", wait="")
             self.bar.start()
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -160,13 +170,17 @@ class _Display:
         if kind == "start" and self.bar is not None:
             self.bar.update(self.task, completed=event["start"] - 1)
         elif kind == "iteration" and self.bar is not None:
+            # the share of the loop's time spent waiting for data (the crop loader)
             self.bar.update(self.task, completed=event["iteration"],
-                            loss=f"loss {event['loss']:.4f}")
+                            loss=f"loss {event['loss']:.4f}",
+                            wait=f"data wait {event.get('data_wait_fraction', 0.0):.0%}")
         elif kind == "validation":
             val = (f", val loss {event['val_loss']:.4f}, Dice {event['val_dice']:.3f}, "
                    f"IoU {event['val_iou']:.3f}") if "val_dice" in event else ""
+            timing = (f"; data wait {event['data_wait_s']:.1f} s, step {event['step_s']:.1f} s,"
+                      f" validation {event['val_s']:.1f} s") if "step_s" in event else ""
             line = (f"iteration {event['iteration']}: loss {event['loss']:.4f}, "
-                    f"lr {event['lr']:.2e}{val}")
+                    f"lr {event['lr']:.2e}{val}{timing}")
             if self.bar is not None:
                 self.bar.update(self.task, completed=event["iteration"])
                 self.bar.console.print(line, markup=False)

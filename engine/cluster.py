@@ -60,6 +60,10 @@ class ClusterOptions:
     insecure_dashboard : bool
         Allow a ``dashboard_address`` beyond this machine without ``tls`` (plain HTTP that
         anyone on the network can read).
+    cpu_gpu_workers : bool
+        With ``gpus``: the ``GPU=1`` workers hold no device (``CUDA_VISIBLE_DEVICES`` empty)
+        and ``N`` is not checked against the devices: ``voxelmill train --gpus N --device
+        cpu``, N data-parallel ranks on the CPU (gloo).
     """
 
     scheduler: str | None = None
@@ -76,6 +80,7 @@ class ClusterOptions:
     gpus: str | None = None
     worker_timeout: float = 120.0
     insecure_dashboard: bool = False
+    cpu_gpu_workers: bool = False
 
 
 def _cores() -> int:
@@ -124,8 +129,21 @@ def gpu_count(gpus: str | None) -> int:
     return n
 
 
+def _cpu_ranks(gpus: str | None) -> int:
+    """``--gpus N`` for ``GPU=1`` workers without a device (see ``cpu_gpu_workers``)."""
+    if gpus in (None, ""):
+        return 0
+    try:
+        n = int(str(gpus))
+    except ValueError:
+        raise OptionError(f"--gpus {gpus!r}: a number of workers with --device cpu") from None
+    if n < 0:
+        raise OptionError(f"--gpus {n}: must be ≥ 0")
+    return n
+
+
 def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
-              dashboard_address: str) -> object:
+              dashboard_address: str, devices: bool = True) -> object:
     """A ``LocalCluster``, or with ``gpus`` a ``SpecCluster`` of the same CPU workers plus
     one GPU worker per device."""
     from distributed import LocalCluster
@@ -150,7 +168,7 @@ def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
     for i in range(gpus):
         specs[f"gpu{i}"] = {"cls": Nanny, "options": {
             **common, "nthreads": GPU_WORKER_THREADS, "resources": {"GPU": 1},
-            "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+            "env": {"CUDA_VISIBLE_DEVICES": str(i) if devices else ""}}}
     scheduler = {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "dashboard_address": dashboard_address,
         **({"security": security, "protocol": "tls://"} if security is not None else {})}}
@@ -230,7 +248,7 @@ def _local_client(options: ClusterOptions, security: object | None,
     from distributed import Client
 
     workers, threads = local_cluster_shape(options)
-    gpus = gpu_count(options.gpus)
+    gpus = _cpu_ranks(options.gpus) if options.cpu_gpu_workers else gpu_count(options.gpus)
     # the workers' scratch (spill files, their locks) in a folder of this run, removed with
     # the cluster: dask's default, $TMPDIR/dask-scratch-space, stays behind after every run
     # (the name keeps "dask-scratch-space" so distributed uses the folder as it is)
@@ -253,7 +271,8 @@ def _local_client(options: ClusterOptions, security: object | None,
             # says which
             warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
             # listen on this machine only: scheduler, workers and (by default) the dashboard
-            cluster = _embedded(workers, threads, gpus, kwargs, options.dashboard_address)
+            cluster = _embedded(workers, threads, gpus, kwargs, options.dashboard_address,
+                                devices=not options.cpu_gpu_workers)
         try:
             client = Client(cluster, security=kwargs.get("security"))
             if gpus:

@@ -14,6 +14,7 @@ A complete file (every key but ``data.train`` has a default)::
       val_crops: 64                # at most this many validation crops (a fixed grid)
       normalization: {mode: percentile, low: 1.0, high: 99.8}   # global, per source volume
       memory_mib: 512              # sources loaded whole while they fit; larger ones streamed
+      workers: auto                # crop loader threads (auto: from the cores; 0: in the loop)
     target:
       kind: binary                 # binary | classes | boundary (foreground + boundary)
       classes: [background, foreground]     # names; for kind classes, one per output channel
@@ -41,9 +42,15 @@ A complete file (every key but ``data.train`` has a default)::
       patience: 0                  # validations without improvement before stopping; 0 = never
       seed: 0
       device: auto                 # auto | cpu | cuda | cuda:1 ...
-      amp: true                    # mixed precision (CUDA only)
+      amp: true                    # mixed precision (CUDA only): true (bf16 where the GPU
+                                   # has it, else fp16 with a grad scaler) | bf16 | fp16 | false
+      compile: false               # torch.compile the model
+      channels_last: false         # channels-last memory layout (CUDA convolutions)
+      augment_on: auto             # auto (the device when it is CUDA) | cpu | device
       init: null                   # a checkpoint to fine-tune from
-      prefetch: 4                  # batches prepared ahead by a background thread
+      prefetch: 4                  # batches prepared ahead by the crop loader
+      stop_at: null                # stop (resumable) after this iteration; the schedule
+                                   # still spans train.iterations (training in slices)
 
 Validation is complete before anything runs: an unknown key, a value of the wrong type or
 out of range, each gives one line naming ``config.yaml: train.lr``; all are reported at
@@ -73,6 +80,8 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
 POS_WEIGHT_MODES = ("auto",)
 CLASS_WEIGHT_MODES = ("auto",)
+AMP_MODES = (True, False, "bf16", "fp16")
+AUGMENT_ON = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class DataConfig:
     val_crops: int = 64
     normalization: Normalization = field(default_factory=Normalization)
     memory_mib: float = 512.0
+    workers: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -125,9 +135,13 @@ class LoopConfig:
     patience: int = 0
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool | str = True
+    compile: bool = False
+    channels_last: bool = False
+    augment_on: str = "auto"
     init: Path | None = None
     prefetch: int = 4
+    stop_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,6 +363,8 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
         val_crops=c.number(d, "val_crops", "data", 64, integer=True, low=1),
         normalization=norm,
         memory_mib=c.number(d, "memory_mib", "data", 512.0, low=0.0),
+        workers="auto" if d.get("workers", "auto") == "auto" else c.number(
+            d, "workers", "data", "auto", integer=True, low=0, high=256),
     )
 
     t = c.section(top.get("target"), "target", TargetConfig)
@@ -415,9 +431,15 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
         c.add("train.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
         device = "auto"
     amp = r.get("amp", True)
-    if not isinstance(amp, bool):
-        c.add("train.amp", f"expected true or false, got {amp!r}")
+    if not any(amp is m if isinstance(m, bool) else amp == m for m in AMP_MODES):
+        c.add("train.amp", f"expected true, false, bf16 or fp16, got {amp!r}")
         amp = True
+    flags = {}
+    for key in ("compile", "channels_last"):
+        flags[key] = r.get(key, False)
+        if not isinstance(flags[key], bool):
+            c.add(f"train.{key}", f"expected true or false, got {flags[key]!r}")
+            flags[key] = False
     init = r.get("init")
     init_path = None
     if init is not None:
@@ -438,8 +460,11 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
         val_every=c.number(r, "val_every", "train", 100, integer=True, low=1),
         patience=c.number(r, "patience", "train", 0, integer=True, low=0),
         seed=c.number(r, "seed", "train", 0, integer=True, low=0),
-        device=device, amp=amp, init=init_path,
+        device=device, amp=amp, init=init_path, **flags,
+        augment_on=c.choice(r, "augment_on", "train", "auto", AUGMENT_ON),
         prefetch=c.number(r, "prefetch", "train", 4, integer=True, low=1, high=64),
+        stop_at=None if r.get("stop_at") is None else c.number(
+            r, "stop_at", "train", None, integer=True, low=1),
     )
     c.raise_if_any()
     return TrainConfig(output_path, data, target, model, loss, augment, loop)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -481,19 +482,32 @@ class _Foreground:
         self.fg = np.array([int(c[0]) for c in counts], np.int64)
         self.valid = int(sum(int(c[1]) for c in counts))
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        # crops are sampled by several loader threads (engine.learn.loader)
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the plan travels to a worker: counts yes, the lock and the cached chunks no
+        return {**self.__dict__, "lock": None, "cache": OrderedDict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     def voxel(self, vol: TrainVolume, rng: np.random.Generator) -> tuple[int, ...] | None:
         total = int(self.fg.sum())
         if total == 0:
             return None
         k = int(rng.choice(len(self.fg), p=self.fg / total))
-        coords = self.cache.get(k)
-        if coords is None:
+        with self.lock:
+            coords = self.cache.get(k)
+            if coords is not None:
+                self.cache.move_to_end(k)
+        if coords is None:  # read outside the lock: other threads keep sampling meanwhile
             coords = np.flatnonzero(_read(vol.label, self.boxes[k]) > 0)
-            self.cache[k] = coords
-            if len(self.cache) > _CACHE_CHUNKS:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(k)
+            with self.lock:
+                self.cache[k] = coords
+                if len(self.cache) > _CACHE_CHUNKS:
+                    self.cache.popitem(last=False)
         flat = int(coords[rng.integers(len(coords))])
         box = self.boxes[k]
         local = np.unravel_index(flat, tuple(s.stop - s.start for s in box))
@@ -534,6 +548,7 @@ class CropSampler:
         sizes = np.array([v.weight * math.prod(v.region_shape) for v in self.volumes], float)
         self.p = sizes / sizes.sum()
         self.in_memory: set[int] = set()
+        self._lock = threading.Lock()  # lazy loads, shared by the loader's threads
         budget = memory_bytes
         for k, v in enumerate(self.volumes):
             need = v.image.nbytes + v.label.nbytes
@@ -545,15 +560,17 @@ class CropSampler:
         vol = self.volumes[k]
         if k not in self.in_memory:
             return vol.image, vol.label
-        if vol._loaded is None:
-            vol._loaded = (np.asarray(vol.image.compute(scheduler="synchronous")),
-                           np.asarray(vol.label.compute(scheduler="synchronous")))
-        return vol._loaded
+        with self._lock:
+            if vol._loaded is None:
+                vol._loaded = (np.asarray(vol.image.compute(scheduler="synchronous")),
+                               np.asarray(vol.label.compute(scheduler="synchronous")))
+            return vol._loaded
 
     def _fg(self, vol: TrainVolume) -> _Foreground:
-        if vol._fg is None:
-            vol._fg = _Foreground(vol)
-        return vol._fg
+        with self._lock:
+            if vol._fg is None:
+                vol._fg = _Foreground(vol)
+            return vol._fg
 
     def check_foreground(self) -> None:
         """Refuse label sources without any foreground voxel (nothing to learn)."""
@@ -584,8 +601,13 @@ class CropSampler:
             inner.append(slice(lo, hi))
             pad.append((lo - s, s + p - hi))
         box = tuple(inner)
-        image = _read(image_src, (slice(None), *box))
-        label = _read(label_src, box).astype(np.int64)
+        if isinstance(image_src, np.ndarray) or isinstance(label_src, np.ndarray):
+            image = _read(image_src, (slice(None), *box))
+            label = _read(label_src, box).astype(np.int64)
+        else:  # one graph for both: dask's per-call overhead holds the GIL the loader shares
+            image, label = dask.compute(image_src[(slice(None), *box)], label_src[box],
+                                        scheduler="synchronous")
+            image, label = np.asarray(image), np.asarray(label).astype(np.int64, copy=False)
         stats = vol.stats or ChannelStats((0.0,) * image.shape[0], (1.0,) * image.shape[0])
         image = apply_stats(image, stats)
         if any(a or b for a, b in pad):

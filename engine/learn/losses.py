@@ -22,7 +22,7 @@ graph, with an all-zero gradient: such a batch trains nothing but does not break
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -121,6 +121,7 @@ def masked_bce_dice(
     pos_weight: None | str | float = None,
     dice_weight: float = 1.0,
     eps: float = 1e-6,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Binary cross-entropy + soft Dice over the valid voxels of a binary segmentation.
 
@@ -147,6 +148,11 @@ def masked_bce_dice(
     eps : float
         Smoothing of the Dice ratio: ``1 - (2 Σ p t + eps) / (Σ p + Σ t + eps)``, with
         ``p = sigmoid(logits)`` and the sums over valid voxels.
+    reduce : callable, optional
+        Applied to every batch-wide sum (valid-voxel count, class counts, loss and Dice
+        sums) before they are combined: with a differentiable sum over data-parallel
+        ranks (:func:`engine.learn.ddp.global_sum`) each rank computes the loss of the
+        global batch. ``None``: the batch is the whole batch.
 
     Returns
     -------
@@ -170,11 +176,12 @@ def masked_bce_dice(
         )
     # torch.where passes no gradient to the unselected branch: masked logits get exactly 0
     x = torch.where(valid, logits, torch.zeros_like(logits))
-    n_valid = int(valid.sum())
+    total = reduce or (lambda v: v)
+    n_valid = int(total(valid.sum()))
     if isinstance(pos_weight, str):
         if pos_weight != "auto":
             raise OptionError(f"pos_weight must be None, 'auto' or a number, not {pos_weight!r}")
-        n_neg, n_pos = class_counts(t, valid, 2).tolist()
+        n_neg, n_pos = total(class_counts(t, valid, 2)).tolist()
         pw = n_neg / n_pos if n_pos and n_neg else 1.0
     else:
         pw = 1.0 if pos_weight is None else float(pos_weight)
@@ -183,10 +190,10 @@ def masked_bce_dice(
     )
     vmask = valid.to(x.dtype)
     w = vmask if weight is None else torch.where(valid, weight.to(x.dtype), 0.0)
-    loss = (w * bce).sum() / max(n_valid, 1)
+    loss = total((w * bce).sum()) / max(n_valid, 1)
     if dice_weight:
         p = torch.sigmoid(x) * vmask
-        dice = (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+        dice = (2 * total((p * t).sum()) + eps) / (total(p.sum()) + total(t.sum()) + eps)
         loss = loss + dice_weight * (1 - dice)
     return loss
 
@@ -199,6 +206,7 @@ def masked_ce_dice(
     dice_weight: float = 1.0,
     eps: float = 1e-6,
     class_weights: None | str | Sequence[float] = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy + multi-class soft Dice over the valid voxels.
 
@@ -226,6 +234,11 @@ def masked_ce_dice(
         mean 1 over the classes present (:func:`auto_class_weights`; the multi-class
         ``pos_weight="auto"``); a sequence: one positive number per class. The Dice term
         is not weighted. ``None``: all 1.
+    reduce : callable, optional
+        Applied to every batch-wide sum (valid-voxel count, class counts, loss and Dice
+        sums) before they are combined: with a differentiable sum over data-parallel
+        ranks (:func:`engine.learn.ddp.global_sum`) each rank computes the loss of the
+        global batch. ``None``: the batch is the whole batch.
 
     Returns
     -------
@@ -261,18 +274,21 @@ def masked_ce_dice(
         )
     vc = valid.unsqueeze(1)
     x = torch.where(vc, logits, torch.zeros_like(logits))
-    n_valid = int(valid.sum())
-    counts = class_counts(t, valid, n_classes) if isinstance(class_weights, str) else None
+    total = reduce or (lambda v: v)
+    n_valid = int(total(valid.sum()))
+    counts = total(class_counts(t, valid, n_classes)) if isinstance(class_weights, str) \
+        else None
     cw = _class_weights(class_weights, counts, n_classes, x)
     ce = F.cross_entropy(x, t, weight=cw, reduction="none")  # cw[t] * ce per voxel
     vmask = valid.to(x.dtype)
     w = vmask if weight is None else torch.where(valid, weight.to(x.dtype), 0.0)
-    loss = (w * ce).sum() / max(n_valid, 1)
+    loss = total((w * ce).sum()) / max(n_valid, 1)
     if dice_weight:
         p = torch.softmax(x, dim=1) * vmask.unsqueeze(1)
         onehot = F.one_hot(t, n_classes).movedim(-1, 1).to(x.dtype) * vmask.unsqueeze(1)
         dims = [0, *range(2, x.ndim)]
-        dice = (2 * (p * onehot).sum(dims) + eps) / (p.sum(dims) + onehot.sum(dims) + eps)
+        dice = (2 * total((p * onehot).sum(dims)) + eps) / (
+            total(p.sum(dims)) + total(onehot.sum(dims)) + eps)
         loss = loss + dice_weight * (1 - dice.mean())
     return loss
 

@@ -10,7 +10,14 @@ which streams its crops from the OME-Zarr stores.
 Determinism: sample ``j`` of iteration ``i`` is cropped and augmented with
 ``numpy.random.default_rng([seed, i, j])``, and the learning rate is a function of the
 iteration, so a resumed run sees exactly the batches the uninterrupted run would have seen
-(on CPU, the resumed weights equal the uninterrupted ones).
+(on CPU, the resumed weights equal the uninterrupted ones), whatever the number of crop
+loader threads (:mod:`engine.learn.loader`) or of data-parallel ranks
+(:mod:`engine.learn.ddp`).
+
+Each iteration's wall time is split into the wait for its batch (``data_wait_s``), the step
+(copy to the device, device augmentation, forward, backward, optimizer: ``step_s``) and,
+every ``val_every`` iterations, validation with its checkpoints (``val_s``); the sums since
+the previous validation are in each ``metrics.json`` history entry.
 
 Output folder::
 
@@ -28,9 +35,9 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,10 @@ from scipy import ndimage
 
 from engine.cluster import gpu_workers
 from engine.errors import DestinationError, InputError, OptionError
+from engine.learn import ddp
 from engine.learn.augment import Augment
+from engine.learn.augment_device import apply as augment_on_device
+from engine.learn.augment_device import draw as draw_augmentation
 from engine.learn.checkpoint import load_checkpoint, save_checkpoint
 from engine.learn.config import TrainConfig
 from engine.learn.data import (
@@ -54,6 +64,7 @@ from engine.learn.data import (
     split_folder_validation,
     split_validation,
 )
+from engine.learn.loader import Batch, BatchLoader, default_workers, read_ahead
 from engine.learn.losses import masked_bce_dice, masked_ce_dice
 from engine.learn.unet import UNet, receptive_field
 from engine.runlock import output_lock
@@ -98,6 +109,8 @@ class TrainResult:
     device: str
     host: str = field(default_factory=socket.gethostname)
     worker: str | None = None
+    data_wait_s: float = 0.0
+    step_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- planning
@@ -197,6 +210,9 @@ def _check_resumable(config: TrainConfig) -> None:
     ck = load_checkpoint(config.output / LAST)
     before = ck.metadata.get("config", {})
     now = config.to_dict()
+    for side in (before, now):  # the loader's threads change no sample
+        if isinstance(side.get("data"), dict):
+            side["data"] = {k: v for k, v in side["data"].items() if k != "workers"}
     changed = [s for s in FIXED_ON_RESUME if not _same_setting(before.get(s), now.get(s))]
     if changed:
         raise OptionError(
@@ -254,19 +270,21 @@ def make_targets(label: np.ndarray, kind: str, n_classes: int, boundary_width: i
     return np.stack([np.where(ignore, IGNORE, fg), np.where(ignore, IGNORE, edge)], axis=1)
 
 
-def compute_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig
+def compute_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> torch.Tensor:
-    """The configured loss of a batch; ignored voxels count nowhere."""
+    """The configured loss of a batch; ignored voxels count nowhere. ``reduce``: the sum
+    over data-parallel ranks of the batch-wide sums (:func:`engine.learn.ddp.reducer`)."""
     kind, lc = config.target.kind, config.loss
     logits = logits.float()
     if kind == "classes":
         return masked_ce_dice(logits, target, ignore_index=IGNORE, dice_weight=lc.dice_weight,
-                              class_weights=lc.class_weights)
+                              class_weights=lc.class_weights, reduce=reduce)
     total = logits.new_zeros(())
     for ch in range(logits.shape[1]):  # binary: 1 channel; boundary: foreground + boundary
         total = total + masked_bce_dice(logits[:, ch:ch + 1], target[:, ch:ch + 1],
                                         ignore_index=IGNORE, pos_weight=lc.pos_weight,
-                                        dice_weight=lc.dice_weight)
+                                        dice_weight=lc.dice_weight, reduce=reduce)
     return total
 
 
@@ -285,43 +303,81 @@ def _target_foreground(target: torch.Tensor, kind: str) -> tuple[torch.Tensor, t
 # --------------------------------------------------------------------------- batches
 
 
-class Batches:
-    """Seeded batches, prepared ahead by a background thread."""
+def target_shape(config: TrainConfig) -> tuple[int, ...]:
+    """One sample's target shape: ``(1, *patch)`` binary, ``(2, *patch)`` boundary,
+    ``patch`` classes (see :func:`make_targets`)."""
+    patch = tuple(config.data.patch_shape)
+    return {"binary": (1, *patch), "boundary": (2, *patch)}.get(config.target.kind, patch)
 
-    def __init__(self, plan: TrainPlan) -> None:
+
+def augments_on_device(config: TrainConfig, device: torch.device) -> bool:
+    """``train.augment_on``: ``auto`` augments on the device when it is a GPU."""
+    where = config.train.augment_on
+    return where == "device" or (where == "auto" and device.type == "cuda")
+
+
+class Batches:
+    """Seeded batches from the parallel crop loader (:mod:`engine.learn.loader`).
+
+    Parameters
+    ----------
+    plan : TrainPlan
+    device : torch.device
+        The training device (pinned buffers and device augmentation on CUDA).
+    samples : sequence of int, optional
+        The sample indices of the global batch made here (a data-parallel rank's share);
+        default all.
+    local_ranks : int
+        Ranks sharing this machine's cores (the default number of loader threads).
+    """
+
+    def __init__(self, plan: TrainPlan, device: torch.device,
+                 samples: Sequence[int] | None = None, local_ranks: int = 1) -> None:
         cfg = plan.config
         self.sampler = CropSampler(plan.train, cfg.data.patch_shape,
                                    cfg.data.foreground_fraction, cfg.train.seed,
                                    memory_bytes=int(cfg.data.memory_mib * 2**20))
         self.augment = Augment(cfg.augment)
+        self.on_device = augments_on_device(cfg, device)
         self.cfg = cfg
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-batches")
-        self.pending: dict[int, Future] = {}
+        workers = cfg.data.workers
+        if not isinstance(workers, int):
+            workers = default_workers(local_ranks)
+        small = len(cfg.target.classes) <= 127  # targets fit int8: -1, 0, 1 or classes
+        self.loader = BatchLoader(
+            self._fill, range(cfg.train.batch_size) if samples is None else samples,
+            (plan.in_channels, *cfg.data.patch_shape), target_shape(cfg), workers,
+            cfg.train.prefetch, pin=device.type == "cuda",
+            target_dtype=torch.int8 if small else torch.int32)
 
-    def _make(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
-        for j in range(self.cfg.train.batch_size):
-            rng = np.random.default_rng([self.cfg.train.seed, iteration, j])
-            img, lab = self.sampler.sample(rng)
+    def _fill(self, iteration: int, j: int, image: np.ndarray, target: np.ndarray) -> Any:
+        rng = np.random.default_rng([self.cfg.train.seed, iteration, j])
+        img, lab = self.sampler.sample(rng)
+        ops = None
+        if self.on_device:  # only the random choices here; the device applies them
+            ops = draw_augmentation(self.augment, rng, lab.shape)
+        else:
             img, lab, _ = self.augment(img, lab, None, rng=rng)
-            images.append(img)
-            labels.append(lab.astype(np.int64))
-        label = np.stack(labels)
         t = self.cfg.target
-        return np.stack(images), make_targets(label, t.kind, len(t.classes), t.boundary_width)
+        image[...] = img
+        target[...] = make_targets(lab[None].astype(np.int64), t.kind, len(t.classes),
+                                   t.boundary_width)[0]
+        return ops
 
-    def get(self, iteration: int, last: int) -> tuple[np.ndarray, np.ndarray]:
-        """The batch of ``iteration``; batches up to ``last`` are queued ahead."""
-        ahead = self.cfg.train.prefetch
-        for i in range(iteration, min(iteration + ahead, last) + 1):
-            if i not in self.pending:
-                self.pending[i] = self.pool.submit(self._make, i)
-        return self.pending.pop(iteration).result()
+    def get(self, iteration: int, last: int) -> Batch:
+        """The host batch of ``iteration`` (batches up to ``last`` are prepared ahead)."""
+        return self.loader.get(iteration, last)
+
+    def to_device(self, batch: Batch, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and int64 target on ``device``, augmented there when so configured."""
+        x, t = batch.to(device)
+        if self.on_device:
+            x, t = augment_on_device(x, t, batch.extras)
+        return x, t
 
     def close(self) -> None:
-        for f in self.pending.values():
-            f.cancel()
-        self.pool.shutdown(wait=True)
+        self.loader.close()
 
 
 def _validation_set(plan: TrainPlan) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -444,7 +500,9 @@ def _write_metrics(out: Path, history: list[Event], best: dict[str, Any], stoppe
 
 
 def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
-                 overwrite: bool = False) -> TrainResult:
+                 overwrite: bool = False, rank: ddp.Rank | None = None,
+                 step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train as planned; checkpoints, metrics and curves go to ``plan.config.output``.
 
     Parameters
@@ -453,123 +511,250 @@ def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
         From :func:`plan_training`.
     events : callable, optional
         Called with ``{"event": "start"|"iteration"|"validation"|"end", ...}`` dicts
-        (iteration, loss, lr, val_dice ...) for progress reporting.
+        (iteration, loss, lr, val_dice, data_wait_s, step_s ...) for progress reporting.
     overwrite : bool
         Remove an earlier run's files first (the planner has checked it was asked for).
+    rank : engine.learn.ddp.Rank, optional
+        This process's rank of a data-parallel training (:func:`train_on_cluster` starts
+        one per GPU worker); rank 0 writes the outputs and reports.
+    step_model : callable, optional
+        Makes the module the steps run (and the optimizer updates) from the U-Net, for
+        benchmarks: e.g. a simulated accelerator (``tests/simdevice.py``). The checkpoints
+        hold the U-Net.
+    should_stop : callable, optional
+        Asked before every iteration (on every rank); true stops the run as an interrupt
+        would (``stopped: "interrupted"``, ``last.pt`` from the last validation): the client
+        of a cluster run went away.
     """
+    if rank is not None and not rank.is_main:
+        return _run_training(plan, None, False, rank, step_model, should_stop)
     # one writer per run folder (on the cluster, the worker that trains holds it)
     with output_lock(plan.config.output):
-        return _run_training(plan, events, overwrite)
+        return _run_training(plan, events, overwrite, rank, step_model, should_stop)
+
+
+def amp_dtype(setting: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device``: ``None`` off the GPU or when off;
+    ``true`` is bf16 where the GPU supports it (no grad scaler needed), else fp16."""
+    if device.type != "cuda" or setting is False:
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _memory_format(config: TrainConfig, spatial_dims: int) -> torch.memory_format | None:
+    if not config.train.channels_last:
+        return None
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+class _Clock:
+    """Seconds spent waiting for data, stepping and validating since the last reset."""
+
+    def __init__(self) -> None:
+        self.data = self.step = self.val = 0.0
+        self.total_data = self.total_step = 0.0
+
+    def entry(self) -> dict[str, float]:
+        wall = self.data + self.step + self.val
+        return {"data_wait_s": round(self.data, 4), "step_s": round(self.step, 4),
+                "val_s": round(self.val, 4),
+                "data_wait_fraction": round(self.data / wall, 4) if wall > 0 else 0.0}
+
+    def reset(self) -> None:
+        self.data = self.step = self.val = 0.0
 
 
 def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
-                  overwrite: bool) -> TrainResult:
+                  overwrite: bool, rank: ddp.Rank | None = None,
+                  step_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
     cfg = plan.config
-    emit = events or (lambda e: None)
+    main = rank is None or rank.is_main
+    emit = (events or (lambda e: None)) if main else (lambda e: None)
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite and not plan.resume:
+    if main and overwrite and not plan.resume:
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
     device = resolve_device(cfg.train.device)
+    if rank is not None and device.type == "cuda":
+        device = torch.device("cuda", rank.device_index % max(torch.cuda.device_count(), 1))
+    if rank is not None:
+        ddp.start(rank, device)
+    try:
+        return _train_loop(plan, emit, device, rank, step_model, should_stop)
+    finally:
+        if rank is not None:
+            ddp.stop()
+
+
+def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.device,
+                rank: ddp.Rank | None,
+                step_model: Callable[[torch.nn.Module], torch.nn.Module] | None,
+                should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    cfg = plan.config
+    out = cfg.output
+    main = rank is None or rank.is_main
     torch.manual_seed(cfg.train.seed)
     model = UNet(**plan.arch)
     if plan.init_state is not None:
         _load_state(model, plan.init_state, str(cfg.train.init))
-    model.to(device)
-    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     history: list[Event] = []
     best: dict[str, Any] = {}
     start, bad_validations = 1, 0
+    running, running_n = 0.0, 0
+    ck = None
     if plan.resume:
-        ck = load_checkpoint(out / LAST, map_location=device)
+        ck = load_checkpoint(out / LAST, map_location="cpu")
         _load_state(model, ck.state_dict, str(out / LAST))
-        if ck.optimizer is not None:
-            optimizer.load_state_dict(ck.optimizer)
         history, best = list(ck.metadata.get("history", [])), dict(ck.metadata.get("best", {}))
         start = int(ck.metadata["iteration"]) + 1
-        bad_validations = int((ck.extra or {}).get("bad_validations", 0))
-        if ck.extra and "torch_rng" in ck.extra:
-            torch.set_rng_state(ck.extra["torch_rng"].cpu())
-    _write_yaml(out / CONFIG, cfg.to_dict())
+        extra = ck.extra or {}
+        bad_validations = int(extra.get("bad_validations", 0))
+        running, running_n = float(extra.get("running", 0.0)), int(extra.get("running_n", 0))
+        if "torch_rng" in extra:
+            torch.set_rng_state(extra["torch_rng"].cpu())
+    fmt = _memory_format(cfg, plan.spatial_dims)
+    if fmt is None:
+        model.to(device)
+    else:
+        model.to(device, memory_format=fmt)
+    model = ddp.sync_batch_norm(model, device)
+    stepped = model if step_model is None else step_model(model).to(device)
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(stepped.parameters(), lr=cfg.train.lr,
+                        weight_decay=cfg.train.weight_decay)
+    if ck is not None and ck.optimizer is not None:
+        optimizer.load_state_dict(ck.optimizer)
+    net = ddp.wrap(stepped, device)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    reduce = ddp.reducer()
+    if main:
+        _write_yaml(out / CONFIG, cfg.to_dict())
 
-    use_amp = device.type == "cuda" and cfg.train.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    val_crops = _validation_set(plan)
-    batches = Batches(plan)
+    dtype = amp_dtype(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    # validation crops are read while training starts, not before (rank 0 validates)
+    val_future = read_ahead(lambda: _validation_set(plan)) if main else None
+    val_crops: list[tuple[np.ndarray, np.ndarray]] | None = None
+    batches = Batches(plan, device, rank.samples(cfg.train.batch_size) if rank else None,
+                      rank.local_ranks if rank else 1)
     last = cfg.train.iterations
+    stop_at = min(cfg.train.stop_at or last, last)
     emit({"event": "start", "start": start, "iterations": last, "device": str(device),
-          "train_volumes": len(plan.train), "val_crops": len(val_crops)})
+          "train_volumes": len(plan.train), "val_volumes": len(plan.val),
+          "ranks": rank.world if rank else 1, "loader_workers": batches.loader.workers,
+          "augment_on": "device" if batches.on_device else "cpu"})
     t0 = time.monotonic()
     stopped = "completed"
     iteration = start - 1
-    running, running_n = 0.0, 0
-    model.train()
+    clock = _Clock()
+    net.train()
 
     def save(name: str, with_optimizer: bool) -> None:
         meta = metadata(plan, model, history, best, iteration)
         save_checkpoint(out / name, {k: v.detach().cpu() for k, v in model.state_dict().items()},
                         meta, optimizer.state_dict() if with_optimizer else None,
-                        {"bad_validations": bad_validations, "torch_rng": torch.get_rng_state()})
+                        {"bad_validations": bad_validations, "torch_rng": torch.get_rng_state(),
+                         "running": running, "running_n": running_n,
+                         "ranks": rank.world if rank else 1})
 
     try:
-        for iteration in range(start, last + 1):
+        for iteration in range(start, stop_at + 1):
+            if should_stop is not None and ddp.any_rank(should_stop(), device):
+                stopped = "interrupted"
+                iteration -= 1
+                break
             lr = learning_rate(cfg, iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            image, target = batches.get(iteration, last)
-            x = torch.from_numpy(image).to(device, non_blocking=True)
-            t = torch.from_numpy(target).to(device, non_blocking=True)
+            ta = time.perf_counter()
+            host = batches.get(iteration, stop_at)
+            tb = time.perf_counter()
+            x, t = batches.to_device(host, device)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-            loss = compute_loss(logits, t, cfg)
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                logits = net(x)
+            loss = compute_loss(logits, t, cfg, reduce)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            value = float(loss.detach())
+            value = float(loss.detach())  # waits for the device: the step's time is whole
+            tc = time.perf_counter()
+            clock.data += tb - ta
+            clock.step += tc - tb
+            clock.total_data += tb - ta
+            clock.total_step += tc - tb
             if not math.isfinite(value):
                 raise OptionError(f"training diverged at iteration {iteration} (loss {value}); "
                                   "lower train.lr")
             running += value
             running_n += 1
-            emit({"event": "iteration", "iteration": iteration, "loss": value, "lr": lr})
+            busy = clock.total_data + clock.total_step
+            emit({"event": "iteration", "iteration": iteration, "loss": value, "lr": lr,
+                  "data_wait_s": tb - ta, "step_s": tc - tb,
+                  "data_wait_fraction": clock.total_data / busy if busy > 0 else 0.0})
             if iteration % cfg.train.val_every and iteration != last:
+                if iteration == stop_at:  # a slice of the training ends: resumable here
+                    if main:
+                        save(LAST, with_optimizer=True)
+                    stopped = "stopped"
                 continue
-            entry: Event = {"iteration": iteration, "loss": running / running_n, "lr": lr,
-                            "time_s": round(time.monotonic() - t0, 3)}
+            tv = time.perf_counter()
+            entry: Event = {"iteration": iteration, "loss": running / max(running_n, 1),
+                            "lr": lr, "time_s": round(time.monotonic() - t0, 3)}
             running, running_n = 0.0, 0
-            improved = False
-            if val_crops:
-                entry.update(validate(model, val_crops, cfg, device, cfg.train.batch_size))
-                improved = not best or entry["val_dice"] > best["val_dice"]
-            else:
-                improved = True  # nothing to validate on: the latest model is the best
-            history.append(entry)
-            if improved:
-                bad_validations = 0
-                best = {"iteration": iteration,
-                        **{k: entry[k] for k in ("val_dice", "val_iou", "val_loss")
-                           if k in entry}}
-                save(BEST, with_optimizer=False)
-            else:
-                bad_validations += 1
-            save(LAST, with_optimizer=True)
-            _write_metrics(out, history, best, "running", iteration)
-            emit({"event": "validation", **entry, "best": best})
-            if cfg.train.patience and bad_validations >= cfg.train.patience:
+            early = False
+            if main:
+                if val_crops is None:
+                    assert val_future is not None
+                    val_crops = val_future.result()
+                improved = False
+                if val_crops:
+                    entry.update(validate(model, val_crops, cfg, device, cfg.train.batch_size))
+                    improved = not best or entry["val_dice"] > best["val_dice"]
+                else:
+                    improved = True  # nothing to validate on: the latest model is the best
+                if improved:
+                    bad_validations = 0
+                    best = {"iteration": iteration,
+                            **{k: entry[k] for k in ("val_dice", "val_iou", "val_loss")
+                               if k in entry}}
+                else:
+                    bad_validations += 1
+                clock.val += time.perf_counter() - tv
+                entry.update(clock.entry())
+                history.append(entry)
+                if improved:
+                    save(BEST, with_optimizer=False)
+                save(LAST, with_optimizer=True)
+                _write_metrics(out, history, best, "running", iteration)
+                emit({"event": "validation", **entry, "best": best})
+                early = bool(cfg.train.patience and bad_validations >= cfg.train.patience)
+            clock.reset()
+            if ddp.from_main(early, device):
                 stopped = "early_stop"
                 break
+            if iteration == stop_at and stop_at < last:
+                stopped = "stopped"
     finally:
         batches.close()
-    if iteration >= start and (not history or history[-1]["iteration"] != iteration):
-        save(LAST, with_optimizer=True)  # pragma: no cover - the last iteration validates
-    _write_metrics(out, history, best, stopped, iteration)
+    if main:
+        _write_metrics(out, history, best, stopped, iteration)
     seconds = time.monotonic() - t0
     emit({"event": "end", "iteration": iteration, "stopped": stopped, "best": best,
-          "seconds": seconds})
-    return TrainResult(out, iteration, best, history, stopped, seconds, str(device))
+          "seconds": seconds, "data_wait_s": round(clock.total_data, 3),
+          "step_s": round(clock.total_step, 3)})
+    return TrainResult(out, iteration, best, history, stopped, seconds, str(device),
+                       data_wait_s=clock.total_data, step_s=clock.total_step)
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -590,12 +775,36 @@ def _write_yaml(path: Path, data: Any) -> None:
 # --------------------------------------------------------------------------- on a cluster
 
 
-def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool) -> TrainResult:
+def _stop_flag(name: str) -> tuple[threading.Event, threading.Event]:
+    """A local flag set when the client sets the Dask event ``name`` (watched by a thread,
+    so the loop asks a local flag, not the scheduler); set the second to end the watch."""
+    from distributed import Event
+
+    stop, done = threading.Event(), threading.Event()
+    remote = Event(name)
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                if remote.wait(timeout=1.0):
+                    stop.set()
+                    return
+            except Exception:  # noqa: BLE001 - the scheduler went away: stop
+                stop.set()
+                return
+
+    threading.Thread(target=watch, name="voxelmill-stop-watch", daemon=True).start()
+    return stop, done
+
+
+def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool,
+                rank: ddp.Rank | None = None) -> TrainResult:
     from distributed import Queue, get_worker
 
     worker = get_worker()
     queue = Queue(queue_name)
     last_put = [0.0]
+    stop, done = _stop_flag(f"{queue_name}-stop")
 
     def forward(event: Event) -> None:
         # iterations are frequent: send one per second at most, the rest always
@@ -605,20 +814,45 @@ def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool) -> TrainResul
         last_put[0] = now
         queue.put(json.loads(json.dumps(event, default=str)))
 
-    result = run_training(plan, forward, overwrite)
+    try:
+        result = run_training(plan, forward, overwrite, rank, should_stop=stop.is_set)
+    finally:
+        done.set()
     result.worker = worker.address
     return result
+
+
+def _submit_ranks(plan: TrainPlan, client: Any, gpus: list[str], name: str,
+                  overwrite: bool) -> list[Any]:
+    """One training task per GPU worker, ranks of one data-parallel training."""
+    world = len(gpus)
+    batch = plan.config.train.batch_size
+    if batch < world:
+        raise OptionError(f"train.batch_size {batch}: smaller than the {world} GPU workers "
+                          f"(one data-parallel rank each, each making its share of the batch); "
+                          f"use a batch of at least {world}")
+    port = client.run(ddp.free_port, workers=[gpus[0]])[gpus[0]]
+    init = f"tcp://{ddp.host_of(gpus[0])}:{port}"
+    local = ddp.local_indices(gpus)
+    per_host = {h: sum(ddp.host_of(a) == h for a in gpus) for h in map(ddp.host_of, gpus)}
+    return [client.submit(_train_task, plan, name, overwrite,
+                          ddp.Rank(r, world, init, local[r], per_host[ddp.host_of(addr)]),
+                          resources={"GPU": 1}, workers=[addr], allow_other_workers=False,
+                          pure=False, key=f"{name}-rank{r}")
+            for r, addr in enumerate(gpus)]
 
 
 def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], None] | None = None,
                      overwrite: bool = False, report: Callable[[str], None] = print
                      ) -> TrainResult:
-    """Run :func:`run_training` as one task on a worker with ``GPU=1`` resources.
+    """Run :func:`run_training` on the GPU workers of ``client``.
 
-    Without GPU workers, ``--device cpu`` (or ``auto``) trains on any worker and says so;
-    ``--device cuda`` is refused. Progress events come back through a Dask queue. The
-    worker reads its crops straight from the stores, so the output folder and the data
-    must be on storage the worker sees.
+    With one worker advertising ``GPU=1``, it trains there; with N ≥ 2, the N workers train
+    together, one data-parallel rank each (:mod:`engine.learn.ddp`), the global batch shared
+    among them. Without GPU workers, ``--device cpu`` (or ``auto``) trains on any worker and
+    says so; ``--device cuda`` is refused. Progress events come back through a Dask queue
+    from rank 0. The workers read their crops straight from the stores, so the output folder
+    and the data must be on storage they see.
     """
     from distributed import Queue
     from distributed.utils import TimeoutError as DaskTimeout
@@ -628,26 +862,47 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
     if not gpus and device.startswith("cuda"):
         raise OptionError(f"--device {device}: no worker of the cluster advertises GPU "
                           "resources (start one with: dask worker --resources GPU=1)")
-    resources = {"GPU": 1} if gpus else None
-    report(f"training on {'a GPU worker (' + ', '.join(gpus) + ')' if gpus else 'a worker'}"
-           f"{'' if gpus else ' (no worker advertises GPU=1)'}")
     name = f"voxelmill-train-{os.getpid()}-{time.time_ns()}"
+    if len(gpus) >= 2:
+        report(f"training on {len(gpus)} GPU workers, one data-parallel rank each "
+               f"({', '.join(gpus)})")
+        futures = _submit_ranks(plan, client, gpus, name, overwrite)
+    else:
+        report(f"training on {'a GPU worker (' + gpus[0] + ')' if gpus else 'a worker'}"
+               f"{'' if gpus else ' (no worker advertises GPU=1)'}")
+        futures = [client.submit(_train_task, plan, name, overwrite,
+                                 resources={"GPU": 1} if gpus else None, pure=False, key=name)]
     queue = Queue(name, client=client)
-    future = client.submit(_train_task, plan, name, overwrite, resources=resources, pure=False,
-                           key=name)
     emit = events or (lambda e: None)
+    finished = False
     try:
         while True:
             try:
                 emit(queue.get(timeout=0.5))
             except (DaskTimeout, TimeoutError):
-                if future.done():
+                if all(f.done() for f in futures) or any(f.status == "error" for f in futures):
                     break
         while queue.qsize():
             emit(queue.get())
-        return future.result()
+        results = [f.result() for f in futures]  # a rank's error is raised here
+        finished = True
+        return results[0]
     finally:
+        if not finished:  # interrupted here (Ctrl-C, an error): the ranks stop too
+            _stop_ranks(client, name, futures)
         queue.close()
+
+
+def _stop_ranks(client: Any, name: str, futures: list[Any], wait_s: float = 60.0) -> None:
+    """Tell the training tasks to stop and wait (a while) until they have, so that no rank
+    writes into the run folder after this returns."""
+    from distributed import Event, wait
+
+    try:
+        Event(f"{name}-stop", client=client).set()
+        wait(futures, timeout=wait_s)
+    except Exception:  # noqa: BLE001 - best effort on the way out; the caller's error wins
+        pass
 
 
 def train(config: TrainConfig, client: Any = None, resume: bool = False,
