@@ -44,7 +44,6 @@ import dask
 import dask.array as da
 import numpy as np
 
-from engine.dataset import assign_groups
 from engine.errors import InputError, OptionError
 from engine.io import open_volume
 from engine.io.layouts import (
@@ -397,39 +396,6 @@ def _check_consistent(volumes: Sequence[TrainVolume]) -> None:
                 f"{v.name}: {v.image.shape[0]} channel(s) in {v.spatial_dims}D, but "
                 f"{first.name} has {first.image.shape[0]} in {first.spatial_dims}D; all "
                 "sources of one training must match")
-
-
-def split_validation(volumes: Sequence[TrainVolume], explicit: Sequence[TrainVolume],
-                     val_fraction: float, seed: int
-                     ) -> tuple[list[TrainVolume], list[TrainVolume]]:
-    """Training and validation volumes.
-
-    Explicit validation volumes win. Otherwise, with two source volumes (groups) or more,
-    whole groups are held out (:func:`engine.dataset.assign_groups`, fractions
-    ``(1 - f, f, 0)``), so no source volume is in both; with a single one, the last
-    ``val_fraction`` of its first spatial axis (z in 3D, y in 2D) is held out and training
-    crops stay before it.
-    """
-    volumes = list(volumes)
-    if explicit or val_fraction <= 0:
-        return volumes, list(explicit)
-    sizes: dict[str, int] = {}
-    for v in volumes:
-        sizes[v.group] = sizes.get(v.group, 0) + math.prod(v.region_shape)
-    if len(sizes) >= 2:
-        split = assign_groups(sizes, (1 - val_fraction, val_fraction, 0.0), seed)
-        return ([v for v in volumes if split[v.group] == "train"],
-                [v for v in volumes if split[v.group] == "val"])
-    train, val = [], []
-    for v in volumes:
-        first = v.region[0]
-        cut = first.stop - max(1, round((first.stop - first.start) * val_fraction))
-        if cut <= first.start:
-            raise InputError(f"{v.name}: too small along its first axis to hold out "
-                             f"{val_fraction:.0%} for validation; give data.val sources")
-        train.append(replace(v, region=(slice(first.start, cut), *v.region[1:])))
-        val.append(replace(v, region=(slice(cut, first.stop), *v.region[1:])))
-    return train, val
 
 
 def prepare(volumes: Sequence[TrainVolume], norm: Normalization, client: Any = None) -> None:
