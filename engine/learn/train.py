@@ -475,11 +475,12 @@ def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
 
     use_amp = device.type == "cuda" and cfg.train.amp
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    t = cfg.target
-    validator = Validator(plan.val, cfg.data.patch_shape, model.divisor, t.kind, device,
-                          cfg.train.batch_size, lambda x, y: compute_loss(x, y, cfg),
-                          lambda lab: make_targets(lab, t.kind, len(t.classes),
-                                                   t.boundary_width))
+    target_cfg = cfg.target
+    validator = Validator(plan.val, cfg.data.patch_shape, model.divisor, target_cfg.kind,
+                          device, cfg.train.batch_size, lambda x, y: compute_loss(x, y, cfg),
+                          lambda lab: make_targets(lab, target_cfg.kind,
+                                                   len(target_cfg.classes),
+                                                   target_cfg.boundary_width))
     batches = Batches(plan)
     last = cfg.train.iterations
     emit({"event": "start", "start": start, "iterations": last, "device": str(device),
