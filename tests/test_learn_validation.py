@@ -231,3 +231,47 @@ def test_empty_validation_allowed_selects_a_model_that_finds_foreground(blobs, c
     dice = _dice(found, blobs["label"] > 0)
     print(json.dumps({"best": result.best, "train_volume_dice": round(dice, 3)}))
     assert found.any() and dice > 0.5
+
+
+class _Constant(torch.nn.Module):
+    """A 'model' whose logits are one value everywhere."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1, *x.shape[2:]), self.value)
+
+
+def test_an_undefined_dice_is_left_out_not_one():
+    """Empty truth and an empty prediction: no Dice (it used to be 1.0); a prediction of
+    everything: Dice 0; with foreground in the truth, the pooled Dice of all regions."""
+    from engine.learn.train import compute_loss, make_targets
+    from engine.learn.validation import Validator
+
+    cfg = parse_config({"output": "o", "data": {"train": ["."]}}, "t", Path.cwd())
+    label = np.zeros((12, 20, 16), np.int64)
+    vol = TrainVolume(da.ones((1, *label.shape), chunks=(1, 8, 8, 8)),
+                      da.from_array(label, chunks=8), "v", "g", ("c",), (1.0,) * 3, "um",
+                      region=(slice(4, 12), slice(0, 20), slice(0, 16)))
+
+    def validator(volumes: list[TrainVolume]) -> Validator:
+        return Validator(volumes, (8, 8, 8), (1, 1, 1), "binary", torch.device("cpu"), 2,
+                         lambda x, t: compute_loss(x, t, cfg),
+                         lambda lab: make_targets(lab, "binary", 2))
+
+    nothing = validator([vol])(_Constant(-10.0), 1)
+    assert set(nothing) == {"val_loss"}
+    everything = validator([vol])(_Constant(10.0), 1)
+    assert everything["val_dice"] == 0.0 and everything["val_loss"] > nothing["val_loss"]
+    some = label.copy()
+    some[4:6] = 1  # 2 of the region's 8 planes are foreground, the rest are not
+    some[6, :5] = IGNORE
+    found = TrainVolume(vol.image, da.from_array(some, chunks=8), "w", "g", ("c",),
+                        (1.0,) * 3, "um", region=vol.region)
+    both = validator([vol, found])(_Constant(10.0), 1)
+    valid = (label[4:12] >= 0).sum() + (some[4:12] >= 0).sum()
+    tp = (some[4:12] > 0).sum()
+    assert both["val_dice"] == pytest.approx(2 * tp / (2 * tp + valid - tp))
+    assert both["val_iou"] == pytest.approx(tp / valid)
