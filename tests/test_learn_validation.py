@@ -25,6 +25,7 @@ from engine.learn.normalize import ChannelStats, apply_stats
 from engine.learn.split import (
     TOLERANCE,
     Profile,
+    check_validation,
     choose_slab,
     foreground_profiles,
     split_validation,
@@ -122,6 +123,22 @@ def test_profiles_equal_numpy_and_the_slab_is_fair():
     (val_x,) = split_validation([vol], [], 0.25, seed=0, val_axis=2).val
     assert val_x.region[:2] == (slice(0, 50), slice(0, 36))
     assert val_x.region[2].stop - val_x.region[2].start == 7
+
+
+def test_a_slab_without_foreground_is_refused_or_warned():
+    """Foreground in one plane of y: every slab along y that holds it is 5× too dense, so
+    the fairest is empty; its count (not the whole volume's) says so, and it is refused."""
+    label = np.zeros((10, 20, 20), np.int64)
+    label[:, 10] = 1
+    vol = TrainVolume(da.zeros((1, *label.shape), chunks=(1, 5, 5, 5)),
+                      da.from_array(label, chunks=5), "v", "g", ("c",), (1.0,) * 3, "um")
+    split = split_validation([vol], [], 0.2, seed=0, val_axis=1)
+    (val,) = split.val
+    assert not label[val.region].any() and split.val_foreground == [0]
+    with pytest.raises(InputError, match="^v: the validation labels have no foreground"):
+        check_validation(split.val, split.val_foreground, False)
+    assert check_validation(split.val, None, True).startswith("warning: v: ")
+    assert check_validation(split.train, None, False) is None  # counted when not given
 
 
 def test_slab_rule():

@@ -138,8 +138,8 @@ def choose_slab(profile: Profile, fraction: float, density: float,
         spare for training.
     """
     axes = [axis] if axis is not None else list(range(len(profile.fg)))
-    scored: list[tuple[float, int, int, int, float | None]] = []  # dev, axis, start, len, r
-    ends: list[tuple[int, int, int, float | None, float]] = []
+    scored: list[tuple[float, int, int, int, float | None]] = []  # dev, rank, start, len, r
+    ends: list[tuple[int, int, int, float | None, float]] = []  # axis, start, len, r, dev
     for a in axes:
         n = len(profile.fg[a])
         length = max(1, round(n * fraction))
@@ -164,8 +164,8 @@ def choose_slab(profile: Profile, fraction: float, density: float,
     if density <= 0 or math.isinf(min(s[0] for s in scored)):  # nothing to be fair about
         a, s, length, r, _ = ends[0]
         return Slab(a, s, s + length, r)
-    dev_best, k, s, length, r = min(scored, key=lambda t: (t[0], t[1]))
-    return Slab(axes[k], s, s + length, r)
+    _, rank, s, length, r = min(scored, key=lambda t: (t[0], t[1]))
+    return Slab(axes[rank], s, s + length, r)
 
 
 def _cut(v: TrainVolume, slab: Slab) -> tuple[list[TrainVolume], TrainVolume]:
@@ -191,8 +191,8 @@ class Split:
     val: list[TrainVolume]
     #: one line per held-out slab (for the user)
     notes: list[str]
-    #: the held-out slabs' profiles (None where validation was not cut from training data)
-    val_profiles: list[Profile] | None = None
+    #: foreground voxels of each validation volume's region, when already counted
+    val_foreground: list[int] | None = None
 
 
 def axis_name(axis: int, dims: int) -> str:
@@ -240,7 +240,7 @@ def split_validation(volumes: Sequence[TrainVolume], explicit: Sequence[TrainVol
     profiles = foreground_profiles(volumes, client)
     labelled = sum(p.labelled for p in profiles)
     density = sum(p.foreground for p in profiles) / labelled if labelled else 0.0
-    train, val, notes, val_profiles = [], [], [], []
+    train, val, notes, counts = [], [], [], []
     for v, p in zip(volumes, profiles, strict=True):
         slab = choose_slab(p, val_fraction, density, val_axis)
         if slab is None:
@@ -250,28 +250,30 @@ def split_validation(volumes: Sequence[TrainVolume], explicit: Sequence[TrainVol
         parts, held = _cut(v, slab)
         train += parts
         val.append(held)
-        val_profiles.append(_sub_profile(p, slab))
+        counts.append(int(p.fg[slab.axis][slab.start:slab.stop].sum()))
         name = axis_name(slab.axis, v.spatial_dims)
         share = "no labelled voxel" if slab.ratio is None else \
             f"{slab.ratio:.2f}× the source's foreground density"
         notes.append(f"validation: {v.name} {name} {held.region[slab.axis].start}:"
                      f"{held.region[slab.axis].stop} ({share})")
-    return Split(train, val, notes, val_profiles)
+    return Split(train, val, notes, counts)
 
 
-def _sub_profile(p: Profile, slab: Slab) -> Profile:
-    """The counts of the slab itself along its own axis (the totals are what matters)."""
-    a = slab.axis
-    fg = list(p.fg)
-    valid = list(p.valid)
-    fg[a] = p.fg[a][slab.start:slab.stop]
-    valid[a] = p.valid[a][slab.start:slab.stop]
-    return Profile(tuple(fg), tuple(valid))
-
-
-def check_validation(val: Sequence[TrainVolume], profiles: Sequence[Profile] | None,
+def check_validation(val: Sequence[TrainVolume], foreground: Sequence[int] | None,
                      allow_empty: bool, client: Any = None) -> str | None:
     """Refuse validation labels without foreground, or (``allow_empty``) warn.
+
+    Parameters
+    ----------
+    val : sequence of TrainVolume
+        The validation volumes.
+    foreground : sequence of int, optional
+        Their regions' foreground voxels when known (:attr:`Split.val_foreground`);
+        counted blockwise otherwise.
+    allow_empty : bool
+        ``data.allow_empty_validation``.
+    client : distributed.Client, optional
+        Where large label volumes are reduced.
 
     Returns
     -------
@@ -286,9 +288,9 @@ def check_validation(val: Sequence[TrainVolume], profiles: Sequence[Profile] | N
     """
     if not val:
         return None
-    if profiles is None:
-        profiles = foreground_profiles(val, client)
-    if any(p.foreground for p in profiles):
+    if foreground is None:
+        foreground = [p.foreground for p in foreground_profiles(val, client)]
+    if any(foreground):
         return None
     names = ", ".join(sorted({v.name for v in val})[:3])
     if not allow_empty:

@@ -205,8 +205,8 @@ def plan_training(config: TrainConfig, client: Any = None, resume: bool = False,
     except OptionError as exc:
         raise OptionError(f"data.patch_shape: {exc}") from None
     CropSampler(train, patch, config.data.foreground_fraction).check_foreground()
-    warning = check_validation(val, split.val_profiles, config.data.allow_empty_validation,
-                               client)
+    warning = check_validation(val, split.val_foreground,
+                               config.data.allow_empty_validation, client)
     prepare(train + val, config.data.normalization, client)
     return TrainPlan(config, train, val, int(first.image.shape[0]), first.channel_names,
                      first.spatial_dims, tuple(first.voxel_size), first.unit, arch, resume,
