@@ -20,7 +20,7 @@ from engine.errors import InputError
 from engine.learn.checkpoint import load_checkpoint
 from engine.learn.config import parse_config
 from engine.learn.data import IGNORE, TrainVolume
-from engine.learn.model import load_model
+from engine.learn.model import describe, load_model
 from engine.learn.normalize import ChannelStats, apply_stats
 from engine.learn.split import (
     TOLERANCE,
@@ -30,7 +30,7 @@ from engine.learn.split import (
     foreground_profiles,
     split_validation,
 )
-from engine.learn.train import plan_training, train
+from engine.learn.train import plan_training
 from engine.learn.validation import improved, region_blocks
 from engine.pipelines.convert import ConvertOptions, convert
 from tests.conftest import run_cli
@@ -226,27 +226,39 @@ def test_printed_validation_dice_is_what_predict_gives(blobs, tmp_path):
     assert abs(dice - printed) <= 0.005
 
 
-def test_empty_validation_allowed_selects_a_model_that_finds_foreground(blobs, client,
-                                                                        tmp_path):
-    """Validation on the empty slab, allowed: the Dice is never 1.0 (0 or left out), best.pt
-    is chosen by validation loss, and it is not the all-background model."""
-    cfg = _config(blobs["path"], tmp_path / "run", allow_empty_validation=True,
-                  val=[{"path": str(blobs["empty"]), "labels": "blobs"}])
-    cfg["train"].update(iterations=30, val_every=5)
-    result = train(parse_config(cfg, "t", tmp_path), client)
-    assert [h["iteration"] for h in result.history] == [5, 10, 15, 20, 25, 30]
+def test_empty_validation_allowed_selects_a_model_that_finds_foreground(blobs, tmp_path):
+    """Validation on the empty slab: refused with the fix named; allowed, training warns,
+    the Dice is never 1.0 (0 or left out), best.pt is chosen by validation loss, and it is
+    not the all-background model."""
+    args = ["train", "--data", str(blobs["path"]), "--val-data", str(blobs["empty"]),
+            "--labels", "blobs", "--patch-shape", "16,32,32", "--iterations", "30",
+            "--batch-size", "2", "--lr", "0.01", "--device", "cpu", "--set",
+            "model.features=[4,8]", "--set", "train.val_every=5", "--workers", "1",
+            "--threads-per-worker", "1", "--output", str(tmp_path / "run")]
+    res = run_cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no foreground voxel" in res.stderr and "data.allow_empty_validation" in res.stderr
+    assert not (tmp_path / "run").exists()
+    res = run_cli(*args, "--set", "data.allow_empty_validation=true")
+    assert res.returncode == 0, res.stderr
+    assert "warning: " in res.stderr and "lowest validation loss" in res.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history, best = metrics["history"], metrics["best"]
+    assert [h["iteration"] for h in history] == [5, 10, 15, 20, 25, 30]
     # with no foreground to find, the Dice is 0 (false positives) or undefined (left out)
-    assert all("val_loss" in h and h.get("val_dice", 0.0) == 0.0 for h in result.history)
-    assert result.best["val_loss"] == min(h["val_loss"] for h in result.history)
+    assert all("val_loss" in h and h.get("val_dice", 0.0) == 0.0 for h in history)
+    assert "Dice 1.000" not in res.stderr
+    assert best["val_loss"] == min(h["val_loss"] for h in history)
     model, meta = load_model(tmp_path / "run" / "best.pt")
     assert meta["validation"]["select_by"] == "val_loss"
+    assert any("lowest validation loss" in line for line in describe(meta))
     stats = ChannelStats.from_dict({k: v for k, v in meta["input"]["stats"][0].items()
                                     if k != "name"})
     x = apply_stats(blobs["image"][None].astype(np.float32), stats)
     with torch.no_grad():
         found = model(torch.from_numpy(x[None]))[0, 0].numpy() > 0
     dice = _dice(found, blobs["label"] > 0)
-    print(json.dumps({"best": result.best, "train_volume_dice": round(dice, 3)}))
+    print(json.dumps({"best": best, "train_volume_dice": round(dice, 3)}))
     assert found.any() and dice > 0.5
 
 

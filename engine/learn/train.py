@@ -531,9 +531,10 @@ def _run_training(plan: TrainPlan, events: Callable[[Event], None] | None,
             history.append(entry)
             if better:
                 bad_validations = 0
-                best = {"iteration": iteration,
-                        **{k: entry[k] for k in ("val_dice", "val_iou", "val_loss")
-                           if k in entry}}
+                # chosen by loss (no foreground to validate on): its Dice says nothing
+                kept = ("val_loss",) if plan.select_by == "val_loss" else \
+                    ("val_dice", "val_iou", "val_loss")
+                best = {"iteration": iteration, **{k: entry[k] for k in kept if k in entry}}
                 save(BEST, with_optimizer=False)
             else:
                 bad_validations += 1
