@@ -605,7 +605,8 @@ class CropSampler:
 
     def grid(self, max_crops: int | None = None, seed: int = 0
              ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Deterministic validation crops: the grid, or a seeded subset of ``max_crops``."""
+        """Deterministic crops: the grid, or a seeded subset of ``max_crops`` (validation
+        no longer uses them: it predicts whole regions, :mod:`engine.learn.validation`)."""
         positions = self.grid_positions()
         if max_crops is not None and len(positions) > max_crops:
             pick = np.random.default_rng(seed).choice(len(positions), max_crops, replace=False)
