@@ -125,9 +125,11 @@ def train(
         show = _Display(cfg.train.iterations)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             plan = plan_training(cfg, client, resume, overwrite)
-            err.print(f"training on {sum(v.image.size for v in plan.train) / 1e6:.1f} M voxels "
-                      f"from {len(plan.train)} volume(s), validating on {len(plan.val)}",
-                      markup=False)
+            err.print(f"training on {plan.train_voxels / 1e6:.2f} M voxels from "
+                      f"{len(plan.train)} region(s), validating on {plan.val_voxels / 1e6:.2f} "
+                      f"M voxels from {len(plan.val)}", markup=False)
+            for line in plan.notes:
+                err.print(line, markup=False)
             on_cluster = bool(scheduler) or bool(gpu_workers(client))
             if on_cluster:
                 result = train_on_cluster(plan, client, show, overwrite,
@@ -137,7 +139,9 @@ def train(
         show.close()
         best = result.best
         score = (f"best validation Dice {best['val_dice']:.3f} (IoU {best['val_iou']:.3f}) at "
-                 f"iteration {best['iteration']}") if "val_dice" in best else "no validation"
+                 f"iteration {best['iteration']}") if "val_dice" in best else (
+            f"lowest validation loss {best['val_loss']:.4f} at iteration {best['iteration']} "
+            "(no validation Dice: no foreground)") if "val_loss" in best else "no validation"
         where = f" on {result.worker}" if result.worker else ""
         out.print(f"trained {result.iterations} iterations{where} ({result.device}, "
                   f"{result.seconds:.0f} s, {result.stopped}); {score}", markup=False)
@@ -176,7 +180,9 @@ class _Display:
                             wait=f"data wait {event.get('data_wait_fraction', 0.0):.0%}")
         elif kind == "validation":
             val = (f", val loss {event['val_loss']:.4f}, Dice {event['val_dice']:.3f}, "
-                   f"IoU {event['val_iou']:.3f}") if "val_dice" in event else ""
+                   f"IoU {event['val_iou']:.3f}") if "val_dice" in event else (
+                f", val loss {event['val_loss']:.4f}, Dice undefined" if "val_loss" in event
+                else "")
             timing = (f"; data wait {event['data_wait_s']:.1f} s, step {event['step_s']:.1f} s,"
                       f" validation {event['val_s']:.1f} s") if "step_s" in event else ""
             line = (f"iteration {event['iteration']}: loss {event['loss']:.4f}, "

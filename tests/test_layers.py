@@ -39,6 +39,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("patches", ["engine.patches.*"]),
     ("curate", ["engine.curate"]),
     ("dataset", ["engine.dataset"]),
+    # the tiled, blended predictor: tiles through a network on a device, no feature of its
+    # own; below learn, whose validation predicts as `voxelmill predict` does with it
+    ("tiled predictor", ["engine.predict.tiling", "engine.predict.device",
+                         "engine.predict.block", "engine.predict.downsample"]),
     ("learn", ["engine.learn.*"]),
     ("zoo", ["engine.zoo.*"]),
     ("predict", ["engine.predict.*"]),

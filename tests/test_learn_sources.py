@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import dask.array as da
@@ -23,9 +24,9 @@ from engine.learn.data import (
     parse_sources,
     prepare,
     split_folder_validation,
-    split_validation,
 )
 from engine.learn.normalize import ChannelStats, Normalization, apply_stats, compute_stats
+from engine.learn.split import split_validation
 from engine.patches.files import write_patch
 from engine.pipelines.convert import ConvertOptions, convert
 from tests.test_io_partseg import current_project
@@ -118,7 +119,9 @@ def test_unlisted_class_value_is_an_error(slide):
 
 def test_foreground_sampling_and_holdout(slide):
     (vol,) = open_sources(parse_sources([str(slide["path"])], "d"))
-    train, val = split_validation([vol], [], 0.25, seed=0)
+    split = split_validation([vol], [], 0.25, seed=0)
+    train, val = split.train, split.val
+    # the last rows hold foreground in proportion (0.93× the density): the old hold-out
     assert train[0].region[0] == slice(0, 45) and val[0].region[0] == slice(45, 60)
     prepare(train + val, Normalization())
     sampler = CropSampler(train, (8, 8), foreground_fraction=1.0)
@@ -144,7 +147,7 @@ def test_foreground_sampling_and_holdout(slide):
 
 def test_region_smaller_than_patch_is_padded_with_ignore(slide):
     (vol,) = open_sources(parse_sources([str(slide["path"])], "d"))
-    train, val = split_validation([vol], [], 0.1, seed=0)  # 6 held-out rows
+    val = [replace(vol, region=(slice(54, 60), slice(0, 70)))]  # 6 rows
     prepare(val, Normalization("none"))
     image, label = CropSampler(val, (16, 16)).grid()[0]
     assert image.shape == (2, 16, 16)
@@ -180,7 +183,8 @@ def test_patch_folder_ignore_groups_and_pooled_stats(tmp_path):
     raw = open_volume(folder / "labelsCorr" / "a_t_patch0.nii.gz").data.compute().astype(int)
     got = next(v for v in vols if v.name.endswith("a_t_patch0.nii.gz")).label.compute()
     np.testing.assert_array_equal(got, np.where(raw == 2, IGNORE, raw))  # 2 = ignore
-    train, val = split_validation(vols, [], 0.3, seed=0)
+    split = split_validation(vols, [], 0.3, seed=0)
+    train, val = split.train, split.val
     assert {v.group for v in train}.isdisjoint({v.group for v in val}) and val
     prepare(vols, Normalization("meanstd"))
     group_a = [v for v in vols if v.group == "/data/a.mrc"]

@@ -42,7 +42,11 @@ steps:
   - {name: filled, function: fill_holes, parameters: {max_size: 2000}}
   - {name: label, function: label}
 """
-HOLDOUT = int(ROWS * 0.8)  # val_fraction 0.2 holds out the last rows of a single 2D volume
+
+
+def _held(result) -> tuple[slice, ...]:
+    """The region validation held out of training (a slab chosen by its foreground)."""
+    return tuple(slice(a, b) for a, b in result.validation[0]["region"])
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,9 +119,11 @@ def test_model_on_lowlight_channel_beats_classic_workflow(slide, client, tmp_pat
     result = train(cfg, client)
     assert result.best["val_dice"] > 0.7
     pred = _predict_whole(tmp_path / "run" / "best.pt", slide["image"], slide["names"])
-    model_dice = _dice(pred[HOLDOUT:], truth[HOLDOUT:])
-    classic_dice = _dice(slide["classic"][HOLDOUT:] > 0, truth[HOLDOUT:])
-    print(json.dumps({"model_dice": round(model_dice, 3), "classic_dice": round(classic_dice, 3),
+    held = _held(result)
+    model_dice = _dice(pred[held], truth[held])
+    classic_dice = _dice(slide["classic"][held] > 0, truth[held])
+    print(json.dumps({"held": str(held), "model_dice": round(model_dice, 3),
+                      "classic_dice": round(classic_dice, 3),
                       "val_dice": round(result.best["val_dice"], 3),
                       "seconds": round(result.seconds, 1)}))
     # measured on this machine: model 0.90, classic 0.72
@@ -128,16 +134,17 @@ def test_model_on_lowlight_channel_beats_classic_workflow(slide, client, tmp_pat
     assert [h["iteration"] for h in metrics["history"]] == [150, 300, 450, 600]
     assert metrics["stopped"] == "completed"
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # voxelmill predict (tiled, blockwise) with that model reaches the validation Dice
+    # voxelmill predict (tiled, blockwise) with that model gives the validation Dice: both
+    # predict the region with the same tiles
     pred = predict(slide["path"], PredictOptions(tmp_path / "run" / "best.pt", "lowlight_unet",
                                                  block=(256, 256)), client,
                    report=lambda line: None)
     tiled = zarr.open_array(str(pred.labels / "0"), mode="r")[...] > 0
     auto = slide["auto"] > 0  # the validation target
-    assert abs(_dice(tiled[HOLDOUT:], auto[HOLDOUT:]) - result.best["val_dice"]) < 0.03
+    assert abs(_dice(tiled[held], auto[held]) - result.best["val_dice"]) <= 0.005
     # tiles blended with Gaussian weights are no worse than one whole-image forward pass
     # (they can be better: 0.92 vs 0.90 with one torch thread)
-    assert _dice(tiled[HOLDOUT:], truth[HOLDOUT:]) > model_dice - 0.02
+    assert _dice(tiled[held], truth[held]) > model_dice - 0.02
     meta = load_checkpoint(tmp_path / "run" / "best.pt").metadata
     assert meta["input"]["channels"] == ["DAPI_lowlight"]
     assert meta["input"]["normalization"]["mode"] == "percentile"
@@ -157,9 +164,10 @@ def test_cross_channel_transmitted_light_from_fluorescence_labels(slide, client,
     cfg["loss"] = {"pos_weight": "auto"}
     result = train(parse_config(cfg, "test", tmp_path), client)
     pred = _predict_whole(tmp_path / "run" / "best.pt", slide["image"], slide["names"])
-    model_dice = _dice(pred[HOLDOUT:], truth[HOLDOUT:])
-    labels_dice = _dice(slide["cells_auto"][HOLDOUT:] > 0, truth[HOLDOUT:])
-    classic_dice = _dice(slide["cells_classic"][HOLDOUT:] > 0, truth[HOLDOUT:])
+    held = _held(result)
+    model_dice = _dice(pred[held], truth[held])
+    labels_dice = _dice(slide["cells_auto"][held] > 0, truth[held])
+    classic_dice = _dice(slide["cells_classic"][held] > 0, truth[held])
     print(json.dumps({"model_dice": round(model_dice, 3), "labels_dice": round(labels_dice, 3),
                       "classic_brightfield_dice": round(classic_dice, 3),
                       "seconds": round(result.seconds, 1)}))

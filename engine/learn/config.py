@@ -9,9 +9,12 @@ A complete file (every key but ``data.train`` has a default)::
         - {path: patches/, kind: patches}
       val: []                      # explicit validation sources (default: held out of train)
       val_fraction: 0.2            # held out by source volume, or as a slab of a single volume
+      val_axis: null               # the slab's axis (z, y, x or an index); null: chosen
+      allow_empty_validation: false  # true: validation labels without foreground are
+                                   # accepted, best.pt is then chosen by validation loss
       patch_shape: [128, 128]      # (Y, X) or (Z, Y, X) voxels; divisible as the model needs
       foreground_fraction: 0.5     # share of crops centred on a foreground voxel
-      val_crops: 64                # at most this many validation crops (a fixed grid)
+      val_crops: 64                # deprecated, ignored: validation predicts its whole region
       normalization: {mode: percentile, low: 1.0, high: 99.8}   # global, per source volume
       memory_mib: 512              # sources loaded whole while they fit; larger ones streamed
       workers: auto                # crop loader threads (auto: from the cores; 0: in the loop)
@@ -52,9 +55,15 @@ A complete file (every key but ``data.train`` has a default)::
       stop_at: null                # stop (resumable) after this iteration; the schedule
                                    # still spans train.iterations (training in slices)
 
-Validation is complete before anything runs: an unknown key, a value of the wrong type or
-out of range, each gives one line naming ``config.yaml: train.lr``; all are reported at
-once. :func:`apply_overrides` sets dotted keys (``train.lr=0.0005``) before validation.
+Validation (``data.val*``) predicts every voxel of its regions with the tiled, blended
+predictor of ``voxelmill predict`` (:mod:`engine.learn.validation`); a single source volume
+gives up a slab chosen to hold foreground in proportion (:mod:`engine.learn.split`).
+``data.val_crops`` is still accepted so that older files run, but it no longer does anything.
+
+Checking the configuration is complete before anything runs: an unknown key, a value of
+the wrong type or out of range, each gives one line naming ``config.yaml: train.lr``; all
+are reported at once. :func:`apply_overrides` sets dotted keys (``train.lr=0.0005``)
+before validation.
 """
 
 from __future__ import annotations
@@ -91,10 +100,12 @@ class DataConfig:
     val_fraction: float = 0.2
     patch_shape: tuple[int, ...] = (128, 128)
     foreground_fraction: float = 0.5
-    val_crops: int = 64
+    val_crops: int = 64  # deprecated: accepted, ignored (validation predicts whole regions)
     normalization: Normalization = field(default_factory=Normalization)
     memory_mib: float = 512.0
     workers: int | str = "auto"
+    val_axis: int | None = None
+    allow_empty_validation: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,29 @@ def _sources(c: _Checker, raw: Any, where: str, base: Path, required: bool
         return ()
 
 
+def _flag(c: _Checker, d: dict, key: str, where: str, default: bool) -> bool:
+    """A true/false setting."""
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        c.add(f"{where}.{key}", f"expected true or false, got {v!r}")
+        return default
+    return v
+
+
+def _val_axis(c: _Checker, raw: Any, dims: int) -> int | None:
+    """``data.val_axis``: null, an axis name (z, y, x; y and x in 2D) or a spatial index."""
+    if raw is None:
+        return None
+    names = "zyx"[3 - dims:] if dims in (2, 3) else "zyx"
+    if isinstance(raw, str) and raw.lower() in names:
+        return names.index(raw.lower())
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < len(names):
+        return raw
+    c.add("data.val_axis", f"expected null, one of {', '.join(names)} or an index below "
+          f"{len(names)}, got {raw!r}")
+    return None
+
+
 def _class_weights(c: _Checker, raw: Any, kind: str, classes: tuple[str, ...]
                    ) -> str | tuple[float, ...] | None:
     """``loss.class_weights``: null, auto, or one positive number per class."""
@@ -365,6 +399,8 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
         memory_mib=c.number(d, "memory_mib", "data", 512.0, low=0.0),
         workers="auto" if d.get("workers", "auto") == "auto" else c.number(
             d, "workers", "data", "auto", integer=True, low=0, high=256),
+        val_axis=_val_axis(c, d.get("val_axis"), len(patch)),
+        allow_empty_validation=_flag(c, d, "allow_empty_validation", "data", False),
     )
 
     t = c.section(top.get("target"), "target", TargetConfig)
@@ -434,12 +470,7 @@ def parse_config(raw: Any, source: str = "config", base: Path | None = None) -> 
     if not any(amp is m if isinstance(m, bool) else amp == m for m in AMP_MODES):
         c.add("train.amp", f"expected true, false, bf16 or fp16, got {amp!r}")
         amp = True
-    flags = {}
-    for key in ("compile", "channels_last"):
-        flags[key] = r.get(key, False)
-        if not isinstance(flags[key], bool):
-            c.add(f"train.{key}", f"expected true or false, got {flags[key]!r}")
-            flags[key] = False
+    flags = {key: _flag(c, r, key, "train", False) for key in ("compile", "channels_last")}
     init = r.get("init")
     init_path = None
     if init is not None:

@@ -45,7 +45,6 @@ import dask
 import dask.array as da
 import numpy as np
 
-from engine.dataset import assign_groups
 from engine.errors import InputError, OptionError
 from engine.io import open_volume
 from engine.io.layouts import (
@@ -400,39 +399,6 @@ def _check_consistent(volumes: Sequence[TrainVolume]) -> None:
                 "sources of one training must match")
 
 
-def split_validation(volumes: Sequence[TrainVolume], explicit: Sequence[TrainVolume],
-                     val_fraction: float, seed: int
-                     ) -> tuple[list[TrainVolume], list[TrainVolume]]:
-    """Training and validation volumes.
-
-    Explicit validation volumes win. Otherwise, with two source volumes (groups) or more,
-    whole groups are held out (:func:`engine.dataset.assign_groups`, fractions
-    ``(1 - f, f, 0)``), so no source volume is in both; with a single one, the last
-    ``val_fraction`` of its first spatial axis (z in 3D, y in 2D) is held out and training
-    crops stay before it.
-    """
-    volumes = list(volumes)
-    if explicit or val_fraction <= 0:
-        return volumes, list(explicit)
-    sizes: dict[str, int] = {}
-    for v in volumes:
-        sizes[v.group] = sizes.get(v.group, 0) + math.prod(v.region_shape)
-    if len(sizes) >= 2:
-        split = assign_groups(sizes, (1 - val_fraction, val_fraction, 0.0), seed)
-        return ([v for v in volumes if split[v.group] == "train"],
-                [v for v in volumes if split[v.group] == "val"])
-    train, val = [], []
-    for v in volumes:
-        first = v.region[0]
-        cut = first.stop - max(1, round((first.stop - first.start) * val_fraction))
-        if cut <= first.start:
-            raise InputError(f"{v.name}: too small along its first axis to hold out "
-                             f"{val_fraction:.0%} for validation; give data.val sources")
-        train.append(replace(v, region=(slice(first.start, cut), *v.region[1:])))
-        val.append(replace(v, region=(slice(cut, first.stop), *v.region[1:])))
-    return train, val
-
-
 def prepare(volumes: Sequence[TrainVolume], norm: Normalization, client: Any = None) -> None:
     """Compute each source volume's global normalization statistics, over the whole image
     (inference normalizes the whole volume too); patches of one source volume share
@@ -661,7 +627,8 @@ class CropSampler:
 
     def grid(self, max_crops: int | None = None, seed: int = 0
              ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Deterministic validation crops: the grid, or a seeded subset of ``max_crops``."""
+        """Deterministic crops: the grid, or a seeded subset of ``max_crops`` (validation
+        no longer uses them: it predicts whole regions, :mod:`engine.learn.validation`)."""
         positions = self.grid_positions()
         if max_crops is not None and len(positions) > max_crops:
             pick = np.random.default_rng(seed).choice(len(positions), max_crops, replace=False)

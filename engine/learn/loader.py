@@ -169,19 +169,4 @@ class BatchLoader:
         self.close()
 
 
-def read_ahead(make: Callable[[], Any]) -> Future:
-    """Start ``make()`` on a background thread now; its result is wanted later (validation
-    crops, read while training starts instead of before)."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(make())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="voxelmill-read-ahead", daemon=True).start()
-    return future
-
-
-__all__ = ["Batch", "BatchLoader", "default_workers", "read_ahead"]
+__all__ = ["Batch", "BatchLoader", "default_workers"]

@@ -140,7 +140,9 @@ def describe(metadata: Mapping[str, Any]) -> list[str]:
         f"voxel size {metadata.get('voxel_size')} {metadata.get('unit', '')}",
         f"trained    {metadata.get('iteration')} iterations"
         + (f"; best validation Dice {best['val_dice']:.3f}, IoU {best['val_iou']:.3f} at "
-           f"iteration {best['iteration']}" if "val_dice" in best else ""),
+           f"iteration {best['iteration']}" if "val_dice" in best else
+           f"; lowest validation loss {best['val_loss']:.4f} at iteration {best['iteration']}"
+           if "val_loss" in best else ""),
         f"voxelmill  {metadata.get('voxelmill_version', '?')}",
     ]
     if metadata.get("format") == "torchscript":

@@ -22,7 +22,9 @@ the previous validation are in each ``metrics.json`` history entry.
 Output folder::
 
     OUT/last.pt         latest state (model, optimizer, iteration, history): --resume
-    OUT/best.pt         best validation Dice so far (the model to use)
+    OUT/best.pt         best validation Dice so far (the model to use); the lowest validation
+                        loss when the validation labels hold no foreground and
+                        data.allow_empty_validation allows it
     OUT/metrics.json    history: training loss, learning rate, validation loss/Dice/IoU
     OUT/curves.png      learning curves
     OUT/config.yaml     the complete configuration that was run
@@ -62,11 +64,12 @@ from engine.learn.data import (
     open_sources,
     prepare,
     split_folder_validation,
-    split_validation,
 )
-from engine.learn.loader import Batch, BatchLoader, default_workers, read_ahead
+from engine.learn.loader import Batch, BatchLoader, default_workers
 from engine.learn.losses import masked_bce_dice, masked_ce_dice
+from engine.learn.split import check_validation, split_validation
 from engine.learn.unet import UNet, receptive_field
+from engine.learn.validation import Validator, improved
 from engine.runlock import output_lock
 
 LAST, BEST, METRICS, CURVES, CONFIG = "last.pt", "best.pt", "metrics.json", "curves.png", \
@@ -94,6 +97,26 @@ class TrainPlan:
     arch: dict[str, Any]
     resume: bool = False
     init_state: dict[str, torch.Tensor] | None = None
+    #: what validation compares: "val_dice", or "val_loss" (validation without foreground)
+    select_by: str = "val_dice"
+    #: lines for the user: where validation is, and warnings
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def train_voxels(self) -> int:
+        """Spatial voxels crops are drawn from (the validation regions excluded)."""
+        return sum(math.prod(v.region_shape) for v in self.train)
+
+    @property
+    def val_voxels(self) -> int:
+        """Spatial voxels validated."""
+        return sum(math.prod(v.region_shape) for v in self.val)
+
+
+def validation_regions(volumes: Sequence[TrainVolume]) -> list[dict[str, Any]]:
+    """The validated regions, JSON-able: ``{"source", "region": [[start, stop], ...]}``."""
+    return [{"source": v.name, "region": [[s.start, s.stop] for s in v.region]}
+            for v in volumes]
 
 
 @dataclass
@@ -111,6 +134,8 @@ class TrainResult:
     worker: str | None = None
     data_wait_s: float = 0.0
     step_s: float = 0.0
+    #: :func:`validation_regions` of the run
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- planning
@@ -165,8 +190,9 @@ def plan_training(config: TrainConfig, client: Any = None, resume: bool = False,
     volumes = open_sources(config.data.train)
     explicit_val = (open_sources(config.data.val) if config.data.val
                     else split_folder_validation(config.data.train))
-    train, val = split_validation(volumes, explicit_val, config.data.val_fraction,
-                                  config.train.seed)
+    split = split_validation(volumes, explicit_val, config.data.val_fraction,
+                             config.train.seed, config.data.val_axis, client)
+    train, val = split.train, split.val
     if not train:
         raise InputError("no training data left after holding out validation; lower "
                          "data.val_fraction or give data.val sources")
@@ -192,10 +218,13 @@ def plan_training(config: TrainConfig, client: Any = None, resume: bool = False,
     except OptionError as exc:
         raise OptionError(f"data.patch_shape: {exc}") from None
     CropSampler(train, patch, config.data.foreground_fraction).check_foreground()
+    warning = check_validation(val, split.val_foreground,
+                               config.data.allow_empty_validation, client)
     prepare(train + val, config.data.normalization, client)
     return TrainPlan(config, train, val, int(first.image.shape[0]), first.channel_names,
                      first.spatial_dims, tuple(first.voxel_size), first.unit, arch, resume,
-                     init_state)
+                     init_state, "val_loss" if warning else "val_dice",
+                     split.notes + ([warning] if warning else []))
 
 
 def _same_setting(before: Any, now: Any) -> bool:
@@ -288,18 +317,6 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig
     return total
 
 
-def foreground(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Binary foreground prediction: probability > 0.5, or an argmax that is not class 0."""
-    if kind == "classes":
-        return logits.argmax(dim=1) > 0
-    return logits[:, 0] > 0
-
-
-def _target_foreground(target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = target if kind == "classes" else target[:, 0]
-    return t > 0, t != IGNORE
-
-
 # --------------------------------------------------------------------------- batches
 
 
@@ -380,47 +397,6 @@ class Batches:
         self.loader.close()
 
 
-def _validation_set(plan: TrainPlan) -> list[tuple[np.ndarray, np.ndarray]]:
-    if not plan.val:
-        return []
-    cfg = plan.config
-    sampler = CropSampler(plan.val, cfg.data.patch_shape, 0.0, cfg.train.seed,
-                          memory_bytes=int(cfg.data.memory_mib * 2**20))
-    t = cfg.target
-    out = []
-    for img, lab in sampler.grid(cfg.data.val_crops, cfg.train.seed):
-        out.append((img, make_targets(lab[None].astype(np.int64), t.kind, len(t.classes),
-                                      t.boundary_width)[0]))
-    return out
-
-
-def validate(model: torch.nn.Module, crops: Sequence[tuple[np.ndarray, np.ndarray]],
-             config: TrainConfig, device: torch.device, batch: int) -> dict[str, float]:
-    """Loss, Dice and IoU over all validation crops together (ignored voxels excluded)."""
-    model.eval()
-    kind = config.target.kind
-    tp = fp = fn = 0
-    loss_sum, n = 0.0, 0
-    with torch.no_grad():
-        for k in range(0, len(crops), batch):
-            part = crops[k:k + batch]
-            x = torch.from_numpy(np.stack([c[0] for c in part])).to(device)
-            t = torch.from_numpy(np.stack([c[1] for c in part])).to(device)
-            logits = model(x)
-            loss_sum += float(compute_loss(logits, t, config)) * len(part)
-            n += len(part)
-            pred = foreground(logits, kind)
-            truth, valid = _target_foreground(t, kind)
-            tp += int((pred & truth & valid).sum())
-            fp += int((pred & ~truth & valid).sum())
-            fn += int((~pred & truth & valid).sum())
-    model.train()
-    denom = tp + fp + fn
-    return {"val_loss": loss_sum / max(n, 1),
-            "val_dice": 2 * tp / (2 * tp + fp + fn) if denom else 1.0,
-            "val_iou": tp / denom if denom else 1.0}
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -467,6 +443,7 @@ def metadata(plan: TrainPlan, model: UNet, history: list[Event], best: dict[str,
         "divisor": list(model.divisor),
         "receptive_field": list(receptive_field(model)),
         "voxel_size": list(plan.voxel_size), "unit": plan.unit,
+        "validation": {"regions": validation_regions(plan.val), "select_by": plan.select_by},
         "iteration": iteration, "best": best, "history": history,
         "config": cfg.to_dict(),
     }
@@ -530,7 +507,9 @@ def run_training(plan: TrainPlan, events: Callable[[Event], None] | None = None,
         return _run_training(plan, None, False, rank, step_model, should_stop)
     # one writer per run folder (on the cluster, the worker that trains holds it)
     with output_lock(plan.config.output):
-        return _run_training(plan, events, overwrite, rank, step_model, should_stop)
+        result = _run_training(plan, events, overwrite, rank, step_model, should_stop)
+    result.validation = validation_regions(plan.val)
+    return result
 
 
 def amp_dtype(setting: bool | str, device: torch.device) -> torch.dtype | None:
@@ -639,16 +618,22 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
 
     dtype = amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    # validation crops are read while training starts, not before (rank 0 validates)
-    val_future = read_ahead(lambda: _validation_set(plan)) if main else None
-    val_crops: list[tuple[np.ndarray, np.ndarray]] | None = None
+    target_cfg = cfg.target
+    # rank 0 validates, on the U-Net itself (not a data-parallel wrapper)
+    validator = Validator(plan.val if main else [], cfg.data.patch_shape, model.divisor,
+                          target_cfg.kind, device, cfg.train.batch_size,
+                          lambda x, y: compute_loss(x, y, cfg),
+                          lambda lab: make_targets(lab, target_cfg.kind,
+                                                   len(target_cfg.classes),
+                                                   target_cfg.boundary_width))
     batches = Batches(plan, device, rank.samples(cfg.train.batch_size) if rank else None,
                       rank.local_ranks if rank else 1)
     last = cfg.train.iterations
     stop_at = min(cfg.train.stop_at or last, last)
     emit({"event": "start", "start": start, "iterations": last, "device": str(device),
           "train_volumes": len(plan.train), "val_volumes": len(plan.val),
-          "ranks": rank.world if rank else 1, "loader_workers": batches.loader.workers,
+          "val_voxels": validator.voxels, "ranks": rank.world if rank else 1,
+          "loader_workers": batches.loader.workers,
           "augment_on": "device" if batches.on_device else "cpu"})
     t0 = time.monotonic()
     stopped = "completed"
@@ -714,26 +699,23 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
             running, running_n = 0.0, 0
             early = False
             if main:
-                if val_crops is None:
-                    assert val_future is not None
-                    val_crops = val_future.result()
-                improved = False
-                if val_crops:
-                    entry.update(validate(model, val_crops, cfg, device, cfg.train.batch_size))
-                    improved = not best or entry["val_dice"] > best["val_dice"]
-                else:
-                    improved = True  # nothing to validate on: the latest model is the best
-                if improved:
+                better = True  # nothing to validate on: the latest model is the best
+                if validator:
+                    entry.update(validator(model, cfg.out_channels))
+                    better = improved(entry, best, plan.select_by)
+                if better:
                     bad_validations = 0
+                    # chosen by loss (no foreground to validate on): its Dice says nothing
+                    kept = ("val_loss",) if plan.select_by == "val_loss" else \
+                        ("val_dice", "val_iou", "val_loss")
                     best = {"iteration": iteration,
-                            **{k: entry[k] for k in ("val_dice", "val_iou", "val_loss")
-                               if k in entry}}
+                            **{k: entry[k] for k in kept if k in entry}}
                 else:
                     bad_validations += 1
                 clock.val += time.perf_counter() - tv
                 entry.update(clock.entry())
                 history.append(entry)
-                if improved:
+                if better:
                     save(BEST, with_optimizer=False)
                 save(LAST, with_optimizer=True)
                 _write_metrics(out, history, best, "running", iteration)
@@ -747,6 +729,7 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
                 stopped = "stopped"
     finally:
         batches.close()
+        validator.close()
     if main:
         _write_metrics(out, history, best, stopped, iteration)
     seconds = time.monotonic() - t0
@@ -917,4 +900,4 @@ def train(config: TrainConfig, client: Any = None, resume: bool = False,
 
 
 __all__ = ["TrainPlan", "TrainResult", "compute_loss", "learning_rate", "make_targets",
-           "plan_training", "run_training", "train", "train_on_cluster", "validate"]
+           "plan_training", "run_training", "train", "train_on_cluster", "validation_regions"]

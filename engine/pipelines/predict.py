@@ -59,7 +59,7 @@ from engine.predict.task import (
     device_dispatch,
     throughput,
 )
-from engine.predict.tiling import TileGrid, blend_weights
+from engine.predict.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, TileGrid, blend_weights
 from engine.pyramid import Level, build_pyramid, levels_within, plan_levels
 from engine.runner import RunState, run_blocks
 from engine.volume import convert_length
@@ -77,8 +77,8 @@ class PredictOptions:
     model: Path
     name: str
     tile: tuple[int, ...] | None = None
-    overlap: float = 0.25
-    blend: str = "gaussian"
+    overlap: float = DEFAULT_OVERLAP
+    blend: str = DEFAULT_BLEND
     tta: bool = False
     batch: int | None = None  # tiles per call; None: from free device memory (GPU), 4 (CPU)
     threshold: float = 0.5

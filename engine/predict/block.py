@@ -330,7 +330,8 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
     grid : TileGrid
         The global tile grid.
     region : tuple of slice
-        The write region; its start along the first axis is a multiple of ``unit``.
+        The write region; its start along the first axis is a multiple of ``unit`` when
+        slabs must be whole storage chunks (otherwise the first slab is shorter).
     weights : ndarray
         :func:`engine.predict.tiling.blend_weights` of ``grid.tile``, float32.
     channels_out : int

@@ -156,6 +156,12 @@ class TilePredictor:
             self._pool.submit(self.untimed, x).result()
             torch.cuda.synchronize(self.device)
 
+    def close(self) -> None:
+        """Stop the device thread (a later :meth:`submit` starts another)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def predict(self, tiles: torch.Tensor) -> torch.Tensor:
         """:meth:`__call__`, retried in halves after a device out-of-memory error."""
         try:

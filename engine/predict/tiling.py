@@ -26,6 +26,10 @@ from engine.blocks import Region
 from engine.errors import OptionError
 
 BLENDS = ("gaussian", "constant")
+#: the tile overlap and blending of ``voxelmill predict`` by default, which validation during
+#: training uses too (:mod:`engine.learn.validation`)
+DEFAULT_OVERLAP = 0.25
+DEFAULT_BLEND = "gaussian"
 
 
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:
