@@ -625,8 +625,8 @@ class Filament(BlockOp):
                        doc="Response uniformity (Jerman's tau): lower values give a more "
                            "uniform response along the structure and at junctions.")
     slice_wise: bool = param("bool", False, doc=slice_wise_doc())
-    polarity: str = _polarity()
     l3_min: tuple[float, ...] | None = computed()
+    polarity: str = _polarity()
 
     def __post_init__(self) -> None:
         super().__post_init__()

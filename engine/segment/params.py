@@ -177,8 +177,7 @@ def _scale_pairs(items: Sequence[Any], subject: str, shown: Callable[[Any], str]
                         f"(sigma may be a list, one per axis), got {shown(item)}{hint}")
         sigma, cutoff = _sigma(pair[0]), float(pair[1])
         if sigma is None:
-            raise error(f"{subject} item {i + 1}: sigma must be > 0 (a number or one per "
-                        f"axis), got {shown(pair[0])}")
+            raise error(f"{subject} item {i + 1}: sigma must be > 0, got {shown(pair[0])}")
         if not (math.isfinite(cutoff) and cutoff >= 0):
             raise error(f"{subject} item {i + 1}: cutoff must be >= 0, got {shown(pair[1])}")
         pairs.append((sigma, cutoff))
