@@ -16,8 +16,10 @@ connected; labelling the mask with full connectivity makes a plateau one seed.
 whose height above their surroundings is at least ``h``. It is a morphological
 reconstruction, a global flooding, so blockwise it is *not* exact: a block sees its halo
 only, and a maximum whose dynamic is decided by a path leaving the halo may differ.
-Measured in ``tests/test_segment_seeds.py`` (random smooth 3D images, 3 or more blocks
-per axis, halo smaller than a block): see :data:`HMAXIMA_AGREEMENT`.
+Measured in ``tests/test_segment_seeds.py`` on a smooth random 23x37x29 image (h 0.05 of
+a [0, 1] range), 3 or more blocks per axis and a halo smaller than the block: blocks of
+(8, 12, 10) with halo 6 give the whole-image maxima exactly, blocks of (7, 9, 9) with halo
+5 agree on 99.992 % of the voxels (:data:`HMAXIMA_AGREEMENT` is the bound tested).
 """
 
 from __future__ import annotations
