@@ -79,9 +79,10 @@ class LocalMaxima(BlockOp):
     """
 
     min_distance: float | tuple[float, ...] = param(
-        "float_or_floats", 2.0, minimum=1, unit="length",
+        "float_or_floats", 2.0, minimum=0, exclusive_minimum=True, unit="length",
         doc="Radius of the neighbourhood a seed must be the maximum of (voxels; one "
-            "value or one per axis); about the radius of the smallest object to split.")
+            "value or one per axis, below 1 on an axis: that axis's plane only); about the "
+            "radius of the smallest object to split.")
     min_value: float | None = param(
         "float", None, nullable=True,
         doc="Only maxima above this value become seeds (e.g. a distance in µm on a "

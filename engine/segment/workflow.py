@@ -676,10 +676,13 @@ def _where(index: int, name: Any, function: Any) -> str:
 
 def physical_param(param: Param) -> Param:
     """The declaration of a size parameter given in physical units (``sigma_um``): its
-    own name, and a number (not only an integer) for a size in voxels."""
+    own name, a number (not only an integer) for a size in voxels, and only the sign of
+    its bounds (a bound in voxels, as ``>= 1``, is checked once converted)."""
+    positive = param.minimum is not None and (param.minimum > 0 or param.exclusive_minimum)
     return replace(param, name=physical_name(param),
-                   type="float" if param.type == "int" else param.type,
-                   default=REQUIRED)
+                   type="float" if param.type == "int" else param.type, default=REQUIRED,
+                   minimum=None if param.minimum is None else 0.0,
+                   exclusive_minimum=positive, maximum=None, exclusive_maximum=False)
 
 
 def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
