@@ -1181,7 +1181,10 @@ def load_workflow(spec: str | Path, *, image_output: bool = False,
 
 def describe_steps() -> str:
     """Help text of the catalogue: every step, its inputs, output and parameters."""
-    lines = ["Workflow steps (function ids). Kinds: image (float), mask (bool), labels.", ""]
+    lines = ["Workflow steps (function ids). Kinds: image (float), mask (bool), labels.",
+             "Sizes in voxels may be given in physical units instead (NAME_um, NAME_um3), "
+             "converted with the image's voxel size; a value may be an expression of the "
+             "workflow's parameters (\"=0.25 * diameter_um\").", ""]
     for spec in STEPS.values():
         output = "same kind" if spec.output == "same" else spec.output
         lines.append(f"{spec.id}: {spec.inputs_text()} -> {output}")
@@ -1192,6 +1195,9 @@ def describe_steps() -> str:
             details = [param.type_text()]
             if param.range_text():
                 details.append(param.range_text())
+            if param.unit:
+                unit = "µm" if param.unit == "length" else "µm³"
+                details.append(f"or {physical_name(param)} in {unit}")
             details.append(default)
             lines.append(f"  - {param.name}: {'; '.join(details)}")
             if param.doc:
