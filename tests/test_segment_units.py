@@ -9,6 +9,7 @@ import pytest
 
 from engine.errors import InputError
 from engine.segment.expressions import evaluate
+from engine.segment.params import Param
 from engine.segment.units import in_voxels, voxel_size_um
 from engine.segment.workflow import load_workflow, parse_overrides, parse_workflow
 from tests.conftest import run_cli
@@ -66,13 +67,14 @@ def test_physical_sizes_are_checked_once_converted():
     with pytest.raises(InputError, match=r"step 'f' \(fill_holes\), in voxels: parameter "
                                          r"'max_size' must be >= min_size = 8"):
         in_voxels(wf, (1.0, 1.0, 1.0), "micrometer")
-    # one radius for every axis: refused on anisotropic voxels
+    # one radius per axis on anisotropic voxels, one number on isotropic ones
     wf = _wf({"name": "s", "function": "unsharp_mask", "parameters": {"radius_um": 0.5}},
              MASK)
-    with pytest.raises(InputError, match=r"parameter 'radius_um' 0.5: needs the same voxel "
-                                         r"size on every filtered axis"):
-        in_voxels(wf, (2.0, 0.25, 0.25), "micrometer")
+    assert in_voxels(wf, (2.0, 0.25, 0.25), "micrometer").step("s").params["radius"] == (
+        0.25, 2.0, 2.0)
     assert in_voxels(wf, (0.25, 0.25), "micrometer").step("s").params["radius"] == 2.0
+    with pytest.raises(ValueError, match="a length takes one of"):
+        Param("r", "float", 1.0, unit="length")
     with pytest.raises(InputError, match=r"smooth.sigma_um given in physical units, but the "
                                          r"image's voxel size \(1, 1 pixel\) is not"):
         in_voxels(_wf(SMOOTH_UM, MASK), (1, 1), "pixel")

@@ -762,16 +762,19 @@ class UnsharpMask(BlockOp):
 
     Parameters
     ----------
-    radius : float
-        Standard deviation of the Gaussian blur in voxels (scikit-image's ``radius``).
+    radius : float or tuple of float
+        Standard deviation of the Gaussian blur in voxels (scikit-image's ``radius``), one
+        per filtered axis if a tuple.
     amount : float
         Gain of the detail ``x - blur(x)``; 0 returns the image, negative values blur.
     slice_wise : bool
         Sharpen each z-plane separately.
     """
 
-    radius: float = param("float", 1.0, minimum=0, exclusive_minimum=True, unit="length",
-                          doc="Standard deviation of the Gaussian blur in voxels.")
+    radius: float | tuple[float, ...] = param(
+        "float_or_floats", 1.0, minimum=0, exclusive_minimum=True, unit="length",
+        doc="Standard deviation of the Gaussian blur in voxels; one number, or one per "
+            "axis (z, y, x).")
     amount: float = param("float", 1.0,
                           doc="Gain of the details (x - blur); MISIC's handbook uses 2 for "
                               "fluorescence.")
@@ -782,14 +785,13 @@ class UnsharpMask(BlockOp):
         return "symmetric"
 
     def halo(self, ndim: int) -> tuple[int, ...]:
-        axes = _axes(ndim, self.slice_wise, "unsharp_mask")
-        return _per_axis(dict.fromkeys(axes, gaussian_radius(self.radius, SKIMAGE_TRUNCATE)),
-                         ndim)
+        return _per_axis(_radius(self.radius, SKIMAGE_TRUNCATE, ndim, self.slice_wise,
+                                 "unsharp_mask"), ndim)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         x = _float_like_skimage(image)
-        axes = _axes(x.ndim, self.slice_wise, "unsharp_mask")
-        sigma = [self.radius if a in axes else 0.0 for a in range(x.ndim)]
+        sig = axis_sigmas(self.radius, x.ndim, self.slice_wise, "unsharp_mask")
+        sigma = [sig.get(a, 0.0) for a in range(x.ndim)]
         blurred = ndi.gaussian_filter(x, sigma, mode="reflect", truncate=SKIMAGE_TRUNCATE)
         # scikit-image's order of operations, so float32 results match it bit for bit
         return (x + (x - blurred) * self.amount).astype(np.float32, copy=False)

@@ -41,6 +41,10 @@ PARAM_TYPES = ("float", "int", "bool", "str", "floats", "scales", "float_or_floa
 UNITS: dict[str | None, str] = {None: "", "length": "_um", "volume": "_um3"}
 """Physical kinds of a size parameter -> suffix of its physical-unit name."""
 
+# a length may differ per axis on anisotropic voxels: one value per axis, or the largest
+# (an integer halo); a volume is one number
+_UNIT_TYPES = {"length": ("int", "float_or_floats", "scales"), "volume": ("int", "float")}
+
 
 def physical_name(spec: Param) -> str | None:
     """The name under which a workflow gives ``spec`` in µm (``sigma_um``) or µm³
@@ -247,6 +251,9 @@ class Param:
             raise ValueError(f"unknown parameter type {self.type!r}")
         if self.unit not in UNITS:
             raise ValueError(f"unknown parameter unit {self.unit!r}")
+        if self.unit and self.type not in _UNIT_TYPES[self.unit]:
+            raise ValueError(f"a {self.unit} takes one of {_UNIT_TYPES[self.unit]}, not "
+                             f"{self.type!r}")
         if self.default is not REQUIRED:
             object.__setattr__(self, "default", self.check(self.default))
 

@@ -67,13 +67,7 @@ def _convert(spec: Param, value: Any, voxels: tuple[float, ...]) -> Any:
     per_axis = _lengths(value, voxels)
     if spec.type == "int":
         return max(math.ceil(v - 1e-9) for v in per_axis)
-    if spec.type == "float_or_floats":
-        return _as_list(_collapse(per_axis))
-    collapsed = _collapse(per_axis)
-    if isinstance(collapsed, tuple):
-        raise ValueError("needs the same voxel size on every filtered axis (it takes one "
-                         "value)")
-    return collapsed
+    return _as_list(_collapse(per_axis))  # float_or_floats
 
 
 def _as_list(value: float | tuple[float, ...]) -> Any:

@@ -681,6 +681,7 @@ def physical_param(param: Param) -> Param:
     positive = param.minimum is not None and (param.minimum > 0 or param.exclusive_minimum)
     return replace(param, name=physical_name(param),
                    type="float" if param.type == "int" else param.type, default=REQUIRED,
+                   unit=None,
                    minimum=None if param.minimum is None else 0.0,
                    exclusive_minimum=positive, maximum=None, exclusive_maximum=False)
 
