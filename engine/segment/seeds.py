@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from engine.errors import OptionError
 from engine.segment.blockops import BlockOp
 from engine.segment.params import param
 
@@ -54,8 +55,6 @@ def _radii(min_distance: float | tuple[float, ...], ndim: int, what: str
            ) -> tuple[float, ...]:
     if isinstance(min_distance, tuple):
         if len(min_distance) != ndim:
-            from engine.errors import OptionError
-
             raise OptionError(f"{what} min_distance {list(min_distance)} has "
                               f"{len(min_distance)} values for a {ndim}D image")
         return min_distance

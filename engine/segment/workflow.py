@@ -705,7 +705,7 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
                          f"{suggest(key, [*spec.params, *physical])}; {spec.id} takes: "
                          f"{known}", where)
             ok = False
-    defaults: dict[str, Any] = {}  # stand-ins of the sizes given in physical units
+    in_um = False  # a size given in physical units: its rules wait for the conversion
     for name, param in spec.params.items():
         phys = physical_name(param)
         if phys in raw and name in raw:
@@ -718,7 +718,7 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
             except ValueError as exc:
                 problems.add(str(exc), where)
                 ok = False
-            defaults[name] = None if param.required else param.default
+            in_um = True
         elif name in raw:
             try:
                 values[name] = param.check(raw[name])
@@ -735,7 +735,7 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
     if not ok:
         return None
     # sizes in physical units are checked against the rules once converted to voxels
-    rule_problems = [] if defaults else spec.check(values)
+    rule_problems = [] if in_um else spec.check(values)
     for message in rule_problems:
         problems.add(message, where)
     return None if rule_problems else values
