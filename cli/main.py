@@ -178,7 +178,8 @@ def export(
 def segment(
     src: Annotated[Path, typer.Argument(help="OME-Zarr image (from 'voxelmill convert').")],
     workflow: Annotated[str | None, typer.Option(
-        help="Workflow YAML file, or a preset: membrane, spot, filament, nucleus, threshold.")
+        help="Workflow YAML file, or a preset: membrane, spot, filament, filament-dark, "
+        "nucleus, nucleus-3d, threshold, allen-*.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Label image to write: SRC/labels/NAME.")
                     ] = None,
@@ -191,6 +192,10 @@ def segment(
     block: Annotated[str | None, typer.Option(
         help="Block shape in voxels, a multiple of the chunks (default about 128³ or 1448²).")
     ] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Set a workflow parameter, KEY=VALUE: one the preset declares "
+        "(e.g. diameter_um=8 for nucleus-3d) or any step's, STEP.PARAM=VALUE; "
+        "repeatable.")] = None,
     list_steps: Annotated[bool, typer.Option(
         "--list-steps", help="Describe every workflow step and its parameters, then exit.")
     ] = False,
@@ -209,7 +214,7 @@ def segment(
         if workflow is None or name is None:
             raise VoxelmillError("give --workflow (a YAML file or a preset) and --name")
         opts = SegmentOptions(workflow, name, channel, tuple(keep or ()),
-                              ints(block, "--block"), overwrite)
+                              ints(block, "--block"), overwrite, tuple(param or ()))
         plan = plan_segmentation(src, opts)  # every user error surfaces before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_segmentation(plan, client, progress=progress_factory(),

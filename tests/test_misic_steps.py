@@ -97,6 +97,15 @@ def test_unsharp_mask_slice_wise_and_integer_input():
     close(apply_blockwise(UnsharpMask(), raw, (8, 12, 7)), want, atol=1e-3)
 
 
+
+def test_unsharp_mask_per_axis_radius_equals_skimage():
+    img = blobs(SHAPE, 4, sigma=1.5)
+    op = UnsharpMask((0.5, 1.5, 2.0), 1.5)
+    assert op.halo(3) == (2, 6, 8)
+    want = sk_unsharp_mask(img, (0.5, 1.5, 2.0), 1.5, preserve_range=True)
+    close(apply_blockwise(op, img, (5, 12, 7)), want)
+
+
 # --------------------------------------------------------------------------- shape index
 
 
