@@ -16,6 +16,7 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io.axes import AXES_FORMATS
+from engine.io.sources import split_path
 from engine.volume import Volume
 
 #: suffix → format module (longest suffix wins).
@@ -73,20 +74,6 @@ def detect_format(path: str | Path) -> str:
 
 def format_module(fmt: str) -> Any:
     return importlib.import_module(f"engine.io.{fmt}")
-
-
-def split_path(path: str | Path) -> tuple[Path, str | None]:
-    """``file.h5:dataset`` → (``file.h5``, ``dataset``); any other path → (path, None).
-
-    The part after the last colon selects a dataset only when the path as given does not
-    exist and the part before it is an HDF5 file.
-    """
-    p = Path(path)
-    if not p.exists() and ":" in p.name:
-        base, _, inner = str(path).rpartition(":")
-        if Path(base).is_file() and _suffix_format(Path(base), READ_SUFFIXES) == "hdf5":
-            return Path(base), inner
-    return p, None
 
 
 def open_volume(path: str | Path, axes: str | None = None, **options: Any) -> Volume:

@@ -142,21 +142,21 @@ def read(path: Path, axes: str | None = None, **_: object) -> Volume:
     files = slice_files(path)
     if not files:
         raise InputError(f"{path}: the folder holds no .tif/.tiff files")
-    shape, dtype, axes = _describe(files[0])
-    samples = shape[axes.index("S")] if "S" in axes else 0
-    rgb = axes in ("YXS", "SYX") and samples in (3, 4)
-    if not (axes == "YX" or rgb):
+    shape, dtype, file_axes = _describe(files[0])
+    samples = shape[file_axes.index("S")] if "S" in file_axes else 0
+    rgb = file_axes in ("YXS", "SYX") and samples in (3, 4)
+    if not (file_axes == "YX" or rgb):
         raise InputError(f"{files[0]}: a slice must be a single 2D (or RGB) image, "
-                         f"not axes {axes} of shape {shape}")
+                         f"not axes {file_axes} of shape {shape}")
     for f in files[1:]:
         other = _describe(f)
-        if other != (shape, dtype, axes):
+        if other != (shape, dtype, file_axes):
             raise InputError(f"{f}: slice has shape {other[0]} {other[1]}, but {files[0].name} "
                              f"has {shape} {dtype}; all slices must match")
     sizes, unit = _voxel_size(files[0])
     names: tuple[str, ...] = ()
     if rgb:
-        y, x = (shape[0], shape[1]) if axes == "YXS" else (shape[1], shape[2])
+        y, x = (shape[0], shape[1]) if file_axes == "YXS" else (shape[1], shape[2])
         stack_shape = (samples, len(files), y, x)
         axes_out, chunks = "czyx", (samples, 1, y, x)
         names = RGB_NAMES[:samples]
@@ -165,7 +165,7 @@ def read(path: Path, axes: str | None = None, **_: object) -> Volume:
         axes_out, chunks = "zyx", (1, *shape)
     # one chunk per file: a file is the unit of I/O, so a region reads only its own files
     source = FolderSource(tuple(str(f) for f in files), stack_shape, dtype.newbyteorder("="),
-                          axes)
+                          file_axes)
     named = stored_axes(path, axes, axes_out, stack_shape)
     # the sizes belong to the stored positions (file, y, x), whatever they are named
     by_name = dict(zip(named[-3:], (sizes["z"], sizes["y"], sizes["x"]), strict=True))
