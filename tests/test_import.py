@@ -112,11 +112,12 @@ def test_axes_letters_and_examples():
 
 
 @pytest.mark.parametrize("kind", ["plain-tiff", "imagej-pixel", "npy", "hdf5", "mrc-unset",
-                                  "folder"])
+                                  "folder", "nrrd-no-spacing"])
 def test_unrecorded_voxel_size_needs_an_option(tmp_path, client, kind):
     data = RNG.integers(0, 255, (8, 16, 16), dtype=np.uint8)
     src = {"plain-tiff": "p.tif", "imagej-pixel": "ij.tif", "npy": "p.npy",
-           "hdf5": "p.h5", "mrc-unset": "p.mrc", "folder": "slices"}[kind]
+           "hdf5": "p.h5", "mrc-unset": "p.mrc", "folder": "slices",
+           "nrrd-no-spacing": "p.nrrd"}[kind]
     path = tmp_path / src
     if kind == "plain-tiff":
         tifffile.imwrite(path, data)
@@ -127,6 +128,8 @@ def test_unrecorded_voxel_size_needs_an_option(tmp_path, client, kind):
     elif kind == "hdf5":
         with h5py.File(path, "w") as f:
             f["raw"] = data
+    elif kind == "nrrd-no-spacing":
+        nrrd.write(str(path), data, index_order="C")
     elif kind == "mrc-unset":
         with mrcfile.new(path, data) as mrc:
             assert float(mrc.voxel_size.x) == 0.0
@@ -152,6 +155,21 @@ def test_unrecorded_voxel_size_needs_an_option(tmp_path, client, kind):
         scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]
         assert scale["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 1.0]
         np.testing.assert_array_equal(group["0"][...], data)
+
+
+def test_recorded_nan_sizes_are_refused(tmp_path):
+    import nibabel
+
+    img = nibabel.Nifti1Image(np.zeros((6, 5, 4), np.uint8), np.eye(4))
+    img.header.set_zooms((0.5, float("nan"), 2.0))  # x, y, z (nibabel turns a 0 into 1)
+    nibabel.save(img, tmp_path / "nan.nii")
+    vol = open_volume(tmp_path / "nan.nii")
+    assert vol.voxel_size_problem == "records an invalid voxel size (nan)"
+    with pytest.raises(OptionError, match=r"nan.nii: records an invalid voxel size \(nan\); "):
+        plan_conversion(tmp_path / "nan.nii", tmp_path / "z.ome.zarr", ConvertOptions())
+    plan = plan_conversion(tmp_path / "nan.nii", tmp_path / "z.ome.zarr",
+                           ConvertOptions(voxel_size=(2.0, 1.0, 0.5)))
+    assert plan.image.volume.voxel_size == (2.0, 1.0, 0.5)
 
 
 def test_recorded_voxel_sizes_are_kept(tmp_path):
