@@ -26,7 +26,6 @@ import typer
 
 from cli.common import floats, ints, user_errors
 from engine.errors import OptionError
-from engine.io.axes import check_axes
 
 #: A rule: ``check(value, flag)`` raises :class:`OptionError` naming ``flag``.
 Rule = Callable[[Any, str], None]
@@ -121,6 +120,8 @@ def memory_size(value: Any, flag: str) -> None:
 def axes(value: Any, flag: str) -> None:
     """Axis letters for ``--axes``: one of t, c, z, y, x per stored axis, each once, y and x
     present (whether there is one per axis of the file is the reader's check)."""
+    from engine.io.axes import check_axes  # late: engine.io loads dask, and --help need not
+
     check_axes(str(value), flag)
 
 
