@@ -80,7 +80,8 @@ def _global_options(
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Input: MRC/REC, TIFF/OME-TIFF, folder of TIFF "
-                                        "slices, NRRD, NIfTI, NPY/NPZ, HDF5, PartSeg project.")],
+                                        "slices, NRRD, NIfTI, NPY/NPZ, HDF5 (file.h5:dataset), "
+                                        "zarr array, PartSeg project.")],
     dst: Annotated[Path, typer.Argument(help="Output OME-Zarr, e.g. tomo.ome.zarr.")],
     chunks: Annotated[str | None, typer.Option(
         help="Chunk shape of the spatial axes, e.g. 64,128,128 or 128 "
