@@ -283,7 +283,8 @@ def test_segment_cli_run_equals_the_reference(client, tmp_path: Path):
     img = blobs((90, 110), 8, sigma=2.5)
     tifffile.imwrite(tmp_path / "cells.tif", img)
     src = tmp_path / "cells.ome.zarr"
-    convert(tmp_path / "cells.tif", src, ConvertOptions(chunks=(16,)), client,
+    convert(tmp_path / "cells.tif", src, ConvertOptions(chunks=(16,), assume_voxel_size=True),
+            client,
             report=lambda _: None)
     wf = {"name": "misic", "steps": [*CHAIN,
                                      {"name": "t", "function": "threshold",
