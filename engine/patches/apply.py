@@ -225,8 +225,9 @@ def open_target(image: str | Path, name: str) -> LabelTarget:
     units = [a.get("unit") for a in ms["axes"] if isinstance(a, dict) and a.get("unit")]
     paths, shapes, chunks, scales = [], [], [], []
     for ds in ms["datasets"]:
-        arr = zarr.open_array(str(group / ds["path"]), mode="r")
-        paths.append(str(group / ds["path"]))
+        level_path = str(omezarr.dataset_path(group, ds))  # writes go here: confined
+        arr = zarr.open_array(level_path, mode="r")
+        paths.append(level_path)
         shapes.append(tuple(int(s) for s in arr.shape))
         chunks.append(tuple(int(c) for c in unit_shape(arr)))
         scale = next((t["scale"] for t in ds.get("coordinateTransformations", [])

@@ -268,11 +268,11 @@ def open_patch_source(path: str | Path, what: str) -> PatchSource:
         )
     reader: Any = vol.data
     if detect_format(path) == "omezarr":
-        from engine.io.omezarr import read_attrs
+        from engine.io.omezarr import dataset_path, read_attrs
 
         attrs, _ = read_attrs(path)
         # workers open the level-0 array by path: nothing but a string travels
-        reader = str(path / attrs["multiscales"][0]["datasets"][0]["path"])
+        reader = str(dataset_path(path, attrs["multiscales"][0]["datasets"][0]))
     return PatchSource(str(path), reader, vol.shape, np.dtype(vol.dtype),
                        tuple(float(v) for v in vol.voxel_size), vol.unit)  # type: ignore
 

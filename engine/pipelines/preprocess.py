@@ -264,7 +264,7 @@ def scale_factors(options: PreprocessOptions, ndim: int) -> tuple[float, ...]:
 def _level0(path: Path, attrs: dict[str, Any]) -> tuple[str, Any]:
     import zarr
 
-    level0_path = str(path / attrs["multiscales"][0]["datasets"][0]["path"])
+    level0_path = str(omezarr.dataset_path(path, attrs["multiscales"][0]["datasets"][0]))
     return level0_path, zarr.open_array(level0_path, mode="r")
 
 
