@@ -73,7 +73,9 @@ BASE: dict[str, tuple[str, ...]] = {
 NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER = (
     "non-numeric", "non-finite", "out-of-range", "memory-size", "usage", "destination",
     "workflow", "declared-size")
-CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER)
+DAMAGED, METADATA_PATH = "damaged-chunk", "metadata-path"
+CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER,
+              DAMAGED, METADATA_PATH)
 
 #: Bad values per command and option, ``COMMAND: OPTION VALUE...; OPTION VALUE...``: each
 #: value is one case, ``BASE[command] + (OPTION, VALUE)``, in the category
@@ -137,6 +139,13 @@ def _usage(command: str, *extra: str, names: tuple[str, ...]) -> Case:
     return Case(USAGE, (*BASE[command], *extra), names)
 
 
+#: damage per kind: the chunk index, its key under ``0/c/`` and a word of the message
+CHUNK = {"missing": ("(1, 0, 1)", "1/0/1", "missing"),
+         "corrupt": ("(0, 1, 0)", "0/1/0", "corrupt")}
+
+
+#: a write into the label group (undoing a patch) that opens it as every write-back does
+UNDO = ("patches", "apply", "--into", "src.ome.zarr", "--labels", "cells", "--undo", "p1")
 CASES: dict[str, Case] = _option_cases()
 CASES.update({
     # options typer parses itself: one line too, never a box or a traceback
@@ -183,7 +192,7 @@ CASES.update({
     # workflow parameters: a halo no worker can hold is refused before any block runs
     "workflow-sigma-huge": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "huge.yaml",
                                            "--name", "seg", "--workers", "1"),
-                                ("halo", "too large"), cluster=True),
+                                ("huge.yaml", "sigma: 1e+09", "halo", "too large")),
     "workflow-sigma-nan": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "nan.yaml",
                                           "--name", "seg"), ("nan.yaml", "sigma")),
     "workflow-sigma-negative": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "neg.yaml",
@@ -196,6 +205,32 @@ CASES.update({
     "tiff-huge-info": Case(HEADER, ("info", "huge.tif"), ("huge.tif",)),
     "dest-exists": Case(DESTINATION, ("convert", "vol.mrc", "mine"), ("mine", "--overwrite"),
                         "foreign"),
+
+    # a damaged store, read by any command: the array, the chunk and its file are named,
+    # and the run leaves nothing behind (the refusal comes from the run, on the cluster)
+    **{f"chunk-{kind}-{command.replace(' ', '-')}": Case(
+        DAMAGED, args, (f"src.ome.zarr/0: chunk {CHUNK[kind][0]}", f"src.ome.zarr/0/c/"
+                        f"{CHUNK[kind][1]}", CHUNK[kind][2]), kind, cluster=True)
+       for kind, command, args in (
+           ("missing", "export", BASE["export"]), ("corrupt", "export", BASE["export"]),
+           ("missing", "convert", ("convert", "src.ome.zarr", "out.ome.zarr")),
+           ("corrupt", "convert", ("convert", "src.ome.zarr", "out.ome.zarr")),
+           ("missing", "segment", BASE["segment"]),
+           ("corrupt", "preprocess", BASE["preprocess"]),
+           ("corrupt", "report", ("report", "src.ome.zarr", "--out", "r.html")))},
+    # paths from zarr metadata stay inside their store, for writing and for reading
+    "meta-apply-traversal": Case(METADATA_PATH, UNDO,
+                                 ("'../../../victim_arr'", "outside"), "traversal"),
+    "meta-export-label-traversal": Case(METADATA_PATH, (*BASE["export"], "--label", "cells"),
+                                        ("'../../../victim_arr'", "outside"), "traversal"),
+    "meta-image-absolute": Case(METADATA_PATH, BASE["segment"], ("'/etc'", "outside"),
+                                "absolute"),
+    "meta-image-absolute-export": Case(METADATA_PATH, BASE["export"], ("'/etc'", "outside"),
+                                       "absolute"),
+    "meta-labels-list": Case(METADATA_PATH, BASE["export"], ("'labels' list", "../victim"),
+                             "labels-list"),
+    "meta-label-symlink": Case(METADATA_PATH, UNDO,
+                               ("cells", "outside the store"), "label-link"),
 })
 
 
@@ -219,7 +254,53 @@ def _file(d: Path) -> None:
     (d / "f.ome.zarr").write_text("a file, not a store")
 
 
-PREPARE = {"foreign": _foreign, "sub": _sub, "symlink": _symlink, "file": _file}
+def _missing(d: Path) -> None:
+    (d / "src.ome.zarr" / "0" / "c" / "1" / "0" / "1").unlink()
+
+
+def _corrupt(d: Path) -> None:
+    chunk = d / "src.ome.zarr" / "0" / "c" / "0" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+
+
+def _edit_ome(group: Path, edit) -> None:
+    meta = json.loads((group / "zarr.json").read_text())
+    edit(meta["attributes"]["ome"])
+    (group / "zarr.json").write_text(json.dumps(meta))
+
+
+def _set_path(path: str):
+    def edit(ome: dict) -> None:
+        ome["multiscales"][0]["datasets"][0]["path"] = path
+    return edit
+
+
+def _traversal(d: Path) -> None:
+    """The label group's level 0 points three folders up, at an array outside the store
+    that a write-back would otherwise change."""
+    shutil.copytree(d / "src.ome.zarr" / "labels" / "cells" / "0", d / "victim_arr")
+    _edit_ome(d / "src.ome.zarr" / "labels" / "cells", _set_path("../../../victim_arr"))
+
+
+def _absolute(d: Path) -> None:
+    _edit_ome(d / "src.ome.zarr", _set_path("/etc"))
+
+
+def _labels_list(d: Path) -> None:
+    (d / "victim").mkdir()
+    _edit_ome(d / "src.ome.zarr" / "labels",
+              lambda ome: ome.__setitem__("labels", ["cells", "../victim"]))
+
+
+def _label_link(d: Path) -> None:
+    labels = d / "src.ome.zarr" / "labels"
+    shutil.move(labels / "cells", d / "outside_cells")
+    (labels / "cells").symlink_to(d / "outside_cells")
+
+
+PREPARE = {"foreign": _foreign, "sub": _sub, "symlink": _symlink, "file": _file,
+           "missing": _missing, "corrupt": _corrupt, "traversal": _traversal,
+           "absolute": _absolute, "labels-list": _labels_list, "label-link": _label_link}
 
 
 def _hostile_tiff(path: Path, width: int, length: int) -> None:

@@ -215,6 +215,8 @@ def open_target(image: str | Path, name: str) -> LabelTarget:
         known = omezarr.label_names(image)
         raise InputError(f"{image}: no label image {name!r}; its labels are "
                          + (", ".join(known) if known else "none"))
+    if not group.resolve().is_relative_to(image.resolve()):  # a link out of the store
+        raise InputError(f"{group}: the label group leads outside the store {image}")
     attrs, ngff = omezarr.read_attrs(group)
     if "multiscales" not in attrs:
         raise InputError(f"{group}: label group has no 'multiscales' metadata")
