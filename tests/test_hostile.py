@@ -73,9 +73,9 @@ BASE: dict[str, tuple[str, ...]] = {
 NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER = (
     "non-numeric", "non-finite", "out-of-range", "memory-size", "usage", "destination",
     "workflow", "declared-size")
-DAMAGED, METADATA_PATH = "damaged-chunk", "metadata-path"
+DAMAGED, METADATA_PATH, LOSS = "damaged-chunk", "metadata-path", "silent-loss"
 CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER,
-              DAMAGED, METADATA_PATH)
+              DAMAGED, METADATA_PATH, LOSS)
 
 #: Bad values per command and option, ``COMMAND: OPTION VALUE...; OPTION VALUE...``: each
 #: value is one case, ``BASE[command] + (OPTION, VALUE)``, in the category
@@ -214,7 +214,6 @@ CASES.update({
        for kind, command, args in (
            ("missing", "export", BASE["export"]), ("corrupt", "export", BASE["export"]),
            ("missing", "convert", ("convert", "src.ome.zarr", "out.ome.zarr")),
-           ("corrupt", "convert", ("convert", "src.ome.zarr", "out.ome.zarr")),
            ("missing", "segment", BASE["segment"]),
            ("corrupt", "preprocess", BASE["preprocess"]),
            ("corrupt", "report", ("report", "src.ome.zarr", "--out", "r.html")))},
@@ -231,6 +230,17 @@ CASES.update({
                              "labels-list"),
     "meta-label-symlink": Case(METADATA_PATH, UNDO,
                                ("cells", "outside the store"), "label-link"),
+    # conversions and borders that would lose data without saying so
+    "loss-merge-border": Case(LOSS, (*BASE["patches merge"], "--border", "20"),
+                              ("border 20", "no editable voxel", "p1.nii.gz")),
+    "loss-export-uint32-mrc": Case(LOSS, ("export", "u32.ome.zarr", "out.mrc"),
+                                   ("out.mrc", "uint32", "16777217", "--allow-lossy"),
+                                   cluster=True),
+    "loss-export-int64-mrc": Case(LOSS, ("export", "i64.ome.zarr", "out.mrc", "--roi",
+                                         "0:8,0:16,0:16"),
+                                  ("out.mrc", "int64", "--allow-lossy"), cluster=True),
+    "loss-convert-complex": Case(LOSS, ("convert", "c64.npy", "out.ome.zarr"),
+                                 ("c64.npy", "complex64")),
 })
 
 
@@ -337,6 +347,15 @@ def world(tmp_path_factory, client) -> Path:
         (d / f"{name}.yaml").write_text(
             "steps:\n  - name: smooth\n    function: gaussian\n    parameters:\n"
             f"      sigma: {sigma}\n  - {{name: mask, function: threshold, inputs: [smooth]}}\n")
+    # values a float32 MRC cannot hold: 2^24 + 1 (uint32), 2^53 + 1 (int64); complex input
+    for name, dtype, value in (("u32", np.uint32, 2**24 + 1), ("i64", np.int64, 2**53 + 1)):
+        big = np.zeros(SHAPE, dtype)
+        big[3, 4, 5] = value
+        np.save(d / f"{name}.npy", big)
+        convert(d / f"{name}.npy", d / f"{name}.ome.zarr", ConvertOptions(chunks=(8,)), client,
+                report=lambda _: None)
+        (d / f"{name}.npy").unlink()
+    np.save(d / "c64.npy", np.full(SHAPE, 1 + 2j, np.complex64))
     _hostile_tiff(d / "huge.tif", 2_000_000_000, 2_000_000_000)
     _hostile_tiff(d / "short.tif", 2_000_000_000, 1)
     (d / "centres.csv").write_text("x,y,z\n8,8,8\n")
