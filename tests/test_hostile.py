@@ -203,6 +203,13 @@ CASES.update({
     "tiff-short-data": Case(HEADER, ("convert", "short.tif", "out.ome.zarr"),
                             ("short.tif", "stores 16 bytes")),
     "tiff-huge-info": Case(HEADER, ("info", "huge.tif"), ("huge.tif",)),
+    # compressed streams that declare more than deflate can expand to (at most 1032:1)
+    "nrrd-gzip-huge": Case(HEADER, ("convert", "huge.nrrd", "out.ome.zarr"),
+                           ("huge.nrrd", "100000×100000×100000", "can hold at most")),
+    "npz-deflate-huge": Case(HEADER, ("convert", "huge.npz", "out.ome.zarr"),
+                             ("huge.npz", "100000×100000×100000", "can hold at most")),
+    "nifti-gz-huge": Case(HEADER, ("info", "huge.nii.gz"),
+                          ("huge.nii.gz", "30000×30000×30000", "can hold at most")),
     "dest-exists": Case(DESTINATION, ("convert", "vol.mrc", "mine"), ("mine", "--overwrite"),
                         "foreign"),
 
@@ -326,6 +333,29 @@ def _hostile_tiff(path: Path, width: int, length: int) -> None:
     path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16))
 
 
+def _hostile_compressed(d: Path) -> None:
+    """A gzip NRRD, a deflated .npz member and a .nii.gz whose headers declare 10¹³ voxels
+    or more over a few dozen compressed bytes."""
+    import gzip
+    import io
+    import zipfile
+
+    import nibabel as nib
+
+    (d / "huge.nrrd").write_bytes(
+        b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 100000 100000 100000\n"
+        b"encoding: gzip\n\n" + gzip.compress(bytes(64)))
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": (100000,) * 3})
+    with zipfile.ZipFile(d / "huge.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.npy", buf.getvalue() + bytes(64))
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000,) * 3)
+    header.set_data_dtype(np.uint8)
+    (d / "huge.nii.gz").write_bytes(gzip.compress(header.binaryblock + bytes(4 + 64)))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, client) -> Path:
     """Valid inputs for every command: an MRC, an OME-Zarr image (made by voxelmill) with a
@@ -357,6 +387,7 @@ def world(tmp_path_factory, client) -> Path:
         (d / f"{name}.npy").unlink()
     np.save(d / "c64.npy", np.full(SHAPE, 1 + 2j, np.complex64))
     _hostile_tiff(d / "huge.tif", 2_000_000_000, 2_000_000_000)
+    _hostile_compressed(d)
     _hostile_tiff(d / "short.tif", 2_000_000_000, 1)
     (d / "centres.csv").write_text("x,y,z\n8,8,8\n")
     (d / "model.pt").write_bytes(b"not a checkpoint")

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from engine.errors import InputError
+from engine.io.budget import check_memory, declared_bytes
 from engine.io.sources import Source, default_chunks, to_dask
 from engine.volume import Volume
 
@@ -117,6 +118,14 @@ def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
         if ds.dtype.kind not in "biuf":
             raise InputError(f"{path}: dataset {dataset!r} holds {ds.dtype} values, "
                              "not an image")
+        if ds.chunks is not None:  # h5py decompresses whole storage chunks
+            check_memory(path, ds.chunks, ds.dtype,
+                         f"dataset {dataset!r}: one storage chunk is read whole")
+        elif ds.compression is None and ds.id.get_offset() is not None and \
+                (ds.id.get_offset() + declared_bytes(ds.shape, ds.dtype)
+                 > path.stat().st_size):
+            raise InputError(f"{path}: dataset {dataset!r} declares {ds.shape} {ds.dtype} "
+                             "beyond the end of the file (truncated?)")
         axes = AXES[ds.ndim]
         voxel = _voxel_size(ds, len(axes.replace("t", "").replace("c", "")))
         source = HDF5Source(str(path), dataset, tuple(int(s) for s in ds.shape),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
+from engine.io.budget import check_deflate, check_memory, declared_bytes
 from engine.io.sources import InMemorySource, RawFileSource, to_dask
 from engine.volume import Volume
 
@@ -70,6 +71,13 @@ def read(path: Path, key: str | None = None, **_: object) -> Volume:
             shape, fortran, dtype = _header(fh, path)
             header_len = fh.tell() if info.compress_type == zipfile.ZIP_STORED else None
             if header_len is None:
+                if info.compress_type == zipfile.ZIP_DEFLATED:
+                    check_deflate(path, shape, dtype, info.compress_size)
+                if declared_bytes(shape, dtype) > info.file_size:
+                    raise InputError(f"{path}: array {member[:-4]!r} declares {shape} "
+                                     f"{dtype.name} but its member holds {info.file_size} "
+                                     "bytes")
+                check_memory(path, shape, dtype, "a compressed .npz array is read whole")
                 fh.seek(0)
                 return _volume(InMemorySource(np.load(fh)), path, False)
     # stored member: data starts after the local file header and the npy header

@@ -42,6 +42,7 @@ import numpy as np
 import tifffile
 
 from engine.errors import InputError, OptionError
+from engine.io.budget import check_memory
 from engine.io.sources import InMemorySource, to_dask
 from engine.volume import Volume, convert_length, normalize_unit
 
@@ -65,6 +66,9 @@ def _members(path: Path) -> dict[str, bytes]:
             for member in tar:
                 name = member.name.lstrip("./")
                 if name in MEMBERS and member.isfile():
+                    # a member is read whole: its declared size must fit in memory
+                    check_memory(path, (member.size,), np.dtype("u1"),
+                                 f"its member {name!r} is unpacked into memory whole")
                     fh = tar.extractfile(member)
                     if fh is not None:
                         found[name] = fh.read()
