@@ -252,6 +252,12 @@ def info(
         if d["channels"]:
             out.print(f"  channels: {', '.join(d['channels'])}")
         out.print(f"  labels: {', '.join(d['labels']) or 'none'}")
+        for name, w in zip(d["channels"] or ["image"], d.get("windows", []), strict=False):
+            if isinstance(w, dict):
+                out.print(f"  display window {name}: {w.get('start')} to {w.get('end')} "
+                          f"(range {w.get('min')} to {w.get('max')})", markup=False)
+        if "non_finite" in d:
+            out.print(f"  {d['non_finite']}", markup=False)
 
 
 @app.command()

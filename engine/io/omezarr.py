@@ -285,5 +285,7 @@ def describe(path: Path) -> dict[str, Any]:
     units = [a.get("unit") for a in ms["axes"] if a.get("unit")]
     out["unit"] = units[0] if units else None
     out["channels"] = [c.get("label") for c in attrs.get("omero", {}).get("channels", [])]
+    out["windows"] = [c.get("window") for c in attrs.get("omero", {}).get("channels", [])
+                      if isinstance(c, dict)]
     out["labels"] = label_names(path)
     return out

@@ -22,5 +22,13 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
     if fmt == "omezarr":
         meta = omezarr.describe(p)
-        out.update(ngff=meta["ngff"], levels=meta["levels"], chunks=meta["levels"][0]["chunks"])
+        out.update(ngff=meta["ngff"], levels=meta["levels"], chunks=meta["levels"][0]["chunks"],
+                   windows=meta["windows"])
+    if vol.dtype.kind in "fc":
+        out["non_finite"] = NON_FINITE_NOTE
     return out
+
+
+#: how voxelmill treats NaN and ±inf in a float image (``info`` says so)
+NON_FINITE_NOTE = ("NaN voxels are ignored by statistics (normalization, thresholds, "
+                   "histograms); NaN and ±inf by display windows")
