@@ -203,6 +203,12 @@ CASES.update({
     "tiff-short-data": Case(HEADER, ("convert", "short.tif", "out.ome.zarr"),
                             ("short.tif", "stores 16 bytes")),
     "tiff-huge-info": Case(HEADER, ("info", "huge.tif"), ("huge.tif",)),
+    # options that size an output: checked against the disk before anything is written
+    "preprocess-scale-huge": Case(HEADER, (*BASE["preprocess"], "--scale", "100000"),
+                                  ("--scale 100000", "bytes free")),
+    "preprocess-width-huge": Case(HEADER, (*BASE["preprocess"], "--object-width", "1",
+                                           "--target-width", "1e9"),
+                                  ("--object-width 1 --target-width 1e+09", "bytes free")),
     # compressed streams that declare more than deflate can expand to (at most 1032:1)
     "nrrd-gzip-huge": Case(HEADER, ("convert", "huge.nrrd", "out.ome.zarr"),
                            ("huge.nrrd", "100000×100000×100000", "can hold at most")),

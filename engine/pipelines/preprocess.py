@@ -34,6 +34,7 @@ from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.output import (
     check_destination,
+    check_disk_space,
     check_output_name,
     output_run,
     partial_path,
@@ -340,6 +341,13 @@ def plan_preprocess(src: str | Path, dst: str | Path, options: PreprocessOptions
     block = tuple(min(b, s) for b, s in zip(block, out_shape, strict=True))
     check_destination(dst, options.overwrite, src)
     full_shape = ((len(channels),) if has_c else ()) + out_shape
+    # float32 voxels, a pyramid (at most 1/7 more in 3D, 1/3 in 2D) and uint labels
+    voxels = math.prod(full_shape)
+    sized_by = (f"--scale {','.join(f'{f:g}' for f in options.scale)}" if options.scale
+                else f"--object-width {options.object_width:g} --target-width "
+                f"{options.target_width:g}")
+    check_disk_space(dst, int(voxels * 4 * 4 / 3) + len(labels) * math.prod(out_shape) * 8,
+                     sized_by)
     axes = ("c" if has_c else "") + spatial
     n_levels = len(attrs["multiscales"][0]["datasets"])
     levels = plan_levels(full_shape, axes, ((1.0,) if has_c else ()) + voxel,
