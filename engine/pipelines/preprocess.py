@@ -343,9 +343,13 @@ def plan_preprocess(src: str | Path, dst: str | Path, options: PreprocessOptions
     full_shape = ((len(channels),) if has_c else ()) + out_shape
     # float32 voxels, a pyramid (at most 1/7 more in 3D, 1/3 in 2D) and uint labels
     voxels = math.prod(full_shape)
-    sized_by = (f"--scale {','.join(f'{f:g}' for f in options.scale)}" if options.scale
-                else f"--object-width {options.object_width:g} --target-width "
-                f"{options.target_width:g}")
+    if options.scale is not None:
+        sized_by = f"--scale {','.join(f'{f:g}' for f in options.scale)}"
+    elif options.object_width is not None:
+        sized_by = (f"--object-width {options.object_width:g} --target-width "
+                    f"{options.target_width:g}")
+    else:
+        sized_by = f"{src} (not rescaled)"
     check_disk_space(dst, int(voxels * 4 * 4 / 3) + len(labels) * math.prod(out_shape) * 8,
                      sized_by)
     axes = ("c" if has_c else "") + spatial
