@@ -166,6 +166,10 @@ def export(
         "--alternative", help="PartSeg project: alternative map NAME=LABELS (a label image "
         "of SRC), e.g. Labeling=cells_classes; repeatable.")] = None,
     overwrite: Overwrite = False,
+    allow_lossy: Annotated[bool, typer.Option(
+        "--allow-lossy", help="Convert even when the format's dtype changes values present "
+        "(e.g. int64 or uint32 above 2^24 to MRC's float32, complex to real); by default such "
+        "an export is refused.")] = False,
     scheduler: Scheduler = None, workers: Workers = None,
     threads_per_worker: Threads = None, memory_limit: MemoryLimit = None,
 ) -> None:
@@ -175,11 +179,14 @@ def export(
         from engine.pipelines.export import plan_export, run_export
 
         plan = plan_export(src, dst, level, roi, channel, label, overwrite, mask,
-                           named_paths(alternative or [], "--alternative"))
+                           named_paths(alternative or [], "--alternative"), allow_lossy)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             vol = run_export(plan, client, progress_factory()())
-        out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} {vol.dtype}, "
-                  f"voxel size {', '.join(f'{v:g}' for v in vol.voxel_size)} {vol.unit}")
+        converted = plan.conversion.summary()
+        out.print(f"wrote {dst}: {vol.axes} {'×'.join(map(str, vol.shape))} "
+                  f"{plan.conversion.stored}"
+                  + (f" ({converted})" if converted else "")
+                  + f", voxel size {', '.join(f'{v:g}' for v in vol.voxel_size)} {vol.unit}")
 
 
 @app.command()
@@ -267,6 +274,12 @@ def info(
             if d["channels"]:
                 out.print(f"  channels: {', '.join(d['channels'])}")
             out.print(f"  labels: {', '.join(d['labels']) or 'none'}")
+            for name, w in zip(d["channels"] or ["image"], d.get("windows", []), strict=False):
+                if isinstance(w, dict):
+                    out.print(f"  display window {name}: {w.get('start')} to {w.get('end')} "
+                              f"(range {w.get('min')} to {w.get('max')})")
+            if "non_finite" in d:
+                out.print(f"  {d['non_finite']}")
         elif "error" in d:
             out.print(f"  {d['error']}")
         if d.get("arrays"):

@@ -162,9 +162,10 @@ def merge(
         "without suffix, holding Add*/Remove*/Ignore* masks (any case, any patch format).")],
     out_dir: Annotated[Path, typer.Option(
         "--out-dir", help="Folder to create: the merged patches, same names and formats.")],
-    border: Annotated[int, typer.Option(
-        help="Outer shell of each patch set to 2 (ignore) after merging, in voxels; 0: none."
-    )] = 16,
+    border: Annotated[int | None, typer.Option(
+        help="Outer shell of each patch set to 2 (ignore) after merging, in voxels; 0: none. "
+        "Default: the border the patches were extracted with (recorded in patches.csv next "
+        "to the labels folder), else 16.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an existing --out-dir.")] = False,
 ) -> None:

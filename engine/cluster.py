@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import OptionError
 
@@ -176,6 +178,48 @@ def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
                        silence_logs=40)
 
 
+def _user_error_names() -> tuple[str, ...]:
+    from engine.errors import VoxelmillError
+
+    found, todo = [], [VoxelmillError]
+    while todo:
+        cls = todo.pop()
+        found.append(f"{cls.__name__}(")
+        todo.extend(cls.__subclasses__())
+    return tuple(found)
+
+
+class QuietUserErrors(logging.Filter):
+    """Drops a worker's "Compute Failed" log record (with its traceback) for a user error
+    (:class:`~engine.errors.VoxelmillError`): the command reports it as its one message,
+    a stack trace of bad input is noise. Other failures are logged as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Compute Failed") or not isinstance(record.args,
+                                                                              tuple):
+            return True
+        text = str(record.args[3]) if len(record.args) > 3 else ""
+        return not text.startswith(_user_error_names())
+
+
+def _quiet_worker_logs(client: Any) -> None:
+    """Install :class:`QuietUserErrors` on every worker, also those that join later."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Plugin(WorkerPlugin):
+        name = "voxelmill-quiet-user-errors"
+
+        def setup(self, worker: Any) -> None:
+            logger = logging.getLogger("distributed.worker")
+            if not any(isinstance(f, QuietUserErrors) for f in logger.filters):
+                logger.addFilter(QuietUserErrors())
+
+    try:
+        client.register_plugin(_Plugin())
+    except Exception:  # noqa: BLE001 - a scheduler refusing plugins only keeps the noise
+        pass
+
+
 @contextmanager
 def connect(
     options: ClusterOptions | None = None,
@@ -212,6 +256,7 @@ def connect(
         check_dashboard_address(options)
         with dask.config.set(_dashboard_tls(options, security)), \
                 slurm_client(options, security, report) as client:
+            _quiet_worker_logs(client)
             yield client
         return
     if options.scheduler:
@@ -227,6 +272,7 @@ def connect(
                 f"cannot reach the scheduler at {options.scheduler}: {exc}"
             ) from None
         report(f"connected to scheduler {options.scheduler}; dashboard: {client.dashboard_link}")
+        _quiet_worker_logs(client)
         try:
             yield client
         finally:
@@ -237,6 +283,7 @@ def connect(
     # the dashboard's TLS settings stay set while the client lives: its link says https
     with dask.config.set(_dashboard_tls(options, security)), \
             _local_client(options, security, report) as client:
+        _quiet_worker_logs(client)
         yield client
 
 

@@ -260,7 +260,7 @@ def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
     if not axes.startswith("c") or not 2 <= len(axes) - 1 <= 3 or set(axes[1:]) - set("zyx"):
         raise InputError(f"{group}: axes {axes!r}; expected a channel per class then the "
                          "spatial axes (cyx or czyx)")
-    level0 = str(group / ms["datasets"][0]["path"])
+    level0 = str(omezarr.dataset_path(group, ms["datasets"][0]))
     arr = zarr.open_array(level0, mode="r")
     k = int(arr.shape[0])
     if k < 2:

@@ -268,7 +268,7 @@ class Group:
                  if isinstance(a, dict) and a.get("unit") and a.get("name") in "zyx"]
         arrays, scales = [], []
         for ds in ms["datasets"]:
-            arrays.append(zarr.open_array(str(path / ds["path"]), mode="r"))
+            arrays.append(zarr.open_array(str(omezarr.dataset_path(path, ds)), mode="r"))
             scales.append(omezarr.scale_of(ds) or [1.0] * len(axes))
         return cls(path, attrs, axes, units[0] if units else "pixel", arrays, scales)
 
@@ -317,7 +317,10 @@ class Group:
                 index.append(slice(None, None, step))
             else:  # t and unknown axes: the first
                 index.append(0)
-        return np.asarray(self.arrays[level][tuple(index)])
+        from engine.io.integrity import location, read_checked
+
+        arr = self.arrays[level]
+        return read_checked(arr, location(arr), tuple(index))
 
 
 @dataclass
@@ -640,10 +643,12 @@ def label_statistics(group: Group, level: int | None = None) -> LabelStats:
     """Count the voxels of every id blockwise (one ``np.bincount`` per chunk, reduced in a
     tree with dask), never holding the whole array."""
     import dask
-    import dask.array as da
 
     level = stats_level(group) if level is None else level
-    arr = da.from_zarr(group.arrays[level])
+    from engine.io.integrity import location
+    from engine.io.sources import zarr_dask
+
+    arr = zarr_dask(location(group.arrays[level]))
     parts = [dask.delayed(_block_counts)(b) for b in arr.to_delayed().ravel()]
     while len(parts) > 1:
         parts = [dask.delayed(_merge_counts)(*parts[i:i + 8]) for i in range(0, len(parts), 8)]

@@ -751,7 +751,10 @@ __all__ = [
 
 def display_windows(level_path: Path, axes: str, nchan: int
                     ) -> list[tuple[float, float, float, float]]:
-    """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %)."""
+    """Display windows per channel from the smallest level (min, max, 0.1 % and 99.9 %).
+
+    NaN and ±inf are ignored (a window over them would be NaN, and a viewer could show
+    nothing); a channel with no finite value gets (0, 1, 0, 1)."""
     import zarr
 
     data = np.asarray(zarr.open_array(str(level_path), mode="r")[...])
@@ -762,10 +765,12 @@ def display_windows(level_path: Path, axes: str, nchan: int
     out = []
     for ch in data[:nchan]:
         v = ch.astype(np.float64).ravel()
+        v = v[np.isfinite(v)]
         lo, hi = np.percentile(v, [0.1, 99.9]) if v.size else (0.0, 1.0)
         if ch.dtype.kind in "iu":  # integer data: the type's range, as viewers expect
             info = np.iinfo(ch.dtype)
             out.append((float(info.min), float(info.max), float(lo), float(hi)))
         else:
-            out.append((float(v.min()), float(v.max()), float(lo), float(hi)))
+            out.append((float(v.min()), float(v.max()), float(lo), float(hi)) if v.size
+                       else (0.0, 1.0, 0.0, 1.0))
     return out

@@ -73,7 +73,9 @@ BASE: dict[str, tuple[str, ...]] = {
 NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER = (
     "non-numeric", "non-finite", "out-of-range", "memory-size", "usage", "destination",
     "workflow", "declared-size")
-CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER)
+DAMAGED, METADATA_PATH, LOSS = "damaged-chunk", "metadata-path", "silent-loss"
+CATEGORIES = (NON_NUMERIC, NON_FINITE, RANGE, MEMORY, USAGE, DESTINATION, WORKFLOW, HEADER,
+              DAMAGED, METADATA_PATH, LOSS)
 
 #: Bad values per command and option, ``COMMAND: OPTION VALUE...; OPTION VALUE...``: each
 #: value is one case, ``BASE[command] + (OPTION, VALUE)``, in the category
@@ -137,6 +139,13 @@ def _usage(command: str, *extra: str, names: tuple[str, ...]) -> Case:
     return Case(USAGE, (*BASE[command], *extra), names)
 
 
+#: damage per kind: the chunk index, its key under ``0/c/`` and a word of the message
+CHUNK = {"missing": ("(1, 0, 1)", "1/0/1", "missing"),
+         "corrupt": ("(0, 1, 0)", "0/1/0", "corrupt")}
+
+
+#: a write into the label group (undoing a patch) that opens it as every write-back does
+UNDO = ("patches", "apply", "--into", "src.ome.zarr", "--labels", "cells", "--undo", "p1")
 CASES: dict[str, Case] = _option_cases()
 CASES.update({
     # options typer parses itself: one line too, never a box or a traceback
@@ -183,7 +192,7 @@ CASES.update({
     # workflow parameters: a halo no worker can hold is refused before any block runs
     "workflow-sigma-huge": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "huge.yaml",
                                            "--name", "seg", "--workers", "1"),
-                                ("halo", "too large"), cluster=True),
+                                ("huge.yaml", "sigma: 1e+09", "halo", "too large")),
     "workflow-sigma-nan": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "nan.yaml",
                                           "--name", "seg"), ("nan.yaml", "sigma")),
     "workflow-sigma-negative": Case(WORKFLOW, (*BASE["segment"][:2], "--workflow", "neg.yaml",
@@ -194,8 +203,57 @@ CASES.update({
     "tiff-short-data": Case(HEADER, ("convert", "short.tif", "out.ome.zarr"),
                             ("short.tif", "stores 16 bytes")),
     "tiff-huge-info": Case(HEADER, ("info", "huge.tif"), ("huge.tif",)),
+    # options that size an output: checked against the disk before anything is written
+    "preprocess-scale-huge": Case(HEADER, (*BASE["preprocess"], "--scale", "100000"),
+                                  ("--scale 100000", "bytes free")),
+    "preprocess-width-huge": Case(HEADER, (*BASE["preprocess"], "--object-width", "1",
+                                           "--target-width", "1e9"),
+                                  ("--object-width 1 --target-width 1e+09", "bytes free")),
+    # compressed streams that declare more than deflate can expand to (at most 1032:1)
+    "nrrd-gzip-huge": Case(HEADER, ("convert", "huge.nrrd", "out.ome.zarr"),
+                           ("huge.nrrd", "100000×100000×100000", "can hold at most")),
+    "npz-deflate-huge": Case(HEADER, ("convert", "huge.npz", "out.ome.zarr"),
+                             ("huge.npz", "100000×100000×100000", "can hold at most")),
+    "nifti-gz-huge": Case(HEADER, ("info", "huge.nii.gz"),
+                          ("huge.nii.gz", "30000×30000×30000", "can hold at most")),
     "dest-exists": Case(DESTINATION, ("convert", "vol.mrc", "mine"), ("mine", "--overwrite"),
                         "foreign"),
+
+    # a damaged store, read by any command: the array, the chunk and its file are named,
+    # and the run leaves nothing behind (the refusal comes from the run, on the cluster)
+    **{f"chunk-{kind}-{command.replace(' ', '-')}": Case(
+        DAMAGED, args, (f"src.ome.zarr/0: chunk {CHUNK[kind][0]}", f"src.ome.zarr/0/c/"
+                        f"{CHUNK[kind][1]}", CHUNK[kind][2]), kind, cluster=True)
+       for kind, command, args in (
+           ("missing", "export", BASE["export"]), ("corrupt", "export", BASE["export"]),
+           ("missing", "convert", ("convert", "src.ome.zarr", "out.ome.zarr")),
+           ("missing", "segment", BASE["segment"]),
+           ("corrupt", "preprocess", BASE["preprocess"]),
+           ("corrupt", "report", ("report", "src.ome.zarr", "--out", "r.html")))},
+    # paths from zarr metadata stay inside their store, for writing and for reading
+    "meta-apply-traversal": Case(METADATA_PATH, UNDO,
+                                 ("'../../../victim_arr'", "outside"), "traversal"),
+    "meta-export-label-traversal": Case(METADATA_PATH, (*BASE["export"], "--label", "cells"),
+                                        ("'../../../victim_arr'", "outside"), "traversal"),
+    "meta-image-absolute": Case(METADATA_PATH, BASE["segment"], ("'/etc'", "outside"),
+                                "absolute"),
+    "meta-image-absolute-export": Case(METADATA_PATH, BASE["export"], ("'/etc'", "outside"),
+                                       "absolute"),
+    "meta-labels-list": Case(METADATA_PATH, BASE["export"], ("'labels' list", "../victim"),
+                             "labels-list"),
+    "meta-label-symlink": Case(METADATA_PATH, UNDO,
+                               ("cells", "outside the store"), "label-link"),
+    # conversions and borders that would lose data without saying so
+    "loss-merge-border": Case(LOSS, (*BASE["patches merge"], "--border", "20"),
+                              ("border 20", "no editable voxel", "p1.nii.gz")),
+    "loss-export-uint32-mrc": Case(LOSS, ("export", "u32.ome.zarr", "out.mrc"),
+                                   ("out.mrc", "uint32", "16777217", "--allow-lossy"),
+                                   cluster=True),
+    "loss-export-int64-mrc": Case(LOSS, ("export", "i64.ome.zarr", "out.mrc", "--roi",
+                                         "0:8,0:16,0:16"),
+                                  ("out.mrc", "int64", "--allow-lossy"), cluster=True),
+    "loss-convert-complex": Case(LOSS, ("convert", "c64.npy", "out.ome.zarr"),
+                                 ("c64.npy", "complex64")),
 })
 
 
@@ -219,7 +277,53 @@ def _file(d: Path) -> None:
     (d / "f.ome.zarr").write_text("a file, not a store")
 
 
-PREPARE = {"foreign": _foreign, "sub": _sub, "symlink": _symlink, "file": _file}
+def _missing(d: Path) -> None:
+    (d / "src.ome.zarr" / "0" / "c" / "1" / "0" / "1").unlink()
+
+
+def _corrupt(d: Path) -> None:
+    chunk = d / "src.ome.zarr" / "0" / "c" / "0" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+
+
+def _edit_ome(group: Path, edit) -> None:
+    meta = json.loads((group / "zarr.json").read_text())
+    edit(meta["attributes"]["ome"])
+    (group / "zarr.json").write_text(json.dumps(meta))
+
+
+def _set_path(path: str):
+    def edit(ome: dict) -> None:
+        ome["multiscales"][0]["datasets"][0]["path"] = path
+    return edit
+
+
+def _traversal(d: Path) -> None:
+    """The label group's level 0 points three folders up, at an array outside the store
+    that a write-back would otherwise change."""
+    shutil.copytree(d / "src.ome.zarr" / "labels" / "cells" / "0", d / "victim_arr")
+    _edit_ome(d / "src.ome.zarr" / "labels" / "cells", _set_path("../../../victim_arr"))
+
+
+def _absolute(d: Path) -> None:
+    _edit_ome(d / "src.ome.zarr", _set_path("/etc"))
+
+
+def _labels_list(d: Path) -> None:
+    (d / "victim").mkdir()
+    _edit_ome(d / "src.ome.zarr" / "labels",
+              lambda ome: ome.__setitem__("labels", ["cells", "../victim"]))
+
+
+def _label_link(d: Path) -> None:
+    labels = d / "src.ome.zarr" / "labels"
+    shutil.move(labels / "cells", d / "outside_cells")
+    (labels / "cells").symlink_to(d / "outside_cells")
+
+
+PREPARE = {"foreign": _foreign, "sub": _sub, "symlink": _symlink, "file": _file,
+           "missing": _missing, "corrupt": _corrupt, "traversal": _traversal,
+           "absolute": _absolute, "labels-list": _labels_list, "label-link": _label_link}
 
 
 def _hostile_tiff(path: Path, width: int, length: int) -> None:
@@ -233,6 +337,29 @@ def _hostile_tiff(path: Path, width: int, length: int) -> None:
         + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
         for tag, kind, value in tags)
     path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(16))
+
+
+def _hostile_compressed(d: Path) -> None:
+    """A gzip NRRD, a deflated .npz member and a .nii.gz whose headers declare 10¹³ voxels
+    or more over a few dozen compressed bytes."""
+    import gzip
+    import io
+    import zipfile
+
+    import nibabel as nib
+
+    (d / "huge.nrrd").write_bytes(
+        b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 100000 100000 100000\n"
+        b"encoding: gzip\n\n" + gzip.compress(bytes(64)))
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": (100000,) * 3})
+    with zipfile.ZipFile(d / "huge.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.npy", buf.getvalue() + bytes(64))
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000,) * 3)
+    header.set_data_dtype(np.uint8)
+    (d / "huge.nii.gz").write_bytes(gzip.compress(header.binaryblock + bytes(4 + 64)))
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +383,17 @@ def world(tmp_path_factory, client) -> Path:
         (d / f"{name}.yaml").write_text(
             "steps:\n  - name: smooth\n    function: gaussian\n    parameters:\n"
             f"      sigma: {sigma}\n  - {{name: mask, function: threshold, inputs: [smooth]}}\n")
+    # values a float32 MRC cannot hold: 2^24 + 1 (uint32), 2^53 + 1 (int64); complex input
+    for name, dtype, value in (("u32", np.uint32, 2**24 + 1), ("i64", np.int64, 2**53 + 1)):
+        big = np.zeros(SHAPE, dtype)
+        big[3, 4, 5] = value
+        np.save(d / f"{name}.npy", big)
+        convert(d / f"{name}.npy", d / f"{name}.ome.zarr", ConvertOptions(chunks=(8,)), client,
+                report=lambda _: None)
+        (d / f"{name}.npy").unlink()
+    np.save(d / "c64.npy", np.full(SHAPE, 1 + 2j, np.complex64))
     _hostile_tiff(d / "huge.tif", 2_000_000_000, 2_000_000_000)
+    _hostile_compressed(d)
     _hostile_tiff(d / "short.tif", 2_000_000_000, 1)
     (d / "centres.csv").write_text("x,y,z\n8,8,8\n")
     (d / "model.pt").write_bytes(b"not a checkpoint")

@@ -18,6 +18,7 @@ from engine.errors import DestinationError, InputError, OptionError
 from engine.io.layouts import PATCH_FORMATS, patch_suffix
 from engine.patches.coords import read_coords, read_coords_table, write_coords
 from engine.patches.extract import (
+    BORDER_COLUMNS,
     MANIFEST_COLUMNS,
     ExtractOptions,
     extract_patches,
@@ -221,7 +222,8 @@ def test_mrc_interior_and_border_patches(arrays, mrc_pair, tmp_path, client):
         assert tuple(p.origin) == pytest.approx(tuple(a * v for a, v in zip(start, VOXEL,
                                                                              strict=True)))
     rows = read_manifest(out / "patches.csv")
-    assert tuple(rows[0]) == MANIFEST_COLUMNS
+    assert tuple(rows[0]) == MANIFEST_COLUMNS + BORDER_COLUMNS
+    assert {tuple(int(r[c]) for c in BORDER_COLUMNS) for r in rows} == {(B,) * 3}
     assert [r["name"] for r in rows] == [f"other_tomo_patch{i}" for i in range(5)]
     r = rows[1]  # centre (2, 5, 1): bounds start below 0
     assert (int(r["centre_z"]), int(r["centre_y"]), int(r["centre_x"])) == (2, 5, 1)

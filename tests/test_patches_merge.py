@@ -281,10 +281,65 @@ def test_merge_default_border_and_too_wide(tmp_path):
     expected[add > 0] = 1
     expected[_shell(big, 16)] = 2
     np.testing.assert_array_equal(read_patch(tmp_path / "out" / "p1.nii.gz").data, expected)
-    with pytest.raises(OptionError, match=r"border 18.*p1\.nii\.gz.*at most 17"):
-        merge_corrections(labels_dir, corr_dir, tmp_path / "out2", border=18,
-                          report=lambda _: None)
+    for border in (17, 18):  # 17 on the 34-voxel axis already leaves no editable voxel
+        with pytest.raises(OptionError, match=rf"border {border} \(--border\) leaves no "
+                           r"editable voxel of .*p1\.nii\.gz.*at most 16"):
+            merge_corrections(labels_dir, corr_dir, tmp_path / "out2", border=border,
+                              report=lambda _: None)
     assert not (tmp_path / "out2").exists()
+
+
+def _manifest(folder: Path, borders: dict[str, tuple[int, int, int]]) -> Path:
+    """A patches.csv as extraction writes it, for these patch names and borders."""
+    import csv
+
+    from engine.patches.extract import BORDER_COLUMNS, MANIFEST_COLUMNS
+
+    path = folder / "patches.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, MANIFEST_COLUMNS + BORDER_COLUMNS, restval="0")
+        w.writeheader()
+        for name, border in borders.items():
+            w.writerow({"name": name, **dict(zip(BORDER_COLUMNS, border, strict=True))})
+    return path
+
+
+def test_merge_uses_the_extraction_border(tmp_path):
+    """32³ patches cut with border 4: the default 16 would make every voxel ignore (the
+    correction lost); the manifest's border is used instead, per axis."""
+    shape = (32, 32, 32)
+    lab = _labels(6, shape)
+    labels_dir, corr_dir = _dataset(tmp_path, {"p1": lab})
+    add = np.zeros(shape, np.uint8)
+    add[10:20, 10:20, 10:20] = 1
+    write_patch(corr_dir / "p1" / "Add.nii.gz", add, VOXEL_A)
+    with pytest.raises(OptionError, match=r"border 16 \(the default border\) leaves no "
+                       r"editable voxel.*at most 15"):
+        merge_corrections(labels_dir, corr_dir, tmp_path / "out", report=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    manifest = _manifest(tmp_path, {"p1": (4, 3, 5)})
+    lines: list[str] = []
+    merge_corrections(labels_dir, corr_dir, tmp_path / "out", report=lines.append)
+    expected = lab.copy()
+    expected[add > 0] = 1
+    inner = np.zeros(shape, bool)
+    inner[4:28, 3:29, 5:27] = True
+    expected[~inner] = 2
+    got = read_patch(tmp_path / "out" / "p1.nii.gz").data
+    np.testing.assert_array_equal(got, expected)
+    assert (got == 1).sum() >= 1000  # the correction survives
+    assert any(str(manifest) in ln for ln in lines) and any("(4, 3, 5)" in ln for ln in lines)
+    # an explicit --border still wins over the manifest
+    merge_corrections(labels_dir, corr_dir, tmp_path / "out2", border=2, report=lambda _: None)
+    expected = lab.copy()
+    expected[add > 0] = 1
+    expected[_shell(shape, 2)] = 2
+    np.testing.assert_array_equal(read_patch(tmp_path / "out2" / "p1.nii.gz").data, expected)
+    # a recorded border that leaves nothing is refused, naming the manifest
+    _manifest(tmp_path, {"p1": (16, 16, 16)})
+    with pytest.raises(OptionError, match=r"border 16 \(the border recorded in .*patches\.csv"):
+        merge_corrections(labels_dir, corr_dir, tmp_path / "out3", report=lambda _: None)
+    assert not (tmp_path / "out3").exists()
 
 
 @pytest.mark.parametrize("fmt", PATCH_FORMATS)

@@ -219,3 +219,24 @@ def test_exact_percentiles_of_float_data_equal_numpy(client, dtype, monkeypatch)
     monkeypatch.setattr(stats, "SELECT_LIMIT", 50)  # force refinement passes
     got = stats.percentile(client, da.from_array(img, chunks=(11, 41, 4)), [50, 99.5])
     np.testing.assert_array_equal(got, np.nanpercentile(img, [50, 99.5]))
+
+
+def test_display_windows_ignore_non_finite(tmp_path):
+    """NaN and ±inf leave the window as numpy computes it over the finite voxels only."""
+    import zarr
+
+    from engine.stats import display_windows
+
+    rng = np.random.default_rng(5)
+    data = rng.normal(3.0, 2.0, (2, 6, 7, 8)).astype(np.float32)
+    data[0, 1, 2, 3], data[0, 0, 0, 0], data[1, 5, 6, 7] = np.nan, np.inf, -np.inf
+    arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, chunks=data.shape,
+                            dtype=data.dtype)
+    arr[...] = data
+    data[1] = np.nan  # a channel with no finite value at all
+    arr[...] = data
+    got = display_windows(tmp_path / "a", "czyx", 2)
+    finite = data[0][np.isfinite(data[0])].astype(np.float64)
+    lo, hi = np.percentile(finite, [0.1, 99.9])
+    assert got[0] == pytest.approx((finite.min(), finite.max(), lo, hi))
+    assert got[1] == (0.0, 1.0, 0.0, 1.0)

@@ -87,7 +87,7 @@ def open_slide(src: str | Path) -> SlideImage:
     if axes != "yx":
         raise InputError(f"{src}: a {len(axes)}D image (axes {axes}); the cutter segments 2D "
                          "slides (y, x) only")
-    level0 = str(src / attrs["multiscales"][0]["datasets"][0]["path"])
+    level0 = str(omezarr.dataset_path(src, attrs["multiscales"][0]["datasets"][0]))
     arr = zarr.open_array(level0, mode="r")
     shape = tuple(int(volume.data.shape[volume.axes.index(a)]) for a in axes)
     chunks = tuple(int(c) for a, c in zip(volume.axes, arr.chunks, strict=True) if a in "yx")

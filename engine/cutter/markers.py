@@ -42,6 +42,7 @@ from engine.blocks import Block, BlockGrid, pad_read
 from engine.cutter.common import SlideImage, open_slide
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.sources import zarr_dask
 from engine.labels import concatenate_rows, merge_by_id
 from engine.learn.normalize import ChannelStats
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
@@ -262,11 +263,9 @@ def plan_markers(src: str | Path, options: MarkerOptions) -> MarkerPlan:
 
 
 def _normalization(plan: MarkerPlan, client: Any) -> ChannelStats:
-    import dask.array as da
-
     from engine.learn.normalize import Normalization, compute_stats
 
-    arr = da.from_zarr(plan.image.level0)
+    arr = zarr_dask(plan.image.level0)
     data = arr[plan.source.prefix] if plan.source.prefix else arr
     return compute_stats(data[None], Normalization(), client)
 

@@ -44,6 +44,7 @@ from engine.cutter.common import (
 from engine.cutter.crops import network_inputs, read_channels, read_mask
 from engine.cutter.loss import OUTSIDE_WEIGHT, cutter_loss
 from engine.errors import DestinationError, InputError, OptionError
+from engine.io.sources import zarr_dask
 from engine.learn.normalize import ChannelStats, Normalization
 from engine.segment.refs import Stored
 
@@ -158,7 +159,7 @@ def channel_stats(image: SlideImage, refs: Sequence[Stored], client: Any) -> Cha
 
     from engine.learn.normalize import compute_stats
 
-    arr = da.from_zarr(image.level0)
+    arr = zarr_dask(image.level0)
     data = da.stack([arr[r.prefix] if r.prefix else arr for r in refs])
     return compute_stats(data, Normalization(), client)
 

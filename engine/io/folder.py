@@ -19,6 +19,7 @@ import tifffile
 from engine.errors import InputError, OptionError
 from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
 from engine.io.sources import Source, to_dask
+from engine.io.tiff import check_declared_size
 from engine.volume import Volume, convert_length, normalize_unit
 
 SUFFIXES = (".tif", ".tiff")
@@ -78,6 +79,7 @@ def _describe(path: Path) -> tuple[tuple[int, ...], np.dtype, str]:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            check_declared_size(path, tif.pages[0])  # a slice is read whole: its header first
             return tuple(series.shape), np.dtype(series.dtype), series.axes
     except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
         raise InputError(f"{path}: not a readable TIFF slice ({exc})") from None

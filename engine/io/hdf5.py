@@ -16,6 +16,7 @@ import numpy as np
 from engine.errors import InputError
 from engine.io.axes import AXES_BY_NDIM as AXES
 from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
+from engine.io.budget import check_memory, declared_bytes
 from engine.io.sources import Source, default_chunks, to_dask
 from engine.volume import Volume
 
@@ -145,6 +146,14 @@ def read(path: Path, dataset: str | None = None, axes: str | None = None,
         if ds.dtype.kind not in "biuf":
             raise InputError(f"{path}: dataset {dataset!r} holds {ds.dtype} values, "
                              "not an image")
+        if ds.chunks is not None:  # h5py decompresses whole storage chunks
+            check_memory(path, ds.chunks, ds.dtype,
+                         f"dataset {dataset!r}: one storage chunk is read whole")
+        elif ds.compression is None and ds.id.get_offset() is not None and \
+                (ds.id.get_offset() + declared_bytes(ds.shape, ds.dtype)
+                 > path.stat().st_size):
+            raise InputError(f"{path}: dataset {dataset!r} declares {ds.shape} {ds.dtype} "
+                             "beyond the end of the file (truncated?)")
         named = stored_axes(f"{path}:{dataset}", axes, AXES.get(ds.ndim), ds.shape)
         spatial_stored = [a for a in named if a in "zyx"]
         by_name = dict(zip(spatial_stored, _voxel_size(ds, len(spatial_stored)), strict=True))

@@ -63,6 +63,13 @@ def unit_file(arr: Any, path: str, index: Sequence[int]) -> Path:
     return Path(path) / arr.metadata.encode_chunk_key(tuple(index))
 
 
+def location(arr: Any) -> str:
+    """The folder of a zarr array opened from a local store (for messages and chunk files)."""
+    sp = arr.store_path
+    root = getattr(sp.store, "root", None)
+    return str(Path(root) / sp.path) if root is not None else str(sp)
+
+
 def every_chunk_written(arr: Any) -> bool:
     return bool(dict(arr.attrs.get("voxelmill", {}) or {}).get(COMPLETE_ATTR, False))
 

@@ -77,6 +77,12 @@ def read(path: Path, axes: str | None = None, **_: object) -> Volume:
                   voxel_size_problem=voxel_problem(spatial))
 
 
+def stored_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype MRC stores voxels of ``dtype`` in (its modes; float32 for the others)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in MRC_DTYPES else np.dtype("float32")
+
+
 def write(volume: Volume, path: Path, slabs: Iterable[np.ndarray]) -> None:
     """Write a ``zyx`` or ``yx`` volume to MRC, streaming slabs; voxel size in Å."""
     if set(volume.axes) - set("zyx"):
@@ -84,7 +90,7 @@ def write(volume: Volume, path: Path, slabs: Iterable[np.ndarray]) -> None:
                          f"{volume.axes!r}; export one channel with --channel")
     shape = volume.shape
     dtype = np.dtype(volume.dtype)
-    out_dtype = dtype if dtype in MRC_DTYPES else np.dtype("float32")
+    out_dtype = stored_dtype(dtype)
     voxel = [convert_length(v, volume.unit, "angstrom") for v in volume.voxel_size]
     if len(voxel) == 2:  # a single image: mrcfile's 2D convention, z sampling left at 1
         voxel = [1.0, *voxel]
@@ -94,6 +100,8 @@ def write(volume: Volume, path: Path, slabs: Iterable[np.ndarray]) -> None:
         amin, amax, total, count = np.inf, -np.inf, 0.0, 0
         # a 3D volume streams in z-slabs, a 2D image in row slabs
         for slab in slabs:
+            if np.iscomplexobj(slab) and out_dtype.kind != "c":
+                slab = slab.real  # refused by export unless --allow-lossy: says so
             mrc.data[z:z + slab.shape[0]] = slab.astype(out_dtype, copy=False)
             z += slab.shape[0]
             if slab.size:

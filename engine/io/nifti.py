@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.io.axes import usable_sizes, voxel_problem
+from engine.io.budget import check_deflate
 from engine.io.sources import RawFileSource, Source, to_dask
 from engine.volume import Volume, convert_length
 
@@ -130,7 +131,9 @@ def read(path: Path, **_: object) -> Volume:
 
     if path.name.lower().endswith(".gz"):
         # a gzip stream has no random access: each chunk decompresses up to its slab;
-        # truncation shows only when that slab is read (as an InputError then)
+        # truncation shows only when that slab is read (as an InputError then); a header
+        # declaring more than the stream can hold is refused now
+        check_deflate(path, c_shape, dtype, path.stat().st_size)
         source: Any = NiftiProxySource(str(path), c_shape, dtype, offset)
         data = to_dask(source, c_axes, chunks=_slab_chunks(c_shape, c_axes, dtype.itemsize),
                        name="nifti")

@@ -10,6 +10,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.io.axes import AXES_BY_NDIM, arrange, stored_axes, voxel_problem
+from engine.io.budget import check_deflate, check_memory, declared_bytes
 from engine.io.sources import InMemorySource, RawFileSource, to_dask
 from engine.volume import Volume
 
@@ -75,6 +76,13 @@ def read(path: Path, key: str | None = None, axes: str | None = None,
             shape, fortran, dtype = _header(fh, path)
             header_len = fh.tell() if info.compress_type == zipfile.ZIP_STORED else None
             if header_len is None:
+                if info.compress_type == zipfile.ZIP_DEFLATED:
+                    check_deflate(path, shape, dtype, info.compress_size)
+                if declared_bytes(shape, dtype) > info.file_size:
+                    raise InputError(f"{path}: array {member[:-4]!r} declares {shape} "
+                                     f"{dtype.name} but its member holds {info.file_size} "
+                                     "bytes")
+                check_memory(path, shape, dtype, "a compressed .npz array is read whole")
                 fh.seek(0)
                 return _volume(InMemorySource(np.load(fh)), path, False, axes)
     # stored member: data starts after the local file header and the npy header

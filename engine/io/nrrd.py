@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io.axes import usable_sizes, voxel_problem
+from engine.io.budget import check_deflate, check_memory
 from engine.io.sources import InMemorySource, RawFileSource, default_chunks, to_dask
 from engine.volume import Volume, normalize_unit
 
@@ -221,6 +222,10 @@ def read(path: Path, **_: object) -> Volume:
     elif encoding in COMPRESSED or encoding in ("ascii", "text", "txt", "hex"):
         # gzip/bzip2 streams (and text) cannot be read at an offset, so the whole array is
         # decompressed here; such files are meant for patches, not whole volumes.
+        data_path = _data_file(header, path)
+        if encoding in ("gzip", "gz") and data_path.exists():
+            check_deflate(path, c_shape, dtype, data_path.stat().st_size)
+        check_memory(path, c_shape, dtype, f"{encoding} NRRD data is decompressed whole")
         try:
             array, _ = nrrd.read(str(path), index_order="C")
         except (nrrd.NRRDError, ValueError, OSError, EOFError, zlib.error) as exc:

@@ -14,6 +14,7 @@ import zarr
 from engine.errors import InputError, OptionError
 from engine.io.integrity import COMPLETE_ATTR
 from engine.io.sources import ZarrSource, to_dask
+from engine.names import safe_name
 from engine.provenance import jsonable
 from engine.volume import Volume
 
@@ -183,6 +184,25 @@ def read_image_attrs(path: Path) -> tuple[dict[str, Any], str]:
     return attrs, ngff
 
 
+def dataset_path(group: Path, dataset: Any) -> Path:
+    """The array of one ``multiscales`` dataset entry, confined to ``group``.
+
+    A path read from metadata is data, not a place to go: ``../../victim`` or an absolute
+    path (or a symbolic link leading out) would make a command read, or write, outside the
+    store. Such a path is refused with an :class:`InputError` naming the group and the path.
+    """
+    raw = dataset.get("path") if isinstance(dataset, dict) else None
+    if not isinstance(raw, str) or not raw.strip():
+        raise InputError(f"{group}: a multiscales dataset has no 'path' (got {raw!r})")
+    target = Path(group) / raw
+    root = Path(group).resolve()
+    resolved = target.resolve()
+    if Path(raw).is_absolute() or resolved == root or not resolved.is_relative_to(root):
+        raise InputError(f"{group}: multiscales dataset path {raw!r} leads outside the "
+                         "store (paths from metadata must name an array inside it)")
+    return target
+
+
 def scale_of(dataset: dict[str, Any]) -> list[float]:
     """The ``scale`` transformation of a multiscale dataset entry (empty when none)."""
     for t in dataset.get("coordinateTransformations", []):
@@ -200,7 +220,11 @@ def label_names(path: Path) -> list[str]:
         attrs, _ = read_attrs(lp)
     except InputError:
         return []
-    return [str(n) for n in attrs.get("labels", [])]
+    listed = attrs.get("labels", [])
+    if not isinstance(listed, list):
+        raise InputError(f"{lp}: 'labels' must be a list of names, got {listed!r}")
+    # names from metadata become paths (labels/NAME): plain names only, never ../x or /x
+    return [safe_name(str(n), f"{lp} 'labels' list") for n in listed]
 
 
 def add_label_names(path: Path, names: Sequence[str], ngff: str) -> None:
@@ -224,8 +248,9 @@ def read(path: Path, level: int = 0, **_: object) -> Volume:
     axes = "".join(a["name"] if isinstance(a, dict) else a for a in axes_meta)
     units = [a.get("unit") for a in axes_meta if isinstance(a, dict) and a.get("unit")]
     unit = units[0] if units else "micrometer"
-    arr = zarr.open_array(str(path / datasets[level]["path"]), mode="r")
-    source = ZarrSource(str(path / datasets[level]["path"]), shape=tuple(arr.shape),
+    level_path = dataset_path(path, datasets[level])
+    arr = zarr.open_array(str(level_path), mode="r")
+    source = ZarrSource(str(level_path), shape=tuple(arr.shape),
                         dtype=np.dtype(arr.dtype))
     data = to_dask(source, axes, chunks=arr.chunks)
     scale = scale_of(datasets[level]) or [1.0] * len(axes)
@@ -252,7 +277,7 @@ def describe(path: Path) -> dict[str, Any]:
     ms = attrs["multiscales"][0]
     out: dict[str, Any] = {"path": str(path), "ngff": version, "levels": []}
     for ds in ms["datasets"]:
-        arr = zarr.open_array(str(path / ds["path"]), mode="r")
+        arr = zarr.open_array(str(dataset_path(path, ds)), mode="r")
         out["levels"].append({"path": ds["path"], "shape": list(arr.shape),
                               "chunks": list(arr.chunks), "dtype": str(arr.dtype),
                               "scale": scale_of(ds)})
@@ -260,5 +285,7 @@ def describe(path: Path) -> dict[str, Any]:
     units = [a.get("unit") for a in ms["axes"] if a.get("unit")]
     out["unit"] = units[0] if units else None
     out["channels"] = [c.get("label") for c in attrs.get("omero", {}).get("channels", [])]
+    out["windows"] = [c.get("window") for c in attrs.get("omero", {}).get("channels", [])
+                      if isinstance(c, dict)]
     out["labels"] = label_names(path)
     return out

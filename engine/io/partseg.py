@@ -42,6 +42,7 @@ import numpy as np
 import tifffile
 
 from engine.errors import InputError, OptionError
+from engine.io.budget import check_deflate, check_memory
 from engine.io.sources import InMemorySource, to_dask
 from engine.volume import Volume, convert_length, normalize_unit
 
@@ -65,6 +66,9 @@ def _members(path: Path) -> dict[str, bytes]:
             for member in tar:
                 name = member.name.lstrip("./")
                 if name in MEMBERS and member.isfile():
+                    # a member is read whole: its declared size must fit in memory
+                    check_memory(path, (member.size,), np.dtype("u1"),
+                                 f"its member {name!r} is unpacked into memory whole")
                     fh = tar.extractfile(member)
                     if fh is not None:
                         found[name] = fh.read()
@@ -176,8 +180,26 @@ def _fit(array: np.ndarray, shape: tuple[int, ...], name: str, path: Path) -> np
     return array.reshape(shape)
 
 
+def _check_npz_members(data: bytes, name: str, path: Path) -> None:
+    """Declared shapes of the arrays in an in-memory .npz against their compressed bytes
+    (deflate's bound) and the memory budget, before ``np.load`` allocates them."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(fh))
+            where = f"{path} ({name}: {info.filename})"
+            if info.compress_type == zipfile.ZIP_DEFLATED:
+                check_deflate(where, shape, dtype, info.compress_size)
+            check_memory(where, shape, dtype, "a PartSeg array is read whole")
+
+
 def _load_npz(data: bytes, name: str, path: Path) -> dict[str, np.ndarray]:
     try:
+        _check_npz_members(data, name, path)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except (ValueError, OSError, EOFError, zlib.error) as exc:

@@ -215,6 +215,8 @@ def open_target(image: str | Path, name: str) -> LabelTarget:
         known = omezarr.label_names(image)
         raise InputError(f"{image}: no label image {name!r}; its labels are "
                          + (", ".join(known) if known else "none"))
+    if not group.resolve().is_relative_to(image.resolve()):  # a link out of the store
+        raise InputError(f"{group}: the label group leads outside the store {image}")
     attrs, ngff = omezarr.read_attrs(group)
     if "multiscales" not in attrs:
         raise InputError(f"{group}: label group has no 'multiscales' metadata")
@@ -225,8 +227,9 @@ def open_target(image: str | Path, name: str) -> LabelTarget:
     units = [a.get("unit") for a in ms["axes"] if isinstance(a, dict) and a.get("unit")]
     paths, shapes, chunks, scales = [], [], [], []
     for ds in ms["datasets"]:
-        arr = zarr.open_array(str(group / ds["path"]), mode="r")
-        paths.append(str(group / ds["path"]))
+        level_path = str(omezarr.dataset_path(group, ds))  # writes go here: confined
+        arr = zarr.open_array(level_path, mode="r")
+        paths.append(level_path)
         shapes.append(tuple(int(s) for s in arr.shape))
         chunks.append(tuple(int(c) for c in unit_shape(arr)))
         scale = next((t["scale"] for t in ds.get("coordinateTransformations", [])

@@ -61,6 +61,10 @@ MANIFEST_COLUMNS = (
     "name", "centre_z", "centre_y", "centre_x", "z0", "z1", "y0", "y1", "x0", "x1",
     "voxel_size_z", "voxel_size_y", "voxel_size_x", "unit", "image", "labels",
 )
+#: columns written after :data:`MANIFEST_COLUMNS`: the ignore border of the label patches
+#: (voxels per axis), which ``patches merge`` uses by default; optional when read (older
+#: manifests lack them)
+BORDER_COLUMNS = ("border_z", "border_y", "border_x")
 
 
 @dataclass(frozen=True)
@@ -268,11 +272,11 @@ def open_patch_source(path: str | Path, what: str) -> PatchSource:
         )
     reader: Any = vol.data
     if detect_format(path) == "omezarr":
-        from engine.io.omezarr import read_attrs
+        from engine.io.omezarr import dataset_path, read_attrs
 
         attrs, _ = read_attrs(path)
         # workers open the level-0 array by path: nothing but a string travels
-        reader = str(path / attrs["multiscales"][0]["datasets"][0]["path"])
+        reader = str(dataset_path(path, attrs["multiscales"][0]["datasets"][0]))
     return PatchSource(str(path), reader, vol.shape, np.dtype(vol.dtype),
                        tuple(float(v) for v in vol.voxel_size), vol.unit)  # type: ignore
 
@@ -498,12 +502,13 @@ def _write_manifest(path: Path, plan: ExtractPlan) -> None:
     vz, vy, vx = plan.image.voxel_size
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(MANIFEST_COLUMNS)
+        w.writerow(MANIFEST_COLUMNS + BORDER_COLUMNS)
+        border = _per_axis(plan.options.border, "border", 0)
         for job in plan.jobs:
             (z0, y0, x0), (z1, y1, x1) = job.start, job.stop
             w.writerow([job.name, *job.centre, z0, z1, y0, y1, x0, x1, repr(vz), repr(vy),
                         repr(vx), plan.image.unit, str(Path(plan.image.path).resolve()),
-                        str(Path(plan.labels.path).resolve())])
+                        str(Path(plan.labels.path).resolve()), *border])
 
 
 def extract_patches(

@@ -25,22 +25,28 @@ Where this differs from MemBrain-seg's ``merge_corrections``, on purpose:
 - a patch without corrections folder is copied unchanged (MemBrain-seg writes nothing for
   it), a corrections folder without label patch is an error (MemBrain-seg ignores it);
 - ``border=0`` disables the border (MemBrain-seg's ``patch[-0:]`` would set the whole
-  patch to ignore), and a border wider than half the patch is refused;
+  patch to ignore), and a border that leaves no editable voxel (twice the border at least
+  the patch's size on some axis) is refused;
+- without a ``border``, the extraction border recorded in the patches' manifest
+  (``DIR/patches.csv`` next to ``DIR/labelsCorr``, by ``voxelmill patches extract``) is
+  used, and MemBrain-seg's 16 voxels only when there is none: a border wider than the one
+  the patches were cut with would erase the corrections near their edges;
 - everything is checked before anything is written, the output folder is created, and
   it appears only when complete (written to a hidden sibling, then renamed).
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import DestinationError, InputError, OptionError
-from engine.io.layouts import patch_name_suffix
+from engine.io.layouts import PATCHES_MANIFEST, patch_name_suffix
 from engine.output import check_destination, commit, partial_path
 from engine.patches.files import (
     PatchHeader,
@@ -57,6 +63,9 @@ from engine.volume import convert_length
 CLASSES: tuple[tuple[str, int], ...] = (("remove", 0), ("add", 1), ("ignore", 2))
 IGNORE = 2
 LABEL_VALUES = (0, 1, 2)
+#: MemBrain-seg's border, used when neither the caller nor a manifest gives one
+DEFAULT_BORDER = 16
+Border = tuple[int, int, int]
 
 #: header agreement: voxel sizes within this relative tolerance, origins within this
 #: fraction of a voxel.
@@ -95,6 +104,7 @@ class _Plan:
 
     label: PatchHeader
     folder: Path | None
+    border: Border = (DEFAULT_BORDER,) * 3
     corrections: dict[str, list[Path]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -156,7 +166,35 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
-def _plan(labels_dir: Path, corrections_dir: Path, border: int,
+def recorded_borders(labels_dir: Path) -> tuple[Path, dict[str, Border]]:
+    """The extraction border per patch name from the manifest next to ``labels_dir``
+    (``labels_dir/../patches.csv``); empty when there is none or it records no border."""
+    from engine.patches.extract import BORDER_COLUMNS
+
+    manifest = labels_dir.parent / PATCHES_MANIFEST
+    if not manifest.is_file():
+        return manifest, {}
+    try:
+        with open(manifest, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{manifest}: cannot be read ({exc})") from None
+    out: dict[str, Border] = {}
+    for i, row in enumerate(rows, start=2):
+        if not all(row.get(c) for c in BORDER_COLUMNS) or not row.get("name"):
+            continue
+        try:
+            border = tuple(int(row[c]) for c in BORDER_COLUMNS)
+        except ValueError:
+            raise InputError(f"{manifest}, line {i}: border "
+                             f"{[row[c] for c in BORDER_COLUMNS]} is not whole numbers") from None
+        if any(b < 0 for b in border):
+            raise InputError(f"{manifest}, line {i}: negative border {border}")
+        out[row["name"]] = border  # type: ignore[assignment]
+    return manifest, out
+
+
+def _plan(labels_dir: Path, corrections_dir: Path, border: Border | None,
           report: Callable[[str], None]) -> tuple[list[_Plan], int]:
     """Pair label patches with correction folders and check names, shapes, borders.
 
@@ -200,14 +238,22 @@ def _plan(labels_dir: Path, corrections_dir: Path, border: int,
         raise InputError(f"{names}: {what} no label patch in {labels_dir} (a folder is named "
                          "like its patch without suffix, e.g. 'p1' for p1.nii.gz)")
 
+    manifest, recorded = recorded_borders(labels_dir) if border is None else (None, {})
+    if recorded:
+        report(f"border: as extracted, from {manifest}")
     plans = []
     for stem, path in stems.items():
         label = read_patch_header(path)
-        too_wide = [s for s in label.shape if 2 * border > s]
-        if too_wide:
-            raise OptionError(f"border {border}: wider than half of {path} (shape "
-                              f"{label.shape}); use at most {min(label.shape) // 2}")
-        plan = _Plan(label, folders.get(stem))
+        chosen = border if border is not None else recorded.get(stem, (DEFAULT_BORDER,) * 3)
+        origin = "--border" if border is not None else (
+            f"the border recorded in {manifest}" if stem in recorded else "the default border")
+        if any(2 * b >= s for b, s in zip(chosen, label.shape, strict=False)):
+            shown = chosen[0] if len(set(chosen)) == 1 else chosen
+            raise OptionError(
+                f"border {shown} ({origin}) leaves no editable voxel of {path} (shape "
+                f"{label.shape}): every voxel would be ignore and the corrections lost; use "
+                f"at most {(min(label.shape) - 1) // 2}")
+        plan = _Plan(label, folders.get(stem), chosen)
         if plan.folder is not None:
             for entry in sorted(plan.folder.iterdir()):
                 cls = _correction_class(entry.name)
@@ -240,8 +286,8 @@ def _mask(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
-def apply_corrections(labels: np.ndarray, masks: dict[str, np.ndarray], border: int,
-                      where: str = "labels") -> np.ndarray:
+def apply_corrections(labels: np.ndarray, masks: dict[str, np.ndarray],
+                      border: int | Sequence[int], where: str = "labels") -> np.ndarray:
     """Apply correction masks and the ignore border to a label patch.
 
     Parameters
@@ -252,8 +298,9 @@ def apply_corrections(labels: np.ndarray, masks: dict[str, np.ndarray], border: 
     masks : dict of str to numpy.ndarray
         Boolean masks of ``labels.shape`` under ``"remove"``, ``"add"``, ``"ignore"``
         (each optional), applied in that order: Remove → 0, Add → 1, Ignore → 2.
-    border : int
-        Width in voxels of the outer shell set to 2 afterwards; 0 for none.
+    border : int or sequence of int
+        Width in voxels of the outer shell set to 2 afterwards (one, or one per axis); 0
+        for none.
     where : str
         Name of the labels for error messages.
 
@@ -277,9 +324,10 @@ def apply_corrections(labels: np.ndarray, masks: dict[str, np.ndarray], border: 
     for cls, value in CLASSES:
         if cls in masks:
             out[masks[cls]] = value
-    if border > 0:
+    widths = (border,) * out.ndim if isinstance(border, int | np.integer) else tuple(border)
+    if any(widths):
         shell = np.ones(out.shape, dtype=bool)
-        shell[(slice(border, -border),) * out.ndim] = False
+        shell[tuple(slice(b, n - b) for b, n in zip(widths, out.shape, strict=True))] = False
         out[shell] = IGNORE
     return out
 
@@ -290,7 +338,7 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def merge_corrections(labels_dir: str | Path, corrections_dir: str | Path,
-                      out_dir: str | Path, border: int = 16,
+                      out_dir: str | Path, border: int | None = None,
                       report: Callable[[str], None] = print,
                       overwrite: bool = False) -> MergeReport:
     """Merge Add/Remove/Ignore correction masks into label patches.
@@ -309,8 +357,10 @@ def merge_corrections(labels_dir: str | Path, corrections_dir: str | Path,
     out_dir : str or Path
         Folder to create: one file per label patch, same name and format, with the
         label's voxel size, origin and dtype.
-    border : int
+    border : int or None
         Outer shell width in voxels set to ignore (2) after the corrections; 0 for none.
+        None: the extraction border recorded in ``labels_dir/../patches.csv`` for each
+        patch, else :data:`DEFAULT_BORDER` (16, MemBrain-seg's).
     report : callable
         Receives one line per patch, per skipped entry and per warning.
     overwrite : bool
@@ -328,13 +378,14 @@ def merge_corrections(labels_dir: str | Path, corrections_dir: str | Path,
         an unreadable patch or correction, a shape mismatch or label values other than
         0, 1, 2. Nothing is written then.
     OptionError
-        For a negative border or one wider than half a patch.
+        For a negative border or one that leaves no editable voxel of a patch.
     DestinationError
         When ``out_dir`` exists without ``overwrite`` or overlaps an input folder.
     """
     labels_dir, corrections_dir, out_dir = (Path(p) for p in (labels_dir, corrections_dir,
                                                                  out_dir))
-    if isinstance(border, bool) or not isinstance(border, int | np.integer) or border < 0:
+    if border is not None and (isinstance(border, bool) or not isinstance(
+            border, int | np.integer) or border < 0):
         raise OptionError(f"border {border!r}: must be a whole number of voxels >= 0")
     for what, d in (("labels", labels_dir), ("corrections", corrections_dir)):
         if not d.is_dir():
@@ -349,7 +400,8 @@ def merge_corrections(labels_dir: str | Path, corrections_dir: str | Path,
     if out_dir.exists() and not overwrite:
         raise DestinationError(f"{out_dir}: destination exists; pass --overwrite to replace it")
 
-    plans, skipped = _plan(labels_dir, corrections_dir, int(border), report)
+    plans, skipped = _plan(labels_dir, corrections_dir,
+                           None if border is None else (int(border),) * 3, report)
 
     # a merge writes no manifest: its output folder holds patch files only
     check_destination(out_dir, overwrite, sources=(labels_dir, corrections_dir),
@@ -377,13 +429,14 @@ def merge_corrections(labels_dir: str | Path, corrections_dir: str | Path,
             label = read_patch(src)
             masks = {cls: _mask(paths, label.data.shape)
                      for cls, paths in plan.corrections.items()}
-            merged = apply_corrections(label.data, masks, int(border), where=str(src))
+            merged = apply_corrections(label.data, masks, plan.border, where=str(src))
             write_patch(partial / src.name, merged, label.voxel_size, label.unit, label.origin)
             counts = ", ".join(f"{cls} {int(masks[cls].sum())}" if cls in masks else f"{cls} 0"
                                for cls, _ in CLASSES)
             n_files = sum(len(p) for p in plan.corrections.values())
             report(f"merged {src.name}: {n_files} correction file{'s' * (n_files != 1)} "
-                   f"(voxels marked: {counts}), border {border}")
+                   f"(voxels marked: {counts}), border "
+                   f"{plan.border[0] if len(set(plan.border)) == 1 else plan.border}")
             result.merged += 1
         commit(partial, out_dir)
     except BaseException:

@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine import __version__
 from engine.blocks import stable_hash
-from engine.errors import OptionError
+from engine.errors import InputError, OptionError
 from engine.io import omezarr, open_volume
 from engine.io.axes import VOXEL_SIZE_FIXES
 from engine.io.sources import file_identity
@@ -190,6 +192,9 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
     omezarr.compressor(options.compression, options.clevel, 3, 1)
     volume = apply_voxel_size(open_volume(src, axes=options.axes), options.voxel_size,
                               options.unit, options.assume_voxel_size)
+    if np.dtype(volume.dtype).kind == "c":  # the pyramid's mean and the display windows
+        raise InputError(f"{src}: complex voxels ({volume.dtype}) are not supported; save "
+                         "the magnitude or the real part as a real image first")
     volume = attach_labels(volume, options.labels)
     check_destination(dst, options.overwrite, src,
                       sources=[Path(p) for _, p in options.labels])

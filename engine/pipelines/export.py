@@ -67,6 +67,65 @@ def select(volume: Volume, roi: str | None = None, channel: int | None = None) -
     return replace(volume, data=data, axes=axes, channel_names=names, labels={})
 
 
+def changed_values(slab: np.ndarray, stored: np.dtype) -> np.ndarray:
+    """Where storing ``slab`` as ``stored`` changes a value (bool, ``slab``'s shape): a
+    rounded integer, a dropped imaginary part, a float out of range. NaN stays NaN."""
+    if np.iscomplexobj(slab) and not np.issubdtype(stored, np.complexfloating):
+        return (slab.imag != 0) | changed_values(slab.real, stored)
+    with np.errstate(invalid="ignore", over="ignore"):  # out of range: changed, no warning
+        back = slab.astype(stored).astype(slab.dtype)
+    changed = back != slab
+    if np.issubdtype(slab.dtype, np.inexact):
+        changed &= ~(np.isnan(slab) & np.isnan(back))
+    return changed
+
+
+@dataclass
+class Conversion:
+    """A dtype change the destination format imposes, checked on every slab written."""
+
+    source: np.dtype
+    stored: np.dtype
+    allow_lossy: bool
+    destination: Path
+    changed: int = 0  # values changed (counted with ``allow_lossy`` only)
+
+    @property
+    def needs_check(self) -> bool:
+        return not np.can_cast(self.source, self.stored, "safe")
+
+    def check(self, slab: np.ndarray, z0: int) -> None:
+        """Refuse (or, with ``allow_lossy``, count) values of ``slab`` (rows ``z0…`` along
+        the first axis) that ``stored`` cannot hold exactly."""
+        if not self.needs_check or slab.size == 0:
+            return
+        changed = changed_values(slab, self.stored)
+        if not changed.any():
+            return
+        if self.allow_lossy:
+            self.changed += int(changed.sum())
+            return
+        at = tuple(int(i) for i in np.argwhere(changed)[0])
+        value = slab[at].item()
+        with np.errstate(invalid="ignore", over="ignore"):
+            becomes = np.asarray(slab[at].real if np.iscomplexobj(slab) else slab[at]
+                                 ).astype(self.stored).item()
+        raise OptionError(
+            f"{self.destination}: storing {self.source} voxels as {self.stored} (what this "
+            f"format holds) would change the data, e.g. {value!r} at {(at[0] + z0, *at[1:])} "
+            f"becomes {becomes!r}; pass --allow-lossy to convert anyway, or export to .tif, "
+            f"which keeps {self.source}")
+
+    def summary(self) -> str:
+        """What was converted, for the command's report ("" when nothing was)."""
+        if self.source == self.stored:
+            return ""
+        if not self.needs_check or not self.changed:
+            return f"{self.source} stored as {self.stored}, every value exact"
+        return (f"{self.source} stored as {self.stored} (--allow-lossy): {self.changed} "
+                "values changed")
+
+
 @dataclass(frozen=True)
 class ExportPlan:
     volume: Volume
@@ -76,6 +135,17 @@ class ExportPlan:
     labels: dict[str, Volume] = field(default_factory=dict)
     #: PartSeg projects only: what algorithm.json records
     algorithm: dict[str, Any] = field(default_factory=dict)
+    #: refuse a dtype change that alters values present (False), or make it and count them
+    allow_lossy: bool = False
+    #: the dtype change the destination format imposes; after the run, what it changed
+    conversion: Conversion = field(init=False)
+
+    def __post_init__(self) -> None:
+        source = np.dtype(self.volume.dtype)
+        stored_dtype = getattr(self.writer, "stored_dtype", None)
+        stored = np.dtype(stored_dtype(source)) if stored_dtype else source
+        object.__setattr__(self, "conversion", Conversion(source, stored, self.allow_lossy,
+                                                          self.destination))
 
     @property
     def partseg(self) -> bool:
@@ -99,7 +169,8 @@ def _label_volume(src: Path, name: str, what: str, level: int, roi: str | None) 
 def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | None = None,
                 channel: int | None = None, label: str | None = None,
                 overwrite: bool = False, mask: str | None = None,
-                alternative: Sequence[tuple[str, str]] = ()) -> ExportPlan:
+                alternative: Sequence[tuple[str, str]] = (),
+                allow_lossy: bool = False) -> ExportPlan:
     """Check the source, options and destination before anything runs.
 
     For a PartSeg destination (.tgz, .tbz2, .tar.gz, .tar.bz2) ``label`` is the ROI (needed),
@@ -120,7 +191,8 @@ def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | Non
             raise OptionError(f"--label {label!r}: {src} has label images "
                               f"{omezarr.label_names(src) or 'none'}")
         group = src / "labels" / label if label else src
-        return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer)
+        return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer,
+                          allow_lossy=allow_lossy)
     if not label:
         raise OptionError(f"{dst}: a PartSeg project needs its ROI: give --label NAME")
     image = select(omezarr.read(src, level=level), roi, channel)
@@ -162,7 +234,11 @@ def _run_partseg(plan: ExportPlan, tmp: Path, client: Any) -> None:
 
 
 def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) -> Volume:
-    """Stream the planned region into a hidden partial file, renamed when complete."""
+    """Stream the planned region into a hidden partial file, renamed when complete.
+
+    Every slab is checked against the destination's dtype before it is written
+    (:class:`Conversion`); a refusal leaves nothing behind. ``plan.conversion.summary()``
+    afterwards says what was converted."""
     dst = plan.destination
     tmp = partial_path(dst)
     tmp = tmp.with_name(tmp.name + "".join(dst.suffixes[-2:]))  # writers pick on suffix
@@ -171,8 +247,13 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
     steps = 1 if plan.partseg else len(slab_bounds(plan.volume.data)) - 1
     progress.start(f"export {dst.name}", steps)
 
+    conv = plan.conversion
+
     def slabs() -> Iterator[np.ndarray]:
+        z0 = 0
         for slab in iter_slabs(plan.volume.data, client):
+            conv.check(slab, z0)
+            z0 += slab.shape[0] if slab.ndim else 0
             yield slab
             progress.advance()
 
@@ -193,7 +274,8 @@ def run_export(plan: ExportPlan, client: Any, progress: Progress | None = None) 
 def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: str | None = None,
            channel: int | None = None, label: str | None = None,
            overwrite: bool = False, progress: Progress | None = None,
-           mask: str | None = None, alternative: Sequence[tuple[str, str]] = ()) -> Volume:
+           mask: str | None = None, alternative: Sequence[tuple[str, str]] = (),
+           allow_lossy: bool = False) -> Volume:
     """Write one level (or a region of it) of an OME-Zarr image, or of one of its label
     images, to a single file whose format follows ``dst``'s suffix (MRC, TIFF, NRRD, NIfTI),
     or the image with its ROI (``label``), ``mask`` and ``alternative`` maps to a PartSeg
@@ -202,4 +284,4 @@ def export(src: str | Path, dst: str | Path, client: Any, level: int = 0, roi: s
     The voxel size of the chosen level goes into the header; the source is only read.
     """
     return run_export(plan_export(src, dst, level, roi, channel, label, overwrite, mask,
-                                  alternative), client, progress)
+                                  alternative, allow_lossy), client, progress)

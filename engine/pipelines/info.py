@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.io import detect_format, hdf5, omezarr, open_volume, split_path, zarrarray
 
 
@@ -49,5 +51,13 @@ def describe(path: str | Path, axes: str | None = None) -> dict[str, Any]:
     out.update(_volume_fields(path, axes))
     if fmt == "omezarr":
         meta = omezarr.describe(base)
-        out.update(ngff=meta["ngff"], levels=meta["levels"], chunks=meta["levels"][0]["chunks"])
+        out.update(ngff=meta["ngff"], levels=meta["levels"], chunks=meta["levels"][0]["chunks"],
+                   windows=meta["windows"])
+    if np.dtype(out["dtype"]).kind in "fc":
+        out["non_finite"] = NON_FINITE_NOTE
     return out
+
+
+#: how voxelmill treats NaN and ±inf in a float image (``info`` says so)
+NON_FINITE_NOTE = ("NaN voxels are ignored by statistics (normalization, thresholds, "
+                   "histograms); NaN and ±inf by display windows")

@@ -42,7 +42,7 @@ from engine import __version__, events
 from engine.blocks import BlockGrid, every_axis, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import file_identity
+from engine.io.sources import file_identity, zarr_dask
 from engine.learn.normalize import ChannelStats, Normalization, compute_stats
 from engine.output import (
     check_destination,
@@ -220,7 +220,7 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
     channels = _channels(meta, volume.channel_names, n_channels, src)
     _check_voxel_size(meta, volume.voxel_size, volume.unit, src)
     ms = attrs["multiscales"][0]
-    level0 = str(src / ms["datasets"][0]["path"])
+    level0 = str(omezarr.dataset_path(src, ms["datasets"][0]))
     arr = zarr.open_array(level0, mode="r")
     shape = tuple(int(volume.data.shape[volume.axes.index(a)]) for a in axes)
     chunks = tuple(int(c) for a, c in zip(volume.axes, arr.chunks, strict=True) if a in "zyx")
@@ -261,8 +261,6 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
 
 
 def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
-    import dask.array as da
-
     meta = plan.meta
     if plan.options.norm == "checkpoint" or meta["input"].get("fixed"):
         stored = meta["input"].get("stats") or []
@@ -271,7 +269,7 @@ def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
                              "statistics; use --norm volume")
         return ChannelStats.from_dict(stored[0])
     norm = Normalization.from_dict(meta["input"]["normalization"])
-    arr = da.from_zarr(plan.level0)
+    arr = zarr_dask(plan.level0)
     prefix = (0,) if arr.ndim > len(plan.axes) + (1 if plan.has_channel_axis else 0) else ()
     if prefix:
         arr = arr[0]

@@ -34,6 +34,7 @@ from engine.io import omezarr
 from engine.io.sources import file_identity
 from engine.output import (
     check_destination,
+    check_disk_space,
     check_output_name,
     output_run,
     partial_path,
@@ -265,7 +266,7 @@ def scale_factors(options: PreprocessOptions, ndim: int) -> tuple[float, ...]:
 def _level0(path: Path, attrs: dict[str, Any]) -> tuple[str, Any]:
     import zarr
 
-    level0_path = str(path / attrs["multiscales"][0]["datasets"][0]["path"])
+    level0_path = str(omezarr.dataset_path(path, attrs["multiscales"][0]["datasets"][0]))
     return level0_path, zarr.open_array(level0_path, mode="r")
 
 
@@ -343,6 +344,17 @@ def plan_preprocess(src: str | Path, dst: str | Path, options: PreprocessOptions
     block = tuple(min(b, s) for b, s in zip(block, out_shape, strict=True))
     check_destination(dst, options.overwrite, src)
     full_shape = ((len(channels),) if has_c else ()) + out_shape
+    # float32 voxels, a pyramid (at most 1/7 more in 3D, 1/3 in 2D) and uint labels
+    voxels = math.prod(full_shape)
+    if options.scale is not None:
+        sized_by = f"--scale {','.join(f'{f:g}' for f in options.scale)}"
+    elif options.object_width is not None:
+        sized_by = (f"--object-width {options.object_width:g} --target-width "
+                    f"{options.target_width:g}")
+    else:
+        sized_by = f"{src} (not rescaled)"
+    check_disk_space(dst, int(voxels * 4 * 4 / 3) + len(labels) * math.prod(out_shape) * 8,
+                     sized_by)
     axes = ("c" if has_c else "") + spatial
     n_levels = len(attrs["multiscales"][0]["datasets"])
     levels = plan_levels(full_shape, axes, ((1.0,) if has_c else ()) + voxel,

@@ -116,7 +116,7 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
             raise OptionError(f"{workflow.source}: step {step.name!r} ({step.function}): "
                               f"connectivity {c} is more than the image's {len(axes)} "
                               f"dimensions ({axes})")
-    level0_path = str(src / attrs["multiscales"][0]["datasets"][0]["path"])
+    level0_path = str(omezarr.dataset_path(src, attrs["multiscales"][0]["datasets"][0]))
     level0 = zarr.open_array(level0_path, mode="r")
     full_axes = volume.axes
     chunks = tuple(int(c) for a, c in zip(full_axes, level0.chunks, strict=True) if a in "zyx")

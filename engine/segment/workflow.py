@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from engine.blocks import MAX_READ_VOXELS
 from engine.errors import InputError
 from engine.segment.blockops import BlockOp
 from engine.segment.distance import DistanceTransform
@@ -735,10 +736,35 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
     if not ok:
         return None
     # sizes in physical units are checked against the rules once converted to voxels
-    rule_problems = [] if in_um else spec.check(values)
+    rule_problems = [] if in_um else (spec.check(values) or _halo_problems(spec, values))
     for message in rule_problems:
         problems.add(message, where)
     return None if rule_problems else values
+
+
+#: the largest halo (voxels per side) a block of a 2D or 3D image can read: a larger one
+#: alone makes a read region of more than ``MAX_READ_VOXELS`` voxels
+MAX_HALO = math.isqrt(MAX_READ_VOXELS) // 2
+
+
+def _halo_problems(spec: StepSpec, values: Mapping[str, Any]) -> list[str]:
+    """A halo no block can read (``sigma: 1e9``), refused when the workflow is read, before
+    any cluster starts; the grid checks the exact read region again at plan time."""
+    if spec.op is None or not hasattr(spec.op, "halo"):
+        return []
+    halos = []
+    for ndim in (3, 2):  # a per-axis parameter fits one of them
+        try:
+            halos.append(max(build(spec.op, values).halo(ndim)))
+        except Exception:  # noqa: BLE001 - a parameter this image size cannot take: later
+            continue
+    if not halos or min(halos) <= MAX_HALO:
+        return []
+    shown = ", ".join(f"{k}: {show(v)}" for k, v in values.items()
+                      if isinstance(v, int | float | tuple) and not isinstance(v, bool))
+    return [f"the parameters ({shown}) need a halo of {min(halos):.3g} voxels per block "
+            f"side, more than {MAX_HALO} (no block of a 2D or 3D image can read it): a sigma, "
+            "radius or iteration count is too large"]
 
 
 def _check_step(index: int, entry: Any, previous: _Draft | None, problems: _Problems
