@@ -15,8 +15,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from engine.io.integrity import read_checked
+from engine.io.sources import Source, ZarrSource
 
 DEFAULT_MIB = 512
 """Cache size per process unless ``VOXELMILL_CHUNK_CACHE_MIB`` says otherwise (0 = off)."""
@@ -67,6 +71,46 @@ def clear() -> None:
         _state["bytes"] = 0
 
 
+_opened = threading.local()
+#: opened arrays each thread keeps (opening one reads and parses its metadata file)
+_OPEN_PER_THREAD = 16
+
+
+def _open(ident: tuple) -> Any:
+    import zarr
+
+    cache: OrderedDict[tuple, Any] | None = getattr(_opened, "arrays", None)
+    if cache is None:
+        cache = _opened.arrays = OrderedDict()
+    arr = cache.get(ident)
+    if arr is None:
+        arr = cache[ident] = zarr.open_array(ident[0], mode="r")
+        if len(cache) > _OPEN_PER_THREAD:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(ident)
+    return arr
+
+
+def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...] = ()
+                ) -> np.ndarray:
+    """``source[prefix + region]``: through the chunk cache for a zarr array, else read
+    directly (no dask graph either way).
+
+    Parameters
+    ----------
+    source : Source
+        A lazy source (:mod:`engine.io.sources`).
+    region : tuple of slice
+        Region of the trailing axes, steps of 1.
+    prefix : tuple of int
+        Fixed indices of leading axes (a time point, a channel); they are dropped.
+    """
+    if isinstance(source, ZarrSource) and source.kind == "zarr":
+        return read_chunked(source.path, region, prefix)
+    return np.asarray(source[tuple(prefix) + tuple(region)])
+
+
 def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = ()) -> np.ndarray:
     """``zarr.open_array(path)[prefix + region]``, assembled from cached whole chunks.
 
@@ -79,11 +123,8 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
     prefix : tuple of int
         Fixed indices of leading axes (a time point, a channel).
     """
-    import zarr
-
-    from engine.io.integrity import read_checked
-
-    arr = zarr.open_array(path, mode="r")
+    ident = _identity(path)
+    arr = _open(ident)
     limit = _limit()
     region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape[len(prefix):],
                                                             strict=True))
@@ -92,7 +133,6 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
                   for s, c, n in zip(region, chunks, arr.shape[len(prefix):], strict=True))
     if limit <= 0 or aligned:  # whole chunks (a read without halo): nobody else reads them
         return read_checked(arr, path, prefix + region)
-    ident = _identity(path)
     out = np.empty(tuple(s.stop - s.start for s in region), dtype=arr.dtype)
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, chunks, strict=True)]
     for index in itertools.product(*ranges):
