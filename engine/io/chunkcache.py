@@ -2,9 +2,10 @@
 
 A block read with a halo touches up to 3^ndim storage chunks, and its neighbours touch the
 same ones: without a cache every chunk of a 3D volume is decompressed up to 27 times per
-pass; random training crops overlap the same way. Workers keep recently decoded chunks (least recently used first out, bounded in
-bytes); an entry is keyed by the array's path and the identity of its metadata file, so an
-array written anew at the same path is never served stale.
+pass; random training crops overlap the same way. Workers keep recently decoded chunks
+(least recently used first out, bounded in bytes); an entry is keyed by the array's path
+and the identity of its metadata file, so an array written anew at the same path is never
+served stale.
 """
 
 from __future__ import annotations
