@@ -29,6 +29,9 @@ DEFAULT_MIB = 512
 _lock = threading.Lock()
 _entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _state = {"bytes": 0}
+_opened = threading.local()
+#: opened arrays each thread keeps (opening one reads and parses its metadata file)
+_OPEN_PER_THREAD = 16
 
 
 def _limit() -> int:
@@ -66,15 +69,13 @@ def _put(key: tuple, value: np.ndarray, limit: int) -> None:
 
 
 def clear() -> None:
-    """Drop every cached chunk of this process."""
+    """Drop every cached chunk of this process (and the arrays this thread opened)."""
     with _lock:
         _entries.clear()
         _state["bytes"] = 0
+    _opened.arrays = OrderedDict()
 
 
-_opened = threading.local()
-#: opened arrays each thread keeps (opening one reads and parses its metadata file)
-_OPEN_PER_THREAD = 16
 
 
 def _open(ident: tuple) -> Any:
