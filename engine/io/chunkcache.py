@@ -11,6 +11,7 @@ served stale.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -96,8 +97,12 @@ def _open(ident: tuple) -> Any:
 
 def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...] = ()
                 ) -> np.ndarray:
-    """``source[prefix + region]``: through the chunk cache for a zarr array, else read
-    directly (no dask graph either way).
+    """``source[prefix + region]``, without a dask graph: through the chunk cache for a
+    zarr array that fits in half of it, else read directly.
+
+    A miss costs about twice a direct read (whole chunks decoded and copied into the
+    cache), so only arrays whose chunks come back often enough are cached: random crops
+    of a larger one would mostly miss.
 
     Parameters
     ----------
@@ -109,8 +114,31 @@ def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...]
         Fixed indices of leading axes (a time point, a channel); they are dropped.
     """
     if isinstance(source, ZarrSource) and source.kind == "zarr":
-        return read_chunked(source.path, region, prefix)
+        size = math.prod(source.shape[len(prefix):]) * np.dtype(source.dtype).itemsize
+        if size <= _limit() // 2:
+            return read_chunked(source.path, region, prefix)
+        return read_checked(_open(_identity(source.path)), source.path,
+                            tuple(prefix) + tuple(region))
     return np.asarray(source[tuple(prefix) + tuple(region)])
+
+
+def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
+                 indices: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
+    """Whole chunks ``indices`` of the trailing axes, read as their bounding box in one
+    call (chunks between them are decoded too); each one a copy of its own, so a cached
+    chunk never holds the box alive."""
+    chunks, shape = arr.chunks[len(prefix):], arr.shape[len(prefix):]
+    first = [min(i[a] for i in indices) for a in range(len(chunks))]
+    last = [max(i[a] for i in indices) for a in range(len(chunks))]
+    box = tuple(slice(f * c, min((g + 1) * c, n)) for f, g, c, n in
+                zip(first, last, chunks, shape, strict=True))
+    data = read_checked(arr, path, prefix + box)
+    out = {}
+    for index in indices:
+        sel = tuple(slice((i - f) * c, (i - f + 1) * c) for i, f, c in
+                    zip(index, first, chunks, strict=True))
+        out[index] = data[sel].copy() if len(indices) > 1 else data
+    return out
 
 
 def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = ()) -> np.ndarray:
@@ -137,14 +165,13 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
         return read_checked(arr, path, prefix + region)
     out = np.empty(tuple(s.stop - s.start for s in region), dtype=arr.dtype)
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, chunks, strict=True)]
-    for index in itertools.product(*ranges):
-        key = (ident, prefix, index)
-        chunk = _get(key)
-        if chunk is None:
-            sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
-                        zip(index, chunks, arr.shape[len(prefix):], strict=True))
-            chunk = read_checked(arr, path, prefix + sel)
-            _put(key, chunk, limit)
+    got = {index: _get((ident, prefix, index)) for index in itertools.product(*ranges)}
+    missing = [index for index, chunk in got.items() if chunk is None]
+    if missing:  # one zarr call for all of them: each call is a round trip to zarr's loop
+        got.update(_read_chunks(arr, path, prefix, missing))
+        for index in missing:
+            _put((ident, prefix, index), got[index], limit)
+    for index, chunk in got.items():
         lo = [max(s.start, i * c) for s, i, c in zip(region, index, chunks, strict=True)]
         hi = [min(s.stop, (i + 1) * c) for s, i, c in zip(region, index, chunks, strict=True)]
         dst = tuple(slice(a - s.start, b - s.start) for a, b, s in zip(lo, hi, region,
