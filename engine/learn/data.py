@@ -247,9 +247,9 @@ class TrainVolume:
 class DirectReader:
     """Reads a :class:`TrainVolume`'s crops from its sources, without a dask graph per
     read: the same values as computing the volume's dask arrays, at a fraction of the
-    CPU time (and of the time holding the GIL the loader threads share). Zarr chunks go
-    through the process's bounded cache of decoded chunks (:mod:`engine.io.chunkcache`),
-    which the loader threads share.
+    CPU time (and of the time holding the GIL the loader threads share). A zarr array that
+    fits in half the process's bounded cache of decoded chunks is read through it, shared
+    by the loader threads (:func:`engine.io.chunkcache.read_source`).
 
     Attributes
     ----------
