@@ -40,7 +40,7 @@ def blobs(tmp_path_factory, client) -> Path:
     tifffile.imwrite(tmp / "image.tif", image)
     tifffile.imwrite(tmp / "truth.tif", truth.astype(np.uint8))
     dst = tmp / "blobs.ome.zarr"
-    convert(tmp / "image.tif", dst, ConvertOptions(chunks=(32,), labels=(
+    convert(tmp / "image.tif", dst, ConvertOptions(chunks=(32,), assume_voxel_size=True, labels=(
         ("truth", str(tmp / "truth.tif")),)), client, report=lambda line: None)
     return dst
 

@@ -251,12 +251,31 @@ def to_dask(
     )
 
 
+#: suffixes of HDF5 files, whose datasets a path selects as ``file.h5:dataset``.
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def split_path(path: str | Path) -> tuple[Path, str | None]:
+    """``file.h5:dataset`` → (``file.h5``, ``dataset``); any other path → (path, None).
+
+    A path that exists as given is a path. Otherwise the first colon after which the part
+    before is an existing HDF5 file splits it, so a dataset name may hold colons itself
+    (``stack.h5:a:b`` is dataset ``a:b`` of ``stack.h5``).
+    """
+    p, spec = Path(path), str(path)
+    if p.exists():
+        return p, None
+    for i, ch in enumerate(spec):
+        if ch == ":":
+            base = Path(spec[:i])
+            if base.name.lower().endswith(HDF5_SUFFIXES) and base.is_file():
+                return base, spec[i + 1:]
+    return p, None
+
+
 def file_identity(path: str | Path) -> dict[str, Any]:
     """What identifies an input for resume hashes: path, size and modification time."""
-    p, inner = Path(path), ""
-    if not p.exists() and ":" in p.name:  # "file.h5:dataset"
-        base, _, inner = str(path).rpartition(":")
-        p = Path(base)
+    p, inner = split_path(path)
     st = p.stat()
-    return {"path": str(p.resolve()), "inner": inner, "size": st.st_size,
+    return {"path": str(p.resolve()), "inner": inner or "", "size": st.st_size,
             "mtime_ns": st.st_mtime_ns}
