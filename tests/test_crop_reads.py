@@ -50,7 +50,8 @@ def stores(tmp_path_factory, client) -> dict[str, Path]:
     tifffile.imwrite(tmp / "l2.tif", lab2)
     for name, labels, chunks in (("v", "l3", (8,)), ("s", "l2", (16,))):
         convert(tmp / f"{name}.ome.tif", tmp / f"{name}.ome.zarr",
-                ConvertOptions(chunks=chunks, labels=(("cells", str(tmp / f"{labels}.tif")),)),
+                ConvertOptions(chunks=chunks, assume_voxel_size=True,
+                               labels=(("cells", str(tmp / f"{labels}.tif")),)),
                 client, report=lambda line: None)
     # a curated sample: ground truth with a cost map (0 = ignore)
     image = RNG.integers(0, 100, (30, 26)).astype(np.uint16)
