@@ -207,6 +207,26 @@ def read_region(source: Any, region: tuple[slice, ...]) -> np.ndarray:
     return np.asarray(source[region].compute(scheduler="sync"))
 
 
+def source_of(array: Any) -> Source | None:
+    """The :class:`Source` that a dask array made by :func:`to_dask` reads, or None.
+
+    Only an array exactly as :func:`to_dask` returned it qualifies (not sliced, cast,
+    stacked or otherwise derived), so reading ``source[key]`` gives what computing
+    ``array[key]`` gives, without building a dask graph per read.
+    """
+    graph = getattr(array, "dask", None)
+    layers = getattr(graph, "layers", None)
+    if layers is None or len(layers) != 2 or set(layers) != {array.name,
+                                                             f"original-{array.name}"}:
+        return None
+    original = layers[f"original-{array.name}"]
+    source = original.get(f"original-{array.name}") if hasattr(original, "get") else None
+    if not isinstance(source, Source) or tuple(source.shape) != tuple(array.shape) \
+            or np.dtype(source.dtype).newbyteorder("=") != array.dtype:
+        return None
+    return source
+
+
 def default_chunks(shape: Sequence[int], axes: str, itemsize: int) -> tuple[int, ...]:
     """Read chunks for a source: whole planes in y/x up to ~64 MiB, a few planes in z."""
     target = 64 * 2**20

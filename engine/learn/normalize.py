@@ -162,7 +162,10 @@ def apply_stats(image: np.ndarray, stats: ChannelStats) -> np.ndarray:
     shape = (-1,) + (1,) * (image.ndim - 1)
     off = np.asarray(stats.offset, np.float32).reshape(shape)
     sc = np.asarray(stats.scale, np.float32).reshape(shape)
-    return ((image.astype(np.float32) - off) / sc).astype(np.float32, copy=False)
+    out = image.astype(np.float32)  # a new array: subtract and divide in place (same values)
+    out -= off
+    out /= sc
+    return out
 
 
 def pooled_stats(parts: Sequence[ChannelStats]) -> ChannelStats:
