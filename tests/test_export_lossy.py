@@ -20,7 +20,7 @@ SHAPE = (12, 10, 9)
 def _store(tmp_path: Path, client, data: np.ndarray) -> Path:
     np.save(tmp_path / "in.npy", data)
     dst = tmp_path / "in.ome.zarr"
-    convert(tmp_path / "in.npy", dst, ConvertOptions(chunks=(4,)), client,
+    convert(tmp_path / "in.npy", dst, ConvertOptions(chunks=(4,), assume_voxel_size=True), client,
             report=lambda _: None)
     return dst
 

@@ -388,8 +388,8 @@ def world(tmp_path_factory, client) -> Path:
         big = np.zeros(SHAPE, dtype)
         big[3, 4, 5] = value
         np.save(d / f"{name}.npy", big)
-        convert(d / f"{name}.npy", d / f"{name}.ome.zarr", ConvertOptions(chunks=(8,)), client,
-                report=lambda _: None)
+        convert(d / f"{name}.npy", d / f"{name}.ome.zarr", ConvertOptions(chunks=(8,),
+                assume_voxel_size=True), client, report=lambda _: None)
         (d / f"{name}.npy").unlink()
     np.save(d / "c64.npy", np.full(SHAPE, 1 + 2j, np.complex64))
     _hostile_tiff(d / "huge.tif", 2_000_000_000, 2_000_000_000)

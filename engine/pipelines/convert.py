@@ -190,11 +190,12 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
     src, dst = Path(src), Path(dst)
     omezarr.zarr_format(options.ngff)
     omezarr.compressor(options.compression, options.clevel, 3, 1)
-    volume = apply_voxel_size(open_volume(src, axes=options.axes), options.voxel_size,
-                              options.unit, options.assume_voxel_size)
+    volume = open_volume(src, axes=options.axes)
     if np.dtype(volume.dtype).kind == "c":  # the pyramid's mean and the display windows
         raise InputError(f"{src}: complex voxels ({volume.dtype}) are not supported; save "
                          "the magnitude or the real part as a real image first")
+    volume = apply_voxel_size(volume, options.voxel_size, options.unit,
+                              options.assume_voxel_size)
     volume = attach_labels(volume, options.labels)
     check_destination(dst, options.overwrite, src,
                       sources=[Path(p) for _, p in options.labels])
