@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import provenance
 from engine.errors import DestinationError, VoxelmillError
+from engine.io import readguard
 from engine.runlock import output_lock
 
 if TYPE_CHECKING:
@@ -148,7 +149,13 @@ def partial_path(dst: Path) -> Path:
 
 
 def commit(partial: Path, dst: Path) -> None:
-    """Move a finished output into place, replacing ``dst`` only now that it is complete."""
+    """Move a finished output into place, replacing ``dst`` only now that it is complete.
+
+    Refused (:class:`InputError`) when an input this command read was replaced meanwhile
+    (:func:`engine.io.readguard.check`): the output could mix its old and new data.
+    Readers of ``dst`` in other commands detect the swap the same way.
+    """
+    readguard.check()
     trash = None
     if dst.exists():
         trash = dst.parent / f".{dst.name}.old"
@@ -156,6 +163,7 @@ def commit(partial: Path, dst: Path) -> None:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         dst.rename(trash)
     partial.rename(dst)
+    readguard.release(dst)  # replaced by this command itself: no longer what it read
     if trash is not None:
         shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
 
@@ -258,6 +266,7 @@ class OutputRun:
         recorded : sequence of Path, optional
             Groups that receive the provenance entry (default: each committed partial).
         """
+        readguard.check()  # before the done-markers go: a refused run can still resume
         outputs = list(self.outputs if outputs is None else outputs)
         _remove(self.work)
         for state in self.states:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InputError, OptionError
+from engine.io import readguard
 from engine.volume import Volume
 
 #: suffix → format module (longest suffix wins).
@@ -92,8 +93,10 @@ def open_volume(path: str | Path, **options: Any) -> Volume:
     if not p.exists() and ":" in p.name:
         base, _, dataset = spec.rpartition(":")
         if Path(base).exists() and detect_format(base) == "hdf5":
+            readguard.hold(base)
             return format_module("hdf5").read(Path(base), dataset=dataset, **options)
     fmt = detect_format(p)
+    readguard.hold(p)  # before its header is read: a later replacement is then detected
     try:
         return format_module(fmt).read(p, **options)
     except (InputError, OptionError):

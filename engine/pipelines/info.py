@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.io import detect_format, omezarr, open_volume
+from engine.io import detect_format, omezarr, open_volume, readguard
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -23,4 +23,5 @@ def describe(path: str | Path) -> dict[str, Any]:
     if fmt == "omezarr":
         meta = omezarr.describe(p)
         out.update(ngff=meta["ngff"], levels=meta["levels"], chunks=meta["levels"][0]["chunks"])
+    readguard.check()  # the two reads above describe one version of the image
     return out
