@@ -155,6 +155,7 @@ def commit(partial: Path, dst: Path) -> None:
     (:func:`engine.io.readguard.check`): the output could mix its old and new data.
     Readers of ``dst`` in other commands detect the swap the same way.
     """
+    readguard.release(partial)  # this command's own output: what it read there is its own
     readguard.check()
     trash = None
     if dst.exists():
@@ -266,6 +267,8 @@ class OutputRun:
         recorded : sequence of Path, optional
             Groups that receive the provenance entry (default: each committed partial).
         """
+        for partial in self.partials:  # this run's own outputs, read back, are not inputs
+            readguard.release(partial)
         readguard.check()  # before the done-markers go: a refused run can still resume
         outputs = list(self.outputs if outputs is None else outputs)
         _remove(self.work)

@@ -153,3 +153,21 @@ def test_export_during_convert_overwrite_never_mixes(volumes, tmp_path):
     assert overlapped == 1, "no export could be stopped part-way through its read"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         f"x{i}.tif" for i in range(attempt))  # the refused export left nothing
+
+
+def test_own_partial_outputs_and_removed_paths_are_not_replacements(tmp_path):
+    """What a command reads back from its own partial output moves with its commit; a path
+    that names nothing any more was removed, not replaced (its read fails on its own)."""
+    from engine.output import commit
+
+    partial = tmp_path / ".a.partial"
+    (partial / "work").mkdir(parents=True)
+    (tmp_path / "gone").mkdir()
+    with readguard.watching():
+        readguard.hold(partial / "work")
+        readguard.hold(tmp_path / "gone")
+        (tmp_path / "gone").rmdir()
+        commit(partial, tmp_path / "a")
+        (partial / "work").mkdir(parents=True)  # a new folder where the read one was
+        readguard.check()
+    assert not readguard.replaced()

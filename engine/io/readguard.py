@@ -102,14 +102,15 @@ def _prune() -> None:
 
 
 def replaced() -> list[Path]:
-    """The held inputs whose path no longer names the file or folder first opened."""
+    """The held inputs whose path now names another file or folder than the one first
+    opened (a path that names nothing, e.g. a partial output removed on failure, is not
+    a replacement: a read of it fails on its own)."""
     out = []
     with _lock:
         for p, h in _held.items():
             try:
                 st = os.stat(p)
             except OSError:
-                out.append(p)
                 continue
             if (st.st_dev, st.st_ino) != (h.dev, h.ino):
                 out.append(p)
