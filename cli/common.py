@@ -13,13 +13,27 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from engine import events
 from engine.errors import VoxelmillError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+
+def plain_console(stderr: bool = False) -> Console:
+    """A console that prints text as it is: no markup (``[b]`` in a path stays), no emoji
+    codes (``:label:`` stays), no highlighting. Messages carry file names, dataset and
+    label names a user chose, so nothing printed is ever parsed; styles are given
+    explicitly (``style=``, :class:`rich.text.Text`)."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
+err = plain_console(stderr=True)
+out = plain_console()
+
+
+def say_error(message: str) -> None:
+    """Print ``error: MESSAGE`` on stderr, the prefix in bold red, the message as it is."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message))
 
 
 def floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -86,7 +100,7 @@ def user_errors() -> Iterator[None]:
 
 def _fail(message: str, code: int) -> None:
     events.emit("error", message=message, exit_code=code)
-    err.print(f"[bold red]error:[/] {escape(message)}")
+    say_error(message)
     raise typer.Exit(code) from None
 
 

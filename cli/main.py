@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from cli.common import (
     block_summary,
@@ -22,10 +22,11 @@ from cli.common import (
     named_paths,
     out,
     progress_factory,
+    say_error,
     set_cluster_options,
     user_errors,
 )
-from cli.options import MemoryLimit, Overwrite, Scheduler, Threads, Workers
+from cli.options import AxesOption, MemoryLimit, Overwrite, Scheduler, Threads, Workers
 from cli.validate import validate_app
 from engine import events
 from engine.errors import OptionError, VoxelmillError
@@ -91,7 +92,8 @@ def _global_options(
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Input: MRC/REC, TIFF/OME-TIFF, folder of TIFF "
-                                        "slices, NRRD, NIfTI, NPY/NPZ, HDF5, PartSeg project.")],
+                                        "slices, NRRD, NIfTI, NPY/NPZ, HDF5 (file.h5:dataset), "
+                                        "zarr array, PartSeg project.")],
     dst: Annotated[Path, typer.Argument(help="Output OME-Zarr, e.g. tomo.ome.zarr.")],
     chunks: Annotated[str | None, typer.Option(
         help="Chunk shape of the spatial axes, e.g. 64,128,128 or 128 "
@@ -110,6 +112,11 @@ def convert(
         help="Override the header's voxel size: one value or z,y,x.")] = None,
     unit: Annotated[str | None, typer.Option(
         help="Unit of --voxel-size: angstrom, nm, um ... (default: the header's).")] = None,
+    assume_voxel_size: Annotated[bool, typer.Option(
+        "--assume-voxel-size", help="For an input that records no voxel size (NPY, most "
+        "HDF5, TIFF without resolution): accept 1 unit per voxel instead of giving "
+        "--voxel-size.")] = False,
+    axes: AxesOption = None,
     max_levels: Annotated[int | None, typer.Option(help="Cap on pyramid levels.")] = None,
     block_mib: Annotated[float, typer.Option(
         help="Voxels one task may hold, in MiB: bounds worker memory; smaller blocks, more "
@@ -127,7 +134,8 @@ def convert(
             labels=named_paths(labels or [], "--labels"), ngff=ngff, compression=compression,
             clevel=clevel,
             voxel_size=floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
-            max_levels=max_levels, block_mib=block_mib,
+            max_levels=max_levels, block_mib=block_mib, assume_voxel_size=assume_voxel_size,
+            axes=axes,
         )
         plan = plan_conversion(src, dst, opts)  # every user error surfaces before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
@@ -178,7 +186,8 @@ def export(
 def segment(
     src: Annotated[Path, typer.Argument(help="OME-Zarr image (from 'voxelmill convert').")],
     workflow: Annotated[str | None, typer.Option(
-        help="Workflow YAML file, or a preset: membrane, spot, filament, nucleus, threshold.")
+        help="Workflow YAML file, or a preset: membrane, spot, filament, filament-dark, "
+        "nucleus, nucleus-3d, threshold, allen-*.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Label image to write: SRC/labels/NAME.")
                     ] = None,
@@ -191,6 +200,10 @@ def segment(
     block: Annotated[str | None, typer.Option(
         help="Block shape in voxels, a multiple of the chunks (default about 128³ or 1448²).")
     ] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Set a workflow parameter, KEY=VALUE: one the preset declares "
+        "(e.g. diameter_um=8 for nucleus-3d) or any step's, STEP.PARAM=VALUE; "
+        "repeatable.")] = None,
     list_steps: Annotated[bool, typer.Option(
         "--list-steps", help="Describe every workflow step and its parameters, then exit.")
     ] = False,
@@ -204,16 +217,16 @@ def segment(
         from engine.segment.workflow import describe_steps
 
         if list_steps:
-            out.print(escape(describe_steps()))
+            out.print(describe_steps())
             return
         if workflow is None or name is None:
             raise VoxelmillError("give --workflow (a YAML file or a preset) and --name")
         opts = SegmentOptions(workflow, name, channel, tuple(keep or ()),
-                              ints(block, "--block"), overwrite)
+                              ints(block, "--block"), overwrite, tuple(param or ()))
         plan = plan_segmentation(src, opts)  # every user error surfaces before the cluster
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_segmentation(plan, client, progress=progress_factory(),
-                                      report=lambda line: err.print(escape(line)))
+                                      report=lambda line: err.print(line))
         count = "" if result.n_objects is None else f"{result.n_objects} objects, "
         out.print(f"wrote {result.destination} ({count}{result.dtype}, "
                   f"{len(result.levels)} levels) in {result.seconds:.1f} s")
@@ -224,27 +237,42 @@ def segment(
 
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(help="Any supported image or OME-Zarr.")],
+    path: Annotated[Path, typer.Argument(
+        help="Any input convert takes (file.h5:dataset too), an OME-Zarr or a zarr array.")],
+    axes: AxesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Print shape, dtype, chunks, levels, voxel size, channels and label groups."""
+    """Print shape, dtype, chunks, levels, voxel size, channels and label groups, and every
+    dataset or array of an HDF5 or zarr container."""
     with user_errors():
         from engine.pipelines.info import describe
 
-        d = describe(path)
+        d = describe(path, axes=axes)
         if as_json:
             out.print_json(json.dumps(d))
             return
         ngff = f", NGFF {d['ngff']}" if "ngff" in d else ""
-        out.print(f"[bold]{d['path']}[/] ({d['format']}{ngff})")
-        out.print(f"  axes {d['axes']}  shape {tuple(d['shape'])}  dtype {d['dtype']}  "
-                  f"chunks {tuple(d['chunks'])}  {d['size_mib']} MiB")
-        out.print(f"  voxel size {tuple(round(v, 6) for v in d['voxel_size'])} {d['unit']}")
-        for i, lv in enumerate(d.get("levels", [])):
-            out.print(f"  level {i}: shape {tuple(lv['shape'])} scale {tuple(lv['scale'])}")
-        if d["channels"]:
-            out.print(f"  channels: {', '.join(d['channels'])}")
-        out.print(f"  labels: {', '.join(d['labels']) or 'none'}")
+        out.print(Text(d["path"], style="bold"), f"({d['format']}{ngff})")
+        if "axes" in d:
+            out.print(f"  axes {d['axes']}  shape {tuple(d['shape'])}  dtype {d['dtype']}  "
+                      f"chunks {tuple(d['chunks'])}  {d['size_mib']} MiB")
+            if d["voxel_size"] is None:
+                out.print(f"  voxel size not recorded ({d['voxel_size_problem']}): convert "
+                          "needs --voxel-size or --assume-voxel-size")
+            else:
+                out.print(f"  voxel size {tuple(round(v, 6) for v in d['voxel_size'])} "
+                          f"{d['unit']}")
+            for i, lv in enumerate(d.get("levels", [])):
+                out.print(f"  level {i}: shape {tuple(lv['shape'])} scale {tuple(lv['scale'])}")
+            if d["channels"]:
+                out.print(f"  channels: {', '.join(d['channels'])}")
+            out.print(f"  labels: {', '.join(d['labels']) or 'none'}")
+        elif "error" in d:
+            out.print(f"  {d['error']}")
+        if d.get("arrays"):
+            out.print(f"  {d['container']}:")
+            for a in d["arrays"]:
+                out.print(f"    {a['name']}  shape {tuple(a['shape'])}  dtype {a['dtype']}")
 
 
 @app.command()
@@ -312,7 +340,7 @@ def main() -> int:
         message = " ".join(exc.format_message().split())  # typer wraps long messages
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         events.emit("error", message=message, exit_code=2)
-        err.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}")
+        say_error(message + hint)
         return 2
     except typer.Abort:
         err.print("interrupted")

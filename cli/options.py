@@ -14,3 +14,6 @@ Threads = Annotated[int | None, typer.Option(help="Threads per worker of the emb
 MemoryLimit = Annotated[str | None, typer.Option(
     help="Memory limit per worker of the embedded cluster, e.g. 4GiB.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing destination.")]
+AxesOption = Annotated[str | None, typer.Option(
+    "--axes", help="What each stored axis is, one letter of t,c,z,y,x per axis in the file's "
+    "order, e.g. zcyx, for TIFF, HDF5, NPY, MRC, zarr arrays and folders of slices.")]

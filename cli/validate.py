@@ -117,6 +117,14 @@ def memory_size(value: Any, flag: str) -> None:
         raise OptionError(f"{flag} {text!r}: a size in bytes is a whole number")
 
 
+def axes(value: Any, flag: str) -> None:
+    """Axis letters for ``--axes``: one of t, c, z, y, x per stored axis, each once, y and x
+    present (whether there is one per axis of the file is the reader's check)."""
+    from engine.io.axes import check_axes  # late: engine.io loads dask, and --help need not
+
+    check_axes(str(value), flag)
+
+
 def gpu_count(value: Any, flag: str) -> None:
     """``auto`` or a whole number ``>= 0``."""
     if str(value).strip().lower() != "auto" and not re.fullmatch(r"\s*[0-9]+\s*", str(value)):
@@ -132,6 +140,8 @@ RULES: dict[str, Rule] = {
     "workers": at_least(1), "threads_per_worker": at_least(1), "threads": at_least(1),
     "memory_limit": memory_size, "jobs": at_least(1), "gpus_per_job": at_least(0),
     "gpus": gpu_count,
+    # inputs
+    "axes": axes,
     # blocks, chunks, windows
     "block_mib": positive, "chunks": shape(), "shards": shape(),
     "block": shape(), "stride": shape(), "tile": _WINDOW, "size": _WINDOW,

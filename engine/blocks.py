@@ -199,13 +199,32 @@ def default_block(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...
 
 def check_block(block: Sequence[int], chunks: Sequence[int], shape: Sequence[int]) -> None:
     """Refuse a ``--block`` shape that is not one positive multiple of the chunks per axis
-    (a block may end at the volume's edge), so no two blocks write one chunk."""
+    (a block may end at the volume's edge), so no two blocks write one chunk.
+
+    Raises
+    ------
+    OptionError
+        Saying which ``--block`` would do (each size rounded up to a multiple of the
+        chunks) and, when a size is below the chunk, how to re-convert the image with
+        smaller ``--chunks``.
+    """
     if len(block) != len(chunks):
-        raise OptionError(f"--block {tuple(block)}: give {len(chunks)} values")
-    for b, c, s in zip(block, chunks, shape, strict=True):
-        if b <= 0 or (b % c and b < s):
-            raise OptionError(f"--block {tuple(block)}: each size must be a positive multiple "
-                              f"of the chunk shape {tuple(chunks)}")
+        raise OptionError(f"--block {','.join(map(str, block))}: give {len(chunks)} values, "
+                          f"e.g. --block {','.join(map(str, chunks))}")
+    if all(b > 0 and (b % c == 0 or b >= s) for b, c, s in zip(block, chunks, shape,
+                                                                  strict=True)):
+        return
+    fixed = [min(max(c, -(-b // c) * c), max(s, c)) for b, c, s in zip(block, chunks, shape,
+                                                                        strict=True)]
+    message = (f"--block {','.join(map(str, block))}: each size must be a multiple of the "
+               f"chunk shape {','.join(map(str, chunks))}; use --block "
+               f"{','.join(map(str, fixed))} or a multiple")
+    if any(0 < b < c for b, c in zip(block, chunks, strict=True)):
+        smaller = ",".join(str(min(b, c)) if b > 0 else str(c)
+                           for b, c in zip(block, chunks, strict=True))
+        message += (f", or for smaller blocks re-convert with `voxelmill convert SRC OUT "
+                    f"--chunks {smaller}`")
+    raise OptionError(message)
 
 
 def every_axis(values: Sequence[int] | int, n: int, what: str) -> tuple[int, ...]:

@@ -47,12 +47,15 @@ class RichProgress:
             BarColumn,
             MofNCompleteColumn,
             Progress,
+            TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
+        # a description names user things (labels, steps): shown as text, never as markup
         self._bar = Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}", style="progress.description", markup=False),
+            BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
         )
 

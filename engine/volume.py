@@ -72,6 +72,9 @@ class Volume:
         Label images that belong to this image (same spatial shape, integer dtype).
     source : str
         Where the volume came from, for messages and metadata.
+    voxel_size_problem : str
+        Empty when the file records a usable voxel size; otherwise why not (e.g.
+        "records no physical voxel size"), and ``voxel_size`` is a placeholder of 1.
     """
 
     data: da.Array
@@ -81,6 +84,7 @@ class Volume:
     channel_names: tuple[str, ...] = ()
     labels: dict[str, Volume] = field(default_factory=dict)
     source: str = ""
+    voxel_size_problem: str = ""
 
     def __post_init__(self) -> None:
         if len(self.axes) != self.data.ndim:
@@ -131,9 +135,9 @@ class Volume:
         return tuple(float(sizes.get(a, 1.0)) for a in self.axes)
 
     def with_voxel_size(self, voxel_size: Sequence[float], unit: str | None = None) -> Volume:
-        """Return a copy with another voxel size (and unit)."""
+        """Return a copy with another voxel size (and unit), which counts as given."""
         return replace(self, voxel_size=tuple(float(v) for v in voxel_size),
-                       unit=unit or self.unit)
+                       unit=unit or self.unit, voxel_size_problem="")
 
 
 def check_voxel_size(voxel_size: Sequence[float], where: str = "") -> None:
@@ -196,8 +200,10 @@ def per_axis(volume: Volume, values: Sequence[int], what: str) -> tuple[int, ...
     if len(values) == 1:
         values = tuple(values) * len(spatial)
     if len(values) != len(spatial):
+        example = ",".join(str(values[0]) for _ in spatial)
         raise OptionError(f"{what} {','.join(map(str, values))}: give one value or one per "
-                          f"spatial axis ({spatial})")
+                          f"spatial axis ({spatial}) of {volume.source or 'the image'}, e.g. "
+                          f"{what} {values[0]} or {what} {example}")
     if any(v < 1 for v in values):
         raise OptionError(f"{what} {values}: sizes must be positive")
     by_axis = dict(zip(spatial, values, strict=True))

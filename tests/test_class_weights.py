@@ -207,8 +207,8 @@ def test_short_training_run_with_auto_class_weights(client, tmp_path: Path):
     tifffile.imwrite(tmp_path / "classes.tif", classes)
     src = tmp_path / "img.ome.zarr"
     convert(tmp_path / "img.tif", src, ConvertOptions(
-        chunks=(48,), labels=(("classes", str(tmp_path / "classes.tif")),)), client,
-            report=lambda _: None)
+        chunks=(48,), assume_voxel_size=True,
+        labels=(("classes", str(tmp_path / "classes.tif")),)), client, report=lambda _: None)
     raw = {"output": str(tmp_path / "run"),
            "data": {"train": [{"path": str(src), "labels": "classes"}],
                     "patch_shape": [32, 32], "val_crops": 4},

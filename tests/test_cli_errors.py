@@ -24,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import mrcfile
 import numpy as np
 import pytest
+import tifffile
 import zarr
 
 from engine.errors import VoxelmillError
@@ -106,6 +108,36 @@ def put_zarr_and_existing_export(d: Path, zarr_src: Path) -> None:
     (d / "out.mrc").write_bytes(b"an earlier export")
 
 
+def put_plain_tiff(d: Path) -> None:
+    tifffile.imwrite(d / "plain.tif", volume().astype(np.uint16))  # no resolution, no unit
+
+
+def put_npy(d: Path) -> None:
+    np.save(d / "vol.npy", volume())
+
+
+def put_zero_size_ome_tiff(d: Path) -> None:
+    tifffile.imwrite(d / "zero.ome.tif", volume(), ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.0, "PhysicalSizeY": 0.5})
+
+
+def put_nan_size_hdf5(d: Path) -> None:
+    with h5py.File(d / "stack.h5", "w") as f:
+        f["raw"] = volume()
+        f["raw"].attrs["element_size_um"] = [1.0, float("nan"), 0.5]
+
+
+def put_qqyx_tiff(d: Path) -> None:
+    """Two channels of a 3D stack whose axes tifffile reports as QQYX."""
+    data = np.zeros((SHAPE[0], 2, *SHAPE[1:]), np.uint8)
+    tifffile.imwrite(d / "two.tif", data, metadata={"axes": "QQYX"})
+
+
+def put_markup_hdf5(d: Path) -> None:
+    with h5py.File(d / "s[b].h5", "w") as f:
+        f["raw"] = volume()
+
+
 @dataclass(frozen=True)
 class Case:
     prepare: Callable[..., None] | None
@@ -163,6 +195,38 @@ CASES: dict[str, Case] = {
                                       ("export", "src.ome.zarr", "out.mrc"), ("out.mrc",),
                                       contains="--overwrite", needs_zarr=True),
     "export-non-zarr": Case(put_mrc, ("export", "vol.mrc", "out.tif"), ("vol.mrc",), "out.tif"),
+    # files that record no voxel size (or 0, NaN): refused, naming the file and both fixes
+    "tiff-no-voxel-size": Case(put_plain_tiff, ("convert", "plain.tif", "out.ome.zarr"),
+                               ("plain.tif", "--voxel-size", "--assume-voxel-size"),
+                               "out.ome.zarr", contains="records no physical voxel size"),
+    "npy-no-voxel-size": Case(put_npy, ("convert", "vol.npy", "out.ome.zarr", "--unit", "nm"),
+                              ("vol.npy", "--voxel-size", "--assume-voxel-size"),
+                              "out.ome.zarr", contains="1 nanometer"),
+    "ome-tiff-voxel-size-zero": Case(put_zero_size_ome_tiff,
+                                     ("convert", "zero.ome.tif", "out.ome.zarr"),
+                                     ("zero.ome.tif", "--voxel-size", "--assume-voxel-size"),
+                                     "out.ome.zarr", contains="invalid voxel size (0)"),
+    "hdf5-voxel-size-nan": Case(put_nan_size_hdf5, ("convert", "stack.h5", "out.ome.zarr"),
+                                ("stack.h5:raw", "--voxel-size", "--assume-voxel-size"),
+                                "out.ome.zarr", contains="invalid voxel size (nan)"),
+    # axes a file cannot tell: the refusal says how to name them
+    "tiff-unknown-axes": Case(put_qqyx_tiff, ("convert", "two.tif", "out.ome.zarr",
+                                              "--assume-voxel-size"),
+                              ("two.tif", "'QQYX'", "--axes zcyx"), "out.ome.zarr"),
+    "info-unknown-axes": Case(put_qqyx_tiff, ("info", "two.tif"), ("two.tif", "--axes")),
+    "axes-letters": Case(put_npy, ("convert", "vol.npy", "out.ome.zarr", "--axes", "zqx"),
+                         ("--axes", "zqx", "'q'"), "out.ome.zarr"),
+    "axes-count": Case(put_npy, ("convert", "vol.npy", "out.ome.zarr", "--axes", "yx",
+                                 "--assume-voxel-size"), ("vol.npy", "--axes yx", "(20, 30, 25)"),
+                       "out.ome.zarr"),
+    "axes-recorded": Case(put_zarr, ("info", "src.ome.zarr", "--axes", "zyx"),
+                          ("--axes", "src.ome.zarr"), contains="records its axes",
+                          needs_zarr=True),
+    # user text is printed as it is: no rich markup, no emoji codes
+    "markup-hdf5-dataset": Case(put_markup_hdf5, ("info", "s[b].h5:[b]x[/]:label:"),
+                                ("s[b].h5", "'[b]x[/]:label:'")),
+    "markup-missing-input": Case(None, ("convert", "[b]a[/]:label:.mrc", "out.ome.zarr"),
+                                 ("[b]a[/]:label:.mrc",), "out.ome.zarr"),
 }
 
 

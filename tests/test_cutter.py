@@ -190,7 +190,8 @@ def slide(tmp_path_factory) -> dict:
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=":0") as cluster, Client(cluster) as c:
         convert(tmp / "slide.ome.tif", src, ConvertOptions(
-            chunks=(32,), labels=(("fg", str(tmp / "fg.tif")),)), c, report=lambda _: None)
+            chunks=(32,), assume_voxel_size=True, labels=(("fg", str(tmp / "fg.tif")),)), c,
+            report=lambda _: None)
     from skimage.measure import regionprops
 
     rows = [(p.label, *np.floor(np.array(p.centroid) + 0.5).astype(int))
@@ -260,7 +261,8 @@ def test_cli_errors(slide, tmp_path, client):
 
     src, markers = str(slide["src"]), str(slide["markers"])
     np.save(tmp_path / "stack.npy", np.zeros((4, 16, 16), np.float32))
-    convert(tmp_path / "stack.npy", tmp_path / "stack.ome.zarr", ConvertOptions(), client,
+    convert(tmp_path / "stack.npy", tmp_path / "stack.ome.zarr",
+            ConvertOptions(assume_voxel_size=True), client,
             report=lambda _: None)
     cases = [  # (arguments, text the one error line must hold)
         (("train", src, "--markers", markers, "--mask", "fg", "--channels", "membrane",

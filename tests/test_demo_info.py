@@ -76,6 +76,10 @@ def test_info_reports_levels_voxel_size_channels_and_labels(tmp_path, client):
     assert d["unit"] == "micrometer" and d["channels"] == list(names)
     assert d["labels"] == ["nuclei"] and [lv["shape"] for lv in d["levels"]] == \
         [[3, 96, 128], [3, 48, 64], [3, 24, 32]]
+    # every array of the container, the label image's levels too
+    arrays = {a["name"]: (a["shape"], a["dtype"]) for a in d["arrays"]}
+    assert arrays["0"] == ([3, 96, 128], str(image.dtype))
+    assert arrays["labels/nuclei/0"] == ([96, 128], str(nuclei.dtype))
 
     plain = run_cli("info", str(src))
     assert plain.returncode == 0 and "voxel size (0.5, 0.5) micrometer" in plain.stdout

@@ -75,8 +75,9 @@ def test_segment_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
 
     vol = (blobs((36, 64, 48), 31, sigma=2.5) * 1000).astype(np.uint16)
     np.save(tmp_path / "vol.npy", vol)
-    src = convert(tmp_path / "vol.npy", tmp_path / "vol.ome.zarr", ConvertOptions(chunks=(16,)),
-                  client, report=lambda _: None).destination
+    src = convert(tmp_path / "vol.npy", tmp_path / "vol.ome.zarr",
+                  ConvertOptions(chunks=(16,), assume_voxel_size=True), client,
+                  report=lambda _: None).destination
     wf = tmp_path / "mo.yaml"
     wf.write_text("steps:\n"
                   "  - {name: mo, function: masked_object,\n"
@@ -162,7 +163,8 @@ def test_patches_extract_on_a_cluster_reads_only_the_chunks_it_needs(scheduler, 
     np.save(tmp_path / "seg.npy", seg)
     src = tmp_path / "tomo.ome.zarr"
     convert(tmp_path / "tomo.npy", src, ConvertOptions(
-        chunks=(16,), labels=(("membranes", str(tmp_path / "seg.npy")),)), client,
+        chunks=(16,), labels=(("membranes", str(tmp_path / "seg.npy")),),
+        assume_voxel_size=True), client,
         report=lambda _: None)
     centres = [(8, 9, 10), (30, 36, 25)]  # z, y, x; patches of 12 stay inside the volume
     keep: set[tuple[int, ...]] = set()

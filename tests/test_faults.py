@@ -49,8 +49,9 @@ def image(tmp_path_factory, client) -> Path:
     vol = (blobs((64, 64, 64), 60, sigma=2.5) * 1000).astype(np.uint16)
     np.save(folder / "vol.npy", vol)
     (folder / "wf.yaml").write_text(WORKFLOW)
-    return convert(folder / "vol.npy", folder / "vol.ome.zarr", ConvertOptions(chunks=(16,)),
-                   client, report=lambda _: None).destination
+    return convert(folder / "vol.npy", folder / "vol.ome.zarr",
+                   ConvertOptions(chunks=(16,), assume_voxel_size=True), client,
+                   report=lambda _: None).destination
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def make_image(tmp: Path, client, probs: np.ndarray, chunks: tuple[int, ...]) ->
     spatial = probs.shape[1:]
     np.save(tmp / "img.npy", probs[1].astype(np.float32))
     img = tmp / "img.ome.zarr"
-    convert(tmp / "img.npy", img, ConvertOptions(chunks=chunks), client)
+    convert(tmp / "img.npy", img, ConvertOptions(chunks=chunks, assume_voxel_size=True), client)
     axes = "zyx"[3 - len(spatial):]
     levels = plan_levels(probs.shape, "c" + axes, (1.0,) * probs.ndim, (1, *chunks),
                          max_levels=1)

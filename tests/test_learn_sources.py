@@ -47,7 +47,8 @@ def slide(tmp_path_factory, client) -> dict:
                      metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "BF"]}})
     tifffile.imwrite(tmp / "l.tif", labels)
     convert(tmp / "s.ome.tif", tmp / "s.ome.zarr",
-            ConvertOptions(chunks=(32,), labels=(("cells", str(tmp / "l.tif")),)), client,
+            ConvertOptions(chunks=(32,), labels=(("cells", str(tmp / "l.tif")),),
+                           assume_voxel_size=True), client,
             report=lambda line: None)
     return {"path": tmp / "s.ome.zarr", "image": image, "labels": labels}
 

@@ -44,7 +44,7 @@ def big_mrc(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_peak_rss_stays_far_below_volume_size(big_mrc, tmp_path):
     dst = tmp_path / "big.ome.zarr"
-    proc = subprocess.Popen([EXE, "convert", str(big_mrc), str(dst)],
+    proc = subprocess.Popen([EXE, "convert", str(big_mrc), str(dst), "--assume-voxel-size"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0

@@ -97,6 +97,15 @@ def test_unsharp_mask_slice_wise_and_integer_input():
     close(apply_blockwise(UnsharpMask(), raw, (8, 12, 7)), want, atol=1e-3)
 
 
+
+def test_unsharp_mask_per_axis_radius_equals_skimage():
+    img = blobs(SHAPE, 4, sigma=1.5)
+    op = UnsharpMask((0.5, 1.5, 2.0), 1.5)
+    assert op.halo(3) == (2, 6, 8)
+    want = sk_unsharp_mask(img, (0.5, 1.5, 2.0), 1.5, preserve_range=True)
+    close(apply_blockwise(op, img, (5, 12, 7)), want)
+
+
 # --------------------------------------------------------------------------- shape index
 
 
@@ -274,7 +283,8 @@ def test_segment_cli_run_equals_the_reference(client, tmp_path: Path):
     img = blobs((90, 110), 8, sigma=2.5)
     tifffile.imwrite(tmp_path / "cells.tif", img)
     src = tmp_path / "cells.ome.zarr"
-    convert(tmp_path / "cells.tif", src, ConvertOptions(chunks=(16,)), client,
+    convert(tmp_path / "cells.tif", src, ConvertOptions(chunks=(16,), assume_voxel_size=True),
+            client,
             report=lambda _: None)
     wf = {"name": "misic", "steps": [*CHAIN,
                                      {"name": "t", "function": "threshold",

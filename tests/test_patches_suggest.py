@@ -119,9 +119,11 @@ def data(client, tmp_path_factory) -> dict:
     for name, arr in (("p", p), ("mask", mask), ("second", second), ("bad", bad)):
         np.save(root / f"{name}.npy", arr)
     labels = (("mask", str(root / "mask.npy")), ("second", str(root / "second.npy")))
-    convert(root / "p.npy", root / "p.ome.zarr", ConvertOptions(chunks=(16,), labels=labels),
+    convert(root / "p.npy", root / "p.ome.zarr", ConvertOptions(chunks=(16,), labels=labels,
+                                                         assume_voxel_size=True),
             client, report=lambda _: None)
-    convert(root / "bad.npy", root / "bad.ome.zarr", ConvertOptions(chunks=(16,)), client,
+    convert(root / "bad.npy", root / "bad.ome.zarr",
+            ConvertOptions(chunks=(16,), assume_voxel_size=True), client,
             report=lambda _: None)
     return {"root": root, "p": p, "mask": mask, "second": second,
             "zarr": root / "p.ome.zarr", "bad": root / "bad.ome.zarr"}

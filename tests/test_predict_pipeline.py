@@ -41,7 +41,8 @@ def column(tmp_path_factory, client) -> dict:
     tmp = tmp_path_factory.mktemp("column")
     rng = np.random.default_rng(3)
     np.save(tmp / "vol.npy", rng.normal(size=(128, 32, 32)).astype(np.float32))
-    convert(tmp / "vol.npy", tmp / "vol.ome.zarr", ConvertOptions(chunks=(8, 32, 32)), client,
+    convert(tmp / "vol.npy", tmp / "vol.ome.zarr",
+            ConvertOptions(chunks=(8, 32, 32), assume_voxel_size=True), client,
             report=lambda line: None)
     torch.manual_seed(0)
     model = UNet(3, 1, 1, features=(4, 8), norm=None).eval()

@@ -67,7 +67,8 @@ def images(client, tmp_path_factory) -> dict:
                               ("vol", "vol.npy", (("blobs", "blobs.npy"),))):
         convert(root / src, root / f"{name}.ome.zarr",
                 ConvertOptions(chunks=(8,), labels=tuple((n, str(root / p)) for n, p in labels),
-                               voxel_size=(2.0, 1.0, 1.0) if name == "vol" else None),
+                               voxel_size=(2.0, 1.0, 1.0) if name == "vol" else None,
+                               assume_voxel_size=True),
                 client, report=lambda _: None)
         out[name] = root / f"{name}.ome.zarr"
     return out

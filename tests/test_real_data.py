@@ -24,7 +24,8 @@ EXPECTED = {
 def test_real_file_converts_with_its_voxel_size(real_data, client, tmp_path, name):
     axes, shape, voxel, unit = EXPECTED[name]
     src = f"{real_data}/{name}"
-    res = convert(src, tmp_path / "out.ome.zarr", ConvertOptions(chunks=(32,)), client,
+    res = convert(src, tmp_path / "out.ome.zarr",
+                  ConvertOptions(chunks=(32,), assume_voxel_size=True), client,
                   report=lambda _: None)
     group = zarr.open_group(str(res.destination), mode="r")
     ms = group.attrs["ome"]["multiscales"][0]
@@ -43,7 +44,8 @@ def test_real_labels_attach_to_their_image(real_data, client, tmp_path):
     img = real_data / "tardis_et_patch_0_0_30_47_25.tif"
     mask = real_data / "tardis_et_patch_0_0_30_47_25_mask.tif"
     res = convert(img, tmp_path / "et.ome.zarr", ConvertOptions(
-        chunks=(32,), labels=(("microtubules", str(mask)),)), client, report=lambda _: None)
+        chunks=(32,), labels=(("microtubules", str(mask)),), assume_voxel_size=True), client,
+        report=lambda _: None)
     lab = zarr.open_group(str(res.destination / "labels" / "microtubules"), mode="r")
     np.testing.assert_array_equal(lab["0"][...], tifffile.imread(mask))
     assert lab.attrs["ome"]["image-label"]["colors"][0]["label-value"] == 1
@@ -78,7 +80,8 @@ def test_real_nuclei_segment_like_the_in_memory_reference(real_data, client, tmp
     from engine.pipelines.segment import SegmentOptions, segment
 
     src = real_data / "stardist_dsb2018_img2d.tif"
-    res = convert(src, tmp_path / "nuclei.ome.zarr", ConvertOptions(chunks=(64,)), client,
+    res = convert(src, tmp_path / "nuclei.ome.zarr",
+                  ConvertOptions(chunks=(64,), assume_voxel_size=True), client,
                   report=lambda _: None)
     wf = tmp_path / "nuclei.yaml"
     wf.write_text(yaml.safe_dump(NUCLEI_WORKFLOW))

@@ -155,8 +155,8 @@ def test_export_one_channel(tmp_path: Path, client) -> None:
     data = random_volume("uint16", shape=(2, 40, 35), seed=10)
     tifffile.imwrite(tmp_path / "slide.ome.tif", data, ome=True, photometric="minisblack",
                      metadata={"axes": "CYX", "Channel": {"Name": ["a", "b"]}})
-    convert(tmp_path / "slide.ome.tif", tmp_path / "s.ome.zarr", ConvertOptions(chunks=(16,)),
-            client, **QUIET)
+    convert(tmp_path / "slide.ome.tif", tmp_path / "s.ome.zarr",
+            ConvertOptions(chunks=(16,), assume_voxel_size=True), client, **QUIET)
     export(tmp_path / "s.ome.zarr", tmp_path / "b.tif", client, channel=1, roi="3:40,0:20")
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), data[1, 3:40, 0:20])
     export(tmp_path / "s.ome.zarr", tmp_path / "a.mrc", client, channel=0)
@@ -169,8 +169,8 @@ def test_export_one_channel(tmp_path: Path, client) -> None:
 def test_npy_round_trip(tmp_path: Path, client, order: str) -> None:
     data = random_volume("float32", seed=6)
     np.save(tmp_path / "vol.npy", np.asarray(data, order=order))
-    convert(tmp_path / "vol.npy", tmp_path / "v.ome.zarr", ConvertOptions(chunks=(16,)),
-            client, **QUIET)
+    convert(tmp_path / "vol.npy", tmp_path / "v.ome.zarr",
+            ConvertOptions(chunks=(16,), assume_voxel_size=True), client, **QUIET)
     z0 = level(tmp_path / "v.ome.zarr")
     assert z0.dtype == np.float32
     np.testing.assert_array_equal(z0, data)

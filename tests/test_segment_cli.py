@@ -41,7 +41,8 @@ def images(client, tmp_path_factory) -> dict[str, Path]:
     out = {"root": root, "vol_data": root / "vol.npy", "slide_data": root / "slide.tif"}
     for name in ("vol", "slide"):
         src = root / (f"{name}.npy" if name == "vol" else "slide.tif")
-        convert(src, root / f"{name}.ome.zarr", ConvertOptions(chunks=(16,)), client,
+        convert(src, root / f"{name}.ome.zarr",
+                ConvertOptions(chunks=(16,), assume_voxel_size=True), client,
                 report=lambda _: None)
         out[name] = root / f"{name}.ome.zarr"
     return out

@@ -33,7 +33,8 @@ from engine.segment.workflow import STEPS, describe_steps, parse_workflow
 OP_STEPS = [spec.id for spec in STEPS.values() if spec.op is not None]
 
 # values for the parameters that have no default
-REQUIRED_VALUES = {"sigma": 1.5, "scales": [[1.0, 0.1], [2.0, 0.05]]}
+REQUIRED_VALUES = {"sigma": 1.5, "scales": [[1.0, 0.1], [2.0, 0.05]], "max_distance_um": 3.0,
+                   "h": 0.1}
 
 
 def _required(function: str) -> dict[str, Any]:
@@ -43,7 +44,8 @@ def _required(function: str) -> dict[str, Any]:
 
 def test_the_ops_are_registered():
     assert OP_STEPS == ["gaussian", "edge_preserving", "spot", "filament", "watershed",
-                        "graph_cut", "gamma", "unsharp_mask", "shape_index"]
+                        "distance_transform", "local_maxima", "h_maxima", "graph_cut",
+                        "gamma", "unsharp_mask", "shape_index"]
 
 
 @pytest.mark.parametrize("function", OP_STEPS)
@@ -73,6 +75,9 @@ def _workflow(function: str, params: dict[str, Any]) -> Any:
         steps = [{"name": "t", "function": "threshold"},
                  {"name": "m", "function": "label", "inputs": ["t"]}]
         inputs = ["raw", "m"]
+    if function == "distance_transform":  # takes a mask
+        steps = [{"name": "t", "function": "threshold"}]
+        inputs = ["t"]
     steps.append({"name": "s", "function": function, "parameters": params, "inputs": inputs})
     return parse_workflow({"steps": steps, "output": "s"}, "wf.yaml", image_output=True)
 
@@ -88,6 +93,8 @@ def _other_value(p: Param) -> Any:
         return next(c for c in p.choices if c != p.default)
     if p.type == "floats":
         return [2 * v for v in p.default]
+    if p.default is None:  # nullable, unset by default
+        return 1.0
     step = 1 if p.type == "int" else (p.default / 2 if p.default else 1.0)
     value = p.default + step
     return value if p.maximum is None or value <= p.maximum else p.default - step

@@ -28,8 +28,8 @@ def _fail(*_args, **_kwargs):
 def volume(client, tmp_path) -> tuple[Path, np.ndarray]:
     vol = (spots((40, 48, 48), 5) * 1000).astype(np.uint16)
     np.save(tmp_path / "vol.npy", vol)
-    convert(tmp_path / "vol.npy", tmp_path / "vol.ome.zarr", ConvertOptions(chunks=(16,)),
-            client, report=lambda _: None)
+    convert(tmp_path / "vol.npy", tmp_path / "vol.ome.zarr",
+            ConvertOptions(chunks=(16,), assume_voxel_size=True), client, report=lambda _: None)
     return tmp_path / "vol.ome.zarr", vol
 
 

@@ -77,7 +77,8 @@ def test_catalogue_is_complete_and_documented():
     assert list(STEPS) == [
         "normalize", "clip_percentiles", "gaussian", "edge_preserving", "spot", "filament",
         "threshold", "masked_object", "label", "size_filter", "fill_holes", "watershed",
-        "graph_cut", "combine", "invert", "gamma", "unsharp_mask", "shape_index"]
+        "distance_transform", "local_maxima", "h_maxima", "graph_cut", "combine", "invert",
+        "gamma", "unsharp_mask", "shape_index"]
     for spec in STEPS.values():
         assert spec.doc and spec.output in ("image", "mask", "labels", "same")
         for param in spec.params.values():

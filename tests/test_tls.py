@@ -148,7 +148,7 @@ def _volume(tmp_path: Path) -> tuple[Path, np.ndarray]:
 
 def test_cli_convert_on_tls_scheduler(tls_scheduler, certs, tmp_path):
     src, data = _volume(tmp_path)
-    res = run_cli("--tls", str(certs.directory), "convert", str(src),
+    res = run_cli("--tls", str(certs.directory), "convert", str(src), "--assume-voxel-size",
                   str(tmp_path / "out.ome.zarr"), "--chunks", "8",
                   "--scheduler", tls_scheduler, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -157,7 +157,7 @@ def test_cli_convert_on_tls_scheduler(tls_scheduler, certs, tmp_path):
                                                   mode="r")["0"][...], data)
 
     tcp = tls_scheduler.replace("tls://", "tcp://")
-    res = run_cli("--tls", str(certs.directory), "convert", str(src),
+    res = run_cli("--tls", str(certs.directory), "convert", str(src), "--assume-voxel-size",
                   str(tmp_path / "tcp.ome.zarr"), "--scheduler", tcp, timeout=120)
     assert res.returncode == 2
     assert "must start with tls://" in res.stderr
@@ -168,7 +168,8 @@ def test_cli_convert_on_tls_scheduler(tls_scheduler, certs, tmp_path):
 def test_cli_tls_missing_folder_is_a_user_error(tmp_path):
     src, _ = _volume(tmp_path)
     missing = tmp_path / "no-certs"
-    res = run_cli("--tls", str(missing), "convert", str(src), str(tmp_path / "o.ome.zarr"),
+    res = run_cli("--tls", str(missing), "convert", str(src), "--assume-voxel-size",
+                  str(tmp_path / "o.ome.zarr"),
                   "--scheduler", f"tls://127.0.0.1:{free_port()}", timeout=120)
     assert res.returncode == 2
     assert str(missing) in res.stderr and "voxelmill cluster certs" in res.stderr
@@ -201,7 +202,7 @@ def test_embedded_cluster_with_tls_listens_on_localhost(certs, tmp_path):
     assert "dashboard: http://127.0.0.1:" in lines[0]
 
     src, data = _volume(tmp_path)
-    res = run_cli("--tls", str(certs.directory), "convert", str(src),
+    res = run_cli("--tls", str(certs.directory), "convert", str(src), "--assume-voxel-size",
                   str(tmp_path / "e.ome.zarr"), "--chunks", "8", "--workers", "1",
                   "--threads-per-worker", "1", timeout=120)
     assert res.returncode == 0, res.stderr

@@ -16,6 +16,8 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io import readguard
+from engine.io.axes import AXES_FORMATS
+from engine.io.sources import split_path
 from engine.volume import Volume
 
 #: suffix → format module (longest suffix wins).
@@ -51,12 +53,17 @@ def detect_format(path: str | Path) -> str:
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     if p.is_dir():
+        from engine.io.zarrarray import is_array
+
+        if is_array(p):
+            return "zarrarray"
         if (p / "zarr.json").exists() or (p / ".zgroup").exists() or (p / ".zattrs").exists():
             return "omezarr"
         if any(f.suffix.lower() in (".tif", ".tiff") for f in p.iterdir()):
             return "folder"
         raise InputError(
-            f"{p}: a directory that is neither an OME-Zarr group nor a folder of TIFF slices"
+            f"{p}: a directory that is neither a zarr array, an OME-Zarr group nor a folder "
+            "of TIFF slices"
         )
     fmt = _suffix_format(p, READ_SUFFIXES)
     if fmt is None:
@@ -70,7 +77,7 @@ def format_module(fmt: str) -> Any:
     return importlib.import_module(f"engine.io.{fmt}")
 
 
-def open_volume(path: str | Path, **options: Any) -> Volume:
+def open_volume(path: str | Path, axes: str | None = None, **options: Any) -> Volume:
     """Open any supported image lazily.
 
     Parameters
@@ -78,24 +85,28 @@ def open_volume(path: str | Path, **options: Any) -> Volume:
     path : str or Path
         MRC/MRCS/REC, TIFF/BigTIFF/OME-TIFF, a folder of 2D TIFF slices, NRRD, NIfTI,
         NPY/NPZ, HDF5 (``file.h5`` or ``file.h5:dataset``), a PartSeg project
-        (.tgz/.tbz2) or an OME-Zarr image.
+        (.tgz/.tbz2), an OME-Zarr image or a plain zarr array.
+    axes : str, optional
+        What each stored axis is, one letter of ``tczyx`` per dimension (``--axes``), for
+        the formats that do not record it (:data:`engine.io.axes.AXES_FORMATS`).
     **options
         Format-specific options (e.g. ``level`` for OME-Zarr).
 
     Returns
     -------
     Volume
-        Axes in NGFF order, voxel size and unit from the file header.
+        Axes in NGFF order, voxel size and unit from the file header
+        (``voxel_size_problem`` says when the header records none).
     """
-    p = Path(path)
-    spec = str(path)
-    # "file.h5:dataset" selects an HDF5 dataset
-    if not p.exists() and ":" in p.name:
-        base, _, dataset = spec.rpartition(":")
-        if Path(base).exists() and detect_format(base) == "hdf5":
-            readguard.hold(base)
-            return format_module("hdf5").read(Path(base), dataset=dataset, **options)
-    fmt = detect_format(p)
+    p, dataset = split_path(path)
+    fmt = "hdf5" if dataset is not None else detect_format(p)
+    if axes is not None:
+        if fmt not in AXES_FORMATS:
+            raise OptionError(f"--axes {axes}: {p} is {fmt}, which records its axes; --axes "
+                              "applies to " + ", ".join(AXES_FORMATS))
+        options["axes"] = axes
+    if dataset is not None:
+        options["dataset"] = dataset
     readguard.hold(p)  # before its header is read: a later replacement is then detected
     try:
         return format_module(fmt).read(p, **options)

@@ -17,6 +17,7 @@ import numpy as np
 import tifffile
 
 from engine.errors import InputError, OptionError
+from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
 from engine.io.sources import Source, to_dask
 from engine.volume import Volume, convert_length, normalize_unit
 
@@ -82,8 +83,9 @@ def _describe(path: Path) -> tuple[tuple[int, ...], np.dtype, str]:
         raise InputError(f"{path}: not a readable TIFF slice ({exc})") from None
 
 
-def _voxel_size(path: Path) -> tuple[tuple[float, float, float], str]:
-    """(z, y, x) voxel size and unit from the first slice.
+def _voxel_size(path: Path) -> tuple[dict[str, float | None], str]:
+    """Recorded (z, y, x) voxel sizes (``None`` where not recorded) and unit, from the
+    first slice.
 
     ImageJ metadata give the unit and z ``spacing``; X/YResolution give pixels per unit.
     Without ImageJ metadata only centimetre resolution units are trusted: an inch unit
@@ -105,49 +107,56 @@ def _voxel_size(path: Path) -> tuple[tuple[float, float, float], str]:
             unit, factor = "micrometer", None  # "pixel", "inch": no physical size
     elif res_unit == 3:
         factor = convert_length(1.0, "millimeter", "micrometer") * 10.0  # µm per cm
-    yx = []
-    for value in res:
-        size = 1.0
-        if factor is not None and value is not None and value[0] > 0 and value[1] > 0:
-            size = value[1] / value[0] * factor
-        yx.append(size)
-    z = float(meta.get("spacing", 1.0)) if factor is not None else 1.0
-    return (z if z > 0 else 1.0, yx[0], yx[1]), unit
+    sizes: dict[str, float | None] = {"z": None, "y": None, "x": None}
+    if factor is None:
+        return sizes, unit
+    for ax, value in zip("yx", res, strict=True):
+        if value is not None and value[1] > 0:
+            # pixels per unit of 0 records an impossible size, refused like a size of 0
+            sizes[ax] = value[1] / value[0] * factor if value[0] > 0 else float("nan")
+    if "spacing" in meta:
+        sizes["z"] = float(meta["spacing"])
+    return sizes, unit
 
 
-def read(path: Path, **_: object) -> Volume:
+def read(path: Path, axes: str | None = None, **_: object) -> Volume:
     """Open a folder of 2D TIFF slices as a lazy z-stack.
 
     Parameters
     ----------
     path : Path
         A directory holding one ``.tif``/``.tiff`` file per z-plane.
+    axes : str, optional
+        Names of the stack's axes as stored: (file, y, x), or (sample, file, y, x) for
+        RGB slices (``--axes``), e.g. ``cyx`` when each file is a channel, ``tyx`` when
+        each is a time point. Default ``zyx`` (``czyx``).
 
     Returns
     -------
     Volume
         ``zyx`` (``czyx`` for RGB slices), one read chunk per file; voxel size from the
-        first file's ImageJ metadata or resolution tags, else 1 micrometer.
+        first file's ImageJ metadata or resolution tags; with none, ``voxel_size_problem``
+        says it is not recorded.
     """
     path = Path(path)
     files = slice_files(path)
     if not files:
         raise InputError(f"{path}: the folder holds no .tif/.tiff files")
-    shape, dtype, axes = _describe(files[0])
-    samples = shape[axes.index("S")] if "S" in axes else 0
-    rgb = axes in ("YXS", "SYX") and samples in (3, 4)
-    if not (axes == "YX" or rgb):
+    shape, dtype, file_axes = _describe(files[0])
+    samples = shape[file_axes.index("S")] if "S" in file_axes else 0
+    rgb = file_axes in ("YXS", "SYX") and samples in (3, 4)
+    if not (file_axes == "YX" or rgb):
         raise InputError(f"{files[0]}: a slice must be a single 2D (or RGB) image, "
-                         f"not axes {axes} of shape {shape}")
+                         f"not axes {file_axes} of shape {shape}")
     for f in files[1:]:
         other = _describe(f)
-        if other != (shape, dtype, axes):
+        if other != (shape, dtype, file_axes):
             raise InputError(f"{f}: slice has shape {other[0]} {other[1]}, but {files[0].name} "
                              f"has {shape} {dtype}; all slices must match")
-    voxel, unit = _voxel_size(files[0])
+    sizes, unit = _voxel_size(files[0])
     names: tuple[str, ...] = ()
     if rgb:
-        y, x = (shape[0], shape[1]) if axes == "YXS" else (shape[1], shape[2])
+        y, x = (shape[0], shape[1]) if file_axes == "YXS" else (shape[1], shape[2])
         stack_shape = (samples, len(files), y, x)
         axes_out, chunks = "czyx", (samples, 1, y, x)
         names = RGB_NAMES[:samples]
@@ -156,6 +165,15 @@ def read(path: Path, **_: object) -> Volume:
         axes_out, chunks = "zyx", (1, *shape)
     # one chunk per file: a file is the unit of I/O, so a region reads only its own files
     source = FolderSource(tuple(str(f) for f in files), stack_shape, dtype.newbyteorder("="),
-                          axes)
-    data = to_dask(source, axes_out, chunks=chunks, name="folder")
-    return Volume(data, axes_out, voxel, unit, channel_names=names, source=str(path))
+                          file_axes)
+    named = stored_axes(path, axes, axes_out, stack_shape)
+    # the sizes belong to the stored positions (file, y, x), whatever they are named
+    by_name = dict(zip(named[-3:], (sizes["z"], sizes["y"], sizes["x"]), strict=True))
+    if named[0] != "c":
+        names = ()  # the RGB names belong to the sample axis only
+    data, named = arrange(to_dask(source, named, chunks=chunks, name="folder"), named)
+    recorded = [by_name.get(a) for a in named if a in "zyx"]
+    if "z" in named and by_name.get("z") is None and any(v is not None for v in recorded):
+        recorded[0] = 1.0  # y/x recorded without a z spacing: ImageJ's default of 1 unit
+    return Volume(data, named, usable_sizes(recorded), unit, channel_names=names,
+                  source=str(path), voxel_size_problem=voxel_problem(recorded))

@@ -1,23 +1,23 @@
 """HDF5 datasets (ilastik, PlantSeg, BigDataViewer-style ``raw``/``label``), read per region.
 
 Voxel size comes from the ``element_size_um`` attribute (ilastik/PlantSeg, micrometres),
-else ``resolution`` or ``spacing`` (assumed micrometres), else 1.
+else ``resolution`` or ``spacing`` (assumed micrometres), else none is recorded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from engine.errors import InputError
+from engine.io.axes import AXES_BY_NDIM as AXES
+from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
 from engine.io.sources import Source, default_chunks, to_dask
 from engine.volume import Volume
-
-#: axes by number of dimensions
-AXES = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
 
 #: attributes that hold a voxel size, in the order they are tried.
 VOXEL_ATTRS = ("element_size_um", "resolution", "spacing")
@@ -52,16 +52,43 @@ def datasets(f: h5py.File) -> list[str]:
     return out
 
 
-def _voxel_size(ds: h5py.Dataset, n_spatial: int) -> tuple[float, ...]:
+def default_dataset(names: list[str]) -> str | None:
+    """The dataset read when none is named: the only one, else ``raw`` (or the one
+    dataset named ``raw`` inside a group, e.g. CREMI's ``volumes/raw``); None when
+    ambiguous."""
+    raws = [n for n in names if n.rsplit("/", 1)[-1] == "raw"]
+    if len(names) == 1:
+        return names[0]
+    if "raw" in names:
+        return "raw"
+    return raws[0] if len(raws) == 1 else None
+
+
+def dataset_table(path: Path) -> list[dict[str, Any]]:
+    """Every dataset of an HDF5 file, in the file's order: ``name``, ``shape``, ``dtype``,
+    ``chunks`` (``None`` when stored contiguously)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with f:
+        return [{"name": n, "shape": [int(s) for s in f[n].shape], "dtype": str(f[n].dtype),
+                 "chunks": list(f[n].chunks) if f[n].chunks else None} for n in datasets(f)]
+
+
+def _voxel_size(ds: h5py.Dataset, n_spatial: int) -> list[float | None]:
+    """The spatial sizes the first voxel-size attribute records, in stored order (a
+    channel/time entry may precede them: the last ``n_spatial`` are taken); ``None``s
+    when no attribute holds enough values."""
     for name in VOXEL_ATTRS:
         if name in ds.attrs:
-            values = np.atleast_1d(np.asarray(ds.attrs[name], dtype=float)).ravel()
+            try:
+                values = np.atleast_1d(np.asarray(ds.attrs[name], dtype=float)).ravel()
+            except (TypeError, ValueError):
+                continue
             if values.size >= n_spatial:
-                # a channel/time entry may precede the spatial ones: take the last n
-                voxel = tuple(float(v) for v in values[-n_spatial:])
-                if all(np.isfinite(v) and v > 0 for v in voxel):
-                    return voxel
-    return (1.0,) * n_spatial
+                return [float(v) for v in values[values.size - n_spatial:]]
+    return [None] * n_spatial
 
 
 def _chunks(ds: h5py.Dataset, axes: str) -> tuple[int, ...]:
@@ -73,7 +100,8 @@ def _chunks(ds: h5py.Dataset, axes: str) -> tuple[int, ...]:
                                                            strict=True))
 
 
-def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
+def read(path: Path, dataset: str | None = None, axes: str | None = None,
+         **_: object) -> Volume:
     """Open one dataset of an HDF5 file lazily.
 
     Parameters
@@ -83,11 +111,15 @@ def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
     dataset : str, optional
         Dataset path inside the file. By default the only dataset, or ``raw`` when there
         are several (or the one dataset named ``raw`` inside a group).
+    axes : str, optional
+        One letter of ``tczyx`` per stored dimension (``--axes``, e.g. ``zcyx``).
 
     Returns
     -------
     Volume
-        ``yx``, ``zyx``, ``czyx`` or ``tczyx`` by the number of dimensions.
+        By default ``yx``, ``zyx``, ``czyx`` or ``tczyx`` by the number of dimensions;
+        with ``axes``, those axes in NGFF order. No voxel-size attribute (or an invalid
+        one) is reported in ``voxel_size_problem``.
     """
     path = Path(path)
     try:
@@ -96,13 +128,9 @@ def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
         raise InputError(f"{path}: not a readable HDF5 file ({exc})") from None
     with f:
         names = datasets(f)
-        raws = [n for n in names if n.rsplit("/", 1)[-1] == "raw"]
         if dataset is None:
-            if len(names) == 1:
-                dataset = names[0]
-            elif "raw" in names or len(raws) == 1:  # e.g. CREMI's "volumes/raw"
-                dataset = "raw" if "raw" in names else raws[0]
-            else:
+            dataset = default_dataset(names)
+            if dataset is None:
                 listed = ", ".join(names) or "none"
                 raise InputError(f"{path}: choose a dataset with {path}:<dataset>; "
                                  f"the file holds: {listed}")
@@ -111,16 +139,19 @@ def read(path: Path, dataset: str | None = None, **_: object) -> Volume:
             listed = ", ".join(names) or "none"
             raise InputError(f"{path}: no dataset {dataset!r}; the file holds: {listed}")
         ds = f[dataset]
-        if ds.ndim not in AXES:
+        if axes is None and ds.ndim not in AXES:
             raise InputError(f"{path}: dataset {dataset!r} has {ds.ndim} dimensions "
                              f"{ds.shape}; voxelmill reads 2 to 5")
         if ds.dtype.kind not in "biuf":
             raise InputError(f"{path}: dataset {dataset!r} holds {ds.dtype} values, "
                              "not an image")
-        axes = AXES[ds.ndim]
-        voxel = _voxel_size(ds, len(axes.replace("t", "").replace("c", "")))
+        named = stored_axes(f"{path}:{dataset}", axes, AXES.get(ds.ndim), ds.shape)
+        spatial_stored = [a for a in named if a in "zyx"]
+        by_name = dict(zip(spatial_stored, _voxel_size(ds, len(spatial_stored)), strict=True))
         source = HDF5Source(str(path), dataset, tuple(int(s) for s in ds.shape),
                             np.dtype(ds.dtype).newbyteorder("="))
-        chunks = _chunks(ds, axes)
-    data = to_dask(source, axes, chunks=chunks, name="hdf5")
-    return Volume(data, axes, voxel, "micrometer", source=f"{path}:{dataset}")
+        chunks = _chunks(ds, named)
+    data, named = arrange(to_dask(source, named, chunks=chunks, name="hdf5"), named)
+    recorded = [by_name[a] for a in named if a in "zyx"]
+    return Volume(data, named, usable_sizes(recorded), "micrometer", source=f"{path}:{dataset}",
+                  voxel_size_problem=voxel_problem(recorded))

@@ -10,6 +10,7 @@ import mrcfile
 import numpy as np
 
 from engine.errors import InputError
+from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
 from engine.io.sources import RawFileSource, to_dask
 from engine.volume import Volume, convert_length
 
@@ -17,12 +18,23 @@ from engine.volume import Volume, convert_length
 MRC_DTYPES = {np.dtype(t) for t in ("int8", "int16", "uint16", "float32", "float16", "uint8")}
 
 
-def read(path: Path, **_: object) -> Volume:
+def read(path: Path, axes: str | None = None, **_: object) -> Volume:
     """Open an MRC file lazily.
 
-    Returns a ``zyx`` volume (a 2D image gives ``yx``), voxel size from the header's
-    cell dimensions divided by the sampling (``mrcfile``'s ``voxel_size``) in ångström.
-    A header voxel size of 0 (unset) becomes 1 Å.
+    Parameters
+    ----------
+    path : Path
+        The MRC/MRCS/REC file.
+    axes : str, optional
+        Names of the three stored axes (nz, ny, nx), e.g. ``cyx`` for a stack of
+        channels or ``tyx`` for a series (``--axes``); default ``zyx``.
+
+    Returns
+    -------
+    Volume
+        ``zyx`` (a single image gives ``yx``), voxel size from the header's cell
+        dimensions divided by the sampling (``mrcfile``'s ``voxel_size``) in ångström. A
+        header voxel size of 0 (unset) is not a recorded size (``voxel_size_problem``).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -39,7 +51,7 @@ def read(path: Path, **_: object) -> Volume:
         nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
         offset = 1024 + int(header.nsymbt)
         vs = mrc.voxel_size
-        voxel = tuple(float(v) if float(v) > 0 else 1.0 for v in (vs.z, vs.y, vs.x))
+        recorded = [float(v) for v in (vs.z, vs.y, vs.x)]
     if min(nx, ny, nz) <= 0:
         raise InputError(f"{path}: MRC header has invalid dimensions {(nz, ny, nx)}")
     expected = offset + nx * ny * nz * dtype.itemsize
@@ -49,11 +61,20 @@ def read(path: Path, **_: object) -> Volume:
             f"{path}: truncated MRC file: header says {nz}×{ny}×{nx} {dtype.name} voxels "
             f"({expected} bytes with header) but the file has {size} bytes"
         )
-    shape, axes, vox = (nz, ny, nx), "zyx", voxel
-    if nz == 1:  # a single image
-        shape, axes, vox = (ny, nx), "yx", voxel[1:]
+    # an unset header stores 0 for every size: nothing recorded, not an invalid size
+    sizes = dict(zip("zyx", [None if all(v == 0 for v in recorded) else v for v in recorded],
+                     strict=True))
+    shape = (nz, ny, nx)
+    if nz == 1 and axes is None:  # a single image
+        shape = (ny, nx)
+    named = stored_axes(path, axes, "zyx" if len(shape) == 3 else "yx", shape)
     source = RawFileSource(str(path), offset, shape, dtype)
-    return Volume(to_dask(source, axes), axes, vox, "angstrom", source=str(path))
+    # the header's sizes belong to the stored positions (z, y, x), whatever they are named
+    by_name = dict(zip(named, list(sizes.values())[-len(shape):], strict=True))
+    data, named = arrange(to_dask(source, named), named)
+    spatial = [by_name[a] for a in named if a in "zyx"]
+    return Volume(data, named, usable_sizes(spatial), "angstrom", source=str(path),
+                  voxel_size_problem=voxel_problem(spatial))
 
 
 def write(volume: Volume, path: Path, slabs: Iterable[np.ndarray]) -> None:

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from engine.errors import InputError
+from engine.io.axes import usable_sizes, voxel_problem
 from engine.io.sources import RawFileSource, Source, to_dask
 from engine.volume import Volume, convert_length
 
@@ -166,11 +167,13 @@ def read(path: Path, **_: object) -> Volume:
     # pixdim is float32: take the shortest decimal that rounds to it (0.001, not 0.0010000000475)
     zooms = [float(str(np.float32(z))) for z in header.get_zooms()[:3]]
     zooms += [1.0] * (3 - len(zooms))
-    voxel = tuple(z if np.isfinite(z) and z > 0 else 1.0 for z in reversed(zooms))
+    recorded = list(reversed(zooms))
     if "z" not in c_axes:
-        voxel = voxel[1:]
+        recorded = recorded[1:]
     unit = UNITS.get(header.get_xyzt_units()[0] or "unknown", "millimeter")
-    return Volume(data, c_axes, voxel, unit, source=str(path))
+    # a pixdim of 0 or NaN is no size: reported (convert refuses it unless told), not used
+    return Volume(data, c_axes, usable_sizes(recorded), unit, source=str(path),
+                  voxel_size_problem=voxel_problem(recorded))
 
 
 def _dims(volume: Volume, path: Path) -> tuple[int, ...]:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
+from engine.io.axes import AXES_BY_NDIM, arrange, stored_axes, voxel_problem
 from engine.io.sources import InMemorySource, RawFileSource, to_dask
 from engine.volume import Volume
-
-AXES_BY_NDIM = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
 
 
 def _header(fh, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -25,23 +24,29 @@ def _header(fh, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise InputError(f"{path}: not a valid .npy array ({exc})") from None
 
 
-def _volume(source, path: Path, fortran: bool) -> Volume:
-    ndim = len(source.shape)
-    if ndim not in AXES_BY_NDIM:
-        raise InputError(f"{path}: {ndim}-dimensional array; expected 2 (yx) to 5 (tczyx) axes")
-    axes = AXES_BY_NDIM[ndim]
-    data = to_dask(source, axes[::-1] if fortran else axes)
+def _volume(source, path: Path, fortran: bool, axes: str | None) -> Volume:
+    shape = tuple(reversed(source.shape)) if fortran else tuple(source.shape)
+    if axes is None and len(shape) not in AXES_BY_NDIM:
+        raise InputError(f"{path}: {len(shape)}-dimensional array; expected 2 (yx) to 5 "
+                         "(tczyx) axes, or name them with --axes")
+    named = stored_axes(path, axes, AXES_BY_NDIM.get(len(shape)), shape)
+    data = to_dask(source, named[::-1] if fortran else named)
     if fortran:  # stored x-fastest: the raw layout is the reversed C-order array
         data = data.transpose()
-    return Volume(data, axes, (1.0,) * len(axes.replace("c", "").replace("t", "")),
-                  "micrometer", source=str(path))
+    data, named = arrange(data, named)
+    n_spatial = len([a for a in named if a in "zyx"])
+    # NumPy files carry no voxel size
+    return Volume(data, named, (1.0,) * n_spatial, "micrometer", source=str(path),
+                  voxel_size_problem=voxel_problem([None] * n_spatial))
 
 
-def read(path: Path, key: str | None = None, **_: object) -> Volume:
+def read(path: Path, key: str | None = None, axes: str | None = None,
+         **_: object) -> Volume:
     """Open ``.npy`` lazily, or one array of an ``.npz`` (``key``, default the first).
 
-    NumPy files carry no voxel size: it is 1 µm unless ``--voxel-size`` overrides it.
-    Axes follow the number of dimensions: yx, zyx, czyx, tczyx.
+    NumPy files carry no voxel size (``voxel_size_problem`` says so; convert needs
+    ``--voxel-size`` or ``--assume-voxel-size``). Axes follow the number of dimensions
+    (yx, zyx, czyx, tczyx) unless ``axes`` names each stored one (``--axes``).
     """
     if path.suffix.lower() == ".npy":
         with open(path, "rb") as fh:
@@ -52,7 +57,7 @@ def read(path: Path, key: str | None = None, **_: object) -> Volume:
             raise InputError(f"{path}: truncated .npy file ({path.stat().st_size} of "
                              f"{expected} bytes)")
         raw_shape = tuple(reversed(shape)) if fortran else tuple(shape)
-        return _volume(RawFileSource(str(path), offset, raw_shape, dtype), path, fortran)
+        return _volume(RawFileSource(str(path), offset, raw_shape, dtype), path, fortran, axes)
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
@@ -71,7 +76,7 @@ def read(path: Path, key: str | None = None, **_: object) -> Volume:
             header_len = fh.tell() if info.compress_type == zipfile.ZIP_STORED else None
             if header_len is None:
                 fh.seek(0)
-                return _volume(InMemorySource(np.load(fh)), path, False)
+                return _volume(InMemorySource(np.load(fh)), path, False, axes)
     # stored member: data starts after the local file header and the npy header
     with open(path, "rb") as raw:
         raw.seek(info.header_offset)
@@ -80,4 +85,4 @@ def read(path: Path, key: str | None = None, **_: object) -> Volume:
         extra_len = int.from_bytes(local[28:30], "little")
     offset = info.header_offset + 30 + name_len + extra_len + header_len
     raw_shape = tuple(reversed(shape)) if fortran else tuple(shape)
-    return _volume(RawFileSource(str(path), offset, raw_shape, dtype), path, fortran)
+    return _volume(RawFileSource(str(path), offset, raw_shape, dtype), path, fortran, axes)

@@ -18,6 +18,7 @@ import nrrd
 import numpy as np
 
 from engine.errors import InputError, OptionError
+from engine.io.axes import usable_sizes, voxel_problem
 from engine.io.sources import InMemorySource, RawFileSource, default_chunks, to_dask
 from engine.volume import Volume, normalize_unit
 
@@ -85,8 +86,10 @@ def _is_spatial(header: dict[str, Any], i: int) -> bool:
     return True
 
 
-def _voxel_size(header: dict[str, Any], spatial: list[int], path: Path) -> tuple[tuple, str]:
-    """Voxel size per spatial axis (NRRD order) and its unit.
+def _voxel_size(header: dict[str, Any], spatial: list[int], path: Path
+                ) -> tuple[list[float | None], str]:
+    """Recorded voxel size per spatial axis (NRRD order; ``None`` where the header gives
+    none) and its unit.
 
     The norms of the ``space directions`` give the spacing; the orientation (rotation,
     axis flips) is dropped because a ``Volume`` is axis-aligned.
@@ -100,15 +103,15 @@ def _voxel_size(header: dict[str, Any], spatial: list[int], path: Path) -> tuple
         elif spacings is not None:
             v = abs(float(spacings[i]))
         else:
-            v = 1.0
-        sizes.append(v if np.isfinite(v) and v > 0 else 1.0)
+            v = None
+        sizes.append(v)
     # 'space units' is per space dimension, 'units' per axis (used with 'spacings')
     units = header.get("space units")
     if units is None and header.get("units") is not None:
         units = [header["units"][i] for i in spatial]
     names = [str(u).strip() for u in (units or []) if str(u).strip()]
     if not names:
-        return tuple(sizes), "micrometer"
+        return sizes, "micrometer"
     try:
         unit = normalize_unit(names[0])
         for other in names[1:]:
@@ -116,7 +119,7 @@ def _voxel_size(header: dict[str, Any], spatial: list[int], path: Path) -> tuple
                 raise InputError(f"{path}: NRRD axes use different space units {names}")
     except OptionError as exc:
         raise InputError(f"{path}: NRRD 'space units': {exc}") from None
-    return tuple(sizes), unit
+    return sizes, unit
 
 
 def _data_file(header: dict[str, Any], path: Path) -> Path:
@@ -239,7 +242,9 @@ def read(path: Path, **_: object) -> Volume:
         data = to_dask(source, c_axes, name="nrrd")
     if data.dtype != native:  # sources return native byte order; say so to dask
         data = data.astype(native, copy=False)
-    return Volume(data, c_axes, tuple(reversed(voxel)), unit, source=str(path))
+    recorded = list(reversed(voxel))
+    return Volume(data, c_axes, usable_sizes(recorded), unit, source=str(path),
+                  voxel_size_problem=voxel_problem(recorded))
 
 
 def _format_vector(values: Iterable[float]) -> str:

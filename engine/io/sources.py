@@ -232,6 +232,28 @@ def to_dask(
     )
 
 
+#: suffixes of HDF5 files, whose datasets a path selects as ``file.h5:dataset``.
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def split_path(path: str | Path) -> tuple[Path, str | None]:
+    """``file.h5:dataset`` → (``file.h5``, ``dataset``); any other path → (path, None).
+
+    A path that exists as given is a path. Otherwise the first colon after which the part
+    before is an existing HDF5 file splits it, so a dataset name may hold colons itself
+    (``stack.h5:a:b`` is dataset ``a:b`` of ``stack.h5``).
+    """
+    p, spec = Path(path), str(path)
+    if p.exists():
+        return p, None
+    for i, ch in enumerate(spec):
+        if ch == ":":
+            base = Path(spec[:i])
+            if base.name.lower().endswith(HDF5_SUFFIXES) and base.is_file():
+                return base, spec[i + 1:]
+    return p, None
+
+
 #: Files up to this size are identified by a hash of all their bytes (reading 256 MiB
 #: costs a fraction of a second, little beside converting it); larger ones by samples.
 CONTENT_HASH_BYTES = 256 * 2**20
@@ -270,12 +292,9 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     stat records, and their bytes when they total at most :data:`CONTENT_HASH_BYTES`. A
     changed identity makes a re-run start afresh instead of resuming into a mix.
     """
-    p, inner = Path(path), ""
-    if not p.exists() and ":" in p.name:  # "file.h5:dataset"
-        base, _, inner = str(path).rpartition(":")
-        p = Path(base)
+    p, inner = split_path(path)
     st = p.stat()
-    ident: dict[str, Any] = {"path": str(p.resolve()), "inner": inner, "size": st.st_size,
+    ident: dict[str, Any] = {"path": str(p.resolve()), "inner": inner or "", "size": st.st_size,
                              "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
                              "inode": st.st_ino}
     if p.is_dir():

@@ -11,8 +11,9 @@ import numpy as np
 import tifffile
 
 from engine.errors import InputError, OptionError
+from engine.io.axes import arrange, axes_hint, stored_axes, usable_sizes, voxel_problem
 from engine.io.sources import ZarrSource, to_dask
-from engine.volume import AXIS_ORDER, Volume, convert_length, normalize_unit
+from engine.volume import Volume, convert_length, normalize_unit
 
 #: tifffile axis codes → NGFF axes (S = samples, Q/I/O = unnamed page sequences → z).
 _AXIS_MAP = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x",
@@ -20,7 +21,13 @@ _AXIS_MAP = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x",
 
 
 def _ngff_axes(path: Path, tif_axes: str, shape: tuple[int, ...]) -> tuple[str, list[int]]:
-    """Map tifffile axes to NGFF names, dropping singleton extra axes; return the keep list."""
+    """Map tifffile axes to NGFF names, dropping singleton extra axes; return the keep list.
+
+    Raises
+    ------
+    InputError
+        When an axis has no NGFF name (or two map to one name), suggesting ``--axes``.
+    """
     names, keep = [], []
     for i, (a, n) in enumerate(zip(tif_axes, shape, strict=True)):
         name = _AXIS_MAP.get(a)
@@ -28,7 +35,8 @@ def _ngff_axes(path: Path, tif_axes: str, shape: tuple[int, ...]) -> tuple[str, 
             if n == 1:
                 continue
             raise InputError(f"{path}: TIFF axes {tif_axes!r} (shape {shape}) cannot be mapped "
-                             f"to t, c, z, y, x: axis {a!r} of length {n}")
+                             f"to t, c, z, y, x: axis {a!r} of length {n} is unknown; "
+                             + axes_hint(shape))
         names.append(name)
         keep.append(i)
     return "".join(names), keep
@@ -116,11 +124,25 @@ def check_declared_size(path: Path, page: tifffile.TiffPage | tifffile.TiffFrame
             f"(shape {key.shape}) but stores {stored} bytes; the header is damaged")
 
 
-def read(path: Path, series: int = 0, **_: object) -> Volume:
+def read(path: Path, series: int = 0, axes: str | None = None, **_: object) -> Volume:
     """Open a TIFF lazily (series 0, full resolution).
 
-    Voxel size: OME ``PhysicalSize*`` (converted to µm), ImageJ ``spacing``/``unit`` with
-    the resolution tags, or resolution tags in centimetres; otherwise 1 µm.
+    Parameters
+    ----------
+    path : Path
+        The TIFF file.
+    series : int
+        The image series to read.
+    axes : str, optional
+        One letter of ``tczyx`` per axis of the series as tifffile reports its shape
+        (``--axes``); by default tifffile's axis codes, singleton unknown axes dropped.
+
+    Returns
+    -------
+    Volume
+        Voxel size from OME ``PhysicalSize*`` (converted to µm), ImageJ ``spacing``/``unit``
+        with the resolution tags, or resolution tags in centimetres; a file with none of
+        these records no voxel size (``voxel_size_problem`` says so, sizes are 1 µm).
     """
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
@@ -140,24 +162,29 @@ def read(path: Path, series: int = 0, **_: object) -> Volume:
             sizes, unit, channels = _ome_pixels(tif)
         else:
             sizes, unit, channels = _imagej_or_tags(tif)
-    axes, keep = _ngff_axes(path, tif_axes, shape)
-    if "y" not in axes or "x" not in axes:
-        raise InputError(f"{path}: TIFF axes {tif_axes!r} have no y/x image plane")
     source = ZarrSource(str(path), kind="tiff", series=series, shape=shape, dtype=dtype)
-    data = to_dask(source, "".join(_AXIS_MAP.get(a, "t") for a in tif_axes))
-    # drop singleton axes that have no NGFF name, then order as t, c, z, y, x
-    drop = tuple(i for i in range(len(shape)) if i not in keep)
-    if drop:
-        data = data.squeeze(axis=drop)
-    order = sorted(range(len(axes)), key=lambda i: AXIS_ORDER.index(axes[i]))
-    data = data.transpose(order)
-    axes = "".join(axes[i] for i in order)
-    spatial = "".join(a for a in axes if a in "zyx")
-    unit = unit or "micrometer"
-    voxel = tuple(sizes.get(a, 1.0) for a in spatial)
-    nchan = data.shape[axes.index("c")] if "c" in axes else 0
+    if axes is not None:
+        named = stored_axes(path, axes, None, shape)
+        data = to_dask(source, named)
+    else:
+        named, keep = _ngff_axes(path, tif_axes, shape)
+        if "y" not in named or "x" not in named:
+            raise InputError(f"{path}: TIFF axes {tif_axes!r} (shape {shape}) have no y/x "
+                             "image plane; " + axes_hint(shape))
+        data = to_dask(source, "".join(_AXIS_MAP.get(a, "t") for a in tif_axes))
+        # drop singleton axes that have no NGFF name
+        drop = tuple(i for i in range(len(shape)) if i not in keep)
+        if drop:
+            data = data.squeeze(axis=drop)
+    data, named = arrange(data, named)
+    spatial = "".join(a for a in named if a in "zyx")
+    recorded = [sizes.get(a) for a in spatial]
+    problem = voxel_problem(recorded)
+    voxel = usable_sizes(recorded)
+    nchan = data.shape[named.index("c")] if "c" in named else 0
     names = tuple(channels) if len(channels) == nchan else ()
-    return Volume(data, axes, voxel, unit, channel_names=names, source=str(path))
+    return Volume(data, named, voxel, unit or "micrometer", channel_names=names,
+                  source=str(path), voxel_size_problem=problem)
 
 
 def write(volume: Volume, path: Path, slabs: Iterable[np.ndarray]) -> None:

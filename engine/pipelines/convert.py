@@ -11,6 +11,7 @@ from engine import __version__
 from engine.blocks import stable_hash
 from engine.errors import OptionError
 from engine.io import omezarr, open_volume
+from engine.io.axes import VOXEL_SIZE_FIXES
 from engine.io.sources import file_identity
 from engine.labels import label_values
 from engine.output import check_destination, output_run, partial_path
@@ -41,6 +42,12 @@ class ConvertOptions:
     voxel_size : tuple of float, optional
         Overrides the header's voxel size (one value per spatial axis, or one for all),
         in ``unit`` (default: the header's unit).
+    assume_voxel_size : bool
+        Accept the placeholder of 1 ``unit`` per voxel for an input that records no
+        (valid) voxel size; without it, or ``voxel_size``, such an input is refused.
+    axes : str, optional
+        What each stored axis of the input is (``--axes zcyx``), for formats that do
+        not record it.
     max_levels : int, optional
         Cap on the number of pyramid levels.
     block_mib : float
@@ -56,6 +63,8 @@ class ConvertOptions:
     clevel: int = 5
     voxel_size: tuple[float, ...] | None = None
     unit: str | None = None
+    assume_voxel_size: bool = False
+    axes: str | None = None
     overwrite: bool = False
     max_levels: int | None = None
     block_mib: float = 64
@@ -86,11 +95,26 @@ def level_shards(shards: Sequence[int], chunks: Sequence[int], shape: Sequence[i
 
 
 def apply_voxel_size(volume: Volume, voxel_size: Sequence[float] | None,
-                     unit: str | None) -> Volume:
-    if voxel_size is None and unit is None:
-        return volume
+                     unit: str | None, assume: bool = False) -> Volume:
+    """``volume`` with the voxel size (and unit) the user gave; a volume whose file
+    records no usable voxel size is refused unless one is given or ``assume`` accepts the
+    placeholder.
+
+    Raises
+    ------
+    OptionError
+        Naming the file and both fixes (``--voxel-size``, ``--assume-voxel-size``), or a
+        ``--voxel-size`` with the wrong number of values.
+    """
+    if voxel_size is None:
+        if volume.voxel_size_problem and not assume:
+            raise OptionError(f"{volume.source}: {volume.voxel_size_problem}; "
+                              + VOXEL_SIZE_FIXES.format(unit=normalize_unit(unit or volume.unit)))
+        if unit is None:
+            return volume
+        return replace(volume, unit=normalize_unit(unit))
     n = len(volume.spatial_axes)
-    vs = tuple(voxel_size) if voxel_size is not None else volume.voxel_size
+    vs = tuple(voxel_size)
     if len(vs) == 1:
         vs = vs * n
     if len(vs) != n:
@@ -164,7 +188,8 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
     src, dst = Path(src), Path(dst)
     omezarr.zarr_format(options.ngff)
     omezarr.compressor(options.compression, options.clevel, 3, 1)
-    volume = apply_voxel_size(open_volume(src), options.voxel_size, options.unit)
+    volume = apply_voxel_size(open_volume(src, axes=options.axes), options.voxel_size,
+                              options.unit, options.assume_voxel_size)
     volume = attach_labels(volume, options.labels)
     check_destination(dst, options.overwrite, src,
                       sources=[Path(p) for _, p in options.labels])
@@ -179,8 +204,13 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
                 raise OptionError("--shards needs zarr v3, i.e. --ngff 0.5")
             shards = level_shards(per_axis(vol, options.shards, "--shards"), chunks, vol.shape)
             if any(sh % c for sh, c in zip(shards, chunks, strict=True)):
-                raise OptionError(f"--shards {options.shards}: each shard size must be a "
-                                  f"multiple of the chunk size {chunks}")
+                pairs = [(sh, c) for sh, c, a in zip(shards, chunks, vol.axes, strict=True)
+                         if a in "zyx"]
+                fixed = ",".join(str(max(c, sh // c * c)) for sh, c in pairs)
+                raise OptionError(f"--shards {','.join(map(str, options.shards))}: each shard "
+                                  "size must be a multiple of the chunk size "
+                                  f"{','.join(str(c) for _, c in pairs)}; use --shards {fixed} "
+                                  "or change --chunks")
         return Multiscale(vol, group, name, chunks, levels, method, shards)
 
     image = multiscale(volume, partial, src.name, "mean")

@@ -42,6 +42,7 @@ from engine.output import (
 from engine.pyramid import Level, plan_levels
 from engine.runner import RunState
 from engine.segment.refs import ArrayRef, Stored, to_dask
+from engine.segment.units import in_voxels, voxel_size_um
 from engine.segment.workflow import Workflow, load_workflow
 from engine.volume import Volume, select_channel
 
@@ -333,6 +334,8 @@ def plan_preprocess(src: str | Path, dst: str | Path, options: PreprocessOptions
     labels = _source_labels(src, options.labels, in_shape)
     voxel = tuple(v * n / m for v, n, m in zip(volume.voxel_size, in_shape, out_shape,
                                                strict=True))
+    if workflow is not None:  # sizes in µm, in voxels of the image the workflow sees
+        workflow = in_voxels(workflow, voxel, volume.unit)
     chunks = tuple(min(c, s) for c, s in zip(_spatial(volume, level0.chunks), out_shape,
                                              strict=True))
     block = tuple(options.block) if options.block else default_block(chunks, out_shape)
@@ -381,7 +384,8 @@ def _channel_image(plan: PreprocessPlan, k: int, client: Any,
         return ref
     work = plan.partial / ".work" / f"channel-{k}"
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state(k))
+    ctx = Context(client, work, plan.block_shape, progress, report, state=plan.state(k),
+                  voxel_size_um=voxel_size_um(plan.voxel_size, plan.unit))
     report(f"channel {channel.name}: workflow {plan.workflow.name!r}")
     return run_workflow(ctx, plan.workflow, ref)
 

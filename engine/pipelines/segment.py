@@ -32,7 +32,8 @@ from engine.pyramid import Level, plan_levels
 from engine.runner import RunState
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
-from engine.segment.workflow import Step, Workflow, load_workflow
+from engine.segment.units import in_voxels, voxel_size_um
+from engine.segment.workflow import Step, Workflow, load_workflow, parse_overrides
 from engine.volume import select_channel
 
 
@@ -46,6 +47,9 @@ class SegmentOptions:
     keep: tuple[str, ...] = ()
     block: tuple[int, ...] | None = None
     overwrite: bool = False
+    params: tuple[str, ...] = ()
+    """``--param KEY=VALUE``: a workflow parameter (``diameter_um=8``) or a step's
+    (``smooth.sigma=2``)."""
 
 
 @dataclass
@@ -93,7 +97,7 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
 
     src = Path(src)
     attrs, ngff = omezarr.read_image_attrs(src)
-    workflow = load_workflow(options.workflow)
+    workflow = load_workflow(options.workflow, overrides=parse_overrides(options.params))
     name = options.name
     check_output_name(name, "membranes")
     unknown = [k for k in options.keep if k not in {s.name for s in workflow.steps}]
@@ -104,6 +108,8 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
     data, axes, prefix = select_channel(volume, options.channel)
     if not 2 <= len(axes) <= 3:
         raise InputError(f"{src}: segmentation needs a 2D or 3D image, not axes {axes!r}")
+    # sizes given in µm become voxels of this image (checked like sizes written in voxels)
+    workflow = in_voxels(workflow, volume.voxel_size, volume.unit)
     for step in workflow.steps:
         c = step.params.get("connectivity")
         if c is not None and c > len(axes):
@@ -164,7 +170,8 @@ def run_segmentation(plan: SegmentPlan, client: Any,
     with output_run("segment", [dst], state=plan.state, scratch=[plan.keep_destination],
                     report=report, what="segmentation") as run:
         partial, keep_partial = run.partial(), run.partial(plan.keep_destination)
-        ctx = Context(client, run.work, plan.block_shape, progress, report, state=plan.state)
+        ctx = Context(client, run.work, plan.block_shape, progress, report, state=plan.state,
+                      voxel_size_um=voxel_size_um(plan.voxel_size, plan.unit))
         kept: list[Path] = []
 
         def keep(step: Step, ref: Any) -> None:

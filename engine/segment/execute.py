@@ -44,6 +44,9 @@ class Context:
     state: RunState | None = None
     """Done-markers of the block passes that write images: a re-run of the same plan
     skips their finished blocks (see ``engine.pipelines.segment``)."""
+    voxel_size_um: tuple[float, ...] | None = None
+    """The image's voxel size in µm per spatial axis (``None``: unknown, distances are then
+    measured in voxels)."""
 
     def new_progress(self) -> Any:
         return self.progress() if self.progress else None
@@ -374,10 +377,18 @@ def ex_edge_preserving(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
 
 def ex_filament(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     op = step.make_op()
-    l3_min = run_reduce(ctx, f"{step.name}-stats", FilamentStats(op.scales, op.slice_wise),
-                        [ref])
+    l3_min = run_reduce(ctx, f"{step.name}-stats",
+                        FilamentStats(op.scales, op.slice_wise, op.polarity), [ref])
     ctx.stats_log[step.name] = {"l3_min": [float(v) for v in l3_min]}
     return run_op(ctx, step.name, replace(op, l3_min=tuple(float(v) for v in l3_min)), [ref])
+
+
+def ex_distance_transform(ctx: Context, step: Step, mask: ArrayRef) -> ArrayRef:
+    sampling = ctx.voxel_size_um
+    if sampling is not None and len(sampling) != len(mask.shape):
+        raise OptionError(f"step {step.name!r}: voxel size {list(sampling)} does not match "
+                          f"the image's {len(mask.shape)} axes")
+    return run_op(ctx, step.name, step.make_op(sampling=sampling), [mask])
 
 
 def ex_graph_cut(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
@@ -580,6 +591,10 @@ def run_workflow(ctx: Context, wf: Workflow, raw: ArrayRef,
     relabelling is fused with writing the label pyramid. ``on_result`` is called for
     every step named in ``keep``.
     """
+    physical = [f"{s.name}.{p}" for s in wf.steps for p in s.physical]
+    if physical:
+        raise InputError(f"{wf.source}: {', '.join(physical)} in physical units: convert "
+                         "the workflow with the image's voxel size first (units.in_voxels)")
     values: dict[str, ArrayRef] = {RAW: raw}
     fused = {parent.name: step for step in wf.steps
              if (parent := _fusable_label(wf, step, keep)) is not None}
@@ -627,6 +642,9 @@ EXECUTORS: dict[str, Callable[..., Any]] = {
     "size_filter": ex_size_filter,
     "fill_holes": ex_fill_holes,
     "watershed": ex_watershed,
+    "distance_transform": ex_distance_transform,
+    "local_maxima": ex_block_op,
+    "h_maxima": ex_block_op,
     "graph_cut": ex_graph_cut,
     "combine": ex_combine,
     "invert": ex_invert,

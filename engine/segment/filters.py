@@ -51,11 +51,12 @@ from engine import stats
 from engine.blocks import Region
 from engine.errors import OptionError
 from engine.segment.blockops import BlockOp, BlockReduce, numpy_pad_mode
-from engine.segment.params import computed, param, slice_wise_doc
+from engine.segment.params import Sigma, computed, param, slice_wise_doc
 
 __all__ = [
-    "EdgePreserving", "EdgePreservingStats", "Filament", "FilamentStats", "Gamma", "Gaussian",
-    "ShapeIndex", "Spot", "UnsharpMask", "anisotropic_diffusion", "filament_l3_min",
+    "POLARITIES", "EdgePreserving", "EdgePreservingStats", "Filament", "FilamentStats", "Gamma",
+    "Gaussian", "ShapeIndex", "Spot", "UnsharpMask", "anisotropic_diffusion", "axis_sigmas",
+    "filament_l3_min",
     "filament_response", "gaussian_radius", "hessian_eigenvalues", "mean_sq_gradient",
     "shape_index", "spot_response", "vesselness",
 ]
@@ -90,14 +91,38 @@ def _per_axis(values: dict[int, int], ndim: int) -> tuple[int, ...]:
     return tuple(values.get(a, 0) for a in range(ndim))
 
 
+def axis_sigmas(sigma: Sigma, ndim: int, slice_wise: bool, what: str) -> dict[int, float]:
+    """Sigma per filtered axis (axes not filtered are absent).
+
+    ``sigma`` is one value for every filtered axis, or one per filtered axis ((z, y, x),
+    or (y, x) when slice-wise on a 3D image); :class:`OptionError` when the count differs.
+    """
+    axes = _axes(ndim, slice_wise, what)
+    if isinstance(sigma, tuple):
+        if len(sigma) != len(axes):
+            names = "".join("zyx"[a + 3 - ndim] for a in axes)
+            raise OptionError(f"{what} sigma {list(sigma)} has {len(sigma)} values, but the "
+                              f"filter runs along {len(axes)} axes ({', '.join(names)})")
+        return dict(zip(axes, sigma, strict=True))
+    return dict.fromkeys(axes, float(sigma))
+
+
+def _radius(sigma: Sigma, truncate: float, ndim: int, slice_wise: bool, what: str
+            ) -> dict[int, int]:
+    """Kernel radius per filtered axis."""
+    return {a: gaussian_radius(s, truncate)
+            for a, s in axis_sigmas(sigma, ndim, slice_wise, what).items()}
+
+
 _SCALES_DOC = ("List of [sigma, cutoff] pairs: the filter runs at each sigma (voxels, the "
-               "structure's radius) and its response is thresholded at cutoff; the masks of "
-               "all scales are combined with OR. Lower a cutoff to detect fainter structures.")
+               "structure's radius; one number, or a list with one per filtered axis) and "
+               "its response is thresholded at cutoff; the masks of all scales are combined "
+               "with OR. Lower a cutoff to detect fainter structures.")
 
 
 def _scales(doc: str = _SCALES_DOC) -> Any:
     """The required ``scales`` parameter of the spot and filament filters."""
-    return param("scales", doc=doc)
+    return param("scales", doc=doc, unit="length")
 
 
 # --------------------------------------------------------------------------- gaussian
@@ -130,7 +155,7 @@ class Gaussian(BlockOp):
     """
 
     sigma: float | tuple[float, ...] = param(
-        "float_or_floats", minimum=0, exclusive_minimum=True,
+        "float_or_floats", minimum=0, exclusive_minimum=True, unit="length",
         doc="Standard deviation in voxels; one number, or one per axis (z, y, x).")
     truncate: float = param("float", 4.0, minimum=0, exclusive_minimum=True,
                             doc="Kernel radius in standard deviations (sets the halo).")
@@ -144,15 +169,7 @@ class Gaussian(BlockOp):
 
     def _sigmas(self, ndim: int) -> dict[int, float]:
         """Sigma per filtered axis (axes not filtered are absent)."""
-        axes = _axes(ndim, self.slice_wise, "gaussian")
-        if isinstance(self.sigma, tuple):
-            if len(self.sigma) != len(axes):
-                names = "".join("zyx"[a + 3 - ndim] for a in axes)
-                raise OptionError(f"gaussian sigma {list(self.sigma)} has {len(self.sigma)} "
-                                  f"values, but the filter runs along {len(axes)} axes "
-                                  f"({', '.join(names)})")
-            return dict(zip(axes, self.sigma, strict=True))
-        return dict.fromkeys(axes, self.sigma)
+        return axis_sigmas(self.sigma, ndim, self.slice_wise, "gaussian")
 
     def halo(self, ndim: int) -> tuple[int, ...]:
         return _per_axis({a: gaussian_radius(s, self.truncate)
@@ -372,25 +389,31 @@ class EdgePreservingStats(BlockReduce):
 # --------------------------------------------------------------------------- spot
 
 
-def spot_response(image: np.ndarray, sigma: float, slice_wise: bool = False) -> np.ndarray:
+def spot_response(image: np.ndarray, sigma: Sigma, slice_wise: bool = False) -> np.ndarray:
     """Scale-normalised negative Laplacian of Gaussian, ``-sigma^2 LoG(image)``; float64.
 
     The Allen segmenter's ``dot_3d`` / ``dot_2d``: :func:`scipy.ndimage.gaussian_laplace`
     with its defaults (``mode="reflect"``, ``truncate=4.0``) on the image in float64; with
     ``slice_wise`` the 2D Laplacian (y, x) of each z-plane (``dot_slice_by_slice``).
+
+    With one sigma per filtered axis the response is ``-sum_a sigma_a^2 d^2/dx_a^2 G``,
+    each second derivative normalised by its own axis's sigma: for sigmas that are one
+    physical sigma divided by the voxel size, that is the isotropic scale-normalised LoG
+    in physical space (the same response on any voxel grid).
     """
     x = np.asarray(image, dtype=np.float64)
-    axes = _axes(x.ndim, slice_wise, "spot")
-    if len(axes) == x.ndim:
-        log = ndi.gaussian_laplace(x, sigma, mode="reflect")
-    else:
-        # per-plane 2D LoG: second Gaussian derivatives along y and x, sigma 0 (skipped) on z
-        sig = [sigma if a in axes else 0.0 for a in range(x.ndim)]
-        log = np.zeros_like(x)
-        for a in axes:
-            order = [2 if b == a else 0 for b in range(x.ndim)]
-            log += ndi.gaussian_filter(x, sig, order=order, mode="reflect")
-    return -(sigma ** 2) * log
+    sig = axis_sigmas(sigma, x.ndim, slice_wise, "spot")
+    if len(sig) == x.ndim and not isinstance(sigma, tuple):
+        return -(float(sigma) ** 2) * ndi.gaussian_laplace(x, float(sigma), mode="reflect")
+    # second Gaussian derivatives along the filtered axes, sigma 0 (skipped) elsewhere
+    sigmas = [sig.get(a, 0.0) for a in range(x.ndim)]
+    out = np.zeros_like(x)
+    for a, s in sig.items():
+        order = [2 if b == a else 0 for b in range(x.ndim)]
+        d2 = ndi.gaussian_filter(x, sigmas, order=order, mode="reflect")
+        out += d2 if not isinstance(sigma, tuple) else s ** 2 * d2
+    # one sigma: normalised once, as the Allen segmenter does
+    return -(float(sigma) ** 2) * out if not isinstance(sigma, tuple) else -out
 
 
 @dataclass(frozen=True)
@@ -412,7 +435,7 @@ class Spot(BlockOp):
         2D filter on each z-plane.
     """
 
-    scales: tuple[tuple[float, float], ...] = _scales()
+    scales: tuple[tuple[Sigma, float], ...] = _scales()
     slice_wise: bool = param("bool", False, doc=slice_wise_doc())
 
     @property
@@ -424,8 +447,8 @@ class Spot(BlockOp):
         return np.dtype(bool)
 
     def halo(self, ndim: int) -> tuple[int, ...]:
-        r = max(gaussian_radius(s, LOG_TRUNCATE) for s, _ in self.scales)
-        return _per_axis(dict.fromkeys(_axes(ndim, self.slice_wise, "spot"), r), ndim)
+        radii = [_radius(s, LOG_TRUNCATE, ndim, self.slice_wise, "spot") for s, _ in self.scales]
+        return _per_axis({a: max(r[a] for r in radii) for a in radii[0]}, ndim)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         mask = np.zeros(image.shape, bool)
@@ -442,7 +465,7 @@ class Spot(BlockOp):
 # --------------------------------------------------------------------------- filament
 
 
-def hessian_eigenvalues(image: np.ndarray, sigma: float, slice_wise: bool = False,
+def hessian_eigenvalues(image: np.ndarray, sigma: Sigma, slice_wise: bool = False,
                         truncate: float = HESSIAN_TRUNCATE) -> np.ndarray:
     """Scale-normalised Hessian eigenvalues, sorted by absolute value; float64.
 
@@ -458,6 +481,10 @@ def hessian_eigenvalues(image: np.ndarray, sigma: float, slice_wise: bool = Fals
     and what makes the result independent of the block layout). Voxels >= 2 from the edge
     are unaffected.
 
+    With one sigma per filtered axis, ``H_ab`` is scaled by ``sigma_a * sigma_b``: for
+    sigmas that are one physical sigma over the voxel size, that is the physical Hessian
+    times the physical sigma squared (the same eigenvalues on any voxel grid).
+
     Returns
     -------
     ndarray of float64, shape ``image.shape + (k,)`` with ``k`` the number of filtered axes
@@ -465,17 +492,20 @@ def hessian_eigenvalues(image: np.ndarray, sigma: float, slice_wise: bool = Fals
     """
     x = np.asarray(image, dtype=np.float64)
     ndim = x.ndim
-    axes = _axes(ndim, slice_wise, "filament")
+    sig = axis_sigmas(sigma, ndim, slice_wise, "filament")
+    axes = tuple(sig)
     k = len(axes)
     x = np.pad(x, [(2, 2) if a in axes else (0, 0) for a in range(ndim)], mode="edge")
-    smooth = ndi.gaussian_filter(x, [sigma if a in axes else 0.0 for a in range(ndim)],
+    smooth = ndi.gaussian_filter(x, [sig.get(a, 0.0) for a in range(ndim)],
                                  mode="nearest", truncate=truncate)
     core = tuple(slice(2, -2) if a in axes else slice(None) for a in range(ndim))
     grads = [np.gradient(smooth, axis=a) for a in axes]
     hess = np.empty(image.shape + (k, k))
     for p in range(k):
         for q in range(p, k):
-            h = np.gradient(grads[p], axis=axes[q])[core] * sigma ** 2
+            scale = sigma ** 2 if not isinstance(sigma, tuple) else \
+                sig[axes[p]] * sig[axes[q]]
+            h = np.gradient(grads[p], axis=axes[q])[core] * scale
             hess[..., p, q] = h
             hess[..., q, p] = h
     eig = np.empty(image.shape + (k,))
@@ -516,22 +546,43 @@ def vesselness(eigenvalues: np.ndarray, tau: float, l3_min: float) -> np.ndarray
     return r
 
 
-def filament_response(image: np.ndarray, sigma: float, tau: float, l3_min: float,
-                      slice_wise: bool = False) -> np.ndarray:
-    """Vesselness of one scale (:func:`hessian_eigenvalues` then :func:`vesselness`)."""
-    return vesselness(hessian_eigenvalues(image, sigma, slice_wise), tau, l3_min)
+POLARITIES = ("bright", "dark")
+"""Structures a filament filter looks for: brighter or darker than their surroundings."""
 
 
-def filament_l3_min(image: np.ndarray, sigma: float, slice_wise: bool = False) -> float:
+def _oriented(image: np.ndarray, polarity: str) -> np.ndarray:
+    """The image with the sought structures bright: negated for dark ones (float64)."""
+    x = np.asarray(image, dtype=np.float64)
+    return -x if polarity == "dark" else x
+
+
+def filament_response(image: np.ndarray, sigma: Sigma, tau: float, l3_min: float,
+                      slice_wise: bool = False, polarity: str = "bright") -> np.ndarray:
+    """Vesselness of one scale (:func:`hessian_eigenvalues` then :func:`vesselness`);
+    ``polarity="dark"`` finds dark filaments (the vesselness of the negated image)."""
+    return vesselness(hessian_eigenvalues(_oriented(image, polarity), sigma, slice_wise),
+                      tau, l3_min)
+
+
+def filament_l3_min(image: np.ndarray, sigma: Sigma, slice_wise: bool = False,
+                    polarity: str = "bright") -> float:
     """Whole-array ``min(lambda_3)`` of one scale (what :class:`FilamentStats` reduces)."""
-    return float(hessian_eigenvalues(image, sigma, slice_wise)[..., -1].min())
+    return float(hessian_eigenvalues(_oriented(image, polarity), sigma,
+                                     slice_wise)[..., -1].min())
 
 
-def _filament_halo(scales: tuple[tuple[float, float], ...], ndim: int,
+def _filament_halo(scales: tuple[tuple[Sigma, float], ...], ndim: int,
                    slice_wise: bool) -> tuple[int, ...]:
     # Gaussian support plus 2: the Hessian is a central difference of central differences
-    r = max(gaussian_radius(s, HESSIAN_TRUNCATE) for s, _ in scales) + 2
-    return _per_axis(dict.fromkeys(_axes(ndim, slice_wise, "filament"), r), ndim)
+    radii = [_radius(s, HESSIAN_TRUNCATE, ndim, slice_wise, "filament") for s, _ in scales]
+    return _per_axis({a: max(r[a] for r in radii) + 2 for a in radii[0]}, ndim)
+
+
+def _polarity() -> Any:
+    return param("str", "bright", choices=POLARITIES,
+                 doc="bright: structures brighter than their surroundings (fluorescence, "
+                     "contrast-inverted tomograms); dark: darker ones (membranes and "
+                     "microtubules in an ordinary electron tomogram).")
 
 
 @dataclass(frozen=True)
@@ -541,8 +592,9 @@ class Filament(BlockOp):
     The Allen segmenter's ``filament_3d_wrapper`` (3D, :func:`vesselness` on
     :func:`hessian_eigenvalues`) and ``filament_2d_wrapper`` (2D images, and each z-plane
     with ``slice_wise``), generalised to any ``tau`` as ``vesselness3D``/``vesselness2D``
-    (the wrappers fix ``tau = 1``). Bright filaments on a dark background; negate the image
-    first for dark ones.
+    (the wrappers fix ``tau = 1``). Bright filaments on a dark background, or with
+    ``polarity="dark"`` dark ones on a bright background (the vesselness of the negated
+    image: membranes and microtubules in an ordinary electron tomogram).
 
     ``tau * min(lambda_3)`` is a whole-image statistic: run :class:`FilamentStats` over all
     blocks first and pass its result as ``l3_min``. Slice-wise, Allen takes the minimum
@@ -562,16 +614,19 @@ class Filament(BlockOp):
         Lower values raise the response of weak filaments.
     slice_wise : bool
         2D filter on each z-plane.
+    polarity : str
+        ``"bright"`` or ``"dark"`` structures.
     l3_min : tuple of float or None
         Whole-image ``min(lambda_3)`` per scale, from :class:`FilamentStats`; required to run.
     """
 
-    scales: tuple[tuple[float, float], ...] = _scales()
+    scales: tuple[tuple[Sigma, float], ...] = _scales()
     tau: float = param("float", 1.0, minimum=0, maximum=1, exclusive_minimum=True,
                        doc="Response uniformity (Jerman's tau): lower values give a more "
                            "uniform response along the structure and at junctions.")
     slice_wise: bool = param("bool", False, doc=slice_wise_doc())
     l3_min: tuple[float, ...] | None = computed()
+    polarity: str = _polarity()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -598,12 +653,13 @@ class Filament(BlockOp):
     def __call__(self, image: np.ndarray) -> np.ndarray:
         mask = np.zeros(image.shape, bool)
         for (sigma, cutoff), m in zip(self.scales, self._l3(), strict=True):
-            mask |= filament_response(image, sigma, self.tau, m, self.slice_wise) > cutoff
+            mask |= filament_response(image, sigma, self.tau, m, self.slice_wise,
+                                      self.polarity) > cutoff
         return mask
 
     def response(self, image: np.ndarray) -> np.ndarray:
         """Maximum vesselness over the scales (float32), for choosing cutoffs by eye."""
-        return np.max([filament_response(image, s, self.tau, m, self.slice_wise)
+        return np.max([filament_response(image, s, self.tau, m, self.slice_wise, self.polarity)
                        for (s, _), m in zip(self.scales, self._l3(), strict=True)],
                       axis=0).astype(np.float32)
 
@@ -618,8 +674,9 @@ class FilamentStats(BlockReduce):
     image, for any block layout.
     """
 
-    scales: tuple[tuple[float, float], ...] = _scales()
+    scales: tuple[tuple[Sigma, float], ...] = _scales()
     slice_wise: bool = param("bool", False, doc=slice_wise_doc())
+    polarity: str = _polarity()
 
     @property
     def pad_mode(self) -> str:
@@ -629,7 +686,8 @@ class FilamentStats(BlockReduce):
         return _filament_halo(self.scales, ndim, self.slice_wise)
 
     def partial(self, crop: Region, image: np.ndarray) -> tuple[float, ...]:
-        return tuple(float(hessian_eigenvalues(image, s, self.slice_wise)[crop][..., -1].min())
+        x = _oriented(image, self.polarity)
+        return tuple(float(hessian_eigenvalues(x, s, self.slice_wise)[crop][..., -1].min())
                      for s, _ in self.scales)
 
     def merge(self, a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
@@ -704,16 +762,19 @@ class UnsharpMask(BlockOp):
 
     Parameters
     ----------
-    radius : float
-        Standard deviation of the Gaussian blur in voxels (scikit-image's ``radius``).
+    radius : float or tuple of float
+        Standard deviation of the Gaussian blur in voxels (scikit-image's ``radius``), one
+        per filtered axis if a tuple.
     amount : float
         Gain of the detail ``x - blur(x)``; 0 returns the image, negative values blur.
     slice_wise : bool
         Sharpen each z-plane separately.
     """
 
-    radius: float = param("float", 1.0, minimum=0, exclusive_minimum=True,
-                          doc="Standard deviation of the Gaussian blur in voxels.")
+    radius: float | tuple[float, ...] = param(
+        "float_or_floats", 1.0, minimum=0, exclusive_minimum=True, unit="length",
+        doc="Standard deviation of the Gaussian blur in voxels; one number, or one per "
+            "axis (z, y, x).")
     amount: float = param("float", 1.0,
                           doc="Gain of the details (x - blur); MISIC's handbook uses 2 for "
                               "fluorescence.")
@@ -724,14 +785,13 @@ class UnsharpMask(BlockOp):
         return "symmetric"
 
     def halo(self, ndim: int) -> tuple[int, ...]:
-        axes = _axes(ndim, self.slice_wise, "unsharp_mask")
-        return _per_axis(dict.fromkeys(axes, gaussian_radius(self.radius, SKIMAGE_TRUNCATE)),
-                         ndim)
+        return _per_axis(_radius(self.radius, SKIMAGE_TRUNCATE, ndim, self.slice_wise,
+                                 "unsharp_mask"), ndim)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         x = _float_like_skimage(image)
-        axes = _axes(x.ndim, self.slice_wise, "unsharp_mask")
-        sigma = [self.radius if a in axes else 0.0 for a in range(x.ndim)]
+        sig = axis_sigmas(self.radius, x.ndim, self.slice_wise, "unsharp_mask")
+        sigma = [sig.get(a, 0.0) for a in range(x.ndim)]
         blurred = ndi.gaussian_filter(x, sigma, mode="reflect", truncate=SKIMAGE_TRUNCATE)
         # scikit-image's order of operations, so float32 results match it bit for bit
         return (x + (x - blurred) * self.amount).astype(np.float32, copy=False)

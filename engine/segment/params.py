@@ -30,13 +30,26 @@ import numpy as np
 from engine.errors import OptionError
 
 __all__ = [
-    "PARAM_TYPES", "REQUIRED", "Param", "build", "check_declared", "computed", "declared",
-    "field_names", "param", "show", "slice_wise_doc", "suggest", "type_name",
-    "undeclared_fields",
+    "PARAM_TYPES", "REQUIRED", "UNITS", "Param", "Sigma", "build", "check_declared", "computed",
+    "declared", "field_names", "param", "physical_name", "show", "slice_wise_doc", "suggest",
+    "type_name", "undeclared_fields",
 ]
 
 PARAM_TYPES = ("float", "int", "bool", "str", "floats", "scales", "float_or_floats")
 """Types a :class:`Param` may declare."""
+
+UNITS: dict[str | None, str] = {None: "", "length": "_um", "volume": "_um3"}
+"""Physical kinds of a size parameter -> suffix of its physical-unit name."""
+
+# a length may differ per axis on anisotropic voxels: one value per axis, or the largest
+# (an integer halo); a volume is one number
+_UNIT_TYPES = {"length": ("int", "float_or_floats", "scales"), "volume": ("int", "float")}
+
+
+def physical_name(spec: Param) -> str | None:
+    """The name under which a workflow gives ``spec`` in µm (``sigma_um``) or µm³
+    (``min_size_um3``); ``None`` when the parameter is no size."""
+    return spec.name + UNITS[spec.unit] if spec.unit else None
 
 
 class _Required:
@@ -134,20 +147,40 @@ def _items(value: Any) -> tuple[Any, ...] | None:
         value, str | bytes) else None
 
 
+Sigma = float | tuple[float, ...]
+"""A Gaussian sigma: one value for every filtered axis, or one per filtered axis."""
+
+
+def _sigma(value: Any) -> Sigma | None:
+    """A sigma as written (a number, or a list of numbers one per axis), all finite and
+    > 0, as a float or a tuple of floats; ``None`` if it is not one."""
+    values = _items(value)
+    if values is None:
+        values = (value,)
+    if not values or not all(_is_real(v) for v in values):
+        return None
+    out = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        return None
+    return out if _items(value) is not None else out[0]
+
+
 def _scale_pairs(items: Sequence[Any], subject: str, shown: Callable[[Any], str],
-                 error: type[Exception], hint: str = "") -> tuple[tuple[float, float], ...]:
-    """``[sigma, cutoff]`` pairs as float tuples: sigma > 0, cutoff >= 0, both finite.
+                 error: type[Exception], hint: str = "") -> tuple[tuple[Sigma, float], ...]:
+    """``[sigma, cutoff]`` pairs as tuples: sigma > 0 (a number, or a list of numbers one
+    per filtered axis), cutoff >= 0, all finite.
 
     Raises ``error`` naming ``subject``, the item and the value (as ``shown`` writes it).
     """
     pairs = []
     for i, item in enumerate(items):
         pair = _items(item)
-        if pair is None or len(pair) != 2 or not all(_is_real(v) for v in pair):
-            raise error(f"{subject} item {i + 1} must be a [sigma, cutoff] pair of numbers, "
-                        f"got {shown(item)}{hint}")
-        sigma, cutoff = float(pair[0]), float(pair[1])
-        if not (math.isfinite(sigma) and sigma > 0):
+        if pair is None or len(pair) != 2 or not _is_real(pair[1]) or not (
+                _is_real(pair[0]) or _items(pair[0]) is not None):
+            raise error(f"{subject} item {i + 1} must be a [sigma, cutoff] pair of numbers "
+                        f"(sigma may be a list, one per axis), got {shown(item)}{hint}")
+        sigma, cutoff = _sigma(pair[0]), float(pair[1])
+        if sigma is None:
             raise error(f"{subject} item {i + 1}: sigma must be > 0, got {shown(pair[0])}")
         if not (math.isfinite(cutoff) and cutoff >= 0):
             raise error(f"{subject} item {i + 1}: cutoff must be >= 0, got {shown(pair[1])}")
@@ -193,6 +226,11 @@ class Param:
         Allowed lengths of a ``"floats"`` list; ``None``: any non-empty length.
     doc : str
         One or two sentences: meaning, unit, when to change it.
+    unit : str or None
+        ``"length"`` or ``"volume"`` for a size in voxels that a workflow may also give in
+        physical units, as ``NAME_um`` (a length in µm) or ``NAME_um3`` (a volume in µm³);
+        see :func:`physical_name` and :mod:`engine.segment.units`. ``None``: voxels only
+        (or no size at all).
     """
 
     name: str
@@ -206,10 +244,16 @@ class Param:
     nullable: bool = False
     lengths: tuple[int, ...] | None = None
     doc: str = ""
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
             raise ValueError(f"unknown parameter type {self.type!r}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown parameter unit {self.unit!r}")
+        if self.unit and self.type not in _UNIT_TYPES[self.unit]:
+            raise ValueError(f"a {self.unit} takes one of {_UNIT_TYPES[self.unit]}, not "
+                             f"{self.type!r}")
         if self.default is not REQUIRED:
             object.__setattr__(self, "default", self.check(self.default))
 
@@ -252,7 +296,8 @@ class Param:
             else:
                 text = "a non-empty list of numbers"
         elif self.type == "scales":
-            text = "a list of [sigma, cutoff] pairs, e.g. [[1, 0.04]]"
+            text = ("a list of [sigma, cutoff] pairs, e.g. [[1, 0.04]] (sigma may be one "
+                    "number per axis, e.g. [[[0.5, 1, 1], 0.04]])")
         else:
             text = "a number or a list of numbers (one per axis)"
         if self.nullable:
@@ -425,7 +470,7 @@ class Param:
         return x
 
     def _convert_scales(self, items: tuple[Any, ...] | None, value: Any, subject: str
-                        ) -> tuple[tuple[float, float], ...]:
+                        ) -> tuple[tuple[Sigma, float], ...]:
         if items is None:
             raise OptionError(f"{subject} must be a sequence of [sigma, cutoff] pairs, "
                               f"got {value!r}")
@@ -455,7 +500,8 @@ def param(type: str, default: Any = REQUIRED, *, doc: str, name: str = "",
           step_default: Any = _SAME, minimum: float | None = None,
           maximum: float | None = None, exclusive_minimum: bool = False,
           exclusive_maximum: bool = False, choices: tuple[str, ...] | None = None,
-          nullable: bool = False, lengths: tuple[int, ...] | None = None) -> Any:
+          nullable: bool = False, lengths: tuple[int, ...] | None = None,
+          unit: str | None = None) -> Any:
     """A dataclass field that is a step parameter; the arguments are those of :class:`Param`.
 
     Parameters
@@ -463,7 +509,7 @@ def param(type: str, default: Any = REQUIRED, *, doc: str, name: str = "",
     type, default, doc
         As :class:`Param`; ``default`` is also the field's default (normalized), and a
         :data:`REQUIRED` parameter is a field without default.
-    minimum, maximum, exclusive_minimum, exclusive_maximum, choices, nullable, lengths
+    minimum, maximum, exclusive_minimum, exclusive_maximum, choices, nullable, lengths, unit
         As :class:`Param`.
     name : str
         The parameter's name in workflow files; default: the field's name.
@@ -477,7 +523,7 @@ def param(type: str, default: Any = REQUIRED, *, doc: str, name: str = "",
     spec = Param(name, type, default if step_default is _SAME else step_default,
                  minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum,
                  exclusive_maximum=exclusive_maximum, choices=choices, nullable=nullable,
-                 lengths=lengths, doc=doc)
+                 lengths=lengths, doc=doc, unit=unit)
     # the field's default, normalized as the step's (ints to floats, lists to tuples)
     default = spec.default if step_default is _SAME else replace(spec, default=default).default
     if default is REQUIRED:

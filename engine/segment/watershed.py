@@ -68,7 +68,7 @@ class SeededWatershed(BlockOp):
     compactness: float = param("float", 0.0, minimum=0,
                                doc="Compact watershed; 0 is the classic watershed, higher "
                                    "gives rounder regions.")
-    halo_size: int = param("int", 32, name="halo", minimum=0,
+    halo_size: int = param("int", 32, name="halo", minimum=0, unit="length",
                            doc="Context (voxels) read around each block; regions growing "
                                "farther than this from their marker may be cut at block "
                                "borders.")

@@ -36,7 +36,7 @@ import math
 import re
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ import yaml
 
 from engine.errors import InputError
 from engine.segment.blockops import BlockOp
+from engine.segment.distance import DistanceTransform
+from engine.segment.expressions import substitute
 from engine.segment.filters import (
     EdgePreserving,
     Filament,
@@ -55,16 +57,19 @@ from engine.segment.filters import (
 )
 from engine.segment.graphcut import GraphCut
 from engine.segment.params import (
+    REQUIRED,
     Param,
     build,
     declared,
+    physical_name,
     show,
     slice_wise_doc,
     suggest,
     type_name,
 )
+from engine.segment.seeds import HMaxima, LocalMaxima
 from engine.segment.watershed import SeededWatershed
-from engine.yamlfile import read_yaml
+from engine.yamlfile import parse_yaml, read_yaml
 
 __all__ = [
     "KINDS",
@@ -76,6 +81,7 @@ __all__ = [
     "Workflow",
     "describe_steps",
     "load_workflow",
+    "parse_overrides",
     "parse_workflow",
     "preset_path",
 ]
@@ -86,7 +92,7 @@ RAW = "raw"
 KINDS = ("image", "mask", "labels")
 """Kinds of the values flowing between steps: float image, bool mask, unsigned labels."""
 
-TOP_LEVEL_KEYS = ("name", "description", "steps", "output")
+TOP_LEVEL_KEYS = ("name", "description", "parameters", "steps", "output")
 STEP_KEYS = ("name", "function", "parameters", "inputs")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -358,7 +364,7 @@ _STEP_LIST = [
         [Param("global_method", "str", "ave_tri_med",
                choices=("triangle", "median", "ave_tri_med"),
                doc="The global (first-pass) threshold."),
-         Param("object_min_size", "int", 1200, minimum=0,
+         Param("object_min_size", "int", 1200, minimum=0, unit="volume",
                doc="Objects of the first pass smaller than this (voxels) are dropped."),
          Param("local_adjust", "float", 0.98, minimum=0, exclusive_minimum=True,
                doc="Multiplies each object's local Otsu threshold: lower keeps more."),
@@ -378,8 +384,9 @@ _STEP_LIST = [
         Remove objects smaller than min_size or larger than max_size (voxels). On a mask
         the objects are its connected components; on labels, each label.
         """,
-        [Param("min_size", "int", 0, minimum=0, doc="Smallest object kept (voxels)."),
-         Param("max_size", "int", None, minimum=0, nullable=True,
+        [Param("min_size", "int", 0, minimum=0, unit="volume",
+               doc="Smallest object kept (voxels)."),
+         Param("max_size", "int", None, minimum=0, nullable=True, unit="volume",
                doc="Largest object kept (voxels); null: no upper limit."),
          _connectivity("Connectivity of the components of a mask input (ignored for "
                        "labels)."),
@@ -392,8 +399,9 @@ _STEP_LIST = [
         Fill holes of a mask whose size is between min_size and max_size (voxels); a hole is
         a background component not connected to the border.
         """,
-        [Param("min_size", "int", 0, minimum=0, doc="Smallest hole filled (voxels)."),
-         Param("max_size", "int", minimum=0,
+        [Param("min_size", "int", 0, minimum=0, unit="volume",
+               doc="Smallest hole filled (voxels)."),
+         Param("max_size", "int", minimum=0, unit="volume",
                doc="Largest hole filled (voxels); larger holes are kept (e.g. lumens)."),
          _slice_wise("hole filling"),
          _connectivity("Connectivity of the background components (holes).")],
@@ -406,6 +414,34 @@ _STEP_LIST = [
         """,
         SeededWatershed,
         [("image",), ("labels",), ("mask",)], "labels", min_inputs=2, max_inputs=3),
+    _spec(
+        "distance_transform",
+        """
+        Euclidean distance of each mask voxel to the nearest background voxel, in µm (the
+        image's voxel size, per axis), capped at max_distance_um: exactly scipy's
+        distance_transform_edt with that sampling, capped. The distance's ridges are the
+        centres of objects: seeds for splitting touching ones by watershed.
+        """,
+        DistanceTransform,
+        [("mask",)], "image"),
+    _spec(
+        "local_maxima",
+        """
+        Seeds: voxels that are the maximum of an ellipsoid of radius min_distance around
+        them (and above min_value). Exact blockwise. Follow with label (connectivity 3) to
+        give each seed an id.
+        """,
+        LocalMaxima,
+        [("image",)], "mask"),
+    _spec(
+        "h_maxima",
+        """
+        Seeds: regional maxima rising at least h above their surroundings (scikit-image's
+        h_maxima). A global reconstruction, computed per block with a halo: agrees with the
+        whole-image result where the maxima are decided within the halo. Follow with label.
+        """,
+        HMaxima,
+        [("image",)], "mask"),
     _spec(
         "graph_cut",
         """
@@ -495,6 +531,13 @@ class Step:
         """The catalogue entry of :attr:`function`."""
         return STEPS[self.function]
 
+    @property
+    def physical(self) -> dict[str, Param]:
+        """The size parameters given in physical units (name as given -> declaration);
+        :func:`engine.segment.units.in_voxels` converts them."""
+        return {physical_name(p): p for p in self.spec.params.values()
+                if p.unit and physical_name(p) in self.params}
+
     def make_op(self, **computed: Any) -> BlockOp:
         """The block operation of the step, built from :attr:`params` and the ``computed``
         fields (whole-image statistics, properties of the inputs) of its op class.
@@ -506,6 +549,10 @@ class Step:
         """
         if self.spec.op is None:
             raise KeyError(f"step {self.name!r} ({self.function}) runs no block operation")
+        if self.physical:
+            raise InputError(f"step {self.name!r} ({self.function}) gives "
+                             f"{', '.join(self.physical)} in physical units: convert the "
+                             "workflow with the image's voxel size first (units.in_voxels)")
         return build(self.spec.op, self.params, **computed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -538,6 +585,8 @@ class Workflow:
     steps: tuple[Step, ...]
     output: str
     source: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """The top-level parameters, overrides applied (already substituted in the steps)."""
 
     def step(self, name: str) -> Step:
         """The step called ``name``.
@@ -562,8 +611,11 @@ class Workflow:
 
     def to_dict(self) -> dict[str, Any]:
         """The workflow as a mapping that :func:`parse_workflow` loads back unchanged."""
-        return {"name": self.name, "description": self.description,
-                "steps": [s.to_dict() for s in self.steps], "output": self.output}
+        out = {"name": self.name, "description": self.description,
+               "steps": [s.to_dict() for s in self.steps], "output": self.output}
+        if self.parameters:
+            out["parameters"] = dict(self.parameters)
+        return out
 
     def to_yaml(self) -> str:
         """:meth:`to_dict` as YAML text (all parameters explicit)."""
@@ -622,6 +674,18 @@ def _where(index: int, name: Any, function: Any) -> str:
     return label
 
 
+def physical_param(param: Param) -> Param:
+    """The declaration of a size parameter given in physical units (``sigma_um``): its
+    own name, a number (not only an integer) for a size in voxels, and only the sign of
+    its bounds (a bound in voxels, as ``>= 1``, is checked once converted)."""
+    positive = param.minimum is not None and (param.minimum > 0 or param.exclusive_minimum)
+    return replace(param, name=physical_name(param),
+                   type="float" if param.type == "int" else param.type, default=REQUIRED,
+                   unit=None,
+                   minimum=None if param.minimum is None else 0.0,
+                   exclusive_minimum=positive, maximum=None, exclusive_maximum=False)
+
+
 def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
                   ) -> dict[str, Any] | None:
     """Validated parameters with defaults filled, or ``None`` after reporting problems."""
@@ -633,27 +697,45 @@ def _check_params(spec: StepSpec, raw: Any, where: _Draft, problems: _Problems
         return None
     ok = True
     values: dict[str, Any] = {}
+    physical = {physical_name(p): p for p in spec.params.values() if p.unit}
     for key in raw:
-        if key not in spec.params:
-            known = ", ".join(spec.params) or "none"
-            problems.add(f"unknown parameter {key!r}{suggest(key, spec.params)}; "
-                         f"{spec.id} takes: {known}", where)
+        if key not in spec.params and key not in physical:
+            known = ", ".join([*spec.params, *physical]) or "none"
+            problems.add(f"unknown parameter {key!r}"
+                         f"{suggest(key, [*spec.params, *physical])}; {spec.id} takes: "
+                         f"{known}", where)
             ok = False
+    in_um = False  # a size given in physical units: its rules wait for the conversion
     for name, param in spec.params.items():
-        if name in raw:
+        phys = physical_name(param)
+        if phys in raw and name in raw:
+            problems.add(f"give {name!r} (voxels) or {phys!r} (physical units), not both",
+                         where)
+            ok = False
+        elif phys in raw:
+            try:
+                values[phys] = physical_param(param).check(raw[phys])
+            except ValueError as exc:
+                problems.add(str(exc), where)
+                ok = False
+            in_um = True
+        elif name in raw:
             try:
                 values[name] = param.check(raw[name])
             except ValueError as exc:
                 problems.add(str(exc), where)
                 ok = False
         elif param.required:
-            problems.add(f"missing required parameter {name!r} ({param.type_text()})", where)
+            alt = f" or {phys!r}" if phys else ""
+            problems.add(f"missing required parameter {name!r}{alt} ({param.type_text()})",
+                         where)
             ok = False
         else:
             values[name] = param.default
     if not ok:
         return None
-    rule_problems = spec.check(values)
+    # sizes in physical units are checked against the rules once converted to voxels
+    rule_problems = [] if in_um else spec.check(values)
     for message in rule_problems:
         problems.add(message, where)
     return None if rule_problems else values
@@ -771,8 +853,85 @@ def _topological(drafts: list[_Draft]) -> list[_Draft]:
     return order
 
 
+def parse_overrides(items: Sequence[str], option: str = "--param") -> dict[str, Any]:
+    """``KEY=VALUE`` options as a mapping for :func:`parse_workflow`'s ``overrides``;
+    values are parsed as YAML (``8``, ``[1, 2, 2]``, ``otsu``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise InputError(f"{option} {item!r}: expected KEY=VALUE, e.g. diameter_um=8 "
+                             "(a workflow parameter) or smooth.sigma=2 (STEP.PARAM)")
+        out[key] = parse_yaml(text, f"{option} {item!r}")
+    return out
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _parameters(data: Mapping[str, Any], overrides: Mapping[str, Any],
+                problems: _Problems) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The workflow's top-level parameters with ``overrides`` applied, and the overrides
+    of step parameters (``STEP.PARAM``) by step name."""
+    declared_values = data.get("parameters") or {}
+    values: dict[str, Any] = {}
+    if not isinstance(declared_values, Mapping):
+        problems.add(f"'parameters' must be a mapping of name: number, got "
+                     f"{show(declared_values)}")
+        declared_values = {}
+    for key, value in declared_values.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            problems.add(f"parameter name {show(key)} must be a name (letters, digits, '_')")
+        elif not _finite_number(value):
+            problems.add(f"parameter {key!r} must be a finite number, got {show(value)}")
+        else:
+            values[key] = value
+    per_step: dict[str, dict[str, Any]] = {}
+    step_names = [e.get("name") for e in data.get("steps") or []
+                  if isinstance(e, Mapping) and isinstance(e.get("name"), str)]
+    for key, value in overrides.items():
+        if "." in key:
+            step, _, name = key.partition(".")
+            if step not in step_names:
+                problems.add(f"--param {key}: no step {step!r}{suggest(step, step_names)} "
+                             f"(steps: {', '.join(step_names)})")
+            else:
+                per_step.setdefault(step, {})[name] = value
+        elif key not in values:
+            known = ", ".join(values) or "none"
+            problems.add(f"--param {key}: no such workflow parameter"
+                         f"{suggest(key, values)} (parameters: {known}; set a step's "
+                         f"parameter as STEP.PARAM=VALUE)")
+        elif not _finite_number(value):
+            problems.add(f"--param {key}: must be a finite number, got {show(value)}")
+        else:
+            values[key] = value
+    return values, per_step
+
+
+def _substituted(entry: Any, index: int, names: Mapping[str, Any],
+                 overrides: Mapping[str, dict[str, Any]], problems: _Problems) -> Any:
+    """The step ``entry`` with its overrides applied and its expressions evaluated."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("parameters") or {},
+                                                        Mapping):
+        return entry
+    params = dict(entry.get("parameters") or {})
+    params.update(overrides.get(entry.get("name"), {}))
+    for key, value in params.items():
+        try:
+            params[key] = substitute(value, names)
+        except ValueError as exc:
+            problems.add(f"parameter {key!r}: {exc}", _Draft(
+                index, _where(index, entry.get("name"), entry.get("function"))))
+    return {**entry, "parameters": params}
+
+
 def parse_workflow(data: Any, source: str = "<workflow>", *,
-                   image_output: bool = False) -> Workflow:
+                   image_output: bool = False,
+                   overrides: Mapping[str, Any] | None = None) -> Workflow:
     """Validate a workflow mapping (as loaded from YAML) completely.
 
     Parameters
@@ -784,11 +943,14 @@ def parse_workflow(data: Any, source: str = "<workflow>", *,
     image_output : bool
         Also accept an output step that produces an image (``voxelmill preprocess``);
         by default the output must produce a mask or labels.
+    overrides : mapping of str to Any, optional
+        ``--param KEY=VALUE`` values: ``KEY`` a top-level parameter (``diameter_um``),
+        or ``STEP.PARAM`` a step parameter (``smooth.sigma``).
 
     Returns
     -------
     Workflow
-        The validated workflow, steps in topological order.
+        The validated workflow, steps in topological order, expressions evaluated.
 
     Raises
     ------
@@ -825,6 +987,9 @@ def parse_workflow(data: Any, source: str = "<workflow>", *,
         problems.add("'steps' is empty; a workflow needs at least one step")
         problems.raise_if_any()
 
+    parameters, step_overrides = _parameters(data, overrides or {}, problems)
+    entries = [_substituted(entry, index, parameters, step_overrides, problems)
+               for index, entry in enumerate(entries)]
     drafts: list[_Draft] = []
     for index, entry in enumerate(entries):
         drafts.append(_check_step(index, entry, drafts[-1] if drafts else None, problems))
@@ -931,7 +1096,7 @@ def parse_workflow(data: Any, source: str = "<workflow>", *,
     if name is None:
         name = Path(source).stem or "workflow"
     return Workflow(name=name, description=description, steps=steps, output=output,
-                    source=source)
+                    source=source, parameters=parameters)
 
 
 # --------------------------------------------------------------------------- presets
@@ -945,6 +1110,10 @@ PRESETS: dict[str, str] = {
     "nucleus": "Nuclei and cells: percentile clip, gaussian, masked-object threshold, "
                "fill holes, label.",
     "threshold": "The simplest: gaussian, Otsu threshold, label, size filter.",
+    "nucleus-3d": "Touching nuclei in 3D: gaussian, Otsu, distance transform, local-maxima "
+                  "seeds, watershed; every size from one parameter, diameter_um.",
+    "filament-dark": "Dark fibres (microtubules in an electron tomogram): normalize, "
+                     "edge-preserving smoothing, 3D filament filter with polarity dark.",
     "allen-cetn2": "Allen CETN2 (centrioles, spots): normalize [8000], slice-wise gaussian, "
                    "3D spot filter, label.",
     "allen-tuba1b": "Allen TUBA1B (microtubules, filaments): normalize [1.5, 8], "
@@ -969,13 +1138,16 @@ def preset_path(name: str) -> Path:
     return _PRESET_DIR / f"{name}.yaml"
 
 
-def load_workflow(spec: str | Path, *, image_output: bool = False) -> Workflow:
+def load_workflow(spec: str | Path, *, image_output: bool = False,
+                  overrides: Mapping[str, Any] | None = None) -> Workflow:
     """Load and validate a workflow file or a preset.
 
     Parameters
     ----------
     spec : str or Path
         Path of an existing YAML file, else the name of a preset (:data:`PRESETS`).
+    image_output, overrides
+        As :func:`parse_workflow`.
 
     Returns
     -------
@@ -992,11 +1164,11 @@ def load_workflow(spec: str | Path, *, image_output: bool = False) -> Workflow:
     path = Path(spec)
     if path.is_file():
         return parse_workflow(_read_yaml(path, str(spec)), str(spec),
-                              image_output=image_output)
+                              image_output=image_output, overrides=overrides)
     text = str(spec)
     if text in PRESETS:
         return parse_workflow(_read_yaml(preset_path(text), text), text,
-                              image_output=image_output)
+                              image_output=image_output, overrides=overrides)
     if path.exists():
         raise InputError(f"{spec}: the workflow must be a YAML file, not a directory")
     looks_like_file = path.suffix.lower() in (".yaml", ".yml") or len(path.parts) > 1
@@ -1010,7 +1182,10 @@ def load_workflow(spec: str | Path, *, image_output: bool = False) -> Workflow:
 
 def describe_steps() -> str:
     """Help text of the catalogue: every step, its inputs, output and parameters."""
-    lines = ["Workflow steps (function ids). Kinds: image (float), mask (bool), labels.", ""]
+    lines = ["Workflow steps (function ids). Kinds: image (float), mask (bool), labels.",
+             "Sizes in voxels may be given in physical units instead (NAME_um, NAME_um3), "
+             "converted with the image's voxel size; a value may be an expression of the "
+             "workflow's parameters (\"=0.25 * diameter_um\").", ""]
     for spec in STEPS.values():
         output = "same kind" if spec.output == "same" else spec.output
         lines.append(f"{spec.id}: {spec.inputs_text()} -> {output}")
@@ -1021,6 +1196,9 @@ def describe_steps() -> str:
             details = [param.type_text()]
             if param.range_text():
                 details.append(param.range_text())
+            if param.unit:
+                unit = "µm" if param.unit == "length" else "µm³"
+                details.append(f"or {physical_name(param)} in {unit}")
             details.append(default)
             lines.append(f"  - {param.name}: {'; '.join(details)}")
             if param.doc:

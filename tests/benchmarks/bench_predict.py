@@ -81,7 +81,8 @@ def make_volume(work: Path, size: int, chunks: int) -> Path:
     src = work / "vol.ome.zarr"
     with LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
-        convert(work / "vol.npy", src, ConvertOptions(chunks=(chunks,), overwrite=True),
+        convert(work / "vol.npy", src, ConvertOptions(chunks=(chunks,), overwrite=True,
+                                                           assume_voxel_size=True),
                 client, report=lambda line: None)
     (work / "vol.npy").unlink()
     return src

@@ -145,7 +145,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                       dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
         t1 = time.perf_counter()
-        convert(npy, src, ConvertOptions(chunks=(CHUNK, CHUNK, CHUNK), max_levels=1), client,
+        convert(npy, src, ConvertOptions(chunks=(CHUNK, CHUNK, CHUNK), max_levels=1,
+                                              assume_voxel_size=True), client,
                 report=lambda line: None)
         conv_s = time.perf_counter() - t1
     npy.unlink()

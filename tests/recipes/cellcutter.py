@@ -34,9 +34,9 @@ steps:
 
 def _pipeline(work: Path, image: Path, cells: str, nuclei: str, diameter: float,
               min_distance: int, crop: int, iterations: int, prior: float,
-              labels: tuple[str, ...] = ()) -> tuple[Path, dict]:
+              convert_args: tuple[str, ...] = ()) -> tuple[Path, dict]:
     z = work / (image.name.split(".")[0] + ".ome.zarr")
-    voxelmill("convert", image, z, "--chunks", "128", *labels, *CLUSTER)
+    voxelmill("convert", image, z, "--chunks", "128", *convert_args, *CLUSTER)
     wf = foreground_workflow(work / "foreground.yaml", prior)
     voxelmill("segment", z, "--workflow", wf, "--channel", cells, "--name", "fg", *CLUSTER)
     voxelmill("cutter", "markers", z, "--channel", nuclei, "--name", "markers",
@@ -78,8 +78,9 @@ def run(work: Path, iterations: int = 500, real: bool = True) -> list[dict]:
         t0 = time.perf_counter()
         work_r = work / "real"
         work_r.mkdir(exist_ok=True)
+        # the file records no pixel size: its diameters are in pixels anyway
         z, info = _pipeline(work_r, REAL / REAL_FILE, "0", "1", 14, 5, 48,
-                            iterations, 0.9)
+                            iterations, 0.9, convert_args=("--assume-voxel-size",))
         cut, ws = read_labels(z, "cells_cutter"), read_labels(z, "cells_ws")
         n_markers = len(np.loadtxt(work_r / "markers.csv", delimiter=",", skiprows=1,
                                    ndmin=2))
