@@ -72,17 +72,36 @@ def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint."""
-    try:
-        yield
-    except VoxelmillError as exc:
-        events.emit("error", message=str(exc), exit_code=2)
-        say_error(str(exc))
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        events.emit("error", message="interrupted", exit_code=130)
-        err.print("interrupted; run the same command again to resume where it stopped")
-        raise typer.Exit(130) from None
+    """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint.
+
+    The command's inputs are watched while it runs (:mod:`engine.io.readguard`): a failure
+    caused by an input replaced under it (its chunks gone) gets the same one-line refusal
+    as a replacement found before committing.
+    """
+    from engine.io import readguard
+
+    with readguard.watching():
+        try:
+            yield
+        except VoxelmillError as exc:
+            message = readguard.message(gone) if (gone := readguard.replaced()) else str(exc)
+            _fail(message, 2)
+        except KeyboardInterrupt:
+            events.emit("error", message="interrupted", exit_code=130)
+            err.print("interrupted; run the same command again to resume where it stopped")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception:
+            if gone := readguard.replaced():
+                _fail(readguard.message(gone), 2)
+            raise
+
+
+def _fail(message: str, code: int) -> None:
+    events.emit("error", message=message, exit_code=code)
+    say_error(message)
+    raise typer.Exit(code) from None
 
 
 #: cluster options given before the command (``voxelmill --cluster slurm --jobs 4 segment …``)

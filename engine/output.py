@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import provenance
 from engine.errors import DestinationError, VoxelmillError
+from engine.io import readguard
 from engine.runlock import output_lock
 
 if TYPE_CHECKING:
@@ -166,7 +167,14 @@ def partial_path(dst: Path) -> Path:
 
 
 def commit(partial: Path, dst: Path) -> None:
-    """Move a finished output into place, replacing ``dst`` only now that it is complete."""
+    """Move a finished output into place, replacing ``dst`` only now that it is complete.
+
+    Refused (:class:`InputError`) when an input this command read was replaced meanwhile
+    (:func:`engine.io.readguard.check`): the output could mix its old and new data.
+    Readers of ``dst`` in other commands detect the swap the same way.
+    """
+    readguard.release(partial)  # this command's own output: what it read there is its own
+    readguard.check()
     trash = None
     if dst.exists():
         trash = dst.parent / f".{dst.name}.old"
@@ -174,6 +182,7 @@ def commit(partial: Path, dst: Path) -> None:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         dst.rename(trash)
     partial.rename(dst)
+    readguard.release(dst)  # replaced by this command itself: no longer what it read
     if trash is not None:
         shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
 
@@ -276,6 +285,9 @@ class OutputRun:
         recorded : sequence of Path, optional
             Groups that receive the provenance entry (default: each committed partial).
         """
+        for partial in self.partials:  # this run's own outputs, read back, are not inputs
+            readguard.release(partial)
+        readguard.check()  # before the done-markers go: a refused run can still resume
         outputs = list(self.outputs if outputs is None else outputs)
         _remove(self.work)
         for state in self.states:

@@ -22,7 +22,7 @@ EXE = str(Path(sys.executable).parent / "voxelmill")
 ARGS = ["--chunks", "16", "--block-mib", "0.25", "--workers", "1", "--threads-per-worker", "1"]
 
 
-def _finished_blocks(partial: Path) -> int:
+def finished_blocks(partial: Path) -> int:
     """Done-markers written so far (chunk files of the marker arrays)."""
     state = partial / ".voxelmill"
     if not state.exists():
@@ -30,7 +30,7 @@ def _finished_blocks(partial: Path) -> int:
     return sum(1 for p in state.rglob("*") if p.is_file() and "/c/" in p.as_posix())
 
 
-def _interrupt(src: Path, dst: Path, extra: list[str], after: int) -> int:
+def interrupt_conversion(src: Path, dst: Path, extra: list[str], after: int) -> int:
     """Start a conversion, SIGKILL it (and its cluster) once ``after`` blocks are done."""
     proc = subprocess.Popen([EXE, "convert", str(src), str(dst), *ARGS, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -38,7 +38,7 @@ def _interrupt(src: Path, dst: Path, extra: list[str], after: int) -> int:
     partial = dst.parent / f".{dst.name}.partial"
     deadline = time.monotonic() + 120
     try:
-        while _finished_blocks(partial) < after:
+        while finished_blocks(partial) < after:
             if proc.poll() is not None:
                 pytest.fail("the conversion finished before it could be interrupted")
             if time.monotonic() > deadline:
@@ -47,7 +47,7 @@ def _interrupt(src: Path, dst: Path, extra: list[str], after: int) -> int:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return _finished_blocks(partial)
+    return finished_blocks(partial)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def source(tmp_path_factory) -> tuple[Path, np.ndarray]:
 def test_killed_conversion_resumes_and_equals_uninterrupted_run(source, client, tmp_path):
     src, data = source
     dst = tmp_path / "tomo.ome.zarr"
-    done_before = _interrupt(src, dst, [], after=16)
+    done_before = interrupt_conversion(src, dst, [], after=16)
     assert done_before >= 16
     assert not dst.exists()  # nothing half-written at the destination
     assert (tmp_path / ".tomo.ome.zarr.partial").exists()
@@ -87,7 +87,7 @@ def test_killed_conversion_resumes_and_equals_uninterrupted_run(source, client, 
 def test_changed_option_invalidates_done_markers(source, tmp_path):
     src, data = source
     dst = tmp_path / "tomo.ome.zarr"
-    assert _interrupt(src, dst, [], after=8) >= 8
+    assert interrupt_conversion(src, dst, [], after=8) >= 8
     res = run_cli("convert", str(src), str(dst), *ARGS, "--clevel", "3")
     assert res.returncode == 0, res.stderr
     assert "removing an unfinished conversion" in res.stderr

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InputError, OptionError
+from engine.io import readguard
 from engine.io.axes import AXES_FORMATS
 from engine.io.sources import split_path
 from engine.volume import Volume
@@ -106,6 +107,7 @@ def open_volume(path: str | Path, axes: str | None = None, **options: Any) -> Vo
         options["axes"] = axes
     if dataset is not None:
         options["dataset"] = dataset
+    readguard.hold(p)  # before its header is read: a later replacement is then detected
     try:
         return format_module(fmt).read(p, **options)
     except (InputError, OptionError):

@@ -12,6 +12,7 @@ import numpy as np
 import zarr
 
 from engine.errors import InputError, OptionError
+from engine.io import readguard
 from engine.io.integrity import COMPLETE_ATTR
 from engine.io.sources import ZarrSource, to_dask
 from engine.names import safe_name
@@ -236,7 +237,11 @@ def add_label_names(path: Path, names: Sequence[str], ngff: str) -> None:
 
 
 def read(path: Path, level: int = 0, **_: object) -> Volume:
-    """Open one level of an OME-Zarr image lazily, with its label images."""
+    """Open one level of an OME-Zarr image lazily, with its label images.
+
+    The group (and each label group) is watched from before its metadata is read (see
+    :mod:`engine.io.readguard`), so a replacement during the command is detected."""
+    readguard.hold(path)
     attrs, _version = read_attrs(path)
     if "multiscales" not in attrs:
         raise InputError(f"{path}: OME-Zarr group has no 'multiscales' image metadata")

@@ -7,6 +7,7 @@ never as data, so a graph built on it can be shipped to any worker.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import threading
@@ -290,9 +291,67 @@ def zarr_dask(path: str | Path) -> da.Array:
     return to_dask(source, "", chunks=arr.chunks, name="zarr")
 
 
+#: Files up to this size are identified by a hash of all their bytes (reading 256 MiB
+#: costs a fraction of a second, little beside converting it); larger ones by samples.
+CONTENT_HASH_BYTES = 256 * 2**20
+#: Number and size of the pieces hashed from a larger file: its head, its tail and evenly
+#: spaced pieces between them (4 MiB read in all, whatever the file's size).
+SAMPLES, SAMPLE_BYTES = 64, 64 * 2**10
+
+
+def content_digest(path: Path, size: int, limit: int | None = None) -> str:
+    """A SHA-256 of the file's bytes: all of them when ``size <= limit``, else of
+    :data:`SAMPLES` pieces of :data:`SAMPLE_BYTES` at fixed offsets (head, tail and evenly
+    between); ``limit`` defaults to :data:`CONTENT_HASH_BYTES`. Prefixed ``"sha256:"`` or
+    ``"sampled-sha256:"``."""
+    limit = CONTENT_HASH_BYTES if limit is None else limit
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= limit:
+            for piece in iter(lambda: f.read(2**20), b""):
+                h.update(piece)
+            return f"sha256:{h.hexdigest()}"
+        last = max(size - SAMPLE_BYTES, 0)
+        for i in range(SAMPLES):
+            f.seek(last * i // (SAMPLES - 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return f"sampled-sha256:{h.hexdigest()}"
+
+
 def file_identity(path: str | Path) -> dict[str, Any]:
-    """What identifies an input for resume hashes: path, size and modification time."""
+    """What identifies an input for resume hashes.
+
+    Path, size, modification time, inode and status-change time (``ctime``, which no one
+    can set back: a file rewritten with its mtime restored still gets a new ctime), and a
+    content digest (:func:`content_digest`: every byte of a file up to
+    :data:`CONTENT_HASH_BYTES`, samples of a larger one). For a folder (a stack of TIFF
+    slices, a zarr group) one digest over the files directly in it, in name order: their
+    stat records, and their bytes when they total at most :data:`CONTENT_HASH_BYTES`. A
+    changed identity makes a re-run start afresh instead of resuming into a mix.
+    """
     p, inner = split_path(path)
     st = p.stat()
-    return {"path": str(p.resolve()), "inner": inner or "", "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns}
+    ident: dict[str, Any] = {"path": str(p.resolve()), "inner": inner or "", "size": st.st_size,
+                             "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                             "inode": st.st_ino}
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        keys = [_stat_key(f) for f in files]
+        # a small folder is hashed whole; a large one (thousands of slices) by its files'
+        # stat records only, whose ctimes still change when any file is rewritten
+        whole = sum(k[0] for k in keys) <= CONTENT_HASH_BYTES
+        h = hashlib.sha256()
+        for f, key in zip(files, keys, strict=True):
+            h.update(repr((f.name, key)).encode())
+            if whole:
+                h.update(content_digest(f, key[0]).encode())
+        ident["files"] = len(files)
+        ident["content"] = f"{'sha256' if whole else 'stat-sha256'}:{h.hexdigest()}"
+    else:
+        ident["content"] = content_digest(p, st.st_size)
+    return ident
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.io import detect_format, hdf5, omezarr, open_volume, split_path, zarrarray
+from engine.io import detect_format, hdf5, omezarr, open_volume, readguard, split_path, zarrarray
 
 
 def _volume_fields(path: str | Path, axes: str | None) -> dict[str, Any]:
@@ -55,6 +55,7 @@ def describe(path: str | Path, axes: str | None = None) -> dict[str, Any]:
                    windows=meta["windows"])
     if np.dtype(out["dtype"]).kind in "fc":
         out["non_finite"] = NON_FINITE_NOTE
+    readguard.check()  # the reads above describe one version of the image
     return out
 
 
