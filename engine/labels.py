@@ -372,6 +372,38 @@ class LabelResult:
     work: Path | None = None
     n_objects: int = 0
     values: list[int] | None = None
+    source: Any = None
+    """With ``view``: the same labels as a :class:`RelabelView`, for block tasks."""
+
+
+@dataclass(frozen=True)
+class RelabelView:
+    """The final labels of a lazy labelling, read region by region on a worker: the
+    local labels (uint32) mapped through each label block's relabel map.
+
+    A block task that reads it carries paths and shapes only; a dask array over the same
+    labels carries a task per label block, so a pass over ``n`` blocks would ship (and
+    the scheduler unpickle) O(n²) graph entries.
+    """
+
+    work: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]  # the label blocks (relabel maps are per block)
+    grid_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read_region(self, region: tuple[slice, ...]) -> np.ndarray:
+        """Labels of ``region`` (slices with explicit bounds), in :attr:`dtype`."""
+        local = read_region(str(Path(self.work) / "local"), region)
+        out = np.zeros(local.shape, self.dtype)
+        spans = [range(r.start // c, -(-r.stop // c)) for r, c in
+                 zip(region, self.chunks, strict=True)]
+        for index in itertools.product(*spans):
+            part = tuple(slice(max(r.start, i * c) - r.start, min(r.stop, (i + 1) * c) - r.start)
+                         for r, i, c in zip(region, index, self.chunks, strict=True))
+            bid = int(np.ravel_multi_index(index, self.grid_shape))
+            out[part] = np.load(Path(self.work) / "maps" / f"{bid}.npy")[local[part]]
+        return out
 
 
 def _apply_map(local: np.ndarray, maps: str, grid_shape: tuple[int, ...],
@@ -433,7 +465,8 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         Write regions and the output's chunks (default: the mask's chunk shape).
     lazy : bool
         Skip writing: keep the local labels and maps in ``out``'s sibling work folder and
-        return a lazy ``view`` that applies the maps on read.
+        return a lazy ``view`` (a dask array) and ``source`` (a :class:`RelabelView`,
+        what block tasks should read) that apply the maps on read.
     state : RunState, optional
         Makes the labelling resumable: every pass records its finished blocks (in the
         work folder, under ``state.run_hash``), and a re-run with the same hash keeps the
@@ -535,7 +568,8 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
                   and n_objects <= VALUES_LIMIT else None)
         if lazy:
             return LabelResult(None, n, dtype, relabel_view(work, gshape, grid.block_shape,
-                                                            dtype), work, n_objects, values)
+                                                            dtype), work, n_objects, values,
+                               RelabelView(str(work), shape, grid.block_shape, gshape, dtype))
     except BaseException:
         if state is None:  # a resumable run keeps its finished blocks
             shutil.rmtree(work, ignore_errors=True)

@@ -343,8 +343,10 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
     Parameters
     ----------
     client : distributed.Client
-    data : dask.array.Array
-        Level-0 voxels (lazy); read block by block on the workers.
+    data : dask.array.Array or reference
+        Level-0 voxels (lazy), or an object with ``read_region(region)`` and ``dtype``
+        (better at scale: every task carries ``data``, and a dask array's graph grows
+        with the volume); read block by block on the workers.
     group : Path
         Multiscale group whose level arrays already exist with ``chunks``.
     levels : list of Level

@@ -70,6 +70,17 @@ def test_lazy_view_applies_the_block_maps_on_read(client, tmp_path):
     np.testing.assert_array_equal(res.view[3:20, 10:30, 5:9].compute(), ref[3:20, 10:30, 5:9])
     assert (res.work / "maps").is_dir()  # the maps stay on disk, one file per block
     assert len(list((res.work / "maps").glob("[0-9]*.npy"))) == 2 * 3 * 2
+    # the reference block tasks read: the same labels, for regions across block borders,
+    # and it pickles small (paths and shapes, not a task per block)
+    import pickle
+
+    src = res.source
+    assert src.dtype == res.dtype
+    for region in [(slice(0, 30), slice(0, 41), slice(0, 25)),
+                   (slice(3, 20), slice(10, 33), slice(5, 9)),
+                   (slice(16, 30), slice(32, 41), slice(0, 16))]:
+        np.testing.assert_array_equal(src.read_region(region), ref[region])
+    assert len(pickle.dumps(src)) < 1000
 
 
 def test_size_filter_uses_global_sizes_of_objects_cut_by_blocks(client, tmp_path):

@@ -373,7 +373,9 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
 
             result = label_components(client, da.from_zarr(label_paths[0]) > 0,
                                       str(run.work / "instances"), connectivity=1, lazy=True)
-            label_data = result.view if result.view is not None else da.from_zarr(
+            # the view as a reference block tasks carry whole (a dask array's graph grows
+            # with the block count)
+            label_data = result.source if result.source is not None else da.from_zarr(
                 str(result.path))
             n_objects, values = result.n_objects, result.values
             write_multiscale(client, label_data, labels_partial, opts.name, plan.axes,

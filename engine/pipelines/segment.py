@@ -30,8 +30,9 @@ from engine.output import (
 )
 from engine.pyramid import Level, plan_levels
 from engine.runner import RunState
+from engine.segment import pointwise as pw
 from engine.segment.execute import Context, run_workflow
-from engine.segment.refs import ArrayRef, Pointwise, Stored, to_dask
+from engine.segment.refs import ArrayRef, Pointwise, Stored
 from engine.segment.units import in_voxels, voxel_size_um
 from engine.segment.workflow import Step, Workflow, load_workflow, parse_overrides
 from engine.volume import select_channel
@@ -142,16 +143,20 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
                        ngff, levels, state)
 
 
-def _as_label_dask(result: Any, block: tuple[int, ...]) -> tuple[Any, int | None, int | None]:
-    """The final output as a dask array of label values, its object count and largest id."""
-    from engine.segment import pointwise as pw
-
+def _as_label_source(result: Any) -> tuple[Any, int | None, int | None]:
+    """The final output as a source of label values for block tasks (``read_region``,
+    ``dtype``; never a dask array, whose graph every task would carry), its object count
+    and largest id."""
     if isinstance(result, LabelResult):
-        return result.view, result.n_objects, result.n_labels
+        return result.source, result.n_objects, result.n_labels
     ref: ArrayRef = result
-    if np.dtype(ref.dtype) == bool:
-        return to_dask(Pointwise(pw.AsLabels(), (ref,), np.dtype(np.uint8)), block), None, 1
-    return to_dask(ref, block), None, None
+    return _as_uint8_labels(ref), None, (1 if np.dtype(ref.dtype) == bool else None)
+
+
+def _as_uint8_labels(ref: ArrayRef) -> ArrayRef:
+    """A mask as labels (uint8, 1 = foreground); any other reference as it is."""
+    return Pointwise(pw.AsLabels(), (ref,), np.dtype(np.uint8)) \
+        if np.dtype(ref.dtype) == bool else ref
 
 
 def _write_multiscale(plan: SegmentPlan, client: Any, data: Any, group: Path, name: str,
@@ -177,16 +182,14 @@ def run_segmentation(plan: SegmentPlan, client: Any,
         def keep(step: Step, ref: Any) -> None:
             if isinstance(ref, LabelResult):  # kept label steps are stored, never lazy
                 return
-            data = to_dask(ref, plan.block_shape)
-            if data.dtype == bool:
-                data = data.astype(np.uint8)
+            data = _as_uint8_labels(ref)
             method = "mean" if step.kind == "image" else "mode"
             _write_multiscale(plan, client, data, keep_partial / step.name, step.name, method,
                               progress, plan.levels[:1])
             kept.append(plan.keep_destination / step.name)
 
         result = run_workflow(ctx, plan.workflow, plan.image, plan.options.keep, keep)
-        data, n_objects, max_id = _as_label_dask(result, plan.block_shape)
+        data, n_objects, max_id = _as_label_source(result)
         _write_multiscale(plan, client, data, partial, plan.options.name, "mode", progress)
         if isinstance(result, LabelResult):  # the labelling listed its ids: no extra pass
             values = result.values

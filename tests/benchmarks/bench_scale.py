@@ -1,0 +1,465 @@
+"""Benchmark: how ``segment`` and ``convert`` scale with workers, and the client's memory
+on a grid of many small blocks.
+
+Usage::
+
+    .venv/bin/python tests/benchmarks/bench_scale.py scaling [--size 384] [--chunk 64]
+        [--block 64] [--configs 1x1,2x1,...] [--only segment,convert] [--workdir DIR]
+    .venv/bin/python tests/benchmarks/bench_scale.py soak [--block 16] [--plane 256]
+        [--points 4096,8192,16384,32768] [--workers 2] [--workdir DIR] [--tracemalloc]
+
+**scaling.** The classic workflow of ``bench_segment.py`` (Gaussian σ 2 → Otsu of the
+global histogram → labelling with full connectivity → size filter, min size 64) on the
+same smooth random float32 ``size³`` input (single-level OME-Zarr, ``--chunk`` chunks),
+and ``convert`` of ``bench_convert.py``'s tomogram-like float32 ``size³`` MRC (``--chunk``
+chunks, full pyramid), each at the LocalCluster shapes of ``--configs``: by default 1, 2,
+4, … worker processes with one thread each up to the machine's cores, then one worker
+with 2, 4, … threads (``WxT``). Every configuration uses the same input and the same
+block shape (``--block`` for segment; convert's default ``--block-mib``). Each trial runs
+in a fresh child process; the cluster start is not timed. Reported per trial:
+throughput (Mvox/s of level 0), parallel efficiency = throughput ÷ (W·T × throughput of
+1x1), peak RSS of the client process (it holds the embedded scheduler too) and of the
+largest worker process (sampled every 50 ms; ``rss`` counts file-backed pages). Every
+segment output must equal the 1x1 output (a SHA-256 of level 0, not timed), every
+convert output too.
+
+**soak.** The same workflow without the smoothing (Otsu threshold of the global
+histogram → labelling → size filter, min size 8) on uint8 images of ``Z × plane × plane``
+voxels cut into ``block³`` blocks (``--points`` block counts; ``Z`` = count × block³ /
+plane²). The images are bright blobs (a smoothed random field above its 90th percentile)
+on a dark background with Gaussian noise: several objects in every block, many crossing
+block faces, and isolated noise voxels that the size filter removes. Each point runs in a
+fresh child process on a cluster of ``--workers`` × 1 thread; the client process's peak
+RSS (client + embedded scheduler) is sampled every 50 ms during ``segment``. The slope of
+a least-squares line through (blocks, peak growth over the idle client) is reported as
+MiB per 10⁴ blocks. ``--tracemalloc`` traces the client's Python allocations during the
+run and prints the largest sources at the peak of traced memory.
+
+Lines: one JSON line per trial / point (prefixed ``point``), then one final JSON line
+with the summary.
+
+This file is a script, not a test module: pytest does not collect ``tests/benchmarks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_convert import generate_mrc, remove, run_trial  # same folder: sys.path[0]
+from bench_segment import WORKFLOW, level0_path
+
+MIB = 2**20
+POLL_S = 0.05
+SOAK_WORKFLOW = """\
+steps:
+  - {name: mask, function: threshold, parameters: {method: otsu}}
+  - {name: objects, function: label}
+  - {name: big, function: size_filter, parameters: {min_size: 8}}
+"""
+
+
+# ------------------------------------------------------------------------------ sampling
+
+class ProcessPeaks:
+    """Samples the RSS of this process and of given worker processes in a thread; keeps
+    the client's peak and each worker's peak."""
+
+    def __init__(self, worker_pids: list[int], interval: float = POLL_S) -> None:
+        import psutil
+
+        self.client = psutil.Process()
+        self.workers = []
+        for pid in worker_pids:
+            try:
+                self.workers.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+        self.interval = interval
+        self.client_peak = 0
+        self.worker_peak: dict[int, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        self.client_peak = max(self.client_peak, self.client.memory_info().rss)
+        for p in self.workers:
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            self.worker_peak[p.pid] = max(self.worker_peak.get(p.pid, 0), rss)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> ProcessPeaks:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def largest_worker(self) -> int:
+        return max(self.worker_peak.values(), default=0)
+
+
+def _worker_pids(client: Any) -> list[int]:
+    return list(client.run(os.getpid).values())
+
+
+def sha256_level0(path: Path, slab: int = 64) -> str:
+    """SHA-256 of a zarr array's voxels, read slab by slab along axis 0."""
+    import zarr
+
+    arr = zarr.open_array(str(path), mode="r")
+    h = hashlib.sha256(str((arr.shape, str(arr.dtype))).encode())
+    for z in range(0, arr.shape[0], slab):
+        h.update(np.ascontiguousarray(arr[z:z + slab]).tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ inputs (child)
+
+def _convert_npy(npy: Path, dst: Path, chunks: tuple[int, ...], workers: int) -> None:
+    from distributed import Client, LocalCluster
+
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=40) as cluster, \
+            Client(cluster) as client:
+        convert(npy, dst, ConvertOptions(chunks=chunks, max_levels=1), client,
+                report=lambda line: None)
+
+
+def prepare_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """The segment input (smooth random float32, as ``bench_segment.py``) and the convert
+    input (tomogram-like MRC, as ``bench_convert.py``); not timed."""
+    from scipy import ndimage as ndi
+
+    n, work = args.size, args.trial_dst
+    src = work / f"segment-{n}.ome.zarr"
+    npy = work / f"segment-{n}.npy"
+    noise = np.random.default_rng(0).standard_normal((n, n, n), dtype=np.float32)
+    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(n, n, n))
+    ndi.gaussian_filter(noise, 4.0, output=out)
+    del noise
+    out.flush()
+    del out
+    _convert_npy(npy, src, (args.chunk,) * 3, 2)
+    npy.unlink()
+    generate_mrc(work / f"convert-{n}.mrc", n)
+    return {"segment_input": str(src), "convert_input": str(work / f"convert-{n}.mrc")}
+
+
+def prepare_soak(args: argparse.Namespace) -> dict[str, Any]:
+    """A uint8 ``Z × plane × plane`` image of bright blobs on a noisy dark background,
+    written slab by slab (never whole) and converted with ``block³`` chunks."""
+    from scipy import ndimage as ndi
+
+    b, plane = args.block, args.plane
+    per_layer = (plane // b) ** 2
+    depth = max(1, round(args.blocks / per_layer)) * b
+    npy = args.trial_dst.with_suffix(".npy")
+    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(depth, plane, plane))
+    slab = 64
+    for z0 in range(0, depth, slab):
+        rng = np.random.default_rng([7, z0])
+        z1 = min(z0 + slab, depth)
+        field = ndi.gaussian_filter(rng.standard_normal((z1 - z0, plane, plane),
+                                                        dtype=np.float32), 1.5)
+        blobs = field > np.quantile(field, 0.9)
+        img = 60 + 120 * blobs + rng.normal(0, 20, field.shape)
+        out[z0:z1] = np.clip(img, 0, 255).astype(np.uint8)
+    out.flush()
+    del out
+    _convert_npy(npy, args.trial_dst, (b, b, b), args.workers)
+    npy.unlink()
+    return {"shape": [depth, plane, plane], "blocks": (depth // b) * per_layer}
+
+
+# ------------------------------------------------------------------------------ trials (child)
+
+def _connect(workers: int, threads: int) -> Any:
+    from engine.cluster import ClusterOptions, connect
+
+    return connect(ClusterOptions(workers=workers, threads_per_worker=threads),
+                   report=lambda line: None)
+
+
+def trial_segment(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.pipelines.segment import SegmentOptions, segment
+
+    options = SegmentOptions(workflow=str(args.workflow), name="bench", overwrite=True,
+                             block=(args.block,) * 3)
+    with _connect(args.workers, args.threads) as client:
+        with ProcessPeaks(_worker_pids(client)) as mon:
+            t0 = time.perf_counter()
+            result = segment(args.trial_src, options, client, progress=None,
+                             report=lambda line: None)
+            seconds = time.perf_counter() - t0
+    digest = sha256_level0(args.trial_src / "labels" / "bench" / "0")
+    return {"seconds": seconds, "client_peak": mon.client_peak,
+            "worker_peak": mon.largest_worker, "samples": mon.samples,
+            "objects": result.n_objects, "digest": digest}
+
+
+def trial_convert(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    with _connect(args.workers, args.threads) as client:
+        with ProcessPeaks(_worker_pids(client)) as mon:
+            t0 = time.perf_counter()
+            convert(args.trial_src, args.trial_dst, ConvertOptions(chunks=(args.chunk,)),
+                    client, report=lambda line: None)
+            seconds = time.perf_counter() - t0
+    digest = sha256_level0(level0_path(args.trial_dst))
+    return {"seconds": seconds, "client_peak": mon.client_peak,
+            "worker_peak": mon.largest_worker, "samples": mon.samples, "digest": digest}
+
+
+def _top_allocations(snapshot: Any, limit: int = 12) -> list[str]:
+    import tracemalloc
+
+    keep = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    return [f"{s.size / MIB:8.2f} MiB {s.count:8d} blocks  {s.traceback[0]}"
+            for s in keep.statistics("lineno")[:limit]]
+
+
+def trial_soak(args: argparse.Namespace) -> dict[str, Any]:
+    """One soak point: the workflow on a prepared image, the client's RSS sampled."""
+    from engine.pipelines.segment import SegmentOptions, segment
+
+    options = SegmentOptions(workflow=str(args.workflow), name="soak", overwrite=True,
+                             block=(args.block,) * 3)
+    top: list[str] = []
+    with _connect(args.workers, 1) as client:
+        import gc
+
+        gc.collect()
+        time.sleep(1.0)  # let the cluster settle before the idle reading
+        with ProcessPeaks([]) as mon:
+            idle = mon.client_peak
+            if args.tracemalloc:
+                import tracemalloc
+
+                tracemalloc.start()
+            t0 = time.perf_counter()
+            result = segment(args.trial_src, options, client, progress=None,
+                             report=lambda line: None)
+            seconds = time.perf_counter() - t0
+            if args.tracemalloc:
+                top = _top_allocations(tracemalloc.take_snapshot())
+                traced_peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+        stages = [{"stage": s.get("stage"), "blocks": s.get("blocks"),
+                   "seconds": s.get("seconds")} for s in result.stages]
+    out = {"seconds": seconds, "idle_rss": idle, "client_peak": mon.client_peak,
+           "samples": mon.samples, "objects": result.n_objects, "stages": stages}
+    if args.tracemalloc:
+        out["tracemalloc_top"] = top
+        out["traced_peak_mib"] = round(traced_peak / MIB, 1)
+    return out
+
+
+TRIALS = {"prepare-scaling": prepare_scaling, "prepare-soak": prepare_soak,
+          "segment": trial_segment, "convert": trial_convert, "soak": trial_soak}
+
+
+# ------------------------------------------------------------------------------ driver
+
+def child(kind: str, args: argparse.Namespace, src: Path | None, dst: Path | None, *,
+          workers: int = 1, threads: int = 1, blocks: int = 0,
+          workflow: Path | None = None) -> dict[str, Any]:
+    """Run one trial in a fresh Python process; its result (the last JSON line)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), args.mode, "--trial", kind,
+           "--workers", str(workers), "--threads", str(threads),
+           "--trial-blocks", str(blocks)]
+    for flag, value in (("--trial-src", src), ("--trial-dst", dst), ("--workflow", workflow)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if args.mode == "scaling":
+        cmd += ["--size", str(args.size), "--chunk", str(args.chunk), "--block", str(args.block)]
+    else:
+        cmd += ["--block", str(args.block), "--plane", str(args.plane)]
+        if args.tracemalloc:
+            cmd.append("--tracemalloc")
+    return run_trial(kind, cmd)
+
+
+def default_configs(cores: int) -> list[tuple[int, int]]:
+    """1, 2, 4, … workers × 1 thread up to ``cores``, then 1 worker × 2, 4, … threads."""
+    powers = []
+    n = 1
+    while n < cores:
+        powers.append(n)
+        n *= 2
+    powers.append(cores)
+    return [(w, 1) for w in powers] + [(1, t) for t in powers if t > 1]
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        w, _, t = item.strip().lower().partition("x")
+        out.append((int(w), int(t or 1)))
+    if (1, 1) not in out:  # the efficiency's reference
+        out.insert(0, (1, 1))
+    return out
+
+
+def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    configs = parse_configs(args.configs) if args.configs else default_configs(cores)
+    inputs = child("prepare-scaling", args, None, workdir)
+    workflow = workdir / "bench.yaml"
+    workflow.write_text(WORKFLOW.format(min_size=64))
+    mvox = args.size**3 / 1e6
+    summary: dict[str, Any] = {"mode": "scaling", "size": args.size, "chunk": args.chunk,
+                               "block": args.block, "cores": cores}
+    for what in args.only.split(","):
+        rows = []
+        base = None
+        digests = set()
+        for w, t in configs:
+            if what == "segment":
+                src = Path(inputs["segment_input"])
+                remove(src / "labels")
+                res = child("segment", args, src, None, workers=w, threads=t, workflow=workflow)
+            else:
+                dst = workdir / "converted.ome.zarr"
+                remove(dst)
+                res = child("convert", args, Path(inputs["convert_input"]), dst, workers=w,
+                            threads=t)
+                remove(dst)
+            rate = mvox / res["seconds"]
+            if (w, t) == (1, 1):
+                base = rate
+            digests.add(res["digest"])
+            row = {"workflow": what, "workers": w, "threads": t,
+                   "seconds": round(res["seconds"], 3), "mvox_s": round(rate, 3),
+                   "efficiency": round(rate / (w * t * base), 3) if base else None,
+                   "client_peak_rss_mib": round(res["client_peak"] / MIB, 1),
+                   "largest_worker_peak_rss_mib": round(res["worker_peak"] / MIB, 1)}
+            print("point " + json.dumps(row), flush=True)
+            rows.append(row)
+        summary[what] = {
+            "points": [{k: r[k] for k in ("workers", "threads", "mvox_s", "efficiency",
+                                          "client_peak_rss_mib",
+                                          "largest_worker_peak_rss_mib")} for r in rows],
+            "outputs_identical": len(digests) == 1,
+            "speedup_2x1": next((round(r["mvox_s"] / base, 3) for r in rows
+                                 if (r["workers"], r["threads"]) == (2, 1)), None)}
+    return summary
+
+
+def run_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    workflow = workdir / "soak.yaml"
+    workflow.write_text(SOAK_WORKFLOW)
+    points = []
+    for n in (int(p) for p in args.points.split(",")):
+        src = workdir / f"soak-{n}.ome.zarr"
+        remove(src)
+        made = child("prepare-soak", args, None, src, workers=args.workers, blocks=n)
+        res = child("soak", args, src, None, workers=args.workers, workflow=workflow)
+        remove(src)
+        row = {"blocks": made["blocks"], "shape": made["shape"],
+               "seconds": round(res["seconds"], 2),
+               "blocks_per_s_per_pass": None,
+               "idle_client_rss_mib": round(res["idle_rss"] / MIB, 1),
+               "client_peak_rss_mib": round(res["client_peak"] / MIB, 1),
+               "client_growth_mib": round((res["client_peak"] - res["idle_rss"]) / MIB, 1),
+               "objects": res["objects"]}
+        passes = [s for s in res["stages"] if s.get("blocks") == made["blocks"]]
+        if passes:
+            row["blocks_per_s_per_pass"] = round(
+                made["blocks"] * len(passes) / max(sum(s["seconds"] or 0 for s in passes),
+                                                   1e-9), 1)
+        print("point " + json.dumps(row), flush=True)
+        for line in res.get("tracemalloc_top", []):
+            print(f"  traced {line}", flush=True)
+        points.append(row)
+    x = np.array([p["blocks"] for p in points], float)
+    y = np.array([p["client_growth_mib"] for p in points], float)
+    slope = float(np.polyfit(x, y, 1)[0]) * 1e4 if len(points) >= 2 and np.ptp(x) else None
+    return {"mode": "soak", "block": args.block, "workers": args.workers,
+            "points": [{k: p[k] for k in ("blocks", "client_peak_rss_mib",
+                                          "client_growth_mib", "seconds")} for p in points],
+            "client_growth_mib_per_1e4_blocks": None if slope is None else round(slope, 2),
+            "target_mib_per_1e4_blocks": 20}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=("scaling", "soak"))
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where inputs and outputs go (default: a new temp dir under /tmp)")
+    p.add_argument("--size", type=int, default=384, help="scaling: edge of the cubic input")
+    p.add_argument("--chunk", type=int, default=64, help="scaling: chunk edge of both inputs")
+    p.add_argument("--block", type=int, default=None,
+                   help="block edge (scaling: segment's --block, default the chunk; "
+                        "soak: default 16)")
+    p.add_argument("--configs", default=None,
+                   help="scaling: WxT list, e.g. 1x1,2x1,1x2 (default: powers of two up to "
+                        "the cores, workers first, then threads)")
+    p.add_argument("--only", default="segment,convert", help="scaling: which workflows")
+    p.add_argument("--plane", type=int, default=256, help="soak: y and x size of the image")
+    p.add_argument("--points", default="4096,8192,16384,32768",
+                   help="soak: approximate block counts, one run each")
+    p.add_argument("--workers", type=int, default=2, help="soak: worker processes")
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="soak: trace the client's Python allocations (slower)")
+    p.add_argument("--trial", choices=tuple(TRIALS), help=argparse.SUPPRESS)
+    p.add_argument("--trial-src", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--trial-dst", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--trial-blocks", dest="blocks", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--workflow", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.block is None:
+        args.block = args.chunk if args.mode == "scaling" else 16
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.trial:  # child process: one measured trial, its result as the last stdout line
+        print(json.dumps(TRIALS[args.trial](args)), flush=True)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up when terminated
+    own_dir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="voxelmill-scale-")) if own_dir else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = run_scaling(args, workdir) if args.mode == "scaling" else \
+            run_soak(args, workdir)
+        summary["load_average_1min"] = round(os.getloadavg()[0], 2)
+        print(json.dumps(summary), flush=True)
+    finally:
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
