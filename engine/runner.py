@@ -319,7 +319,10 @@ def run_blocks(
     # finished blocks are handled in batches and their results gathered in one call:
     # fetching each result on its own is a round trip per block, which capped short blocks
     # at ~100 per second
-    ac = as_completed()
+    # on this client's loop: by default as_completed takes the default client's, and a
+    # future waited on from two loops fails ("bound to a different event loop") when a lost
+    # worker makes gather reschedule it (seen with an in-process client beside a SLURM one)
+    ac = as_completed(loop=client.loop)
 
     def submit(n: int) -> None:
         """Submit the next ``n`` blocks (one message to the scheduler for all of them)."""
