@@ -22,7 +22,8 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,7 @@ def run_blocks(
     combine: Callable[[Any, Any], Any] | None = None,
     initial: Any = None,
     recover: BlockTask | None = None,
+    after: Callable[[Block], Iterable[tuple[int, ...]]] | None = None,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
 
@@ -284,6 +286,14 @@ def run_blocks(
         finished (read back from what it stored), so a resumed reduction folds every
         block. Recovered blocks count as skipped; the fold's tree is the same as in a run
         that computed them all.
+    after : callable, optional
+        ``after(block) -> indices``: blocks of this grid whose task must have finished
+        (written, marked done) before ``block`` starts — daisy-style dependencies, e.g. a
+        block that folds in what its lower neighbours left for it. Every index must come
+        earlier in the grid's order. Blocks wait in a lookahead window of the grid (a few
+        times ``max_in_flight``), and any ready one in it is submitted, so a wavefront of
+        independent blocks keeps the workers busy. Blocks done by an earlier run count as
+        finished.
     """
     from distributed import as_completed
 
@@ -324,18 +334,44 @@ def run_blocks(
     # worker makes gather reschedule it (seen with an in-process client beside a SLURM one)
     ac = as_completed(loop=client.loop)
 
+    complete = done.copy() if after is not None else None  # finished, this run or before
+    waiting: deque[tuple[Block, int]] = deque()  # pulled from the grid, dependencies unmet
+    lookahead = max(4 * limit, IN_FLIGHT_FLOOR)
+    pulled = 0
+
+    def ready(n: int) -> list[tuple[Block, int]]:
+        """Up to ``n`` blocks whose dependencies have finished, numbered by their order in
+        the grid (so a fold's tree does not depend on when dependencies finished)."""
+        nonlocal pulled
+        if after is None:
+            blocks = list(itertools.islice(pending, n))
+            pulled += len(blocks)
+            return list(zip(blocks, range(pulled - len(blocks), pulled), strict=True))
+        while len(waiting) < lookahead and (b := next(pending, None)) is not None:
+            waiting.append((b, pulled))
+            pulled += 1
+        chosen: list[tuple[Block, int]] = []
+        for _ in range(len(waiting)):
+            item = waiting.popleft()
+            if len(chosen) < n and all(complete[i] for i in after(item[0])):
+                chosen.append(item)
+            else:
+                waiting.append(item)  # one rotation keeps the grid order
+        return chosen
+
     def submit(n: int) -> None:
-        """Submit the next ``n`` blocks (one message to the scheduler for all of them)."""
+        """Submit up to ``n`` ready blocks (one message to the scheduler for all of them)."""
         nonlocal voxels, submitted
-        blocks = list(itertools.islice(pending, n))
-        if not blocks:
+        numbered = ready(n) if n > 0 else []
+        if not numbered:
             return
+        blocks = [b for b, _ in numbered]
         finished = [bool(done[b.index]) for b in blocks]
         voxels += sum(b.write_size for b, f in zip(blocks, finished, strict=True) if not f)
         extra = () if recover is None else (finished,)
         batch = client.map(runner, blocks, *extra, key=[f"{prefix}-{b.key}" for b in blocks],
                            retries=retries, pure=False, resources=resources)
-        for number, (fut, block) in enumerate(zip(batch, blocks, strict=True), submitted):
+        for fut, (block, number) in zip(batch, numbered, strict=True):
             futures[fut] = block, number
         submitted += len(blocks)
         ac.update(batch)
@@ -367,15 +403,20 @@ def run_blocks(
                     fold.add(number, result)
                 elif result is not None:  # a write pass's Nones would cost a dict entry each
                     results[block.index] = result
+                if complete is not None:
+                    complete[block.index] = True
                 if not done[block.index]:
                     block_seconds.append(seconds)
                     progress.advance()
-            submit(len(batch))
+            submit(limit - len(futures))
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()
                 events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),
                             blocks=total, blocks_per_s=round(len(block_seconds)
                                                              / (last_event - t0), 3))
+        if waiting:
+            raise RuntimeError(f"{name}: {len(waiting)} blocks wait on blocks that never ran "
+                               f"(first {waiting[0][0].index}): `after` must name earlier blocks")
     finally:
         for fut in futures:
             fut.cancel()
