@@ -243,3 +243,27 @@ def every_axis(values: Sequence[int] | int, n: int, what: str) -> tuple[int, ...
     if len(values) != n:
         raise OptionError(f"{what} {values}: give 1 or {n} values")
     return values
+
+
+def blocks_reading(grid: BlockGrid, region: Region) -> Iterator[tuple[int, ...]]:
+    """Indices of the blocks of ``grid`` whose write regions intersect ``region``.
+
+    Parameters
+    ----------
+    grid : BlockGrid
+        The grid whose blocks wrote what ``region`` covers.
+    region : tuple of slice
+        Voxel coordinates of ``grid``'s volume, with explicit bounds (clipped to it here).
+
+    Yields
+    ------
+    tuple of int
+        Block indices in the grid's order (none for an empty region).
+    """
+    spans = []
+    for r, b, s in zip(region, grid.block_shape, grid.shape, strict=True):
+        start, stop = max(r.start, 0), min(r.stop, s)
+        if start >= stop:
+            return
+        spans.append(range(start // b, (stop - 1) // b + 1))
+    yield from itertools.product(*spans)

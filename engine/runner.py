@@ -13,6 +13,11 @@ A re-run with the same hash skips them; a different hash starts afresh.
 Reductions stream: a pass given ``combine`` folds each block's result into a fixed binary
 tree over the blocks' submission order as results arrive, and keeps no per-block results,
 so the client holds O(in-flight window + log blocks) partials whatever the grid size.
+
+Passes need not be barriers: :func:`run_passes` runs several at once, a block of a later
+pass starting as soon as the blocks of earlier passes it reads have finished
+(:attr:`Pass.needs`), so no worker idles through a pass's tail. :func:`run_blocks` is its
+one-pass case: there is one submission loop.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,18 +212,18 @@ class RunReport:
     held_peak: int = 0
 
 
-def _executing(prefix: str, dask_worker: Any = None) -> int:
-    """Tasks of the pass with key ``prefix`` this worker is still running (cancelled ones
-    too: a worker finishes a task it has started)."""
-    return sum(1 for ts in dask_worker.state.executing if str(ts.key).startswith(prefix))
+def _executing(prefixes: tuple[str, ...], dask_worker: Any = None) -> int:
+    """Tasks of the passes whose keys start with one of ``prefixes`` this worker is still
+    running (cancelled ones too: a worker finishes a task it has started)."""
+    return sum(1 for ts in dask_worker.state.executing if str(ts.key).startswith(prefixes))
 
 
-def _wait_running(client: Any, prefix: str, timeout: float = SETTLE_S) -> None:
-    """Wait until no worker runs a task of the pass (at most ``timeout`` seconds)."""
+def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTLE_S) -> None:
+    """Wait until no worker runs a task of the passes (at most ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            running = client.run(_executing, prefix)
+            running = client.run(_executing, prefixes)
         except Exception:  # noqa: BLE001 - a lost cluster: nothing left to wait for
             return
         if not any(running.values()):
@@ -235,6 +240,321 @@ def default_in_flight(client: Any) -> int:
     return max(4 * threads, IN_FLIGHT_FLOOR)
 
 
+Dependencies = Callable[[Block], Iterable[tuple[int, ...]]]
+
+
+@dataclass
+class Pass:
+    """One pass of :func:`run_passes`: a block task over a grid, and what its blocks wait
+    for.
+
+    Attributes
+    ----------
+    grid : BlockGrid
+        The blocks; their write regions must not share storage chunks.
+    task : callable
+        Picklable ``task(block) -> result``; results should be small (they go through the
+        scheduler).
+    name : str
+        Task keys, events and the done-marker array; unique among the passes of one run.
+    combine, initial, recover, resources, retries :
+        As :func:`run_blocks`.
+    after : callable, optional
+        ``after(block) -> indices`` of this pass's grid, as :func:`run_blocks`.
+    needs : dict, optional
+        Pass name -> ``needs(block) -> indices`` of that pass's grid: the blocks of an
+        earlier pass in the list (what they write is what ``block`` reads, e.g.
+        :func:`engine.blocks.blocks_reading` of its read region) that must have finished
+        before ``block`` starts.
+    """
+
+    grid: BlockGrid
+    task: BlockTask
+    name: str
+    combine: Callable[[Any, Any], Any] | None = None
+    initial: Any = None
+    recover: BlockTask | None = None
+    resources: dict[str, float] | None = None
+    after: Dependencies | None = None
+    needs: dict[str, Dependencies] = field(default_factory=dict)
+    retries: int = 2
+
+
+class _PassRun:
+    """The client's bookkeeping of one pass while :func:`run_passes` runs it: done-markers,
+    the blocks pulled from the grid but waiting on others (at most ``lookahead``), the
+    fold, and flags of finished blocks (one byte per block) when others wait on them."""
+
+    def __init__(self, spec: Pass, state: RunState | None, lookahead: int, tag: str) -> None:
+        self.spec = spec
+        grid = spec.grid
+        self.markers = state.markers(spec.name, grid) if state is not None else None
+        self.done = (self.markers.finished() if self.markers is not None
+                     else np.zeros(grid.grid_shape, dtype=bool))
+        self.total = len(grid)
+        self.n_todo = (int(self.done.size - np.count_nonzero(self.done))
+                       if self.total == self.done.size  # the whole grid
+                       else sum(1 for b in grid if not self.done[b.index]))  # a subset
+        self.skipped = self.total - self.n_todo
+        # blocks are made as they are pulled: a grid of millions never sits in memory
+        self.pending = (b for b in grid if spec.recover is not None or not self.done[b.index])
+        self.expected = self.total if spec.recover is not None else self.n_todo
+        self.pulled = 0  # blocks taken from ``pending``; also their fold numbers
+        self.lookahead = lookahead
+        self.waiting: deque[tuple[Block, int, list[tuple[np.ndarray, tuple[int, ...]]]]] = \
+            deque()
+        self.deps: list[tuple[np.ndarray, Dependencies]] = []  # (flags, dependencies)
+        self.complete: np.ndarray | None = None  # finished, this run or before
+        marked = _MarkedTask(spec.task, self.markers)
+        self.runner: Any = marked if spec.recover is None else _ResumeTask(marked,
+                                                                             spec.recover)
+        # unique per call: a key reused by a later call could be served a stale (erred)
+        # result (the pass name is the key's first word, without hyphens: the dashboard's
+        # task stream names tasks by dask's key_split, which would cut "image-pass0" down
+        # to "image")
+        self.prefix = f"{spec.name.replace('-', '_')}-{tag}"
+        self.fold = TreeFold(spec.combine) if spec.combine is not None else None
+        self.results: dict[tuple[int, ...], Any] = {}
+        self.block_seconds: list[float] = []
+        self.voxels = 0
+        self.in_flight = 0
+        self.report: RunReport | None = None
+
+    def flags(self) -> np.ndarray:
+        """Finished blocks of this pass (those of an earlier run included), kept from now
+        on for the blocks that wait on them."""
+        if self.complete is None:
+            self.complete = self.done.copy()
+        return self.complete
+
+    def ready(self, n: int) -> list[tuple[Block, int]]:
+        """Up to ``n`` blocks whose dependencies have finished, numbered by their order in
+        the grid (so a fold's tree does not depend on when dependencies finished)."""
+        if not self.deps:
+            blocks = list(itertools.islice(self.pending, n))
+            self.pulled += len(blocks)
+            return list(zip(blocks, range(self.pulled - len(blocks), self.pulled),
+                            strict=True))
+        while len(self.waiting) < self.lookahead and self.pulled < self.expected:
+            block = next(self.pending)
+            unmet = [(flags, index) for flags, deps in self.deps for index in deps(block)
+                     if not flags[index]]
+            self.waiting.append((block, self.pulled, unmet))
+            self.pulled += 1
+        chosen: list[tuple[Block, int]] = []
+        for _ in range(len(self.waiting)):
+            item = self.waiting.popleft()
+            unmet = item[2]
+            while unmet and unmet[-1][0][unmet[-1][1]]:  # drop what finished meanwhile
+                unmet.pop()
+            if len(chosen) < n and not unmet:
+                chosen.append(item[:2])
+            else:
+                self.waiting.append(item)  # one rotation keeps the grid order
+        return chosen
+
+    def finished(self) -> bool:
+        return self.pulled == self.expected and not self.waiting and not self.in_flight
+
+    def close(self, seconds: float) -> RunReport:
+        """The pass's report (and its ``stage-end`` event) once its last block is in."""
+        fold = self.fold
+        self.report = RunReport(
+            self.spec.name, self.total, self.n_todo, self.skipped, self.results, seconds,
+            self.block_seconds, self.voxels,
+            value=fold.result(self.spec.initial) if fold is not None else None,
+            held_peak=fold.peak if fold is not None else len(self.results))
+        report = self.report
+        events.emit("stage-end", stage=report.name, blocks=report.total,
+                    computed=report.computed, skipped=report.skipped,
+                    seconds=round(report.seconds, 3), voxels=report.voxels,
+                    mvoxels_per_s=round(report.voxels / max(report.seconds, 1e-9) / 1e6, 3),
+                    block_seconds=block_time_summary(report.block_seconds))
+        return report
+
+
+def run_passes(
+    client: Any,
+    passes: Sequence[Pass],
+    *,
+    state: RunState | None = None,
+    progress: Progress | None = None,
+    max_in_flight: int | None = None,
+) -> list[RunReport]:
+    """Run several passes at once: a block starts as soon as the blocks it waits on have
+    finished, whichever pass they belong to.
+
+    A block of a later pass waits only for the blocks of earlier passes named by its
+    :attr:`Pass.needs` (what it reads), not for the whole pass: a pass's tail no longer
+    leaves workers idle while the next pass waits, and a chain of neighbourhood passes
+    sweeps the volume like one. One window of ``max_in_flight`` futures is shared by all
+    passes, earlier passes served first; each pass with dependencies keeps a lookahead of
+    its grid (a few times the window) of blocks pulled in grid order, so the client holds
+    O(window + lookahead) blocks and one byte per block of the passes others wait on,
+    never a result per block. Done-markers, recovery and streaming folds work per pass as
+    in :func:`run_blocks`; a fold's tree is numbered by the grid's order, so it does not
+    depend on when blocks became ready. A failure in any pass cancels every pass and waits
+    for the tasks already running, so none writes after the caller cleans up.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The cluster to run on.
+    passes : sequence of Pass
+        In dependency order: :attr:`Pass.needs` names earlier passes only.
+    state : RunState, optional
+        Where done-markers live (one array per pass name); without it nothing resumes.
+    progress : Progress, optional
+        One bar for all the passes' blocks.
+    max_in_flight : int, optional
+        Futures submitted at once over all passes (default :func:`default_in_flight`).
+
+    Returns
+    -------
+    list of RunReport
+        One per pass, in the order given.
+
+    Raises
+    ------
+    ValueError
+        When pass names repeat or ``needs`` names a pass that does not come earlier.
+    BlockFailed, VoxelmillError
+        A block that failed on every retry, or a task's user error.
+    """
+    from distributed import as_completed
+
+    names = [p.name for p in passes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pass names repeat: {names}")
+    progress = progress or SilentProgress()
+    limit = max_in_flight or default_in_flight(client)
+    lookahead = max(4 * limit, IN_FLIGHT_FLOOR)
+    tag = f"{state.run_hash[:8] if state else 'once'}-{uuid.uuid4().hex[:6]}"
+    runs: dict[str, _PassRun] = {}
+    for spec in passes:
+        run = _PassRun(spec, state, lookahead, tag)
+        for other, deps in spec.needs.items():
+            if other not in runs:
+                raise ValueError(f"pass {spec.name!r} needs {other!r}, which is not an "
+                                 "earlier pass")
+            run.deps.append((runs[other].flags(), deps))
+        if spec.after is not None:
+            run.deps.append((run.flags(), spec.after))
+        runs[spec.name] = run
+    order = list(runs.values())
+    for run in order:
+        if run.markers is not None and run.n_todo:
+            run.markers.open("a")  # create the marker array before workers write into it
+    progress.start(" + ".join(names), sum(r.total for r in order),
+                   sum(r.skipped for r in order))
+    for run in order:
+        events.emit("stage-start", stage=run.spec.name, blocks=run.total,
+                    skipped=run.skipped)
+
+    futures: dict[Any, tuple[_PassRun, Block, int]] = {}  # -> (pass, block, fold number)
+    t0 = last_event = time.monotonic()
+    # finished blocks are handled in batches and their results gathered in one call:
+    # fetching each result on its own is a round trip per block, which capped short blocks
+    # at ~100 per second
+    # on this client's loop: by default as_completed takes the default client's, and a
+    # future waited on from two loops fails ("bound to a different event loop") when a lost
+    # worker makes gather reschedule it (seen with an in-process client beside a SLURM one)
+    ac = as_completed(loop=client.loop)
+
+    def submit(n: int) -> None:
+        """Submit up to ``n`` ready blocks, earlier passes first (one message to the
+        scheduler per pass)."""
+        for run in order:
+            if n <= 0:
+                return
+            if run.report is not None:
+                continue
+            numbered = run.ready(n)
+            if not numbered:
+                continue
+            blocks = [b for b, _ in numbered]
+            finished = [bool(run.done[b.index]) for b in blocks]
+            run.voxels += sum(b.write_size for b, f in zip(blocks, finished, strict=True)
+                              if not f)
+            extra = () if run.spec.recover is None else (finished,)
+            batch = client.map(run.runner, blocks, *extra,
+                               key=[f"{run.prefix}-{b.key}" for b in blocks],
+                               retries=run.spec.retries, pure=False,
+                               resources=run.spec.resources)
+            for fut, (block, number) in zip(batch, numbered, strict=True):
+                futures[fut] = run, block, number
+            run.in_flight += len(blocks)
+            n -= len(blocks)
+            ac.update(batch)
+
+    def close_finished() -> None:
+        for run in order:
+            if run.report is None and run.finished():
+                run.close(time.monotonic() - t0)
+
+    def failed(run: _PassRun, block: Block, exc: BaseException) -> Exception:
+        events.emit("error", stage=run.spec.name, block=list(block.index),
+                    message=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, VoxelmillError):
+            return exc
+        return BlockFailed(
+            f"{run.spec.name}: block {block.index} (write region "
+            f"{[(s.start, s.stop) for s in block.write]}) failed after {run.spec.retries} "
+            f"retries: {type(exc).__name__}: {exc}")
+
+    try:
+        submit(limit)
+        close_finished()  # passes with nothing to do
+        for batch in ac.batches():
+            for fut in batch:
+                if fut.status != "finished":
+                    exc = fut.exception()
+                    raise failed(*futures[fut][:2], exc) from exc
+            values = client.gather(batch)
+            for fut, (result, seconds) in zip(batch, values, strict=True):
+                run, block, number = futures.pop(fut)
+                fut.release()
+                run.in_flight -= 1
+                if isinstance(result, _UserError):
+                    raise failed(run, block, result.error)
+                if run.fold is not None:
+                    run.fold.add(number, result)
+                elif result is not None:  # a write pass's Nones would cost a dict entry each
+                    run.results[block.index] = result
+                if run.complete is not None:
+                    run.complete[block.index] = True
+                if not run.done[block.index]:
+                    run.block_seconds.append(seconds)
+                    progress.advance()
+            submit(limit - len(futures))
+            close_finished()
+            if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
+                last_event = time.monotonic()
+                for run in order:
+                    if run.report is None and run.block_seconds:
+                        events.emit("stage-progress", stage=run.spec.name,
+                                    done=run.skipped + len(run.block_seconds),
+                                    blocks=run.total,
+                                    blocks_per_s=round(len(run.block_seconds)
+                                                       / (last_event - t0), 3))
+        for run in order:
+            if run.waiting:
+                raise RuntimeError(
+                    f"{run.spec.name}: {len(run.waiting)} blocks wait on blocks that never "
+                    f"ran (first {run.waiting[0][0].index}): `after` must name earlier "
+                    "blocks, `needs` blocks of earlier passes")
+        close_finished()
+    finally:
+        for fut in futures:
+            fut.cancel()
+        if futures:
+            # a task running on a worker cannot be stopped: let those of these passes end,
+            # so none writes (a block, a done-marker) after the caller removes its output
+            _wait_running(client, tuple(run.prefix for run in order))
+        progress.finish()
+    return [run.report for run in order]
+
+
 def run_blocks(
     client: Any,
     grid: BlockGrid,
@@ -249,9 +569,10 @@ def run_blocks(
     combine: Callable[[Any, Any], Any] | None = None,
     initial: Any = None,
     recover: BlockTask | None = None,
-    after: Callable[[Block], Iterable[tuple[int, ...]]] | None = None,
+    after: Dependencies | None = None,
 ) -> RunReport:
-    """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
+    """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``
+    (one pass of :func:`run_passes`).
 
     Parameters
     ----------
@@ -295,142 +616,7 @@ def run_blocks(
         independent blocks keeps the workers busy. Blocks done by an earlier run count as
         finished.
     """
-    from distributed import as_completed
-
-    progress = progress or SilentProgress()
-    markers = state.markers(name, grid) if state is not None else None
-    done = markers.finished() if markers is not None else np.zeros(grid.grid_shape, dtype=bool)
-    total = len(grid)
-    n_todo = (int(done.size - np.count_nonzero(done)) if total == done.size  # the whole grid
-              else sum(1 for b in grid if not done[b.index]))  # a subset of its blocks
-    skipped = total - n_todo
-    if markers is not None and n_todo:
-        markers.open("a")  # create the marker array before workers write into it
-    progress.start(name, total, skipped)
-    events.emit("stage-start", stage=name, blocks=total, skipped=skipped)
-    marked = _MarkedTask(task, markers)
-    # unique per call: a key reused by a later call could be served a stale (erred) result
-    # (the pass name is the key's first word, without hyphens: the dashboard's task stream
-    # names tasks by dask's key_split, which would cut "image-pass0" down to "image")
-    prefix = (f"{name.replace('-', '_')}-{state.run_hash[:8] if state else 'once'}-"
-              f"{uuid.uuid4().hex[:6]}")
-    limit = max_in_flight or default_in_flight(client)
-
-    results: dict[tuple[int, ...], Any] = {}
-    block_seconds: list[float] = []
-    t0 = last_event = time.monotonic()
-    # blocks are made as they are submitted: a grid of millions never sits in memory
-    pending = (b for b in grid if recover is not None or not done[b.index])
-    runner: Any = marked if recover is None else _ResumeTask(marked, recover)
-    voxels = 0
-    futures: dict[Any, tuple[Block, int]] = {}  # future -> (block, submission number)
-    fold = TreeFold(combine) if combine is not None else None
-    submitted = 0
-    # finished blocks are handled in batches and their results gathered in one call:
-    # fetching each result on its own is a round trip per block, which capped short blocks
-    # at ~100 per second
-    # on this client's loop: by default as_completed takes the default client's, and a
-    # future waited on from two loops fails ("bound to a different event loop") when a lost
-    # worker makes gather reschedule it (seen with an in-process client beside a SLURM one)
-    ac = as_completed(loop=client.loop)
-
-    complete = done.copy() if after is not None else None  # finished, this run or before
-    waiting: deque[tuple[Block, int]] = deque()  # pulled from the grid, dependencies unmet
-    lookahead = max(4 * limit, IN_FLIGHT_FLOOR)
-    pulled = 0
-
-    def ready(n: int) -> list[tuple[Block, int]]:
-        """Up to ``n`` blocks whose dependencies have finished, numbered by their order in
-        the grid (so a fold's tree does not depend on when dependencies finished)."""
-        nonlocal pulled
-        if after is None:
-            blocks = list(itertools.islice(pending, n))
-            pulled += len(blocks)
-            return list(zip(blocks, range(pulled - len(blocks), pulled), strict=True))
-        while len(waiting) < lookahead and (b := next(pending, None)) is not None:
-            waiting.append((b, pulled))
-            pulled += 1
-        chosen: list[tuple[Block, int]] = []
-        for _ in range(len(waiting)):
-            item = waiting.popleft()
-            if len(chosen) < n and all(complete[i] for i in after(item[0])):
-                chosen.append(item)
-            else:
-                waiting.append(item)  # one rotation keeps the grid order
-        return chosen
-
-    def submit(n: int) -> None:
-        """Submit up to ``n`` ready blocks (one message to the scheduler for all of them)."""
-        nonlocal voxels, submitted
-        numbered = ready(n) if n > 0 else []
-        if not numbered:
-            return
-        blocks = [b for b, _ in numbered]
-        finished = [bool(done[b.index]) for b in blocks]
-        voxels += sum(b.write_size for b, f in zip(blocks, finished, strict=True) if not f)
-        extra = () if recover is None else (finished,)
-        batch = client.map(runner, blocks, *extra, key=[f"{prefix}-{b.key}" for b in blocks],
-                           retries=retries, pure=False, resources=resources)
-        for fut, (block, number) in zip(batch, numbered, strict=True):
-            futures[fut] = block, number
-        submitted += len(blocks)
-        ac.update(batch)
-
-    def failed(block: Block, exc: BaseException) -> Exception:
-        events.emit("error", stage=name, block=list(block.index),
-                    message=f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, VoxelmillError):
-            return exc
-        return BlockFailed(
-            f"{name}: block {block.index} (write region "
-            f"{[(s.start, s.stop) for s in block.write]}) failed after {retries} "
-            f"retries: {type(exc).__name__}: {exc}")
-
-    try:
-        submit(limit)
-        for batch in ac.batches():
-            for fut in batch:
-                if fut.status != "finished":
-                    exc = fut.exception()
-                    raise failed(futures[fut][0], exc) from exc
-            values = client.gather(batch)
-            for fut, (result, seconds) in zip(batch, values, strict=True):
-                block, number = futures.pop(fut)
-                fut.release()
-                if isinstance(result, _UserError):
-                    raise failed(block, result.error)
-                if fold is not None:
-                    fold.add(number, result)
-                elif result is not None:  # a write pass's Nones would cost a dict entry each
-                    results[block.index] = result
-                if complete is not None:
-                    complete[block.index] = True
-                if not done[block.index]:
-                    block_seconds.append(seconds)
-                    progress.advance()
-            submit(limit - len(futures))
-            if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
-                last_event = time.monotonic()
-                events.emit("stage-progress", stage=name, done=skipped + len(block_seconds),
-                            blocks=total, blocks_per_s=round(len(block_seconds)
-                                                             / (last_event - t0), 3))
-        if waiting:
-            raise RuntimeError(f"{name}: {len(waiting)} blocks wait on blocks that never ran "
-                               f"(first {waiting[0][0].index}): `after` must name earlier blocks")
-    finally:
-        for fut in futures:
-            fut.cancel()
-        if futures:
-            # a task running on a worker cannot be stopped: let those of this pass end, so
-            # none writes (a block, a done-marker) after the caller removes its output
-            _wait_running(client, prefix)
-        progress.finish()
-    report = RunReport(name, total, n_todo, skipped, results, time.monotonic() - t0,
-                       block_seconds, voxels,
-                       value=fold.result(initial) if fold is not None else None,
-                       held_peak=fold.peak if fold is not None else len(results))
-    events.emit("stage-end", stage=name, blocks=total, computed=report.computed,
-                skipped=skipped, seconds=round(report.seconds, 3), voxels=report.voxels,
-                mvoxels_per_s=round(report.voxels / max(report.seconds, 1e-9) / 1e6, 3),
-                block_seconds=block_time_summary(block_seconds))
-    return report
+    spec = Pass(grid, task, name, combine=combine, initial=initial, recover=recover,
+                resources=resources, after=after, retries=retries)
+    return run_passes(client, [spec], state=state, progress=progress,
+                      max_in_flight=max_in_flight)[0]

@@ -1,0 +1,121 @@
+"""Several passes at once (``run_passes``): a block of a later pass starts as soon as the
+blocks of earlier passes it reads have finished."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.blocks import Block, BlockGrid, blocks_reading
+from engine.runner import BlockFailed, Pass, RunState, run_passes
+
+
+def test_blocks_reading_equals_a_brute_force_intersection():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        shape = tuple(int(s) for s in rng.integers(1, 30, 3))
+        grid = BlockGrid(shape, tuple(int(b) for b in rng.integers(1, 9, 3)))
+        lo = rng.integers(-3, 30, 3)
+        region = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, rng.integers(0, 12, 3),
+                                                                 strict=True))
+        want = [b.index for b in grid
+                if all(max(w.start, r.start) < min(w.stop, r.stop)
+                       for w, r in zip(b.write, region, strict=True))]
+        assert list(blocks_reading(grid, region)) == want
+
+
+def name(index: tuple[int, ...]) -> str:
+    return "_".join(map(str, index))
+
+
+@dataclass(frozen=True)
+class Write:
+    """Writes ``<folder>/<key>`` with the time it finished; ``fail`` names a block that
+    raises instead."""
+
+    folder: str
+    fail: tuple[int, ...] | None = None
+
+    def __call__(self, block: Block) -> tuple[tuple[int, ...], ...]:
+        if block.index == self.fail:
+            raise ValueError("broken block")
+        time.sleep(0.03)
+        (Path(self.folder) / name(block.index)).write_text(repr(time.time()))
+        return (block.index,)
+
+
+@dataclass(frozen=True)
+class Read:
+    """Fails unless the files of the first pass's blocks under its read region exist when it
+    starts; returns its start time (and writes its own file)."""
+
+    first: str
+    grid: BlockGrid
+    folder: str
+
+    def __call__(self, block: Block) -> tuple[tuple[int, ...], float]:
+        started = time.time()
+        for index in blocks_reading(self.grid, block.read):
+            if not (Path(self.first) / name(index)).exists():
+                raise AssertionError(f"{block.index} started before {index} was written")
+        (Path(self.folder) / name(block.index)).write_text("")
+        return block.index, started
+
+
+def concat(a: tuple, b: tuple) -> tuple:
+    return a + b
+
+
+def two_passes(tmp_path: Path, fail: tuple[int, ...] | None = None) -> list[Pass]:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(exist_ok=True)
+    second.mkdir(exist_ok=True)
+    grid_a = BlockGrid((40, 40), (10, 10))
+    grid_b = BlockGrid((40, 40), (20, 10), halo=2)  # another layout, reading a halo
+    return [Pass(grid_a, Write(str(first), fail), "first", combine=concat, retries=0),
+            Pass(grid_b, Read(str(first), grid_a, str(second)), "second",
+                 needs={"first": lambda b: blocks_reading(grid_a, b.read)})]
+
+
+def test_a_later_pass_starts_before_the_earlier_one_ends(client, tmp_path):
+    first, second = run_passes(client, two_passes(tmp_path), max_in_flight=4)
+    assert (first.computed, second.computed) == (16, 8)
+    # the fold follows the grid's order whatever the arrival order
+    assert first.value == tuple(b.index for b in BlockGrid((40, 40), (10, 10)))
+    ends = [float(p.read_text()) for p in (tmp_path / "a").iterdir()]
+    starts = [started for _, started in second.results.values()]
+    assert min(starts) < max(ends)  # no barrier between the passes
+
+
+def test_finished_blocks_of_an_earlier_run_count(client, tmp_path):
+    state = RunState(tmp_path / "state", "abc")
+    state.begin()
+    passes = two_passes(tmp_path)
+    markers = state.markers("first", passes[0].grid)
+    markers.open("a")
+    for index in itertools.product(range(4), range(2)):  # the left half, done before
+        markers.mark(index)
+        (tmp_path / "a" / name(index)).write_text("0")
+    first, second = run_passes(client, passes, state=state, max_in_flight=4)
+    assert (first.computed, first.skipped, second.computed) == (8, 8, 8)
+
+
+def test_a_failure_stops_every_pass(client, tmp_path):
+    with pytest.raises(BlockFailed, match="broken block"):
+        run_passes(client, two_passes(tmp_path, fail=(0, 0)), max_in_flight=4)
+    # no block reading the failed one ran, and nothing runs on after the call
+    assert not (tmp_path / "b" / name((0, 0))).exists()
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())
+    time.sleep(0.2)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == written
+
+
+def test_needs_must_name_an_earlier_pass(client, tmp_path):
+    a, b = two_passes(tmp_path)
+    with pytest.raises(ValueError, match="not an earlier pass"):
+        run_passes(client, [b, a])
