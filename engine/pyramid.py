@@ -12,11 +12,12 @@ odd end), so a block aligned to ``chunk × factor`` gives exactly the whole-arra
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from engine.blocks import Block, BlockGrid, blocks_reading
 from engine.io.integrity import unit_shape
 from engine.io.sources import read_region
 
@@ -366,11 +367,12 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
     list of RunReport
         One per pass.
     """
-    from engine.blocks import BlockGrid
-    from engine.runner import run_blocks
+    from engine.runner import Pass as RunnerPass
+    from engine.runner import run_passes
 
-    reports = []
     itemsize = data.dtype.itemsize if data is not None else 1
+    specs: list[RunnerPass] = []
+    prev = 0  # the level the previous pass's grid covers
     for i, p in enumerate(plan_passes(levels, chunks, itemsize, budget_bytes, start=start)):
         src_level = max(p.source, 0)
         source = data if p.source == -1 else str(group / str(p.source))
@@ -382,8 +384,33 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
         grid = BlockGrid(levels[src_level].shape, p.block_shape,
                          chunks=[min(c, s) for c, s in zip(chunks, levels[first_written].shape,
                                                             strict=True)])
-        reports.append(run_blocks(
-            client, grid, task, name=f"{name}-pass{i}", state=state,
-            progress=progress() if progress else None,
-        ))
-    return reports
+        # a block reading level L waits only for the blocks of the pass writing L that
+        # wrote its region, not for that whole pass
+        needs = {specs[-1].name: _WrittenBy(specs[-1].grid, _factor(levels, prev, src_level))
+                 } if specs else {}
+        specs.append(RunnerPass(grid, task, f"{name}-pass{i}", needs=needs))
+        prev = src_level
+    return run_passes(client, specs, state=state, progress=progress() if progress else None)
+
+
+def _factor(levels: Sequence[Level], coarse_from: int, level: int) -> tuple[int, ...]:
+    """Voxels of level ``coarse_from`` per voxel of ``level`` (a later one), per axis."""
+    out = np.ones(len(levels[0].shape), dtype=np.int64)
+    for lv in levels[coarse_from + 1: level + 1]:
+        out *= lv.factors
+    return tuple(int(f) for f in out)
+
+
+@dataclass(frozen=True)
+class _WrittenBy:
+    """The blocks of the pass that reads level ``k`` (``grid``, in level-k voxels) which
+    wrote the level-``k + …`` region a block of the next pass reads (``factor`` level-k
+    voxels per voxel read)."""
+
+    grid: BlockGrid
+    factor: tuple[int, ...]
+
+    def __call__(self, block: Block) -> Iterator[tuple[int, ...]]:
+        return blocks_reading(self.grid, tuple(
+            slice(w.start * f, w.stop * f) for w, f in zip(block.write, self.factor,
+                                                            strict=True)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import zarr
@@ -128,3 +131,37 @@ def test_write_covering_part_of_a_shard_is_refused(tmp_path):
     assert not any((tmp_path / "a").rglob("c/*"))  # nothing written
     write_chunkwise(arr, (slice(32, 64), slice(0, 64)), np.ones((32, 64), np.uint8))
     assert arr[...].sum() == 32 * 64
+
+
+@dataclass(frozen=True)
+class SlowCorner:
+    """Level-0 voxels whose read of the region at the origin takes a while."""
+
+    data: np.ndarray
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def read_region(self, region: tuple[slice, ...]) -> np.ndarray:
+        if all(r.start == 0 for r in region):
+            time.sleep(1.5)
+        return self.data[region]
+
+
+def test_a_coarser_level_starts_before_the_finer_one_is_done(client, tmp_path):
+    data = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    chunks = (8, 8)
+    levels = plan_levels(data.shape, "yx", (1.0, 1.0), chunks)
+    assert [lv.shape for lv in levels] == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    for i, lv in enumerate(levels):
+        create_level(tmp_path, str(i), lv.shape, chunks, data.dtype, "yx", "0.5")
+    # one level per pass: pass 0 writes levels 0 and 1, pass 1 level 2 from level 1
+    reports = build_pyramid(client, SlowCorner(data), tmp_path, levels, chunks, budget_bytes=1)
+    assert len(reports) == 3
+    # level 2's far corner comes from level-0 blocks other than the slow one: it was
+    # written while the slow block was still reading, not after the whole first pass
+    slow = (tmp_path / "0" / "c" / "0" / "0").stat().st_mtime
+    assert (tmp_path / "2" / "c" / "1" / "1").stat().st_mtime < slow
+    for i, ref in enumerate(_whole_pyramid(data, levels, "mean")):
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / str(i)))[...], ref)
