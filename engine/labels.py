@@ -189,6 +189,25 @@ class FacePairs:
         bid = np.uint64(np.ravel_multi_index(index, self.grid_shape))
         return np.where(plane > 0, (bid << SHIFT) | plane.astype(np.uint64), np.uint64(0))
 
+    def reads(self, block: Block) -> list[tuple[int, ...]]:
+        """The blocks whose :class:`LocalLabels` files the task of ``block`` reads: its
+        own and, across each high-side face, the next layer's blocks (one step up that
+        axis, at most one step either way on the others)."""
+        out = [block.index]
+        ndim = len(self.grid_shape)
+        for k in range(ndim):
+            if block.index[k] == self.grid_shape[k] - 1:
+                continue
+            inplane = [j for j in range(ndim) if j != k]
+            for delta in itertools.product((-1, 0, 1), repeat=ndim - 1):
+                index = list(block.index)
+                index[k] += 1
+                for j, dj in zip(inplane, delta, strict=True):
+                    index[j] += dj
+                if all(0 <= i < n for i, n in zip(index, self.grid_shape, strict=True)):
+                    out.append(tuple(index))
+        return out
+
     def __call__(self, block: Block) -> np.ndarray:
         ndim = len(self.grid_shape)
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
@@ -482,7 +501,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     """
     import zarr
 
-    from engine.runner import run_blocks
+    from engine.runner import Pass, run_blocks, run_passes
 
     if min_size < 0 or (max_size is not None and max_size < min_size):
         raise OptionError(f"size range [{min_size}, {max_size}] is empty or negative")
@@ -507,15 +526,18 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         if not (work / "local" / "zarr.json").exists():
             zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
                               dtype=np.uint32, fill_value=0, zarr_format=3)
-        # both passes stream: the client holds the face tables, never a result per block
-        face_ids, face_keys, face_sizes = run_blocks(
-            client, grid, LocalLabels(mask, str(work), struct, shape, gshape),
-            name="label-local", progress=progress, combine=concatenate_tables,
-            state=marks, recover=SavedFaces(str(work), gshape)).value
-        pairs = run_blocks(client, grid, FacePairs(str(work), struct, gshape),
-                           name="label-faces", progress=progress,
-                           combine=concatenate_rows, state=marks,
-                           recover=SavedPairs(str(work), gshape)).value
+        # both passes stream: the client holds the face tables, never a result per block;
+        # and run together: a block's faces are paired as soon as it and the neighbours
+        # it pairs with are labelled
+        pairing = FacePairs(str(work), struct, gshape)
+        local, faces = run_passes(client, [
+            Pass(grid, LocalLabels(mask, str(work), struct, shape, gshape), "label-local",
+                 combine=concatenate_tables, recover=SavedFaces(str(work), gshape)),
+            Pass(grid, pairing, "label-faces", combine=concatenate_rows,
+                 recover=SavedPairs(str(work), gshape),
+                 needs={"label-local": pairing.reads})], state=marks, progress=progress)
+        face_ids, face_keys, face_sizes = local.value
+        pairs = faces.value
 
         # the face graph: nodes are face components only
         order = np.argsort(face_ids)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -216,3 +219,36 @@ def test_property_any_layout_any_connectivity_equals_skimage(client):
         np.testing.assert_array_equal(got, sk_label(mask, connectivity=connectivity))
 
     check()
+
+
+@dataclass(frozen=True)
+class SlowLast:
+    """A mask whose region at the far corner takes a while to read."""
+
+    data: np.ndarray
+    chunks: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def read_region(self, region: tuple[slice, ...]) -> np.ndarray:
+        if all(r.stop == s for r, s in zip(region, self.data.shape, strict=True)):
+            time.sleep(1.5)
+        return self.data[region]
+
+
+def test_faces_are_paired_while_other_blocks_are_still_labelled(client, tmp_path):
+    mask = _blobs((40, 40), seed=3)
+    res = label(client, SlowLast(mask, (10, 10)), tmp_path / "lab", connectivity=2,
+                lazy=True)
+    np.testing.assert_array_equal(res.source.read_region((slice(0, 40), slice(0, 40))),
+                                  ndi.label(mask, structure=np.ones((3, 3), bool))[0])
+    # the first block's pairs were saved before the slow last block's labels
+    work = res.work
+    assert (work / "pairs" / "0.npy").stat().st_mtime < \
+        (work / "blocks" / "15.npz").stat().st_mtime
