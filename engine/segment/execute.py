@@ -21,9 +21,9 @@ import numpy as np
 
 from engine import labels as labelling
 from engine import stats
-from engine.blocks import Block, BlockGrid, Region, pad_read
+from engine.blocks import Block, BlockGrid, Region, blocks_reading, pad_read
 from engine.errors import InputError, OptionError
-from engine.runner import RunState, run_blocks
+from engine.runner import Pass, RunReport, RunState, run_blocks, run_passes
 from engine.segment import pointwise as pw
 from engine.segment.blockops import BlockOp, BlockReduce, input_pad_modes
 from engine.segment.filters import EdgePreservingStats, FilamentStats
@@ -115,19 +115,90 @@ def create_store(ctx: Context, name: str, shape: Sequence[int], dtype: Any) -> S
     return Stored(str(path), tuple(shape), chunks, dtype)
 
 
-def run_op(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]) -> Stored:
-    """Run a block operation over the whole volume; store its output."""
+def _op_pass(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]
+             ) -> tuple[Pass, Stored]:
+    """The pass that runs a block operation over the whole volume, and its output store."""
     shape = inputs[0].shape
     out = create_store(ctx, name, shape, op.dtype)
     grid = BlockGrid(shape, ctx.block_shape, halo=op.halo(len(shape)), chunks=out.chunks)
-    report = run_blocks(ctx.client, grid, OpTask(op, tuple(inputs), out.path), name=f"{name}",
-                        state=ctx.state, progress=ctx.new_progress(),
-                        combine=stats.merge_range)
+    return Pass(grid, OpTask(op, tuple(inputs), out.path), name,
+                combine=stats.merge_range), out
+
+
+def _op_result(ctx: Context, out: Stored, report: RunReport) -> Stored:
+    """The stored output of a finished op pass, with its value range when every block was
+    computed (float outputs: what a threshold's histogram needs)."""
     if report.skipped:
-        ctx.log(f"{name}: {report.skipped} of {report.total} blocks already done")
-    if out.dtype.kind != "f" or report.computed != len(grid):  # no range from skipped
+        ctx.log(f"{report.name}: {report.skipped} of {report.total} blocks already done")
+    if out.dtype.kind != "f" or report.computed != report.total:  # no range from skipped
         return out
     return replace(out, extent=report.value)
+
+
+def run_op(ctx: Context, name: str, op: BlockOp, inputs: Sequence[ArrayRef]) -> Stored:
+    """Run a block operation over the whole volume; store its output."""
+    spec, out = _op_pass(ctx, name, op, inputs)
+    report = run_passes(ctx.client, [spec], state=ctx.state, progress=ctx.new_progress())[0]
+    return _op_result(ctx, out, report)
+
+
+def _stored_under(ref: Any) -> list[Stored]:
+    """The stored arrays a reference reads (through voxel-wise views, which read the same
+    region of their inputs)."""
+    if isinstance(ref, Stored):
+        return [ref]
+    if isinstance(ref, Pointwise):
+        return [s for r in ref.inputs for s in _stored_under(r)]
+    return []
+
+
+@dataclass(frozen=True)
+class _ReadBy:
+    """The blocks of ``grid`` that wrote what ``block``'s read region (halo included)
+    covers."""
+
+    grid: BlockGrid
+
+    def __call__(self, block: Block) -> Any:
+        return blocks_reading(self.grid, block.read)
+
+
+def run_ops(ctx: Context,
+            planned: Sequence[tuple[str, Callable[[dict[str, Stored]], tuple[BlockOp, Any]]]]
+            ) -> list[Stored]:
+    """Run a chain of block operations at once: a block of a later one starts as soon as
+    the blocks of the earlier ones its read region covers (halo included) are stored.
+
+    Parameters
+    ----------
+    planned : sequence of (name, plan)
+        In order; ``plan(made)`` gives the op and its inputs, where ``made`` maps the
+        names of the earlier ops to their outputs (:class:`Stored` arrays in ``ctx``'s
+        work folder, still to be written).
+
+    Returns
+    -------
+    list of Stored
+        Each op's output, as :func:`run_op` returns it.
+    """
+    specs: list[Pass] = []
+    outs: list[Stored] = []
+    writers: dict[str, Pass] = {}  # output path -> the pass writing it
+    made: dict[str, Stored] = {}
+    for name, plan in planned:
+        op, inputs = plan(dict(made))
+        spec, out = _op_pass(ctx, name, op, inputs)
+        for ref in inputs:
+            for stored in _stored_under(ref):
+                if stored.path in writers:
+                    writer = writers[stored.path]
+                    spec.needs[writer.name] = _ReadBy(writer.grid)
+        writers[out.path] = spec
+        made[name] = out
+        specs.append(spec)
+        outs.append(out)
+    reports = run_passes(ctx.client, specs, state=ctx.state, progress=ctx.new_progress())
+    return [_op_result(ctx, out, report) for out, report in zip(outs, reports, strict=True)]
 
 
 def run_reduce(ctx: Context, name: str, op: BlockReduce, inputs: Sequence[ArrayRef]) -> Any:
@@ -362,9 +433,16 @@ def ex_clip_percentiles(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     return Pointwise(pw.Clip(float(lo), float(hi), p["rescale"]), (ref,), np.dtype(np.float32))
 
 
+def plan_op(ctx: Context, step: Step, *inputs: ArrayRef) -> tuple[BlockOp, tuple[Any, ...]]:
+    """The block operation of a step that needs nothing but its parameters, and what it
+    reads."""
+    return step.make_op(), inputs
+
+
 def ex_block_op(ctx: Context, step: Step, *inputs: ArrayRef) -> ArrayRef:
-    """A step whose block operation needs nothing but its parameters."""
-    return run_op(ctx, step.name, step.make_op(), inputs)
+    """A step that is one block operation (see :data:`OP_PLANS`): run it, store its
+    output."""
+    return run_op(ctx, step.name, *OP_PLANS[step.function](ctx, step, *inputs))
 
 
 def ex_edge_preserving(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
@@ -383,12 +461,13 @@ def ex_filament(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     return run_op(ctx, step.name, replace(op, l3_min=tuple(float(v) for v in l3_min)), [ref])
 
 
-def ex_distance_transform(ctx: Context, step: Step, mask: ArrayRef) -> ArrayRef:
+def plan_distance_transform(ctx: Context, step: Step, mask: ArrayRef
+                            ) -> tuple[BlockOp, tuple[Any, ...]]:
     sampling = ctx.voxel_size_um
     if sampling is not None and len(sampling) != len(mask.shape):
         raise OptionError(f"step {step.name!r}: voxel size {list(sampling)} does not match "
                           f"the image's {len(mask.shape)} axes")
-    return run_op(ctx, step.name, step.make_op(sampling=sampling), [mask])
+    return step.make_op(sampling=sampling), (mask,)
 
 
 def ex_graph_cut(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
@@ -398,11 +477,10 @@ def ex_graph_cut(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
     return run_op(ctx, step.name, step.make_op(lo=every["min"], hi=every["max"]), [ref])
 
 
-def ex_watershed(ctx: Context, step: Step, image: ArrayRef, markers: ArrayRef,
-                 mask: ArrayRef | None = None) -> ArrayRef:
+def plan_watershed(ctx: Context, step: Step, image: ArrayRef, markers: ArrayRef,
+                   mask: ArrayRef | None = None) -> tuple[BlockOp, tuple[Any, ...]]:
     op = step.make_op(masked=mask is not None, labels_dtype=str(markers.dtype))
-    inputs = [image, markers] + ([mask] if mask is not None else [])
-    return run_op(ctx, step.name, op, inputs)
+    return op, (image, markers) + ((mask,) if mask is not None else ())
 
 
 def _label(ctx: Context, name: str, mask: ArrayRef, *, connectivity: int | None,
@@ -556,13 +634,14 @@ class Inside:
         return np.ones(tuple(s.stop - s.start for s in region), bool)
 
 
-def ex_shape_index(ctx: Context, step: Step, ref: ArrayRef) -> ArrayRef:
+def plan_shape_index(ctx: Context, step: Step, ref: ArrayRef
+                     ) -> tuple[BlockOp, tuple[Any, ...]]:
     op = step.make_op()
     axes = op.check_dims(len(ref.shape))  # refuse 3D without slice_wise before any work
     if any(ref.shape[a] < 2 for a in axes):
         raise InputError(f"step {step.name!r} (shape_index) needs at least 2 voxels along y "
                          f"and x, got an image of shape {list(ref.shape)}")
-    return run_op(ctx, step.name, op, [ref, Inside(tuple(ref.shape), tuple(ref.chunks))])
+    return op, (ref, Inside(tuple(ref.shape), tuple(ref.chunks)))
 
 
 # --------------------------------------------------------------------------- the workflow
@@ -579,6 +658,36 @@ def _fusable_label(wf: Workflow, step: Step, keep: Sequence[str]) -> Step | None
             and parent.name not in keep and parent.name != wf.output:
         return parent
     return None
+
+
+def _op_chain(wf: Workflow, first: int, skip: set[str]) -> list[Step]:
+    """The steps from ``wf.steps[first]`` on that are block operations each reading an
+    earlier one's output (a straight chain, e.g. gaussian → spot filter), up to the
+    workflow's output; one step when it starts none."""
+    chain: list[Step] = []
+    for step in wf.steps[first:]:
+        if step.name in skip or step.function not in OP_PLANS or (
+                chain and not set(step.inputs) & {s.name for s in chain}):
+            break
+        chain.append(step)
+        if step.name == wf.output:
+            break
+    return chain
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """Plans a chained step once the outputs of the steps before it exist (``values``
+    receives them as the chain is planned)."""
+
+    ctx: Context
+    step: Step
+    values: dict[str, Any]
+
+    def __call__(self, made: dict[str, Stored]) -> tuple[BlockOp, tuple[Any, ...]]:
+        self.values.update(made)
+        inputs = [self.values[name] for name in self.step.inputs]
+        return OP_PLANS[self.step.function](self.ctx, self.step, *inputs)
 
 
 def run_workflow(ctx: Context, wf: Workflow, raw: ArrayRef,
@@ -599,8 +708,21 @@ def run_workflow(ctx: Context, wf: Workflow, raw: ArrayRef,
     fused = {parent.name: step for step in wf.steps
              if (parent := _fusable_label(wf, step, keep)) is not None}
     skip = set(fused)
-    for step in wf.steps:
+    for i, step in enumerate(wf.steps):
         if step.name in skip:
+            continue
+        chain = _op_chain(wf, i, skip)
+        if len(chain) > 1:  # block ops reading each other's output: one sweep
+            for s in chain:
+                ctx.log(f"step {s.name} ({s.function})")
+            results = run_ops(ctx, [(s.name, _Planned(ctx, s, values)) for s in chain])
+            for s, result in zip(chain, results, strict=True):
+                values[s.name] = result
+                skip.add(s.name)
+                if s.name in keep and on_result is not None:
+                    on_result(s, result)
+            if chain[-1].name == wf.output:
+                return values[wf.output]
             continue
         final = step.name == wf.output
         ctx.log(f"step {step.name} ({step.function})")
@@ -629,6 +751,19 @@ def run_workflow(ctx: Context, wf: Workflow, raw: ArrayRef,
     raise OptionError(f"workflow {wf.name!r}: output step {wf.output!r} was never reached")
 
 
+#: Steps that are one block operation, planned from their parameters and inputs (checks
+#: included) without touching the data: consecutive ones run as one sweep (:func:`run_ops`).
+OP_PLANS: dict[str, Callable[..., tuple[BlockOp, tuple[Any, ...]]]] = {
+    "gaussian": plan_op,
+    "spot": plan_op,
+    "local_maxima": plan_op,
+    "h_maxima": plan_op,
+    "unsharp_mask": plan_op,
+    "distance_transform": plan_distance_transform,
+    "watershed": plan_watershed,
+    "shape_index": plan_shape_index,
+}
+
 EXECUTORS: dict[str, Callable[..., Any]] = {
     "normalize": ex_normalize,
     "clip_percentiles": ex_clip_percentiles,
@@ -641,8 +776,8 @@ EXECUTORS: dict[str, Callable[..., Any]] = {
     "label": ex_label,
     "size_filter": ex_size_filter,
     "fill_holes": ex_fill_holes,
-    "watershed": ex_watershed,
-    "distance_transform": ex_distance_transform,
+    "watershed": ex_block_op,
+    "distance_transform": ex_block_op,
     "local_maxima": ex_block_op,
     "h_maxima": ex_block_op,
     "graph_cut": ex_graph_cut,
@@ -650,5 +785,5 @@ EXECUTORS: dict[str, Callable[..., Any]] = {
     "invert": ex_invert,
     "gamma": ex_gamma,
     "unsharp_mask": ex_block_op,
-    "shape_index": ex_shape_index,
+    "shape_index": ex_block_op,
 }
