@@ -176,25 +176,25 @@ def test_block_reduce_moments_equal_numpy(layout):
 
 
 def test_object_tables_with_a_million_ids_equal_numpy():
-    """Per-object sizes and extrema of ~10⁶ ids, merged as sorted arrays over an odd
+    """Per-object sizes and extrema of over 10⁶ ids, merged as sorted arrays over an odd
     layout, equal a dense NumPy reference."""
     from engine.labels import merge_counts
     from engine.segment.blockops import reduce_blockwise
     from engine.segment.execute import ObjectExtrema
 
     rng = np.random.default_rng(6)
-    shape = (100, 100, 200)
-    lab = rng.integers(0, 1_000_001, shape).astype(np.uint32)
+    shape = (100, 150, 200)
+    lab = rng.integers(0, 1_200_001, shape).astype(np.uint32)
     img = rng.normal(size=shape).astype(np.float32)
     ids, lo, hi = reduce_blockwise(ObjectExtrema(), [img, lab], (37, 41, 61))
-    want_lo = np.full(1_000_001, np.inf, np.float32)
-    want_hi = np.full(1_000_001, -np.inf, np.float32)
+    want_lo = np.full(1_200_001, np.inf, np.float32)
+    want_hi = np.full(1_200_001, -np.inf, np.float32)
     np.minimum.at(want_lo, lab.ravel(), img.ravel())
     np.maximum.at(want_hi, lab.ravel(), img.ravel())
-    counts = np.bincount(lab.ravel(), minlength=1_000_001)
+    counts = np.bincount(lab.ravel(), minlength=1_200_001)
     present = np.flatnonzero(counts)
     present = present[present > 0]
-    assert present.size > 800_000
+    assert present.size > 1_000_000
     np.testing.assert_array_equal(ids, present)
     np.testing.assert_array_equal(lo, want_lo[present])
     np.testing.assert_array_equal(hi, want_hi[present])
