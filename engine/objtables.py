@@ -71,13 +71,17 @@ def merge_summaries(a: tuple[int, int, int, int], b: tuple[int, int, int, int]
     return a[0] + b[0], min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
-def shard_starts(lo: int, hi: int, rows: int, row_bytes: int, budget: int) -> tuple[int, ...]:
+def shard_starts(lo: int, hi: int, rows: int, row_bytes: int, budget: int,
+                 align: int = 1) -> tuple[int, ...]:
     """First id of each shard: ``[lo, hi]`` cut into equal ranges, as many as keep the
     expected rows of one shard (``rows`` spread evenly over the range) within ``budget``
-    bytes, counting the merge's working copies (×3)."""
+    bytes, counting the merge's working copies (×3). Starts are multiples of ``align``
+    (keys that share ``key // align`` stay in one shard)."""
+    lo -= lo % align
     shards = max(1, -(-3 * rows * max(row_bytes, 1) // max(budget, 1)))
-    shards = min(shards, hi - lo + 1)
+    shards = min(shards, -(-(hi - lo + 1) // align))
     width = -(-(hi - lo + 1) // shards)
+    width += -width % align
     return tuple(lo + s * width for s in range(shards) if lo + s * width <= hi)
 
 
@@ -136,8 +140,17 @@ class ShardedTable:
     starts: tuple[int, ...]
     columns: int
 
+    @classmethod
+    def write(cls, folder: str | Path, table: Table) -> ShardedTable:
+        """A one-shard table of ``table`` (ids sorted, unique) saved in ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(table):
+            np.save(folder / f"shard-0.c{i}.npy", np.ascontiguousarray(c))
+        return cls(str(folder), (0,), len(table))
+
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """For sorted unique uint64 ``ids``: which are in the table, and the position of
+        """For unique uint64 ``ids`` (any order): which are in the table, and the position of
         each found one within its shard and its shard's columns.
 
         Returns
@@ -150,6 +163,7 @@ class ShardedTable:
         ids = np.asarray(ids, np.uint64)
         found = np.zeros(ids.size, bool)
         shard = np.searchsorted(np.asarray(self.starts, np.uint64), ids, side="right") - 1
+        where: list[np.ndarray] = []  # positions in ids of the found ones, shard by shard
         out: list[list[np.ndarray]] = [[] for _ in range(self.columns + 1)]
         for s in np.unique(shard[shard >= 0]).tolist():
             sel = np.flatnonzero(shard == s)
@@ -158,19 +172,23 @@ class ShardedTable:
             hit = pos < keys.size
             hit[hit] = keys[pos[hit]] == ids[sel][hit]
             found[sel[hit]] = True
+            where.append(sel[hit])
             out[0].append(np.full(int(hit.sum()), s, np.int64))
             out[1].append(pos[hit].astype(np.int64))
             for i in range(1, self.columns):
                 col = np.load(Path(self.folder) / f"shard-{s}.c{i}.npy", mmap_mode="r")
                 out[i + 1].append(np.asarray(col[pos[hit]]))
-        rows = [np.concatenate(c) if c else np.zeros(0, np.int64) for c in out]
-        return found, rows
+        if not where:
+            return found, [np.zeros(0, np.int64) for _ in out]
+        order = np.argsort(np.concatenate(where), kind="stable")  # back to the order of ids
+        return found, [np.concatenate(c)[order] for c in out]
 
 
 def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Table],
                    reducers: Sequence[str], finish: Callable[[Table], tuple[Table, Any]],
                    folder: str | Path, *, name: str, progress: Any = None,
-                   budget: int | None = None) -> tuple[ShardedTable, list[Any]]:
+                   budget: int | None = None, align: int = 1
+                   ) -> tuple[ShardedTable, list[Any]]:
     """Per-object table of ``partial`` over every block of ``grid``, sharded on disk.
 
     Parameters
@@ -188,6 +206,10 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
         Scratch folder (created; its ``parts`` are removed once merged).
     budget : int, optional
         Bytes of rows per shard (default :func:`table_budget`).
+    align : int
+        Shards start at multiples of it (see :func:`shard_starts`), so rows whose ids
+        share ``id // align`` (e.g. the bins of one object, keyed ``object << bits |
+        bin``) meet in one shard. ``finish`` then keeps a table keyed by ``id // align``.
 
     Returns
     -------
@@ -204,11 +226,12 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
         client, grid, SavePartial(partial, str(folder)), name=f"{name}-partials",
         progress=progress, combine=merge_summaries,
         initial=(0, 0, 0, 0)).value
-    starts = shard_starts(lo, hi, rows, row_bytes, budget or table_budget()) if rows else (0,)
+    starts = (shard_starts(lo, hi, rows, row_bytes, budget or table_budget(), align)
+              if rows else (0,))
     shards = BlockGrid((len(starts),), (1,))
     report = run_blocks(client, shards, MergeShard(str(folder), starts, tuple(reducers),
                                                    finish),
                         name=f"{name}-shards", progress=progress)
     shutil.rmtree(folder / "parts", ignore_errors=True)
-    return (ShardedTable(str(folder), starts, len(reducers) + 1),
+    return (ShardedTable(str(folder), tuple(s // align for s in starts), len(reducers) + 1),
             [report.results[(s,)] for s in range(len(starts))])

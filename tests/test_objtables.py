@@ -72,3 +72,22 @@ def test_size_filter_with_huge_sparse_ids_equals_numpy(client, tmp_path, monkeyp
         want = relabel_sequential(want)[0]
     assert n == keep.size
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out"), mode="r")[...], want)
+
+
+def test_masked_object_over_many_shards_equals_allen(client, tmp_path, monkeypatch):
+    """Many objects, per-object tables cut into several shards by a tiny budget: the
+    masked-object threshold still equals the Allen segmenter's algorithm."""
+    from tests.segment_helpers import blobs, run_steps
+    from tests.test_segment_steps import allen_masked_object
+
+    monkeypatch.setenv("VOXELMILL_TABLE_BUDGET_MIB", "0.002")
+    img = blobs((24, 40, 36), 3, sigma=1.2)
+    ref = allen_masked_object(img, "triangle", 10, 0.98)
+    got = run_steps(client, tmp_path, img, [
+        {"name": "mo", "function": "masked_object",
+         "parameters": {"global_method": "triangle", "object_min_size": 10,
+                        "local_adjust": 0.98}}], (8, 13, 12))
+    shards = list((tmp_path / "mo-tables" / "otsu").glob("shard-*.c0.npy"))
+    assert len(shards) > 1
+    assert ref.any() and not ref.all()
+    np.testing.assert_array_equal(got, ref)

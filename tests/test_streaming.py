@@ -180,7 +180,7 @@ def test_object_tables_with_a_million_ids_equal_numpy():
     layout, equal a dense NumPy reference."""
     from engine.labels import merge_counts
     from engine.segment.blockops import reduce_blockwise
-    from engine.segment.execute import ObjectExtrema
+    from engine.segment.objects import ObjectExtrema
 
     rng = np.random.default_rng(6)
     shape = (100, 150, 200)
@@ -213,23 +213,31 @@ def test_object_tables_with_a_million_ids_equal_numpy():
 def test_object_histograms_equal_numpy(tmp_path, dtype):
     """Per-object histograms (masked-object thresholding) equal NumPy's of each object's
     voxels, for integer and float images."""
+    from engine.objtables import ShardedTable
     from engine.segment.blockops import reduce_blockwise
-    from engine.segment.execute import ObjectExtrema, ObjectHistograms
+    from engine.segment.objects import (
+        ObjectExtrema,
+        ObjectHistograms,
+        histogram_bits,
+        object_histogram,
+    )
 
     rng = np.random.default_rng(7)
     lab = rng.integers(0, 60, SHAPE).astype(np.uint32)
     img = (rng.integers(0, 4000, SHAPE) if dtype == "uint16"
            else rng.normal(size=SHAPE)).astype(dtype)
     ids, lo, hi = reduce_blockwise(ObjectExtrema(), [img, lab], (5, 7, 3))
-    np.savez(tmp_path / "ext.npz", ids=ids, lo=lo, hi=hi)
-    hists = reduce_blockwise(ObjectHistograms(str(tmp_path / "ext.npz")), [img, lab],
-                             (9, 13, 11))
-    assert sorted(hists) == ids.tolist()
+    extrema = ShardedTable.write(tmp_path / "ext", (ids, lo, hi))
+    bits = histogram_bits(img.dtype, int((hi.astype(float) - lo).max()) + 1)
+    keys, counts = reduce_blockwise(ObjectHistograms(extrema, bits), [img, lab], (9, 13, 11))
+    assert np.unique(keys >> np.uint64(bits)).tolist() == ids.tolist()
     for i, a, b in zip(ids.tolist(), lo, hi, strict=True):
         v = img[lab == i]
         want = (np.bincount(v.astype(np.int64) - int(a), minlength=int(b) - int(a) + 1)
                 if dtype == "uint16" else np.histogram(v, bins=256, range=(a, b))[0])
-        np.testing.assert_array_equal(hists[i], want)
+        rows = (keys >> np.uint64(bits)) == i
+        got = object_histogram(keys[rows], counts[rows], bits, a, b, img.dtype)
+        np.testing.assert_array_equal(got.counts, want)
 
 
 def test_streamed_centroid_sums_equal_the_per_block_combination():
