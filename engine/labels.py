@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
 from engine.io.sources import read_region
+from engine.objtables import ShardedTable
 from engine.runner import RunState
 
 SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
@@ -652,7 +653,9 @@ class LabelCounts:
     def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         ids, counts = np.unique(read_region(self.path, block.write), return_counts=True)
         keep = ids != 0
-        return ids[keep].astype(np.uint64), counts[keep].astype(np.int64)
+        ids = ids[keep].astype(np.uint64)  # negative ids wrap: sort again
+        order = np.argsort(ids, kind="stable")
+        return ids[order], counts[keep][order].astype(np.int64)
 
 
 def merge_counts(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
@@ -679,62 +682,81 @@ def label_sizes(client: Any, labels: str | Path, block_shape: tuple[int, ...] | 
 
 
 @dataclass(frozen=True)
-class ApplyLut:
-    """Block task: map a label block through a lookup table stored on disk."""
+class KeepSizes:
+    """Shard ``finish`` of :func:`filter_sizes`: the ids whose global size is in range,
+    and how many there are."""
+
+    min_size: int
+    max_size: int | None
+
+    def __call__(self, table: tuple[np.ndarray, ...]) -> tuple[tuple[np.ndarray, ...], int]:
+        ids, counts = table
+        keep = _in_range(counts, self.min_size, self.max_size)
+        return (ids[keep], counts[keep]), int(keep.sum())
+
+
+@dataclass(frozen=True)
+class ApplyKept:
+    """Block task: keep the labels found in ``kept`` (a sharded table of ids), zero the
+    rest; with ``offsets`` (kept ids before each shard) number them 1..n in id order."""
 
     src: str
     out: str
-    lut: str
+    kept: ShardedTable
+    offsets: tuple[int, ...] | None
 
     def __call__(self, block: Block) -> None:
         import zarr
 
-        lut = np.load(self.lut, mmap_mode="r")
-        zarr.open_array(self.out, mode="r+")[block.write] = lut[read_region(self.src, block.write)]
+        data = read_region(self.src, block.write)
+        ids, inverse = np.unique(data, return_inverse=True)
+        found, rows = self.kept.lookup(ids.astype(np.uint64))
+        new = np.zeros(ids.size, data.dtype)
+        new[found] = (ids[found] if self.offsets is None
+                      else np.asarray(self.offsets, np.int64)[rows[0]] + rows[1] + 1)
+        zarr.open_array(self.out, mode="r+")[block.write] = new[inverse].reshape(data.shape)
 
 
 def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: int = 0,
                  max_size: int | None = None, relabel: bool = False,
-                 progress: Any = None) -> dict[int, int]:
+                 progress: Any = None) -> int:
     """Remove objects whose *global* size is outside ``[min_size, max_size]`` voxels.
 
     Sizes are counted over the whole volume first, so an object cut by block borders is
     judged by its full size. Kept objects keep their ids (as
     ``skimage.morphology.remove_small_objects``), or with ``relabel`` are numbered 1..n in
     the order of their ids (as ``skimage.segmentation.relabel_sequential``); removed ones
-    become 0. The client holds the sizes as arrays (:class:`ObjectSizes`).
+    become 0. The sizes are a sharded table (:mod:`engine.objtables`): memory bounded per
+    task and on the client, whatever the number of objects or the largest id.
 
     Returns
     -------
-    ObjectSizes
-        The sizes of the kept labels.
+    int
+        The number of kept labels.
     """
     import zarr
 
+    from engine.objtables import reduce_objects
     from engine.runner import run_blocks
 
     if min_size < 0 or (max_size is not None and max_size < min_size):
         raise OptionError(f"size range [{min_size}, {max_size}] is empty or negative")
-    sizes = label_sizes(client, labels, progress=progress)
     arr = zarr.open_array(str(labels), mode="r")
-    top = int(sizes.ids[-1]) if len(sizes) else 0
-    lut = np.zeros(top + 1, dtype=arr.dtype)
-    in_range = _in_range(sizes.counts, min_size, max_size)
-    keep = ObjectSizes(sizes.ids[in_range], sizes.counts[in_range])
-    lut[keep.ids.astype(np.int64)] = (np.arange(1, len(keep) + 1) if relabel
-                                      else keep.ids.astype(lut.dtype))
+    grid = BlockGrid(arr.shape, arr.chunks)
     out = Path(out)
-    lut_path = out.parent / f".{out.name}.lut.npy"
-    np.save(lut_path, lut)
+    scratch = out.parent / f".{out.name}.sizes"
     try:
+        kept, counts = reduce_objects(
+            client, grid, LabelCounts(str(labels)), ("add",), KeepSizes(min_size, max_size),
+            scratch, name="label-sizes", progress=progress)
+        offsets = tuple(int(o) for o in np.cumsum([0, *counts[:-1]])) if relabel else None
         zarr.create_array(store=str(out), shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype,
                           fill_value=0, zarr_format=3, overwrite=True)
-        run_blocks(client, BlockGrid(arr.shape, arr.chunks),
-                   ApplyLut(str(labels), str(out), str(lut_path)), name="size-filter",
-                   progress=progress)
+        run_blocks(client, grid, ApplyKept(str(labels), str(out), kept, offsets),
+                   name="size-filter", progress=progress)
     finally:
-        lut_path.unlink(missing_ok=True)
-    return keep
+        shutil.rmtree(scratch, ignore_errors=True)
+    return int(sum(counts))
 
 
 @dataclass(frozen=True)

@@ -611,7 +611,11 @@ def _skimage_hist(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
         raise OptionError("cannot threshold an empty histogram (no voxels counted)")
     nz = np.flatnonzero(hist.counts)
     sl = slice(nz[0], nz[-1] + 1)
-    return hist.counts[sl], hist.centers[sl]
+    # centres in the edges' own dtype, not upcast: scikit-image's methods then do their
+    # arithmetic in the same precision (float32 for float32 images), and near-tied
+    # thresholds of small histograms (one object's voxels) pick the same bin
+    e = hist.edges.astype(hist.edge_dtype)
+    return hist.counts[sl], ((e[:-1] + e[1:]) / 2.0)[sl]
 
 
 def threshold_otsu(hist: Histogram) -> float:

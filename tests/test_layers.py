@@ -31,7 +31,8 @@ PACKAGES = ("engine", "cli")
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["engine", "engine.errors", "engine.events"]),
     ("core", ["engine.runner", "engine.cluster", "engine.runlock", "engine.blocks",
-              "engine.labels", "engine.stats", "engine.pyramid", "engine.output", "engine.io.*",
+              "engine.labels", "engine.objtables", "engine.stats", "engine.pyramid",
+              "engine.output", "engine.io.*",
               "engine.volume", "engine.provenance", "engine.progress", "engine.security",
               "engine.names", "engine.yamlfile", "engine.phantoms"]),
     # the feature packages, each its own rank, in their order (one imports only those above)

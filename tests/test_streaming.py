@@ -176,25 +176,25 @@ def test_block_reduce_moments_equal_numpy(layout):
 
 
 def test_object_tables_with_a_million_ids_equal_numpy():
-    """Per-object sizes and extrema of ~10⁶ ids, merged as sorted arrays over an odd
+    """Per-object sizes and extrema of over 10⁶ ids, merged as sorted arrays over an odd
     layout, equal a dense NumPy reference."""
     from engine.labels import merge_counts
     from engine.segment.blockops import reduce_blockwise
-    from engine.segment.execute import ObjectExtrema
+    from engine.segment.objects import ObjectExtrema
 
     rng = np.random.default_rng(6)
-    shape = (100, 100, 200)
-    lab = rng.integers(0, 1_000_001, shape).astype(np.uint32)
+    shape = (100, 150, 200)
+    lab = rng.integers(0, 1_200_001, shape).astype(np.uint32)
     img = rng.normal(size=shape).astype(np.float32)
     ids, lo, hi = reduce_blockwise(ObjectExtrema(), [img, lab], (37, 41, 61))
-    want_lo = np.full(1_000_001, np.inf, np.float32)
-    want_hi = np.full(1_000_001, -np.inf, np.float32)
+    want_lo = np.full(1_200_001, np.inf, np.float32)
+    want_hi = np.full(1_200_001, -np.inf, np.float32)
     np.minimum.at(want_lo, lab.ravel(), img.ravel())
     np.maximum.at(want_hi, lab.ravel(), img.ravel())
-    counts = np.bincount(lab.ravel(), minlength=1_000_001)
+    counts = np.bincount(lab.ravel(), minlength=1_200_001)
     present = np.flatnonzero(counts)
     present = present[present > 0]
-    assert present.size > 800_000
+    assert present.size > 1_000_000
     np.testing.assert_array_equal(ids, present)
     np.testing.assert_array_equal(lo, want_lo[present])
     np.testing.assert_array_equal(hi, want_hi[present])
@@ -213,23 +213,31 @@ def test_object_tables_with_a_million_ids_equal_numpy():
 def test_object_histograms_equal_numpy(tmp_path, dtype):
     """Per-object histograms (masked-object thresholding) equal NumPy's of each object's
     voxels, for integer and float images."""
+    from engine.objtables import ShardedTable
     from engine.segment.blockops import reduce_blockwise
-    from engine.segment.execute import ObjectExtrema, ObjectHistograms
+    from engine.segment.objects import (
+        ObjectExtrema,
+        ObjectHistograms,
+        histogram_bits,
+        object_histogram,
+    )
 
     rng = np.random.default_rng(7)
     lab = rng.integers(0, 60, SHAPE).astype(np.uint32)
     img = (rng.integers(0, 4000, SHAPE) if dtype == "uint16"
            else rng.normal(size=SHAPE)).astype(dtype)
     ids, lo, hi = reduce_blockwise(ObjectExtrema(), [img, lab], (5, 7, 3))
-    np.savez(tmp_path / "ext.npz", ids=ids, lo=lo, hi=hi)
-    hists = reduce_blockwise(ObjectHistograms(str(tmp_path / "ext.npz")), [img, lab],
-                             (9, 13, 11))
-    assert sorted(hists) == ids.tolist()
+    extrema = ShardedTable.write(tmp_path / "ext", (ids, lo, hi))
+    bits = histogram_bits(img.dtype, int((hi.astype(float) - lo).max()) + 1)
+    keys, counts = reduce_blockwise(ObjectHistograms(extrema, bits), [img, lab], (9, 13, 11))
+    assert np.unique(keys >> np.uint64(bits)).tolist() == ids.tolist()
     for i, a, b in zip(ids.tolist(), lo, hi, strict=True):
         v = img[lab == i]
         want = (np.bincount(v.astype(np.int64) - int(a), minlength=int(b) - int(a) + 1)
                 if dtype == "uint16" else np.histogram(v, bins=256, range=(a, b))[0])
-        np.testing.assert_array_equal(hists[i], want)
+        rows = (keys >> np.uint64(bits)) == i
+        got = object_histogram(keys[rows], counts[rows], bits, a, b, img.dtype)
+        np.testing.assert_array_equal(got.counts, want)
 
 
 def test_streamed_centroid_sums_equal_the_per_block_combination():

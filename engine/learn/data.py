@@ -231,7 +231,7 @@ class TrainVolume:
         """``label[box]`` as int64 NumPy."""
         if self.direct is not None:
             return self.direct.label(box)
-        return _read(self.label, box).astype(np.int64, copy=False)
+        return read_box(self.label, box).astype(np.int64, copy=False)
 
     def read(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
         """``image[:, box]`` in the stored dtype and ``label[box]`` as int64, NumPy."""
@@ -490,10 +490,14 @@ def prepare(volumes: Sequence[TrainVolume], norm: Normalization, client: Any = N
 # --------------------------------------------------------------------------- crops
 
 
-def _read(array: da.Array | np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+def read_box(array: da.Array | np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The voxels of ``box`` of a training volume's array, as NumPy.
+
+    Synchronous: a crop or validation read may run inside a Dask task (training on a
+    worker), which must not go back to the scheduler.
+    """
     if isinstance(array, np.ndarray):
         return array[box]
-    # synchronous: a crop read inside a Dask task must not go back to the scheduler
     return np.asarray(array[box].compute(scheduler="synchronous"))
 
 
@@ -638,8 +642,8 @@ class CropSampler:
             pad.append((lo - s, s + p - hi))
         box = tuple(inner)
         if isinstance(image_src, np.ndarray) or isinstance(label_src, np.ndarray):
-            image = _read(image_src, (slice(None), *box))
-            label = _read(label_src, box).astype(np.int64)
+            image = read_box(image_src, (slice(None), *box))
+            label = read_box(label_src, box).astype(np.int64)
         else:
             image, label = vol.read(box)
         stats = vol.stats or ChannelStats((0.0,) * image.shape[0], (1.0,) * image.shape[0])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.blocks import Region
-from engine.learn.data import IGNORE, TrainVolume
+from engine.learn.data import IGNORE, TrainVolume, read_box
 from engine.predict.block import Finished, Finishing, predict_block
 from engine.predict.device import TilePredictor
 from engine.predict.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, TileGrid, blend_weights
@@ -42,11 +42,6 @@ from engine.predict.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, TileGrid, blen
 BLOCK_TILES = 4
 #: probabilities are clamped to [EPS, 1 - EPS] before they become logits for the loss
 EPS = 1e-6
-
-
-def _read(array: Any, box: Region) -> np.ndarray:
-    # synchronous: validation may run inside a Dask task (training on a worker)
-    return np.asarray(array[box].compute(scheduler="synchronous"))
 
 
 def region_blocks(region: Region, tile: Sequence[int]) -> list[Region]:
@@ -134,7 +129,7 @@ class Validator:
                 sink = self._sink(vol, totals, lock)
                 unit = int(vol.image.chunksize[1])
                 for block in region_blocks(vol.region, grid.tile):
-                    predict_block(self.predictor, lambda box, v=vol: _read(
+                    predict_block(self.predictor, lambda box, v=vol: read_box(
                         v.image, (slice(None), *box)), grid, block, weights, channels_out,
                         offset, scale, finishing, sink, unit)
         finally:
@@ -153,7 +148,7 @@ class Validator:
         def write(done: Finished) -> None:
             if done.level:
                 return
-            label = _read(vol.label, done.region).astype(np.int64)
+            label = read_box(vol.label, done.region).astype(np.int64)
             valid = label != IGNORE
             truth = label > 0
             pred = done.labels > 0

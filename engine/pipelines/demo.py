@@ -130,7 +130,7 @@ def demo_training_config(slide_zarr: Path, run_dir: Path, iterations: int) -> di
         "output": str(run_dir),
         "data": {"train": [{"path": str(slide_zarr), "labels": "auto_nuclei",
                             "channels": [LOWLIGHT]}],
-                 "val_fraction": 0.2, "patch_shape": [64, 64], "val_crops": 32},
+                 "val_fraction": 0.2, "patch_shape": [64, 64]},
         "model": {"features": [8, 16, 32]},
         "augment": {"flip": {"p": 0.5}, "rot90": {"p": 0.5},
                     "noise": {"p": 0.5, "sigma": [0.0, 0.3]}},

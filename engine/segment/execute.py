@@ -23,10 +23,19 @@ from engine import labels as labelling
 from engine import stats
 from engine.blocks import Block, BlockGrid, Region, blocks_reading, pad_read
 from engine.errors import InputError, OptionError
+from engine.objtables import reduce_objects
 from engine.runner import Pass, RunReport, RunState, run_blocks, run_passes
 from engine.segment import pointwise as pw
 from engine.segment.blockops import BlockOp, BlockReduce, input_pad_modes
 from engine.segment.filters import EdgePreservingStats, FilamentStats
+from engine.segment.objects import (
+    ExtremaSummary,
+    ObjectExtrema,
+    ObjectHistograms,
+    ObjectOtsu,
+    check_key_space,
+    histogram_bits,
+)
 from engine.segment.refs import ArrayRef, Pointwise, Stored
 from engine.segment.workflow import RAW, Step, Workflow
 
@@ -268,80 +277,6 @@ class Moments(BlockReduce):
         return self._result(merged[0]), self._result(merged[1])
 
 
-@dataclass(frozen=True)
-class ObjectExtrema(BlockReduce):
-    """Per object of a label image: min and max of the image inside it, as sorted arrays
-    ``(ids, lo, hi)`` (no per-object Python objects)."""
-
-    def halo(self, ndim: int) -> tuple[int, ...]:
-        return (0,) * ndim
-
-    def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
-        lab = objects[crop].ravel()
-        val = image[crop].ravel()
-        inside = lab != 0
-        lab, val = lab[inside], val[inside]
-        if lab.size == 0:
-            return np.zeros(0, np.uint64), np.zeros(0, val.dtype), np.zeros(0, val.dtype)
-        order = np.argsort(lab, kind="stable")
-        lab, val = lab[order], val[order]
-        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-        return (lab[starts].astype(np.uint64), np.minimum.reduceat(val, starts),
-                np.maximum.reduceat(val, starts))
-
-    def merge(self, a: Any, b: Any) -> Any:
-        return labelling.merge_by_id(a, b, (np.minimum, np.maximum))
-
-
-@dataclass(frozen=True)
-class ObjectHistograms(BlockReduce):
-    """Per object: the histogram scikit-image's ``threshold_otsu`` builds of its voxels.
-
-    Float data: 256 bins over the object's own ``[min, max]`` in the data's dtype (as
-    ``np.histogram`` on the object's values); integer data: one bin per value.
-    ``extrema`` is a path to an ``.npz`` of ``ids``, ``lo``, ``hi``.
-    """
-
-    extrema: str
-    nbins: int = 256
-
-    def halo(self, ndim: int) -> tuple[int, ...]:
-        return (0,) * ndim
-
-    def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
-        ext = np.load(self.extrema)
-        lab = objects[crop].ravel()
-        inside = lab != 0
-        lab, val = lab[inside], image[crop].ravel()[inside]
-        if lab.size == 0:
-            return {}
-        # one sort groups each object's voxels: O(voxels log voxels), not objects × voxels
-        order = np.argsort(lab, kind="stable")
-        lab, val = lab[order], val[order]
-        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-        ends = np.r_[starts[1:], lab.size]
-        ks = np.searchsorted(ext["ids"], lab[starts].astype(np.uint64))
-        out = {}
-        for i, k, a, b in zip(lab[starts].tolist(), ks.tolist(), starts.tolist(),
-                              ends.tolist(), strict=True):
-            v = val[a:b]
-            lo, hi = ext["lo"][k], ext["hi"][k]
-            if v.dtype.kind in "iub":
-                out[i] = np.bincount((v.astype(np.int64) - int(lo)),
-                                     minlength=int(hi) - int(lo) + 1)
-            else:
-                out[i] = np.histogram(v, bins=self.nbins, range=(lo, hi))[0]
-        return out
-
-    def merge(self, a: dict[int, np.ndarray], b: dict[int, np.ndarray]
-              ) -> dict[int, np.ndarray]:
-        small, large = (a, b) if len(a) <= len(b) else (b, a)
-        out = {i: c.astype(np.int64, copy=False) for i, c in large.items()}
-        for i, counts in small.items():
-            out[i] = out[i] + counts if i in out else counts.astype(np.int64)
-        return out
-
-
 # --------------------------------------------------------------------------- executors
 
 
@@ -564,39 +499,22 @@ def ex_masked_object(ctx: Context, step: Step, image: ArrayRef) -> ArrayRef:
     objects = _stored(_label(ctx, f"{step.name}-objects", low,
                              connectivity=_check_connectivity(step, len(image.shape)),
                              min_size=p["object_min_size"]), ctx.block_shape)
-    ids, ext_lo, ext_hi = run_reduce(ctx, f"{step.name}-extrema", ObjectExtrema(),
-                                     [image, objects])
-    ext_path = ctx.path(f"{step.name}-extrema.npz")
+    # per-object tables sharded on disk: neither the client nor a task holds all objects
+    grid = BlockGrid(image.shape, ctx.block_shape, halo=(0,) * len(image.shape))
+    tables = ctx.path(f"{step.name}-tables")
+    extrema, summaries = reduce_objects(
+        ctx.client, grid, ReduceTask(ObjectExtrema(), (image, objects)),
+        ("minimum", "maximum"), ExtremaSummary(), tables / "extrema",
+        name=f"{step.name}-extrema", progress=ctx.new_progress())
     dtype = np.dtype(image.dtype)
-    # in the image's dtype: np.histogram's edges below take the dtype of the range
-    ext_lo, ext_hi = ext_lo.astype(dtype), ext_hi.astype(dtype)
-    np.savez(ext_path, ids=ids, lo=ext_lo, hi=ext_hi)
-    hists = run_reduce(ctx, f"{step.name}-histograms", ObjectHistograms(str(ext_path)),
-                       [image, objects])
-    top = int(ids.max()) if len(ids) else 0
-    lut = np.full(top + 1, np.inf, dtype=np.float64 if dtype.kind != "f" else dtype)
-    for i, lo, hi in zip(ids.tolist(), ext_lo, ext_hi, strict=True):
-        counts = hists[i]
-        if lo == hi:  # scikit-image returns the value of a constant image
-            lut[i] = dtype.type(lo) * p["local_adjust"] if dtype.kind == "f" else \
-                float(lo) * p["local_adjust"]
-            continue
-        if dtype.kind == "f":
-            edges = np.histogram(np.zeros(0, dtype), bins=len(counts), range=(lo, hi))[1]
-            hist = stats.Histogram(counts, edges, count=int(counts.sum()),
-                                   edge_dtype=str(edges.dtype))
-        else:
-            edges = np.arange(int(lo), int(hi) + 2, dtype=np.float64) - 0.5
-            hist = stats.Histogram(counts, edges, count=int(counts.sum()), exact=True)
-        otsu = stats.threshold_otsu(hist)
-        # as Allen's code computes it: the Otsu value (float32 for float32 images) times
-        # local_adjust, in the image's precision
-        lut[i] = (dtype.type(otsu) * p["local_adjust"]) if dtype.kind == "f" else \
-            otsu * p["local_adjust"]
-    lut_path = ctx.path(f"{step.name}-thresholds.npy")
-    np.save(lut_path, lut)
-    ctx.stats_log[step.name] = {"threshold": t, "objects": len(ids)}
-    return Pointwise(pw.LocalThreshold(str(lut_path)), (image, objects), np.dtype(bool))
+    bits = histogram_bits(dtype, max(w for _, _, w in summaries))
+    check_key_space(step.name, max(top for _, top, _ in summaries), bits)
+    thresholds, counts = reduce_objects(
+        ctx.client, grid, ReduceTask(ObjectHistograms(extrema, bits), (image, objects)),
+        ("add",), ObjectOtsu(extrema, bits, dtype.str, p["local_adjust"]), tables / "otsu",
+        name=f"{step.name}-histograms", progress=ctx.new_progress(), align=1 << bits)
+    ctx.stats_log[step.name] = {"threshold": t, "objects": sum(counts)}
+    return Pointwise(pw.LocalThreshold(thresholds), (image, objects), np.dtype(bool))
 
 
 def ex_combine(ctx: Context, step: Step, *masks: ArrayRef) -> ArrayRef:

@@ -7,9 +7,10 @@ constants (thresholds, stretch limits) come from global reductions computed befo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from engine.objtables import ShardedTable
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,19 @@ class Combine:
 @dataclass(frozen=True)
 class LocalThreshold:
     """Masked-object high level: inside object ``k``, foreground where
-    ``image > thresholds[k]`` (thresholds stored in a ``.npy`` file, 0 = background)."""
+    ``image > threshold(k)`` (a sharded table ``(ids, thresholds)``,
+    :mod:`engine.objtables`; objects without a threshold stay background)."""
 
-    thresholds: str
+    thresholds: ShardedTable
 
     def __call__(self, image: np.ndarray, objects: np.ndarray) -> np.ndarray:
-        lut = np.load(Path(self.thresholds), mmap_mode="r")
         inside = objects != 0
+        ids, inverse = np.unique(objects[inside], return_inverse=True)
+        found, rows = self.thresholds.lookup(ids.astype(np.uint64))
+        limit = np.full(ids.size, np.inf, rows[2].dtype if rows[2].size else np.float64)
+        limit[found] = rows[2]
         out = np.zeros(image.shape, bool)
-        out[inside] = image[inside] > lut[objects[inside]]
+        out[inside] = image[inside] > limit[inverse]
         return out
 
 
