@@ -42,7 +42,7 @@ from engine import __version__, events
 from engine.blocks import BlockGrid, every_axis, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import file_identity, zarr_dask
+from engine.io.sources import file_identity, zarr_dask, zarr_source
 from engine.learn.normalize import ChannelStats, Normalization, compute_stats
 from engine.output import (
     check_destination,
@@ -302,8 +302,6 @@ def _create_outputs(plan: PredictPlan, group: Path, name: str, axes: str, chunks
 def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] | None = None,
                    report: Callable[[str], None] = print) -> PredictResult:
     """Predict the planned image blockwise and write probabilities and labels."""
-    import dask.array as da
-
     opts = plan.options
     with output_run("predict", [plan.labels_destination, plan.probabilities_destination],
                     state=plan.state, report=report, what="prediction") as run:
@@ -357,7 +355,7 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
                                                "input_wait_s", "output_wait_s", "read_s",
                                                "write_s", "tiles", "workers")})
         # the coarser levels: resumable passes from the finest level no block wrote whole
-        build_pyramid(client, da.from_zarr(prob_paths[within]), probs_partial, prob_levels,
+        build_pyramid(client, zarr_source(prob_paths[within]), probs_partial, prob_levels,
                       (1, *plan.chunks), method="mean", state=plan.state, progress=progress,
                       name=f"{opts.name}-pyramid", start=within)
         omezarr.write_group_attrs(probs_partial, {"omero": omezarr.omero(
@@ -371,17 +369,18 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
         if opts.instances:
             from engine.labels import label as label_components
 
-            result = label_components(client, da.from_zarr(label_paths[0]) > 0,
-                                      str(run.work / "instances"), connectivity=1, lazy=True)
-            # the view as a reference block tasks carry whole (a dask array's graph grows
-            # with the block count)
-            label_data = result.source if result.source is not None else da.from_zarr(
-                str(result.path))
+            # the uint8 labels' path as the mask (non-zero = foreground), and the view as
+            # a reference: block tasks carry both whole (a dask array's graph grows with
+            # the block count)
+            result = label_components(client, label_paths[0], str(run.work / "instances"),
+                                      connectivity=1, lazy=True)
+            label_data = result.source if result.source is not None else zarr_source(
+                result.path)
             n_objects, values = result.n_objects, result.values
             write_multiscale(client, label_data, labels_partial, opts.name, plan.axes,
                              plan.unit, plan.chunks, plan.levels, plan.ngff, "mode", progress)
         else:
-            build_pyramid(client, da.from_zarr(label_paths[within]), labels_partial,
+            build_pyramid(client, zarr_source(label_paths[within]), labels_partial,
                           plan.levels, plan.chunks, method="mode", state=plan.state,
                           progress=progress, name=f"{opts.name}-labels-pyramid", start=within)
         omezarr.write_group_attrs(labels_partial, {"image-label": omezarr.image_label(
