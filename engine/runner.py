@@ -22,6 +22,7 @@ import json
 import shutil
 import time
 import uuid
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,8 @@ class RunReport:
     keeps nothing per block). A pass run with ``combine`` keeps no ``results`` at all:
     ``value`` holds the folded result and ``held_peak`` the most partials the client held
     at once.
-    ``block_seconds`` is one float per computed block (8 bytes each: 0.8 MB at 10⁵ blocks).
+    ``block_seconds`` is one float per computed block, packed (8 bytes each: 0.8 MB at 10⁵
+    blocks; a list of Python floats took 32).
     """
 
     name: str
@@ -200,7 +202,7 @@ class RunReport:
     skipped: int
     results: dict[tuple[int, ...], Any]
     seconds: float = 0.0
-    block_seconds: list[float] = field(default_factory=list)
+    block_seconds: array = field(default_factory=lambda: array("d"))
     voxels: int = 0
     value: Any = None
     held_peak: int = 0
@@ -307,7 +309,7 @@ def run_blocks(
     limit = max_in_flight or default_in_flight(client)
 
     results: dict[tuple[int, ...], Any] = {}
-    block_seconds: list[float] = []
+    block_seconds = array("d")
     t0 = last_event = time.monotonic()
     # blocks are made as they are submitted: a grid of millions never sits in memory
     pending = (b for b in grid if recover is not None or not done[b.index])
