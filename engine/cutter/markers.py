@@ -42,7 +42,7 @@ from engine.blocks import Block, BlockGrid, pad_read
 from engine.cutter.common import SlideImage, open_slide
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import zarr_dask, zarr_source
+from engine.io.sources import zarr_source
 from engine.labels import concatenate_rows, merge_by_id
 from engine.learn.normalize import ChannelStats
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
@@ -265,9 +265,7 @@ def plan_markers(src: str | Path, options: MarkerOptions) -> MarkerPlan:
 def _normalization(plan: MarkerPlan, client: Any) -> ChannelStats:
     from engine.learn.normalize import Normalization, compute_stats
 
-    arr = zarr_dask(plan.image.level0)
-    data = arr[plan.source.prefix] if plan.source.prefix else arr
-    return compute_stats(data[None], Normalization(), client)
+    return compute_stats([plan.source], Normalization(), client)
 
 
 def detect(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | None = None

@@ -42,7 +42,7 @@ from engine import __version__, events
 from engine.blocks import BlockGrid, every_axis, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import file_identity, zarr_dask, zarr_source
+from engine.io.sources import file_identity, zarr_source
 from engine.learn.normalize import ChannelStats, Normalization, compute_stats
 from engine.output import (
     check_destination,
@@ -62,6 +62,7 @@ from engine.predict.task import (
 from engine.predict.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, TileGrid, blend_weights
 from engine.pyramid import Level, build_pyramid, levels_within, plan_levels
 from engine.runner import RunState, run_blocks
+from engine.segment.refs import Stored
 from engine.volume import convert_length
 
 PROBABILITY_DTYPES = ("uint8", "float16")
@@ -269,11 +270,15 @@ def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
                              "statistics; use --norm volume")
         return ChannelStats.from_dict(stored[0])
     norm = Normalization.from_dict(meta["input"]["normalization"])
-    arr = zarr_dask(plan.level0)
+    import zarr
+
+    arr = zarr.open_array(plan.level0, mode="r")
     prefix = (0,) if arr.ndim > len(plan.axes) + (1 if plan.has_channel_axis else 0) else ()
-    if prefix:
-        arr = arr[0]
-    data = arr[list(plan.channels)] if plan.has_channel_axis else arr[None]
+    # one stored reference per channel: the blockwise statistics' tasks carry it (a dask
+    # array's graph would grow with the volume)
+    data = [Stored(plan.level0, plan.shape, plan.chunks, np.dtype(arr.dtype),
+                   (*prefix, c) if plan.has_channel_axis else prefix)
+            for c in (plan.channels if plan.has_channel_axis else (0,))]
     stats = compute_stats(data, norm, client)
     eps = float(meta["input"].get("eps", 0.0))  # bioimage.io: (x - m) / (s + eps)
     return ChannelStats(stats.offset, tuple(s + eps for s in stats.scale)) if eps else stats
