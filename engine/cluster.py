@@ -287,6 +287,13 @@ def connect(
         yield client
 
 
+#: distributed keeps, "for developers", the last N transitions, events per topic and message
+#: batches of every connection (``distributed.admin.low-level-log-length``, default 1000);
+#: the embedded scheduler and this client live in this process, where the batches of task
+#: messages and key releases that a long pass sends held tens of MiB (issue 17's grid soak)
+LOW_LEVEL_LOG_LENGTH = 50
+
+
 @contextmanager
 def _local_client(options: ClusterOptions, security: object | None,
                   report: Callable[[str], None]) -> Iterator[object]:
@@ -311,8 +318,9 @@ def _local_client(options: ClusterOptions, security: object | None,
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.update(MALLOC_MMAP_THRESHOLD_=str(32 * 2**20), MALLOC_TRIM_THRESHOLD_=str(256 * 2**20))
     try:
+        caps = {"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH}
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
-                              "temporary-directory": scratch}), \
+                              "temporary-directory": scratch, **caps}), \
                 warnings.catch_warnings():
             # port 8787 taken (another cluster): distributed picks a free one; the link
             # says which
@@ -321,7 +329,8 @@ def _local_client(options: ClusterOptions, security: object | None,
             cluster = _embedded(workers, threads, gpus, kwargs, options.dashboard_address,
                                 devices=not options.cpu_gpu_workers)
         try:
-            client = Client(cluster, security=kwargs.get("security"))
+            with dask.config.set(caps):  # the client's own connection keeps its batches too
+                client = Client(cluster, security=kwargs.get("security"))
             if gpus:
                 client.wait_for_workers(workers + gpus)
             report(f"local cluster: {workers} worker(s) × {threads} thread(s)"

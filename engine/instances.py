@@ -42,7 +42,7 @@ import numpy as np
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import read_region
+from engine.io.sources import read_region, zarr_source
 from engine.labels import ApplyLut, merge_counts
 from engine.labels import label as label_components
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
@@ -326,7 +326,6 @@ def _write_table(path: Path, majority: np.ndarray, sizes: np.ndarray,
 def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] | None = None,
                   report: Callable[[str], None] = print) -> InstanceResult:
     """Classify, label, count and write the planned instances (see the module docstring)."""
-    import dask.array as da
     import zarr
 
     opts = plan.options
@@ -369,12 +368,12 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
         run_blocks(client, grid, ApplyLut(instances, classes, str(work / "lut.npy")),
                    name="instances-classmap", progress=prog())
 
-        write_multiscale(client, da.from_zarr(instances), inst_partial, opts.name,
+        write_multiscale(client, zarr_source(instances), inst_partial, opts.name,
                          plan.axes, plan.unit, plan.chunks, plan.levels, plan.ngff, "mode",
                          progress)
         omezarr.write_group_attrs(inst_partial, {"image-label": omezarr.image_label(
             result.values, plan.ngff)}, plan.ngff)
-        write_multiscale(client, da.from_zarr(classes), cls_partial,
+        write_multiscale(client, zarr_source(classes), cls_partial,
                          f"{opts.name}{CLASSES_SUFFIX}", plan.axes, plan.unit, plan.chunks,
                          plan.levels, plan.ngff, "mode", progress)
         omezarr.write_group_attrs(cls_partial, {"image-label": omezarr.image_label(

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.blocks import Block, BlockGrid, blocks_reading
 from engine.io.integrity import unit_shape
-from engine.io.sources import read_region
+from engine.io.sources import read_region, reader_of
 
 #: an axis is "finer" when its voxel is smaller than the coarsest one by more than this.
 ANISOTROPY = 1.5
@@ -316,9 +316,10 @@ def levels_within(levels: Sequence[Level], chunks: Sequence[int],
 class PyramidTask:
     """Block task of one pass: read a block, write it (pass 0) and its downsampled levels.
 
-    ``source`` is the input dask array (first pass) or the path of the level the pass
-    reads; ``paths`` are the level arrays written, in order; ``factors`` the downsampling
-    steps between them.
+    ``source`` is a region reader of the input (first pass: a
+    :class:`~engine.io.sources.Source` or a view with ``read_region``, whose pickle does
+    not grow with the volume) or the path of the level the pass reads; ``paths`` are the
+    level arrays written, in order; ``factors`` the downsampling steps between them.
     """
 
     source: object
@@ -344,10 +345,12 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
     Parameters
     ----------
     client : distributed.Client
-    data : dask.array.Array or reference
-        Level-0 voxels (lazy), or an object with ``read_region(region)`` and ``dtype``
-        (better at scale: every task carries ``data``, and a dask array's graph grows
-        with the volume); read block by block on the workers.
+    data : reader
+        Level-0 voxels: a :class:`~engine.io.sources.Source`, an object with
+        ``read_region(region)`` and ``dtype``, or a dask array made by
+        :func:`engine.io.sources.to_dask` (its source is taken); read block by block on
+        the workers. Every task carries it, so it must not be a dask graph (one grows
+        with the volume: :func:`engine.io.sources.reader_of` refuses it).
     group : Path
         Multiscale group whose level arrays already exist with ``chunks``.
     levels : list of Level
@@ -370,7 +373,8 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
     from engine.runner import Pass as RunnerPass
     from engine.runner import run_passes
 
-    itemsize = data.dtype.itemsize if data is not None else 1
+    itemsize = np.dtype(data.dtype).itemsize if data is not None else 1
+    data = reader_of(data) if data is not None and start == 0 else None
     specs: list[RunnerPass] = []
     prev = 0  # the level the previous pass's grid covers
     for i, p in enumerate(plan_passes(levels, chunks, itemsize, budget_bytes, start=start)):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 
+from engine.io.sources import InMemorySource
 from engine.labels import LabelResult
 from engine.segment.execute import Context, run_workflow
 from engine.segment.refs import Source, to_dask
@@ -29,7 +29,7 @@ def run_steps(client: Any, work: Path, image: np.ndarray, steps: list[dict[str, 
     work.mkdir(parents=True, exist_ok=True)
     ctx = Context(client, work, tuple(block))
     got: dict[str, Any] = {}
-    result = run_workflow(ctx, wf, Source(da.from_array(image, chunks=block), tuple(block)),
+    result = run_workflow(ctx, wf, Source(InMemorySource(np.asarray(image)), tuple(block)),
                           keep=(capture,) if capture else (),
                           on_result=lambda step, ref: got.setdefault(step.name, ref))
     if capture is not None:

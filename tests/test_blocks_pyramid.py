@@ -13,6 +13,7 @@ from skimage.transform import downscale_local_mean
 from engine.blocks import BlockGrid, pad_read
 from engine.errors import OptionError
 from engine.io.omezarr import create_level
+from engine.io.sources import InMemorySource
 from engine.pyramid import (
     build_pyramid,
     downsample_mean,
@@ -98,8 +99,6 @@ def _whole_pyramid(data, levels, method):
 ])
 @pytest.mark.parametrize("method", ["mean", "mode"])
 def test_blockwise_pyramid_equals_whole_array(client, tmp_path, shape, chunks, budget, method):
-    import dask.array as da
-
     rng = np.random.default_rng(1)
     if method == "mean":
         data = rng.normal(size=shape).astype(np.float32)
@@ -111,7 +110,7 @@ def test_blockwise_pyramid_equals_whole_array(client, tmp_path, shape, chunks, b
     for i, lv in enumerate(levels):
         create_level(tmp_path, str(i), lv.shape, [min(c, s) for c, s in
                      zip(chunks, lv.shape, strict=True)], data.dtype, axes, "0.5")
-    build_pyramid(client, da.from_array(data, chunks=(5, 9, 11)), tmp_path, levels, chunks,
+    build_pyramid(client, InMemorySource(data), tmp_path, levels, chunks,
                   method=method, budget_bytes=budget)
     for i, ref in enumerate(_whole_pyramid(data, levels, method)):
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / str(i)))[...], ref)

@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.cluster import ClusterOptions, check_dashboard_address, connect
+from engine.cluster import (
+    LOW_LEVEL_LOG_LENGTH,
+    ClusterOptions,
+    check_dashboard_address,
+    connect,
+)
 from engine.errors import OptionError
 from engine.pipelines.convert import ConvertOptions, convert
 from tests.conftest import run_cli, write_mrc
@@ -38,6 +43,10 @@ def _names_in_task_stream(dask_scheduler=None) -> list[str]:
     return sorted(set(rectangles(list(plugin.buffer))["name"]))
 
 
+def _log_length(dask_scheduler=None) -> int:
+    return dask_scheduler.transition_log.maxlen
+
+
 def test_status_and_task_stream_during_an_embedded_run(tmp_path: Path):
     """While a conversion runs, /status and the task stream page answer on 127.0.0.1, and
     the task stream holds the passes by name (``image_pass0`` for the pass image-pass0 …)."""
@@ -45,6 +54,10 @@ def test_status_and_task_stream_during_an_embedded_run(tmp_path: Path):
                                                                         np.float32))
     opts = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0")
     with connect(opts, report=lambda line: None) as client:
+        # the developers' logs of the scheduler and of this client's connection are capped
+        # (they live in this process and grow with the tasks until full)
+        assert client.run_on_scheduler(_log_length) == LOW_LEVEL_LOG_LENGTH
+        assert client.scheduler_comm.recent_message_log.maxlen == LOW_LEVEL_LOG_LENGTH
         link = client.dashboard_link
         assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
         base = link.rsplit("/", 1)[0]
@@ -96,6 +109,10 @@ def test_dashboard_beyond_this_machine_needs_tls_or_consent(tmp_path: Path):
     opts = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address="0.0.0.0:0",
                           tls=str(certs.directory))
     with connect(opts, report=lambda line: None) as client:
+        # the developers' logs of the scheduler and of this client's connection are capped
+        # (they live in this process and grow with the tasks until full)
+        assert client.run_on_scheduler(_log_length) == LOW_LEVEL_LOG_LENGTH
+        assert client.scheduler_comm.recent_message_log.maxlen == LOW_LEVEL_LOG_LENGTH
         link = client.dashboard_link
         assert link.startswith("https://"), link
         context = ssl.create_default_context(cafile=str(certs.ca_cert))

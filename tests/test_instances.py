@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import pytest
 import zarr
@@ -17,6 +16,7 @@ from skimage.segmentation import relabel_sequential
 from engine.errors import InputError, OptionError
 from engine.instances import CLASSES_SUFFIX, InstanceOptions, instances, plan_instances
 from engine.io import omezarr
+from engine.io.sources import InMemorySource
 from engine.output import write_multiscale
 from engine.pipelines.convert import ConvertOptions, convert
 from engine.pyramid import plan_levels
@@ -47,7 +47,7 @@ def make_image(tmp: Path, client, probs: np.ndarray, chunks: tuple[int, ...]) ->
     levels = plan_levels(probs.shape, "c" + axes, (1.0,) * probs.ndim, (1, *chunks),
                          max_levels=1)
     group = img / "predictions" / "cls"
-    write_multiscale(client, da.from_array(probs, chunks=(1, *chunks)), group, "cls",
+    write_multiscale(client, InMemorySource(probs), group, "cls",
                      "c" + axes, "micrometer", (1, *chunks), levels, "0.5", "mean")
     omezarr.write_group_attrs(group, {"omero": omezarr.omero(
         NAMES, [(0.0, 255.0, 0.0, 255.0)] * len(NAMES))}, "0.5")

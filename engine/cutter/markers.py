@@ -42,7 +42,7 @@ from engine.blocks import Block, BlockGrid, pad_read
 from engine.cutter.common import SlideImage, open_slide
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import zarr_dask
+from engine.io.sources import zarr_source
 from engine.labels import concatenate_rows, merge_by_id
 from engine.learn.normalize import ChannelStats
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
@@ -265,9 +265,7 @@ def plan_markers(src: str | Path, options: MarkerOptions) -> MarkerPlan:
 def _normalization(plan: MarkerPlan, client: Any) -> ChannelStats:
     from engine.learn.normalize import Normalization, compute_stats
 
-    arr = zarr_dask(plan.image.level0)
-    data = arr[plan.source.prefix] if plan.source.prefix else arr
-    return compute_stats(data[None], Normalization(), client)
+    return compute_stats([plan.source], Normalization(), client)
 
 
 def detect(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | None = None
@@ -297,7 +295,6 @@ def write_point_labels(image: SlideImage, rows: np.ndarray, group: Path, name: s
     """Write ``rows`` (id, y, x) as a point label image (uint32) with a pyramid into
     ``group``; the level-0 points are set on a sparse work array (only touched chunks are
     stored), then copied with the pyramid."""
-    import dask.array as da
     import zarr
 
     work = group / ".work"
@@ -309,7 +306,7 @@ def write_point_labels(image: SlideImage, rows: np.ndarray, group: Path, name: s
         points.vindex[rows[:, 1], rows[:, 2]] = rows[:, 0].astype(np.uint32)
     levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
                          max_levels=image.n_levels)
-    write_multiscale(client, da.from_zarr(str(work / "points")), group, name, image.axes,
+    write_multiscale(client, zarr_source(work / "points"), group, name, image.axes,
                      image.unit, image.chunks, levels, image.ngff, "mode", progress)
     values = [0, *(int(v) for v in rows[:, 0])] if len(rows) <= 10000 else None
     omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(values, image.ngff)},

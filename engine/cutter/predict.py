@@ -47,7 +47,7 @@ from engine.cutter.common import (
 from engine.cutter.crops import crop_box, network_inputs, read_channels, read_mask
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import file_identity
+from engine.io.sources import file_identity, zarr_source
 from engine.labels import label_values
 from engine.learn.normalize import ChannelStats
 from engine.output import (
@@ -341,11 +341,9 @@ class BordersTask:
 
 def _write_labels(image: SlideImage, client: Any, path: str, group: Path, name: str,
                   values: list[int] | None, progress: Callable[[], Any] | None) -> None:
-    import dask.array as da
-
     levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
                          max_levels=image.n_levels)
-    write_multiscale(client, da.from_zarr(path), group, name, image.axes, image.unit,
+    write_multiscale(client, zarr_source(path), group, name, image.axes, image.unit,
                      image.chunks, levels, image.ngff, "mode", progress)
     omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(values, image.ngff)},
                               image.ngff)

@@ -44,7 +44,6 @@ from engine.cutter.common import (
 from engine.cutter.crops import network_inputs, read_channels, read_mask
 from engine.cutter.loss import OUTSIDE_WEIGHT, cutter_loss
 from engine.errors import DestinationError, InputError, OptionError
-from engine.io.sources import zarr_dask
 from engine.learn.normalize import ChannelStats, Normalization
 from engine.segment.refs import Stored
 
@@ -155,13 +154,9 @@ def plan_cutter_training(src: str | Path, options: CutterTrainOptions) -> Cutter
 
 def channel_stats(image: SlideImage, refs: Sequence[Stored], client: Any) -> ChannelStats:
     """Global percentile statistics (1–99.8 %) of each chosen channel."""
-    import dask.array as da
-
     from engine.learn.normalize import compute_stats
 
-    arr = zarr_dask(image.level0)
-    data = da.stack([arr[r.prefix] if r.prefix else arr for r in refs])
-    return compute_stats(data, Normalization(), client)
+    return compute_stats(list(refs), Normalization(), client)
 
 
 # --------------------------------------------------------------------------- samples

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.errors import InputError, OptionError
+from engine.io.sources import default_chunks, to_dask, view
 from engine.volume import AXIS_ORDER
 
 #: default axes of a bare array by its number of dimensions.
@@ -106,12 +107,21 @@ def ngff_order(axes: str) -> list[int]:
     return sorted(range(len(axes)), key=lambda i: AXIS_ORDER.index(axes[i]))
 
 
-def arrange(data: Any, axes: str) -> tuple[Any, str]:
-    """``data`` (stored order, named by ``axes``) transposed to NGFF order, lazily."""
+def arrange(source: Any, axes: str, chunks: Sequence[int] | None = None,
+            name: str = "src") -> tuple[Any, str]:
+    """A dask array of ``source`` (stored order, named by ``axes``) in NGFF order, and its
+    axes.
+
+    The transposition is a :class:`~engine.io.sources.View` of the source, not a dask
+    operation, so :func:`~engine.io.sources.source_of` finds a picklable reader behind the
+    array. ``chunks`` (stored order; default
+    :func:`~engine.io.sources.default_chunks`) are the dask array's, transposed with it.
+    """
     order = ngff_order(axes)
-    if order != list(range(len(axes))):
-        data = data.transpose(order)
-    return data, "".join(axes[i] for i in order)
+    chunks = tuple(chunks) if chunks else default_chunks(source.shape, axes,
+                                                         source.dtype.itemsize)
+    return (to_dask(view(source, order=order), "", chunks=[chunks[i] for i in order],
+                    name=name), "".join(axes[i] for i in order))
 
 
 def voxel_problem(sizes: Sequence[float | None]) -> str:

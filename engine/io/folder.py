@@ -18,7 +18,7 @@ import tifffile
 
 from engine.errors import InputError, OptionError
 from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
-from engine.io.sources import Source, to_dask
+from engine.io.sources import Source
 from engine.io.tiff import check_declared_size
 from engine.volume import Volume, convert_length, normalize_unit
 
@@ -173,7 +173,7 @@ def read(path: Path, axes: str | None = None, **_: object) -> Volume:
     by_name = dict(zip(named[-3:], (sizes["z"], sizes["y"], sizes["x"]), strict=True))
     if named[0] != "c":
         names = ()  # the RGB names belong to the sample axis only
-    data, named = arrange(to_dask(source, named, chunks=chunks, name="folder"), named)
+    data, named = arrange(source, named, chunks, name="folder")
     recorded = [by_name.get(a) for a in named if a in "zyx"]
     if "z" in named and by_name.get("z") is None and any(v is not None for v in recorded):
         recorded[0] = 1.0  # y/x recorded without a z spacing: ImageJ's default of 1 unit

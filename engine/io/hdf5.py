@@ -17,7 +17,7 @@ from engine.errors import InputError
 from engine.io.axes import AXES_BY_NDIM as AXES
 from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
 from engine.io.budget import check_memory, declared_bytes
-from engine.io.sources import Source, default_chunks, to_dask
+from engine.io.sources import Source, default_chunks
 from engine.volume import Volume
 
 #: attributes that hold a voxel size, in the order they are tried.
@@ -160,7 +160,7 @@ def read(path: Path, dataset: str | None = None, axes: str | None = None,
         source = HDF5Source(str(path), dataset, tuple(int(s) for s in ds.shape),
                             np.dtype(ds.dtype).newbyteorder("="))
         chunks = _chunks(ds, named)
-    data, named = arrange(to_dask(source, named, chunks=chunks, name="hdf5"), named)
+    data, named = arrange(source, named, chunks, name="hdf5")
     recorded = [by_name[a] for a in named if a in "zyx"]
     return Volume(data, named, usable_sizes(recorded), "micrometer", source=f"{path}:{dataset}",
                   voxel_size_problem=voxel_problem(recorded))

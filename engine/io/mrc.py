@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.errors import InputError
 from engine.io.axes import arrange, stored_axes, usable_sizes, voxel_problem
-from engine.io.sources import RawFileSource, to_dask
+from engine.io.sources import RawFileSource
 from engine.volume import Volume, convert_length
 
 #: dtypes MRC2014 can store; others are written as float32.
@@ -71,7 +71,7 @@ def read(path: Path, axes: str | None = None, **_: object) -> Volume:
     source = RawFileSource(str(path), offset, shape, dtype)
     # the header's sizes belong to the stored positions (z, y, x), whatever they are named
     by_name = dict(zip(named, list(sizes.values())[-len(shape):], strict=True))
-    data, named = arrange(to_dask(source, named), named)
+    data, named = arrange(source, named, name="mrc")
     spatial = [by_name[a] for a in named if a in "zyx"]
     return Volume(data, named, usable_sizes(spatial), "angstrom", source=str(path),
                   voxel_size_problem=voxel_problem(spatial))

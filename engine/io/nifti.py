@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import nibabel as nib
 import numpy as np
 
 from engine.errors import InputError
 from engine.io.axes import usable_sizes, voxel_problem
 from engine.io.budget import check_deflate
-from engine.io.sources import RawFileSource, Source, to_dask
+from engine.io.sources import RawFileSource, Source, default_chunks, to_dask, view
 from engine.volume import Volume, convert_length
 
 #: NIfTI ``xyzt_units`` spatial names → NGFF units; "unknown" is millimetres by the spec.
@@ -135,8 +134,7 @@ def read(path: Path, **_: object) -> Volume:
         # declaring more than the stream can hold is refused now
         check_deflate(path, c_shape, dtype, path.stat().st_size)
         source: Any = NiftiProxySource(str(path), c_shape, dtype, offset)
-        data = to_dask(source, c_axes, chunks=_slab_chunks(c_shape, c_axes, dtype.itemsize),
-                       name="nifti")
+        chunks = _slab_chunks(c_shape, c_axes, dtype.itemsize)
     else:
         nbytes = offset + int(np.prod(c_shape)) * dtype.itemsize
         size = path.stat().st_size
@@ -144,28 +142,25 @@ def read(path: Path, **_: object) -> Volume:
             raise InputError(f"{path}: truncated NIfTI file: header says {shape} {dtype.name} "
                              f"voxels from byte {offset} ({nbytes} bytes) but the file has "
                              f"{size} bytes")
-        data = to_dask(RawFileSource(str(path), offset, c_shape, dtype), c_axes, name="nifti")
-    native = dtype.newbyteorder("=")
-    if data.dtype != native:  # sources return native byte order; say so to dask
-        data = data.astype(native, copy=False)
+        source = RawFileSource(str(path), offset, c_shape, dtype)
+        chunks = default_chunks(c_shape, c_axes, dtype.itemsize)
 
-    # drop singleton time/channel dims, and z for a 2D image
-    for ax in "ctz":
-        if ax in c_axes and data.shape[c_axes.index(ax)] == 1:
-            i = c_axes.index(ax)
-            data = data[(slice(None),) * i + (0,)]
-            c_axes = c_axes.replace(ax, "")
+    # one view of the file's voxels (no dask operations: a block task carries the view):
+    # singleton time/channel dims dropped, and z for a 2D image
+    index = [0 if ax in "ctz" and n == 1 else None for ax, n in zip(c_axes, c_shape,
+                                                                     strict=True)]
+    chunks = [c for c, i in zip(chunks, index, strict=True) if i is None]
+    c_axes = "".join(a for a, i in zip(c_axes, index, strict=True) if i is None)
+    order = list(range(len(c_axes)))
     if c_axes.startswith("ct"):  # NIfTI puts channels outside time; NGFF wants t first
-        data = da.swapaxes(data, 0, 1)
+        order[:2] = [1, 0]
         c_axes = "tc" + c_axes[2:]
-
     scaling = _scaling(img.dataobj)
-    if scaling is not None:
-        # scl_slope/scl_inter applied lazily per chunk: float32 for types float32 holds
-        # exactly (up to 16-bit integers, float32), float64 for wider ones
-        slope, inter = scaling
-        out = np.result_type(native, np.float32)
-        data = data.astype(out) * out.type(slope) + out.type(inter)
+    # scl_slope/scl_inter applied per read: float32 for types float32 holds exactly (up to
+    # 16-bit integers, float32), float64 for wider ones
+    out = np.result_type(dtype.newbyteorder("="), np.float32) if scaling is not None else None
+    data = to_dask(view(source, index=index, order=order, dtype=out, scaling=scaling), c_axes,
+                   chunks=[chunks[i] for i in order], name="nifti")
 
     # pixdim is float32: take the shortest decimal that rounds to it (0.001, not 0.0010000000475)
     zooms = [float(str(np.float32(z))) for z in header.get_zooms()[:3]]

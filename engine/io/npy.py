@@ -11,7 +11,7 @@ import numpy as np
 from engine.errors import InputError
 from engine.io.axes import AXES_BY_NDIM, arrange, stored_axes, voxel_problem
 from engine.io.budget import check_deflate, check_memory, declared_bytes
-from engine.io.sources import InMemorySource, RawFileSource, to_dask
+from engine.io.sources import InMemorySource, RawFileSource, default_chunks, view
 from engine.volume import Volume
 
 
@@ -31,10 +31,11 @@ def _volume(source, path: Path, fortran: bool, axes: str | None) -> Volume:
         raise InputError(f"{path}: {len(shape)}-dimensional array; expected 2 (yx) to 5 "
                          "(tczyx) axes, or name them with --axes")
     named = stored_axes(path, axes, AXES_BY_NDIM.get(len(shape)), shape)
-    data = to_dask(source, named[::-1] if fortran else named)
+    chunks = default_chunks(source.shape, named[::-1] if fortran else named,
+                            source.dtype.itemsize)
     if fortran:  # stored x-fastest: the raw layout is the reversed C-order array
-        data = data.transpose()
-    data, named = arrange(data, named)
+        source, chunks = view(source, order=range(len(shape))[::-1]), chunks[::-1]
+    data, named = arrange(source, named, chunks, name="npy")
     n_spatial = len([a for a in named if a in "zyx"])
     # NumPy files carry no voxel size
     return Volume(data, named, (1.0,) * n_spatial, "micrometer", source=str(path),

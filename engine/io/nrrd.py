@@ -13,14 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import nrrd
 import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io.axes import usable_sizes, voxel_problem
 from engine.io.budget import check_deflate, check_memory
-from engine.io.sources import InMemorySource, RawFileSource, default_chunks, to_dask
+from engine.io.sources import InMemorySource, RawFileSource, default_chunks, to_dask, view
 from engine.volume import Volume, normalize_unit
 
 #: NRRD type names (all spellings the NRRD0005 spec allows) → numpy type.
@@ -236,17 +235,16 @@ def read(path: Path, **_: object) -> Volume:
     else:
         raise InputError(f"{path}: unsupported NRRD encoding {header['encoding']!r}")
 
-    native = dtype.newbyteorder("=")
+    order = list(range(len(c_axes)))
     if c_axes[-1] in "ct":  # interleaved channels: keep them together in each read chunk
         n = c_shape[-1]
         chunks = default_chunks(c_shape[:-1], spatial_axes, dtype.itemsize * n) + (n,)
-        data = to_dask(source, c_axes, chunks=chunks, name="nrrd")
-        data = da.moveaxis(data, -1, 0)
+        order = [order[-1], *order[:-1]]  # channels first: a view, not a dask operation
         c_axes = extra + spatial_axes
     else:
-        data = to_dask(source, c_axes, name="nrrd")
-    if data.dtype != native:  # sources return native byte order; say so to dask
-        data = data.astype(native, copy=False)
+        chunks = default_chunks(c_shape, c_axes, dtype.itemsize)
+    data = to_dask(view(source, order=order), c_axes, chunks=[chunks[i] for i in order],
+                   name="nrrd")
     recorded = list(reversed(voxel))
     return Volume(data, c_axes, usable_sizes(recorded), unit, source=str(path),
                   voxel_size_problem=voxel_problem(recorded))

@@ -71,6 +71,10 @@ class Source:
     def read(self, key: tuple[slice, ...]) -> np.ndarray:
         raise NotImplementedError
 
+    def read_region(self, region: tuple[slice, ...]) -> np.ndarray:
+        """``read`` under the name block tasks use (:func:`read_region`)."""
+        return self.read(region)
+
     def __getitem__(self, key: Any) -> np.ndarray:
         region, post = split_key(key, self.shape)
         out = self.read(region)
@@ -190,6 +194,115 @@ class InMemorySource(Source):
         return self.array[key]
 
 
+@dataclass(frozen=True)
+class View(Source):
+    """``base`` with some axes fixed at one index (dropped), the others reordered, and its
+    values cast (and scaled: ``cast(v) * slope + inter``, NIfTI's ``scl_slope``/``scl_inter``).
+
+    What the readers make of a stored array (NGFF axis order, a channel chosen, singleton
+    axes dropped) as one picklable source, instead of dask operations on the stored
+    array's dask array: a block task then carries the file's path and a few numbers, never
+    a graph that grows with the volume. Build it with :func:`view`.
+    """
+
+    base: Source
+    index: tuple[int | None, ...]  # per base axis: the index it is fixed at, None = kept
+    order: tuple[int, ...]  # output axis i is kept axis order[i]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scaling: tuple[float, float] | None = None
+
+    def read(self, key: tuple[slice, ...]) -> np.ndarray:
+        kept = [k for k, i in enumerate(self.index) if i is None]
+        inner = [slice(0, 0)] * len(kept)
+        for out_axis, k in enumerate(self.order):
+            inner[k] = key[out_axis]
+        it = iter(inner)
+        base_key = tuple(next(it) if i is None else slice(i, i + 1) for i in self.index)
+        raw = self.base.read(base_key)
+        raw = raw.reshape([n for n, i in zip(raw.shape, self.index, strict=True) if i is None])
+        out = raw.transpose(self.order) if self.order != tuple(range(len(kept))) else raw
+        out = out.astype(self.dtype, copy=False)
+        if self.scaling is not None:  # as dask computed it: same dtype, same operations
+            slope, inter = self.scaling
+            out = out * self.dtype.type(slope) + self.dtype.type(inter)
+        return out
+
+
+def view(base: Source, *, index: Sequence[int | None] | None = None,
+         order: Sequence[int] | None = None, dtype: Any = None,
+         scaling: tuple[float, float] | None = None) -> Source:
+    """``base`` seen through :class:`View` (``base`` itself when nothing changes).
+
+    Parameters
+    ----------
+    base : Source
+    index : sequence of int or None, optional
+        One entry per axis of ``base``: an index fixes (and drops) the axis, None keeps it.
+    order : sequence of int, optional
+        Permutation of the kept axes (as ``numpy.transpose``).
+    dtype : dtype, optional
+        Values cast to it (default: ``base``'s, in native byte order).
+    scaling : (slope, intercept), optional
+        Applied after the cast, in ``dtype``.
+    """
+    index = tuple(index) if index is not None else (None,) * base.ndim
+    if len(index) != base.ndim:
+        raise ValueError(f"view: {len(index)} index entries for {base.ndim} axes")
+    kept = [n for n, i in zip(base.shape, index, strict=True) if i is None]
+    order = tuple(order) if order is not None else tuple(range(len(kept)))
+    if sorted(order) != list(range(len(kept))):
+        raise ValueError(f"view: {order} is not a permutation of {len(kept)} axes")
+    native = np.dtype(base.dtype).newbyteorder("=")
+    dtype = np.dtype(dtype).newbyteorder("=") if dtype is not None else native
+    if (all(i is None for i in index) and order == tuple(range(len(kept)))
+            and dtype == np.dtype(base.dtype) and scaling is None):
+        return base
+    if isinstance(base, View) and base.scaling is None and scaling is None \
+            and base.dtype == np.dtype(base.base.dtype).newbyteorder("="):
+        # a view of a view: one view of the first base, so reads stay one call deep
+        inner_kept = [k for k, i in enumerate(base.index) if i is None]
+        merged = list(base.index)
+        through = [inner_kept[base.order[j]] for j in range(len(base.order))]
+        for j, i in enumerate(index):
+            if i is not None:
+                merged[through[j]] = i
+        remaining = [through[j] for j, i in enumerate(index) if i is None]
+        still = [k for k, i in enumerate(merged) if i is None]
+        return view(base.base, index=merged, order=[still.index(remaining[o]) for o in order],
+                    dtype=dtype)
+    return View(base, index, order, tuple(kept[o] for o in order), dtype, scaling)
+
+
+def reader_of(array: Any) -> Any:
+    """What a block task should carry to read ``array`` region by region: the array itself
+    when it is a reader already (a :class:`Source`, a view with ``read_region``, a zarr
+    path), else the :class:`Source` behind a dask array made by :func:`to_dask`.
+
+    Raises
+    ------
+    TypeError
+        For any other dask array: its graph, which grows with the volume, would travel with
+        every task (derive a :class:`View` of the source instead).
+    """
+    if isinstance(array, str | Source) or hasattr(array, "read_region"):
+        return array
+    source = source_of(array)
+    if source is None:
+        raise TypeError(f"no picklable region reader for {type(array).__name__} "
+                        f"{getattr(array, 'name', '')}: block tasks must not carry a dask graph")
+    return source
+
+
+def zarr_source(path: str | Path) -> ZarrSource:
+    """A zarr array (opened read-only on the worker) as a :class:`ZarrSource`: read through
+    :func:`engine.io.integrity.read_checked`."""
+    import zarr
+
+    arr = zarr.open_array(str(path), mode="r")
+    return ZarrSource(str(path), shape=tuple(arr.shape), dtype=np.dtype(arr.dtype))
+
+
 def read_region(source: Any, region: tuple[slice, ...]) -> np.ndarray:
     """Read a region on a worker: ``source`` is a zarr array path, a (lazy) dask array, or
     an object with its own ``read_region(region)`` (a derived view, e.g. a pointwise step).
@@ -247,8 +360,10 @@ def default_chunks(shape: Sequence[int], axes: str, itemsize: int) -> tuple[int,
 def to_dask(
     source: Any, axes: str, chunks: Sequence[int] | None = None, name: str = "src"
 ) -> da.Array:
-    """Wrap a source in a dask array without reading it."""
+    """Wrap a source in a dask array without reading it (a source of another byte order
+    in a :class:`View` in native order: the array's dtype says what reads return)."""
     chunks = tuple(chunks) if chunks else default_chunks(source.shape, axes, source.dtype.itemsize)
+    source = view(source)
     return da.from_array(
         # fancy=True lets dask fuse a block's slice into the chunk read, so a task reads
         # only its region instead of whole read chunks
@@ -286,9 +401,8 @@ def zarr_dask(path: str | Path) -> da.Array:
     reads a missing chunk as zeros and a corrupt one as a decoder's traceback."""
     import zarr
 
-    arr = zarr.open_array(str(path), mode="r")
-    source = ZarrSource(str(path), shape=tuple(arr.shape), dtype=np.dtype(arr.dtype))
-    return to_dask(source, "", chunks=arr.chunks, name="zarr")
+    chunks = zarr.open_array(str(path), mode="r").chunks
+    return to_dask(zarr_source(path), "", chunks=chunks, name="zarr")
 
 
 #: Files up to this size are identified by a hash of all their bytes (reading 256 MiB

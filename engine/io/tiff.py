@@ -12,7 +12,7 @@ import tifffile
 
 from engine.errors import InputError, OptionError
 from engine.io.axes import arrange, axes_hint, stored_axes, usable_sizes, voxel_problem
-from engine.io.sources import ZarrSource, to_dask
+from engine.io.sources import ZarrSource, default_chunks, view
 from engine.volume import Volume, convert_length, normalize_unit
 
 #: tifffile axis codes → NGFF axes (S = samples, Q/I/O = unnamed page sequences → z).
@@ -165,18 +165,18 @@ def read(path: Path, series: int = 0, axes: str | None = None, **_: object) -> V
     source = ZarrSource(str(path), kind="tiff", series=series, shape=shape, dtype=dtype)
     if axes is not None:
         named = stored_axes(path, axes, None, shape)
-        data = to_dask(source, named)
+        chunks = default_chunks(shape, named, dtype.itemsize)
     else:
         named, keep = _ngff_axes(path, tif_axes, shape)
         if "y" not in named or "x" not in named:
             raise InputError(f"{path}: TIFF axes {tif_axes!r} (shape {shape}) have no y/x "
                              "image plane; " + axes_hint(shape))
-        data = to_dask(source, "".join(_AXIS_MAP.get(a, "t") for a in tif_axes))
+        chunks = default_chunks(shape, "".join(_AXIS_MAP.get(a, "t") for a in tif_axes),
+                                dtype.itemsize)
         # drop singleton axes that have no NGFF name
-        drop = tuple(i for i in range(len(shape)) if i not in keep)
-        if drop:
-            data = data.squeeze(axis=drop)
-    data, named = arrange(data, named)
+        source = view(source, index=[None if i in keep else 0 for i in range(len(shape))])
+        chunks = tuple(c for i, c in enumerate(chunks) if i in keep)
+    data, named = arrange(source, named, chunks, name="tiff")
     spatial = "".join(a for a in named if a in "zyx")
     recorded = [sizes.get(a) for a in spatial]
     problem = voxel_problem(recorded)

@@ -13,7 +13,7 @@ import zarr
 
 from engine.errors import InputError, OptionError
 from engine.io.axes import AXES_BY_NDIM, arrange, check_axes, stored_axes, voxel_problem
-from engine.io.sources import ZarrSource, to_dask
+from engine.io.sources import ZarrSource
 from engine.volume import Volume
 
 
@@ -65,7 +65,7 @@ def read(path: Path, axes: str | None = None, **_: object) -> Volume:
         raise InputError(f"{path}: zarr array holds {arr.dtype} values, not an image")
     named = stored_axes(path, axes, default, shape)
     source = ZarrSource(str(path), shape=shape, dtype=np.dtype(arr.dtype))
-    data, named = arrange(to_dask(source, named, chunks=arr.chunks), named)
+    data, named = arrange(source, named, arr.chunks, name="zarr")
     n_spatial = len([a for a in named if a in "zyx"])
     return Volume(data, named, (1.0,) * n_spatial, "micrometer", source=str(path),
                   voxel_size_problem=voxel_problem([None] * n_spatial))

@@ -126,27 +126,34 @@ def compute_stats(data: Any, norm: Normalization, client: Any = None) -> Channel
 
     Parameters
     ----------
-    data : numpy.ndarray or dask.array.Array, shape (C, *spatial)
-        Any numeric dtype.
+    data : numpy.ndarray or dask.array.Array, shape (C, *spatial), or sequence of C references
+        Any numeric dtype. A reference (``read_region``, ``shape``, ``dtype``, ``chunks``:
+        e.g. an :class:`engine.segment.refs.Stored` channel) is what the blockwise tasks
+        carry as it is; a dask array's graph, which grows with the volume, travels with
+        every task.
     norm : Normalization
     client : distributed.Client, optional
-        With a client, dask arrays larger than 256 MiB are reduced blockwise on the
-        cluster (exact: :func:`engine.stats.percentile`, histogram moments); otherwise
-        each channel is computed whole.
+        With a client, channels larger than 256 MiB (dask arrays or references) are
+        reduced blockwise on the cluster (exact: :func:`engine.stats.percentile`,
+        histogram moments); otherwise each channel is computed whole.
 
     Returns
     -------
     ChannelStats
     """
     offsets, scales = [], []
-    for c in range(data.shape[0]):
+    for c in range(len(data)):
         channel = data[c]
+        lazy = hasattr(channel, "dask") or hasattr(channel, "read_region")
+        nbytes = int(np.prod(channel.shape)) * np.dtype(channel.dtype).itemsize
         if norm.mode == "none":
             o, s = 0.0, 1.0
-        elif client is not None and hasattr(channel, "dask") and channel.nbytes > SMALL_BYTES:
+        elif client is not None and lazy and nbytes > SMALL_BYTES:
             o, s = _blockwise_stats(client, channel, norm)
         else:
-            if hasattr(channel, "dask"):
+            if hasattr(channel, "read_region"):
+                channel = channel.read_region(tuple(slice(0, n) for n in channel.shape))
+            elif hasattr(channel, "dask"):
                 channel = channel.compute(scheduler="synchronous")
             o, s = _numpy_stats(channel, norm)
         offsets.append(o)

@@ -382,6 +382,7 @@ def _open_ref(path: Path, level: int, what: str) -> tuple[Any, tuple[int, ...], 
     OME-Zarr levels are read through the workers' chunk cache (halo reads share chunks).
     """
     from engine.io import detect_format, omezarr, open_volume
+    from engine.io.sources import reader_of, view
     from engine.segment.refs import Source, Stored
     from engine.volume import select_channel
 
@@ -404,7 +405,10 @@ def _open_ref(path: Path, level: int, what: str) -> tuple[Any, tuple[int, ...], 
                        if a in "zyx")
         return Stored(level_path, shape, chunks, dtype, prefix), shape, dtype, chunks
     chunks = tuple(int(c[0]) for c in data.chunks)
-    return Source(data, chunks), shape, dtype, chunks
+    # the file's reader with the channel (and time point) fixed: block tasks carry it,
+    # never the dask array, whose graph grows with the volume
+    reader = view(reader_of(volume.data), index=(*prefix, *(None,) * len(axes)))
+    return Source(reader, chunks), shape, dtype, chunks
 
 
 def _is_label_group(path: Path) -> bool:

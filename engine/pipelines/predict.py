@@ -42,7 +42,7 @@ from engine import __version__, events
 from engine.blocks import BlockGrid, every_axis, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
-from engine.io.sources import file_identity, zarr_dask
+from engine.io.sources import file_identity, zarr_source
 from engine.learn.normalize import ChannelStats, Normalization, compute_stats
 from engine.output import (
     check_destination,
@@ -62,6 +62,7 @@ from engine.predict.task import (
 from engine.predict.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, TileGrid, blend_weights
 from engine.pyramid import Level, build_pyramid, levels_within, plan_levels
 from engine.runner import RunState, run_blocks
+from engine.segment.refs import Stored
 from engine.volume import convert_length
 
 PROBABILITY_DTYPES = ("uint8", "float16")
@@ -269,11 +270,15 @@ def _stats(plan: PredictPlan, client: Any) -> ChannelStats:
                              "statistics; use --norm volume")
         return ChannelStats.from_dict(stored[0])
     norm = Normalization.from_dict(meta["input"]["normalization"])
-    arr = zarr_dask(plan.level0)
+    import zarr
+
+    arr = zarr.open_array(plan.level0, mode="r")
     prefix = (0,) if arr.ndim > len(plan.axes) + (1 if plan.has_channel_axis else 0) else ()
-    if prefix:
-        arr = arr[0]
-    data = arr[list(plan.channels)] if plan.has_channel_axis else arr[None]
+    # one stored reference per channel: the blockwise statistics' tasks carry it (a dask
+    # array's graph would grow with the volume)
+    data = [Stored(plan.level0, plan.shape, plan.chunks, np.dtype(arr.dtype),
+                   (*prefix, c) if plan.has_channel_axis else prefix)
+            for c in (plan.channels if plan.has_channel_axis else (0,))]
     stats = compute_stats(data, norm, client)
     eps = float(meta["input"].get("eps", 0.0))  # bioimage.io: (x - m) / (s + eps)
     return ChannelStats(stats.offset, tuple(s + eps for s in stats.scale)) if eps else stats
@@ -302,8 +307,6 @@ def _create_outputs(plan: PredictPlan, group: Path, name: str, axes: str, chunks
 def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] | None = None,
                    report: Callable[[str], None] = print) -> PredictResult:
     """Predict the planned image blockwise and write probabilities and labels."""
-    import dask.array as da
-
     opts = plan.options
     with output_run("predict", [plan.labels_destination, plan.probabilities_destination],
                     state=plan.state, report=report, what="prediction") as run:
@@ -357,7 +360,7 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
                                                "input_wait_s", "output_wait_s", "read_s",
                                                "write_s", "tiles", "workers")})
         # the coarser levels: resumable passes from the finest level no block wrote whole
-        build_pyramid(client, da.from_zarr(prob_paths[within]), probs_partial, prob_levels,
+        build_pyramid(client, zarr_source(prob_paths[within]), probs_partial, prob_levels,
                       (1, *plan.chunks), method="mean", state=plan.state, progress=progress,
                       name=f"{opts.name}-pyramid", start=within)
         omezarr.write_group_attrs(probs_partial, {"omero": omezarr.omero(
@@ -371,17 +374,18 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
         if opts.instances:
             from engine.labels import label as label_components
 
-            result = label_components(client, da.from_zarr(label_paths[0]) > 0,
-                                      str(run.work / "instances"), connectivity=1, lazy=True)
-            # the view as a reference block tasks carry whole (a dask array's graph grows
-            # with the block count)
-            label_data = result.source if result.source is not None else da.from_zarr(
-                str(result.path))
+            # the uint8 labels' path as the mask (non-zero = foreground), and the view as
+            # a reference: block tasks carry both whole (a dask array's graph grows with
+            # the block count)
+            result = label_components(client, label_paths[0], str(run.work / "instances"),
+                                      connectivity=1, lazy=True)
+            label_data = result.source if result.source is not None else zarr_source(
+                result.path)
             n_objects, values = result.n_objects, result.values
             write_multiscale(client, label_data, labels_partial, opts.name, plan.axes,
                              plan.unit, plan.chunks, plan.levels, plan.ngff, "mode", progress)
         else:
-            build_pyramid(client, da.from_zarr(label_paths[within]), labels_partial,
+            build_pyramid(client, zarr_source(label_paths[within]), labels_partial,
                           plan.levels, plan.chunks, method="mode", state=plan.state,
                           progress=progress, name=f"{opts.name}-labels-pyramid", start=within)
         omezarr.write_group_attrs(labels_partial, {"image-label": omezarr.image_label(

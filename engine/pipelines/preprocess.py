@@ -42,7 +42,8 @@ from engine.output import (
 )
 from engine.pyramid import Level, plan_levels
 from engine.runner import RunState
-from engine.segment.refs import ArrayRef, Stored, to_dask
+from engine.segment import pointwise as pw
+from engine.segment.refs import ArrayRef, Pointwise, Stacked, Stored
 from engine.segment.units import in_voxels, voxel_size_um
 from engine.segment.workflow import Workflow, load_workflow
 from engine.volume import Volume, select_channel
@@ -406,8 +407,6 @@ def run_preprocess(plan: PreprocessPlan, client: Any,
                    progress: Callable[[], Any] | None = None,
                    report: Callable[[str], None] = print) -> PreprocessResult:
     """Resample, run the workflow on every chosen channel and write the planned image."""
-    import dask.array as da
-
     from engine.labels import label_values
     from engine.stats import display_windows
 
@@ -420,8 +419,11 @@ def run_preprocess(plan: PreprocessPlan, client: Any,
         partial = run.partial()
         refs = [_channel_image(plan, k, client, progress, report)
                 for k in range(len(plan.channels))]
-        parts = [to_dask(r, plan.block_shape).astype(np.float32) for r in refs]
-        data = da.stack(parts) if plan.has_channel_axis else parts[0]
+        # read region by region (block tasks carry these references; a dask array's graph
+        # would grow with the volume)
+        f32 = np.dtype(np.float32)
+        data = Stacked(tuple(refs), f32) if plan.has_channel_axis else \
+            Pointwise(pw.AsType(f32), (refs[0],), f32)
         chunks = ((1,) if plan.has_channel_axis else ()) + plan.chunks
         write_multiscale(client, data, partial, plan.destination.name, plan.axes,
                          plan.unit, chunks, plan.levels, plan.ngff, "mean", progress)
@@ -433,7 +435,7 @@ def run_preprocess(plan: PreprocessPlan, client: Any,
         for name, lab in plan.labels.items():
             group = partial / "labels" / name
             view = Resampled(lab, plan.out_shape, plan.block_shape, order=0)
-            write_multiscale(client, to_dask(view, plan.block_shape), group, name,
+            write_multiscale(client, view, group, name,
                              plan.spatial_axes, plan.unit, plan.chunks, plan.label_levels,
                              plan.ngff, "mode", progress)
             values = label_values(client, group / "0", plan.block_shape)
@@ -539,7 +541,7 @@ def run_back(plan: BackPlan, client: Any, progress: Callable[[], Any] | None = N
                     work=False) as run:
         partial = run.partial()
         view = Resampled(plan.label, plan.shape, plan.block_shape, order=0)
-        write_multiscale(client, to_dask(view, plan.block_shape), partial, plan.new_name,
+        write_multiscale(client, view, partial, plan.new_name,
                          plan.spatial_axes, plan.unit, plan.chunks, plan.levels, plan.ngff,
                          "mode", progress)
         values = label_values(client, partial / "0", plan.block_shape)

@@ -131,3 +131,13 @@ class AsLabels:
 
     def __call__(self, mask: np.ndarray) -> np.ndarray:
         return (mask != 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class AsType:
+    """Values cast to ``dtype`` (as ``numpy.ndarray.astype``)."""
+
+    dtype: np.dtype
+
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        return data.astype(self.dtype, copy=False)

@@ -44,21 +44,26 @@ class Stored:
 
 @dataclass(frozen=True)
 class Source:
-    """The workflow's input: a lazy dask array (one channel of the image)."""
+    """The workflow's input read from a file: one channel of the image.
 
-    data: Any
+    ``reader`` is an :class:`engine.io.sources.Source` (e.g. a view of the file that
+    picks the channel), never a dask array: every block task carries the reference, and a
+    dask array's graph grows with the volume. ``chunks`` are the spatial read chunks.
+    """
+
+    reader: Any
     chunks: tuple[int, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.data.shape)
+        return tuple(int(s) for s in self.reader.shape)
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.data.dtype)
+        return np.dtype(self.reader.dtype).newbyteorder("=")
 
     def read_region(self, region: Region) -> np.ndarray:
-        return read_region(self.data, region)
+        return read_region(self.reader, region)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,31 @@ class Pointwise:
         return self.fn(*(ref.read_region(region) for ref in self.inputs))
 
 
-ArrayRef = Stored | Source | Pointwise
+@dataclass(frozen=True)
+class Stacked:
+    """References of one spatial shape stacked along a new first axis (the channels), each
+    cast to ``dtype``; read region by region like the others."""
+
+    inputs: tuple[Any, ...]
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.inputs), *self.inputs[0].shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return (1, *self.inputs[0].chunks)
+
+    def read_region(self, region: Region) -> np.ndarray:
+        picked = self.inputs[region[0]]
+        out = np.empty((len(picked), *(r.stop - r.start for r in region[1:])), self.dtype)
+        for k, ref in enumerate(picked):
+            out[k] = ref.read_region(region[1:])
+        return out
+
+
+ArrayRef = Stored | Source | Pointwise | Stacked
 
 
 class _Opaque:
@@ -108,8 +137,6 @@ def to_dask(ref: ArrayRef, chunks: Sequence[int] | None = None) -> Any:
     """A dask array over ``ref`` (for reductions and pyramids), one task per chunk."""
     import dask.array as da
 
-    if isinstance(ref, Source) and chunks is None:
-        return ref.data
     chunks = tuple(chunks or ref.chunks)
     return da.map_blocks(_read_block, _Opaque(ref), dtype=ref.dtype,
                          chunks=da.core.normalize_chunks(chunks, ref.shape),
