@@ -250,6 +250,7 @@ def run_blocks(
     initial: Any = None,
     recover: BlockTask | None = None,
     after: Callable[[Block], Iterable[tuple[int, ...]]] | None = None,
+    on_done: Callable[[Block], None] | None = None,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``.
 
@@ -294,6 +295,10 @@ def run_blocks(
         times ``max_in_flight``), and any ready one in it is submitted, so a wavefront of
         independent blocks keeps the workers busy. Blocks done by an earlier run count as
         finished.
+    on_done : callable, optional
+        ``on_done(block)``, called on the client for each block whose task has returned
+        and whose result has arrived: its done-marker is written and this pass will not run
+        it again (a retry could before), e.g. to delete scratch only that block read.
     """
     from distributed import as_completed
 
@@ -405,6 +410,8 @@ def run_blocks(
                     results[block.index] = result
                 if complete is not None:
                     complete[block.index] = True
+                if on_done is not None:
+                    on_done(block)
                 if not done[block.index]:
                     block_seconds.append(seconds)
                     progress.advance()
