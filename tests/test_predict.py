@@ -307,12 +307,17 @@ def test_interrupted_prediction_resumes(halves, client, monkeypatch):
         predict(halves["src"], opts, client, report=lambda line: None)
     monkeypatch.undo()
     assert not (halves["src"] / "labels" / "resumed").exists()
+    # the sums the finished first row of blocks left for the second wait for the resume
+    spill = halves["src"] / "labels" / ".resumed.partial" / ".work" / "spill"
+    assert any(p.name.startswith("1.") for p in spill.iterdir()), list(spill.iterdir())
     lines: list[str] = []
     res = predict(halves["src"], opts, client, report=lines.append)
     assert 0 < res.report["skipped_blocks"] < 45, res.report
     assert any("resuming" in line for line in lines)
-    predict(halves["src"], PredictOptions(halves["ckpt"], "fresh", block=(8, 8, 12),
-                                          probabilities="float16"), client,
-            report=lambda line: None)
+    fresh = predict(halves["src"], PredictOptions(halves["ckpt"], "fresh", block=(8, 8, 12),
+                                                  probabilities="float16"), client,
+                    report=lambda line: None)
+    assert fresh.report["tiles"] == fresh.report["grid_tiles"]  # each tile once
+    assert fresh.report["tile_ratio"] == 1.0
     np.testing.assert_array_equal(_probabilities(halves["src"], "resumed"),
                                   _probabilities(halves["src"], "fresh"))
