@@ -48,7 +48,7 @@ def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
     starts = [sorted({min(i * s, max(n - t, 0)) for i in range(n // s + 2)})
               for n, t, s in zip(shape, tile, stride, strict=True)]
     w = blend_weights(tile, blend).astype(np.float64)
-    acc = np.zeros(padded_shape, np.float64)
+    acc = np.zeros((model.out_channels, *padded_shape), np.float64)
     wsum = np.zeros(padded_shape, np.float64)
     plain = _sigmoid_predict(model)
 
@@ -64,9 +64,10 @@ def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
 
     for start in itertools.product(*starts):
         box = tuple(slice(s, s + t) for s, t in zip(start, tile, strict=True))
-        acc[box] += run(padded[(slice(None), *box)][None])[0, 0] * w
+        acc[(slice(None), *box)] += run(padded[(slice(None), *box)][None])[0] * w
         wsum[box] += w
-    return (acc / wsum)[tuple(slice(0, n) for n in shape)].astype(np.float32)
+    out = (acc / wsum)[(slice(None), *(slice(0, n) for n in shape))].astype(np.float32)
+    return out if len(out) > 1 else out[0]
 
 
 def _blockwise(model: UNet, image: np.ndarray, grid: TileGrid, block: tuple[int, ...],
@@ -134,6 +135,17 @@ def test_blockwise_equals_whole_volume_sliding_window(shape, tile, blocks, blend
         # region predicted on its own, as training's validation does)
         got = _blockwise(model, image, grid, blocks[-1], blend)
         np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_multichannel_blocks_smaller_than_a_tile(tmp_path):
+    """Two input and three output channels, blocks smaller than a tile and of odd sizes:
+    every channel equals the whole-volume sliding window."""
+    model = _model(2, in_channels=2, out_channels=3)
+    image = np.random.default_rng(2).normal(size=(2, 41, 30)).astype(np.float32)
+    grid = TileGrid.make(image.shape[1:], (16, 16), 0.25, model.divisor)
+    reference = sliding_window(model, image, grid.tile, grid.stride, "gaussian")
+    got = _blockwise(model, image, grid, (7, 9), "gaussian", tmp_path, channels_out=3)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
 
 
 def test_tile_grid():
