@@ -268,6 +268,8 @@ class Pass:
         earlier pass in the list (what they write is what ``block`` reads, e.g.
         :func:`engine.blocks.blocks_reading` of its read region) that must have finished
         before ``block`` starts.
+    on_done : callable, optional
+        ``on_done(block)``, as :func:`run_blocks`.
     """
 
     grid: BlockGrid
@@ -280,6 +282,7 @@ class Pass:
     after: Dependencies | None = None
     needs: dict[str, Dependencies] = field(default_factory=dict)
     retries: int = 2
+    on_done: Callable[[Block], None] | None = None
 
 
 class _PassRun:
@@ -525,6 +528,8 @@ def run_passes(
                     run.results[block.index] = result
                 if run.complete is not None:
                     run.complete[block.index] = True
+                if run.spec.on_done is not None:
+                    run.spec.on_done(block)
                 if not run.done[block.index]:
                     run.block_seconds.append(seconds)
                     progress.advance()
@@ -572,6 +577,7 @@ def run_blocks(
     initial: Any = None,
     recover: BlockTask | None = None,
     after: Dependencies | None = None,
+    on_done: Callable[[Block], None] | None = None,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``
     (one pass of :func:`run_passes`).
@@ -617,8 +623,12 @@ def run_blocks(
         times ``max_in_flight``), and any ready one in it is submitted, so a wavefront of
         independent blocks keeps the workers busy. Blocks done by an earlier run count as
         finished.
+    on_done : callable, optional
+        ``on_done(block)``, called on the client for each block whose task has returned
+        and whose result has arrived: its done-marker is written and this pass will not run
+        it again (a retry could before), e.g. to delete scratch only that block read.
     """
     spec = Pass(grid, task, name, combine=combine, initial=initial, recover=recover,
-                resources=resources, after=after, retries=retries)
+                resources=resources, after=after, retries=retries, on_done=on_done)
     return run_passes(client, [spec], state=state, progress=progress,
                       max_in_flight=max_in_flight)[0]

@@ -48,7 +48,7 @@ def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
     starts = [sorted({min(i * s, max(n - t, 0)) for i in range(n // s + 2)})
               for n, t, s in zip(shape, tile, stride, strict=True)]
     w = blend_weights(tile, blend).astype(np.float64)
-    acc = np.zeros(padded_shape, np.float64)
+    acc = np.zeros((model.out_channels, *padded_shape), np.float64)
     wsum = np.zeros(padded_shape, np.float64)
     plain = _sigmoid_predict(model)
 
@@ -64,32 +64,52 @@ def sliding_window(model: UNet, image: np.ndarray, tile: tuple[int, ...],
 
     for start in itertools.product(*starts):
         box = tuple(slice(s, s + t) for s, t in zip(start, tile, strict=True))
-        acc[box] += run(padded[(slice(None), *box)][None])[0, 0] * w
+        acc[(slice(None), *box)] += run(padded[(slice(None), *box)][None])[0] * w
         wsum[box] += w
-    return (acc / wsum)[tuple(slice(0, n) for n in shape)].astype(np.float32)
+    out = (acc / wsum)[(slice(None), *(slice(0, n) for n in shape))].astype(np.float32)
+    return out if len(out) > 1 else out[0]
 
 
 def _blockwise(model: UNet, image: np.ndarray, grid: TileGrid, block: tuple[int, ...],
-               blend: str) -> np.ndarray:
+               blend: str, scratch: Path | None = None, channels_out: int = 1) -> np.ndarray:
     """Every block of the layout streamed through :func:`predict_block` (float16 storage
-    would hide float32 differences, so the finished probabilities are kept as float32)."""
+    would hide float32 differences, so the finished probabilities are kept as float32).
+    With ``scratch`` each block runs only the tiles it owns and hands the rest on through
+    :class:`engine.predict.spill.Spill` there, in the grid's order (each block's producers
+    come before it); without, every block runs all the tiles that overlap it."""
+    from engine.blocks import BlockGrid
+    from engine.predict.spill import Spill
+
     shape = image.shape[1:]
-    out = np.zeros(shape, np.float32)
+    out = np.zeros((channels_out, *shape), np.float32)
     predictor = TilePredictor(model, torch.device("cpu"), "sigmoid", batch=3)
     finishing = _Float32Finishing("float16", "binary")
 
     def write(done: Finished) -> None:
-        out[done.region] = done.probabilities[0]
+        out[(slice(None), *done.region)] = done.probabilities
 
-    for origin in itertools.product(*[range(0, n, b) for n, b in zip(shape, block,
-                                                                       strict=True)]):
-        region = tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, block, shape,
-                                                                  strict=True))
+    layout = BlockGrid(shape, block)
+    spill = Spill.plan(scratch, grid, layout) if scratch is not None else None
+    tiles = 0
+    for b in layout:
         times = predict_block(predictor, lambda box: image[(slice(None), *box)], grid,
-                              region, blend_weights(grid.tile, blend), 1, (0.0,), (1.0,),
-                              finishing, write, unit=block[0], prefetch=1)
-        assert times.tiles == len(grid.tiles_for(region))
-    return out
+                              b.write, blend_weights(grid.tile, blend), channels_out,
+                              (0.0,) * len(image), (1.0,) * len(image), finishing, write,
+                              unit=block[0], prefetch=1,
+                              handover=spill.handover(b.index) if spill else None)
+        tiles += times.tiles
+        if spill is None:
+            assert times.tiles == len(grid.tiles_for(b.write))
+        else:
+            assert sorted(spill.producers(b)) == sorted(
+                p for p in np.ndindex(*layout.grid_shape)
+                if (scratch / ".".join(map(str, b.index)) / f"{'.'.join(map(str, p))}.npy"
+                    ).exists())
+            spill.remove(b)
+    if spill is not None:  # every tile of the grid once, and no scratch left
+        assert tiles == int(np.prod([len(s) for s in grid.starts()]))
+        assert not scratch.exists() or not any(scratch.iterdir())
+    return out if channels_out > 1 else out[0]
 
 
 class _Float32Finishing(Finishing):
@@ -103,14 +123,29 @@ class _Float32Finishing(Finishing):
     ((70, 53), (32, 32), [(70, 53), (16, 16), (35, 9)]),
 ])
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
-def test_blockwise_equals_whole_volume_sliding_window(shape, tile, blocks, blend):
+def test_blockwise_equals_whole_volume_sliding_window(shape, tile, blocks, blend, tmp_path):
     model = _model(len(shape))
     image = np.random.default_rng(1).normal(size=(1, *shape)).astype(np.float32)
     grid = TileGrid.make(shape, tile, 0.25, model.divisor)
     reference = sliding_window(model, image, grid.tile, grid.stride, blend)
-    for block in blocks:
-        got = _blockwise(model, image, grid, block, blend)
+    for i, block in enumerate(blocks):
+        got = _blockwise(model, image, grid, block, blend, tmp_path / f"spill{i}")
         np.testing.assert_allclose(got, reference, atol=1e-5, err_msg=str(block))
+    if blend == "constant":  # every block running all the tiles that overlap it (a
+        # region predicted on its own, as training's validation does)
+        got = _blockwise(model, image, grid, blocks[-1], blend)
+        np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_multichannel_blocks_smaller_than_a_tile(tmp_path):
+    """Two input and three output channels, blocks smaller than a tile and of odd sizes:
+    every channel equals the whole-volume sliding window."""
+    model = _model(2, in_channels=2, out_channels=3)
+    image = np.random.default_rng(2).normal(size=(2, 41, 30)).astype(np.float32)
+    grid = TileGrid.make(image.shape[1:], (16, 16), 0.25, model.divisor)
+    reference = sliding_window(model, image, grid.tile, grid.stride, "gaussian")
+    got = _blockwise(model, image, grid, (7, 9), "gaussian", tmp_path, channels_out=3)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
 
 
 def test_tile_grid():
@@ -284,12 +319,17 @@ def test_interrupted_prediction_resumes(halves, client, monkeypatch):
         predict(halves["src"], opts, client, report=lambda line: None)
     monkeypatch.undo()
     assert not (halves["src"] / "labels" / "resumed").exists()
+    # the sums the finished first row of blocks left for the second wait for the resume
+    spill = halves["src"] / "labels" / ".resumed.partial" / ".work" / "spill"
+    assert any(p.name.startswith("1.") for p in spill.iterdir()), list(spill.iterdir())
     lines: list[str] = []
     res = predict(halves["src"], opts, client, report=lines.append)
     assert 0 < res.report["skipped_blocks"] < 45, res.report
     assert any("resuming" in line for line in lines)
-    predict(halves["src"], PredictOptions(halves["ckpt"], "fresh", block=(8, 8, 12),
-                                          probabilities="float16"), client,
-            report=lambda line: None)
+    fresh = predict(halves["src"], PredictOptions(halves["ckpt"], "fresh", block=(8, 8, 12),
+                                                  probabilities="float16"), client,
+                    report=lambda line: None)
+    assert fresh.report["tiles"] == fresh.report["grid_tiles"]  # each tile once
+    assert fresh.report["tile_ratio"] == 1.0
     np.testing.assert_array_equal(_probabilities(halves["src"], "resumed"),
                                   _probabilities(halves["src"], "fresh"))

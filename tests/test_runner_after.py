@@ -97,6 +97,25 @@ def test_resumed_blocks_count_as_finished(client, tmp_path):
     assert (report.computed, report.skipped) == (6, 3)
 
 
+def test_on_done_follows_the_done_marker(client, tmp_path):
+    """``on_done`` runs on the client once per computed block, after its task has written
+    its output and its done-marker."""
+    grid = BlockGrid((30, 30), (10, 10))
+    state = RunState(tmp_path / "state", "abc")
+    state.begin()
+    markers = state.markers("hook", grid)
+    seen: list[tuple[int, ...]] = []
+
+    def hook(block: Block) -> None:
+        assert markers.finished()[block.index], block.index
+        assert (tmp_path / "_".join(map(str, block.index))).exists()
+        seen.append(block.index)
+
+    run_blocks(client, grid, SweepTask(str(tmp_path)), name="hook", state=state,
+               after=lower_neighbours, on_done=hook)
+    assert sorted(seen) == sorted(b.index for b in grid)
+
+
 def test_a_dependency_that_never_runs_is_an_error(client, tmp_path):
     grid = BlockGrid((20,), (10,))
     with pytest.raises(RuntimeError, match="never ran"):

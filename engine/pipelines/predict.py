@@ -52,6 +52,7 @@ from engine.output import (
     partial_path,
     write_multiscale,
 )
+from engine.predict.spill import Spill
 from engine.predict.task import (
     OutputArrays,
     PredictTask,
@@ -236,8 +237,8 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
         raise InputError(f"{src}: shape {shape} is smaller than the smallest tile of "
                          f"{options.model} ({tuple(meta['zoo']['min_shape'])})")
     blend_weights(grid.tile, options.blend)  # checks the name
-    # blocks of whole chunks, at least four tiles wide: tiles across a block edge are
-    # predicted by both neighbours, about tile / block of the work per axis
+    # blocks of whole chunks, at least four tiles wide (each tile runs in one block, the
+    # sums of those across a block edge are handed on: bands of < a tile per block face)
     if options.block:
         block = every_axis(options.block, dims, "--block")
         check_block(block, chunks, shape)
@@ -254,7 +255,8 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
         "model": file_identity(rdf_file(options.model) if Path(options.model).is_dir()
                                else options.model), "options": {
             k: str(v) for k, v in options.__dict__.items() if k not in ("overwrite", "device")},
-        "block": block, "grid": [grid.tile, grid.stride], "channels": channels}
+        "block": block, "grid": [grid.tile, grid.stride], "channels": channels,
+        "tiles": "owned"}  # each tile in one block: no resuming a run that ran them twice
     state = RunState(partial_path(src / "labels" / options.name) / ".voxelmill",
                      stable_hash(identity), identity)
     return PredictPlan(src, options, meta, level0, channels, has_c, axes, shape, chunks, block,
@@ -334,21 +336,26 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
         outputs = OutputArrays(tuple(prob_paths[:within + 1]),
                                tuple(label_paths[:1 if opts.instances else within + 1]),
                                tuple(lv.factors for lv in plan.levels[1:within + 1]))
+        grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
+        # each tile runs in the block holding its start; the sums it leaves in later blocks
+        # wait in the scratch folder until those are done (engine/predict/spill.py)
+        spill = Spill.plan(run.work / "spill", plan.grid, grid)
         task = PredictTask(str(Path(opts.model).resolve()), opts.device,
                            VolumeSource(plan.level0, plan.channels, plan.has_channel_axis,
                                         prefix),
                            plan.grid, opts.blend, opts.batch, opts.tta, stats.offset,
                            stats.scale, outputs, opts.probabilities, opts.threshold,
-                           plan.meta["target"]["kind"], plan.chunks[0], opts.trust_code)
+                           plan.meta["target"]["kind"], plan.chunks[0], opts.trust_code,
+                           spill)
         gpus, resources, in_flight = device_dispatch(client)
-        grid = BlockGrid(plan.shape, plan.block, chunks=plan.chunks)
         report(f"predicting {len(grid)} blocks of {plan.block} with tiles {plan.grid.tile} "
                f"(stride {plan.grid.stride}) on "
                f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
         t_pass = time.monotonic()
         blocks = run_blocks(client, grid, task, name="predict", state=plan.state,
                             progress=progress() if progress else None, resources=resources,
-                            max_in_flight=in_flight)
+                            max_in_flight=in_flight, after=spill.producers,
+                            on_done=spill.remove)
         stats_report = throughput(list(blocks.results.values()), time.monotonic() - t_pass,
                                   _grid_tiles(plan))
         stats_report["skipped_blocks"] = blocks.skipped
@@ -358,7 +365,8 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
         events.emit("device-report", stage="predict", **{
             key: stats_report[key] for key in ("voxels_per_s", "device_busy", "model_s",
                                                "input_wait_s", "output_wait_s", "read_s",
-                                               "write_s", "tiles", "workers")})
+                                               "write_s", "handover_s", "tiles",
+                                               "workers")})
         # the coarser levels: resumable passes from the finest level no block wrote whole
         build_pyramid(client, zarr_source(prob_paths[within]), probs_partial, prob_levels,
                       (1, *plan.chunks), method="mean", state=plan.state, progress=progress,

@@ -15,6 +15,12 @@ block's reader fills its queue.
 Every voxel sums the same tiles with the same weights as one sliding window over the whole
 volume, so the result does not depend on the block layout (within float32 rounding: the
 sums run on the device in float32).
+
+With a :class:`Handover` a block runs only the tiles it owns (those starting in its write
+region, :meth:`engine.predict.tiling.TileGrid.owned`), so no tile runs twice in a layout:
+its sums cover its write region and a band on the high side (its *reach*); it starts by
+adding the sums its lower neighbours left for it, and ends by handing the band's sums to
+the later blocks they fall in.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -65,6 +71,7 @@ class BlockTimes:
     input_wait_s: float = 0.0
     write_s: float = 0.0
     output_wait_s: float = 0.0
+    handover_s: float = 0.0  # loading and saving the sums handed between blocks
     tiles: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -92,6 +99,27 @@ class Finishing:
         else:  # binary and boundary models: the foreground channel
             labels = (probs[0] > self.threshold).to(torch.uint8)
         return stored, labels
+
+
+class Handover(Protocol):
+    """What a block exchanges with its neighbours when each tile runs in one block only.
+
+    Sums are ``(K + 1, *piece)`` float32: the ``K`` weighted probability sums, then the
+    summed weights.
+    """
+
+    def incoming(self) -> list[tuple[Region, np.ndarray]]:
+        """The sums other blocks left in this block's write region (volume coordinates),
+        in a fixed order (called from a thread when the block starts)."""
+        ...
+
+    def pieces(self, reach: Region) -> list[Region]:
+        """The parts of ``reach`` beyond the write region, one per later block."""
+        ...
+
+    def save(self, piece: Region, sums: np.ndarray) -> None:
+        """Store the sums of ``piece`` for the block it lies in, before the task ends."""
+        ...
 
 
 def slabs(box: Region, unit: int) -> list[slice]:
@@ -317,7 +345,8 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
                   write: Callable[[Finished], None], unit: int,
                   prefetch: int = PREFETCH,
                   device_slot: Callable[[], Any] | None = None,
-                  levels: Sequence[Sequence[int]] = ()) -> BlockTimes:
+                  levels: Sequence[Sequence[int]] = (),
+                  handover: Handover | None = None) -> BlockTimes:
     """Predict the write region ``region`` and hand its finished slabs to ``write``.
 
     Parameters
@@ -358,6 +387,11 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
         of the whole write region (``Finished.level`` 1, 2 …), computed on the device
         (:mod:`engine.predict.downsample`) for the labels and uint8 probabilities; float16
         probabilities come as None there (see :func:`probability_levels_here`).
+    handover : Handover, optional
+        Run only the tiles the block owns: fold in the sums of :meth:`Handover.incoming`
+        before the first tile, and :meth:`Handover.save` the band beyond the write region
+        before returning. Without it the block runs every tile that overlaps it (a region
+        predicted on its own).
 
     Returns
     -------
@@ -365,22 +399,31 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
     """
     dev = predictor.device
     times = BlockTimes()
-    tiles = grid.tiles_for(region)
+    tiles = grid.tiles_for(region) if handover is None else grid.owned(region)
+    sums = region if handover is None else grid.reach(region)
     times.tiles = len(tiles)
-    box = grid.read_region(region)
+    box = tuple(slice(min(t[a] for t in tiles), max(t[a] for t in tiles) + grid.tile[a])
+                if tiles else slice(r.start, r.start) for a, r in enumerate(region))
     inner = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in
                   zip(box, grid.shape, strict=True))
+    helpers = ThreadPoolExecutor(WRITERS, thread_name_prefix="voxelmill-handover")
+    loading = helpers.submit(_timed, handover.incoming) if handover is not None else None
     reader = _Reader(read, inner, unit, dev, prefetch)
     writer = _Writer(write)
     reader.start()
     writer.start()
     try:
         with device_slot() if device_slot is not None else nullcontext():
-            _stream(predictor, reader, writer, grid, tiles, box, inner, region, weights,
-                    channels_out, offset, scale, finishing, unit, times, levels)
+            acc, wsum = _stream(predictor, reader, writer, grid, tiles, box, inner, region,
+                                sums, loading, weights, channels_out, offset, scale,
+                                finishing, unit, times, levels)
+        saving = [] if handover is None else _hand_on(handover, helpers, acc, wsum, sums)
+        del acc, wsum
         t0 = time.perf_counter()
         writer.jobs.put(None)
         writer.join()
+        for job in saving:
+            times.handover_s += job.result()
         times.output_wait_s = time.perf_counter() - t0
         if writer.error is not None:
             raise writer.error
@@ -389,16 +432,37 @@ def predict_block(predictor: TilePredictor, read: Callable[[Region], np.ndarray]
         if writer.is_alive():
             writer.jobs.put(None)
         reader.join()
+        helpers.shutdown(wait=True)
     times.read_s, times.write_s = reader.seconds, writer.seconds
     return times
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
+def _hand_on(handover: Handover, pool: ThreadPoolExecutor, acc: torch.Tensor,
+             wsum: torch.Tensor, sums: Region) -> list[Any]:
+    """Copy each piece of the band beyond the write region to the host and save it in
+    ``pool``; the futures return the seconds each save took."""
+    jobs = []
+    for piece in handover.pieces(sums):
+        local = tuple(slice(p.start - s.start, p.stop - s.start)
+                      for p, s in zip(piece, sums, strict=True))
+        data = torch.cat([acc[(slice(None), *local)], wsum[local][None]]).cpu().numpy()
+        jobs.append(pool.submit(lambda p=piece, d=data: _timed(handover.save, p, d)[1]))
+    return jobs
+
+
 def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: TileGrid,
             tiles: list[tuple[int, ...]], box: Region, inner: Region, region: Region,
-            weights: np.ndarray, channels_out: int, offset: Sequence[float],
-            scale: Sequence[float], finishing: Finishing, unit: int,
-            times: BlockTimes, levels: Sequence[Sequence[int]]) -> None:
-    """The device side of :func:`predict_block` (see there)."""
+            sums: Region, loading: Any, weights: np.ndarray, channels_out: int,
+            offset: Sequence[float], scale: Sequence[float], finishing: Finishing, unit: int,
+            times: BlockTimes, levels: Sequence[Sequence[int]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device side of :func:`predict_block` (see there); returns the block's weighted
+    sums and weights over ``sums`` (the write region, or the reach with a handover)."""
     dev = predictor.device
     nd = len(grid.shape)
     channels = len(offset)
@@ -409,8 +473,22 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
     sc = torch.tensor(scale, dtype=torch.float32, device=dev).reshape(view)
     w = torch.from_numpy(np.ascontiguousarray(weights)).to(dev)
     image = torch.zeros((channels, *bshape), dtype=torch.float32, device=dev)
-    acc = torch.zeros((channels_out, *shape), dtype=torch.float32, device=dev)
-    wsum = torch.zeros(shape, dtype=torch.float32, device=dev)
+    sshape = tuple(r.stop - r.start for r in sums)
+    acc = torch.zeros((channels_out, *sshape), dtype=torch.float32, device=dev)
+    wsum = torch.zeros(sshape, dtype=torch.float32, device=dev)
+    own = tuple(slice(0, n) for n in shape[1:])  # the write region within the sums
+    if loading is not None:  # the lower neighbours' sums first, in their fixed order
+        t0 = time.perf_counter()
+        pieces, seconds = loading.result()
+        times.input_wait_s += time.perf_counter() - t0
+        times.handover_s += seconds
+        for where, data in pieces:
+            local = tuple(slice(p.start - s.start, p.stop - s.start)
+                          for p, s in zip(where, sums, strict=True))
+            d = torch.from_numpy(data).to(dev)
+            acc[(slice(None), *local)] += d[:-1]
+            wsum[local] += d[-1]
+        del pieces
     # the block's outputs on every level it writes (level L from level L-1, a chunk row at
     # a time as soon as its planes are finished) and how many planes of each are done
     pyramid = _BlockPyramid(shape, channels_out, finishing, levels, unit, dev) \
@@ -442,10 +520,10 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
             filled = sl.stop
 
     def blend(batch: list[tuple[int, ...]], probs: torch.Tensor) -> None:
-        """Add each tile's weighted probabilities inside the write region."""
+        """Add each tile's weighted probabilities inside the sums' box."""
         for p, prob in zip(batch, probs, strict=True):
             tsl, rsl = [], []
-            for s, k, g in zip(p, grid.kept(p), region, strict=True):
+            for s, k, g in zip(p, grid.kept(p), sums, strict=True):
                 lo, hi = max(k.start, g.start), min(k.stop, g.stop)
                 tsl.append(slice(lo - s, hi - s))
                 rsl.append(slice(lo - g.start, hi - g.start))
@@ -469,7 +547,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         """Hand the planes of the write region below ``upto`` to the writer."""
         nonlocal done
         sl = slice(done - region[0].start, upto - region[0].start)
-        stored, labels = finishing(acc[:, sl] / wsum[sl])
+        stored, labels = finishing(acc[(slice(None), sl, *own)] / wsum[(sl, *own)])
         send(0, (slice(done, upto), *region[1:]), stored, labels)
         done = upto
         if pyramid is not None:
@@ -501,6 +579,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         job.result()  # raises what the levels thread met
     times.model_s = predictor.timer.total() - model_before
     times.notes = list(predictor.notes)
+    return acc, wsum
 
 
 def _loop(predictor: TilePredictor, tiles: list[tuple[int, ...]], grid: TileGrid, box: Region,
@@ -531,3 +610,5 @@ def _loop(predictor: TilePredictor, tiles: list[tuple[int, ...]], grid: TileGrid
                 if upto > finished_upto():
                     finish(upto)
             pending = launched
+        if finished_upto() < region[0].stop:  # a block that owns no tile: only handed sums
+            finish(region[0].stop)

@@ -132,8 +132,8 @@ class _BlockOutputs:
 
 @dataclass
 class PredictTask:
-    """One block: read, normalize, predict the overlapping tiles, blend, write (see the
-    module docstring). Returns the block's timings for :func:`throughput`."""
+    """One block: read, normalize, predict its tiles, blend, write (see the module
+    docstring). Returns the block's timings for :func:`throughput`."""
 
     model: str
     device: str
@@ -150,6 +150,9 @@ class PredictTask:
     kind: str
     unit: int  # storage-chunk length of the outputs along the first spatial axis
     trust_code: bool = False  # a bioimage.io package may run its own architecture code
+    # each tile in one block, sums handed between blocks (engine.predict.spill.Spill); None:
+    # every block runs all the tiles that overlap it
+    spill: Any = None
 
     def __call__(self, block: Block) -> dict[str, Any]:
         from engine.predict.block import Finishing, predict_block, probability_levels_here
@@ -179,7 +182,9 @@ class PredictTask:
                               blend_weights(self.grid.tile, self.blend), k, self.offset,
                               self.scale, Finishing(self.prob_dtype, self.kind, self.threshold),
                               sink.write, self.unit, device_slot=slot,
-                              levels=self.outputs.factors)
+                              levels=self.outputs.factors,
+                              handover=self.spill.handover(block.index)
+                              if self.spill is not None else None)
         t1 = time.perf_counter()
         sink.finish()
         pyramid_s = time.perf_counter() - t1
@@ -187,6 +192,7 @@ class PredictTask:
                 "tiles": times.tiles, "model_s": times.model_s, "read_s": times.read_s,
                 "input_wait_s": times.input_wait_s, "write_s": times.write_s + pyramid_s,
                 "output_wait_s": times.output_wait_s, "device_wait_s": waited[0],
+                "handover_s": times.handover_s,
                 "load_s": load_s, "start": start, "end": time.time(),
                 "loads": load_counts().get(str(Path(self.model).resolve()), 0),
                 "device": str(predictor.device), "batch": predictor.batch,
@@ -206,7 +212,7 @@ class Throughput:
 
 
 TIMED = ("model_s", "read_s", "input_wait_s", "write_s", "output_wait_s", "device_wait_s",
-         "load_s")
+         "load_s", "handover_s")
 
 
 def throughput(results: Sequence[dict[str, Any]], seconds: float,
@@ -214,7 +220,8 @@ def throughput(results: Sequence[dict[str, Any]], seconds: float,
     """Voxels per second overall and per worker, and where each device worker's time went:
     ``device_busy`` is the model's device time over the worker's busy span (first block
     start to last block end); reads and writes run in threads beside the device, so their
-    seconds overlap it. ``tiles`` counts the tiles run through the network, and
+    seconds overlap it; ``handover_s`` is the time spent loading and saving the sums handed
+    between blocks. ``tiles`` counts the tiles run through the network, and
     ``tile_ratio`` divides them by the tiles of the global grid (1.0: none computed twice)."""
     per: dict[str, Throughput] = {}
     notes: list[str] = []
@@ -224,7 +231,7 @@ def throughput(results: Sequence[dict[str, Any]], seconds: float,
         w.voxels += r["voxels"]
         w.tiles += r["tiles"]
         for key in TIMED:
-            w.sums[key] = w.sums.get(key, 0.0) + r[key]
+            w.sums[key] = w.sums.get(key, 0.0) + r.get(key, 0.0)
         w.start, w.end = min(w.start, r["start"]), max(w.end, r["end"])
         notes += [n for n in r.get("notes", []) if n not in notes]
     total = {k: sum(w.sums.get(k, 0.0) for w in per.values()) for k in TIMED}

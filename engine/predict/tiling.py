@@ -5,8 +5,14 @@ single grid over the whole volume (starts ``0, stride, 2·stride, …`` per axis
 flush with the end; a volume smaller than a tile gets one tile, padded). A block's *write
 region* receives the blended prediction of every tile that overlaps it; its *read region*
 is the union of those tiles. Because the grid is global, and every voxel sums the same
-tiles with the same weights in the same order, the blockwise result equals one sliding
-window over the whole volume, whatever the block layout.
+tiles with the same weights, the blockwise result equals one sliding window over the whole
+volume, whatever the block layout.
+
+*Ownership* (``voxelmill predict``): every tile belongs to the one block whose write region
+holds its start (its first voxel), so a layout runs each tile of the grid once. The owner
+blends the tile into its *reach* (:meth:`TileGrid.reach`): its write region extended on the
+high side of every axis as far as its tiles go; what falls beyond the write region is
+handed to the later blocks it covers (:mod:`engine.predict.spill`).
 
 Blending: each tile's output is multiplied by a weight map — a Gaussian centred on the
 tile with ``sigma = tile / 8`` per axis (as nnU-Net and MONAI), floored at 1e-3 of its peak
@@ -105,6 +111,35 @@ class TileGrid:
         for starts, t, r in zip(self.starts(), self.tile, region, strict=True):
             per_axis.append([s for s in starts if s < r.stop and s + t > r.start])
         return [tuple(p) for p in itertools.product(*per_axis)]
+
+    def owned(self, region: Region) -> list[tuple[int, ...]]:
+        """Starts of the tiles whose first voxel lies in ``region``, in the grid's (C) order:
+        over the blocks of any layout, every tile of the grid exactly once."""
+        per_axis = [[s for s in starts if r.start <= s < r.stop]
+                    for starts, r in zip(self.starts(), region, strict=True)]
+        return [tuple(p) for p in itertools.product(*per_axis)]
+
+    def reach_stop(self, axis: int, start: int, stop: int, starts: Sequence[int] | None = None
+                   ) -> int:
+        """Along ``axis``, where the blended part of the tiles starting in ``[start, stop)``
+        ends (at least ``stop``, at most the volume's end); ``starts``: this axis's
+        :meth:`starts`, when the caller has them."""
+        n, t = self.shape[axis], self.tile[axis]
+        h = self.trim[axis] if self.trim else 0
+        mine = [s for s in (self.starts()[axis] if starts is None else starts)
+                if start <= s < stop]
+        if not mine:
+            return stop
+        last = mine[-1]  # kept stops grow with the start
+        return min(n, max(stop, last + t - h if last + t < n else last + t))
+
+    def reach(self, region: Region) -> Region:
+        """The box the tiles :meth:`owned` by ``region`` blend into: ``region`` extended on
+        the high side of each axis to where their kept parts (:meth:`kept`) end, within the
+        volume. It is at most ``tile - 1`` voxels longer than ``region`` per axis."""
+        starts = self.starts()
+        return tuple(slice(r.start, self.reach_stop(a, r.start, r.stop, starts[a]))
+                     for a, r in enumerate(region))
 
     def read_region(self, region: Region) -> Region:
         """The union of the tiles overlapping ``region`` (may extend past the volume)."""
