@@ -14,18 +14,22 @@ computes it instead of taking its dask array.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import sys
-from collections.abc import Sequence
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
 
 _TARGET = "dask.array"
 
 
-class _DaskArrayWithoutXarray(importlib.abc.MetaPathFinder):
-    """Finds ``dask.array`` as the path finder does and runs its package ``__init__`` (which
-    imports ``dask.array.core``) while ``import xarray`` fails. Removes itself once used."""
+class _DaskArrayWithoutXarray:
+    """A ``sys.meta_path`` finder (not derived from ``importlib.abc.MetaPathFinder``, whose
+    import costs more than this whole module saves on a ``--help``): finds ``dask.array`` as
+    the path finder does and runs its package ``__init__`` (which imports
+    ``dask.array.core``) while ``import xarray`` fails. Removes itself once used."""
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
