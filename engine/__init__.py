@@ -8,6 +8,11 @@ it (``segment``, ``patches``, ``curate``, ``dataset``, ``learn``, ``predict``,
 """
 
 from engine.errors import VoxelmillError
+from engine.startup import import_dask_array_without_xarray
+
+# before any module of the engine imports dask.array: in the command's process and in every
+# worker, which imports the engine to unpickle its tasks (see engine.startup)
+import_dask_array_without_xarray()
 
 __all__ = ["VoxelmillError"]
 __version__ = "0.1.0"
