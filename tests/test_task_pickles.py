@@ -77,8 +77,8 @@ def test_a_pyramid_task_pickles_the_same_for_4_and_400_blocks(tmp_path, monkeypa
     """The convert path: ``build_pyramid`` given the volume's dask array, as convert gives
     it, builds tasks that carry the file's reader."""
     seen = []
-    monkeypatch.setattr(engine.runner, "run_blocks",
-                        lambda client, grid, task, **_: seen.append((len(grid), task)))
+    monkeypatch.setattr(engine.runner, "run_passes", lambda client, passes, **_: seen.extend(
+        (len(p.grid), p.task) for p in passes))
     for name, shape in (("a", SMALL), ("b", LARGE)):
         _zarr_array(tmp_path / f"{name}.zarr", shape, "zyx")
         vol = open_volume(tmp_path / f"{name}.zarr", axes="zyx")
