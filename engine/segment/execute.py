@@ -168,7 +168,7 @@ class Moments(BlockReduce):
                 float(((f - s / f.size) ** 2).sum()))
 
     def partial(self, crop: Region, *images: np.ndarray) -> Any:
-        v = images[0][crop].ravel()
+        v = stats.finite_values(images[0][crop].ravel())  # NaN and ±inf are not counted
         lo, hi, closed = self.window
         inside = (v >= lo) & (v <= hi) if closed else (v > lo) & (v < hi)
         return self._summary(v), self._summary(v[inside])
@@ -197,6 +197,11 @@ class Moments(BlockReduce):
         return self._result(merged[0]), self._result(merged[1])
 
 
+def _finite(v: np.ndarray) -> np.ndarray | bool:
+    """Where ``v`` is finite (float data), else True everywhere."""
+    return np.isfinite(v) if v.dtype.kind == "f" else True
+
+
 @dataclass(frozen=True)
 class ObjectExtrema(BlockReduce):
     """Per object of a label image: min and max of the image inside it, as sorted arrays
@@ -208,7 +213,7 @@ class ObjectExtrema(BlockReduce):
     def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
         lab = objects[crop].ravel()
         val = image[crop].ravel()
-        inside = lab != 0
+        inside = (lab != 0) & _finite(val)  # NaN and ±inf are not counted
         lab, val = lab[inside], val[inside]
         if lab.size == 0:
             return np.zeros(0, np.uint64), np.zeros(0, val.dtype), np.zeros(0, val.dtype)
@@ -240,8 +245,9 @@ class ObjectHistograms(BlockReduce):
     def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Any:
         ext = np.load(self.extrema)
         lab = objects[crop].ravel()
-        inside = lab != 0
-        lab, val = lab[inside], image[crop].ravel()[inside]
+        val = image[crop].ravel()
+        inside = (lab != 0) & _finite(val)  # as ObjectExtrema: NaN and ±inf not counted
+        lab, val = lab[inside], val[inside]
         if lab.size == 0:
             return {}
         # one sort groups each object's voxels: O(voxels log voxels), not objects × voxels
