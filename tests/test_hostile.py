@@ -4,15 +4,26 @@ Each case runs ``voxelmill`` (:func:`tests.conftest.run_cli`) in its own copy of
 working folder of valid inputs, with ``HOME`` and ``TMPDIR`` inside it, and must end with
 exit code 2, one ``error:`` line naming the option, value or path, no traceback, no
 cluster started, and the folder exactly as it was (nothing new, nothing changed, nothing
-lost). The cases are counted per category; :func:`test_counts` prints the counts and checks
-that every command and every category is covered.
+lost). Option values refused while the command line is parsed run through the console
+script's ``main()`` in this process (:func:`run_in_process`: same checks, without an
+interpreter start-up each); every other case runs ``voxelmill`` as a subprocess. The
+cases are counted per category; :func:`test_counts` prints the counts and checks that
+every command and every category is covered.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +35,7 @@ from engine.patches.files import write_patch
 from engine.pipelines.convert import ConvertOptions, convert
 from engine.pipelines.predict import PredictOptions, predict
 from tests.conftest import write_mrc
-from tests.test_cli_errors import Outcome, age, assert_refused, run_all
+from tests.test_cli_errors import Outcome, age, assert_refused, run_all, snapshot
 
 SHAPE = (16, 16, 16)
 #: an option error costs interpreter start-up and imports only, never a cluster start
@@ -42,6 +53,7 @@ class Case:
     cluster: bool = False  # refused by the run (after the cluster started), not the plan
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables of the run
     slow_plan: bool = False  # the plan loads a model (imports torch): not timed
+    in_process: bool = False  # refused while parsing: run through the CLI's main() here
 
 
 #: A valid command line of each command; an option case appends ``OPTION VALUE``.
@@ -135,7 +147,7 @@ def _option_cases() -> dict[str, Case]:
                 args = (option, value, *base) if command == "(global)" else \
                     (*base, option, value)
                 cases[f"{command}{option}={value}"] = Case(_category(option, value), args,
-                                                           (option,))
+                                                           (option,), in_process=True)
     return cases
 
 
@@ -536,10 +548,54 @@ def outcomes(tmp_path_factory, world) -> dict[str, Outcome]:
         age(root)
         dirs[name] = root
 
-    extra = {d: dict(CASES[name].env) for name, d in dirs.items()}
-    return run_all({name: (CASES[name].args, d / "work", d) for name, d in dirs.items()},
-                   env=lambda d: {"HOME": str(d / "home"), "TMPDIR": str(d / "tmp"),
-                                  **extra[d]})
+    def env(d: Path) -> dict[str, str]:
+        return {"HOME": str(d / "home"), "TMPDIR": str(d / "tmp"), **dict(CASES[names[d]].env)}
+
+    names = {d: name for name, d in dirs.items()}
+    # option values refused while the command line is parsed: in this process, one by one
+    # (an interpreter start-up each would cost most of this file's time)
+    done = {name: run_in_process(CASES[name].args, d / "work", d, env(d))
+            for name, d in dirs.items() if CASES[name].in_process}
+    return done | run_all({name: (CASES[name].args, d / "work", d) for name, d in dirs.items()
+                           if name not in done}, env=env)
+
+
+def run_in_process(args: tuple[str, ...], cwd: Path, root: Path, env: dict[str, str]
+                   ) -> Outcome:
+    """``voxelmill ARGS`` through the console script's own ``main()`` in this process, in
+    ``cwd`` with ``env`` set, its output captured; an exception that escapes ``main()`` is
+    printed as the traceback a user would see, so it fails the case as a subprocess's
+    would. Only for command lines refused before any command body runs."""
+    from cli.main import main
+
+    before, out, err = snapshot(root), io.StringIO(), io.StringIO()
+    saved = (os.getcwd(), sys.argv, {k: os.environ.get(k) for k in (*env, "COLUMNS")})
+    t0 = time.monotonic()
+    try:
+        os.chdir(cwd)
+        sys.argv = ["voxelmill", *args]
+        os.environ.update({**env, "COLUMNS": "200"})
+        tempfile.tempdir = None  # TMPDIR is read again: anything written there is seen
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - what a user would see: a traceback
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        for k, v in saved[2].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = None
+    res = subprocess.CompletedProcess(["voxelmill", *args], code, out.getvalue(),
+                                      err.getvalue())
+    return Outcome(res, time.monotonic() - t0, before, snapshot(root), root)
 
 
 @pytest.mark.parametrize("name", list(CASES))
