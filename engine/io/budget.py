@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import InputError
+from engine.errors import InputError, OptionError
 
 #: deflate's largest expansion (a 258-byte match per ~2 bits): 1032:1
 DEFLATE_MAX_RATIO = 1032
@@ -105,8 +105,6 @@ def check_output_size(dst: str | Path, nbytes: int, option: str, *,
     ``option`` names what sizes the output, e.g. ``"--scale 1000"`` or
     ``"--size 160 × 12 patches"``.
     """
-    from engine.errors import OptionError
-
     free = free_disk(dst)
     if nbytes > free:
         raise OptionError(f"{option}: the output {dst} would hold about {nbytes:.3g} bytes"
@@ -118,8 +116,6 @@ def check_output_size(dst: str | Path, nbytes: int, option: str, *,
 def check_held(nbytes: int, option: str, what: str) -> None:
     """Refuse a plan that holds ``nbytes`` in one process's memory at once (``what``: why,
     e.g. ``"a shard is written from one buffer"``) above :func:`memory_budget`."""
-    from engine.errors import OptionError
-
     budget = memory_budget()
     if nbytes > budget:
         raise OptionError(f"{option}: {what}, about {nbytes:.3g} bytes at once, more than "
