@@ -37,6 +37,10 @@ from engine.pipelines.predict import PredictOptions, predict
 from tests.conftest import write_mrc
 from tests.test_cli_errors import Outcome, age, assert_refused, run_all, snapshot
 
+#: the module's first test sets up every case (~170 command lines): more than the default
+#: 600 s per test on a loaded 2-core machine
+pytestmark = pytest.mark.timeout(1500)
+
 SHAPE = (16, 16, 16)
 #: an option error costs interpreter start-up and imports only, never a cluster start
 FAST_S = 30.0
