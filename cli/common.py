@@ -79,12 +79,15 @@ def user_errors() -> Iterator[None]:
     as a replacement found before committing.
     """
     from engine.io import readguard
+    from engine.output import remove_made_folders
 
     with readguard.watching():
         try:
             yield
         except VoxelmillError as exc:
             message = readguard.message(gone) if (gone := readguard.replaced()) else str(exc)
+            # a plan refused after its destination's folders were made leaves none behind
+            remove_made_folders()
             _fail(message, 2)
         except KeyboardInterrupt:
             events.emit("error", message="interrupted", exit_code=130)

@@ -301,8 +301,9 @@ def demo(
 ) -> None:
     """Run every pipeline stage on generated phantoms (a tomogram and a 2D slide)."""
     with user_errors():
-        from engine.pipelines.demo import run_demo
+        from engine.pipelines.demo import check_demo_size, run_demo
 
+        check_demo_size(out_dir, size)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             for line in run_demo(out_dir, client, size=size, overwrite=overwrite,
                                  progress=progress_factory(),

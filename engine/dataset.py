@@ -69,6 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError, OptionError
+from engine.io.budget import check_output_size
 from engine.io.layouts import (
     LABELS_DIR,
     SPLIT_COLUMNS,
@@ -303,6 +304,11 @@ def plan_split(sources: Iterable[str | Path], destination: str | Path,
             "(patches of one volume never go to two splits); add sources or set a fraction "
             "to 0")
     check_destination(dst, opts.overwrite, sources=srcs, manifests=(SPLIT_JSON,))
+    if not opts.link:  # copies: the destination grows by every file copied
+        check_output_size(dst, sum(_file_bytes(p) for it in items for p in (it.image, it.labels)
+                                   if p is not None),
+                          f"--copy of {len(items)} item{'s' if len(items) != 1 else ''} "
+                          "(--link copies nothing)", copies=True)
     items.sort(key=lambda it: it.name)
     plan = SplitPlan(srcs, dst, opts, fractions, items,
                      assign_groups(sizes, fractions, int(opts.seed)))
@@ -318,6 +324,13 @@ def plan_split(sources: Iterable[str | Path], destination: str | Path,
 
 
 # ------------------------------------------------------------------------------- writing
+
+def _file_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (a zarr patch)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
 
 def _place(src: Path, dst: Path, link: bool) -> None:
     if link:

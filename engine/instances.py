@@ -32,6 +32,7 @@ labelling, or an exact sum of integer counts.
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ import numpy as np
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.budget import check_output_size
 from engine.io.sources import read_region, zarr_source
 from engine.labels import ApplyLut, merge_counts
 from engine.labels import label as label_components
@@ -301,12 +303,15 @@ def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
     unit = units[0] if units else "micrometer"
     dst = src / "labels" / options.name
     dst_classes = src / "labels" / f"{options.name}{CLASSES_SUFFIX}"
+    n_levels = len(img_attrs["multiscales"][0]["datasets"])
+    levels = plan_levels(shape, spatial, tuple(scale0), chunks, max_levels=n_levels)
+    # uint64 instance ids at worst and uint8 classes, every level; the table is small
+    check_output_size(dst, sum(math.prod(lv.shape) for lv in levels) * (8 + 1),
+                      f"--predictions {options.predictions} ({'×'.join(map(str, shape))})")
     check_destination(dst, options.overwrite)
     check_destination(dst_classes, options.overwrite)
     if options.table is not None:
         check_destination(Path(options.table), options.overwrite, file=True)
-    n_levels = len(img_attrs["multiscales"][0]["datasets"])
-    levels = plan_levels(shape, spatial, tuple(scale0), chunks, max_levels=n_levels)
     return InstancePlan(src, options, level0, spatial, shape, chunks, block, k,
                         _class_names(attrs, k), scale, foreground, tuple(scale0), unit, ngff,
                         levels)

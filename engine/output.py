@@ -143,24 +143,6 @@ def check_output_name(name: str, example: str) -> None:
                           "digits, '_', '-', '.')")
 
 
-def check_disk_space(dst: Path, nbytes: int, what: str) -> None:
-    """Refuse a plan whose output (``nbytes``, uncompressed: an upper bound for most
-    images) cannot fit on the file system of ``dst``, before anything is written.
-
-    ``what`` names the option that sizes the output, e.g. ``"--scale 1000"``.
-    """
-    from engine.errors import OptionError
-
-    where = Path(dst).absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if nbytes > free:
-        raise OptionError(f"{what}: the output {dst} would hold about {nbytes:.3g} bytes "
-                          f"(uncompressed), more than the {free:.3g} bytes free on its file "
-                          "system")
-
-
 def partial_path(dst: Path) -> Path:
     """Where an unfinished output lives: a hidden sibling, so a crash leaves no ``dst``."""
     return dst.parent / f".{dst.name}.partial"

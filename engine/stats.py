@@ -52,7 +52,7 @@ class Histogram:
         Bin edges; bin ``i`` holds ``edges[i] <= v < edges[i + 1]``, the last bin also
         holds its upper edge (as :func:`numpy.histogram`).
     count : int
-        Voxels counted (NaN and masked-out voxels excluded); ``counts.sum()``.
+        Voxels counted (NaN, ±inf and masked-out voxels excluded); ``counts.sum()``.
     sum, sum_sq : float
         Sum of the values and of their squares (float64; exact for integer data with
         exact bins, else the correctly rounded sum of the float64 block sums).
@@ -241,18 +241,25 @@ class _Partial:
 
 
 def value_range(values: np.ndarray) -> _Partial:
-    """Count, min and max of the non-NaN values of an array (a block's extent).
+    """Count, min and max of the finite values of an array (a block's extent; NaN and
+    ±inf are not counted, as in every statistic here).
 
     What the first pass of a float :func:`histogram` collects; a block operation that
     computes it on its output (see ``engine.segment.execute``) saves that pass.
     """
-    v = values.reshape(-1)
-    n = v.size - (int(np.count_nonzero(np.isnan(v))) if v.dtype.kind == "f" else 0)
-    if n == 0:
+    v = finite_values(values.reshape(-1))
+    if v.size == 0:
         return _Partial(0, math.nan, math.nan)
-    if v.dtype.kind == "f":  # fmin/fmax skip NaN without copying
-        return _Partial(n, float(np.fmin.reduce(v)), float(np.fmax.reduce(v)))
-    return _Partial(n, float(v.min()), float(v.max()))
+    return _Partial(int(v.size), float(v.min()), float(v.max()))
+
+
+def finite_values(v: np.ndarray) -> np.ndarray:
+    """``v`` without its NaN and ±inf (float data; other dtypes as they are). Copies only
+    when there is something to drop."""
+    if v.dtype.kind != "f":
+        return v
+    keep = np.isfinite(v)
+    return v if keep.all() else v[keep]
 
 
 def merge_range(a: _Partial | None, b: _Partial | None) -> _Partial | None:
@@ -317,7 +324,7 @@ class _StatsTask:
         else:
             v = v.reshape(-1)
         if v.dtype.kind == "f":
-            v = v[~np.isnan(v)]
+            v = finite_values(v)
         elif v.dtype.kind == "b":
             v = v.astype(np.uint8)
         return v
@@ -416,8 +423,8 @@ def histogram(
     client : distributed.Client
         Cluster that runs the block tasks.
     data : dask.array.Array or Volume, shape (...)
-        Any real dtype (bool, integer, float). NaN voxels are ignored; other
-        non-finite values raise :class:`~engine.errors.OptionError`.
+        Any real dtype (bool, integer, float). NaN and ±inf voxels are ignored (not
+        counted, as :func:`numpy.histogram` of the finite values).
     bins : int, optional
         Number of equal-width bins over ``[min, max]`` (as ``np.histogram(x, bins)``).
         By default: integer data gets one exact bin per integer value in ``[min, max]``
@@ -465,10 +472,7 @@ def histogram(
         extent = _run(client, grid, _StatsTask(data, mask, "minmax"), "minmax")
     if extent.count == 0:
         return _empty(data.dtype)
-    lo, hi = extent.min, extent.max
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise OptionError("the data holds infinite values; histograms need finite data "
-                          "(NaN is ignored)")
+    lo, hi = extent.min, extent.max  # finite: non-finite voxels are never counted
     if integer and bins is None and hi - lo + 1 <= MAX_EXACT_BINS:
         return _from_bincount(_run(client, grid, _StatsTask(data, mask, "bincount"), "bincount"),
                               data.dtype)
@@ -558,7 +562,8 @@ def percentile(client: Any, data: Any, q: float | Sequence[float], *, mask: Any 
 
     Exact for every dtype: the needed order statistics are located with the global
     histogram, then their bins are refined by further passes until few enough voxels
-    remain to collect and sort. NaN voxels are ignored (as :func:`numpy.nanpercentile`).
+    remain to collect and sort. NaN and ±inf voxels are ignored (as
+    :func:`numpy.percentile` of the finite values).
 
     Parameters
     ----------
@@ -761,7 +766,10 @@ def display_windows(level_path: Path, axes: str, nchan: int
     nothing); a channel with no finite value gets (0, 1, 0, 1)."""
     import zarr
 
-    data = np.asarray(zarr.open_array(str(level_path), mode="r")[...])
+    from engine.io.integrity import read_checked
+
+    arr = zarr.open_array(str(level_path), mode="r")
+    data = read_checked(arr, str(level_path), (slice(None),) * arr.ndim)
     if "c" in axes:
         data = np.moveaxis(data, axes.index("c"), 0)
     else:

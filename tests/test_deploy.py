@@ -4,6 +4,7 @@ script voxelmill generates carries the directives and worker resources."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,28 @@ def test_cli_cluster_errors_exit_2(tmp_path: Path):
     res = run_cli("--worker-timeout", "-1", "convert", str(src), str(tmp_path / "a.ome.zarr"))
     assert res.returncode == 2 and "--worker-timeout -1: must be ≥ 0" in res.stderr
     assert not (tmp_path / "a.ome.zarr").exists()
+
+
+@pytest.mark.parametrize("action", ["start", "stop"])
+def test_ci_cluster_refuses_a_foreign_slurm_configuration(tmp_path: Path, action: str):
+    """On a machine with its own SLURM configuration, ``ci-cluster.sh`` neither replaces it
+    nor starts or stops anything: it refuses first, naming the file. Its own files (the
+    marker line, or the gres.conf of versions before the marker) pass the same check."""
+    script = DEPLOY / "slurm" / "ci-cluster.sh"
+    foreign = "# site configuration\nClusterName=production\n"
+    (tmp_path / "slurm.conf").write_text(foreign)
+    (tmp_path / "gres.conf").write_text("# two fake GPUs: slurm needs a File per GPU, …\n")
+    res = subprocess.run(["bash", str(script), action], capture_output=True, text=True,
+                         timeout=60, env={"PATH": "/usr/bin:/bin",
+                                          "SLURM_CI_CONF_DIR": str(tmp_path)})
+    assert res.returncode == 1, res
+    assert f"{tmp_path}/slurm.conf was not written by this script" in res.stderr
+    assert (tmp_path / "slurm.conf").read_text() == foreign
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gres.conf", "slurm.conf"]
+    # a gres.conf that is not the script's is refused the same way
+    (tmp_path / "slurm.conf").write_text("# written by deploy/slurm/ci-cluster.sh\n")
+    (tmp_path / "gres.conf").write_text("NodeName=n1 Name=gpu File=/dev/nvidia0\n")
+    res = subprocess.run(["bash", str(script), action], capture_output=True, text=True,
+                         timeout=60, env={"PATH": "/usr/bin:/bin",
+                                          "SLURM_CI_CONF_DIR": str(tmp_path)})
+    assert res.returncode == 1 and "gres.conf was not written by this script" in res.stderr

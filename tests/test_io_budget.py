@@ -9,9 +9,15 @@ import nrrd
 import numpy as np
 import pytest
 
-from engine.errors import InputError
+from engine.errors import InputError, OptionError
 from engine.io import open_volume
-from engine.io.budget import BUDGET_ENV, DEFLATE_MAX_RATIO, check_deflate
+from engine.io.budget import (
+    BUDGET_ENV,
+    DEFLATE_MAX_RATIO,
+    DISK_ENV,
+    check_deflate,
+    check_output_size,
+)
 
 
 def test_all_zero_compressed_files_still_open(tmp_path):
@@ -48,3 +54,19 @@ def test_compressed_nrrd_over_the_memory_budget(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"a\.nrrd: declares 40×50×30 uint16.*decompressed "
                        r"whole.*memory budget"):
         open_volume(tmp_path / "a.nrrd")
+
+
+def test_output_size_against_free_disk(tmp_path, monkeypatch):
+    """An output's size is checked against the free disk of the nearest existing folder
+    of its destination (or VOXELMILL_FREE_DISK_MIB), naming the option and the number."""
+    monkeypatch.delenv(DISK_ENV, raising=False)
+    dst = tmp_path / "not" / "yet" / "out.ome.zarr"
+    check_output_size(dst, 1, "--scale 2")
+    with pytest.raises(OptionError, match=r"--scale 1e\+09: the output .*out.ome.zarr would "
+                                          r"hold about 1e\+30 bytes .* bytes free"):
+        check_output_size(dst, 10**30, "--scale 1e+09")
+    monkeypatch.setenv(DISK_ENV, "1")
+    check_output_size(dst, 2**20, "--size 8")
+    with pytest.raises(OptionError, match=r"1\.05e\+06 bytes free .*VOXELMILL_FREE_DISK_MIB"):
+        check_output_size(dst, 2**20 + 1, "--size 8")
+    assert not (tmp_path / "not").exists()

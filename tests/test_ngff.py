@@ -231,3 +231,6 @@ def test_metadata_is_strict_json_with_non_finite_voxels(tmp_path, client, ngff) 
         json.loads(p.read_text(), parse_constant=refuse)
     got = zarr.open_array(str(dst / "0"), mode="r")[...]
     assert np.isnan(got[3, 4, 5]) and np.isinf(got[6, 7, 8])
+    from engine.pipelines.info import describe
+
+    assert describe(dst)["non_finite"].startswith("NaN and ±inf voxels are ignored")

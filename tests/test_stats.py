@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from skimage import filters
 
 from engine import stats
-from engine.errors import OptionError
+from engine.errors import InputError, OptionError
 
 SHAPE = (30, 41, 25)
 LAYOUTS = [(7, 13, 10), (30, 41, 25), (4, 41, 13), (11, 9, 25)]
@@ -173,8 +173,8 @@ def test_edge_cases(client):
     assert empty.count == 0 and np.isnan(empty.mean) and np.isnan(empty.percentile(50))
     with pytest.raises(OptionError):
         stats.threshold_otsu(empty)
-    with pytest.raises(OptionError):
-        stats.histogram(client, da.from_array(np.array([1.0, np.inf]), chunks=1))
+    only_inf = stats.histogram(client, da.from_array(np.array([np.inf, -np.inf]), chunks=1))
+    assert only_inf.count == 0
     with pytest.raises(OptionError):
         stats.histogram(client, const, mask=da.ones((3, 3), dtype=bool))
     with pytest.raises(OptionError):
@@ -240,3 +240,44 @@ def test_display_windows_ignore_non_finite(tmp_path):
     lo, hi = np.percentile(finite, [0.1, 99.9])
     assert got[0] == pytest.approx((finite.min(), finite.max(), lo, hi))
     assert got[1] == (0.0, 1.0, 0.0, 1.0)
+
+    # the smallest level is read through the checked reader: a damaged chunk is named
+    chunked = zarr.create_array(str(tmp_path / "b"), shape=(8, 8), chunks=(4, 4),
+                                dtype=np.float32)
+    chunked[...] = 1.0
+    chunk = tmp_path / "b" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    with pytest.raises(InputError, match=r"chunk \(1, 0\) cannot be read.*b/c/1/0"):
+        display_windows(tmp_path / "b", "yx", 1)
+
+
+def test_non_finite_values_are_ignored_by_every_statistic(client):
+    """NaN, +inf and -inf are not counted: histogram, extrema, moments, Otsu, exact
+    percentiles and segment's normalization moments equal NumPy's (and scikit-image's) on
+    the finite voxels alone, for a layout that splits them across blocks."""
+    from engine.segment.execute import Moments
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(5, 2, (20, 23, 17)).astype(np.float32)
+    img[1, 2, 3], img[4, 5, 6], img[7, 8, 9], img[19, 22, 16] = np.nan, np.inf, -np.inf, np.inf
+    finite = img[np.isfinite(img)]
+    data = da.from_array(img, chunks=(7, 9, 5))
+    hist = stats.histogram(client, data, bins=256)
+    counts, edges = np.histogram(finite, bins=256)
+    assert hist.count == finite.size == img.size - 4
+    np.testing.assert_array_equal(hist.counts, counts)
+    np.testing.assert_array_equal(hist.edges, edges)
+    assert (hist.min, hist.max) == (finite.min(), finite.max())
+    f64 = finite.astype(np.float64)
+    np.testing.assert_allclose([hist.mean, hist.std], [f64.mean(), f64.std()], rtol=1e-12)
+    assert stats.threshold_otsu(hist) == filters.threshold_otsu(finite)
+    q = [0, 1, 50, 99.8, 100]
+    np.testing.assert_array_equal(stats.percentile(client, data, q), np.percentile(finite, q))
+    # the normalize step's moments, from two blocks merged as the runner merges them
+    op = Moments()
+    whole = (slice(None),) * 3
+    every, _ = op.finish(op.merge(op.partial(whole, img[:9]), op.partial(whole, img[9:])))
+    assert every["count"] == finite.size
+    assert (every["min"], every["max"]) == (f64.min(), f64.max())
+    np.testing.assert_allclose([every["mean"], every["std"]], [f64.mean(), f64.std()],
+                               rtol=1e-12)

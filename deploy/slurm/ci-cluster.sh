@@ -11,14 +11,41 @@
 # Both are idempotent. Needs root and apt-get (Debian/Ubuntu). Partition: `debug`
 # (OverSubscribe=FORCE:4, so several one-core worker jobs share the cores of a small
 # machine); tests/test_slurm.py submits its worker jobs there. See deploy/slurm/README.md.
+#
+# It only ever replaces a slurm.conf or gres.conf it wrote itself (first line: MARKER). On a
+# machine with its own SLURM configuration, start and stop refuse before touching anything
+# (no install, no daemon started or stopped, no job cancelled): use that SLURM as it is.
+# SLURM_CI_CONF_DIR (default /etc/slurm) names the folder, e.g. to test the refusal.
 set -euo pipefail
 
-CONF_DIR=/etc/slurm
+CONF_DIR=${SLURM_CI_CONF_DIR:-/etc/slurm}
+MARKER="# written by deploy/slurm/ci-cluster.sh"
+# the first line of the gres.conf that versions before the marker wrote
+LEGACY_GRES="# two fake GPUs: slurm needs a File per GPU"
 LOG_DIR=/var/log/slurm
 WAIT_S=${SLURM_CI_WAIT_S:-60}
 
 say() { echo "ci-cluster: $*" >&2; }
 fail() { say "$*"; exit 1; }
+
+# true when this script may replace file $1: absent, or written by this script
+ours() {
+    [ -e "$1" ] || [ -L "$1" ] || return 0
+    [ -f "$1" ] && [ ! -L "$1" ] || return 1
+    local first
+    first=$(head -n 1 "$1")
+    [ "$first" = "$MARKER" ] || { [ "${1##*/}" = gres.conf ] && [[ "$first" == "$LEGACY_GRES"* ]]; }
+}
+
+# refuse to configure, start or stop anything on a machine with its own SLURM configuration
+guard() {
+    local f
+    for f in "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"; do
+        ours "$f" || fail "$f was not written by this script: this machine has its own SLURM \
+configuration, which this script never replaces (nor stops its daemons or jobs). Use that \
+SLURM as it is, or move $f away by hand if it is a leftover"
+    done
+}
 
 install() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
@@ -44,7 +71,7 @@ configure() {
     node_line=$(sed -e "s/RealMemory=[0-9]*/RealMemory=$real/" -e 's/UpTime=.*//' <<<"$node_line")
     mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
     cat >"$CONF_DIR/slurm.conf" <<CONF
-# written by deploy/slurm/ci-cluster.sh
+$MARKER
 ClusterName=voxelmill-ci
 SlurmctldHost=$host
 SlurmUser=root
@@ -74,6 +101,7 @@ $node_line Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
     cat >"$CONF_DIR/gres.conf" <<CONF
+$MARKER
 # two fake GPUs: slurm needs a File per GPU, it never opens them for task/none
 NodeName=$host Name=gpu File=/dev/null
 NodeName=$host Name=gpu File=/dev/zero
@@ -86,6 +114,7 @@ running() { pgrep -x "$1" >/dev/null; }
 node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n 1; }
 
 start() {
+    guard
     install
     if running slurmctld && running slurmd && [ "$(node_state)" = idle ]; then
         say "already running, node idle"
@@ -122,6 +151,7 @@ daemon_pid() {
 }
 
 stop() {
+    guard
     if command -v scancel >/dev/null && running slurmctld; then
         # cancel every job first, so no dask worker outlives its job
         scancel --user=root 2>/dev/null || true

@@ -27,6 +27,7 @@ the same markers, inside the same mask, over one channel as the landscape.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from engine.cutter.common import (
 from engine.cutter.crops import crop_box, network_inputs, read_channels, read_mask
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.budget import check_output_size
 from engine.io.sources import file_identity, zarr_source
 from engine.labels import label_values
 from engine.learn.normalize import ChannelStats
@@ -161,6 +163,10 @@ def plan_cutter_prediction(src: str | Path, options: CutterPredictOptions) -> Cu
     for dst in (image.source / "labels" / options.name,
                 image.source / "labels" / f"{options.name}_borders"):
         check_destination(dst, options.overwrite)
+    # two uint32 label images (cells, borders), each with a pyramid (at most 1/3 more in 2D)
+    check_output_size(image.source / "labels" / options.name,
+                      math.prod(image.shape) * 4 * 2 * 4 // 3,
+                      f"--markers {options.markers} ({'×'.join(map(str, image.shape))})")
     identity = {"op": "cutter-predict", "version": __version__,
                 "input": file_identity(Path(image.level0) / "zarr.json")
                 if (Path(image.level0) / "zarr.json").exists() else image.level0,

@@ -8,22 +8,31 @@ pieces (an HDF5 chunk, a gzip NIfTI slab) check here, before the allocation, tha
 * a deflate (gzip, zip) stream of ``n`` bytes can hold what it declares: deflate expands
   at most :data:`DEFLATE_MAX_RATIO` times, so more declared bytes is a lie, and
 * what is held in memory at once fits the memory budget (:func:`memory_budget`).
+
+Outputs are checked the same way before a command writes anything: an output whose size
+an option (or the input) sets must fit the free disk of its destination
+(:func:`check_output_size`), and what a plan holds whole in memory (a shard's buffer, a
+PartSeg project, a patch) the memory budget (:func:`check_held`); each refusal names the
+option and the number.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from engine.errors import InputError
+from engine.errors import InputError, OptionError
 
 #: deflate's largest expansion (a 258-byte match per ~2 bits): 1032:1
 DEFLATE_MAX_RATIO = 1032
 #: environment variable that sets the budget in MiB (default: half the available memory)
 BUDGET_ENV = "VOXELMILL_READ_BUDGET_MIB"
+#: environment variable that sets the free disk in MiB (default: what the file system says)
+DISK_ENV = "VOXELMILL_FREE_DISK_MIB"
 
 
 def memory_budget() -> int:
@@ -74,3 +83,41 @@ def check_deflate(path: str | Path, shape: Sequence[int], dtype: np.dtype,
             f"{compressed}-byte compressed stream can hold at most "
             f"{compressed * DEFLATE_MAX_RATIO:.3g} (deflate expands at most "
             f"{DEFLATE_MAX_RATIO}:1): the header is wrong or the file truncated")
+
+
+def free_disk(dst: str | Path) -> int:
+    """Bytes free on the file system that will hold ``dst`` (its nearest existing folder),
+    or ``VOXELMILL_FREE_DISK_MIB``."""
+    if os.environ.get(DISK_ENV):
+        return int(float(os.environ[DISK_ENV]) * 2**20)
+    where = Path(dst).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def check_output_size(dst: str | Path, nbytes: int, option: str, *,
+                      copies: bool = False) -> None:
+    """Refuse a plan whose output ``dst`` (about ``nbytes``, uncompressed: an upper bound
+    for most images; ``copies``: the exact size of files copied) cannot fit the free disk,
+    before anything is written.
+
+    ``option`` names what sizes the output, e.g. ``"--scale 1000"`` or
+    ``"--size 160 × 12 patches"``.
+    """
+    free = free_disk(dst)
+    if nbytes > free:
+        raise OptionError(f"{option}: the output {dst} would hold about {nbytes:.3g} bytes"
+                          f"{'' if copies else ' (uncompressed)'}, more than the {free:.3g} "
+                          "bytes free on its file system"
+                          f"{f' ({DISK_ENV})' if os.environ.get(DISK_ENV) else ''}")
+
+
+def check_held(nbytes: int, option: str, what: str) -> None:
+    """Refuse a plan that holds ``nbytes`` in one process's memory at once (``what``: why,
+    e.g. ``"a shard is written from one buffer"``) above :func:`memory_budget`."""
+    budget = memory_budget()
+    if nbytes > budget:
+        raise OptionError(f"{option}: {what}, about {nbytes:.3g} bytes at once, more than "
+                          f"the memory budget of {budget:.3g} bytes (half the available "
+                          f"memory, or {BUDGET_ENV})")

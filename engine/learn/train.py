@@ -51,6 +51,7 @@ from scipy import ndimage
 
 from engine.cluster import gpu_workers
 from engine.errors import DestinationError, InputError, OptionError
+from engine.io.budget import check_held
 from engine.learn import ddp
 from engine.learn.augment import Augment
 from engine.learn.augment_device import apply as augment_on_device
@@ -217,6 +218,13 @@ def plan_training(config: TrainConfig, client: Any = None, resume: bool = False,
         UNet(**arch).check_input_shape(patch)
     except OptionError as exc:
         raise OptionError(f"data.patch_shape: {exc}") from None
+    # a batch's float32 inputs, targets, scores and the first level's features: a lower
+    # bound of what one training process holds at once
+    batch = config.train.batch_size
+    check_held(batch * math.prod(patch) * 4 * (int(first.image.shape[0]) + 2 * arch[
+        "out_channels"] + 2 * arch["features"][0]),
+        f"train.batch_size {batch} × data.patch_shape {list(patch)}",
+        "a training process holds a whole batch with its first layer's features")
     CropSampler(train, patch, config.data.foreground_fraction).check_foreground()
     warning = check_validation(val, split.val_foreground,
                                config.data.allow_empty_validation, client)

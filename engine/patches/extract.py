@@ -36,6 +36,7 @@ at the end, so a failure (non-binary labels included) leaves nothing behind.
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ import numpy as np
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.io import READ_SUFFIXES, detect_format, open_volume
+from engine.io.budget import check_held, check_output_size
 from engine.io.layouts import IMAGES_DIR, LABELS_DIR, PATCHES_MANIFEST
 from engine.io.sources import read_region
 from engine.names import safe_name
@@ -397,6 +399,13 @@ def plan_extraction(
                  tuple(int(v) for v in c), patch_start(c, size), size)  # type: ignore[arg-type]
         for i, c in enumerate(centres)
     ]
+    # each patch: a float32 image and a uint8 label file, held whole by one task while made
+    voxels = math.prod(size)
+    sized_by = f"--size {','.join(map(str, opts.size))}"
+    check_held(voxels * (4 + 1 + img.dtype.itemsize + lab.dtype.itemsize), sized_by,
+               f"one task holds a whole patch of {'×'.join(map(str, size))} voxels")
+    check_output_size(dst, len(jobs) * voxels * (4 + 1),
+                      f"{sized_by} × {len(jobs)} patch{'es' if len(jobs) != 1 else ''}")
     return ExtractPlan(img, lab, jobs, dst, opts, str(coords) if where != "centres" else "",
                        patch_suffix(opts.fmt), notes)
 

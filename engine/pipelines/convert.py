@@ -222,12 +222,34 @@ def plan_conversion(src: str | Path, dst: str | Path, options: ConvertOptions) -
     image = multiscale(volume, partial, src.name, "mean")
     labels = {n: multiscale(lab, partial / "labels" / n, n, "mode")
               for n, lab in volume.labels.items()}
+    _check_budgets(src, dst, options, [image, *labels.values()])
     identity = {"op": "convert", "version": __version__, "input": file_identity(src),
                 "labels": [file_identity(p) for _, p in options.labels],
                 "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
                 "chunks": image.chunks, "shape": volume.shape, "dtype": str(volume.dtype)}
     state = RunState(partial / ".voxelmill", stable_hash(identity), identity)
     return ConvertPlan(src, dst, options, image, labels, state)
+
+
+def _check_budgets(src: Path, dst: Path, options: ConvertOptions,
+                   groups: Sequence[Multiscale]) -> None:
+    """Refuse, before anything is written, a store that cannot fit the free disk (every
+    level of every group, uncompressed) and a write unit one task cannot hold: a task
+    writes at least one whole shard (else chunk), from one buffer."""
+    from engine.io.budget import check_held, check_output_size, declared_bytes
+
+    for ms in groups:
+        unit = tuple(min(u, s) for u, s in zip(ms.write_unit, ms.volume.shape, strict=True))
+        which = (f"--shards {','.join(map(str, options.shards))}" if ms.shards else
+                 f"--chunks {','.join(map(str, ms.chunks))}")
+        check_held(declared_bytes(unit, ms.volume.dtype), which,
+                   f"one task of {ms.name} holds a whole {'shard' if ms.shards else 'chunk'} "
+                   f"of {'×'.join(map(str, unit))} {np.dtype(ms.volume.dtype).name}")
+    total = sum(declared_bytes(lv.shape, ms.volume.dtype) for ms in groups for lv in ms.levels)
+    shape = groups[0].volume.shape
+    check_output_size(dst, total, f"{src.name} ({'×'.join(map(str, shape))} "
+                                  f"{np.dtype(groups[0].volume.dtype).name}, "
+                                  f"{len(groups[0].levels)} levels)")
 
 
 def _create(ms: Multiscale, opts: ConvertOptions) -> None:

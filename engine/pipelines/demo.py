@@ -22,6 +22,20 @@ SLIDE_PIXEL_UM = 0.325  # µm, a 20× objective on a common camera
 LOWLIGHT = "DAPI_lowlight"
 
 
+def check_demo_size(out: Path, size: int) -> None:
+    """Refuse a ``--size`` whose phantoms this machine cannot hold or ``out`` cannot store,
+    before the cluster starts: the phantoms are generated whole in memory (a float32
+    tomogram of ``2/3·size × size × size`` with its float64 work arrays and labels, a
+    4-channel slide), and every stage writes about six copies of them."""
+    from engine.io.budget import check_held, check_output_size
+
+    tomo = max(32, size * 2 // 3) * size * size
+    slide = (4 * size // 3 * 2) * (5 * size // 3 * 2)
+    check_held(tomo * 24 + slide * 4 * 8, f"--size {size}",
+               "the demo generates its phantoms whole in memory")
+    check_output_size(out, (tomo * 6 + slide * 4 * 4) * 6, f"--size {size}")
+
+
 def write_phantoms(out: Path, size: int) -> dict[str, Path]:
     """Generate the phantom tomogram (MRC) and slide (OME-TIFF) with ground truth."""
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.errors import InputError, OptionError
 from engine.io import detect_format, iter_slabs, omezarr, slab_bounds, writer_for
+from engine.io.budget import check_held, check_output_size, declared_bytes
 from engine.output import check_destination, commit, partial_path
 from engine.progress import Progress, SilentProgress
 from engine.volume import Volume
@@ -191,8 +192,11 @@ def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | Non
             raise OptionError(f"--label {label!r}: {src} has label images "
                               f"{omezarr.label_names(src) or 'none'}")
         group = src / "labels" / label if label else src
-        return ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer,
+        plan = ExportPlan(select(omezarr.read(group, level=level), roi, channel), dst, writer,
                           allow_lossy=allow_lossy)
+        check_output_size(dst, declared_bytes(plan.volume.shape, plan.conversion.stored),
+                          _sized_by(level, roi, channel))
+        return plan
     if not label:
         raise OptionError(f"{dst}: a PartSeg project needs its ROI: give --label NAME")
     image = select(omezarr.read(src, level=level), roi, channel)
@@ -214,7 +218,18 @@ def plan_export(src: str | Path, dst: str | Path, level: int = 0, roi: str | Non
     algorithm = {"algorithm_name": "voxelmill", "values": {
         "source": str(src.resolve()), "level": level, "roi": roi, "channel": channel,
         "label": label, "mask": mask, "alternative": dict(alternative)}}
+    # PartSeg holds a project in memory: the region is gathered here whole, then written
+    held = sum(declared_bytes(v.shape, v.dtype) for v in (image, *labels.values()))
+    check_held(held, _sized_by(level, roi, channel),
+               f"a PartSeg project is gathered whole on this machine ({dst})")
+    check_output_size(dst, held, _sized_by(level, roi, channel))
     return ExportPlan(image, dst, None, labels, algorithm)
+
+
+def _sized_by(level: int, roi: str | None, channel: int | None) -> str:
+    """The options that choose the exported region, as the user gave them."""
+    return " ".join([f"--level {level}", *([f"--roi {roi}"] if roi else []),
+                     *([f"--channel {channel}"] if channel is not None else [])])
 
 
 def _run_partseg(plan: ExportPlan, tmp: Path, client: Any) -> None:

@@ -60,5 +60,6 @@ def describe(path: str | Path, axes: str | None = None) -> dict[str, Any]:
 
 
 #: how voxelmill treats NaN and ±inf in a float image (``info`` says so)
-NON_FINITE_NOTE = ("NaN voxels are ignored by statistics (normalization, thresholds, "
-                   "histograms); NaN and ±inf by display windows")
+NON_FINITE_NOTE = ("NaN and ±inf voxels are ignored (not counted) by statistics "
+                   "(histograms, percentiles, moments, thresholds, normalization) and by "
+                   "display windows")

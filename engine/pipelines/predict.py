@@ -30,6 +30,7 @@ image, the options and the layout).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from engine import __version__, events
 from engine.blocks import BlockGrid, every_axis, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.budget import check_held, check_output_size
 from engine.io.sources import file_identity, zarr_source
 from engine.learn.normalize import ChannelStats, Normalization, compute_stats
 from engine.output import (
@@ -246,10 +248,11 @@ def plan_prediction(src: str | Path, options: PredictOptions) -> PredictPlan:
         block = tuple(max(b, c * -(-4 * t // c)) for b, c, t in
                       zip(default_block(chunks, shape), chunks, grid.tile, strict=True))
     block = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
-    check_destination(src / "labels" / options.name, options.overwrite)
-    check_destination(src / "predictions" / options.name, options.overwrite)
     levels = plan_levels(shape, axes, tuple(volume.voxel_size), chunks,
                          max_levels=len(ms["datasets"]))
+    _check_budgets(src, options, levels, block, len(channels), int(meta["arch"]["out_channels"]))
+    check_destination(src / "labels" / options.name, options.overwrite)
+    check_destination(src / "predictions" / options.name, options.overwrite)
     identity = {"op": "predict", "version": __version__, "input": file_identity(
         Path(level0) / "zarr.json") if (Path(level0) / "zarr.json").exists() else level0,
         "model": file_identity(rdf_file(options.model) if Path(options.model).is_dir()
@@ -295,6 +298,20 @@ def _output_names(meta: dict[str, Any], k: int, name: str) -> list[str]:
 
 def _grid_tiles(plan: PredictPlan) -> int:
     return int(np.prod([len(s) for s in plan.grid.starts()]))
+
+
+def _check_budgets(src: Path, options: PredictOptions, levels: Sequence[Level],
+                   block: Sequence[int], n_in: int, k: int) -> None:
+    """Refuse outputs that cannot fit the free disk (``k`` probability channels of
+    ``--probabilities`` and uint8 labels, every level; uint32 instances beside them) and a
+    block a worker cannot hold (its float32 inputs, scores and blending weights)."""
+    voxels = sum(math.prod(lv.shape) for lv in levels)
+    per_voxel = k * np.dtype(options.probabilities).itemsize + 1 + 8 * options.instances
+    check_output_size(src / "predictions" / options.name, voxels * per_voxel,
+                      f"--probabilities {options.probabilities} × {k} model output"
+                      f"{'s' if k != 1 else ''}{' --instances' if options.instances else ''}")
+    check_held(math.prod(block) * (n_in + k + 1) * 4, f"--block {','.join(map(str, block))}",
+               "a worker holds a whole block's float32 inputs, scores and weights")
 
 
 def _create_outputs(plan: PredictPlan, group: Path, name: str, axes: str, chunks: tuple[int, ...],

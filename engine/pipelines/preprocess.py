@@ -31,10 +31,10 @@ from engine import __version__
 from engine.blocks import Region, check_block, default_block, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.budget import check_output_size
 from engine.io.sources import file_identity
 from engine.output import (
     check_destination,
-    check_disk_space,
     check_output_name,
     output_run,
     partial_path,
@@ -354,7 +354,7 @@ def plan_preprocess(src: str | Path, dst: str | Path, options: PreprocessOptions
                     f"{options.target_width:g}")
     else:
         sized_by = f"{src} (not rescaled)"
-    check_disk_space(dst, int(voxels * 4 * 4 / 3) + len(labels) * math.prod(out_shape) * 8,
+    check_output_size(dst, int(voxels * 4 * 4 / 3) + len(labels) * math.prod(out_shape) * 8,
                      sized_by)
     axes = ("c" if has_c else "") + spatial
     n_levels = len(attrs["multiscales"][0]["datasets"])

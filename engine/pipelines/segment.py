@@ -8,6 +8,7 @@ is the name added to ``labels/``'s list, so an interrupted run leaves the image 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from engine import __version__
 from engine.blocks import check_block, default_block, stable_hash
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.budget import check_output_size
 from engine.io.sources import file_identity
 from engine.labels import LabelResult, label_values
 from engine.output import (
@@ -125,12 +127,20 @@ def plan_segmentation(src: str | Path, options: SegmentOptions) -> SegmentPlan:
     block = tuple(options.block) if options.block else default_block(chunks, shape)
     check_block(block, chunks, shape)
     block = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
-    check_destination(src / "labels" / name, options.overwrite)
-    if options.keep:
-        check_destination(src / "intermediates" / name, options.overwrite)
     scale = tuple(volume.voxel_size)
     levels = plan_levels(shape, axes, scale, chunks,
                          max_levels=len(attrs["multiscales"][0]["datasets"]))
+    # the work folder holds a store per step (float32 at most), then the labels (uint64 at
+    # most) and each --keep step's float32 image are written with their levels
+    voxels, pyramid = math.prod(shape), sum(math.prod(lv.shape) for lv in levels)
+    n = len(workflow.steps)
+    check_output_size(src / "labels" / name,
+                      voxels * 4 * n + pyramid * (8 + 4 * len(options.keep)),
+                      f"--workflow {workflow.name} ({n} step{'s' if n != 1 else ''}"
+                      f"{', --keep ' + ','.join(options.keep) if options.keep else ''})")
+    check_destination(src / "labels" / name, options.overwrite)
+    if options.keep:
+        check_destination(src / "intermediates" / name, options.overwrite)
     image = Stored(level0_path, shape, chunks, np.dtype(level0.dtype), prefix)
     # what the finished blocks depend on: a different image, workflow or layout starts afresh
     identity = {"op": "segment", "version": __version__,

@@ -248,7 +248,7 @@ class Moments(BlockReduce):
                 float(((f - s / f.size) ** 2).sum()))
 
     def partial(self, crop: Region, *images: np.ndarray) -> Any:
-        v = images[0][crop].ravel()
+        v = stats.finite_values(images[0][crop].ravel())  # NaN and ±inf are not counted
         lo, hi, closed = self.window
         inside = (v >= lo) & (v <= hi) if closed else (v > lo) & (v < hi)
         return self._summary(v), self._summary(v[inside])

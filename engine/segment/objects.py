@@ -26,6 +26,11 @@ FLOAT_BINS = 256
 """Bins of a float object's histogram over its own [min, max] (scikit-image's Otsu)."""
 
 
+def finite(v: np.ndarray) -> np.ndarray | bool:
+    """Where ``v`` is finite (float data), else True everywhere."""
+    return np.isfinite(v) if v.dtype.kind == "f" else True
+
+
 def histogram_bits(dtype: np.dtype, widest: int) -> int:
     """Bits of the bin part of a histogram key: 8 for 256 float bins, else enough for the
     widest integer object's ``max - min + 1`` values."""
@@ -52,7 +57,7 @@ class ObjectExtrema(BlockReduce):
     def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Table:
         lab = objects[crop].ravel()
         val = image[crop].ravel()
-        inside = lab != 0
+        inside = (lab != 0) & finite(val)  # NaN and ±inf are not counted
         lab, val = lab[inside].astype(np.uint64), val[inside]
         if lab.size == 0:
             return np.zeros(0, np.uint64), np.zeros(0, val.dtype), np.zeros(0, val.dtype)
@@ -100,8 +105,9 @@ class ObjectHistograms(BlockReduce):
 
     def partial(self, crop: Region, image: np.ndarray, objects: np.ndarray) -> Table:
         lab = objects[crop].ravel()
-        inside = lab != 0
-        lab, val = lab[inside].astype(np.uint64), image[crop].ravel()[inside]
+        val = image[crop].ravel()
+        inside = (lab != 0) & finite(val)  # as ObjectExtrema: NaN and ±inf not counted
+        lab, val = lab[inside].astype(np.uint64), val[inside]
         if lab.size == 0:
             return np.zeros(0, np.uint64), np.zeros(0, np.int64)
         # one sort groups each object's voxels: O(voxels log voxels), not objects × voxels
