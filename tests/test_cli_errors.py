@@ -36,8 +36,6 @@ from engine.pipelines.convert import ConvertOptions, convert, plan_conversion
 from tests.conftest import run_cli, write_mrc
 
 SHAPE = (20, 30, 25)
-#: generous: an error costs interpreter start-up and imports only, never a cluster start.
-FAST_S = 30.0
 PAST = time.time() - 3600
 
 
@@ -283,12 +281,11 @@ def run_all(runs: dict[str, tuple[tuple[str, ...], Path, Path]],
         return dict(zip(runs, pool.map(one, runs), strict=True))
 
 
-def assert_refused(o: Outcome, names: tuple[str, ...], cluster: bool = False,
-                   timed: bool = True) -> str:
+def assert_refused(o: Outcome, names: tuple[str, ...], cluster: bool = False) -> str:
     """Exit 2 with one ``error:`` line naming each of ``names``, no traceback, nothing on
-    stdout, no cluster started (unless ``cluster``: refused by the run), quickly (unless not
-    ``timed``: a plan that loads a model imports torch), and the watched folder unchanged;
-    the line."""
+    stdout, no cluster started (unless ``cluster``: refused by the run), and the watched
+    folder unchanged; the line. (Not timed: "before a cluster starts" is checked by what
+    the command printed, which does not depend on the machine's load.)"""
     res = o.result
     everything = res.stdout + res.stderr
     assert "Traceback" not in everything, everything
@@ -303,8 +300,6 @@ def assert_refused(o: Outcome, names: tuple[str, ...], cluster: bool = False,
     if not cluster:
         assert res.stdout.strip() == "", res.stdout
         assert "local cluster" not in everything and "dashboard" not in everything, everything
-    if not cluster and timed:  # refused before a cluster starts: start-up and imports only
-        assert o.seconds < FAST_S, f"a user error took {o.seconds:.1f} s"
     # a refused run took (and dropped) its lock: folders' times change, not what they hold
     before, after = ({k: ("dir",) if v[0] == "dir" else v for k, v in s.items()}
                      if cluster else s for s in (o.before, o.after))

@@ -42,8 +42,6 @@ from tests.test_cli_errors import Outcome, age, assert_refused, run_all, snapsho
 pytestmark = pytest.mark.timeout(1500)
 
 SHAPE = (16, 16, 16)
-#: an option error costs interpreter start-up and imports only, never a cluster start
-FAST_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,6 @@ class Case:
     prepare: str | None = None  # a key of PREPARE: extra files this case needs
     cluster: bool = False  # refused by the run (after the cluster started), not the plan
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables of the run
-    slow_plan: bool = False  # the plan loads a model (imports torch): not timed
     in_process: bool = False  # refused while parsing: run through the CLI's main() here
 
 
@@ -257,9 +254,9 @@ CASES.update({
     "out-extract-memory": Case(OUTPUT, (*BASE["patches extract"], "--size", "64"),
                                ("--size 64", "whole patch", "memory budget"), env=HELD),
     "out-predict-disk": Case(OUTPUT, GOOD_PREDICT, ("--probabilities uint8 × 2 model outputs",
-                                                    "bytes free"), env=DISK, slow_plan=True),
+                                                    "bytes free"), env=DISK),
     "out-predict-block": Case(OUTPUT, GOOD_PREDICT, ("--block 16,16,16", "memory budget"),
-                              env=HELD, slow_plan=True),
+                              env=HELD),
     "out-instances": Case(OUTPUT, BASE["instances"], ("--predictions pred", "bytes free"),
                           env=DISK),
     "out-segment": Case(OUTPUT, (*BASE["segment"], "--keep", "smooth"),
@@ -605,12 +602,12 @@ def run_in_process(args: tuple[str, ...], cwd: Path, root: Path, env: dict[str, 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile(outcomes: dict[str, Outcome], name: str) -> None:
     case = CASES[name]
-    assert_refused(outcomes[name], case.names, case.cluster, timed=not case.slow_plan)
+    assert_refused(outcomes[name], case.names, case.cluster)
 
 
 def _passes(o: Outcome, case: Case) -> bool:
     try:
-        assert_refused(o, case.names, case.cluster, timed=not case.slow_plan)
+        assert_refused(o, case.names, case.cluster)
     except AssertionError:
         return False
     return True
