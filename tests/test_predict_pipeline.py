@@ -146,7 +146,9 @@ def test_two_gpu_workers_share_the_blocks(column, tmp_path):
 
     logs = tmp_path / "logs"
     logs.mkdir()
-    opts = dict(block=(16, 32, 32), probabilities="float16", norm="checkpoint")
+    # tiles without overlap: the column's blocks are independent (with straddling tiles
+    # they form a chain, each waiting for the one below, and one worker may take them all)
+    opts = dict(block=(16, 32, 32), probabilities="float16", norm="checkpoint", overlap=0.0)
     with dask_processes(logs, [["--resources", "GPU=1"], ["--resources", "GPU=1"]]) as address, \
             Client(address) as c:
         res = predict(column["src"], PredictOptions(column["ckpt"], "two", **opts), c,
