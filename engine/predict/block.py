@@ -282,14 +282,16 @@ class _BlockPyramid:
                        if probability_levels_here(device, finishing.probabilities) else None
                        for sh in shapes]
         self.labels = [torch.empty(sh, dtype=torch.uint8, device=device) for sh in shapes]
-        self.done = [0] * len(shapes)
+        # planes of each level computed, and handed on (whole chunk rows but the last)
+        self.made = [0] * len(shapes)
+        self.sent = [0] * len(shapes)
 
     def add(self, planes: slice, stored: torch.Tensor, labels: torch.Tensor) -> None:
         """Level-0 planes ``planes`` (block coordinates) are finished."""
         if self.stored[0] is not None:
             self.stored[0][:, planes] = stored
         self.labels[0][planes] = labels
-        self.done[0] = planes.stop
+        self.made[0] = self.sent[0] = planes.stop
 
     def _down(self, level: int, planes: slice) -> tuple[torch.Tensor | None, torch.Tensor]:
         f = self.factors[level - 1]
@@ -310,22 +312,31 @@ class _BlockPyramid:
         return down_s, torch.from_numpy(mode_np(labels.numpy(), f))
 
     def advance(self, finished: bool) -> list[tuple[int, int, Any, torch.Tensor]]:
-        """The level rows that can be made now: ``(level, first plane, probabilities or
-        None, labels)``; with ``finished`` (every level-0 plane done) all the rest."""
+        """The level rows that can be sent now: ``(level, first plane, probabilities or
+        None, labels)``; with ``finished`` (every level-0 plane done) all the rest.
+
+        Each level is computed as far as the finished planes below it allow (whole windows),
+        so that after the last level-0 row only its own share of each level is left to do;
+        it is sent in whole chunk rows.
+        """
         out = []
         for level in range(1, len(self.labels)):
             total = self.labels[level].shape[0]
-            f = self.factors[level - 1][0]
-            ready = total if finished else self.done[level - 1] // f // self.unit * self.unit
-            if ready <= self.done[level]:
+            can = total if finished else self.made[level - 1] // self.factors[level - 1][0]
+            if can > self.made[level]:
+                planes = slice(self.made[level], can)
+                stored, labels = self._down(level, planes)
+                if self.stored[level] is not None and stored is not None:
+                    self.stored[level][:, planes] = stored
+                self.labels[level][planes] = labels
+                self.made[level] = can
+            ready = total if finished else self.made[level] // self.unit * self.unit
+            if ready <= self.sent[level]:
                 continue
-            planes = slice(self.done[level], ready)
-            stored, labels = self._down(level, planes)
-            if self.stored[level] is not None and stored is not None:
-                self.stored[level][:, planes] = stored
-            self.labels[level][planes] = labels
-            self.done[level] = ready
-            out.append((level, planes.start, stored, labels))
+            rows = slice(self.sent[level], ready)
+            stored_rows = None if self.stored[level] is None else self.stored[level][:, rows]
+            out.append((level, rows.start, stored_rows, self.labels[level][rows]))
+            self.sent[level] = ready
         return out
 
 
