@@ -25,6 +25,7 @@ the later blocks they fall in.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -272,6 +273,8 @@ class _BlockPyramid:
     def __init__(self, shape: Sequence[int], channels: int, finishing: Finishing,
                  levels: Sequence[Sequence[int]], unit: int, device: torch.device) -> None:
         self.unit, self.cuda = unit, device.type == "cuda"
+        # the label values: a class index, or foreground 0/1
+        self.classes = channels if finishing.kind == "classes" else 2
         self.factors = [tuple(f) for f in levels]
         self.factor = [(1,) * len(shape)]
         shapes = [tuple(shape)]
@@ -294,22 +297,26 @@ class _BlockPyramid:
         self.made[0] = self.sent[0] = planes.stop
 
     def _down(self, level: int, planes: slice) -> tuple[torch.Tensor | None, torch.Tensor]:
+        from engine.predict.downsample import downsample_mean, downsample_mode
+
         f = self.factors[level - 1]
         src = slice(planes.start * f[0], min(planes.stop * f[0],
                                              self.labels[level - 1].shape[0]))
         stored = self.stored[level - 1]
         labels = self.labels[level - 1][src]
+        # counting each class beats comparing every pair of a window's members while the
+        # classes are fewer than the window's voxels (on the CPU too, where it is torch's)
+        few = self.classes <= math.prod(f)
         if self.cuda:
-            from engine.predict.downsample import downsample_mean, downsample_mode
-
             down_s = None if stored is None else downsample_mean(stored[:, src], (1, *f))
-            return down_s, downsample_mode(labels, f)
+            return down_s, downsample_mode(labels, f, self.classes if few else None)
         from engine.pyramid import downsample_mean as mean_np
         from engine.pyramid import downsample_mode as mode_np
 
         down_s = None if stored is None else torch.from_numpy(
             mean_np(stored[:, src].numpy(), (1, *f)))
-        return down_s, torch.from_numpy(mode_np(labels.numpy(), f))
+        return down_s, (downsample_mode(labels, f, self.classes) if few
+                        else torch.from_numpy(mode_np(labels.numpy(), f)))
 
     def advance(self, finished: bool) -> list[tuple[int, int, Any, torch.Tensor]]:
         """The level rows that can be sent now: ``(level, first plane, probabilities or
