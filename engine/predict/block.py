@@ -29,6 +29,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -46,6 +47,8 @@ from engine.predict.tiling import TileGrid
 PREFETCH = 3
 #: finished slabs written at the same time
 WRITERS = 3
+#: batches queued on the device while the loop blends an earlier one (see :func:`_loop`)
+QUEUED = 2
 
 
 @dataclass(frozen=True)
@@ -604,29 +607,34 @@ def _loop(predictor: TilePredictor, tiles: list[tuple[int, ...]], grid: TileGrid
           inner: Region, region: Region, unit: int, fill: Callable[[int], None],
           image: torch.Tensor, blend: Callable[[list[tuple[int, ...]], torch.Tensor], None],
           finish: Callable[[int], None], finished_upto: Callable[[], int]) -> None:
-    """The batches of :func:`_stream`: fill the input, cut the tiles, run batch i on the
-    device while batch i-1 is blended, finish chunk rows nothing later reaches."""
+    """The batches of :func:`_stream`: fill the input, cut the tiles, keep :data:`QUEUED`
+    batches queued on the device while an earlier one is blended, finish chunk rows
+    nothing later reaches.
+
+    With one batch queued the device would wait whenever blending a batch and finishing a
+    chunk row take longer than the next batch's forward pass; a second one queued covers
+    such bursts as long as the loop keeps up on average.
+    """
     with torch.inference_mode():
-        pending: tuple[list[tuple[int, ...]], Any] | None = None
+        pending: deque[tuple[list[tuple[int, ...]], Any]] = deque()
         n = 0
-        while pending is not None or n < len(tiles):
-            launched = None
-            if n < len(tiles):
+        while pending or n < len(tiles):
+            while n < len(tiles) and len(pending) <= QUEUED:  # and the one to blend
                 batch = tiles[n:n + predictor.batch]
                 fill(min(max(p[0] for p in batch) + grid.tile[0], inner[0].stop))
                 x = torch.stack([image[(slice(None), *(slice(s - b.start, s - b.start + t)
                                                        for s, b, t in zip(p, box, grid.tile,
                                                                           strict=True)))]
                                  for p in batch])
-                launched = (batch, predictor.submit(x))
+                pending.append((batch, predictor.submit(x)))
                 n += len(batch)
-            if pending is not None:
-                blend(pending[0], pending[1].result())
-                # planes below the next unblended tile get no more: finish whole chunk rows
-                final = launched[0][0][0] if launched is not None else region[0].stop
-                upto = region[0].stop if final >= region[0].stop else final // unit * unit
-                if upto > finished_upto():
-                    finish(upto)
-            pending = launched
+            batch, result = pending.popleft()
+            blend(batch, result.result())
+            # planes below the next unblended tile get no more: finish whole chunk rows
+            final = pending[0][0][0][0] if pending else \
+                tiles[n][0] if n < len(tiles) else region[0].stop
+            upto = region[0].stop if final >= region[0].stop else final // unit * unit
+            if upto > finished_upto():
+                finish(upto)
         if finished_upto() < region[0].stop:  # a block that owns no tile: only handed sums
             finish(region[0].stop)
