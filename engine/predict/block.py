@@ -493,23 +493,35 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
     off = torch.tensor(offset, dtype=torch.float32, device=dev).reshape(view)
     sc = torch.tensor(scale, dtype=torch.float32, device=dev).reshape(view)
     w = torch.from_numpy(np.ascontiguousarray(weights)).to(dev)
-    image = torch.zeros((channels, *bshape), dtype=torch.float32, device=dev)
-    sshape = tuple(r.stop - r.start for r in sums)
-    acc = torch.zeros((channels_out, *sshape), dtype=torch.float32, device=dev)
-    wsum = torch.zeros(sshape, dtype=torch.float32, device=dev)
+    # every voxel of the input buffer is filled from the volume, but beyond its edges
+    image = (torch.empty if box == inner else torch.zeros)(
+        (channels, *bshape), dtype=torch.float32, device=dev)
     own = tuple(slice(0, n) for n in shape[1:])  # the write region within the sums
-    if loading is not None:  # the lower neighbours' sums first, in their fixed order
-        t0 = time.perf_counter()
-        pieces, seconds = loading.result()
-        times.input_wait_s += time.perf_counter() - t0
-        times.handover_s += seconds
-        for where, data in pieces:
-            local = tuple(slice(p.start - s.start, p.stop - s.start)
-                          for p, s in zip(where, sums, strict=True))
-            d = torch.from_numpy(data).to(dev)
-            acc[(slice(None), *local)] += d[:-1]
-            wsum[local] += d[-1]
-        del pieces
+    made: list[torch.Tensor] = []
+
+    def accumulators() -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted sums and summed weights over ``sums``, made when the first batch
+        is blended (zeroing them then overlaps the device): zeros plus the lower
+        neighbours' sums, in their fixed order, before any tile."""
+        if made:
+            return made[0], made[1]
+        sshape = tuple(r.stop - r.start for r in sums)
+        acc = torch.zeros((channels_out, *sshape), dtype=torch.float32, device=dev)
+        wsum = torch.zeros(sshape, dtype=torch.float32, device=dev)
+        if loading is not None:
+            t0 = time.perf_counter()
+            pieces, seconds = loading.result()
+            times.input_wait_s += time.perf_counter() - t0
+            times.handover_s += seconds
+            for where, data in pieces:
+                local = tuple(slice(p.start - s.start, p.stop - s.start)
+                              for p, s in zip(where, sums, strict=True))
+                d = torch.from_numpy(data).to(dev)
+                acc[(slice(None), *local)] += d[:-1]
+                wsum[local] += d[-1]
+        made.extend((acc, wsum))
+        return acc, wsum
+
     # the block's outputs on every level it writes (level L from level L-1, a chunk row at
     # a time as soon as its planes are finished) and how many planes of each are done
     pyramid = _BlockPyramid(shape, channels_out, finishing, levels, unit, dev) \
@@ -542,6 +554,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
 
     def blend(batch: list[tuple[int, ...]], probs: torch.Tensor) -> None:
         """Add each tile's weighted probabilities inside the sums' box."""
+        acc, wsum = accumulators()
         for p, prob in zip(batch, probs, strict=True):
             tsl, rsl = [], []
             for s, k, g in zip(p, grid.kept(p), sums, strict=True):
@@ -568,6 +581,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         """Hand the planes of the write region below ``upto`` to the writer."""
         nonlocal done
         sl = slice(done - region[0].start, upto - region[0].start)
+        acc, wsum = accumulators()
         stored, labels = finishing(acc[(slice(None), sl, *own)] / wsum[(sl, *own)])
         send(0, (slice(done, upto), *region[1:]), stored, labels)
         done = upto
@@ -600,7 +614,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         job.result()  # raises what the levels thread met
     times.model_s = predictor.timer.total() - model_before
     times.notes = list(predictor.notes)
-    return acc, wsum
+    return accumulators()
 
 
 def _loop(predictor: TilePredictor, tiles: list[tuple[int, ...]], grid: TileGrid, box: Region,
