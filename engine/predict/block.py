@@ -264,13 +264,15 @@ def probability_levels_here(device: torch.device, probabilities: str) -> bool:
 class _BlockPyramid:
     """A block's pyramid levels, built while its chunk rows are finished.
 
-    Level ``L`` of the block is kept whole (``1/8^L`` of the block); a level-``L`` chunk row
-    is downsampled from level ``L-1`` once the planes under it are finished, so the levels
-    are written while the network still runs and only the last rows remain at the end.
-    Downsampling windows never straddle two rows (rows are multiples of the factors), so
-    the result equals downsampling the whole block: on a GPU by
-    :mod:`engine.predict.downsample` (uint8 probabilities and labels; float16 probabilities
-    come as None, their exact rounding is the host's), on the CPU by :mod:`engine.pyramid`.
+    Level ``L`` of the block is kept whole (``1/8^L`` of the block); its planes are
+    downsampled from level ``L-1`` as soon as the planes under them are finished, and sent
+    in whole chunk rows, so the levels are written while the network still runs and only
+    the last row's share remains at the end. Downsampling windows never straddle two rows
+    (rows are multiples of the factors), so the result equals downsampling the whole
+    block: on a GPU by :mod:`engine.predict.downsample` (uint8 probabilities and labels;
+    float16 probabilities come as None, their exact rounding is the host's), on the CPU by
+    :mod:`engine.pyramid` (probabilities) and :mod:`engine.predict.downsample` (labels, by
+    per-class counts while the classes are fewer than a window's voxels).
     """
 
     def __init__(self, shape: Sequence[int], channels: int, finishing: Finishing,
@@ -603,7 +605,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
             send(level, where, stored, labels)
 
     # tiles in the grid's order (first axis slowest), in batches across tile rows (every
-    # batch but the last is full); the device runs batch i while batch i-1 is blended
+    # batch but the last is full); the device runs batches i and i+1 while i-1 is blended
     try:
         _loop(predictor, tiles, grid, box, inner, region, unit, fill, image, blend, finish,
               lambda: done)
