@@ -32,8 +32,9 @@ def test_mean_equals_numpy(shape, factors, dtype):
     ((33, 17), (2, 2)),
 ])
 @pytest.mark.parametrize("values", [2, 3, 50])
-def test_mode_equals_numpy_ties_included(shape, factors, values):
+@pytest.mark.parametrize("known", [False, True])  # the value range given as ``classes``
+def test_mode_equals_numpy_ties_included(shape, factors, values, known):
     rng = np.random.default_rng(values)
     data = rng.integers(0, values, shape).astype(np.uint8)
-    np.testing.assert_array_equal(downsample_mode(torch.from_numpy(data), factors).numpy(),
-                                  np_mode(data, factors))
+    got = downsample_mode(torch.from_numpy(data), factors, values if known else None)
+    np.testing.assert_array_equal(got.numpy(), np_mode(data, factors))

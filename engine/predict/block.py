@@ -25,9 +25,11 @@ the later blocks they fall in.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -45,6 +47,8 @@ from engine.predict.tiling import TileGrid
 PREFETCH = 3
 #: finished slabs written at the same time
 WRITERS = 3
+#: batches queued on the device while the loop blends an earlier one (see :func:`_loop`)
+QUEUED = 2
 
 
 @dataclass(frozen=True)
@@ -260,18 +264,22 @@ def probability_levels_here(device: torch.device, probabilities: str) -> bool:
 class _BlockPyramid:
     """A block's pyramid levels, built while its chunk rows are finished.
 
-    Level ``L`` of the block is kept whole (``1/8^L`` of the block); a level-``L`` chunk row
-    is downsampled from level ``L-1`` once the planes under it are finished, so the levels
-    are written while the network still runs and only the last rows remain at the end.
-    Downsampling windows never straddle two rows (rows are multiples of the factors), so
-    the result equals downsampling the whole block: on a GPU by
-    :mod:`engine.predict.downsample` (uint8 probabilities and labels; float16 probabilities
-    come as None, their exact rounding is the host's), on the CPU by :mod:`engine.pyramid`.
+    Level ``L`` of the block is kept whole (``1/8^L`` of the block); its planes are
+    downsampled from level ``L-1`` as soon as the planes under them are finished, and sent
+    in whole chunk rows, so the levels are written while the network still runs and only
+    the last row's share remains at the end. Downsampling windows never straddle two rows
+    (rows are multiples of the factors), so the result equals downsampling the whole
+    block: on a GPU by :mod:`engine.predict.downsample` (uint8 probabilities and labels;
+    float16 probabilities come as None, their exact rounding is the host's), on the CPU by
+    :mod:`engine.pyramid` (probabilities) and :mod:`engine.predict.downsample` (labels, by
+    per-class counts while the classes are fewer than a window's voxels).
     """
 
     def __init__(self, shape: Sequence[int], channels: int, finishing: Finishing,
                  levels: Sequence[Sequence[int]], unit: int, device: torch.device) -> None:
         self.unit, self.cuda = unit, device.type == "cuda"
+        # the label values: a class index, or foreground 0/1
+        self.classes = channels if finishing.kind == "classes" else 2
         self.factors = [tuple(f) for f in levels]
         self.factor = [(1,) * len(shape)]
         shapes = [tuple(shape)]
@@ -282,50 +290,65 @@ class _BlockPyramid:
                        if probability_levels_here(device, finishing.probabilities) else None
                        for sh in shapes]
         self.labels = [torch.empty(sh, dtype=torch.uint8, device=device) for sh in shapes]
-        self.done = [0] * len(shapes)
+        # planes of each level computed, and handed on (whole chunk rows but the last)
+        self.made = [0] * len(shapes)
+        self.sent = [0] * len(shapes)
 
     def add(self, planes: slice, stored: torch.Tensor, labels: torch.Tensor) -> None:
         """Level-0 planes ``planes`` (block coordinates) are finished."""
         if self.stored[0] is not None:
             self.stored[0][:, planes] = stored
         self.labels[0][planes] = labels
-        self.done[0] = planes.stop
+        self.made[0] = self.sent[0] = planes.stop
 
     def _down(self, level: int, planes: slice) -> tuple[torch.Tensor | None, torch.Tensor]:
+        from engine.predict.downsample import downsample_mean, downsample_mode
+
         f = self.factors[level - 1]
         src = slice(planes.start * f[0], min(planes.stop * f[0],
                                              self.labels[level - 1].shape[0]))
         stored = self.stored[level - 1]
         labels = self.labels[level - 1][src]
+        # counting each class beats comparing every pair of a window's members while the
+        # classes are fewer than the window's voxels (on the CPU too, where it is torch's)
+        few = self.classes <= math.prod(f)
         if self.cuda:
-            from engine.predict.downsample import downsample_mean, downsample_mode
-
             down_s = None if stored is None else downsample_mean(stored[:, src], (1, *f))
-            return down_s, downsample_mode(labels, f)
+            return down_s, downsample_mode(labels, f, self.classes if few else None)
         from engine.pyramid import downsample_mean as mean_np
         from engine.pyramid import downsample_mode as mode_np
 
         down_s = None if stored is None else torch.from_numpy(
             mean_np(stored[:, src].numpy(), (1, *f)))
-        return down_s, torch.from_numpy(mode_np(labels.numpy(), f))
+        return down_s, (downsample_mode(labels, f, self.classes) if few
+                        else torch.from_numpy(mode_np(labels.numpy(), f)))
 
     def advance(self, finished: bool) -> list[tuple[int, int, Any, torch.Tensor]]:
-        """The level rows that can be made now: ``(level, first plane, probabilities or
-        None, labels)``; with ``finished`` (every level-0 plane done) all the rest."""
+        """The level rows that can be sent now: ``(level, first plane, probabilities or
+        None, labels)``; with ``finished`` (every level-0 plane done) all the rest.
+
+        Each level is computed as far as the finished planes below it allow (whole windows),
+        so that after the last level-0 row only its own share of each level is left to do;
+        it is sent in whole chunk rows.
+        """
         out = []
         for level in range(1, len(self.labels)):
             total = self.labels[level].shape[0]
-            f = self.factors[level - 1][0]
-            ready = total if finished else self.done[level - 1] // f // self.unit * self.unit
-            if ready <= self.done[level]:
+            can = total if finished else self.made[level - 1] // self.factors[level - 1][0]
+            if can > self.made[level]:
+                planes = slice(self.made[level], can)
+                stored, labels = self._down(level, planes)
+                if self.stored[level] is not None and stored is not None:
+                    self.stored[level][:, planes] = stored
+                self.labels[level][planes] = labels
+                self.made[level] = can
+            ready = total if finished else self.made[level] // self.unit * self.unit
+            if ready <= self.sent[level]:
                 continue
-            planes = slice(self.done[level], ready)
-            stored, labels = self._down(level, planes)
-            if self.stored[level] is not None and stored is not None:
-                self.stored[level][:, planes] = stored
-            self.labels[level][planes] = labels
-            self.done[level] = ready
-            out.append((level, planes.start, stored, labels))
+            rows = slice(self.sent[level], ready)
+            stored_rows = None if self.stored[level] is None else self.stored[level][:, rows]
+            out.append((level, rows.start, stored_rows, self.labels[level][rows]))
+            self.sent[level] = ready
         return out
 
 
@@ -472,23 +495,35 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
     off = torch.tensor(offset, dtype=torch.float32, device=dev).reshape(view)
     sc = torch.tensor(scale, dtype=torch.float32, device=dev).reshape(view)
     w = torch.from_numpy(np.ascontiguousarray(weights)).to(dev)
-    image = torch.zeros((channels, *bshape), dtype=torch.float32, device=dev)
-    sshape = tuple(r.stop - r.start for r in sums)
-    acc = torch.zeros((channels_out, *sshape), dtype=torch.float32, device=dev)
-    wsum = torch.zeros(sshape, dtype=torch.float32, device=dev)
+    # every voxel of the input buffer is filled from the volume, but beyond its edges
+    image = (torch.empty if box == inner else torch.zeros)(
+        (channels, *bshape), dtype=torch.float32, device=dev)
     own = tuple(slice(0, n) for n in shape[1:])  # the write region within the sums
-    if loading is not None:  # the lower neighbours' sums first, in their fixed order
-        t0 = time.perf_counter()
-        pieces, seconds = loading.result()
-        times.input_wait_s += time.perf_counter() - t0
-        times.handover_s += seconds
-        for where, data in pieces:
-            local = tuple(slice(p.start - s.start, p.stop - s.start)
-                          for p, s in zip(where, sums, strict=True))
-            d = torch.from_numpy(data).to(dev)
-            acc[(slice(None), *local)] += d[:-1]
-            wsum[local] += d[-1]
-        del pieces
+    made: list[torch.Tensor] = []
+
+    def accumulators() -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted sums and summed weights over ``sums``, made when the first batch
+        is blended (zeroing them then overlaps the device): zeros plus the lower
+        neighbours' sums, in their fixed order, before any tile."""
+        if made:
+            return made[0], made[1]
+        sshape = tuple(r.stop - r.start for r in sums)
+        acc = torch.zeros((channels_out, *sshape), dtype=torch.float32, device=dev)
+        wsum = torch.zeros(sshape, dtype=torch.float32, device=dev)
+        if loading is not None:
+            t0 = time.perf_counter()
+            pieces, seconds = loading.result()
+            times.input_wait_s += time.perf_counter() - t0
+            times.handover_s += seconds
+            for where, data in pieces:
+                local = tuple(slice(p.start - s.start, p.stop - s.start)
+                              for p, s in zip(where, sums, strict=True))
+                d = torch.from_numpy(data).to(dev)
+                acc[(slice(None), *local)] += d[:-1]
+                wsum[local] += d[-1]
+        made.extend((acc, wsum))
+        return acc, wsum
+
     # the block's outputs on every level it writes (level L from level L-1, a chunk row at
     # a time as soon as its planes are finished) and how many planes of each are done
     pyramid = _BlockPyramid(shape, channels_out, finishing, levels, unit, dev) \
@@ -521,6 +556,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
 
     def blend(batch: list[tuple[int, ...]], probs: torch.Tensor) -> None:
         """Add each tile's weighted probabilities inside the sums' box."""
+        acc, wsum = accumulators()
         for p, prob in zip(batch, probs, strict=True):
             tsl, rsl = [], []
             for s, k, g in zip(p, grid.kept(p), sums, strict=True):
@@ -547,6 +583,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         """Hand the planes of the write region below ``upto`` to the writer."""
         nonlocal done
         sl = slice(done - region[0].start, upto - region[0].start)
+        acc, wsum = accumulators()
         stored, labels = finishing(acc[(slice(None), sl, *own)] / wsum[(sl, *own)])
         send(0, (slice(done, upto), *region[1:]), stored, labels)
         done = upto
@@ -568,7 +605,7 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
             send(level, where, stored, labels)
 
     # tiles in the grid's order (first axis slowest), in batches across tile rows (every
-    # batch but the last is full); the device runs batch i while batch i-1 is blended
+    # batch but the last is full); the device runs batches i and i+1 while i-1 is blended
     try:
         _loop(predictor, tiles, grid, box, inner, region, unit, fill, image, blend, finish,
               lambda: done)
@@ -579,36 +616,41 @@ def _stream(predictor: TilePredictor, reader: _Reader, writer: _Writer, grid: Ti
         job.result()  # raises what the levels thread met
     times.model_s = predictor.timer.total() - model_before
     times.notes = list(predictor.notes)
-    return acc, wsum
+    return accumulators()
 
 
 def _loop(predictor: TilePredictor, tiles: list[tuple[int, ...]], grid: TileGrid, box: Region,
           inner: Region, region: Region, unit: int, fill: Callable[[int], None],
           image: torch.Tensor, blend: Callable[[list[tuple[int, ...]], torch.Tensor], None],
           finish: Callable[[int], None], finished_upto: Callable[[], int]) -> None:
-    """The batches of :func:`_stream`: fill the input, cut the tiles, run batch i on the
-    device while batch i-1 is blended, finish chunk rows nothing later reaches."""
+    """The batches of :func:`_stream`: fill the input, cut the tiles, keep :data:`QUEUED`
+    batches queued on the device while an earlier one is blended, finish chunk rows
+    nothing later reaches.
+
+    With one batch queued the device would wait whenever blending a batch and finishing a
+    chunk row take longer than the next batch's forward pass; a second one queued covers
+    such bursts as long as the loop keeps up on average.
+    """
     with torch.inference_mode():
-        pending: tuple[list[tuple[int, ...]], Any] | None = None
+        pending: deque[tuple[list[tuple[int, ...]], Any]] = deque()
         n = 0
-        while pending is not None or n < len(tiles):
-            launched = None
-            if n < len(tiles):
+        while pending or n < len(tiles):
+            while n < len(tiles) and len(pending) <= QUEUED:  # and the one to blend
                 batch = tiles[n:n + predictor.batch]
                 fill(min(max(p[0] for p in batch) + grid.tile[0], inner[0].stop))
                 x = torch.stack([image[(slice(None), *(slice(s - b.start, s - b.start + t)
                                                        for s, b, t in zip(p, box, grid.tile,
                                                                           strict=True)))]
                                  for p in batch])
-                launched = (batch, predictor.submit(x))
+                pending.append((batch, predictor.submit(x)))
                 n += len(batch)
-            if pending is not None:
-                blend(pending[0], pending[1].result())
-                # planes below the next unblended tile get no more: finish whole chunk rows
-                final = launched[0][0][0] if launched is not None else region[0].stop
-                upto = region[0].stop if final >= region[0].stop else final // unit * unit
-                if upto > finished_upto():
-                    finish(upto)
-            pending = launched
+            batch, result = pending.popleft()
+            blend(batch, result.result())
+            # planes below the next unblended tile get no more: finish whole chunk rows
+            final = pending[0][0][0][0] if pending else \
+                tiles[n][0] if n < len(tiles) else region[0].stop
+            upto = region[0].stop if final >= region[0].stop else final // unit * unit
+            if upto > finished_upto():
+                finish(upto)
         if finished_upto() < region[0].stop:  # a block that owns no tile: only handed sums
             finish(region[0].stop)

@@ -11,6 +11,7 @@ and ties of the mode going to the first value seen in the window.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -51,12 +52,21 @@ def downsample_mean(data: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     return acc.to(data.dtype)
 
 
-def downsample_mode(data: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+def downsample_mode(data: torch.Tensor, factors: Sequence[int],
+                    classes: int | None = None) -> torch.Tensor:
     """Most frequent value in each ``factors`` window; ties to the first seen (C order
-    within the window)."""
+    within the window).
+
+    With ``classes``, every value of ``data`` is known to lie in ``0 .. classes - 1`` (a
+    network's labels): each class's count and first position are summed over the window's
+    strided views, ``classes × window`` elementwise steps without copying the windows out,
+    instead of comparing every pair of window members (``window²``).
+    """
     if all(f == 1 for f in factors):
         return data
     data = _pad_to_windows(data, factors)
+    if classes is not None:
+        return _mode_of_classes(data, factors, classes)
     shape = []
     for s, f in zip(data.shape, factors, strict=True):
         shape += [s // f, f]
@@ -69,3 +79,28 @@ def downsample_mode(data: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     key = counts * k + (k - 1 - torch.arange(k, device=data.device))
     pick = key.argmax(-1, keepdim=True)
     return torch.gather(flat, -1, pick)[..., 0]
+
+
+def _mode_of_classes(data: torch.Tensor, factors: Sequence[int], classes: int) -> torch.Tensor:
+    """:func:`downsample_mode` of ``data`` (padded to whole windows) with values below
+    ``classes``: the class of the largest key ``count × k + (k - 1 - first position)``."""
+    members = [data[tuple(slice(o, None, f) for o, f in zip(offset, factors, strict=True))]
+               for offset in itertools.product(*(range(f) for f in factors))]  # C order
+    k = len(members)
+    best = out = None
+    for c in range(classes):
+        count = torch.zeros(members[0].shape, dtype=torch.int32, device=data.device)
+        first = torch.zeros_like(count)  # k - 1 - the first position holding c (0: none)
+        for i, m in enumerate(members):
+            hit = (m == c).to(torch.int32)
+            count += hit
+            first = torch.maximum(first, hit * (k - 1 - i))
+        key = count * k + first  # 0 where c is absent, below every present class
+        if best is None:
+            best, out = key, torch.zeros(key.shape, dtype=data.dtype, device=data.device)
+        else:
+            better = key > best
+            best = torch.where(better, key, best)
+            out = torch.where(better, torch.full_like(out, c), out)
+    assert out is not None
+    return out
