@@ -57,8 +57,10 @@ def _global_options(
         "--tls", metavar="DIR", help="Folder from 'voxelmill cluster certs': TLS with mutual "
         "authentication between client, scheduler and workers.")] = None,
     dashboard_address: Annotated[str, typer.Option(
+        envvar="VOXELMILL_DASHBOARD_ADDRESS",
         help="Where the dashboard of the embedded or SLURM cluster listens: on this machine "
-        "only unless told otherwise, e.g. 0.0.0.0:8787 (then --tls or --insecure-dashboard)."
+        "only unless told otherwise, e.g. 0.0.0.0:8787 (then --tls or --insecure-dashboard); "
+        "'none' for no dashboard."
     )] = "127.0.0.1:8787",
     insecure_dashboard: Annotated[bool, typer.Option(
         "--insecure-dashboard", help="Allow a --dashboard-address beyond this machine without "

@@ -144,16 +144,26 @@ def _cpu_ranks(gpus: str | None) -> int:
     return n
 
 
+NO_DASHBOARD = "none"
+"""``--dashboard-address none``: run without a dashboard (nor its bokeh import)."""
+
+
+def dashboard_listen(address: str) -> str | None:
+    """What distributed takes as ``dashboard_address``: None for :data:`NO_DASHBOARD`."""
+    return None if address.strip().lower() == NO_DASHBOARD else address
+
+
 def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
               dashboard_address: str, devices: bool = True) -> object:
     """A ``LocalCluster``, or with ``gpus`` a ``SpecCluster`` of the same CPU workers plus
     one GPU worker per device."""
     from distributed import LocalCluster
 
+    dashboard = dashboard_listen(dashboard_address)
     if not gpus:
         return LocalCluster(
             n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-            dashboard_address=dashboard_address, silence_logs=40, **kwargs,
+            dashboard_address=dashboard, silence_logs=40, **kwargs,
         )
     from distributed import Nanny, Scheduler, SpecCluster
 
@@ -172,7 +182,7 @@ def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
             **common, "nthreads": GPU_WORKER_THREADS, "resources": {"GPU": 1},
             "env": {"CUDA_VISIBLE_DEVICES": str(i) if devices else ""}}}
     scheduler = {"cls": Scheduler, "options": {
-        "host": "127.0.0.1", "dashboard_address": dashboard_address,
+        "host": "127.0.0.1", "dashboard_address": dashboard,
         **({"security": security, "protocol": "tls://"} if security is not None else {})}}
     return SpecCluster(workers=specs, scheduler=scheduler, security=security,
                        silence_logs=40)
@@ -335,7 +345,8 @@ def _local_client(options: ClusterOptions, security: object | None,
                 client.wait_for_workers(workers + gpus)
             report(f"local cluster: {workers} worker(s) × {threads} thread(s)"
                    + (f" and {gpus} GPU worker(s)" if gpus else "")
-                   + f"; dashboard: {client.dashboard_link}")
+                   + (f"; dashboard: {client.dashboard_link}"
+                      if dashboard_listen(options.dashboard_address) else "; no dashboard"))
             try:
                 yield client
             finally:
@@ -441,6 +452,9 @@ def slurm_cluster(options: ClusterOptions, security: object | None = None) -> ob
     scheduler_options.setdefault("dashboard_address", options.dashboard_address)
     check_dashboard_address(dataclasses.replace(
         options, dashboard_address=str(scheduler_options["dashboard_address"])))
+    if isinstance(scheduler_options["dashboard_address"], str):
+        scheduler_options["dashboard_address"] = dashboard_listen(
+            scheduler_options["dashboard_address"])
     settings["scheduler_options"] = scheduler_options
     try:
         return SLURMCluster(**settings)
@@ -481,7 +495,8 @@ def check_dashboard_address(options: ClusterOptions) -> None:
         For a non-loopback ``dashboard_address`` without either.
     """
     address = options.dashboard_address
-    if _is_loopback(address) or options.tls or options.insecure_dashboard:
+    if (dashboard_listen(address) is None or _is_loopback(address) or options.tls
+            or options.insecure_dashboard):
         return
     raise OptionError(
         f"--dashboard-address {address}: opens the dashboard (tasks, logs, call stacks; no "
@@ -494,6 +509,8 @@ def dashboard_link(client: object, options: ClusterOptions) -> str:
     (reachable by the SLURM nodes), where a loopback-only dashboard does not answer."""
     from urllib.parse import urlsplit, urlunsplit
 
+    if dashboard_listen(options.dashboard_address) is None:
+        return "none"
     link = str(client.dashboard_link)  # type: ignore[attr-defined]
     if not _is_loopback(options.dashboard_address):
         return link

@@ -19,6 +19,9 @@ import pytest
 # Two test processes share two cores (pytest -n 2): one intra-op thread each for torch, set
 # before any test imports it, and for the CLI subprocesses, which inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the CLI subprocesses start their embedded clusters without a dashboard (its bokeh import
+# costs each ~0.4 s of CPU and 20 MiB); tests/test_dashboard.py and test_tls ask for one
+os.environ.setdefault("VOXELMILL_DASHBOARD_ADDRESS", "none")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

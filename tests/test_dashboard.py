@@ -118,3 +118,18 @@ def test_dashboard_beyond_this_machine_needs_tls_or_consent(tmp_path: Path):
         context = ssl.create_default_context(cafile=str(certs.ca_cert))
         assert _get(link.replace(link.split("/")[2].split(":")[0], "127.0.0.1", 1),
                     context) == 200
+
+
+def test_no_dashboard(tmp_path: Path):
+    """``--dashboard-address none`` (or VOXELMILL_DASHBOARD_ADDRESS=none): the run works and
+    says it has no dashboard; distributed is given no dashboard address."""
+    from engine.cluster import dashboard_listen
+
+    assert dashboard_listen("none") is None and dashboard_listen("NONE ") is None
+    assert dashboard_listen("127.0.0.1:8787") == "127.0.0.1:8787"
+    check_dashboard_address(ClusterOptions(dashboard_address="none"))
+    lines: list[str] = []
+    with connect(ClusterOptions(workers=1, threads_per_worker=1, dashboard_address="none"),
+                 report=lines.append) as client:
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+    assert "no dashboard" in lines[0]

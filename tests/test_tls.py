@@ -148,7 +148,8 @@ def _volume(tmp_path: Path) -> tuple[Path, np.ndarray]:
 
 def test_cli_convert_on_tls_scheduler(tls_scheduler, certs, tmp_path):
     src, data = _volume(tmp_path)
-    res = run_cli("--tls", str(certs.directory), "convert", str(src), "--assume-voxel-size",
+    res = run_cli("--tls", str(certs.directory), "--dashboard-address", "127.0.0.1:8787",
+                  "convert", str(src), "--assume-voxel-size",
                   str(tmp_path / "out.ome.zarr"), "--chunks", "8",
                   "--scheduler", tls_scheduler, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -157,7 +158,8 @@ def test_cli_convert_on_tls_scheduler(tls_scheduler, certs, tmp_path):
                                                   mode="r")["0"][...], data)
 
     tcp = tls_scheduler.replace("tls://", "tcp://")
-    res = run_cli("--tls", str(certs.directory), "convert", str(src), "--assume-voxel-size",
+    res = run_cli("--tls", str(certs.directory), "--dashboard-address", "127.0.0.1:8787",
+                  "convert", str(src), "--assume-voxel-size",
                   str(tmp_path / "tcp.ome.zarr"), "--scheduler", tcp, timeout=120)
     assert res.returncode == 2
     assert "must start with tls://" in res.stderr
@@ -202,7 +204,8 @@ def test_embedded_cluster_with_tls_listens_on_localhost(certs, tmp_path):
     assert "dashboard: http://127.0.0.1:" in lines[0]
 
     src, data = _volume(tmp_path)
-    res = run_cli("--tls", str(certs.directory), "convert", str(src), "--assume-voxel-size",
+    res = run_cli("--tls", str(certs.directory), "--dashboard-address", "127.0.0.1:8787",
+                  "convert", str(src), "--assume-voxel-size",
                   str(tmp_path / "e.ome.zarr"), "--chunks", "8", "--workers", "1",
                   "--threads-per-worker", "1", timeout=120)
     assert res.returncode == 0, res.stderr
