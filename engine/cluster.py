@@ -202,18 +202,30 @@ def _user_error_names() -> tuple[str, ...]:
 class QuietUserErrors(logging.Filter):
     """Drops a worker's "Compute Failed" log record (with its traceback) for a user error
     (:class:`~engine.errors.VoxelmillError`): the command reports it as its one message,
-    a stack trace of bad input is noise. Other failures are logged as before."""
+    a stack trace of bad input is noise. On the embedded cluster's workers (``embedded``)
+    it also drops the heartbeat failure logged when the command ends while a heartbeat is
+    in flight. Other failures are logged as before."""
+
+    def __init__(self, embedded: bool = False) -> None:
+        super().__init__()
+        self.embedded = embedded
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Compute Failed") or not isinstance(record.args,
-                                                                              tuple):
+        msg = str(record.msg)
+        if self.embedded and msg.startswith("Failed to communicate with scheduler"):
+            # an embedded cluster's scheduler lives in the command's process: losing it
+            # means the command is ending (a user error shuts the cluster down while a
+            # heartbeat is in flight), and its traceback would follow the one message
+            return False
+        if not msg.startswith("Compute Failed") or not isinstance(record.args, tuple):
             return True
         text = str(record.args[3]) if len(record.args) > 3 else ""
         return not text.startswith(_user_error_names())
 
 
-def _quiet_worker_logs(client: Any) -> None:
-    """Install :class:`QuietUserErrors` on every worker, also those that join later."""
+def _quiet_worker_logs(client: Any, embedded: bool = False) -> None:
+    """Install :class:`QuietUserErrors` on every worker, also those that join later
+    (``embedded``: the command's own local workers, whose logs reach its console)."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class _Plugin(WorkerPlugin):
@@ -222,7 +234,7 @@ def _quiet_worker_logs(client: Any) -> None:
         def setup(self, worker: Any) -> None:
             logger = logging.getLogger("distributed.worker")
             if not any(isinstance(f, QuietUserErrors) for f in logger.filters):
-                logger.addFilter(QuietUserErrors())
+                logger.addFilter(QuietUserErrors(embedded))
 
     try:
         client.register_plugin(_Plugin())
@@ -293,7 +305,7 @@ def connect(
     # the dashboard's TLS settings stay set while the client lives: its link says https
     with dask.config.set(_dashboard_tls(options, security)), \
             _local_client(options, security, report) as client:
-        _quiet_worker_logs(client)
+        _quiet_worker_logs(client, embedded=True)
         yield client
 
 

@@ -361,3 +361,18 @@ def test_bad_label_image(tmp_path: Path, label: np.ndarray, why: str) -> None:
     assert "seg.mrc" in str(info.value)
     assert why in str(info.value)
     assert snapshot(tmp_path) == before
+
+
+def test_embedded_workers_drop_the_heartbeat_traceback_of_a_closing_command():
+    """A user error shuts the embedded cluster down; a worker's heartbeat in flight then
+    logs a traceback after the command's one message. The embedded workers' filter drops
+    it; workers of an external scheduler keep it (their logs are theirs)."""
+    import logging
+
+    from engine.cluster import QuietUserErrors
+
+    record = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                               "Failed to communicate with scheduler during heartbeat.",
+                               None, None)
+    assert QuietUserErrors(embedded=True).filter(record) is False
+    assert QuietUserErrors().filter(record) is True
