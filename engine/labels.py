@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
 from engine.io.sources import read_region
-from engine.objtables import ShardedTable
+from engine.objtables import ShardedTable, merge_rows
 from engine.runner import RunState
 
 SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
@@ -610,15 +610,9 @@ def merge_by_id(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...],
     ``np.maximum`` for extrema). Arrays, not Python objects per id: a table of 10⁷ objects
     is a few hundred MB at most, and merging is a sort.
     """
-    ids = np.concatenate([a[0], b[0]])
-    cols = [np.concatenate([x, y]) for x, y in zip(a[1:], b[1:], strict=True)]
-    if ids.size == 0 or a[0].size == 0 or b[0].size == 0:
-        return (ids, *cols)
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    return (ids[starts], *(ufunc.reduceat(c[order], starts)
-                           for ufunc, c in zip(reducers, cols, strict=True)))
+    if a[0].size == 0 or b[0].size == 0:  # nothing to combine: keep the other as it is
+        return tuple(np.concatenate([x, y]) for x, y in zip(a, b, strict=True))
+    return merge_rows((a, b), reducers)
 
 
 @dataclass(frozen=True, eq=False)  # equality is the Mapping's: by items

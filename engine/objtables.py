@@ -85,8 +85,9 @@ def shard_starts(lo: int, hi: int, rows: int, row_bytes: int, budget: int,
     return tuple(lo + s * width for s in range(shards) if lo + s * width <= hi)
 
 
-def _merge_rows(tables: Sequence[Table], reducers: Sequence[np.ufunc]) -> Table:
-    """One table from many, ids unique: rows of an id combined by its column's ufunc."""
+def merge_rows(tables: Sequence[Table], reducers: Sequence[np.ufunc]) -> Table:
+    """One table from many (each ``(ids, *columns)``), ids sorted and unique: the rows of
+    an id are combined by its column's ufunc (``np.add`` for counts, ``np.minimum`` …)."""
     ids = np.concatenate([t[0] for t in tables])
     cols = [np.concatenate([t[i + 1] for t in tables]) for i in range(len(reducers))]
     if ids.size == 0:
@@ -125,7 +126,7 @@ class MergeShard:
         if not pieces:
             pieces = [(np.zeros(0, np.uint64),
                        *(np.zeros(0) for _ in self.reducers))]
-        merged = _merge_rows(pieces, [getattr(np, r) for r in self.reducers])
+        merged = merge_rows(pieces, [getattr(np, r) for r in self.reducers])
         kept, summary = self.finish(merged)
         for i, c in enumerate(kept):
             np.save(Path(self.folder) / f"shard-{s}.c{i}.npy", np.ascontiguousarray(c))
