@@ -3,30 +3,31 @@ on a grid of many small blocks.
 
 Usage::
 
-    .venv/bin/python tests/benchmarks/bench_scale.py scaling [--size 384] [--chunk 64]
-        [--block 64] [--configs 1x1,2x1,...] [--only segment,convert] [--repeats 3]
-        [--workdir DIR]
+    .venv/bin/python tests/benchmarks/bench_scale.py scaling [--size 384] [--convert-size 512]
+        [--chunk 64] [--block 64] [--configs 1x1,2x1,...] [--only segment,convert]
+        [--repeats 3] [--workdir DIR]
     .venv/bin/python tests/benchmarks/bench_scale.py soak [--block 16] [--plane 256]
         [--points 4096,8192,16384,32768] [--workers 2] [--workdir DIR] [--tracemalloc]
 
 **scaling.** The classic workflow of ``bench_segment.py`` (Gaussian σ 2 → Otsu of the
 global histogram → labelling with full connectivity → size filter, min size 64) on the
 same smooth random float32 ``size³`` input (single-level OME-Zarr, ``--chunk`` chunks),
-and ``convert`` of ``bench_convert.py``'s tomogram-like float32 ``size³`` MRC (``--chunk``
-chunks, full pyramid), each at the LocalCluster shapes of ``--configs``: by default 1, 2,
-4, … worker processes with one thread each up to the machine's cores, then one worker
-with 2, 4, … threads (``WxT``). Every configuration uses the same input and the same
-block shape (``--block`` for segment; convert's default ``--block-mib``). Each trial runs
-in a fresh child process; the cluster start is not timed. The workflow runs twice on the
-same cluster: the first run (``cold_seconds``, and ``cold_speedup_2x1`` in the summary)
-includes the fixed costs of fresh workers (their first imports, about a second, which no
-number of workers shortens); the second is the steady state whose throughput is judged.
-Configurations alternate for ``--repeats`` rounds; each figure is the median of its trials.
-Reported per trial: throughput (Mvox/s of level 0, second run), parallel efficiency =
-throughput ÷ (W·T × throughput of 1x1), peak RSS of the client process (it holds the
-embedded scheduler too) and of the largest worker process (sampled every 50 ms; ``rss``
-counts file-backed pages). Every segment output must equal the 1x1 output (a SHA-256 of
-level 0, not timed), every convert output too.
+and ``convert`` of ``bench_convert.py``'s tomogram-like float32 MRC of ``--convert-size``³
+voxels (``--chunk`` chunks, full pyramid; 512³ by default, as ``bench_convert.py``: at
+384³ a conversion is about a second of work, mostly fixed costs), each at the LocalCluster
+shapes of ``--configs``: by default 1, 2, 4, … worker processes with one thread each up to
+the machine's cores, then one worker with 2, 4, … threads (``WxT``). Every configuration
+uses the same input and the same block shape (``--block`` for segment; convert's default
+``--block-mib``). Each trial runs in a fresh child process; the cluster start is not
+timed. The workflow runs twice on the same cluster: the first run (``cold_seconds``, and
+``cold_speedup_2x1`` in the summary) includes the fixed costs of fresh workers (their
+first imports, about a second, which no number of workers shortens); the second is the
+steady state whose throughput is judged. Configurations alternate for ``--repeats``
+rounds; each figure is the median of its trials. Reported per trial: throughput (Mvox/s of
+level 0, second run), parallel efficiency = throughput ÷ (W·T × throughput of 1x1), peak
+RSS of the client process (it holds the embedded scheduler too) and of the largest worker
+process (sampled every 50 ms; ``rss`` counts file-backed pages). Every segment output must
+equal the 1x1 output (a SHA-256 of level 0, not timed), every convert output too.
 
 **soak.** The same workflow without the smoothing (Otsu threshold of the global
 histogram → labelling → size filter, min size 8) on uint8 images of ``Z × plane × plane``
@@ -174,8 +175,9 @@ def prepare_scaling(args: argparse.Namespace) -> dict[str, Any]:
     del out
     _convert_npy(npy, src, (args.chunk,) * 3, 2)
     npy.unlink()
-    generate_mrc(work / f"convert-{n}.mrc", n)
-    return {"segment_input": str(src), "convert_input": str(work / f"convert-{n}.mrc")}
+    m = args.convert_size or n
+    generate_mrc(work / f"convert-{m}.mrc", m)
+    return {"segment_input": str(src), "convert_input": str(work / f"convert-{m}.mrc")}
 
 
 def prepare_soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,7 +315,8 @@ def child(kind: str, args: argparse.Namespace, src: Path | None, dst: Path | Non
         if value is not None:
             cmd += [flag, str(value)]
     if args.mode == "scaling":
-        cmd += ["--size", str(args.size), "--chunk", str(args.chunk), "--block", str(args.block)]
+        cmd += ["--size", str(args.size), "--chunk", str(args.chunk), "--block", str(args.block),
+                "--convert-size", str(args.convert_size)]
     else:
         cmd += ["--block", str(args.block), "--plane", str(args.plane)]
         if args.tracemalloc:
@@ -348,10 +351,11 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     inputs = child("prepare-scaling", args, None, workdir)
     workflow = workdir / "bench.yaml"
     workflow.write_text(WORKFLOW.format(min_size=64))
-    mvox = args.size**3 / 1e6
-    summary: dict[str, Any] = {"mode": "scaling", "size": args.size, "chunk": args.chunk,
+    summary: dict[str, Any] = {"mode": "scaling", "size": args.size,
+                               "convert_size": args.convert_size, "chunk": args.chunk,
                                "block": args.block, "cores": cores}
     for what in args.only.split(","):
+        mvox = (args.size if what == "segment" else args.convert_size) ** 3 / 1e6
         rows = []
         base = None
         digests = set()
@@ -443,6 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where inputs and outputs go (default: a new temp dir under /tmp)")
     p.add_argument("--size", type=int, default=384, help="scaling: edge of the cubic input")
+    p.add_argument("--convert-size", type=int, default=512,
+                   help="scaling: edge of convert's cubic input (at 384³ a conversion is about "
+                        "a second of work, too little to time)")
     p.add_argument("--chunk", type=int, default=64, help="scaling: chunk edge of both inputs")
     p.add_argument("--block", type=int, default=None,
                    help="block edge (scaling: segment's --block, default the chunk; "
