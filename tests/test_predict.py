@@ -333,3 +333,28 @@ def test_interrupted_prediction_resumes(halves, client, monkeypatch):
     assert fresh.report["tile_ratio"] == 1.0
     np.testing.assert_array_equal(_probabilities(halves["src"], "resumed"),
                                   _probabilities(halves["src"], "fresh"))
+
+
+def test_block_reports_fold_to_the_same_throughput_in_any_tree():
+    """predict folds its block reports as they arrive (no report per block on the client):
+    any fold order gives what the list of reports gives."""
+    import functools
+    import random
+
+    from engine.predict.task import merge_reports, throughput
+
+    rng = random.Random(0)
+    reports = [{"worker": f"w{i % 3}", "voxels": 1000 + i, "tiles": i % 4,
+                "model_s": 0.5 * i, "read_s": 0.1, "start": float(i), "end": i + 2.5,
+                "notes": [f"note {i % 2}"]} for i in range(20)]
+    want = throughput(reports, 10.0, 40)
+    shuffled = reports[:]
+    rng.shuffle(shuffled)
+    folded = functools.reduce(merge_reports, shuffled)
+    got = throughput(folded, 10.0, 40)
+    assert sorted(got.pop("notes")) == sorted(want.pop("notes")) == ["note 0", "note 1"]
+    assert got == want
+    assert want["workers"]["w0"]["blocks"] == 7 and want["tiles"] == sum(i % 4
+                                                                         for i in range(20))
+    one = throughput([reports[3]], 1.0)  # a one-block pass folds to that block's report
+    assert throughput(reports[3], 1.0) == one and one["tiles"] == 3

@@ -60,6 +60,7 @@ from engine.predict.task import (
     PredictTask,
     VolumeSource,
     device_dispatch,
+    merge_reports,
     throughput,
 )
 from engine.predict.tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, TileGrid, blend_weights
@@ -372,9 +373,8 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
         blocks = run_blocks(client, grid, task, name="predict", state=plan.state,
                             progress=progress() if progress else None, resources=resources,
                             max_in_flight=in_flight, after=spill.producers,
-                            on_done=spill.remove)
-        stats_report = throughput(list(blocks.results.values()), time.monotonic() - t_pass,
-                                  _grid_tiles(plan))
+                            on_done=spill.remove, combine=merge_reports)
+        stats_report = throughput(blocks.value, time.monotonic() - t_pass, _grid_tiles(plan))
         stats_report["skipped_blocks"] = blocks.skipped
         stats_report["levels_in_blocks"] = within + 1
         for note in stats_report["notes"]:

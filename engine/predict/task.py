@@ -215,25 +215,57 @@ TIMED = ("model_s", "read_s", "input_wait_s", "write_s", "output_wait_s", "devic
          "load_s", "handover_s")
 
 
-def throughput(results: Sequence[dict[str, Any]], seconds: float,
+@dataclass
+class Tally:
+    """Block reports folded: per worker totals and the distinct notes (a streaming
+    reduction's value: the client keeps this, not a report per block)."""
+
+    per: dict[str, Throughput] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, report: dict[str, Any] | Tally) -> Tally:
+        """The tally of one block's report (a tally as it is)."""
+        if isinstance(report, Tally):
+            return report
+        sums = {key: report.get(key, 0.0) for key in TIMED}
+        return cls({report["worker"]: Throughput(1, report["voxels"], report["tiles"], sums,
+                                                 report["start"], report["end"])},
+                   list(dict.fromkeys(report.get("notes", []))))
+
+
+def merge_reports(a: dict[str, Any] | Tally, b: dict[str, Any] | Tally) -> Tally:
+    """Fold two block reports or tallies into one (a ``combine`` for the runner)."""
+    a, b = Tally.of(a), Tally.of(b)
+    per = dict(a.per)
+    for worker, w in b.per.items():
+        v = per.get(worker)
+        per[worker] = w if v is None else Throughput(
+            v.blocks + w.blocks, v.voxels + w.voxels, v.tiles + w.tiles,
+            {k: v.sums.get(k, 0.0) + w.sums.get(k, 0.0) for k in TIMED},
+            min(v.start, w.start), max(v.end, w.end))
+    return Tally(per, a.notes + [n for n in b.notes if n not in a.notes])
+
+
+def throughput(results: Sequence[dict[str, Any]] | dict[str, Any] | Tally | None,
+               seconds: float,
                grid_tiles: int | None = None) -> dict[str, Any]:
     """Voxels per second overall and per worker, and where each device worker's time went:
     ``device_busy`` is the model's device time over the worker's busy span (first block
     start to last block end); reads and writes run in threads beside the device, so their
     seconds overlap it; ``handover_s`` is the time spent loading and saving the sums handed
     between blocks. ``tiles`` counts the tiles run through the network, and
-    ``tile_ratio`` divides them by the tiles of the global grid (1.0: none computed twice)."""
-    per: dict[str, Throughput] = {}
-    notes: list[str] = []
-    for r in results:
-        w = per.setdefault(r["worker"], Throughput())
-        w.blocks += 1
-        w.voxels += r["voxels"]
-        w.tiles += r["tiles"]
-        for key in TIMED:
-            w.sums[key] = w.sums.get(key, 0.0) + r.get(key, 0.0)
-        w.start, w.end = min(w.start, r["start"]), max(w.end, r["end"])
-        notes += [n for n in r.get("notes", []) if n not in notes]
+    ``tile_ratio`` divides them by the tiles of the global grid (1.0: none computed twice).
+
+    ``results`` are the blocks' reports, their :class:`Tally` or the one block's report
+    (what :func:`merge_reports` folds to), or None when no block ran."""
+    tally = Tally()
+    if isinstance(results, (Tally, dict)):
+        tally = Tally.of(results)
+    elif results:
+        for r in results:
+            tally = merge_reports(tally, r)
+    per, notes = tally.per, tally.notes
     total = {k: sum(w.sums.get(k, 0.0) for w in per.values()) for k in TIMED}
     spans = sum(max(w.end - w.start, 1e-9) for w in per.values())
     voxels = sum(w.voxels for w in per.values())
