@@ -18,6 +18,10 @@ Passes need not be barriers: :func:`run_passes` runs several at once, a block of
 pass starting as soon as the blocks of earlier passes it reads have finished
 (:attr:`Pass.needs`), so no worker idles through a pass's tail. :func:`run_blocks` is its
 one-pass case: there is one submission loop.
+
+Short blocks go several to a dask task (a *bundle*, sized from the pass's last block
+times): a task costs milliseconds of client, scheduler and worker time whatever it does,
+as much as a small block's own work. Markers, results, folds and progress stay per block.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ from engine.provenance import block_time_summary
 
 BlockTask = Callable[[Block], Any]
 IN_FLIGHT_FLOOR = 128
+#: a dask task costs the client, the scheduler and the worker a few milliseconds whatever it
+#: does: short blocks go several to a task, enough for about this many seconds of work
+BUNDLE_TARGET_S = 0.1
+#: the most blocks one task runs (their results wait on the worker until the last is done)
+BUNDLE_MAX = 16
 #: after a failed pass, the longest wait for its tasks still running on workers
 SETTLE_S = 60.0
 
@@ -189,6 +198,37 @@ class _ResumeTask:
         return self.recover(block), 0.0
 
 
+class _InBundle(Exception):
+    """A block of a bundle raised: its position in the bundle and the exception (so the
+    client names that block, not the bundle's first)."""
+
+    def __init__(self, position: int, error: BaseException) -> None:
+        super().__init__(position, error)
+        self.position = position
+        self.error = error
+
+
+@dataclass
+class _Bundle:
+    """Runs on a worker: several blocks of one pass in turn as one dask task.
+
+    Returns one ``(result, seconds)`` per block, stopping after a block's user error.
+    """
+
+    runner: Callable[..., tuple[Any, float]]
+
+    def __call__(self, blocks: list[Block], *extra: list[Any]) -> list[tuple[Any, float]]:
+        out = []
+        for i, block in enumerate(blocks):
+            try:
+                out.append(self.runner(block, *(e[i] for e in extra)))
+            except Exception as exc:
+                raise _InBundle(i, exc) from exc
+            if isinstance(out[-1][0], _UserError):
+                break
+        return out
+
+
 @dataclass
 class RunReport:
     """What a pass did: blocks computed, blocks skipped as already done, their results,
@@ -233,13 +273,18 @@ def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTL
         time.sleep(0.05)
 
 
+def cluster_threads(client: Any) -> int:
+    """Worker threads of the cluster behind ``client`` (at least 1)."""
+    return sum(client.nthreads().values()) or 1
+
+
 def default_in_flight(client: Any) -> int:
-    """Blocks submitted at once: enough that the round trip of a finished block never
-    leaves a thread idle (short blocks are latency-bound), bounded so the scheduler holds a
-    window of the grid, never all of it. Queued tasks cost the workers no memory: dask
-    sends a worker about one task per thread and keeps the rest on the scheduler."""
-    threads = sum(client.nthreads().values()) or 1
-    return max(4 * threads, IN_FLIGHT_FLOOR)
+    """Blocks submitted at once: enough that the round trip of a finished task never
+    leaves a thread idle (short blocks are latency-bound) with room for bundles of short
+    blocks, bounded so the scheduler holds a window of the grid, never all of it. Queued
+    tasks cost the workers no memory: dask sends a worker about one task per thread and
+    keeps the rest on the scheduler."""
+    return max(16 * cluster_threads(client), IN_FLIGHT_FLOOR)
 
 
 Dependencies = Callable[[Block], Iterable[tuple[int, ...]]]
@@ -322,7 +367,8 @@ class _PassRun:
         self.results: dict[tuple[int, ...], Any] = {}
         self.block_seconds = array("d")  # packed: 8 bytes a block
         self.voxels = 0
-        self.in_flight = 0
+        self.in_flight = 0  # blocks submitted and not yet in
+        self.recent: deque[float] = deque(maxlen=32)  # task times of the last blocks in
         self.report: RunReport | None = None
 
     def flags(self) -> np.ndarray:
@@ -358,6 +404,18 @@ class _PassRun:
                 self.waiting.append(item)  # one rotation keeps the grid order
         return chosen
 
+    def bundle_size(self, threads: int, limit: int) -> int:
+        """Blocks per task from now on: enough for :data:`BUNDLE_TARGET_S` of work at the
+        median time of the last blocks in, one before any is in (or for a pass needing
+        worker resources), and never so many that a thread would idle: at least four tasks
+        per thread in the window and in what is left of the pass."""
+        if self.spec.resources or not self.recent:
+            return 1
+        typical = float(np.median(self.recent))
+        left = self.expected - self.pulled + len(self.waiting)
+        return max(1, min(int(BUNDLE_TARGET_S / max(typical, 1e-4)), BUNDLE_MAX,
+                          limit // (4 * threads), left // (4 * threads)))
+
     def finished(self) -> bool:
         return self.pulled == self.expected and not self.waiting and not self.in_flight
 
@@ -392,7 +450,7 @@ def run_passes(
     A block of a later pass waits only for the blocks of earlier passes named by its
     :attr:`Pass.needs` (what it reads), not for the whole pass: a pass's tail no longer
     leaves workers idle while the next pass waits, and a chain of neighbourhood passes
-    sweeps the volume like one. One window of ``max_in_flight`` futures is shared by all
+    sweeps the volume like one. One window of ``max_in_flight`` blocks is shared by all
     passes, earlier passes served first; each pass with dependencies keeps a lookahead of
     its grid (a few times the window) of blocks pulled in grid order, so the client holds
     O(window + lookahead) blocks and one byte per block of the passes others wait on,
@@ -412,7 +470,8 @@ def run_passes(
     progress : Progress, optional
         One bar for all the passes' blocks.
     max_in_flight : int, optional
-        Futures submitted at once over all passes (default :func:`default_in_flight`).
+        Blocks submitted at once over all passes (default :func:`default_in_flight`);
+        short blocks go several to a task (:meth:`_PassRun.bundle_size`).
 
     Returns
     -------
@@ -456,7 +515,9 @@ def run_passes(
         events.emit("stage-start", stage=run.spec.name, blocks=run.total,
                     skipped=run.skipped)
 
-    futures: dict[Any, tuple[_PassRun, Block, int]] = {}  # -> (pass, block, fold number)
+    # -> (pass, blocks, their fold numbers): a task runs a bundle of blocks
+    futures: dict[Any, tuple[_PassRun, list[Block], list[int]]] = {}
+    threads = cluster_threads(client)
     t0 = last_event = time.monotonic()
     # finished blocks are handled in batches and their results gathered in one call:
     # fetching each result on its own is a round trip per block, which capped short blocks
@@ -468,28 +529,33 @@ def run_passes(
 
     def submit(n: int) -> None:
         """Submit up to ``n`` ready blocks, earlier passes first (one message to the
-        scheduler per pass)."""
+        scheduler per pass), in bundles of :meth:`_PassRun.bundle_size`; until a pass's
+        first block is in, two single-block tasks per thread probe how long its blocks
+        take."""
         for run in order:
             if n <= 0:
                 return
             if run.report is not None:
                 continue
-            numbered = run.ready(n)
+            k = run.bundle_size(threads, limit)
+            want = n if run.recent else min(n, 2 * threads - run.in_flight)
+            numbered = run.ready(want) if want > 0 else []
             if not numbered:
                 continue
-            blocks = [b for b, _ in numbered]
-            finished = [bool(run.done[b.index]) for b in blocks]
-            run.voxels += sum(b.write_size for b, f in zip(blocks, finished, strict=True)
-                              if not f)
+            bundles = [numbered[i:i + k] for i in range(0, len(numbered), k)]
+            blocks = [[b for b, _ in bundle] for bundle in bundles]
+            finished = [[bool(run.done[b.index]) for b in bb] for bb in blocks]
+            run.voxels += sum(b.write_size for bb, ff in zip(blocks, finished, strict=True)
+                              for b, f in zip(bb, ff, strict=True) if not f)
             extra = () if run.spec.recover is None else (finished,)
-            batch = client.map(run.runner, blocks, *extra,
-                               key=[f"{run.prefix}-{b.key}" for b in blocks],
+            batch = client.map(_Bundle(run.runner), blocks, *extra,
+                               key=[f"{run.prefix}-{bb[0].key}" for bb in blocks],
                                retries=run.spec.retries, pure=False,
                                resources=run.spec.resources)
-            for fut, (block, number) in zip(batch, numbered, strict=True):
-                futures[fut] = run, block, number
-            run.in_flight += len(blocks)
-            n -= len(blocks)
+            for fut, bundle in zip(batch, bundles, strict=True):
+                futures[fut] = run, [b for b, _ in bundle], [i for _, i in bundle]
+            run.in_flight += len(numbered)
+            n -= len(numbered)
             ac.update(batch)
 
     def close_finished() -> None:
@@ -514,26 +580,35 @@ def run_passes(
             for fut in batch:
                 if fut.status != "finished":
                     exc = fut.exception()
-                    raise failed(*futures[fut][:2], exc) from exc
+                    run, blocks, _ = futures[fut]
+                    if isinstance(exc, _InBundle):
+                        block, exc = blocks[exc.position], exc.error
+                    else:
+                        block = blocks[0]
+                    raise failed(run, block, exc) from exc
             values = client.gather(batch)
-            for fut, (result, seconds) in zip(batch, values, strict=True):
-                run, block, number = futures.pop(fut)
+            for fut, outs in zip(batch, values, strict=True):
+                run, blocks, numbers = futures.pop(fut)
                 fut.release()
-                run.in_flight -= 1
-                if isinstance(result, _UserError):
-                    raise failed(run, block, result.error)
-                if run.fold is not None:
-                    run.fold.add(number, result)
-                elif result is not None:  # a write pass's Nones would cost a dict entry each
-                    run.results[block.index] = result
-                if run.complete is not None:
-                    run.complete[block.index] = True
-                if run.spec.on_done is not None:
-                    run.spec.on_done(block)
-                if not run.done[block.index]:
-                    run.block_seconds.append(seconds)
-                    progress.advance()
-            submit(limit - len(futures))
+                run.in_flight -= len(blocks)
+                # not strict: a user error ends a bundle early
+                for block, number, (result, seconds) in zip(blocks, numbers, outs,
+                                                            strict=False):
+                    if isinstance(result, _UserError):
+                        raise failed(run, block, result.error)
+                    if run.fold is not None:
+                        run.fold.add(number, result)
+                    elif result is not None:  # a write pass's Nones would cost an entry each
+                        run.results[block.index] = result
+                    if run.complete is not None:
+                        run.complete[block.index] = True
+                    if run.spec.on_done is not None:
+                        run.spec.on_done(block)
+                    run.recent.append(seconds)
+                    if not run.done[block.index]:
+                        run.block_seconds.append(seconds)
+                        progress.advance()
+            submit(limit - sum(run.in_flight for run in order))
             close_finished()
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()
@@ -596,7 +671,7 @@ def run_blocks(
     state : RunState, optional
         Where done-markers live; without it the pass is not resumable.
     max_in_flight : int, optional
-        Futures submitted at once (default: :func:`default_in_flight`, four per worker
+        Blocks submitted at once (default: :func:`default_in_flight`, sixteen per worker
         thread and at least :data:`IN_FLIGHT_FLOOR`).
     retries : int
         Extra attempts of a block whose task raised or whose worker died.

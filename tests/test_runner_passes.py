@@ -122,3 +122,39 @@ def test_needs_must_name_an_earlier_pass(client, tmp_path):
     a, b = two_passes(tmp_path)
     with pytest.raises(ValueError, match="not an earlier pass"):
         run_passes(client, [b, a])
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A short block: its index as a result; raises for ``fail``."""
+
+    fail: tuple[int, ...] | None = None
+
+    def __call__(self, block: Block) -> list[tuple[int, ...]]:
+        if block.index == self.fail:
+            raise ValueError("broken block")
+        return [block.index]
+
+
+def test_short_blocks_share_tasks_and_keep_per_block_results(client, tmp_path):
+    """600 short blocks run in far fewer dask tasks; the fold, markers and times stay per
+    block, in the grid's order."""
+    from distributed import get_task_stream
+
+    grid = BlockGrid((600,), 1)
+    state = RunState(tmp_path / "state", "h")
+    state.begin()
+    with get_task_stream(client) as ts:
+        report, = run_passes(client, [Pass(grid, Tiny(), "tiny", combine=lambda a, b: a + b)],
+                             state=state)
+    tasks = [t for t in ts.data if str(t["key"]).startswith("tiny")]
+    assert report.value == [(i,) for i in range(600)]
+    assert report.computed == 600 and len(report.block_seconds) == 600
+    assert state.markers("tiny", grid).finished().all()
+    assert len(tasks) < 600 / 4, len(tasks)
+
+
+def test_the_failed_block_of_a_bundle_is_named(client):
+    grid = BlockGrid((600,), 1)
+    with pytest.raises(BlockFailed, match=r"block \(437,\).*broken block"):
+        run_passes(client, [Pass(grid, Tiny(fail=(437,)), "tiny", retries=0)])
