@@ -315,6 +315,37 @@ def connect(
 #: messages and key releases that a long pass sends held tens of MiB (issue 17's grid soak)
 LOW_LEVEL_LOG_LENGTH = 50
 
+#: samples of the system monitor (CPU, memory, network every 500 ms) kept for the
+#: dashboard's history (``distributed.admin.system-monitor.log-length``, default 7200: an
+#: hour, which the embedded scheduler's process held whatever the run's length): 6 minutes
+SYSTEM_MONITOR_SAMPLES = 720
+
+#: dask's ``key_split`` (task key -> prefix, called by the scheduler for every new task)
+#: keeps its last 100,000 keys in an ``lru_cache``: in the embedded scheduler's process
+#: that held every task key of a pass, ~0.3 KiB each with the heap they pinned (issue 17's
+#: grid soak grew by it up to 10⁵ tasks); emptied this often (seconds), it holds the keys
+#: of the last few seconds' tasks
+KEY_CACHE_CLEAR_S = 2.0
+
+
+def bound_key_cache(scheduler: Any, every_s: float = KEY_CACHE_CLEAR_S) -> Any:
+    """Empty dask's ``key_split`` cache every ``every_s`` seconds on ``scheduler``'s
+    event loop, for as long as the scheduler runs (it stops its periodic callbacks when
+    it closes). Its result is a cache: emptying it changes no prefix, only what is kept.
+
+    Returns
+    -------
+    tornado.ioloop.PeriodicCallback
+        The callback (started on the scheduler's loop).
+    """
+    from dask.utils import key_split
+    from tornado.ioloop import PeriodicCallback
+
+    callback = PeriodicCallback(key_split.cache_clear, every_s * 1000)
+    scheduler.periodic_callbacks["voxelmill-key-split-cache"] = callback
+    scheduler.loop.add_callback(callback.start)  # a PeriodicCallback starts on its loop
+    return callback
+
 
 @contextmanager
 def _local_client(options: ClusterOptions, security: object | None,
@@ -340,7 +371,8 @@ def _local_client(options: ClusterOptions, security: object | None,
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.update(MALLOC_MMAP_THRESHOLD_=str(32 * 2**20), MALLOC_TRIM_THRESHOLD_=str(256 * 2**20))
     try:
-        caps = {"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH}
+        caps = {"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH,
+                "distributed.admin.system-monitor.log-length": SYSTEM_MONITOR_SAMPLES}
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
                               "temporary-directory": scratch, **caps}), \
                 warnings.catch_warnings():
@@ -351,6 +383,7 @@ def _local_client(options: ClusterOptions, security: object | None,
             cluster = _embedded(workers, threads, gpus, kwargs, options.dashboard_address,
                                 devices=not options.cpu_gpu_workers)
         try:
+            bound_key_cache(cluster.scheduler)
             with dask.config.set(caps):  # the client's own connection keeps its batches too
                 client = Client(cluster, security=kwargs.get("security"))
             if gpus:

@@ -539,6 +539,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
                  needs={"label-local": pairing.reads})], state=marks, progress=progress)
         face_ids, face_keys, face_sizes = local.value
         pairs = faces.value
+        del local, faces  # the reports would keep the unsorted tables to the end
 
         # the face graph: nodes are face components only
         order = np.argsort(face_ids)
@@ -578,6 +579,11 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             lo, hi = np.searchsorted(block_of, [bid, bid + 1])
             np.save(work / "maps" / f"face-{bid}.npy", np.stack(
                 [face_ids[lo:hi] & np.uint64(0xFFFFFFFF), face_final[lo:hi]], axis=1))
+        n_face_objects = int(group_kept.sum())
+        # the face graph's tables (a few arrays per face component) are all in the maps
+        # now: not held through the relabel pass
+        del face_ids, face_keys, face_sizes, pairs, order, group, group_key, group_size, \
+            group_kept, counted, group_slab, group_final, face_final, block_of
         if not lazy and not (resumed and (out / "zarr.json").exists()):
             zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
                               fill_value=0, zarr_format=3, overwrite=True)
@@ -586,7 +592,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         n, interior, block_ids = run_blocks(
             client, grid, relabel, name="label-relabel", progress=progress,
             combine=merge_relabelled, state=marks, recover=relabel.recover).value
-        n_objects = interior + int(group_kept.sum())
+        n_objects = interior + n_face_objects
         values = ([int(v) for v in block_ids] if block_ids is not None
                   and n_objects <= VALUES_LIMIT else None)
         if lazy:

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from engine.cluster import (
+    KEY_CACHE_CLEAR_S,
     LOW_LEVEL_LOG_LENGTH,
+    SYSTEM_MONITOR_SAMPLES,
     ClusterOptions,
     check_dashboard_address,
     connect,
@@ -47,6 +49,27 @@ def _log_length(dask_scheduler=None) -> int:
     return dask_scheduler.transition_log.maxlen
 
 
+def _monitor_samples(dask_scheduler=None) -> int:
+    return dask_scheduler.monitor.maxlen
+
+
+def _key_cache_emptied(timeout: float) -> bool:
+    """Whether dask's ``key_split`` cache (of this process, where the embedded scheduler
+    lives) forgets a key within ``timeout`` seconds."""
+    from dask.utils import key_split
+
+    probe = "voxelmill_probe-key-cache"
+    key_split(probe)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        misses = key_split.cache_info().misses
+        key_split(probe)
+        if key_split.cache_info().misses > misses:  # it had been dropped
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_status_and_task_stream_during_an_embedded_run(tmp_path: Path):
     """While a conversion runs, /status and the task stream page answer on 127.0.0.1, and
     the task stream holds the passes by name (``image_pass0`` for the pass image-pass0 …)."""
@@ -58,6 +81,9 @@ def test_status_and_task_stream_during_an_embedded_run(tmp_path: Path):
         # (they live in this process and grow with the tasks until full)
         assert client.run_on_scheduler(_log_length) == LOW_LEVEL_LOG_LENGTH
         assert client.scheduler_comm.recent_message_log.maxlen == LOW_LEVEL_LOG_LENGTH
+        # so are the system monitor's history and dask's cache of task keys (issue 17)
+        assert client.run_on_scheduler(_monitor_samples) == SYSTEM_MONITOR_SAMPLES
+        assert _key_cache_emptied(5 * KEY_CACHE_CLEAR_S)
         link = client.dashboard_link
         assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
         base = link.rsplit("/", 1)[0]
