@@ -278,13 +278,13 @@ def cluster_threads(client: Any) -> int:
     return sum(client.nthreads().values()) or 1
 
 
-def default_in_flight(client: Any) -> int:
+def default_in_flight(client: Any, threads: int | None = None) -> int:
     """Blocks submitted at once: enough that the round trip of a finished task never
     leaves a thread idle (short blocks are latency-bound) with room for bundles of short
     blocks, bounded so the scheduler holds a window of the grid, never all of it. Queued
     tasks cost the workers no memory: dask sends a worker about one task per thread and
-    keeps the rest on the scheduler."""
-    return max(16 * cluster_threads(client), IN_FLIGHT_FLOOR)
+    keeps the rest on the scheduler. ``threads``: the cluster's, when known already."""
+    return max(16 * (threads or cluster_threads(client)), IN_FLIGHT_FLOOR)
 
 
 Dependencies = Callable[[Block], Iterable[tuple[int, ...]]]
@@ -356,8 +356,8 @@ class _PassRun:
         self.deps: list[tuple[np.ndarray, Dependencies]] = []  # (flags, dependencies)
         self.complete: np.ndarray | None = None  # finished, this run or before
         marked = _MarkedTask(spec.task, self.markers)
-        self.runner: Any = marked if spec.recover is None else _ResumeTask(marked,
-                                                                             spec.recover)
+        self.runner = _Bundle(marked if spec.recover is None else _ResumeTask(marked,
+                                                                              spec.recover))
         # unique per call: a key reused by a later call could be served a stale (erred)
         # result (the pass name is the key's first word, without hyphens: the dashboard's
         # task stream names tasks by dask's key_split, which would cut "image-pass0" down
@@ -491,7 +491,8 @@ def run_passes(
     if len(set(names)) != len(names):
         raise ValueError(f"pass names repeat: {names}")
     progress = progress or SilentProgress()
-    limit = max_in_flight or default_in_flight(client)
+    threads = cluster_threads(client)
+    limit = max_in_flight or default_in_flight(client, threads)
     lookahead = max(4 * limit, IN_FLIGHT_FLOOR)
     tag = f"{state.run_hash[:8] if state else 'once'}-{uuid.uuid4().hex[:6]}"
     runs: dict[str, _PassRun] = {}
@@ -517,7 +518,6 @@ def run_passes(
 
     # -> (pass, blocks, their fold numbers): a task runs a bundle of blocks
     futures: dict[Any, tuple[_PassRun, list[Block], list[int]]] = {}
-    threads = cluster_threads(client)
     t0 = last_event = time.monotonic()
     # finished blocks are handled in batches and their results gathered in one call:
     # fetching each result on its own is a round trip per block, which capped short blocks
@@ -548,7 +548,7 @@ def run_passes(
             run.voxels += sum(b.write_size for bb, ff in zip(blocks, finished, strict=True)
                               for b, f in zip(bb, ff, strict=True) if not f)
             extra = () if run.spec.recover is None else (finished,)
-            batch = client.map(_Bundle(run.runner), blocks, *extra,
+            batch = client.map(run.runner, blocks, *extra,
                                key=[f"{run.prefix}-{bb[0].key}" for bb in blocks],
                                retries=run.spec.retries, pure=False,
                                resources=run.spec.resources)
