@@ -190,24 +190,28 @@ class FacePairs:
         bid = np.uint64(np.ravel_multi_index(index, self.grid_shape))
         return np.where(plane > 0, (bid << SHIFT) | plane.astype(np.uint64), np.uint64(0))
 
+    def _across(self, index: tuple[int, ...], k: int
+                ) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """``(in-plane offsets, block index)`` of the next layer's blocks across the
+        high-``k`` face of block ``index``: one step up axis ``k``, at most one step either
+        way on the others, inside the grid (none past the grid's last layer)."""
+        ndim = len(self.grid_shape)
+        if index[k] == self.grid_shape[k] - 1:
+            return
+        inplane = [j for j in range(ndim) if j != k]
+        for delta in itertools.product((-1, 0, 1), repeat=ndim - 1):
+            nb = list(index)
+            nb[k] += 1
+            for j, dj in zip(inplane, delta, strict=True):
+                nb[j] += dj
+            if all(0 <= i < n for i, n in zip(nb, self.grid_shape, strict=True)):
+                yield delta, tuple(nb)
+
     def reads(self, block: Block) -> list[tuple[int, ...]]:
         """The blocks whose :class:`LocalLabels` files the task of ``block`` reads: its
-        own and, across each high-side face, the next layer's blocks (one step up that
-        axis, at most one step either way on the others)."""
-        out = [block.index]
-        ndim = len(self.grid_shape)
-        for k in range(ndim):
-            if block.index[k] == self.grid_shape[k] - 1:
-                continue
-            inplane = [j for j in range(ndim) if j != k]
-            for delta in itertools.product((-1, 0, 1), repeat=ndim - 1):
-                index = list(block.index)
-                index[k] += 1
-                for j, dj in zip(inplane, delta, strict=True):
-                    index[j] += dj
-                if all(0 <= i < n for i, n in zip(index, self.grid_shape, strict=True)):
-                    out.append(tuple(index))
-        return out
+        own and the next layer's across each high-side face."""
+        return [block.index, *(nb for k in range(len(self.grid_shape))
+                               for _, nb in self._across(block.index, k))]
 
     def __call__(self, block: Block) -> np.ndarray:
         ndim = len(self.grid_shape)
@@ -223,14 +227,7 @@ class FacePairs:
             inplane = [j for j in range(ndim) if j != k]
             # the next layer, one voxel wider on each in-plane side
             layer = np.zeros([p.shape[i] + 2 for i in range(ndim - 1)], np.uint64)
-            for delta in itertools.product((-1, 0, 1), repeat=ndim - 1):
-                index = list(block.index)
-                index[k] += 1
-                for j, dj in zip(inplane, delta, strict=True):
-                    index[j] += dj
-                if any(not 0 <= i < n for i, n in zip(index, self.grid_shape, strict=True)):
-                    continue
-                nb = tuple(index)
+            for delta, nb in self._across(block.index, k):
                 plane = np.load(_block_file(self.work, int(np.ravel_multi_index(
                     nb, self.grid_shape))))[f"lo{k}"]
                 # place the neighbour's plane (or the one row/voxel of it next to us)
