@@ -377,20 +377,28 @@ def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LabelResult:
-    """Where the labels are: ``path`` (materialized), or ``view`` (lazy) over the local
-    labels and relabel maps kept in ``work``. ``n_labels`` is the largest id,
-    ``n_objects`` the number of objects (they differ when a size filter keeps ids);
-    ``values`` the sorted ids present, when there are at most :data:`VALUES_LIMIT`."""
+    """Where the labels are: ``path`` (materialized), or ``source`` (lazy: a
+    :class:`RelabelView` over the local labels and relabel maps kept in ``work``, what
+    block tasks read). ``n_labels`` is the largest id, ``n_objects`` the number of
+    objects (they differ when a size filter keeps ids); ``values`` the sorted ids present,
+    when there are at most :data:`VALUES_LIMIT`."""
 
     path: Path | None
     n_labels: int
     dtype: np.dtype
-    view: Any = None
     work: Path | None = None
     n_objects: int = 0
     values: list[int] | None = None
-    source: Any = None
-    """With ``view``: the same labels as a :class:`RelabelView`, for block tasks."""
+    source: RelabelView | None = None
+
+    @property
+    def view(self) -> Any:
+        """The lazy labels as a dask array (``None`` when materialized), built when asked:
+        its graph holds a task per block, which a pass reading ``source`` never needs."""
+        if self.source is None:
+            return None
+        return relabel_view(Path(self.source.work), self.source.grid_shape,
+                            self.source.chunks, self.source.dtype)
 
 
 @dataclass(frozen=True)
@@ -593,8 +601,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         values = ([int(v) for v in block_ids] if block_ids is not None
                   and n_objects <= VALUES_LIMIT else None)
         if lazy:
-            return LabelResult(None, n, dtype, relabel_view(work, gshape, grid.block_shape,
-                                                            dtype), work, n_objects, values,
+            return LabelResult(None, n, dtype, work, n_objects, values,
                                RelabelView(str(work), shape, grid.block_shape, gshape, dtype))
     except BaseException:
         if state is None:  # a resumable run keeps its finished blocks
