@@ -60,17 +60,15 @@ def structure(ndim: int, connectivity: int | None = 1, slice_wise: bool = False)
 
 def _first_voxels(flat: np.ndarray, n: int) -> np.ndarray:
     """Flat index of the first voxel of labels 1..n of a raster-labelled array."""
-    fg = np.flatnonzero(flat)
-    vals = flat[fg]
     if n == 0:
         return np.zeros(0, np.int64)
-    new = np.empty(len(vals), bool)
-    new[0] = True
-    np.greater(vals[1:], np.maximum.accumulate(vals)[:-1], out=new[1:])
-    first = fg[new]
     # scipy numbers labels in order of first appearance, so the running maximum steps
-    # through 1..n; verify instead of trusting it
-    if len(first) == n and np.array_equal(vals[new], np.arange(1, n + 1)):
+    # through 1..n, reaching j at label j's first voxel; verified (a voxel found holds its
+    # label, and the running maximum was below it before) instead of trusted
+    running = np.maximum.accumulate(flat)
+    first = np.searchsorted(running, np.arange(1, n + 1, dtype=running.dtype))
+    if first[-1] < len(flat) and np.array_equal(flat[first],
+                                                np.arange(1, n + 1, dtype=flat.dtype)):
         return first
     values, index = np.unique(flat, return_index=True)
     return index[values > 0]
