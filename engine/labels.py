@@ -250,7 +250,13 @@ class FacePairs:
                                                                               strict=True))]
                 both = (p > 0) & (q > 0)
                 if both.any():
-                    pairs.append(np.stack([p[both], q[both]], axis=1))
+                    a, b = p[both], q[both]
+                    # a pair mostly repeats the one before it (runs of the same two objects
+                    # along the face): drop the repeats before the sort of _unique_rows
+                    new = np.ones(len(a), bool)
+                    np.not_equal(a[1:], a[:-1], out=new[1:])
+                    new[1:] |= b[1:] != b[:-1]
+                    pairs.append(np.stack([a[new], b[new]], axis=1))
         found = (_unique_rows(np.concatenate(pairs)) if pairs
                  else np.zeros((0, 2), np.uint64))
         np.save(_pairs_file(self.work, bid), found)  # what a resumed run recovers

@@ -141,6 +141,27 @@ def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
     return out
 
 
+def _boxes(indices: Sequence[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+    """``indices`` (chunk indices, distinct) grouped into boxes that hold no other chunk:
+    all of them when they fill their bounding box, else runs along the last axis. A zarr
+    call is a round trip to zarr's loop, but a chunk decoded for nothing (a cached one
+    inside the bounding box of the missing ones) costs a whole decode."""
+    if not indices:
+        return []
+    first = [min(i[a] for i in indices) for a in range(len(indices[0]))]
+    last = [max(i[a] for i in indices) for a in range(len(indices[0]))]
+    if math.prod(b - a + 1 for a, b in zip(first, last, strict=True)) == len(indices):
+        return [list(indices)]
+    runs: list[list[tuple[int, ...]]] = []
+    for index in sorted(indices):
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and prev[:-1] == index[:-1] and prev[-1] + 1 == index[-1]:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
 def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = ()) -> np.ndarray:
     """``zarr.open_array(path)[prefix + region]``, assembled from cached whole chunks.
 
@@ -167,9 +188,9 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, chunks, strict=True)]
     got = {index: _get((ident, prefix, index)) for index in itertools.product(*ranges)}
     missing = [index for index, chunk in got.items() if chunk is None]
-    if missing:  # one zarr call for all of them: each call is a round trip to zarr's loop
-        got.update(_read_chunks(arr, path, prefix, missing))
-        for index in missing:
+    for box in _boxes(missing):
+        got.update(_read_chunks(arr, path, prefix, box))
+        for index in box:
             _put((ident, prefix, index), got[index], limit)
     for index, chunk in got.items():
         lo = [max(s.start, i * c) for s, i, c in zip(region, index, chunks, strict=True)]
