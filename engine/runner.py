@@ -408,13 +408,16 @@ class _PassRun:
         """Blocks per task from now on: enough for :data:`BUNDLE_TARGET_S` of work at the
         median time of the last blocks in, one before any is in (or for a pass needing
         worker resources), and never so many that a thread would idle: at least four tasks
-        per thread in the window and in what is left of the pass."""
+        per thread in the window, and what is left of the pass shared by every thread (a
+        thread then waits at most one bundle, about :data:`BUNDLE_TARGET_S`, at the end;
+        four tasks per thread there made a pass of a few dozen millisecond blocks a
+        string of round trips)."""
         if self.spec.resources or not self.recent:
             return 1
         typical = float(np.median(self.recent))
         left = self.expected - self.pulled + len(self.waiting)
         return max(1, min(int(BUNDLE_TARGET_S / max(typical, 1e-4)), BUNDLE_MAX,
-                          limit // (4 * threads), left // (4 * threads)))
+                          limit // (4 * threads), -(-left // threads)))
 
     def finished(self) -> bool:
         return self.pulled == self.expected and not self.waiting and not self.in_flight
