@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.allocator import bound_freed_memory, trim_freed_memory
+from engine.allocator import trim_freed_memory
 from engine.errors import OptionError
 
 
@@ -258,7 +258,6 @@ def connect(
 
     options = options or ClusterOptions()
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
-    bound_freed_memory()  # this process holds the client, often the scheduler too
     if options.cluster not in CLUSTER_KINDS:
         raise OptionError(f"--cluster {options.cluster!r}: expected one of "
                           f"{', '.join(CLUSTER_KINDS)}")

@@ -1,10 +1,11 @@
-"""The client's process gives freed memory back (engine.allocator): glibc's thresholds stay
-fixed at 128 KiB, so medium buffers freed in any order leave the process, where by default
-they stay in its heap once a larger buffer has been freed."""
+"""The client's process gives freed memory back (engine.allocator.trim_freed_memory, which
+the embedded cluster calls every few seconds): buffers freed in the middle of glibc's heap
+stay resident until then."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -16,45 +17,33 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="glibc's allocator only")
 
-# A fresh process: 4 MiB allocated and freed (glibc's default then raises its mmap and trim
-# thresholds), then 96 buffers of 384 KiB written, all freed but the last (which keeps the
-# heap's top in use): how much of the 36 MiB the process still holds.
+# A fresh process: 4 MiB allocated and freed (glibc then serves buffers below that size from
+# its heap), then 96 buffers of 384 KiB written, all freed but the last (which keeps the
+# heap's top in use): how much of the 36 MiB the process holds before and after the trim.
 PROBE = textwrap.dedent("""
-    import json, os, sys
+    import json
     import numpy as np, psutil
-    from engine.allocator import bound_freed_memory
-    applied = bound_freed_memory() if sys.argv[1] == "bounded" else []
+    from engine.allocator import trim_freed_memory
     rss = lambda: psutil.Process().memory_info().rss
     big = np.ones(4 * 2**20, np.uint8); del big
     before = rss()
     bufs = [np.ones(384 * 2**10, np.uint8) for _ in range(96)]
     held = rss() - before
     del bufs[:-1]
-    print(json.dumps({"applied": applied, "held": held, "kept": rss() - before}))
+    kept = rss() - before
+    trimmed = trim_freed_memory()
+    print(json.dumps({"held": held, "kept": kept, "trimmed": trimmed,
+                      "after_trim": rss() - before}))
 """)
 
 
-def _probe(mode: str, env: dict[str, str] | None = None) -> dict:
-    import os
-
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                         check=True, env={**os.environ, **(env or {})})
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_freed_buffers_leave_the_process():
-    """With the thresholds bound, less than a quarter of the freed 36 MiB stays resident;
-    without them (glibc's default, the control that shows the probe measures it) more
-    than three quarters stays."""
-    bounded = _probe("bounded")
-    assert bounded["applied"] == ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"]
-    assert bounded["held"] > 30 * 2**20, bounded  # the buffers were resident
-    assert bounded["kept"] < 9 * 2**20, bounded
-    default = _probe("default")
-    assert default["kept"] > 27 * 2**20, default
-
-
-def test_the_users_settings_win():
-    """A threshold set through glibc's environment variable is left as the user set it."""
-    res = _probe("bounded", {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)})
-    assert res["applied"] == ["MALLOC_TRIM_THRESHOLD_"]
+def test_trim_gives_freed_buffers_back():
+    """Freed in the middle of the heap, more than three quarters of the 36 MiB stay
+    resident (the control: the probe sees them); after the trim less than a quarter."""
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                         check=True, env=dict(os.environ))
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["held"] > 30 * 2**20, res  # the buffers were resident
+    assert res["kept"] > 27 * 2**20, res
+    assert res["trimmed"] is True, res
+    assert res["after_trim"] < 9 * 2**20, res
