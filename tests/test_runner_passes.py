@@ -154,6 +154,21 @@ def test_short_blocks_share_tasks_and_keep_per_block_results(client, tmp_path):
     assert len(tasks) < 600 / 4, len(tasks)
 
 
+def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
+    """27 short blocks on 2 threads: after the 4 single-block tasks that probe their time,
+    what is left goes in one bundle per thread (not in four tasks per thread), so the pass
+    is a few round trips; the fold stays in grid order."""
+    from distributed import get_task_stream
+
+    grid = BlockGrid((27,), 1)
+    with get_task_stream(client) as ts:
+        report, = run_passes(client, [Pass(grid, Tiny(), "tiny", combine=lambda a, b: a + b)])
+    tasks = [t for t in ts.data if str(t["key"]).startswith("tiny")]
+    assert report.value == [(i,) for i in range(27)]
+    # 4 probes, then the 23 left in bundles of ceil(left / 2) as results come in
+    assert len(tasks) <= 8, len(tasks)
+
+
 def test_the_failed_block_of_a_bundle_is_named(client):
     grid = BlockGrid((600,), 1)
     with pytest.raises(BlockFailed, match=r"block \(437,\).*broken block"):
