@@ -182,6 +182,19 @@ class Gaussian(BlockOp):
         return ndi.gaussian_filter(image.astype(np.float32, copy=False), sigma,
                                    mode=self.mode, truncate=self.truncate)
 
+    def interior(self, crop: tuple[slice, ...], image: np.ndarray) -> np.ndarray:
+        # gaussian_filter is one 1D pass per axis in axis order, float32 in between: cutting
+        # an axis's halo right after its pass leaves the later passes fewer lines (a tenth
+        # less work at 128³ blocks, halo 8) and every kept value as it was
+        sig = self._sigmas(image.ndim)
+        out = image.astype(np.float32, copy=False)
+        for axis in range(image.ndim):
+            if sig.get(axis, 0.0) > 1e-15:  # scipy skips the same axes
+                out = ndi.gaussian_filter1d(out, sig[axis], axis=axis, mode=self.mode,
+                                            truncate=self.truncate)
+            out = out[(slice(None),) * axis + (crop[axis],)]
+        return out
+
 
 # --------------------------------------------------------------------------- diffusion
 
