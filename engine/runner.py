@@ -54,6 +54,9 @@ IN_FLIGHT_FLOOR = 128
 BUNDLE_TARGET_S = 0.1
 #: the most blocks one task runs (their results wait on the worker until the last is done)
 BUNDLE_MAX = 16
+#: at a pass's end bundles shrink to keep every thread busy, but not below this much work
+#: (seconds): smaller ones cost more in round trips than a thread waiting for one of them
+TAIL_BUNDLE_S = 0.02
 #: after a failed pass, the longest wait for its tasks still running on workers
 SETTLE_S = 60.0
 
@@ -408,16 +411,18 @@ class _PassRun:
         """Blocks per task from now on: enough for :data:`BUNDLE_TARGET_S` of work at the
         median time of the last blocks in, one before any is in (or for a pass needing
         worker resources), and never so many that a thread would idle: at least four tasks
-        per thread in the window, and what is left of the pass shared by every thread (a
-        thread then waits at most one bundle, about :data:`BUNDLE_TARGET_S`, at the end;
-        four tasks per thread there made a pass of a few dozen millisecond blocks a
-        string of round trips)."""
+        per thread in the window and in what is left of the pass, unless that makes
+        bundles of less than :data:`TAIL_BUNDLE_S` (then what is left is shared out in
+        bundles of about that much: a pass of a few dozen millisecond blocks was a string
+        of round trips, and a thread waits at most one such bundle at the end)."""
         if self.spec.resources or not self.recent:
             return 1
-        typical = float(np.median(self.recent))
+        typical = max(float(np.median(self.recent)), 1e-4)
         left = self.expected - self.pulled + len(self.waiting)
-        return max(1, min(int(BUNDLE_TARGET_S / max(typical, 1e-4)), BUNDLE_MAX,
-                          limit // (4 * threads), -(-left // threads)))
+        tail = min(max(left // (4 * threads), int(TAIL_BUNDLE_S / typical)),
+                   -(-left // threads))
+        return max(1, min(int(BUNDLE_TARGET_S / typical), BUNDLE_MAX,
+                          limit // (4 * threads), tail))
 
     def finished(self) -> bool:
         return self.pulled == self.expected and not self.waiting and not self.in_flight
