@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.allocator import trim_freed_memory
 from engine.errors import OptionError
 
 
@@ -325,34 +324,25 @@ SYSTEM_MONITOR_SAMPLES = 720
 #: keeps its last 100,000 keys in an ``lru_cache``: in the embedded scheduler's process
 #: that held every task key of a pass, ~0.3 KiB each with the heap they pinned (issue 17's
 #: grid soak grew by it up to 10⁵ tasks); emptied this often (seconds), it holds the keys
-#: of the last few seconds' tasks. The heaps' free pages are given back as often.
+#: of the last few seconds' tasks
 KEY_CACHE_CLEAR_S = 2.0
 
 
-def _release_memory() -> None:
-    from dask.utils import key_split
-
-    key_split.cache_clear()
-    trim_freed_memory()
-
-
-def bound_process_memory(scheduler: Any, every_s: float = KEY_CACHE_CLEAR_S) -> Any:
-    """Every ``every_s`` seconds, on ``scheduler``'s event loop and for as long as the
-    scheduler runs (it stops its periodic callbacks when it closes): empty dask's
-    ``key_split`` cache and give the free pages of glibc's heaps back to the system
-    (:func:`engine.allocator.trim_freed_memory`), in the process of ``scheduler`` (an
-    embedded one: the client's). The first is a cache (emptying it changes no prefix, only
-    what is kept), the second moves nothing in use.
+def bound_key_cache(scheduler: Any, every_s: float = KEY_CACHE_CLEAR_S) -> Any:
+    """Empty dask's ``key_split`` cache every ``every_s`` seconds on ``scheduler``'s
+    event loop, for as long as the scheduler runs (it stops its periodic callbacks when
+    it closes). Its result is a cache: emptying it changes no prefix, only what is kept.
 
     Returns
     -------
     tornado.ioloop.PeriodicCallback
         The callback (started on the scheduler's loop).
     """
+    from dask.utils import key_split
     from tornado.ioloop import PeriodicCallback
 
-    callback = PeriodicCallback(_release_memory, every_s * 1000)
-    scheduler.periodic_callbacks["voxelmill-release-memory"] = callback
+    callback = PeriodicCallback(key_split.cache_clear, every_s * 1000)
+    scheduler.periodic_callbacks["voxelmill-key-split-cache"] = callback
     scheduler.loop.add_callback(callback.start)  # a PeriodicCallback starts on its loop
     return callback
 
@@ -393,7 +383,7 @@ def _local_client(options: ClusterOptions, security: object | None,
             cluster = _embedded(workers, threads, gpus, kwargs, options.dashboard_address,
                                 devices=not options.cpu_gpu_workers)
         try:
-            bound_process_memory(cluster.scheduler)
+            bound_key_cache(cluster.scheduler)
             with dask.config.set(caps):  # the client's own connection keeps its batches too
                 client = Client(cluster, security=kwargs.get("security"))
             if gpus:
