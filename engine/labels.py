@@ -263,6 +263,11 @@ class FacePairs:
         return found
 
 
+def _map_file(work: str | Path, bid: int) -> Path:
+    """Block ``bid``'s relabel map: local label -> final id (:class:`Relabel`, lazy runs)."""
+    return Path(work) / "maps" / f"{bid}.npy"
+
+
 def _pairs_file(work: str, bid: int) -> Path:
     return Path(work) / "pairs" / f"{bid}.npy"
 
@@ -354,7 +359,7 @@ class Relabel:
         lut[face[:, 0].astype(np.int64)] = face[:, 1]
         interior_kept = int(kept.sum()) - int(kept[face[:, 0].astype(np.int64) - 1].sum())
         if write and self.out is None:
-            np.save(work / "maps" / f"{bid}.npy", lut)
+            np.save(_map_file(work, bid), lut)
         elif write:
             local = read_region(str(work / "local"), block.write)
             zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
@@ -428,21 +433,21 @@ class RelabelView:
                  zip(region, self.chunks, strict=True)]
         if all(len(s) == 1 for s in spans):  # inside one label block: one map, no copy
             bid = int(np.ravel_multi_index([s[0] for s in spans], self.grid_shape))
-            return np.load(Path(self.work) / "maps" / f"{bid}.npy")[local]
+            return np.load(_map_file(self.work, bid))[local]
         out = np.zeros(local.shape, self.dtype)
         for index in itertools.product(*spans):
             part = tuple(slice(max(r.start, i * c) - r.start, min(r.stop, (i + 1) * c) - r.start)
                          for r, i, c in zip(region, index, self.chunks, strict=True))
             bid = int(np.ravel_multi_index(index, self.grid_shape))
-            out[part] = np.load(Path(self.work) / "maps" / f"{bid}.npy")[local[part]]
+            out[part] = np.load(_map_file(self.work, bid))[local[part]]
         return out
 
 
-def _apply_map(local: np.ndarray, maps: str, grid_shape: tuple[int, ...],
+def _apply_map(local: np.ndarray, work: str, grid_shape: tuple[int, ...],
                block_info: dict | None = None) -> np.ndarray:
     index = tuple(block_info[0]["chunk-location"])
     bid = int(np.ravel_multi_index(index, grid_shape))
-    return np.load(Path(maps) / f"{bid}.npy")[local]
+    return np.load(_map_file(work, bid))[local]
 
 
 def relabel_view(work: Path, grid_shape: tuple[int, ...], block_shape: tuple[int, ...],
@@ -453,7 +458,7 @@ def relabel_view(work: Path, grid_shape: tuple[int, ...], block_shape: tuple[int
 
     local = zarr.open_array(str(work / "local"), mode="r")
     data = da.from_zarr(local, chunks=block_shape)
-    return data.map_blocks(_apply_map, str(work / "maps"), tuple(grid_shape), dtype=dtype)
+    return data.map_blocks(_apply_map, str(work), tuple(grid_shape), dtype=dtype)
 
 
 def _shape_and_chunks(mask: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
