@@ -23,9 +23,11 @@ def _array(path, data, chunks):
     return str(path)
 
 
+@pytest.mark.parametrize("direct", [True, False])  # chunks decoded one by one, or as a box
 @pytest.mark.parametrize("limit_mib", ["0", "0.05", "64"])  # off, evicting, holding all
-def test_regions_equal_zarr_slicing(tmp_path, monkeypatch, limit_mib):
+def test_regions_equal_zarr_slicing(tmp_path, monkeypatch, limit_mib, direct):
     monkeypatch.setenv("VOXELMILL_CHUNK_CACHE_MIB", limit_mib)
+    monkeypatch.setattr(chunkcache, "DIRECT_BYTES", 0 if direct else 2**30)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 1000, (2, 23, 37, 29)).astype(np.uint16)
     path = _array(tmp_path / "a.zarr", data, (1, 8, 16, 7))

@@ -26,6 +26,8 @@ from engine.io.sources import Source, ZarrSource
 
 DEFAULT_MIB = 512
 """Cache size per process unless ``VOXELMILL_CHUNK_CACHE_MIB`` says otherwise (0 = off)."""
+DIRECT_BYTES = 2**20
+"""Chunks at least this large are decoded one by one straight into their cache entry."""
 
 _lock = threading.Lock()
 _entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -124,21 +126,35 @@ def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...]
 
 def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
                  indices: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
-    """Whole chunks ``indices`` of the trailing axes, read as their bounding box in one
-    call (chunks between them are decoded too); each one a copy of its own, so a cached
-    chunk never holds the box alive."""
+    """Whole chunks ``indices`` of the trailing axes, each an array of its own (a cached
+    chunk never holds a larger read alive).
+
+    A large chunk is decoded straight into its array, one zarr call each: reading them as
+    one box and copying each out would touch every byte twice more, in memory that is
+    fresh while a worker's cache fills. Small chunks are read as their bounding box in
+    one call (chunks between them are decoded too) and copied out: there a zarr call, a
+    round trip to zarr's loop, costs more than the copy."""
     chunks, shape = arr.chunks[len(prefix):], arr.shape[len(prefix):]
+
+    def region(index: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
+                     zip(index, chunks, shape, strict=True))
+
+    if math.prod(chunks) * arr.dtype.itemsize >= DIRECT_BYTES or len(indices) == 1:
+        out = {}
+        for index in indices:
+            sel = region(index)
+            out[index] = read_checked(arr, path, prefix + sel, out=np.empty(
+                tuple(s.stop - s.start for s in sel), arr.dtype))
+        return out
     first = [min(i[a] for i in indices) for a in range(len(chunks))]
     last = [max(i[a] for i in indices) for a in range(len(chunks))]
     box = tuple(slice(f * c, min((g + 1) * c, n)) for f, g, c, n in
                 zip(first, last, chunks, shape, strict=True))
     data = read_checked(arr, path, prefix + box)
-    out = {}
-    for index in indices:
-        sel = tuple(slice((i - f) * c, (i - f + 1) * c) for i, f, c in
-                    zip(index, first, chunks, strict=True))
-        out[index] = data[sel].copy() if len(indices) > 1 else data
-    return out
+    return {index: data[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in
+                              zip(region(index), box, strict=True))].copy()
+            for index in indices}
 
 
 def _boxes(indices: Sequence[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:

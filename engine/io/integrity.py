@@ -80,7 +80,8 @@ def _unit_region(arr: Any, index: Sequence[int]) -> tuple[slice, ...]:
                  zip(index, unit, arr.shape, strict=True))
 
 
-def read_checked(arr: Any, path: str, selection: Sequence[Any]) -> np.ndarray:
+def read_checked(arr: Any, path: str, selection: Sequence[Any],
+                 out: np.ndarray | None = None) -> np.ndarray:
     """``arr[selection]`` as NumPy, raising :class:`InputError` for a damaged unit.
 
     Parameters
@@ -91,6 +92,9 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any]) -> np.ndarray:
         Its location (for the message and to look for chunk files).
     selection : tuple of slice or int
         Basic selection, steps of 1.
+    out : ndarray, optional
+        C-contiguous, of the selection's shape and the array's dtype: zarr decodes into it
+        (no result array allocated and copied); it is returned.
     """
     selection = tuple(selection)
     if every_chunk_written(arr):
@@ -102,7 +106,12 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any]) -> np.ndarray:
                     "chunk stored, so data was lost: re-create it, e.g. re-run voxelmill "
                     "convert")
     try:
-        return np.asarray(arr[selection])
+        if out is None:
+            return np.asarray(arr[selection])
+        from zarr.core.buffer.cpu import NDBuffer
+
+        arr.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+        return out
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure: find the damaged unit
