@@ -92,3 +92,18 @@ def test_peak_memory_stays_far_below_volume_size(big_mrc, tmp_path):
     with mrcfile.mmap(big_mrc, mode="r") as mrc:
         for sl in [np.s_[:128, :128, :128], np.s_[-100:, 900:, 400:]]:
             np.testing.assert_array_equal(z0[sl], mrc.data[sl])
+
+
+def test_embedded_workers_run_with_one_malloc_arena_per_task_thread():
+    """glibc's settings reach the embedded workers: buffers are reused rather than faulted
+    in afresh (mmap threshold), and shared among the worker's threads (arenas)."""
+    import os
+
+    from engine.cluster import ClusterOptions, connect
+
+    opts = ClusterOptions(workers=1, threads_per_worker=2, dashboard_address="none")
+    with connect(opts, report=lambda _: None) as client:
+        env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in (
+            "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}).values()))
+    assert env == {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                   "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
