@@ -51,7 +51,7 @@ BlockTask = Callable[[Block], Any]
 IN_FLIGHT_FLOOR = 128
 #: a dask task costs the client, the scheduler and the worker a few milliseconds whatever it
 #: does: short blocks go several to a task, enough for about this many seconds of work
-BUNDLE_TARGET_S = 0.1
+BUNDLE_TARGET_S = 0.25
 #: the most blocks one task runs (their results wait on the worker until the last is done)
 BUNDLE_MAX = 16
 #: at a pass's end bundles shrink to keep every thread busy, but not below this much work
