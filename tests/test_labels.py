@@ -251,4 +251,4 @@ def test_faces_are_paired_while_other_blocks_are_still_labelled(client, tmp_path
     # the first block's pairs were saved before the slow last block's labels
     work = res.work
     assert (work / "pairs" / "0.npy").stat().st_mtime < \
-        (work / "blocks" / "15.npz").stat().st_mtime
+        (work / "blocks" / "15.bin").stat().st_mtime
