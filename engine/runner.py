@@ -6,8 +6,8 @@ and writes its write region straight to storage from the worker; only block coor
 and small results travel through the scheduler.
 
 Resume: each run has a hash of (operation, parameters, input, layout). Finished blocks are
-recorded in a done-marker zarr array (one chunk per block, so markers never race) under
-the run's state directory, written by the worker *after* the block's write succeeded.
+recorded as done-markers (an empty file per block, so markers never race) under the
+run's state directory, written by the worker *after* the block's write succeeded.
 A re-run with the same hash skips them; a different hash starts afresh.
 
 Reductions stream: a pass given ``combine`` folds each block's result into a fixed binary
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import time
 import uuid
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from engine import events
 from engine.blocks import Block, BlockGrid
@@ -67,24 +67,35 @@ class BlockFailed(RuntimeError):
 
 @dataclass
 class DoneMarkers:
-    """Done-markers of one run: a boolean zarr array shaped like the block grid."""
+    """Done-markers of one pass: a folder with an empty file per finished block, named by
+    the block's flat (C-order) index in the grid.
+
+    Marking is one file creation on the worker, reading them all one listing: as a zarr
+    array (a chunk per block) a mark cost ~1.5 ms (opening the array, encoding and
+    writing a chunk), about a fifth of a 64³ block's work, and reading them a file open
+    per block.
+    """
 
     path: Path
     grid_shape: tuple[int, ...]
 
-    def open(self, mode: str = "a") -> zarr.Array:
-        return zarr.open_array(
-            str(self.path), mode=mode, shape=self.grid_shape, chunks=(1,) * len(self.grid_shape),
-            dtype=bool, fill_value=False, zarr_format=3,
-        )
+    def open(self, mode: str = "a") -> None:
+        """Create the folder (before workers mark into it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def finished(self) -> np.ndarray:
-        if not self.path.exists():
-            return np.zeros(self.grid_shape, dtype=bool)
-        return np.asarray(self.open("r")[...])
+        """Which blocks are marked: bool, ``grid_shape``."""
+        done = np.zeros(int(np.prod(self.grid_shape)), dtype=bool)
+        if self.path.is_dir():
+            with os.scandir(self.path) as entries:
+                marked = np.fromiter((int(e.name) for e in entries if e.name.isdigit()),
+                                     dtype=np.int64)
+            done[marked[marked < done.size]] = True
+        return done.reshape(self.grid_shape)
 
     def mark(self, index: tuple[int, ...]) -> None:
-        self.open("r+")[index] = True
+        bid = int(np.ravel_multi_index(index, self.grid_shape))
+        os.close(os.open(self.path / str(bid), os.O_CREAT | os.O_WRONLY, 0o644))
 
 
 @dataclass
@@ -306,7 +317,7 @@ class Pass:
         Picklable ``task(block) -> result``; results should be small (they go through the
         scheduler).
     name : str
-        Task keys, events and the done-marker array; unique among the passes of one run.
+        Task keys, events and the done-markers' folder; unique among the passes of one run.
     combine, initial, recover, resources, retries :
         As :func:`run_blocks`.
     after : callable, optional
@@ -517,7 +528,7 @@ def run_passes(
     order = list(runs.values())
     for run in order:
         if run.markers is not None and run.n_todo:
-            run.markers.open("a")  # create the marker array before workers write into it
+            run.markers.open("a")  # create the markers' folder before workers mark into it
     progress.start(" + ".join(names), sum(r.total for r in order),
                    sum(r.skipped for r in order))
     for run in order:
@@ -675,7 +686,7 @@ def run_blocks(
         Picklable ``task(block) -> result``; results should be small (they go through
         the scheduler).
     name : str
-        Name of this pass: task keys, progress label and the done-marker array.
+        Name of this pass: task keys, progress label and the done-markers' folder.
     state : RunState, optional
         Where done-markers live; without it the pass is not resumable.
     max_in_flight : int, optional

@@ -25,6 +25,7 @@ from engine.pipelines.segment import SegmentOptions, segment
 from engine.runlock import lock_path, output_lock
 from tests.conftest import dask_processes, run_cli
 from tests.segment_helpers import blobs
+from tests.test_resume import finished_blocks
 
 EXE = str(Path(sys.executable).parent / "voxelmill")
 WORKFLOW = ("steps:\n"
@@ -32,14 +33,6 @@ WORKFLOW = ("steps:\n"
             "  - {name: mask, function: threshold, parameters: {method: otsu, factor: 1.2}}\n"
             "  - {name: cells, function: label}\n"
             "  - {name: big, function: size_filter, parameters: {min_size: 20}}\n")
-
-
-def _markers(partial: Path) -> int:
-    """Done-markers written so far under a partial output (chunk files of marker arrays)."""
-    state = partial / ".voxelmill"
-    if not state.exists():
-        return 0
-    return sum(1 for p in state.rglob("*") if p.is_file() and "/c/" in p.as_posix())
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +76,9 @@ def test_worker_killed_mid_segmentation_gives_identical_output(image, reference,
 
         def kill_when_busy() -> None:
             deadline = time.monotonic() + 120
-            while _markers(partial) < 12 and time.monotonic() < deadline:
+            while finished_blocks(partial) < 12 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            killed["at"] = _markers(partial)
+            killed["at"] = finished_blocks(partial)
             os.kill(victim, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_when_busy)
@@ -135,19 +128,19 @@ def test_killed_cli_resumes_and_a_concurrent_run_is_refused(image, reference, tm
     partial = src / "labels" / ".cells.partial"
     first = _start(_segment_args(src, wf))
     try:
-        _wait_for(lambda: _markers(partial) >= 12, first, "12 blocks were done")
+        _wait_for(lambda: finished_blocks(partial) >= 12, first, "12 blocks were done")
         os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run: alive, holding the lock
-        done = _markers(partial)
+        done = finished_blocks(partial)
         second = run_cli(*_segment_args(src, wf))
         assert second.returncode == 2, second.stderr
         assert "another voxelmill run is writing it" in second.stderr
         assert f"process {first.pid} on {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
-        assert _markers(partial) == done  # the refused run touched nothing
+        assert finished_blocks(partial) == done  # the refused run touched nothing
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    done = _markers(partial)
+    done = finished_blocks(partial)
     assert lock_path(src / "labels" / "cells").exists()  # left behind by the killed run
 
     res = run_cli(*_segment_args(src, wf))
@@ -205,4 +198,4 @@ def test_damaged_input_chunk_stops_with_its_name(image, tmp_path, damage):
     assert f"{src / '0'}: chunk (2, 3, 1)" in message
     assert ("is missing" if damage == "missing" else "cannot be read") in message
     assert not (src / "labels" / "cells").exists()
-    assert _markers(src / "labels" / ".cells.partial") == 0  # nothing marked done
+    assert finished_blocks(src / "labels" / ".cells.partial") == 0  # nothing marked done

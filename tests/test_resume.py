@@ -23,11 +23,11 @@ ARGS = ["--chunks", "16", "--block-mib", "0.25", "--workers", "1", "--threads-pe
 
 
 def finished_blocks(partial: Path) -> int:
-    """Done-markers written so far (chunk files of the marker arrays)."""
+    """Done-markers written so far (a file per finished block, named by its index)."""
     state = partial / ".voxelmill"
     if not state.exists():
         return 0
-    return sum(1 for p in state.rglob("*") if p.is_file() and "/c/" in p.as_posix())
+    return sum(1 for p in state.rglob("*") if p.is_file() and p.name.isdigit())
 
 
 def interrupt_conversion(src: Path, dst: Path, extra: list[str], after: int) -> int:
