@@ -82,9 +82,9 @@ def _block_file(work: str, bid: int) -> Path:
 
 def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
     """Small arrays in one flat file: a JSON line of names, dtypes and shapes, then their
-    bytes, each padded to 8. ``np.savez`` costs ~5× more to write and, through its zip
-    directory and per-member headers, ~4× more to read: more than a block's labelling
-    work files hold."""
+    bytes, each padded to 8. For a 64³ block's files ``np.savez`` took ~2× longer to
+    write and, through its zip directory and per-member headers, 4–10× longer to read
+    (0.14–0.36 ms against 0.03): a face task reads up to 20 of them."""
     header = json.dumps([[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()])
     head = header.encode() + b"\n"
     with open(path, "wb") as f:
