@@ -96,14 +96,18 @@ def test_peak_memory_stays_far_below_volume_size(big_mrc, tmp_path):
 
 def test_embedded_workers_run_with_one_malloc_arena_per_task_thread():
     """glibc's settings reach the embedded workers: buffers are reused rather than faulted
-    in afresh (mmap threshold), and shared among the worker's threads (arenas)."""
+    in afresh (mmap threshold), and shared among the worker's threads (arenas). Each
+    cluster gets its own, though distributed leaves a cluster's in the environment of the
+    process that started it (and takes them from there before its configuration)."""
     import os
 
     from engine.cluster import ClusterOptions, connect
 
-    opts = ClusterOptions(workers=1, threads_per_worker=2, dashboard_address="none")
-    with connect(opts, report=lambda _: None) as client:
-        env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in (
-            "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}).values()))
-    assert env == {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-                   "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
+    keys = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    for threads in (1, 2):
+        opts = ClusterOptions(workers=1, threads_per_worker=threads, dashboard_address="none")
+        with connect(opts, report=lambda _: None) as client:
+            env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in keys}).values()))
+        assert env == {"MALLOC_ARENA_MAX": str(threads),
+                       "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                       "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
