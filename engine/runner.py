@@ -79,7 +79,7 @@ class DoneMarkers:
     path: Path
     grid_shape: tuple[int, ...]
 
-    def open(self, mode: str = "a") -> None:
+    def create(self) -> None:
         """Create the folder (before workers mark into it)."""
         self.path.mkdir(parents=True, exist_ok=True)
 
@@ -528,7 +528,7 @@ def run_passes(
     order = list(runs.values())
     for run in order:
         if run.markers is not None and run.n_todo:
-            run.markers.open("a")  # create the markers' folder before workers mark into it
+            run.markers.create()  # the folder exists before workers mark into it
     progress.start(" + ".join(names), sum(r.total for r in order),
                    sum(r.skipped for r in order))
     for run in order:

@@ -86,7 +86,7 @@ def test_resumed_blocks_count_as_finished(client, tmp_path):
     state = RunState(tmp_path / "state", "abc")
     state.begin()
     markers = state.markers("resume", grid)
-    markers.open("a")
+    markers.create()
     work = tmp_path / "w"
     work.mkdir()
     for index in [(0, 0), (0, 1), (1, 0)]:  # done by an "earlier run"

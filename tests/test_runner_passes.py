@@ -100,7 +100,7 @@ def test_finished_blocks_of_an_earlier_run_count(client, tmp_path):
     state.begin()
     passes = two_passes(tmp_path)
     markers = state.markers("first", passes[0].grid)
-    markers.open("a")
+    markers.create()
     for index in itertools.product(range(4), range(2)):  # the left half, done before
         markers.mark(index)
         (tmp_path / "a" / name(index)).write_text("0")
