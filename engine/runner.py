@@ -381,7 +381,8 @@ class _PassRun:
         self.results: dict[tuple[int, ...], Any] = {}
         self.block_seconds = array("d")  # packed: 8 bytes a block
         self.voxels = 0
-        self.in_flight = 0  # blocks submitted and not yet in
+        self.in_flight = 0  # blocks submitted and not yet finished
+        self.fetching = 0  # blocks finished whose values are not yet in
         self.recent: deque[float] = deque(maxlen=32)  # task times of the last blocks in
         self.report: RunReport | None = None
 
@@ -436,7 +437,8 @@ class _PassRun:
                           limit // (4 * threads), tail))
 
     def finished(self) -> bool:
-        return self.pulled == self.expected and not self.waiting and not self.in_flight
+        return (self.pulled == self.expected and not self.waiting and not self.in_flight
+                and not self.fetching)
 
     def close(self, seconds: float) -> RunReport:
         """The pass's report (and its ``stage-end`` event) once its last block is in."""
@@ -545,6 +547,13 @@ def run_passes(
     # future waited on from two loops fails ("bound to a different event loop") when a lost
     # worker makes gather reschedule it (seen with an in-process client beside a SLURM one)
     ac = as_completed(loop=client.loop)
+    # each gather and each submission costs the client's loop ~1 ms (and a gather the
+    # worker too): finished tasks of passes no block waits on are gathered a few at a
+    # time, and freed window slots refilled a quarter window at a time while every thread
+    # has work queued
+    unfetched: list[Any] = []
+    fetch_batch = max(8, 2 * threads)
+    refill = max(1, limit // 4)
 
     def submit(n: int) -> None:
         """Submit up to ``n`` ready blocks, earlier passes first (one message to the
@@ -577,6 +586,32 @@ def run_passes(
             n -= len(numbered)
             ac.update(batch)
 
+    def fetch(done: list[Any]) -> None:
+        """Gather the values of finished tasks in one call and take them in."""
+        if not done:
+            return
+        values = client.gather(done)
+        for fut, outs in zip(done, values, strict=True):
+            run, blocks, numbers = futures.pop(fut)
+            fut.release()
+            run.fetching -= len(blocks)
+            # not strict: a user error ends a bundle early
+            for block, number, (result, seconds) in zip(blocks, numbers, outs, strict=False):
+                if isinstance(result, _UserError):
+                    raise failed(run, block, result.error)
+                if run.fold is not None:
+                    run.fold.add(number, result)
+                elif result is not None:  # a write pass's Nones would cost an entry each
+                    run.results[block.index] = result
+                if run.complete is not None:
+                    run.complete[block.index] = True
+                if run.spec.on_done is not None:
+                    run.spec.on_done(block)
+                run.recent.append(seconds)
+                if not run.done[block.index]:
+                    run.block_seconds.append(seconds)
+                    progress.advance()
+
     def close_finished() -> None:
         for run in order:
             if run.report is None and run.finished():
@@ -598,6 +633,7 @@ def run_passes(
         for batch in ac.batches():
             for fut in batch:
                 if fut.status != "finished":
+                    fetch(unfetched)  # a user error among them is the cause to report
                     exc = fut.exception()
                     run, blocks, _ = futures[fut]
                     if isinstance(exc, _InBundle):
@@ -605,29 +641,22 @@ def run_passes(
                     else:
                         block = blocks[0]
                     raise failed(run, block, exc) from exc
-            values = client.gather(batch)
-            for fut, outs in zip(batch, values, strict=True):
-                run, blocks, numbers = futures.pop(fut)
-                fut.release()
+            now = []
+            for fut in batch:
+                run, blocks, _ = futures[fut]
                 run.in_flight -= len(blocks)
-                # not strict: a user error ends a bundle early
-                for block, number, (result, seconds) in zip(blocks, numbers, outs,
-                                                            strict=False):
-                    if isinstance(result, _UserError):
-                        raise failed(run, block, result.error)
-                    if run.fold is not None:
-                        run.fold.add(number, result)
-                    elif result is not None:  # a write pass's Nones would cost an entry each
-                        run.results[block.index] = result
-                    if run.complete is not None:
-                        run.complete[block.index] = True
-                    if run.spec.on_done is not None:
-                        run.spec.on_done(block)
-                    run.recent.append(seconds)
-                    if not run.done[block.index]:
-                        run.block_seconds.append(seconds)
-                        progress.advance()
-            submit(limit - sum(run.in_flight for run in order))
+                run.fetching += len(blocks)
+                # blocks others wait on count as finished only once their values are in (a
+                # user error must stop the run before they read what it did not write):
+                # those are gathered at once, as is a pass's first (its bundles' sizing)
+                (now if run.complete is not None or not run.recent else unfetched).append(fut)
+            if len(unfetched) >= fetch_batch or not any(run.in_flight for run in order):
+                now += unfetched
+                unfetched.clear()
+            fetch(now)
+            free = limit - sum(run.in_flight for run in order)
+            if free >= refill or len(futures) - len(unfetched) < 2 * threads:
+                submit(free)
             close_finished()
             if time.monotonic() - last_event >= 1.0:  # bounded event rate for huge grids
                 last_event = time.monotonic()

@@ -7,11 +7,13 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from engine.blocks import Block, BlockGrid, blocks_reading
+from engine.errors import InputError
 from engine.runner import BlockFailed, Pass, RunState, run_passes
 
 
@@ -36,15 +38,16 @@ def name(index: tuple[int, ...]) -> str:
 @dataclass(frozen=True)
 class Write:
     """Writes ``<folder>/<key>`` with the time it finished; ``fail`` names a block that
-    raises instead, ``slow`` one that takes a second."""
+    raises instead (a user error with ``user_error``), ``slow`` one that takes a second."""
 
     folder: str
     fail: tuple[int, ...] | None = None
     slow: tuple[int, ...] | None = None
+    user_error: bool = False
 
     def __call__(self, block: Block) -> tuple[tuple[int, ...], ...]:
         if block.index == self.fail:
-            raise ValueError("broken block")
+            raise (InputError if self.user_error else ValueError)("broken block")
         time.sleep(1.0 if block.index == self.slow else 0.03)
         (Path(self.folder) / name(block.index)).write_text(repr(time.time()))
         return (block.index,)
@@ -61,6 +64,7 @@ class Read:
 
     def __call__(self, block: Block) -> tuple[tuple[int, ...], float]:
         started = time.time()
+        (Path(self.folder) / f"started-{name(block.index)}").write_text("")
         for index in blocks_reading(self.grid, block.read):
             if not (Path(self.first) / name(index)).exists():
                 raise AssertionError(f"{block.index} started before {index} was written")
@@ -73,13 +77,14 @@ def concat(a: tuple, b: tuple) -> tuple:
 
 
 def two_passes(tmp_path: Path, fail: tuple[int, ...] | None = None,
-               slow: tuple[int, ...] | None = None) -> list[Pass]:
+               slow: tuple[int, ...] | None = None, user_error: bool = False) -> list[Pass]:
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(exist_ok=True)
     second.mkdir(exist_ok=True)
     grid_a = BlockGrid((40, 40), (10, 10))
     grid_b = BlockGrid((40, 40), (20, 10), halo=2)  # another layout, reading a halo
-    return [Pass(grid_a, Write(str(first), fail, slow), "first", combine=concat, retries=0),
+    return [Pass(grid_a, Write(str(first), fail, slow, user_error), "first", combine=concat,
+                 retries=0),
             Pass(grid_b, Read(str(first), grid_a, str(second)), "second",
                  needs={"first": lambda b: blocks_reading(grid_a, b.read)})]
 
@@ -116,6 +121,18 @@ def test_a_failure_stops_every_pass(client, tmp_path):
     written = sorted(p.name for p in (tmp_path / "a").iterdir())
     time.sleep(0.2)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == written
+
+
+def test_a_user_error_stops_the_blocks_that_read_its_block(client, tmp_path):
+    """A user error is a value, not a failed task: the blocks waiting on its block must not
+    start before that value is in (they would read what it never wrote)."""
+    with pytest.raises(InputError, match="broken block"):
+        run_passes(client, two_passes(tmp_path, fail=(3, 3), user_error=True),
+                   max_in_flight=4)
+    time.sleep(0.2)
+    started = {p.name for p in (tmp_path / "b").iterdir() if p.name.startswith("started")}
+    # the second pass's blocks (1, 2) and (1, 3) read the first pass's block (3, 3)
+    assert not started & {"started-1_2", "started-1_3"}, started
 
 
 def test_needs_must_name_an_earlier_pass(client, tmp_path):
@@ -167,6 +184,52 @@ def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
     assert report.value == [(i,) for i in range(27)]
     # 4 probes, then the 23 left in bundles of ceil(left / 2) as results come in
     assert len(tasks) <= 8, len(tasks)
+
+
+class CountingGathers:
+    """The client, counting its ``gather`` calls."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.gathers = 0
+
+    def gather(self, *args: Any, **kwargs: Any) -> Any:
+        self.gathers += 1
+        return self.client.gather(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_results_nothing_waits_on_are_gathered_a_few_tasks_at_a_time(client):
+    """A gather costs the client's loop and the worker a round trip: the finished tasks of
+    a pass no block waits on are gathered together; the fold stays whole and in order, and
+    a user error among them is still reported with its block."""
+    from distributed import get_task_stream
+
+    counting = CountingGathers(client)
+    grid = BlockGrid((3000,), 1)
+    with get_task_stream(client) as ts:
+        report, = run_passes(counting, [Pass(grid, Sleepy(), "sleepy",
+                                              combine=lambda a, b: a + b)])
+    tasks = [t for t in ts.data if str(t["key"]).startswith("sleepy")]
+    assert report.value == [(i,) for i in range(3000)]
+    assert counting.gathers <= len(tasks) / 3, (counting.gathers, len(tasks))
+    with pytest.raises(InputError, match="block 2500"):
+        run_passes(client, [Pass(grid, Sleepy(user_error=(2500,)), "sleepy")])
+
+
+@dataclass(frozen=True)
+class Sleepy:
+    """A block of a millisecond: its index as a result; a user error for ``user_error``."""
+
+    user_error: tuple[int, ...] | None = None
+
+    def __call__(self, block: Block) -> list[tuple[int, ...]]:
+        if block.index == self.user_error:
+            raise InputError(f"block {block.index[0]} is bad")
+        time.sleep(0.001)
+        return [block.index]
 
 
 def test_the_failed_block_of_a_bundle_is_named(client):
