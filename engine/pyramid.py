@@ -371,13 +371,18 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
         One per pass.
     """
     from engine.runner import Pass as RunnerPass
-    from engine.runner import run_passes
+    from engine.runner import cluster_threads, run_passes
 
     itemsize = np.dtype(data.dtype).itemsize if data is not None else 1
     data = reader_of(data) if data is not None and start == 0 else None
     specs: list[RunnerPass] = []
     prev = 0  # the level the previous pass's grid covers
-    for i, p in enumerate(plan_passes(levels, chunks, itemsize, budget_bytes, start=start)):
+    # four blocks per thread at least: a pass of 8 blocks fused over three levels left
+    # 8 of 16 threads idle (the runner's done-markers follow the block shape, so a
+    # resume on another cluster redoes such a pass rather than mixing layouts)
+    min_blocks = max(8, 4 * cluster_threads(client))
+    for i, p in enumerate(plan_passes(levels, chunks, itemsize, budget_bytes, min_blocks,
+                                      start=start)):
         src_level = max(p.source, 0)
         source = data if p.source == -1 else str(group / str(p.source))
         first_written = p.levels[0] if p.source == -1 else p.levels[0] - 1

@@ -111,7 +111,12 @@ class RunState:
     identity: dict[str, Any] = field(default_factory=dict)
 
     def markers(self, name: str, grid: BlockGrid) -> DoneMarkers:
-        return DoneMarkers(self.directory / self.run_hash / name, grid.grid_shape)
+        """The markers of pass ``name`` over ``grid``. A marker names a block by its flat
+        index, so the folder names the block shape too: a run may cut the volume another
+        way (convert's pyramid blocks follow the cluster's threads), and then finds no
+        markers of the pass rather than another layout's."""
+        layout = "x".join(map(str, grid.block_shape))
+        return DoneMarkers(self.directory / self.run_hash / f"{name}.{layout}", grid.grid_shape)
 
     def begin(self) -> None:
         """Prepare the state directory, dropping the markers of other run hashes."""

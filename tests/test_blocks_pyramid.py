@@ -164,3 +164,15 @@ def test_a_coarser_level_starts_before_the_finer_one_is_done(client, tmp_path):
     assert (tmp_path / "2" / "c" / "1" / "1").stat().st_mtime < slow
     for i, ref in enumerate(_whole_pyramid(data, levels, "mean")):
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / str(i)))[...], ref)
+
+
+def test_a_pass_keeps_four_blocks_per_thread():
+    """Levels are fused into one pass only while it keeps ``min_blocks`` blocks (build_pyramid
+    asks four per cluster thread): 512³ in 64³ chunks is one pass of 8 blocks of 256³ with
+    the default, two passes whose first has 64 blocks of 128³ for 16 threads."""
+    levels = plan_levels((512,) * 3, "zyx", (1.0,) * 3, (64,) * 3)
+    default = plan_passes(levels, (64,) * 3, 4, 2**26)
+    assert default[0].block_shape == (256,) * 3 and default[0].levels == (0, 1, 2)
+    wide = plan_passes(levels, (64,) * 3, 4, 2**26, min_blocks=64)
+    assert wide[0].block_shape == (128,) * 3 and wide[0].levels == (0, 1)
+    assert [lv for p in wide for lv in p.levels] == list(range(len(levels)))

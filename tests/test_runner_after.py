@@ -122,3 +122,24 @@ def test_a_dependency_that_never_runs_is_an_error(client, tmp_path):
         run_blocks(client, grid, SweepTask(str(tmp_path)), name="stuck",
                    after=lambda b: [(1,)] if b.index == (0,) else [(0,)])
     assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), [])
+
+
+def test_markers_of_another_block_shape_are_not_taken(client, tmp_path):
+    """A marker names a block by its flat index: the same pass cut into other blocks (a
+    resume on a cluster with more threads) must find none of them, not mark its blocks
+    finished by index."""
+    state = RunState(tmp_path / "state", "abc")
+    state.begin()
+    before = BlockGrid((30, 30), (10, 10))
+    markers = state.markers("resume", before)
+    markers.create()
+    for block in before:
+        markers.mark(block.index)
+    after = BlockGrid((30, 30), (5, 5))
+    assert not state.markers("resume", after).finished().any()
+    work = tmp_path / "w"
+    work.mkdir()
+    report = run_blocks(client, after, SweepTask(str(work)), name="resume", state=state,
+                        after=lower_neighbours)
+    assert (report.computed, report.skipped) == (36, 0)
+    assert state.markers("resume", before).finished().all()
