@@ -197,5 +197,31 @@ def test_damaged_input_chunk_stops_with_its_name(image, tmp_path, damage):
     message = " ".join(res.stderr.split())
     assert f"{src / '0'}: chunk (2, 3, 1)" in message
     assert ("is missing" if damage == "missing" else "cannot be read") in message
+    # what wrote the image, from its provenance (convert, run from Python: no command line)
+    assert "written by voxelmill's 'convert' operation" in message
     assert not (src / "labels" / "cells").exists()
     assert finished_blocks(src / "labels" / ".cells.partial") == 0  # nothing marked done
+
+
+def test_a_damaged_chunk_names_the_command_that_wrote_its_array(tmp_path):
+    """A damaged prediction is re-made by the predict command that wrote it (its group's
+    provenance), not by a conversion; an array without provenance gets a general hint."""
+    import zarr
+
+    from engine.errors import InputError
+    from engine.io.integrity import read_checked
+
+    group = zarr.open_group(str(tmp_path / "p"), mode="w", zarr_format=3)
+    arr = group.create_array("0", shape=(8, 8), chunks=(4, 4), dtype="f4")
+    arr[:] = 1.0
+    command = "voxelmill predict img.ome.zarr --checkpoint m.pt --name p"
+    group.attrs["voxelmill"] = {"provenance": [{"op": "predict", "command": command}]}
+    chunk = tmp_path / "p" / "0" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    ro = zarr.open_array(str(tmp_path / "p" / "0"), mode="r")
+    with pytest.raises(InputError, match=f"chunk \\(1, 0\\).*written by `{command}`"):
+        read_checked(ro, str(tmp_path / "p" / "0"), (slice(0, 8), slice(0, 8)))
+    del group.attrs["voxelmill"]
+    with pytest.raises(InputError, match="from its source"):
+        read_checked(zarr.open_array(str(tmp_path / "p" / "0"), mode="r"),
+                     str(tmp_path / "p" / "0"), (slice(0, 8), slice(0, 8)))

@@ -18,6 +18,7 @@ run stops with that message.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,30 @@ def _unit_region(arr: Any, index: Sequence[int]) -> tuple[slice, ...]:
                  zip(index, unit, arr.shape, strict=True))
 
 
+def remedy(path: str | Path) -> str:
+    """How to re-create the array at ``path``: the command recorded in its group's
+    provenance (``voxelmill`` writes one in every group it makes: a damaged prediction
+    is re-made by ``voxelmill predict``, not by a conversion), else a general hint."""
+    group = Path(path).parent
+    attrs: Any = {}
+    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        try:
+            doc = json.loads((group / name).read_text())
+        except (OSError, ValueError):
+            continue
+        attrs = doc.get(key, {}) if key else doc
+        break
+    entries = attrs.get("voxelmill", {}).get("provenance", []) if isinstance(attrs, dict) else []
+    runs = [e for e in entries if isinstance(e, dict) and e.get("op")]
+    if not runs:
+        return "re-create the array from its source (voxelmill convert for an image)"
+    last = runs[-1]
+    if last.get("command"):
+        return f"re-create the array: it was written by `{last['command']}`"
+    return (f"re-create the array: it was written by voxelmill's {last['op']!r} operation "
+            f"(its parameters are in {group / 'zarr.json'}, attribute voxelmill.provenance)")
+
+
 def read_checked(arr: Any, path: str, selection: Sequence[Any],
                  out: np.ndarray | None = None) -> np.ndarray:
     """``arr[selection]`` as NumPy, raising :class:`InputError` for a damaged unit.
@@ -103,8 +128,7 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any],
                 raise InputError(
                     f"{path}: chunk {tuple(index)} is missing (expected file "
                     f"{unit_file(arr, path, index)}); this array was written with every "
-                    "chunk stored, so data was lost: re-create it, e.g. re-run voxelmill "
-                    "convert")
+                    f"chunk stored, so data was lost: {remedy(path)}")
     try:
         if out is None:
             return np.asarray(arr[selection])
@@ -122,6 +146,6 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any],
                 raise InputError(
                     f"{path}: chunk {tuple(index)} cannot be read "
                     f"({type(unit_exc).__name__}: {unit_exc}); its file "
-                    f"{unit_file(arr, path, index)} is corrupt or truncated: re-create the "
-                    "array, e.g. re-run voxelmill convert") from None
+                    f"{unit_file(arr, path, index)} is corrupt or truncated: "
+                    f"{remedy(path)}") from None
         raise exc
