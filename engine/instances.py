@@ -44,6 +44,7 @@ from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.budget import check_output_size
+from engine.io.opened import open_array
 from engine.io.sources import read_region, zarr_source
 from engine.labels import ApplyLut, merge_counts
 from engine.labels import label as label_components
@@ -185,10 +186,8 @@ class Classify:
     out: str
 
     def __call__(self, block: Block) -> None:
-        import zarr
-
         probs = read_region(self.level0, (slice(0, self.n_classes), *block.write))
-        zarr.open_array(self.out, mode="r+")[block.write] = foreground_classes(
+        open_array(self.out, "r+")[block.write] = foreground_classes(
             probs, self.scale, self.confidence, self.background, self.foreground)
 
 

@@ -40,6 +40,7 @@ from scipy import ndimage as ndi
 
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
+from engine.io.opened import open_array
 from engine.io.sources import read_region
 from engine.objtables import ShardedTable, merge_rows
 from engine.runner import RunState
@@ -125,14 +126,12 @@ class LocalLabels:
     def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Label the block; return its face components: their global ids (block id and
         local label, see :data:`SHIFT`), first-voxel keys and sizes."""
-        import zarr
-
         m = read_region(self.mask, block.write)
         local, n = ndi.label(m if m.dtype == bool else m != 0, structure=self.structure)
         local = local.astype(np.uint32, copy=False)
         # a work array read back whole: skip zarr's scan of each chunk for the fill value
-        zarr.open_array(str(Path(self.work) / "local"), mode="r+").with_config(
-            {"write_empty_chunks": True})[block.write] = local
+        open_array(Path(self.work) / "local", "r+", {"write_empty_chunks": True})[
+            block.write] = local
         sizes = np.bincount(local.ravel(), minlength=n + 1)[1:].astype(np.int64)
         coords = np.unravel_index(_first_voxels(local.ravel(), n), local.shape)
         glob = tuple(c + s.start for c, s in zip(coords, block.write, strict=True))
@@ -382,8 +381,6 @@ class Relabel:
         return self._run(block, write=False)
 
     def _run(self, block: Block, write: bool) -> tuple[int, int, np.ndarray | None]:
-        import zarr
-
         work = Path(self.work)
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
         f = _load_arrays(_block_file(self.work, bid))
@@ -403,7 +400,7 @@ class Relabel:
             np.save(_map_file(work, bid), lut)
         elif write:
             local = read_region(str(work / "local"), block.write)
-            zarr.open_array(self.out, mode="r+")[block.write] = lut[local]
+            open_array(self.out, "r+")[block.write] = lut[local]
         ids = lut[1:][lut[1:] > 0]  # the block's final ids, for the label image's colours
         return int(lut.max(initial=0)), interior_kept, (np.unique(ids) if ids.size <= VALUES_LIMIT
                                                         else None)
@@ -744,10 +741,8 @@ class ApplyLut:
     lut: str
 
     def __call__(self, block: Block) -> None:
-        import zarr
-
         lut = np.load(self.lut, mmap_mode="r")
-        zarr.open_array(self.out, mode="r+")[block.write] = lut[read_region(self.src, block.write)]
+        open_array(self.out, "r+")[block.write] = lut[read_region(self.src, block.write)]
 
 
 @dataclass(frozen=True)
@@ -775,15 +770,13 @@ class ApplyKept:
     offsets: tuple[int, ...] | None
 
     def __call__(self, block: Block) -> None:
-        import zarr
-
         data = read_region(self.src, block.write)
         ids, inverse = np.unique(data, return_inverse=True)
         found, rows = self.kept.lookup(ids.astype(np.uint64))
         new = np.zeros(ids.size, data.dtype)
         new[found] = (ids[found] if self.offsets is None
                       else np.asarray(self.offsets, np.int64)[rows[0]] + rows[1] + 1)
-        zarr.open_array(self.out, mode="r+")[block.write] = new[inverse].reshape(data.shape)
+        open_array(self.out, "r+")[block.write] = new[inverse].reshape(data.shape)
 
 
 def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: int = 0,

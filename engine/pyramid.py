@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.blocks import Block, BlockGrid, blocks_reading
 from engine.io.integrity import unit_shape
+from engine.io.opened import open_array
 from engine.io.sources import read_region, reader_of
 
 #: an axis is "finer" when its voxel is smaller than the coarsest one by more than this.
@@ -286,7 +287,7 @@ def write_levels(paths: Sequence[str], region: tuple[slice, ...], data: np.ndarr
     config = {"write_empty_chunks": method != "mode"}
 
     def open_level(path: str) -> zarr.Array:
-        return zarr.open_array(path, mode="r+").with_config(config)
+        return open_array(path, "r+", config)
 
     if write_first:
         write_chunkwise(open_level(paths[0]), region, data, whole)

@@ -49,6 +49,7 @@ from engine.cutter.crops import crop_box, network_inputs, read_channels, read_ma
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.budget import check_output_size
+from engine.io.opened import open_array
 from engine.io.sources import file_identity, zarr_source
 from engine.labels import label_values
 from engine.learn.normalize import ChannelStats
@@ -285,8 +286,6 @@ class CutterTask:
     out: str
 
     def __call__(self, block: Block) -> dict[str, Any]:
-        import zarr
-
         from engine.predict.workers import device_lock, use_worker_threads, worker_model
 
         model, _, dev = worker_model(self.model, self.device)
@@ -301,7 +300,7 @@ class CutterTask:
             probs = predict_crops(model, dev, inputs, self.batch)
         mask = read_mask(self.mask, block.write, self.shape)
         labels = assign(probs, rows, block.write, self.crop, mask, self.threshold)
-        zarr.open_array(self.out, mode="r+")[block.write] = labels
+        open_array(self.out, "r+")[block.write] = labels
         return {"markers": len(rows), "ids": np.unique(labels[labels > 0]).tolist()}
 
 
@@ -333,13 +332,11 @@ class BordersTask:
     out: str
 
     def __call__(self, block: Block) -> None:
-        import zarr
-
         from engine.blocks import pad_read
         from engine.io.chunkcache import read_chunked
 
         data = pad_read(read_chunked(self.labels, block.read), block, "edge")
-        zarr.open_array(self.out, mode="r+")[block.write] = inner_borders(data)[block.crop]
+        open_array(self.out, "r+")[block.write] = inner_borders(data)[block.crop]
 
 
 # --------------------------------------------------------------------------- the command

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.io.integrity import read_checked
+from engine.io.opened import forget, open_array
 from engine.io.sources import Source, ZarrSource
 
 DEFAULT_MIB = 512
@@ -32,9 +33,6 @@ DIRECT_BYTES = 2**20
 _lock = threading.Lock()
 _entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _state = {"bytes": 0}
-_opened = threading.local()
-#: opened arrays each thread keeps (opening one reads and parses its metadata file)
-_OPEN_PER_THREAD = 16
 
 
 def _limit() -> int:
@@ -76,25 +74,9 @@ def clear() -> None:
     with _lock:
         _entries.clear()
         _state["bytes"] = 0
-    _opened.arrays = OrderedDict()
+    forget()
 
 
-
-
-def _open(ident: tuple) -> Any:
-    import zarr
-
-    cache: OrderedDict[tuple, Any] | None = getattr(_opened, "arrays", None)
-    if cache is None:
-        cache = _opened.arrays = OrderedDict()
-    arr = cache.get(ident)
-    if arr is None:
-        arr = cache[ident] = zarr.open_array(ident[0], mode="r")
-        if len(cache) > _OPEN_PER_THREAD:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(ident)
-    return arr
 
 
 def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...] = ()
@@ -119,7 +101,7 @@ def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...]
         size = math.prod(source.shape[len(prefix):]) * np.dtype(source.dtype).itemsize
         if size <= _limit() // 2:
             return read_chunked(source.path, region, prefix)
-        return read_checked(_open(_identity(source.path)), source.path,
+        return read_checked(open_array(source.path), source.path,
                             tuple(prefix) + tuple(region))
     return np.asarray(source[tuple(prefix) + tuple(region)])
 
@@ -191,7 +173,7 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
         Fixed indices of leading axes (a time point, a channel).
     """
     ident = _identity(path)
-    arr = _open(ident)
+    arr = open_array(path)
     limit = _limit()
     region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, arr.shape[len(prefix):],
                                                             strict=True))

@@ -21,6 +21,7 @@ import numpy as np
 from dask.base import tokenize
 
 from engine.errors import InputError
+from engine.io.opened import open_array
 
 
 def split_key(key: Any, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[Any, ...]]:
@@ -313,11 +314,9 @@ def read_region(source: Any, region: tuple[slice, ...]) -> np.ndarray:
     if hasattr(source, "read_region"):
         return source.read_region(region)
     if isinstance(source, str):
-        import zarr
-
         from engine.io.integrity import read_checked
 
-        return read_checked(zarr.open_array(source, mode="r"), source, region)
+        return read_checked(open_array(source), source, region)
     return np.asarray(source[region].compute(scheduler="sync"))
 
 

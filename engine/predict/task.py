@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.blocks import Block, Region
+from engine.io.opened import open_array
 
 #: blocks a device worker holds at once: computing, being read, being written
 IN_FLIGHT_PER_DEVICE = 3
@@ -66,11 +67,9 @@ class VolumeSource:
     def read(self, box: Region) -> np.ndarray:
         """``(C, *box shape)`` of a box inside the volume; a damaged chunk is a user error
         naming it."""
-        import zarr
-
         from engine.io.integrity import read_checked
 
-        arr = zarr.open_array(self.path, mode="r")
+        arr = open_array(self.path)
         if not self.has_channel_axis:
             return read_checked(arr, self.path, self.prefix + tuple(box))[None]
         return np.stack([read_checked(arr, self.path, self.prefix + (c, *box))

@@ -23,6 +23,7 @@ from engine import labels as labelling
 from engine import stats
 from engine.blocks import Block, BlockGrid, Region, blocks_reading, pad_read
 from engine.errors import InputError, OptionError
+from engine.io.opened import open_array
 from engine.objtables import reduce_objects
 from engine.runner import Pass, RunReport, RunState, run_blocks, run_passes
 from engine.segment import pointwise as pw
@@ -83,12 +84,10 @@ class OpTask:
     out: str
 
     def __call__(self, block: Block) -> Any:
-        import zarr
-
         result = self.op.interior(block.crop, *_padded_inputs(self.op, self.inputs, block))
         result = result.astype(self.op.dtype, copy=False)
         # every chunk is written: skip zarr's scan of each chunk for the fill value
-        out = zarr.open_array(self.out, mode="r+").with_config({"write_empty_chunks": True})
+        out = open_array(self.out, "r+", {"write_empty_chunks": True})
         out[block.write] = result
         # a float image is usually thresholded next: its range now saves a histogram pass
         return stats.value_range(result) if result.dtype.kind == "f" else None
