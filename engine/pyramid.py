@@ -384,7 +384,7 @@ def build_pyramid(client, data, group, levels, chunks, *, method: str = "mean", 
     # four blocks per thread at least: a pass of 8 blocks fused over three levels left
     # 8 of 16 threads idle (the runner's done-markers follow the block shape, so a
     # resume on another cluster redoes such a pass rather than mixing layouts)
-    min_blocks = max(MIN_PASS_BLOCKS, 4 * cluster_threads(client))
+    min_blocks = max(MIN_PASS_BLOCKS, 4 * cluster_threads(client) if client else 0)
     for i, p in enumerate(plan_passes(levels, chunks, itemsize, budget_bytes, min_blocks,
                                       start=start)):
         src_level = max(p.source, 0)

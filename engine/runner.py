@@ -557,7 +557,7 @@ def run_passes(
     # time, and freed window slots refilled a quarter window at a time while every thread
     # has work queued
     unfetched: list[Any] = []
-    fetch_batch = max(8, 2 * threads)
+    fetch_batch = min(max(8, 2 * threads), limit)  # the scheduler holds O(window) tasks
     refill = max(1, limit // 4)
 
     def submit(n: int) -> None:
