@@ -49,6 +49,8 @@ from engine.provenance import block_time_summary
 
 BlockTask = Callable[[Block], Any]
 IN_FLIGHT_FLOOR = 128
+#: blocks in flight per worker thread (the window, see :func:`default_in_flight`)
+IN_FLIGHT_PER_THREAD = 32
 #: a dask task costs the client, the scheduler and the worker a few milliseconds whatever it
 #: does: short blocks go several to a task, enough for about this many seconds of work
 BUNDLE_TARGET_S = 0.25
@@ -302,8 +304,14 @@ def default_in_flight(client: Any, threads: int | None = None) -> int:
     leaves a thread idle (short blocks are latency-bound) with room for bundles of short
     blocks, bounded so the scheduler holds a window of the grid, never all of it. Queued
     tasks cost the workers no memory: dask sends a worker about one task per thread and
-    keeps the rest on the scheduler. ``threads``: the cluster's, when known already."""
-    return max(16 * (threads or cluster_threads(client)), IN_FLIGHT_FLOOR)
+    keeps the rest on the scheduler. ``threads``: the cluster's, when known already.
+
+    Thirty-two per thread: bundles hold at most a quarter of a thread's share of the
+    window (:meth:`_PassRun.bundle_size`), so with sixteen per thread a 16-thread cluster
+    got bundles of 4 short blocks whatever their time, ~4 times the tasks (each a few
+    milliseconds of the client's one event loop) of 8-block bundles; with four threads or
+    fewer the floor of 128 decides."""
+    return max(IN_FLIGHT_PER_THREAD * (threads or cluster_threads(client)), IN_FLIGHT_FLOOR)
 
 
 Dependencies = Callable[[Block], Iterable[tuple[int, ...]]]
@@ -724,8 +732,8 @@ def run_blocks(
     state : RunState, optional
         Where done-markers live; without it the pass is not resumable.
     max_in_flight : int, optional
-        Blocks submitted at once (default: :func:`default_in_flight`, sixteen per worker
-        thread and at least :data:`IN_FLIGHT_FLOOR`).
+        Blocks submitted at once (default: :func:`default_in_flight`,
+        :data:`IN_FLIGHT_PER_THREAD` per worker thread and at least :data:`IN_FLIGHT_FLOOR`).
     retries : int
         Extra attempts of a block whose task raised or whose worker died.
     resources : dict, optional
