@@ -490,8 +490,12 @@ def run_passes(
     O(window + lookahead) blocks and one byte per block of the passes others wait on,
     never a result per block. Done-markers, recovery and streaming folds work per pass as
     in :func:`run_blocks`; a fold's tree is numbered by the grid's order, so it does not
-    depend on when blocks became ready. A failure in any pass cancels every pass and waits
-    for the tasks already running, so none writes after the caller cleans up.
+    depend on when blocks became ready. The results of a pass no other block waits on are
+    gathered a few tasks at a time (each gather is a round trip for the client's loop and
+    a worker); a block others wait on counts as finished only once its result is in, so
+    a user error it returned stops the run before they read what it did not write. A
+    failure in any pass cancels every pass and waits for the tasks already running, so
+    none writes after the caller cleans up.
 
     Parameters
     ----------
