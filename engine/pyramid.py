@@ -94,6 +94,10 @@ def plan_levels(
     return levels
 
 
+#: bytes of input (counted in the sums' dtype) :func:`downsample_mean` adds up at once
+MEAN_SLAB_BYTES = 4 * 2**20
+
+
 def _pad_to_windows(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Edge-replicate odd ends so every axis is a multiple of its factor."""
     pad = [(0, -s % f) for s, f in zip(data.shape, factors, strict=True)]
@@ -109,6 +113,21 @@ def _blocks_view(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     view = data.reshape(shape)
     n = data.ndim
     return view.transpose([2 * i for i in range(n)] + [2 * i + 1 for i in range(n)])
+
+
+def _window_sums(data: np.ndarray, factors: Sequence[int], acc_dtype: type) -> np.ndarray:
+    """Sums over ``factors`` windows of ``data`` (a multiple of them), added axis by axis
+    in a fixed order."""
+    acc = data
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        parts = [acc[(slice(None),) * axis + (slice(k, None, f),)] for k in range(f)]
+        total = np.add(parts[0], parts[1], dtype=acc_dtype)
+        for part in parts[2:]:
+            total += part
+        acc = total
+    return acc
 
 
 def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -129,15 +148,16 @@ def downsample_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
         return data
     data = _pad_to_windows(data, factors)
     acc_dtype = np.float32 if data.dtype == np.float32 else np.float64
-    acc = data
-    for axis, f in enumerate(factors):
-        if f == 1:
-            continue
-        parts = [acc[(slice(None),) * axis + (slice(k, None, f),)] for k in range(f)]
-        total = np.add(parts[0], parts[1], dtype=acc_dtype)
-        for part in parts[2:]:
-            total += part
-        acc = total
+    acc = np.empty([s // f for s, f in zip(data.shape, factors, strict=True)], acc_dtype)
+    # slab by slab along the first axis (each output voxel's adds are the same): summed
+    # whole, a 256³ float32 block's first partial sums were a 32 MiB array, which glibc
+    # maps fresh from the kernel (zeroed pages) for every block
+    per_plane = max(1, data[:factors[0]].nbytes * np.dtype(acc_dtype).itemsize
+                    // data.dtype.itemsize)
+    step = max(1, MEAN_SLAB_BYTES // per_plane)
+    for o in range(0, acc.shape[0], step):
+        acc[o:o + step] = _window_sums(data[o * factors[0]:(o + step) * factors[0]], factors,
+                                       acc_dtype)
     acc *= acc_dtype(1.0 / int(np.prod(factors)))
     if data.dtype.kind in "iub":
         np.rint(acc, out=acc)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine.pyramid
 from engine.predict.downsample import downsample_mean, downsample_mode
 from engine.pyramid import downsample_mean as np_mean
 from engine.pyramid import downsample_mode as np_mode
@@ -16,7 +17,10 @@ from engine.pyramid import downsample_mode as np_mode
     ((2, 7, 8, 9), (1, 2, 2, 2)), ((33, 17), (2, 2)),
 ])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32])
-def test_mean_equals_numpy(shape, factors, dtype):
+@pytest.mark.parametrize("slab", [None, 1])  # NumPy's sums whole, or one output plane a time
+def test_mean_equals_numpy(shape, factors, dtype, slab, monkeypatch):
+    if slab is not None:
+        monkeypatch.setattr(engine.pyramid, "MEAN_SLAB_BYTES", slab)
     rng = np.random.default_rng(sum(shape))
     if np.dtype(dtype).kind == "f":
         # probabilities with tiny and large values in one window: exact sums matter
