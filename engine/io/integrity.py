@@ -18,13 +18,13 @@ run stops with that message.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engine import provenance
 from engine.errors import InputError
 
 COMPLETE_ATTR = "every_chunk_written"
@@ -86,15 +86,10 @@ def remedy(path: str | Path) -> str:
     provenance (``voxelmill`` writes one in every group it makes: a damaged prediction
     is re-made by ``voxelmill predict``, not by a conversion), else a general hint."""
     group = Path(path).parent
-    attrs: Any = {}
-    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
-        try:
-            doc = json.loads((group / name).read_text())
-        except (OSError, ValueError):
-            continue
-        attrs = doc.get(key, {}) if key else doc
-        break
-    entries = attrs.get("voxelmill", {}).get("provenance", []) if isinstance(attrs, dict) else []
+    try:
+        entries = provenance.read(group)
+    except Exception:  # noqa: BLE001 - no group there, or unreadable attributes: no record
+        entries = []
     runs = [e for e in entries if isinstance(e, dict) and e.get("op")]
     if not runs:
         return "re-create the array from its source (voxelmill convert for an image)"
@@ -102,7 +97,7 @@ def remedy(path: str | Path) -> str:
     if last.get("command"):
         return f"re-create the array: it was written by `{last['command']}`"
     return (f"re-create the array: it was written by voxelmill's {last['op']!r} operation "
-            f"(its parameters are in {group / 'zarr.json'}, attribute voxelmill.provenance)")
+            f"(its parameters are in the provenance attribute of {group})")
 
 
 def read_checked(arr: Any, path: str, selection: Sequence[Any],
