@@ -212,7 +212,7 @@ def _block_for(
 
 
 def plan_passes(levels: Sequence[Level], chunks: Sequence[int], itemsize: int,
-                budget_bytes: int = 64 * 2**20, min_blocks: int = 8,
+                budget_bytes: int = 64 * 2**20, min_blocks: int = MIN_PASS_BLOCKS,
                 start: int = 0) -> list[Pass]:
     """Group levels into passes whose blocks stay within ``budget_bytes``.
 

@@ -77,8 +77,6 @@ def clear() -> None:
     forget()
 
 
-
-
 def read_source(source: Source, region: Sequence[slice], prefix: tuple[int, ...] = ()
                 ) -> np.ndarray:
     """``source[prefix + region]``, without a dask graph: through the chunk cache for a
