@@ -155,7 +155,9 @@ def _convert_npy(npy: Path, dst: Path, chunks: tuple[int, ...], workers: int) ->
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None, silence_logs=40) as cluster, \
             Client(cluster) as client:
-        convert(npy, dst, ConvertOptions(chunks=chunks, max_levels=1, assume_voxel_size=True),
+        # overwrite: a --workdir kept from an earlier run holds the same input
+        convert(npy, dst, ConvertOptions(chunks=chunks, max_levels=1, assume_voxel_size=True,
+                                         overwrite=True),
                 client, report=lambda line: None)
 
 
