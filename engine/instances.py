@@ -13,8 +13,10 @@ float16, as ``voxelmill predict`` writes it) becomes objects, blockwise over the
    smaller than ``min_size`` voxels (their *global* size) removed and the rest numbered
    1..n in raster order of their first voxel;
 3. **histograms** — a reduction pass counts, per instance, its voxels of each class; the
-   client sums the sparse per-block counts and gives every instance its majority class
-   (ties: the lower class index);
+   sparse per-block counts are summed into a table sharded by instance id on disk
+   (:mod:`engine.objtables`), which gives every instance its majority class (ties: the
+   lower class index): the client holds a few numbers per shard, whatever the number of
+   instances;
 4. **class map** — each block maps its instance ids through that table.
 
 Outputs (built in hidden ``.partial`` groups, renamed into place when complete)::
@@ -46,8 +48,8 @@ from engine.io import omezarr
 from engine.io.budget import check_output_size
 from engine.io.opened import open_array
 from engine.io.sources import read_region, zarr_source
-from engine.labels import ApplyLut, merge_counts
 from engine.labels import label as label_components
+from engine.objtables import ShardedTable, reduce_objects
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
 from engine.pyramid import Level, plan_levels
 from engine.runner import run_blocks
@@ -193,7 +195,8 @@ class Classify:
 
 @dataclass(frozen=True)
 class ClassCounts:
-    """Block task: voxels of each class per instance, sparse (``id * K + class``, count)."""
+    """Block task: voxels of each class per instance, a sparse table keyed
+    ``id * K + class`` (sorted unique uint64 keys, int64 counts)."""
 
     instances: str
     classes: str
@@ -208,23 +211,73 @@ class ClassCounts:
         return uniq, counts.astype(np.int64)
 
 
-def majority_classes(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_instances: int,
-                     n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum per-block sparse counts; majority class (ties: lower index) and size per id.
+def majority_classes(keys: np.ndarray, counts: np.ndarray, n_classes: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Majority class (ties: the lower class index) and size of every instance of a table of
+    summed class counts.
+
+    Parameters
+    ----------
+    keys : ndarray of uint64, shape (n,)
+        ``id * n_classes + class``, sorted and unique.
+    counts : ndarray of int, shape (n,)
+        Voxels of that class in that instance.
+    n_classes : int
 
     Returns
     -------
-    majority : ndarray of int64, shape (n_instances + 1,)
-        Index 0 unused (-1).
-    sizes : ndarray of int64, shape (n_instances + 1,)
+    ids : ndarray of uint64, shape (m,)
+        The instances, sorted.
+    majority : ndarray of int64, shape (m,)
+    sizes : ndarray of int64, shape (m,)
+        Voxels of each instance, all classes.
     """
-    table = np.zeros((n_instances + 1) * n_classes, np.int64)
-    for keys, counts in parts:
-        np.add.at(table, keys.astype(np.int64), counts)
-    table = table.reshape(n_instances + 1, n_classes)
-    majority = np.argmax(table, axis=1).astype(np.int64)
-    majority[0] = -1
-    return majority, table.sum(axis=1)
+    k = np.uint64(n_classes)
+    ids, cls = keys // k, (keys % k).astype(np.int64)
+    counts = np.asarray(counts, np.int64)
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if ids.size else \
+        np.zeros(0, np.int64)
+    sizes = np.add.reduceat(counts, first) if ids.size else np.zeros(0, np.int64)
+    # per instance, the largest count and among those the lowest class: keys are sorted by
+    # (id, class), so a stable sort on -count within each id puts that row first
+    order = np.lexsort((cls, -counts, ids))
+    return ids[first], cls[order][first], sizes
+
+
+@dataclass(frozen=True)
+class MajorityShard:
+    """``finish`` of one shard of summed class counts: the table ``(ids, majority class,
+    size)`` kept for the class map and the CSV, and its summary (instances of each class)."""
+
+    n_classes: int
+
+    def __call__(self, table: tuple[np.ndarray, ...]
+                 ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        keys, counts = table
+        ids, majority, sizes = majority_classes(np.asarray(keys, np.uint64), counts,
+                                                self.n_classes)
+        return (ids, majority, sizes), np.bincount(majority, minlength=self.n_classes)
+
+
+@dataclass(frozen=True)
+class ClassOfInstance:
+    """Block task: every voxel of an instance gets its majority class (looked up in the
+    sharded table), every other voxel the background class."""
+
+    instances: str
+    out: str
+    table: ShardedTable
+    background: int
+    dtype: str
+
+    def __call__(self, block: Block) -> None:
+        data = read_region(self.instances, block.write)
+        ids, inverse = np.unique(data, return_inverse=True)
+        found, rows = self.table.lookup(ids.astype(np.uint64))
+        value = np.full(ids.size, self.background, self.dtype)
+        value[found] = rows[2]
+        value[ids == 0] = self.background
+        open_array(self.out, "r+")[block.write] = value[inverse.reshape(data.shape)]
 
 
 def _class_names(attrs: dict[str, Any], k: int) -> tuple[str, ...]:
@@ -316,15 +369,15 @@ def plan_instances(src: str | Path, options: InstanceOptions) -> InstancePlan:
                         levels)
 
 
-def _write_table(path: Path, majority: np.ndarray, sizes: np.ndarray,
-                 names: Sequence[str]) -> None:
+def _write_table(path: Path, table: ShardedTable, names: Sequence[str]) -> None:
+    """The CSV of every instance, read shard by shard (one shard in memory at a time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(TABLE_COLUMNS)
-        for i in range(1, len(majority)):
-            if sizes[i]:
-                w.writerow([i, int(majority[i]), names[int(majority[i])], int(sizes[i])])
+        for ids, majority, sizes in table.shards():
+            w.writerows((i, c, names[c], n) for i, c, n in
+                        zip(ids.tolist(), majority.tolist(), sizes.tolist(), strict=True))
 
 
 def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] | None = None,
@@ -359,17 +412,17 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
                                   sequential=True, block_shape=plan.block,
                                   chunks=plan.chunks, progress=prog())
         instances = str(result.path)
-        # streams: sparse (id, class) counts merged as blocks finish, one table held
-        counts = run_blocks(client, grid, ClassCounts(instances, vclass, plan.n_classes),
-                            name="instances-classes", progress=prog(),
-                            combine=merge_counts).value
-        majority, sizes = majority_classes([counts], result.n_labels, plan.n_classes)
-        lut = np.where(majority >= 0, majority, opts.background_class).astype(dtype)
-        np.save(work / "lut.npy", lut)
+        # per-instance class counts as a sharded table on disk: the client holds a few
+        # numbers per shard, whatever the number of instances
+        majority, per_shard = reduce_objects(
+            client, grid, ClassCounts(instances, vclass, plan.n_classes), ("add",),
+            MajorityShard(plan.n_classes), work / "majority", name="instances-classes",
+            progress=prog(), align=plan.n_classes, columns=3)
         classes = str(work / "classes")
         zarr.create_array(store=classes, shape=plan.shape, chunks=plan.chunks, dtype=dtype,
                           fill_value=opts.background_class, zarr_format=3)
-        run_blocks(client, grid, ApplyLut(instances, classes, str(work / "lut.npy")),
+        run_blocks(client, grid, ClassOfInstance(instances, classes, majority,
+                                                 opts.background_class, np.dtype(dtype).str),
                    name="instances-classmap", progress=prog())
 
         write_multiscale(client, zarr_source(instances), inst_partial, opts.name,
@@ -383,17 +436,16 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
         omezarr.write_group_attrs(cls_partial, {"image-label": omezarr.image_label(
             list(range(plan.n_classes)), plan.ngff)}, plan.ngff)
         if opts.table is None:
-            _write_table(inst_partial / f"{opts.name}.csv", majority, sizes,
-                         plan.class_names)
+            _write_table(inst_partial / f"{opts.name}.csv", majority, plan.class_names)
         else:
-            _write_table(run.partial(Path(opts.table)), majority, sizes, plan.class_names)
+            _write_table(run.partial(Path(opts.table)), majority, plan.class_names)
         run.commit([*outputs, *table], recorded=[inst_partial, cls_partial])
         omezarr.add_label_names(plan.source, [opts.name, f"{opts.name}{CLASSES_SUFFIX}"],
                                 plan.ngff)
-        kept = majority[1:][sizes[1:] > 0]
-        per_class = {plan.class_names[c]: int((kept == c).sum()) for c in plan.foreground}
+        of_class = np.sum(per_shard, axis=0)
+        per_class = {plan.class_names[c]: int(of_class[c]) for c in plan.foreground}
         return InstanceResult(plan.destination, plan.classes_destination,
-                              plan.table_destination, int((sizes[1:] > 0).sum()), per_class,
+                              plan.table_destination, int(of_class.sum()), per_class,
                               run.record.seconds, run.record.collector.stages)
 
 

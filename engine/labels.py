@@ -732,20 +732,6 @@ def label_sizes(client: Any, labels: str | Path, block_shape: tuple[int, ...] | 
 
 
 @dataclass(frozen=True)
-class ApplyLut:
-    """Block task: map a label block through a dense lookup table stored on disk (for
-    sequential ids, e.g. instances' majority class per object)."""
-
-    src: str
-    out: str
-    lut: str
-
-    def __call__(self, block: Block) -> None:
-        lut = np.load(self.lut, mmap_mode="r")
-        open_array(self.out, "r+")[block.write] = lut[read_region(self.src, block.write)]
-
-
-@dataclass(frozen=True)
 class KeepSizes:
     """Shard ``finish`` of :func:`filter_sizes`: the ids whose global size is in range,
     and how many there are."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,11 +184,17 @@ class ShardedTable:
         order = np.argsort(np.concatenate(where), kind="stable")  # back to the order of ids
         return found, [np.concatenate(c)[order] for c in out]
 
+    def shards(self) -> Iterator[Table]:
+        """Every shard's table ``(ids, *columns)``, in id order, one loaded at a time."""
+        for s in range(len(self.starts)):
+            yield tuple(np.load(Path(self.folder) / f"shard-{s}.c{i}.npy")
+                        for i in range(self.columns))
+
 
 def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Table],
                    reducers: Sequence[str], finish: Callable[[Table], tuple[Table, Any]],
                    folder: str | Path, *, name: str, progress: Any = None,
-                   budget: int | None = None, align: int = 1
+                   budget: int | None = None, align: int = 1, columns: int | None = None
                    ) -> tuple[ShardedTable, list[Any]]:
     """Per-object table of ``partial`` over every block of ``grid``, sharded on disk.
 
@@ -211,6 +217,9 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
         Shards start at multiples of it (see :func:`shard_starts`), so rows whose ids
         share ``id // align`` (e.g. the bins of one object, keyed ``object << bits |
         bin``) meet in one shard. ``finish`` then keeps a table keyed by ``id // align``.
+    columns : int, optional
+        Columns of the table ``finish`` keeps, ids included (default: the partials',
+        ``len(reducers) + 1``).
 
     Returns
     -------
@@ -234,5 +243,6 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
                                                    finish),
                         name=f"{name}-shards", progress=progress)
     shutil.rmtree(folder / "parts", ignore_errors=True)
-    return (ShardedTable(str(folder), tuple(s // align for s in starts), len(reducers) + 1),
+    return (ShardedTable(str(folder), tuple(s // align for s in starts),
+                         columns or len(reducers) + 1),
             [report.results[(s,)] for s in range(len(starts))])

@@ -14,7 +14,13 @@ from skimage.measure import label as sk_label
 from skimage.segmentation import relabel_sequential
 
 from engine.errors import InputError, OptionError
-from engine.instances import CLASSES_SUFFIX, InstanceOptions, instances, plan_instances
+from engine.instances import (
+    CLASSES_SUFFIX,
+    InstanceOptions,
+    instances,
+    majority_classes,
+    plan_instances,
+)
 from engine.io import omezarr
 from engine.io.sources import InMemorySource
 from engine.output import write_multiscale
@@ -132,6 +138,61 @@ def test_classes_and_background_options(tmp_path: Path, client) -> None:
     np.testing.assert_array_equal(
         np.asarray(zarr.open_array(str(img / "labels" / "alt_classes" / "0"), mode="r")),
         classmap)
+
+
+def test_majority_classes_equal_a_dense_argmax() -> None:
+    """Sparse summed counts → the majority class of each id equals ``argmax`` of its dense
+    row (ties: the lower class), sizes the row sums; ties are made on purpose."""
+    rng = np.random.default_rng(5)
+    k, n = 4, 3000
+    dense = rng.integers(0, 4, size=(n, k))  # small counts: many ties
+    dense[rng.random((n, k)) < 0.4] = 0
+    dense[dense.sum(1) == 0, 2] = 1  # every id present at least once
+    ids = rng.choice(np.arange(1, 10**9, dtype=np.uint64), n, replace=False)
+    rows, cols = np.nonzero(dense)
+    keys = ids[rows] * np.uint64(k) + cols.astype(np.uint64)
+    order = np.argsort(keys)
+    got_ids, majority, sizes = majority_classes(keys[order], dense[rows, cols][order], k)
+    ref = np.argsort(ids)
+    np.testing.assert_array_equal(got_ids, ids[ref])
+    np.testing.assert_array_equal(majority, dense.argmax(1)[ref])
+    np.testing.assert_array_equal(sizes, dense.sum(1)[ref])
+    assert (np.sort(dense, 1)[:, -1] == np.sort(dense, 1)[:, -2]).sum() > 100  # ties tested
+
+
+def test_class_table_in_many_shards_equals_whole_array(tmp_path: Path, client,
+                                                       monkeypatch) -> None:
+    """With a table budget small enough for many shards, the class map, the CSV and the
+    counts still equal the whole-array reference: shards never split an instance's classes,
+    and the CSV is written shard by shard in id order."""
+    import engine.instances
+
+    probs = class_probabilities((64, 72), seed=9, dtype="uint8")
+    img = make_image(tmp_path, client, probs, (8, 8))
+    monkeypatch.setenv("VOXELMILL_TABLE_BUDGET_MIB", "0.0005")
+    seen = []
+    reduce = engine.instances.reduce_objects
+
+    def recording(*args, **kwargs):
+        table, summaries = reduce(*args, **kwargs)
+        seen.append(table)
+        return table, summaries
+
+    monkeypatch.setattr(engine.instances, "reduce_objects", recording)
+    result = instances(img, InstanceOptions("cls", "obj", confidence=0.4, block=(16, 24)),
+                       client, report=lambda _: None)
+    lab, classmap, table = reference(probs, 0.4, 0, 1)
+    assert len(seen[0].starts) >= 4, seen  # the premise: several shards
+    np.testing.assert_array_equal(
+        np.asarray(zarr.open_array(str(img / "labels" / "obj" / "0"), mode="r")), lab)
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(
+        str(img / "labels" / f"obj{CLASSES_SUFFIX}" / "0"), mode="r")), classmap)
+    with open(result.table, newline="") as fh:
+        order = [int(r["instance"]) for r in csv.DictReader(fh)]
+    assert order == sorted(table)
+    assert read_table(result.table) == table
+    per_class = {NAMES[c]: sum(1 for cc, _ in table.values() if cc == c) for c in (1, 2)}
+    assert result.per_class == per_class and result.n_instances == len(table)
 
 
 def test_user_errors(tmp_path: Path, client) -> None:
