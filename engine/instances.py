@@ -46,7 +46,7 @@ from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.budget import check_output_size
-from engine.io.opened import open_array
+from engine.io.chunkfiles import write_region
 from engine.io.sources import read_region, zarr_source
 from engine.labels import label as label_components
 from engine.objtables import ShardedTable, reduce_objects
@@ -189,8 +189,8 @@ class Classify:
 
     def __call__(self, block: Block) -> None:
         probs = read_region(self.level0, (slice(0, self.n_classes), *block.write))
-        open_array(self.out, "r+")[block.write] = foreground_classes(
-            probs, self.scale, self.confidence, self.background, self.foreground)
+        write_region(self.out, block.write, foreground_classes(
+            probs, self.scale, self.confidence, self.background, self.foreground))
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ class ClassOfInstance:
         value = np.full(ids.size, self.background, self.dtype)
         value[found] = rows[2]
         value[ids == 0] = self.background
-        open_array(self.out, "r+")[block.write] = value[inverse.reshape(data.shape)]
+        write_region(self.out, block.write, value[inverse.reshape(data.shape)])
 
 
 def _class_names(attrs: dict[str, Any], k: int) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ from scipy import ndimage as ndi
 
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
-from engine.io.opened import open_array
+from engine.io.chunkfiles import write_region
 from engine.io.sources import read_region
 from engine.objtables import ShardedTable, merge_rows
 from engine.runner import RunState
@@ -130,8 +130,8 @@ class LocalLabels:
         local, n = ndi.label(m if m.dtype == bool else m != 0, structure=self.structure)
         local = local.astype(np.uint32, copy=False)
         # a work array read back whole: skip zarr's scan of each chunk for the fill value
-        open_array(Path(self.work) / "local", "r+", {"write_empty_chunks": True})[
-            block.write] = local
+        write_region(Path(self.work) / "local", block.write, local,
+                     {"write_empty_chunks": True})
         sizes = np.bincount(local.ravel(), minlength=n + 1)[1:].astype(np.int64)
         coords = np.unravel_index(_first_voxels(local.ravel(), n), local.shape)
         glob = tuple(c + s.start for c, s in zip(coords, block.write, strict=True))
@@ -400,7 +400,7 @@ class Relabel:
             np.save(_map_file(work, bid), lut)
         elif write:
             local = read_region(str(work / "local"), block.write)
-            open_array(self.out, "r+")[block.write] = lut[local]
+            write_region(self.out, block.write, lut[local])
         ids = lut[1:][lut[1:] > 0]  # the block's final ids, for the label image's colours
         return int(lut.max(initial=0)), interior_kept, (np.unique(ids) if ids.size <= VALUES_LIMIT
                                                         else None)
@@ -762,7 +762,7 @@ class ApplyKept:
         new = np.zeros(ids.size, data.dtype)
         new[found] = (ids[found] if self.offsets is None
                       else np.asarray(self.offsets, np.int64)[rows[0]] + rows[1] + 1)
-        open_array(self.out, "r+")[block.write] = new[inverse].reshape(data.shape)
+        write_region(self.out, block.write, new[inverse].reshape(data.shape))
 
 
 def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: int = 0,

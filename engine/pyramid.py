@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.blocks import Block, BlockGrid, blocks_reading
+from engine.io.chunkfiles import write_chunks
 from engine.io.integrity import unit_shape
 from engine.io.opened import open_array
 from engine.io.sources import read_region, reader_of
@@ -279,6 +280,8 @@ def write_chunkwise(array, region: tuple[slice, ...], data: np.ndarray,
                 "chunk, shape)")
     if whole:
         array[region] = data
+        return
+    if write_chunks(array, region, data):  # a plain local array: its chunk files
         return
     starts = [range(r.start, r.stop, u) for r, u in zip(region, unit, strict=True)]
     for origin in itertools.product(*starts):

@@ -49,7 +49,7 @@ from engine.cutter.crops import crop_box, network_inputs, read_channels, read_ma
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.budget import check_output_size
-from engine.io.opened import open_array
+from engine.io.chunkfiles import write_region
 from engine.io.sources import file_identity, zarr_source
 from engine.labels import label_values
 from engine.learn.normalize import ChannelStats
@@ -300,7 +300,7 @@ class CutterTask:
             probs = predict_crops(model, dev, inputs, self.batch)
         mask = read_mask(self.mask, block.write, self.shape)
         labels = assign(probs, rows, block.write, self.crop, mask, self.threshold)
-        open_array(self.out, "r+")[block.write] = labels
+        write_region(self.out, block.write, labels)
         return {"markers": len(rows), "ids": np.unique(labels[labels > 0]).tolist()}
 
 
@@ -336,7 +336,7 @@ class BordersTask:
         from engine.io.chunkcache import read_chunked
 
         data = pad_read(read_chunked(self.labels, block.read), block, "edge")
-        open_array(self.out, "r+")[block.write] = inner_borders(data)[block.crop]
+        write_region(self.out, block.write, inner_borders(data)[block.crop])
 
 
 # --------------------------------------------------------------------------- the command

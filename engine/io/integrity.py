@@ -26,6 +26,7 @@ import numpy as np
 
 from engine import provenance
 from engine.errors import InputError
+from engine.io.chunkfiles import ChunkFiles
 
 COMPLETE_ATTR = "every_chunk_written"
 
@@ -100,6 +101,54 @@ def remedy(path: str | Path) -> str:
             f"(its parameters are in the provenance attribute of {group})")
 
 
+def _missing(arr: Any, path: str, index: Sequence[int]) -> InputError:
+    return InputError(
+        f"{path}: chunk {tuple(index)} is missing (expected file "
+        f"{unit_file(arr, path, index)}); this array was written with every "
+        f"chunk stored, so data was lost: {remedy(path)}")
+
+
+def _corrupt(arr: Any, path: str, index: Sequence[int], exc: Exception) -> InputError:
+    return InputError(
+        f"{path}: chunk {tuple(index)} cannot be read ({type(exc).__name__}: {exc}); its "
+        f"file {unit_file(arr, path, index)} is corrupt or truncated: {remedy(path)}")
+
+
+def _read_files(files: ChunkFiles, arr: Any, path: str, selection: tuple[Any, ...],
+                out: np.ndarray | None) -> np.ndarray:
+    """:func:`read_checked` of a plain local array: its chunk files decoded here, each
+    copied into place (:mod:`engine.io.chunkfiles`)."""
+    bounds = _bounds(arr, selection)
+    full = tuple(b - a for a, b in bounds)
+    # integer indices drop their axes from the result
+    kept = tuple(n for n, x in zip(full, selection + (slice(None),) * (len(full)
+                                                                       - len(selection)),
+                                   strict=True) if not isinstance(x, int | np.integer))
+    result = np.empty(kept, arr.dtype) if out is None else out
+    out = result.view()
+    out.shape = full  # never a copy (raises for a non-contiguous ``out``)
+    complete = every_chunk_written(arr)
+    for index in units(arr, selection):
+        try:
+            chunk = files.read(index)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any decoding failure names the chunk
+            raise _corrupt(arr, path, index, exc) from None
+        if chunk is None and complete:
+            raise _missing(arr, path, index)
+        lo = [max(a, i * c) for (a, _), i, c in zip(bounds, index, files.chunks, strict=True)]
+        hi = [min(b, (i + 1) * c) for (_, b), i, c in zip(bounds, index, files.chunks,
+                                                          strict=True)]
+        dst = tuple(slice(x - a, y - a) for x, y, (a, _) in zip(lo, hi, bounds, strict=True))
+        if chunk is None:
+            out[dst] = files.fill_value
+        else:
+            out[dst] = chunk[tuple(slice(x - i * c, y - i * c) for x, y, i, c in
+                                   zip(lo, hi, index, files.chunks, strict=True))]
+    return result
+
+
 def read_checked(arr: Any, path: str, selection: Sequence[Any],
                  out: np.ndarray | None = None) -> np.ndarray:
     """``arr[selection]`` as NumPy, raising :class:`InputError` for a damaged unit.
@@ -117,13 +166,14 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any],
         (no result array allocated and copied); it is returned.
     """
     selection = tuple(selection)
+    files = (ChunkFiles.of(arr) if all(isinstance(x, int | np.integer) or (
+        isinstance(x, slice) and x.step in (None, 1)) for x in selection) else None)
+    if files is not None:
+        return _read_files(files, arr, path, selection, out)
     if every_chunk_written(arr):
         for index in units(arr, selection):
             if not unit_file(arr, path, index).exists():
-                raise InputError(
-                    f"{path}: chunk {tuple(index)} is missing (expected file "
-                    f"{unit_file(arr, path, index)}); this array was written with every "
-                    f"chunk stored, so data was lost: {remedy(path)}")
+                raise _missing(arr, path, index)
     try:
         if out is None:
             return np.asarray(arr[selection])
@@ -138,9 +188,5 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any],
             try:
                 arr[_unit_region(arr, index)]
             except Exception as unit_exc:  # noqa: BLE001
-                raise InputError(
-                    f"{path}: chunk {tuple(index)} cannot be read "
-                    f"({type(unit_exc).__name__}: {unit_exc}); its file "
-                    f"{unit_file(arr, path, index)} is corrupt or truncated: "
-                    f"{remedy(path)}") from None
+                raise _corrupt(arr, path, index, unit_exc) from None
         raise exc

@@ -23,7 +23,7 @@ from engine import labels as labelling
 from engine import stats
 from engine.blocks import Block, BlockGrid, Region, blocks_reading, pad_read
 from engine.errors import InputError, OptionError
-from engine.io.opened import open_array
+from engine.io.chunkfiles import write_region
 from engine.objtables import reduce_objects
 from engine.runner import Pass, RunReport, RunState, run_blocks, run_passes
 from engine.segment import pointwise as pw
@@ -87,8 +87,7 @@ class OpTask:
         result = self.op.interior(block.crop, *_padded_inputs(self.op, self.inputs, block))
         result = result.astype(self.op.dtype, copy=False)
         # every chunk is written: skip zarr's scan of each chunk for the fill value
-        out = open_array(self.out, "r+", {"write_empty_chunks": True})
-        out[block.write] = result
+        write_region(self.out, block.write, result, {"write_empty_chunks": True})
         # a float image is usually thresholded next: its range now saves a histogram pass
         return stats.value_range(result) if result.dtype.kind == "f" else None
 
