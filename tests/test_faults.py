@@ -110,6 +110,24 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120
         time.sleep(0.01)
 
 
+def _wait_stopped(pid: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` and all its descendants are stopped (SIGSTOP taken)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    root = psutil.Process(pid)
+    while True:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            if all(p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE) for p in procs):
+                return
+        except psutil.NoSuchProcess:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail("the frozen run's processes did not all stop")
+        time.sleep(0.01)
+
+
 SEGMENT = ["--workflow", "WF", "--name", "cells", "--block", "16,16,16", "--workers", "1",
            "--threads-per-worker", "1"]
 
@@ -130,6 +148,7 @@ def test_killed_cli_resumes_and_a_concurrent_run_is_refused(image, reference, tm
     try:
         _wait_for(lambda: finished_blocks(partial) >= 12, first, "12 blocks were done")
         os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run: alive, holding the lock
+        _wait_stopped(first.pid)  # a signal is delivered later than killpg returns
         done = finished_blocks(partial)
         second = run_cli(*_segment_args(src, wf))
         assert second.returncode == 2, second.stderr
