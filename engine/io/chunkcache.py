@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.io.chunkfiles import ChunkFiles
 from engine.io.integrity import read_checked
 from engine.io.opened import forget, open_array
 from engine.io.sources import Source, ZarrSource
@@ -109,18 +110,20 @@ def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
     """Whole chunks ``indices`` of the trailing axes, each an array of its own (a cached
     chunk never holds a larger read alive).
 
-    A large chunk is decoded straight into its array, one zarr call each: reading them as
-    one box and copying each out would touch every byte twice more, in memory that is
-    fresh while a worker's cache fills. Small chunks are read as their bounding box in
-    one call (chunks between them are decoded too) and copied out: there a zarr call, a
-    round trip to zarr's loop, costs more than the copy."""
+    A chunk of a plain local array (:mod:`engine.io.chunkfiles`), or a large one, is
+    decoded straight into its array, one read each: reading them as one box and copying
+    each out would touch every byte twice more, in memory that is fresh while a worker's
+    cache fills. Small chunks of other arrays are read as their bounding box in one zarr
+    call (chunks between them are decoded too) and copied out: there a zarr call, a round
+    trip to zarr's loop, costs more than the copy."""
     chunks, shape = arr.chunks[len(prefix):], arr.shape[len(prefix):]
 
     def region(index: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
                      zip(index, chunks, shape, strict=True))
 
-    if math.prod(chunks) * arr.dtype.itemsize >= DIRECT_BYTES or len(indices) == 1:
+    if (ChunkFiles.of(arr) is not None or len(indices) == 1
+            or math.prod(chunks) * arr.dtype.itemsize >= DIRECT_BYTES):
         out = {}
         for index in indices:
             sel = region(index)
