@@ -19,13 +19,13 @@ DEPLOY = REPO / "deploy"
 
 
 @pytest.mark.parametrize(("cores", "workers", "threads", "shape"), [
-    (1, None, None, (1, 1)), (2, None, None, (2, 1)), (4, None, None, (4, 1)),
-    (16, None, None, (4, 4)), (16, None, 1, (16, 1)), (16, None, 2, (8, 2)),
+    (1, None, None, (1, 1)), (2, None, None, (1, 2)), (4, None, None, (1, 4)),
+    (16, None, None, (4, 4)), (16, None, 1, (16, 1)), (16, None, 2, (8, 2)), (2, None, 1, (2, 1)),
     (16, 3, None, (3, 5)), (2, 1, None, (1, 2)), (2, 1, 3, (1, 3)),
 ])
 def test_embedded_cluster_shape(cores, workers, threads, shape):
-    """A single-threaded worker per core up to four cores, four threads per worker beyond;
-    what the options give is kept, and the workers fill the cores around it."""
+    """One worker per four cores with the cores as its threads; what the options give is
+    kept, and the workers fill the cores around it."""
     options = ClusterOptions(workers=workers, threads_per_worker=threads)
     assert local_cluster_shape(options, cores=cores) == shape
 
