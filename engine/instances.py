@@ -275,8 +275,7 @@ class ClassOfInstance:
         ids, inverse = np.unique(data, return_inverse=True)
         found, rows = self.table.lookup(ids.astype(np.uint64))
         value = np.full(ids.size, self.background, self.dtype)
-        value[found] = rows[2]
-        value[ids == 0] = self.background
+        value[found] = rows[2]  # id 0 (background) is not in the table
         write_region(self.out, block.write, value[inverse.reshape(data.shape)])
 
 

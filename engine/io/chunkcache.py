@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.io.chunkfiles import ChunkFiles
+from engine.io.chunkfiles import ChunkFiles, chunk_overlap
 from engine.io.integrity import read_checked
 from engine.io.opened import forget, open_array
 from engine.io.sources import Source, ZarrSource
@@ -192,11 +192,6 @@ def read_chunked(path: str, region: Sequence[slice], prefix: tuple[int, ...] = (
         for index in box:
             _put((ident, prefix, index), got[index], limit)
     for index, chunk in got.items():
-        lo = [max(s.start, i * c) for s, i, c in zip(region, index, chunks, strict=True)]
-        hi = [min(s.stop, (i + 1) * c) for s, i, c in zip(region, index, chunks, strict=True)]
-        dst = tuple(slice(a - s.start, b - s.start) for a, b, s in zip(lo, hi, region,
-                                                                      strict=True))
-        src = tuple(slice(a - i * c, b - i * c) for a, b, i, c in zip(lo, hi, index, chunks,
-                                                                     strict=True))
+        dst, src = chunk_overlap(region, index, chunks)
         out[dst] = chunk[src]
     return out

@@ -73,8 +73,6 @@ class ChunkFiles:
         The array's folder.
     shape, chunks : tuple of int
         Array and chunk shape, in voxels.
-    dtype : numpy.dtype
-        The array's dtype as zarr returns it.
     stored : numpy.dtype
         The dtype of the chunk bytes (its byte order as stored).
     fill_value : numpy scalar
@@ -87,7 +85,6 @@ class ChunkFiles:
     path: str
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
-    dtype: np.dtype
     stored: np.dtype
     fill_value: Any
     codec: Any
@@ -161,8 +158,7 @@ class ChunkFiles:
         tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
         try:
             with open(tmp, "wb") as fh:
-                fh.write(memoryview(encoded).cast("B") if isinstance(encoded, np.ndarray)
-                         else encoded)
+                fh.write(encoded)  # bytes, or the contiguous array itself when raw
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -213,7 +209,20 @@ def _make(arr: Any) -> ChunkFiles | None:
         fill = np.asarray(fill).astype(stored)[()]
     except (TypeError, ValueError):
         return None
-    return ChunkFiles(path, tuple(arr.shape), chunks, dtype, stored, fill, codec, meta)
+    return ChunkFiles(path, tuple(arr.shape), chunks, stored, fill, codec, meta)
+
+
+def chunk_overlap(region: Sequence[slice], index: Sequence[int], chunks: Sequence[int]
+                  ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where chunk ``index`` (of shape ``chunks``) and ``region`` (slices of the array,
+    steps of 1) meet: ``(dst, src)``, the common voxels as slices of an array holding
+    ``region`` and of the whole chunk."""
+    lo = [max(s.start, i * c) for s, i, c in zip(region, index, chunks, strict=True)]
+    hi = [min(s.stop, (i + 1) * c) for s, i, c in zip(region, index, chunks, strict=True)]
+    return (tuple(slice(a - s.start, b - s.start) for a, b, s in zip(lo, hi, region,
+                                                                     strict=True)),
+            tuple(slice(a - i * c, b - i * c) for a, b, i, c in zip(lo, hi, index, chunks,
+                                                                   strict=True)))
 
 
 def chunk_indices(files: ChunkFiles, region: Sequence[slice]) -> list[tuple[int, ...]] | None:

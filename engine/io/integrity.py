@@ -26,7 +26,7 @@ import numpy as np
 
 from engine import provenance
 from engine.errors import InputError
-from engine.io.chunkfiles import ChunkFiles
+from engine.io.chunkfiles import ChunkFiles, chunk_overlap
 
 COMPLETE_ATTR = "every_chunk_written"
 
@@ -118,12 +118,11 @@ def _read_files(files: ChunkFiles, arr: Any, path: str, selection: tuple[Any, ..
                 out: np.ndarray | None) -> np.ndarray:
     """:func:`read_checked` of a plain local array: its chunk files decoded here, each
     copied into place (:mod:`engine.io.chunkfiles`)."""
-    bounds = _bounds(arr, selection)
-    full = tuple(b - a for a, b in bounds)
+    region = tuple(slice(a, b) for a, b in _bounds(arr, selection))
+    full = tuple(r.stop - r.start for r in region)
     # integer indices drop their axes from the result
-    kept = tuple(n for n, x in zip(full, selection + (slice(None),) * (len(full)
-                                                                       - len(selection)),
-                                   strict=True) if not isinstance(x, int | np.integer))
+    kept = tuple(n for k, n in enumerate(full)
+                 if k >= len(selection) or not isinstance(selection[k], int | np.integer))
     result = np.empty(kept, arr.dtype) if out is None else out
     out = result.view()
     out.shape = full  # never a copy (raises for a non-contiguous ``out``)
@@ -137,15 +136,8 @@ def _read_files(files: ChunkFiles, arr: Any, path: str, selection: tuple[Any, ..
             raise _corrupt(arr, path, index, exc) from None
         if chunk is None and complete:
             raise _missing(arr, path, index)
-        lo = [max(a, i * c) for (a, _), i, c in zip(bounds, index, files.chunks, strict=True)]
-        hi = [min(b, (i + 1) * c) for (_, b), i, c in zip(bounds, index, files.chunks,
-                                                          strict=True)]
-        dst = tuple(slice(x - a, y - a) for x, y, (a, _) in zip(lo, hi, bounds, strict=True))
-        if chunk is None:
-            out[dst] = files.fill_value
-        else:
-            out[dst] = chunk[tuple(slice(x - i * c, y - i * c) for x, y, i, c in
-                                   zip(lo, hi, index, files.chunks, strict=True))]
+        dst, src = chunk_overlap(region, index, files.chunks)
+        out[dst] = files.fill_value if chunk is None else chunk[src]
     return result
 
 
