@@ -44,6 +44,7 @@ import numpy as np
 from engine import events
 from engine.blocks import Block, BlockGrid
 from engine.errors import VoxelmillError
+from engine.placement import Placement
 from engine.progress import Progress, SilentProgress
 from engine.provenance import block_time_summary
 
@@ -362,9 +363,11 @@ class _PassRun:
     the blocks pulled from the grid but waiting on others (at most ``lookahead``), the
     fold, and flags of finished blocks (one byte per block) when others wait on them."""
 
-    def __init__(self, spec: Pass, state: RunState | None, lookahead: int, tag: str) -> None:
+    def __init__(self, spec: Pass, state: RunState | None, lookahead: int, tag: str,
+                 placement: Placement | None = None) -> None:
         self.spec = spec
         grid = spec.grid
+        self.placement = placement  # the worker each block prefers (None: any)
         self.markers = state.markers(spec.name, grid) if state is not None else None
         self.done = (self.markers.finished() if self.markers is not None
                      else np.zeros(grid.grid_shape, dtype=bool))
@@ -470,6 +473,18 @@ class _PassRun:
         return report
 
 
+def _by_worker(placement: Placement | None, numbered: list[tuple[Block, int]]
+               ) -> list[tuple[str | None, list[tuple[Block, int]]]]:
+    """Ready blocks grouped by the worker they prefer (grid order kept in each group), or
+    one group for any worker."""
+    if placement is None:
+        return [(None, numbered)]
+    groups: dict[int, list[tuple[Block, int]]] = {}
+    for item in numbered:
+        groups.setdefault(placement.rank(item[0].index), []).append(item)
+    return [(placement.workers[r], part) for r, part in sorted(groups.items())]
+
+
 def run_passes(
     client: Any,
     passes: Sequence[Pass],
@@ -529,13 +544,19 @@ def run_passes(
     if len(set(names)) != len(names):
         raise ValueError(f"pass names repeat: {names}")
     progress = progress or SilentProgress()
-    threads = cluster_threads(client)
+    nthreads = dict(client.nthreads())
+    threads = sum(nthreads.values()) or 1
     limit = max_in_flight or default_in_flight(client, threads)
     lookahead = max(4 * limit, IN_FLIGHT_FLOOR)
     tag = f"{state.run_hash[:8] if state else 'once'}-{uuid.uuid4().hex[:6]}"
     runs: dict[str, _PassRun] = {}
     for spec in passes:
-        run = _PassRun(spec, state, lookahead, tag)
+        # blocks that read a halo decode their neighbours' chunks: run neighbours on one
+        # worker, whose chunk cache serves them again (a pass asking for worker resources,
+        # a GPU, goes where those are)
+        placement = (Placement.of(nthreads, spec.grid.grid_shape, limit)
+                     if any(spec.grid.halo) and not spec.resources else None)
+        run = _PassRun(spec, state, lookahead, tag, placement)
         for other, deps in spec.needs.items():
             if other not in runs:
                 raise ValueError(f"pass {spec.name!r} needs {other!r}, which is not an "
@@ -587,21 +608,25 @@ def run_passes(
             numbered = run.ready(want) if want > 0 else []
             if not numbered:
                 continue
-            bundles = [numbered[i:i + k] for i in range(0, len(numbered), k)]
-            blocks = [[b for b, _ in bundle] for bundle in bundles]
-            finished = [[bool(run.done[b.index]) for b in bb] for bb in blocks]
-            run.voxels += sum(b.write_size for bb, ff in zip(blocks, finished, strict=True)
-                              for b, f in zip(bb, ff, strict=True) if not f)
-            extra = () if run.spec.recover is None else (finished,)
-            batch = client.map(run.runner, blocks, *extra,
-                               key=[f"{run.prefix}-{bb[0].key}" for bb in blocks],
-                               retries=run.spec.retries, pure=False,
-                               resources=run.spec.resources)
-            for fut, bundle in zip(batch, bundles, strict=True):
-                futures[fut] = run, [b for b, _ in bundle], [i for _, i in bundle]
+            for worker, part in _by_worker(run.placement, numbered):
+                # a bundle's blocks share a worker: they are cut from one worker's blocks
+                bundles = [part[i:i + k] for i in range(0, len(part), k)]
+                blocks = [[b for b, _ in bundle] for bundle in bundles]
+                finished = [[bool(run.done[b.index]) for b in bb] for bb in blocks]
+                run.voxels += sum(b.write_size for bb, ff in zip(blocks, finished, strict=True)
+                                  for b, f in zip(bb, ff, strict=True) if not f)
+                extra = () if run.spec.recover is None else (finished,)
+                where = {} if worker is None else {"workers": [worker],
+                                                   "allow_other_workers": True}
+                batch = client.map(run.runner, blocks, *extra,
+                                   key=[f"{run.prefix}-{bb[0].key}" for bb in blocks],
+                                   retries=run.spec.retries, pure=False,
+                                   resources=run.spec.resources, **where)
+                for fut, bundle in zip(batch, bundles, strict=True):
+                    futures[fut] = run, [b for b, _ in bundle], [i for _, i in bundle]
+                ac.update(batch)
             run.in_flight += len(numbered)
             n -= len(numbered)
-            ac.update(batch)
 
     def fetch(done: list[Any]) -> None:
         """Gather the values of finished tasks in one call and take them in."""

@@ -30,7 +30,8 @@ PACKAGES = ("engine", "cli")
 # (a longer entry wins); a module that no entry names fails the test.
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["engine", "engine.errors", "engine.events", "engine.startup"]),
-    ("core", ["engine.runner", "engine.cluster", "engine.runlock", "engine.blocks",
+    ("core", ["engine.runner", "engine.placement", "engine.cluster", "engine.runlock",
+              "engine.blocks",
               "engine.labels", "engine.objtables", "engine.stats", "engine.pyramid",
               "engine.output", "engine.io.*",
               "engine.volume", "engine.provenance", "engine.progress", "engine.security",

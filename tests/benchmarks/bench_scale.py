@@ -22,7 +22,9 @@ uses the same input and the same block shape (``--block`` for segment; convert's
 timed. The workflow runs twice on the same cluster: the first run (``cold_seconds``, and
 ``cold_speedup_2x1`` in the summary) includes the fixed costs of fresh workers (their
 first imports, about a second, which no number of workers shortens); the second is the
-steady state whose throughput is judged. Configurations alternate for ``--repeats``
+steady state whose throughput is judged (the workers' chunk caches are emptied before
+it: a user's run decodes its input, and the cold run's leftovers would favour one
+worker, which caches the whole input, over many). Configurations alternate for ``--repeats``
 rounds; each figure is the median of its trials. Reported per trial: throughput (Mvox/s of
 level 0, second run), parallel efficiency = throughput ÷ (W·T × throughput of 1x1), peak
 RSS of the client process (it holds the embedded scheduler too) and of the largest worker
@@ -226,12 +228,22 @@ def trial_segment(args: argparse.Namespace) -> dict[str, Any]:
         with ProcessPeaks(_worker_pids(client)) as mon:
             cold = _timed(lambda: segment(args.trial_src, options, client, progress=None,
                                           report=lambda line: None))[0]
+            _clear_caches(client)
             seconds, result = _timed(lambda: segment(args.trial_src, options, client,
                                                      progress=None, report=lambda line: None))
     digest = sha256_level0(args.trial_src / "labels" / "bench" / "0")
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
             "worker_peak": mon.largest_worker, "samples": mon.samples,
             "objects": result.n_objects, "digest": digest}
+
+
+def _clear_caches(client: Any) -> None:
+    """Empty every worker's chunk cache: the timed run reads its input as a user's run
+    does (else one worker would find the whole input decoded by the cold run and sixteen
+    a sixteenth of it each)."""
+    from engine.io import chunkcache
+
+    client.run(chunkcache.clear)
 
 
 def _timed(run: Any) -> tuple[float, Any]:
@@ -249,6 +261,7 @@ def trial_convert(args: argparse.Namespace) -> dict[str, Any]:
         with ProcessPeaks(_worker_pids(client)) as mon:
             cold = _timed(lambda: convert(args.trial_src, args.trial_dst, options, client,
                                           report=lambda line: None))[0]
+            _clear_caches(client)
             seconds = _timed(lambda: convert(args.trial_src, args.trial_dst, options, client,
                                              report=lambda line: None))[0]
     digest = sha256_level0(level0_path(args.trial_dst))
