@@ -22,6 +22,10 @@ one-pass case: there is one submission loop.
 Short blocks go several to a dask task (a *bundle*, sized from the pass's last block
 times): a task costs milliseconds of client, scheduler and worker time whatever it does,
 as much as a small block's own work. Markers, results, folds and progress stay per block.
+
+Blocks that read a halo prefer the worker of their grid column (:mod:`engine.placement`),
+loosely: neighbours then share a worker's chunk cache instead of each decoding the chunks
+around them again.
 """
 
 from __future__ import annotations
