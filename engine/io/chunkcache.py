@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.io.chunkfiles import ChunkFiles, chunk_overlap
+from engine.io.chunkfiles import ChunkFiles, chunk_overlap, chunk_region
 from engine.io.integrity import read_checked
 from engine.io.opened import forget, open_array
 from engine.io.sources import Source, ZarrSource
@@ -117,16 +117,11 @@ def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
     call (chunks between them are decoded too) and copied out: there a zarr call, a round
     trip to zarr's loop, costs more than the copy."""
     chunks, shape = arr.chunks[len(prefix):], arr.shape[len(prefix):]
-
-    def region(index: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
-                     zip(index, chunks, shape, strict=True))
-
     if (ChunkFiles.of(arr) is not None or len(indices) == 1
             or math.prod(chunks) * arr.dtype.itemsize >= DIRECT_BYTES):
         out = {}
         for index in indices:
-            sel = region(index)
+            sel = chunk_region(index, chunks, shape)
             out[index] = read_checked(arr, path, prefix + sel, out=np.empty(
                 tuple(s.stop - s.start for s in sel), arr.dtype))
         return out
@@ -136,7 +131,7 @@ def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
                 zip(first, last, chunks, shape, strict=True))
     data = read_checked(arr, path, prefix + box)
     return {index: data[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in
-                              zip(region(index), box, strict=True))].copy()
+                              zip(chunk_region(index, chunks, shape), box, strict=True))].copy()
             for index in indices}
 
 

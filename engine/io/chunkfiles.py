@@ -113,8 +113,7 @@ class ChunkFiles:
 
     def region(self, index: Sequence[int]) -> tuple[slice, ...]:
         """The voxels of chunk ``index`` inside the array (edge chunks are cut)."""
-        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
-                     zip(index, self.chunks, self.shape, strict=True))
+        return chunk_region(index, self.chunks, self.shape)
 
     def read(self, index: Sequence[int]) -> np.ndarray | None:
         """Chunk ``index`` decoded, whole (chunk shape, the stored dtype), or None when its
@@ -210,6 +209,14 @@ def _make(arr: Any) -> ChunkFiles | None:
     except (TypeError, ValueError):
         return None
     return ChunkFiles(path, tuple(arr.shape), chunks, stored, fill, codec, meta)
+
+
+def chunk_region(index: Sequence[int], chunks: Sequence[int], shape: Sequence[int]
+                 ) -> tuple[slice, ...]:
+    """The voxels of chunk ``index`` (of shape ``chunks``) inside an array of ``shape``:
+    slices, cut at the array's end."""
+    return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in
+                 zip(index, chunks, shape, strict=True))
 
 
 def chunk_overlap(region: Sequence[slice], index: Sequence[int], chunks: Sequence[int]

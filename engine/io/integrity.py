@@ -26,7 +26,7 @@ import numpy as np
 
 from engine import provenance
 from engine.errors import InputError
-from engine.io.chunkfiles import ChunkFiles, chunk_overlap
+from engine.io.chunkfiles import ChunkFiles, chunk_overlap, chunk_region
 
 COMPLETE_ATTR = "every_chunk_written"
 
@@ -74,12 +74,6 @@ def location(arr: Any) -> str:
 
 def every_chunk_written(arr: Any) -> bool:
     return bool(dict(arr.attrs.get("voxelmill", {}) or {}).get(COMPLETE_ATTR, False))
-
-
-def _unit_region(arr: Any, index: Sequence[int]) -> tuple[slice, ...]:
-    unit = unit_shape(arr)
-    return tuple(slice(i * u, min((i + 1) * u, n)) for i, u, n in
-                 zip(index, unit, arr.shape, strict=True))
 
 
 def remedy(path: str | Path) -> str:
@@ -178,7 +172,7 @@ def read_checked(arr: Any, path: str, selection: Sequence[Any],
     except Exception as exc:  # noqa: BLE001 - any decoding failure: find the damaged unit
         for index in units(arr, selection):
             try:
-                arr[_unit_region(arr, index)]
+                arr[chunk_region(index, unit_shape(arr), arr.shape)]
             except Exception as unit_exc:  # noqa: BLE001
                 raise _corrupt(arr, path, index, unit_exc) from None
         raise exc
