@@ -16,21 +16,24 @@ def _fresh_cache():
     chunkcache.clear()
 
 
-def _array(path, data, chunks):
+def _array(path, data, chunks, shards=None):
     arr = zarr.create_array(store=str(path), shape=data.shape, chunks=chunks, dtype=data.dtype,
-                            zarr_format=3, overwrite=True)
+                            zarr_format=3, overwrite=True, shards=shards)
     arr[...] = data
     return str(path)
 
 
+# a plain array's chunks are read from their files one by one (engine.io.chunkfiles); a
+# sharded one's go through zarr, one by one or as their bounding box
+@pytest.mark.parametrize("shards", [None, (1, 16, 32, 14)])
 @pytest.mark.parametrize("direct", [True, False])  # chunks decoded one by one, or as a box
 @pytest.mark.parametrize("limit_mib", ["0", "0.05", "64"])  # off, evicting, holding all
-def test_regions_equal_zarr_slicing(tmp_path, monkeypatch, limit_mib, direct):
+def test_regions_equal_zarr_slicing(tmp_path, monkeypatch, limit_mib, direct, shards):
     monkeypatch.setenv("VOXELMILL_CHUNK_CACHE_MIB", limit_mib)
     monkeypatch.setattr(chunkcache, "DIRECT_BYTES", 0 if direct else 2**30)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 1000, (2, 23, 37, 29)).astype(np.uint16)
-    path = _array(tmp_path / "a.zarr", data, (1, 8, 16, 7))
+    path = _array(tmp_path / "a.zarr", data, (1, 8, 16, 7), shards)
     for _ in range(40):
         lo = [int(rng.integers(0, n)) for n in data.shape[1:]]
         hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, data.shape[1:], strict=True)]
