@@ -130,9 +130,8 @@ def _read_chunks(arr: Any, path: str, prefix: tuple[int, ...],
     box = tuple(slice(f * c, min((g + 1) * c, n)) for f, g, c, n in
                 zip(first, last, chunks, shape, strict=True))
     data = read_checked(arr, path, prefix + box)
-    return {index: data[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in
-                              zip(chunk_region(index, chunks, shape), box, strict=True))].copy()
-            for index in indices}
+    # each chunk lies whole in the box: its overlap with the box is the chunk, cut at the end
+    return {index: data[chunk_overlap(box, index, chunks)[0]].copy() for index in indices}
 
 
 def _boxes(indices: Sequence[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
