@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 from engine.pipelines.convert import ConvertOptions, convert
+from engine.runner import marker_ranges
 from tests.conftest import run_cli, write_mrc
 
 EXE = str(Path(sys.executable).parent / "voxelmill")
@@ -23,11 +24,13 @@ ARGS = ["--chunks", "16", "--block-mib", "0.25", "--workers", "1", "--threads-pe
 
 
 def finished_blocks(partial: Path) -> int:
-    """Done-markers written so far (a file per finished block, named by its index)."""
+    """Blocks marked done so far, every pass together (a marker file names the blocks of
+    one task as ranges of their indices)."""
     state = partial / ".voxelmill"
     if not state.exists():
         return 0
-    return sum(1 for p in state.rglob("*") if p.is_file() and p.name.isdigit())
+    return sum(stop - start for p in state.rglob("*") if p.is_file()
+               for start, stop in marker_ranges(p.name))
 
 
 def interrupt_conversion(src: Path, dst: Path, extra: list[str], after: int) -> int:
