@@ -320,23 +320,35 @@ class RunReport:
     held_peak: int = 0
 
 
+#: worker task states from which a task may still run (``cancelled``: released while
+#: running, it runs to its end; ``waiting``: for the data of its dependencies)
+_MAY_RUN = frozenset({"waiting", "ready", "constrained", "executing", "long-running",
+                      "cancelled", "resumed"})
+
+
 def _executing(prefixes: tuple[str, ...], dask_worker: Any = None) -> int:
     """Tasks of the passes whose keys start with one of ``prefixes`` this worker is still
-    running (cancelled ones too: a worker finishes a task it has started)."""
-    return sum(1 for ts in dask_worker.state.executing if str(ts.key).startswith(prefixes))
+    running (cancelled ones too: a worker finishes a task it has started) or may still
+    start (queued for a thread)."""
+    state = dask_worker.state
+    return sum(1 for key, ts in list(state.tasks.items()) if str(key).startswith(prefixes)
+               and (ts.state in _MAY_RUN or ts in state.executing))
 
 
 def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTLE_S) -> None:
-    """Wait until no worker runs a task of the passes (at most ``timeout`` seconds)."""
+    """Wait until no worker runs or may start a task of the passes (at most ``timeout``
+    seconds), seen on two polls 0.1 s apart: the scheduler's message releasing a queued
+    task and the one that queued it travel on another connection than this poll, so one
+    clean poll can come between them (a task then started after the caller went on)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    clean = 0
+    while time.monotonic() < deadline and clean < 2:
         try:
             running = client.run(_executing, prefixes)
         except Exception:  # noqa: BLE001 - a lost cluster: nothing left to wait for
             return
-        if not any(running.values()):
-            return
-        time.sleep(0.05)
+        clean = 0 if any(running.values()) else clean + 1
+        time.sleep(0.1 if clean else 0.05)
 
 
 def cluster_threads(client: Any) -> int:
