@@ -11,6 +11,7 @@ import zarr
 from engine.output import partial_path
 from engine.pipelines.convert import ConvertOptions, convert
 from engine.pipelines.segment import SegmentOptions, segment
+from engine.runner import marker_ranges
 from engine.segment import execute
 from tests.segment_helpers import spots
 from tests.test_segment_cli import threshold_preset_reference
@@ -99,13 +100,15 @@ def test_user_error_mid_run_leaves_nothing(volume, client, monkeypatch):
 
 def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monkeypatch):
     """A run that dies in labelling's last pass resumes it: the finished labelling blocks
-    of every pass are skipped (their results recovered), the output is identical."""
+    of every pass are skipped (their results recovered: the face pairs recomputed from
+    the stored block files, never the labels), the output is identical."""
     from engine import labels
 
     src, vol = volume
     dst = src / "labels" / "spots"
     relabel = labels.Relabel.__call__
-    calls = {"local": 0, "faces": 0, "relabel": 0}
+    calls = {"local": 0, "relabel": 0}
+    blocks = 3 * 3 * 3
 
     def dies_late(self, block):
         if int(np.ravel_multi_index(block.index, self.grid_shape)) >= 20:
@@ -117,6 +120,10 @@ def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monk
         with pytest.raises(Exception, match="the cluster went away"):
             _run(src, client, [])
     assert not dst.exists() and partial_path(dst).exists()
+    # relabel blocks marked done (those queued behind the failing one never ran)
+    folder, = partial_path(dst).rglob("label-relabel.*")
+    done = sum(b - a for f in folder.iterdir() for a, b in marker_ranges(f.name))
+    assert 0 < done <= 20
 
     def counted(name, original):
         def call(self, block):
@@ -126,11 +133,12 @@ def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monk
 
     monkeypatch.setattr(labels.LocalLabels, "__call__",
                         counted("local", labels.LocalLabels.__call__))
-    monkeypatch.setattr(labels.FacePairs, "__call__",
-                        counted("faces", labels.FacePairs.__call__))
     monkeypatch.setattr(labels.Relabel, "__call__", counted("relabel", relabel))
     result = _run(src, client, [])
-    assert calls == {"local": 0, "faces": 0, "relabel": 3 * 3 * 3 - 20}
+    assert calls == {"local": 0, "relabel": blocks - done}
+    stages = {s["stage"]: (s["computed"], s["skipped"]) for s in result.stages}
+    assert stages["label-local"] == stages["label-faces"] == (0, blocks)
+    assert stages["label-relabel"] == (blocks - done, done)
     got = zarr.open_array(str(dst / "0"), mode="r")[...]
     np.testing.assert_array_equal(got, threshold_preset_reference(vol))
     assert result.n_objects == len(np.unique(got)) - 1 > 3
