@@ -219,16 +219,20 @@ class FacePairs:
     grid_shape: tuple[int, ...]
 
     @cached_property
+    def _offsets(self) -> np.ndarray:
+        """The structure's neighbour offsets from its centre: int, ``(n, ndim)``."""
+        return np.argwhere(self.structure) - np.array(self.structure.shape) // 2
+
+    @cached_property
     def _reached(self) -> tuple[frozenset[tuple[int, ...]], ...]:
         """Per axis ``k``, the in-plane steps ``delta`` of the next layer's blocks that the
         structure reaches across the high-``k`` face: an offset one step up ``k`` with
         in-plane part ``e`` reads the neighbour at ``delta`` when every non-zero step of
         ``delta`` equals ``e``'s (a corner block only through a diagonal offset)."""
-        centre = np.array(self.structure.shape) // 2
-        offsets = np.argwhere(self.structure) - centre
         out = []
         for k in range(len(self.grid_shape)):
-            parts = [[int(d[j]) for j in range(len(d)) if j != k] for d in offsets if d[k] == 1]
+            parts = [[int(d[j]) for j in range(len(d)) if j != k] for d in self._offsets
+                     if d[k] == 1]
             out.append(frozenset(delta for e in parts
                                  for delta in itertools.product(*(sorted({0, ej})
                                                                   for ej in e))))
@@ -269,8 +273,6 @@ class FacePairs:
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
         files = {block.index: _load_arrays(_block_file(self.work, bid))}
         own = files[block.index]
-        centre = np.array(self.structure.shape) // 2
-        offsets = np.argwhere(self.structure) - centre
         pairs = []
         for k in range(ndim):
             if block.index[k] == self.grid_shape[k] - 1 or not self._reached[k]:
@@ -298,7 +300,7 @@ class FacePairs:
                         dst.append(slice(size + 1, size + 2))
                         src.append(slice(0, 1))
                 layer[tuple(dst)] = self._ids(nb, plane[tuple(src)])
-            for d in offsets:
+            for d in self._offsets:
                 if d[k] != 1:
                     continue
                 e = [d[j] for j in inplane]

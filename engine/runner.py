@@ -342,12 +342,14 @@ def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTL
     clean poll can come between them (a task then started after the caller went on)."""
     deadline = time.monotonic() + timeout
     clean = 0
-    while time.monotonic() < deadline and clean < 2:
+    while time.monotonic() < deadline:
         try:
             running = client.run(_executing, prefixes)
         except Exception:  # noqa: BLE001 - a lost cluster: nothing left to wait for
             return
         clean = 0 if any(running.values()) else clean + 1
+        if clean == 2:
+            return
         time.sleep(0.1 if clean else 0.05)
 
 
