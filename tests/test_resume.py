@@ -25,12 +25,16 @@ ARGS = ["--chunks", "16", "--block-mib", "0.25", "--workers", "1", "--threads-pe
 
 def finished_blocks(partial: Path) -> int:
     """Blocks marked done so far, every pass together (a marker file names the blocks of
-    one task as ranges of their indices)."""
+    one task as ranges of their indices; a retried task may name some of them again)."""
     state = partial / ".voxelmill"
     if not state.exists():
         return 0
-    return sum(stop - start for p in state.rglob("*") if p.is_file()
-               for start, stop in marker_ranges(p.name))
+    marked: dict[Path, set[int]] = {}  # per pass folder
+    for p in state.rglob("*"):
+        if p.is_file():
+            marked.setdefault(p.parent, set()).update(
+                i for start, stop in marker_ranges(p.name) for i in range(start, stop))
+    return sum(len(blocks) for blocks in marked.values())
 
 
 def interrupt_conversion(src: Path, dst: Path, extra: list[str], after: int) -> int:
