@@ -1,0 +1,91 @@
+"""What the cluster costs while it runs nothing: the embedded cluster's event loops tick
+and profile at a lighter rate unless the user configured them, and the command's heap is
+left out of full garbage collections while the client lives (issue 17)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import dask
+import pytest
+
+from engine.cluster import (
+    LIGHTER_LOOPS,
+    NO_DASHBOARD,
+    ClusterOptions,
+    connect,
+    frozen_heap,
+    lighter_loops,
+)
+
+TICK = "distributed.admin.tick.interval"
+PROFILE = "distributed.worker.profile.interval"
+
+
+def _worker_intervals(dask_worker=None) -> tuple[float, float]:
+    callbacks = dask_worker.periodic_callbacks
+    return callbacks["tick"].callback_time, callbacks["profile"].callback_time
+
+
+def _scheduler_tick(dask_scheduler=None) -> float:
+    return dask_scheduler.periodic_callbacks["tick"].callback_time
+
+
+class _Node:
+    """A reference cycle, which only the garbage collector frees."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_lighter_loops_replace_only_distributeds_defaults():
+    defaults = {key: default for key, (default, _) in LIGHTER_LOOPS.items()}
+    with dask.config.set(defaults):
+        assert lighter_loops() == {TICK: "100ms", PROFILE: "100ms"}
+    with dask.config.set({**defaults, PROFILE: "30ms"}):  # the user's value is kept
+        assert lighter_loops() == {TICK: "100ms"}
+    with dask.config.set({TICK: "0.02s", PROFILE: 0.01}):  # the defaults spelled otherwise
+        assert set(lighter_loops()) == {TICK, PROFILE}
+
+
+def test_embedded_cluster_ticks_and_profiles_at_the_lighter_rate():
+    options = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address=NO_DASHBOARD)
+    with connect(options, report=lambda line: None) as client:
+        assert list(client.run(_worker_intervals).values()) == [(100.0, 100.0)]
+        assert client.run_on_scheduler(_scheduler_tick) == 100.0
+    with dask.config.set({PROFILE: "30ms"}), \
+            connect(options, report=lambda line: None) as client:
+        assert list(client.run(_worker_intervals).values()) == [(100.0, 30.0)]
+
+
+def test_connect_freezes_the_heap_while_the_client_lives():
+    assert gc.get_freeze_count() == 0
+    options = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address=NO_DASHBOARD)
+    with connect(options, report=lambda line: None) as client:
+        # the scheduler and the nannies live in this process: their objects are frozen
+        assert gc.get_freeze_count() > 10_000
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_heap_keeps_cycles_until_its_end_and_nests():
+    node = _Node()
+    ref = weakref.ref(node)
+    with frozen_heap():
+        del node
+        gc.collect()
+        assert ref() is not None  # frozen: the full collection did not walk it
+        with frozen_heap():  # an inner block leaves the outer one's freeze alone
+            pass
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None  # back in the collector's reach
+
+
+def test_frozen_heap_ends_on_an_exception():
+    with pytest.raises(RuntimeError), frozen_heap():
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
