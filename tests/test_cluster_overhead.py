@@ -32,6 +32,13 @@ def _scheduler_tick(dask_scheduler=None) -> float:
     return dask_scheduler.periodic_callbacks["tick"].callback_time
 
 
+@pytest.fixture(autouse=True)
+def _unfrozen():
+    """Each test starts with nothing frozen (a connect another test left open in this
+    process would otherwise decide what frozen_heap does)."""
+    gc.unfreeze()
+
+
 class _Node:
     """A reference cycle, which only the garbage collector frees."""
 
@@ -60,7 +67,6 @@ def test_embedded_cluster_ticks_and_profiles_at_the_lighter_rate():
 
 
 def test_connect_freezes_the_heap_while_the_client_lives():
-    assert gc.get_freeze_count() == 0
     options = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address=NO_DASHBOARD)
     with connect(options, report=lambda line: None) as client:
         # the scheduler and the nannies live in this process: their objects are frozen
