@@ -431,6 +431,21 @@ def _worker_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def allocator_environ(threads: int) -> dict[str, str]:
+    """glibc's allocator settings of an embedded worker process with ``threads`` task
+    threads (environment variables, read when a process starts).
+
+    distributed's default ``MALLOC_TRIM_THRESHOLD_`` also pins glibc's mmap threshold low,
+    so every block-sized buffer is fresh memory faulted in page by page; a high threshold
+    lets glibc reuse it (measured: ~1.4× faster conversion, ~200 MiB more per worker).
+    glibc gives each thread that allocates its own arena (zarr's decoding threads, the
+    event loop's), each keeping its own freed buffers: one arena per task thread shares
+    them (measured on segment 384³: ~130 MiB less touched per worker, ~10 % faster)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+            "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+            "MALLOC_ARENA_MAX": str(threads)}
+
+
 @contextmanager
 def _local_client(options: ClusterOptions, security: object | None,
                   report: Callable[[str], None]) -> Iterator[object]:
@@ -449,15 +464,7 @@ def _local_client(options: ClusterOptions, security: object | None,
         kwargs["memory_limit"] = options.memory_limit
     if security is not None:
         kwargs.update(protocol="tls://", security=security)
-    # distributed's default MALLOC_TRIM_THRESHOLD_ also pins glibc's mmap threshold low, so
-    # every block-sized buffer is fresh memory faulted in page by page; a high threshold
-    # lets glibc reuse it (measured: ~1.4× faster conversion, ~200 MiB more per worker).
-    # glibc gives each thread that allocates its own arena (zarr's decoding threads, the
-    # event loop's), each keeping its own freed buffers: one arena per task thread shares
-    # them (measured on segment 384³: ~130 MiB less touched per worker, ~10 % faster)
-    glibc = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-             "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-             "MALLOC_ARENA_MAX": str(max(threads, GPU_WORKER_THREADS if gpus else 1))}
+    glibc = allocator_environ(max(threads, GPU_WORKER_THREADS if gpus else 1))
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **glibc}
     try:
         caps = {"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH,
