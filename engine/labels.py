@@ -245,16 +245,14 @@ class FacePairs:
     def _across(self, index: tuple[int, ...], k: int
                 ) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
         """``(in-plane offsets, block index)`` of the next layer's blocks across the
-        high-``k`` face of block ``index``: one step up axis ``k``, at most one step either
-        way on the others, inside the grid (none past the grid's last layer)."""
+        high-``k`` face of block ``index`` that the structure reaches: one step up axis
+        ``k``, at most one step either way on the others, inside the grid (none past the
+        grid's last layer); in-plane offsets in lexicographic order."""
         ndim = len(self.grid_shape)
         if index[k] == self.grid_shape[k] - 1:
             return
         inplane = [j for j in range(ndim) if j != k]
-        reached = self._reached[k]
-        for delta in itertools.product((-1, 0, 1), repeat=ndim - 1):
-            if delta not in reached:
-                continue
+        for delta in sorted(self._reached[k]):
             nb = list(index)
             nb[k] += 1
             for j, dj in zip(inplane, delta, strict=True):
@@ -315,9 +313,8 @@ class FacePairs:
                     np.not_equal(a[1:], a[:-1], out=new[1:])
                     new[1:] |= b[1:] != b[:-1]
                     pairs.append(np.stack([a[new], b[new]], axis=1))
-        found = (_unique_rows(np.concatenate(pairs)) if pairs
-                 else np.zeros((0, 2), np.uint64))
-        return found
+        return (_unique_rows(np.concatenate(pairs)) if pairs
+                else np.zeros((0, 2), np.uint64))
 
 
 def _map_file(work: str | Path, bid: int) -> Path:
