@@ -358,3 +358,48 @@ def test_block_reports_fold_to_the_same_throughput_in_any_tree():
                                                                          for i in range(20))
     one = throughput([reports[3]], 1.0)  # a one-block pass folds to that block's report
     assert throughput(reports[3], 1.0) == one and one["tiles"] == 3
+
+
+_INTRA_OP_PROBE = """
+import ctypes, json, threading, torch
+from engine.predict.device import TilePredictor
+gomp = [line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line]
+if not gomp:
+    print(json.dumps(None))
+    raise SystemExit
+omp = ctypes.CDLL(gomp[0])
+seen = []
+
+class Probe(torch.nn.Module):
+    def forward(self, x):
+        seen.append(omp.omp_get_max_threads())  # the thread's own count, before any op
+        return x * 2  # a parallel operation: torch's per-thread initialisation runs
+
+p = TilePredictor(Probe(), torch.device("cpu"), "none", threads=3)
+for _ in range(2):
+    p.submit(torch.zeros(2, 1, 8, 8)).result()
+other = []
+t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+t.start(); t.join()
+print(json.dumps({"device": seen, "caller": torch.get_num_threads(), "other": other[0]}))
+"""
+
+
+def test_cpu_forward_passes_get_their_threads_and_nothing_else_does():
+    """A Dask worker starts with OMP_NUM_THREADS=1; OpenMP keeps a count per thread, which
+    oneDNN's convolutions read without asking torch. The device thread runs its forward
+    passes with ``threads`` from the first one on (it had 1: the model ran at one core's
+    speed), and keeps them after torch's process-wide count is put back; the task thread
+    and any new thread stay at that count (blending beside a forward pass that uses every
+    core ran as two OpenMP teams on the same cores)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _INTRA_OP_PROBE], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    if seen is None:
+        pytest.skip("this torch build does not use GNU OpenMP")
+    assert seen == {"device": [3, 3], "caller": 1, "other": 1}

@@ -95,15 +95,20 @@ def worker_model(path: str | os.PathLike[str], device: str = "auto", trust_code:
     return model, meta, dev
 
 
-def use_worker_threads() -> int:
-    """Let torch use every thread of this Dask worker (workers start with
-    ``OMP_NUM_THREADS=1``); the caller runs one prediction at a time per worker."""
+def worker_threads() -> int:
+    """Threads of this Dask worker (this machine's cores outside a worker)."""
     try:
         from distributed import get_worker
 
-        n = get_worker().state.nthreads
+        return get_worker().state.nthreads
     except ValueError:  # not in a worker
-        n = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def use_worker_threads() -> int:
+    """Let torch use every thread of this Dask worker (workers start with
+    ``OMP_NUM_THREADS=1``); the caller runs one prediction at a time per worker."""
+    n = worker_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
@@ -130,16 +135,16 @@ def worker_predictor(path: str | os.PathLike[str], device: str, tta: bool, batch
     from engine.predict.device import TilePredictor, auto_batch
 
     model, meta, dev = worker_model(path, device, trust_code)
-    if dev.type == "cpu":
-        use_worker_threads()
-    else:  # tiles have one shape: let cuDNN pick its fastest algorithms for it
+    if dev.type == "cuda":  # tiles have one shape: let cuDNN pick its fastest algorithms
         torch.backends.cudnn.benchmark = True
     key = (_key(path, dev), tta, batch, channels, tuple(tile))
     with _LOCK:
         predictor = _PREDICTORS.get(key)
     if predictor is None:
+        # on the CPU the forward passes get every thread of the worker, in the device
+        # thread only: the blending beside them stays on one
         predictor = TilePredictor(model, dev, meta["target"].get("activation", "sigmoid"),
-                                  tta)
+                                  tta, threads=worker_threads() if dev.type == "cpu" else None)
         with device_lock(dev):  # the probe and the warm-up use the device
             predictor.batch = batch or auto_batch(predictor, channels, tuple(tile))
             predictor.warm_up(channels, tuple(tile))
