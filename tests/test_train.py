@@ -312,13 +312,14 @@ def test_cli_train_and_errors(slide, tmp_path):
 
 def test_training_runs_on_the_gpu_resourced_worker(slide, tmp_path):
     """A real scheduler and two worker processes, one advertising GPU=1: the training task
-    runs there (on its CPU here), streaming crops from the OME-Zarr store."""
+    runs there (on its CPU here, with the worker's two threads: workers start with
+    OMP_NUM_THREADS=1), streaming crops from the OME-Zarr store."""
     from distributed import Client
 
     cfg = parse_config(_small_config(slide, tmp_path / "run"), "t", tmp_path)
     logs = tmp_path / "logs"
     logs.mkdir()
-    with dask_processes(logs, [[], ["--resources", "GPU=1"]]) as address, \
+    with dask_processes(logs, [[], ["--resources", "GPU=1", "--nthreads", "2"]]) as address, \
             Client(address) as c:
         gpu = [a for a, w in c.scheduler_info()["workers"].items() if w["resources"]]
         events: list[dict] = []
@@ -327,6 +328,7 @@ def test_training_runs_on_the_gpu_resourced_worker(slide, tmp_path):
         assert result.worker == gpu[0]
         assert [e["event"] for e in events if e["event"] != "iteration"] == [
             "start", "validation", "validation", "validation", "end"]
+        assert events[0]["threads"] == 2
         local = run_training(plan_training(
             parse_config(_small_config(slide, tmp_path / "local"), "t", tmp_path)))
     a = load_checkpoint(tmp_path / "run" / "last.pt").state_dict

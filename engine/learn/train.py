@@ -639,6 +639,7 @@ def _train_loop(plan: TrainPlan, emit: Callable[[Event], None], device: torch.de
     last = cfg.train.iterations
     stop_at = min(cfg.train.stop_at or last, last)
     emit({"event": "start", "start": start, "iterations": last, "device": str(device),
+          "threads": torch.get_num_threads(),
           "train_volumes": len(plan.train), "val_volumes": len(plan.val),
           "val_voxels": validator.voxels, "ranks": rank.world if rank else 1,
           "loader_workers": batches.loader.workers,
@@ -805,10 +806,16 @@ def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool,
         last_put[0] = now
         queue.put(json.loads(json.dumps(event, default=str)))
 
+    before = torch.get_num_threads()
+    if resolve_device(plan.config.train.device).type == "cpu":
+        # a worker starts with OMP_NUM_THREADS=1: the steps get the worker's threads, as a
+        # training in the client's process gets its machine's cores
+        torch.set_num_threads(worker.state.nthreads)
     try:
         result = run_training(plan, forward, overwrite, rank, should_stop=stop.is_set)
     finally:
         done.set()
+        torch.set_num_threads(before)
     result.worker = worker.address
     return result
 
