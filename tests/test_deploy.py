@@ -109,6 +109,41 @@ def test_slurm_job_script_has_directives_and_gpu_resources():
     # --gpus-per-job K: K workers per job (one per GPU), each advertising GPU=1
     assert "--resources GPU=1" in script and "--nworkers 2" in script, script
     assert "--nthreads 4" in script
+    # the embedded cluster's worker settings, where the job's environment has none
+    for name, value in (("MALLOC_ARENA_MAX", "4"), ("MALLOC_MMAP_THRESHOLD_", "33554432"),
+                        ("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "100ms"),
+                        ("DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL", "100ms")):
+        assert f'export {name}="${{{name}:-{value}}}"' in script, name
+
+
+def test_deployed_workers_get_the_embedded_cluster_settings():
+    """The compose services' and the Helm worker groups' environment is what
+    job_worker_environ gives for their threads (allocator, lighter event loops)."""
+    from engine.cluster import job_worker_environ
+
+    services = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())[
+        "services"]
+    for name in ("worker", "gpu-worker"):
+        threads = int(services[name]["command"].split("--nthreads ")[1].split()[0])
+        assert services[name]["environment"] == job_worker_environ(threads), name
+    values = yaml.safe_load((DEPLOY / "kubernetes" / "values.yaml").read_text())
+    for group in (values["worker"], *values["additional_worker_groups"]):
+        env = {e["name"]: e["value"] for e in group["env"]}
+        assert env == job_worker_environ(group["threads_per_worker"]), group.get("name")
+
+
+def test_job_workers_keep_what_the_user_configured():
+    """A loop interval configured away from distributed's default is not overridden in
+    the job's workers; the allocator settings follow the threads per worker."""
+    import dask
+
+    from engine.cluster import job_worker_environ
+
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
+        env = job_worker_environ(3)
+    assert "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL" not in env
+    assert env["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] == "100ms"
+    assert env["MALLOC_ARENA_MAX"] == "3"
 
 
 def test_slurm_job_script_with_tls(tmp_path: Path):

@@ -136,6 +136,13 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def _worker_settings() -> tuple[str | None, str]:
+    """A job worker's allocator arenas and event-loop tick (what the job script exported)."""
+    import dask
+
+    return os.environ.get("MALLOC_ARENA_MAX"), dask.config.get("distributed.admin.tick.interval")
+
+
 def _tiny_model(path: Path) -> Path:
     """A fixed random 3D U-Net checkpoint for one input channel (sigmoid output)."""
     import torch
@@ -161,7 +168,8 @@ def _tiny_model(path: Path) -> Path:
 def test_convert_segment_predict_on_two_gpu_jobs_and_a_cancelled_job(
         partition, volume, reference, client, tmp_path):
     """Two worker jobs with one fake GPU each: convert, segment and predict spread over both
-    (each worker reports its own SLURM_JOB_ID), the outputs equal the embedded cluster's;
+    (each worker reports its own SLURM_JOB_ID and has the embedded cluster's allocator and
+    event-loop settings), the outputs equal the embedded cluster's;
     then a worker job is cancelled with scancel while a segmentation runs on it, and the
     run still completes with identical labels."""
     from distributed import get_task_stream
@@ -178,6 +186,8 @@ def test_convert_segment_predict_on_two_gpu_jobs_and_a_cancelled_job(
         assert len(set(jobs.values())) == 2 and set(jobs.values()) == set(queued(name))
         # --gpus-per-job 1: every worker advertises GPU=1
         assert gpu_workers(c) == sorted(jobs)
+        # the embedded cluster's worker settings reach the jobs' workers (one thread each)
+        assert set(c.run(_worker_settings).values()) == {("1", "100ms")}
 
         with get_task_stream(c) as stream:
             convert(volume, out, CONVERT, c, report=lambda line: None)
