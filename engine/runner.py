@@ -362,8 +362,10 @@ def default_in_flight(client: Any, threads: int | None = None) -> int:
     """Blocks submitted at once: enough that the round trip of a finished task never
     leaves a thread idle (short blocks are latency-bound) with room for bundles of short
     blocks, bounded so the scheduler holds a window of the grid, never all of it. Queued
-    tasks cost the workers no memory: dask sends a worker about one task per thread and
-    keeps the rest on the scheduler. ``threads``: the cluster's, when known already.
+    tasks cost the workers no memory: a task holds no data until it runs (dask keeps
+    unplaced tasks on the scheduler and sends a worker about one per thread; tasks placed
+    on a worker wait in its queue as task specs). ``threads``: the cluster's, when known
+    already.
 
     Sixty-four per thread: bundles hold at most a quarter of a thread's share of the
     window (:meth:`_PassRun.bundle_size`), and a task costs the client ~5 ms and its worker
