@@ -136,6 +136,11 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def _executed(dask_worker) -> int:
+    """Tasks the worker has run."""
+    return dask_worker.state.executed_count
+
+
 def _worker_settings() -> tuple[str | None, str]:
     """A job worker's allocator arenas and event-loop tick (what the job script exported)."""
     import dask
@@ -210,14 +215,19 @@ def test_convert_segment_predict_on_two_gpu_jobs_and_a_cancelled_job(
         victim_worker, victim_job = sorted(jobs.items())[0]
         cancelled = threading.Event()
 
+        before = c.run(_executed, workers=[victim_worker])[victim_worker]
+
         def cancel_when_busy() -> None:
+            # a 32³ block takes milliseconds: a poll may fall between the victim's tasks,
+            # so a task of this run finished there counts too
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                if c.processing(workers=[victim_worker]).get(victim_worker):
+                if c.processing(workers=[victim_worker]).get(victim_worker) or \
+                        c.run(_executed, workers=[victim_worker])[victim_worker] > before:
                     subprocess.run(["scancel", victim_job], check=True, timeout=30)
                     cancelled.set()
                     return
-                time.sleep(0.05)
+                time.sleep(0.005)
 
         killer = threading.Thread(target=cancel_when_busy, daemon=True)
         killer.start()
