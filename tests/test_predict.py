@@ -373,11 +373,13 @@ seen = []
 class Probe(torch.nn.Module):
     def forward(self, x):
         seen.append(omp.omp_get_max_threads())  # the thread's own count, before any op
-        return x * 2  # a parallel operation: torch's per-thread initialisation runs
+        # a parallel operation (a large tensor: small ones skip it), where torch sets a
+        # thread's count from the process-wide one the first time
+        return x * 2
 
 p = TilePredictor(Probe(), torch.device("cpu"), "none", threads=3)
 for _ in range(2):
-    p.submit(torch.zeros(2, 1, 8, 8)).result()
+    p.submit(torch.zeros(2, 1, 256, 256)).result()
 other = []
 t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
 t.start(); t.join()
@@ -388,10 +390,10 @@ print(json.dumps({"device": seen, "caller": torch.get_num_threads(), "other": ot
 def test_cpu_forward_passes_get_their_threads_and_nothing_else_does():
     """A Dask worker starts with OMP_NUM_THREADS=1; OpenMP keeps a count per thread, which
     oneDNN's convolutions read without asking torch. The device thread runs its forward
-    passes with ``threads`` from the first one on (it had 1: the model ran at one core's
-    speed), and keeps them after torch's process-wide count is put back; the task thread
-    and any new thread stay at that count (blending beside a forward pass that uses every
-    core ran as two OpenMP teams on the same cores)."""
+    passes with ``threads`` from the first one on (its first operations ran on one
+    thread), and keeps them after torch's process-wide count is put back, through torch's
+    one-time per-thread initialisation; the task thread and any new thread stay at the
+    process-wide count."""
     import os
     import subprocess
     import sys

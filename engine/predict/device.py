@@ -161,21 +161,25 @@ class TilePredictor:
         (else the count of the thread that starts it), while torch's count everywhere else
         stays what it was.
 
-        Under OpenMP the count is per thread: a new thread starts from
-        ``OMP_NUM_THREADS`` (1 in a Dask worker), which oneDNN's convolutions read without
-        asking torch, and takes torch's process-wide count at its first parallel operation.
-        So the device thread sets its own count before anything runs there, and the caller
-        then puts the process-wide count back: a forward pass in a thread that never set
-        it ran at one core's speed, and blending in the task thread beside a forward pass
-        that uses every core ran as two OpenMP teams fighting over the cores (measured on
-        two cores: 0.40 Mvox/s, 0.46–0.49 with the blending on one thread).
+        Under OpenMP the count is per thread: a new thread starts from ``OMP_NUM_THREADS``
+        (1 in a Dask worker), which oneDNN's convolutions read without asking torch, and
+        takes torch's process-wide count only at its first parallel operation on a large
+        tensor. The device thread used to get the worker's threads only because the task
+        thread had raised the process-wide count before that operation: the first
+        convolution of the first forward pass ran on one thread, and a network of
+        convolutions alone would have stayed there (a 3D convolution in such a thread:
+        0.46 s, 0.25 s with the count set). So the device thread sets and fixes its own
+        count before anything runs there, and the caller then puts the process-wide count
+        back, so the task thread's blending stays at the worker's default (one thread in a
+        Dask worker; alternating one and two run by run on the U-Net of
+        ``bench_predict.py``: 8.62 against 8.63 s, no difference).
         """
         if self._pool is None:
             caller = torch.get_num_threads()
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="voxelmill-device",
-                                            initializer=torch.set_num_threads,
+                                            initializer=_fix_intra_op_threads,
                                             initargs=(self.threads or caller,))
-            self._pool.submit(int).result()  # the thread starts and sets its count
+            self._pool.submit(int).result()  # the thread starts and fixes its count
             torch.set_num_threads(caller)
         return self._pool
 
@@ -199,6 +203,16 @@ class TilePredictor:
                               f"retrying with batches of {half}")
             self.batch = half
             return torch.cat([self.predict(tiles[:half]), self.predict(tiles[half:])])
+
+
+def _fix_intra_op_threads(n: int) -> None:
+    """Give the calling thread ``n`` intra-op threads for good. torch sets a thread's
+    OpenMP count from its process-wide one once, when the thread first asks for it (the
+    first parallel operation on a large tensor): asking now, while the process-wide count
+    is ``n``, keeps a later reset of that count (the caller's, just after) from reaching
+    this thread."""
+    torch.set_num_threads(n)
+    torch.get_num_threads()  # torch's one-time per-thread initialisation happens here
 
 
 def auto_batch(predictor: TilePredictor, channels: int, tile: tuple[int, ...],

@@ -141,8 +141,8 @@ def worker_predictor(path: str | os.PathLike[str], device: str, tta: bool, batch
     with _LOCK:
         predictor = _PREDICTORS.get(key)
     if predictor is None:
-        # on the CPU the forward passes get every thread of the worker, in the device
-        # thread only: the blending beside them stays on one
+        # on the CPU the forward passes get every thread of the worker, set in the device
+        # thread itself; the blending beside them keeps the worker's default
         predictor = TilePredictor(model, dev, meta["target"].get("activation", "sigmoid"),
                                   tta, threads=worker_threads() if dev.type == "cpu" else None)
         with device_lock(dev):  # the probe and the warm-up use the device
