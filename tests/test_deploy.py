@@ -132,6 +132,20 @@ def test_deployed_workers_get_the_embedded_cluster_settings():
         assert env == job_worker_environ(group["threads_per_worker"]), group.get("name")
 
 
+def test_missing_worker_settings(monkeypatch):
+    """What a worker's environment lacks of the allocator settings (the connect hint)."""
+    import platform
+
+    from engine.cluster import missing_worker_settings
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    expected = ["MALLOC_MMAP_THRESHOLD_"] if platform.libc_ver()[0] == "glibc" else []
+    assert missing_worker_settings() == expected
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert missing_worker_settings() == []
+
+
 def test_job_workers_keep_what_the_user_configured():
     """A loop interval configured away from distributed's default is not overridden in
     the job's workers; the allocator settings follow the threads per worker."""

@@ -37,6 +37,8 @@ def test_convert_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
     assert res.returncode == 0, res.stderr
     assert f"connected to scheduler {scheduler}" in res.stderr
     assert "dashboard" in res.stderr
+    # workers started by hand without the allocator settings: one line says so
+    assert "started without MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_" in res.stderr
 
     with Client(scheduler) as c:
         after = c.run(lambda dask_worker: dask_worker.state.executed_count)
