@@ -807,11 +807,11 @@ def _train_task(plan: TrainPlan, queue_name: str, overwrite: bool,
         queue.put(json.loads(json.dumps(event, default=str)))
 
     before = torch.get_num_threads()
-    if resolve_device(plan.config.train.device).type == "cpu":
-        # a worker starts with OMP_NUM_THREADS=1: the steps get the worker's threads, as a
-        # training in the client's process gets its machine's cores
-        torch.set_num_threads(worker.state.nthreads)
-    try:
+    try:  # the stop watch ends whatever happens, a device refused here included
+        if resolve_device(plan.config.train.device).type == "cpu":
+            # a worker starts with OMP_NUM_THREADS=1: the steps get the worker's threads, as
+            # a training in the client's process gets its machine's cores
+            torch.set_num_threads(worker.state.nthreads)
         result = run_training(plan, forward, overwrite, rank, should_stop=stop.is_set)
     finally:
         done.set()
