@@ -572,16 +572,26 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
     settings["worker_extra_args"] = worker_args
     # the embedded cluster's worker settings, exported by the job script where the job's
     # environment does not set them already (a variable beats distributed's configuration)
-    from dask_jobqueue.core import nprocesses_nthreads
-
     cores = int(str(settings["cores"]))
-    processes = int(str(settings.get("processes") or nprocesses_nthreads(cores)[0]))
+    processes = int(str(settings.get("processes")
+                        or _jobqueue().core.nprocesses_nthreads(cores)[0]))
     threads = max(1, cores // processes)
     prologue = list(settings.pop("job_script_prologue", None) or [])
     settings["job_script_prologue"] = prologue + [
         f'export {name}="${{{name}:-{value}}}"'
         for name, value in job_worker_environ(threads).items()]
     return settings
+
+
+def _jobqueue() -> Any:
+    """The ``dask_jobqueue`` module, or the one-line error that says how to install it."""
+    try:
+        import dask_jobqueue
+        import dask_jobqueue.core  # noqa: F401 - nprocesses_nthreads is read from it
+    except ImportError:
+        raise OptionError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue"
+                          ) from None
+    return dask_jobqueue
 
 
 def missing_worker_settings() -> list[str]:
@@ -638,11 +648,7 @@ def slurm_cluster(options: ClusterOptions, security: object | None = None) -> ob
     settings = slurm_settings(options)
     if security is not None:
         settings.update(security=security, protocol="tls://")
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise OptionError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue"
-                          ) from None
+    SLURMCluster = _jobqueue().SLURMCluster  # noqa: N806 - the class, as dask-jobqueue names it
     # the scheduler runs here: its dashboard follows --dashboard-address (this machine only
     # by default) unless the file or dask's configuration names one, which is checked too
     scheduler_options = {**(dask.config.get("jobqueue.slurm.scheduler-options", None) or {}),

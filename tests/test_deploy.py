@@ -146,6 +146,21 @@ def test_missing_worker_settings(monkeypatch):
     assert missing_worker_settings() == []
 
 
+def test_slurm_without_dask_jobqueue_is_one_message(monkeypatch, tmp_path: Path):
+    """Without dask-jobqueue, --cluster slurm says how to install it (no ImportError),
+    also where dask-jobqueue would choose the processes per job (none given)."""
+    import sys
+
+    from engine.errors import OptionError
+
+    config = tmp_path / "jobqueue.yaml"
+    config.write_text(yaml.safe_dump({"jobqueue": {"slurm": {"cores": 8, "memory": "32GiB"}}}))
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # import raises ImportError
+    opts = ClusterOptions(cluster="slurm", jobs=1, jobqueue_config=str(config))
+    with pytest.raises(OptionError, match="pip install dask-jobqueue"):
+        slurm_settings(opts)
+
+
 def test_job_workers_keep_what_the_user_configured():
     """A loop interval configured away from distributed's default is not overridden in
     the job's workers; the allocator settings follow the threads per worker."""
