@@ -733,6 +733,13 @@ def run_passes(
         submit(limit)
         close_finished()  # passes with nothing to do
         for batch in ac.batches():
+            # a task whose worker died before its value was fetched is run again by the
+            # scheduler and its future is lost (then pending) meanwhile: wait for it again
+            done_now, again = [], []
+            for fut in batch:
+                (again if fut.status in ("lost", "pending") else done_now).append(fut)
+            ac.update(again)
+            batch = done_now
             for fut in batch:
                 if fut.status != "finished":
                     fetch(unfetched)  # a user error among them is the cause to report
