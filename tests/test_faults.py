@@ -95,6 +95,72 @@ def test_worker_killed_mid_segmentation_gives_identical_output(image, reference,
                                   reference)
 
 
+def test_a_value_lost_before_it_was_fetched_is_waited_for_again(tmp_path):
+    """A worker dies after its task finished and before the client fetched the value: the
+    scheduler reruns the task, and the runner waits for it instead of calling the block
+    failed (its future comes out of ``as_completed`` lost or pending). The streaming
+    sum counts every block once.
+
+    Deterministic: the first task to start (the victim's) waits until the client is held
+    in ``on_done`` for another block; it then returns and its worker exits a second later,
+    while the client is still held; the block's second run takes seconds, so the runner
+    sees the future only after the loss and before the rerun ends."""
+    from distributed import Client
+
+    from engine.blocks import BlockGrid
+    from engine.runner import run_blocks
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+
+    def task(block) -> int:
+        i = block.index[0]
+        (flags / f"ran-{i}-{os.getpid()}").touch()
+        try:  # the first task anywhere makes its worker the victim
+            os.close(os.open(flags / "victim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            # the victim's block, run again: still running when the client looks at it
+            time.sleep(3.0 if (flags / "victim").read_text() == str(i) else 0.02)
+            return i + 1
+        (flags / "victim").write_text(str(i))
+        deadline = time.monotonic() + 60
+        while not (flags / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def die() -> None:
+            time.sleep(1.0)  # the scheduler and the client have the task as finished
+            (flags / "dying").touch()
+            os._exit(1)
+
+        threading.Thread(target=die, daemon=True).start()
+        return i + 1
+
+    held: list[int] = []
+
+    def on_done(block) -> None:
+        if held:
+            return
+        held.append(block.index[0])
+        (flags / "release").touch()
+        deadline = time.monotonic() + 60
+        while not (flags / "dying").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.5)  # the worker's loss reaches the scheduler, then this client
+
+    grid = BlockGrid((16,), 1)
+    with dask_processes(tmp_path, [[], []]) as address, Client(address) as client:
+        before = set(client.run(os.getpid).values())
+        report = run_blocks(client, grid, task, name="lost", combine=lambda a, b: a + b,
+                            max_in_flight=4, on_done=on_done)
+        after = set(client.run(os.getpid).values())
+    assert (flags / "dying").exists() and len(before - after) == 1  # the victim died
+    victim = int((flags / "victim").read_text())
+    assert held and held[0] != victim
+    runs = [p.name for p in flags.glob(f"ran-{victim}-*")]
+    assert len(runs) == 2  # finished, lost with its worker, run again
+    assert report.computed == 16 and report.value == sum(range(1, 17))
+
+
 def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
