@@ -126,7 +126,8 @@ def generate_mrc(path: Path, size: int, seed: int = 0, slab: int = 32) -> None:
 # ------------------------------------------------------------------------------ peak RSS
 
 class PeakRSS:
-    """Samples the RSS summed over this process and all its descendants in a thread."""
+    """Samples the RSS summed over this process and all its descendants in a thread; keeps
+    the peak of the sum and the peak of the largest single process."""
 
     def __init__(self, interval: float = POLL_S) -> None:
         import psutil
@@ -135,6 +136,7 @@ class PeakRSS:
         self.interval = interval
         self.peak = 0
         self.peak_anon = 0
+        self.peak_largest = 0  # the most one process of the tree held at a sample
         self.samples = 0
         self._cpu0: dict[int, float] = {}  # CPU seconds per pid when measuring started
         self._cpu: dict[int, float] = {}  # ... at the last sample
@@ -162,6 +164,7 @@ class PeakRSS:
         import psutil
 
         rss = anon = 0
+        largest = 0
         for p in self._tree():
             try:
                 with p.oneshot():
@@ -170,8 +173,10 @@ class PeakRSS:
             except psutil.Error:  # exited between listing and reading
                 continue
             rss += mi.rss
+            largest = max(largest, mi.rss)
             anon += mi.rss - getattr(mi, "shared", 0)
             self._cpu[p.pid] = ct.user + ct.system
+        self.peak_largest = max(self.peak_largest, largest)
         return rss, anon
 
     def _record(self) -> None:

@@ -49,7 +49,10 @@ What it does:
    counts in another's. Inside it a background thread samples the resident set size
    summed over the process and all its descendants (for voxelmill: the client and
    scheduler process, the nannies and the worker processes) every 50 ms while the timed
-   call runs, and keeps the maximum (``rss`` counts file-backed pages too).
+   call runs, and keeps the maximum (``rss`` counts file-backed pages too), and the
+   maximum of the largest single process at a sample (``largest_process_peak_rss_mib``:
+   for voxelmill the biggest of client and workers, what one machine of a cluster must
+   hold; for the in-memory run its only process).
 6. The tools run alternately ``--repeats`` times (the order reversed every other
    repeat); medians are reported. After every repeat, voxelmill's ``SRC/labels/bench/0``
    is compared with the in-memory labels voxel for voxel, slab by slab
@@ -170,8 +173,8 @@ def trial_voxelmill(args: argparse.Namespace) -> dict[str, Any]:
             result = segment(args.trial_src, options, client, progress=None,
                              report=lambda line: None)
             seconds = time.perf_counter() - t1
-    return {"seconds": seconds, "peak_rss": mon.peak, "idle_rss": idle,
-            "samples": mon.samples, "cluster_start_s": start_s,
+    return {"seconds": seconds, "peak_rss": mon.peak, "largest_rss": mon.peak_largest,
+            "idle_rss": idle, "samples": mon.samples, "cluster_start_s": start_s,
             "objects": result.n_objects, "max_id": result.max_id, "dtype": result.dtype}
 
 
@@ -195,7 +198,8 @@ def trial_inmemory(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - t1
     objects = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
     np.save(args.trial_dst, labels)
-    return {"seconds": seconds, "peak_rss": mon.peak, "samples": mon.samples,
+    return {"seconds": seconds, "peak_rss": mon.peak, "largest_rss": mon.peak_largest,
+            "samples": mon.samples,
             "objects": objects, "threshold": float(t), "dtype": str(labels.dtype)}
 
 
@@ -237,7 +241,8 @@ def trial_daskimage(args: argparse.Namespace) -> dict[str, Any]:
         keep[0] = False
         labels.map_blocks(_keep, keep, dtype=labels.dtype).to_zarr(out_path, overwrite=True)
         seconds = time.perf_counter() - t1
-    return {"seconds": seconds, "peak_rss": mon.peak, "samples": mon.samples,
+    return {"seconds": seconds, "peak_rss": mon.peak, "largest_rss": mon.peak_largest,
+            "samples": mon.samples,
             "objects": int(np.count_nonzero(keep)), "threshold": float(t),
             "labelled": n, "dtype": str(labels.dtype)}
 
@@ -410,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = {k: (mvox / s if s else None) for k, s in
                 (("voxelmill", vm_s), ("inmemory", im_s), ("daskimage", dk_s))}
         rss = {k: med(k, "peak_rss") for k in KINDS}
+        largest = {k: med(k, "largest_rss") for k in KINDS}
         vm_objects = results["voxelmill"][0]["objects"] if results["voxelmill"] else None
         im_objects = results["inmemory"][0]["objects"] if results["inmemory"] else None
         if vm_objects is not None and vm_objects != im_objects:
@@ -432,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
             if rss["inmemory"] else None,
             "daskimage_peak_rss_mib": _round(rss["daskimage"] / MIB, 1)
             if rss["daskimage"] else None,
+            "largest_process_peak_rss_mib": _round(largest["voxelmill"] / MIB, 1)
+            if largest["voxelmill"] else None,
+            "inmemory_largest_process_peak_rss_mib": _round(largest["inmemory"] / MIB, 1)
+            if largest["inmemory"] else None,
             "labels_identical": all(identical),
             "daskimage_labels_identical": all(dk_identical) if dk_identical else None,
             "objects": im_objects if im_objects is not None else vm_objects,
