@@ -120,7 +120,8 @@ def train(
                           f"{event['area']:.1f}, overlap {event['overlap']:.2f}, outside "
                           f"{event['outside']:.2f} per crop)", markup=False)
 
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     threaded_kernels=True) as client:
             result = run_cutter_training(plan, client, show,
                                          report=lambda line: err.print(line, markup=False))
         last = result.history[-1]
@@ -163,7 +164,8 @@ def predict(
         opts = CutterPredictOptions(model, markers, mask, name, threshold, batch, device,
                                     ints(block, "--block"), overwrite)
         plan = plan_cutter_prediction(src, opts)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     threaded_kernels=True) as client:
             result = run_cutter_prediction(plan, client, progress_factory(),
                                            report=lambda line: err.print(line, markup=False))
         out.print(f"wrote {result.labels} ({result.n_objects} cells of {result.markers} "

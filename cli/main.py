@@ -306,7 +306,8 @@ def demo(
         from engine.pipelines.demo import check_demo_size, run_demo
 
         check_demo_size(out_dir, size)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     threaded_kernels=True) as client:
             for line in run_demo(out_dir, client, size=size, overwrite=overwrite,
                                  progress=progress_factory(),
                                  train_iterations=train_iterations):

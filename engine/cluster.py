@@ -27,9 +27,9 @@ class ClusterOptions:
         Address of a running scheduler (``tcp://HOST:PORT``); when given, no local
         cluster is started and the other fields are ignored.
     workers : int, optional
-        Worker processes of the embedded cluster (default: one per 4 cores, at least 1;
-        with ``threads_per_worker`` alone, as many as fill the cores; see
-        :func:`local_cluster_shape`).
+        Worker processes of the embedded cluster (default: one per core, or one per 4
+        cores with ``threaded_kernels``; with ``threads_per_worker`` alone, as many as fill
+        the cores; see :func:`local_cluster_shape`).
     threads_per_worker : int, optional
         Threads per worker (default: the cores divided among the workers).
     memory_limit : str, optional
@@ -68,6 +68,10 @@ class ClusterOptions:
         With ``gpus``: the ``GPU=1`` workers hold no device (``CUDA_VISIBLE_DEVICES`` empty)
         and ``N`` is not checked against the devices: ``voxelmill train --gpus N --device
         cpu``, N data-parallel ranks on the CPU (gloo).
+    threaded_kernels : bool
+        The command's tasks run kernels that use every thread of their worker (torch:
+        ``predict``, ``train``): the embedded cluster's default is then a few workers
+        with several threads each instead of one single-threaded worker per core.
     """
 
     scheduler: str | None = None
@@ -85,6 +89,7 @@ class ClusterOptions:
     worker_timeout: float = 120.0
     insecure_dashboard: bool = False
     cpu_gpu_workers: bool = False
+    threaded_kernels: bool = False
 
 
 def _cores() -> int:
@@ -99,21 +104,25 @@ def local_cluster_shape(options: ClusterOptions, cores: int | None = None
     """Workers and threads per worker for the embedded cluster on ``cores`` cores (default:
     this process's).
 
-    Unless the options say otherwise: one worker per four cores (at least one), the cores
-    shared out as its threads; given only ``threads_per_worker``, as many workers as fill
-    the cores. Threads suit torch, whose kernels use every thread of their worker: a
-    prediction of one block on two cores ran at 0.39 Mvox/s with 1 × 2 and 0.29 with
-    2 × 1. Classic segmentation, whose block tasks hold the GIL between NumPy calls, ran
-    384³ in 64³ blocks in 4.2–4.6 s with 2 × 1 against 4.9–5.3 s with 1 × 2: for it,
-    ``--threads-per-worker 1`` is the faster choice on few cores.
+    Unless the options say otherwise: one single-threaded worker per core; with
+    ``threaded_kernels``, one worker per four cores (at least one), the cores shared out
+    as its threads. Given only ``threads_per_worker``, as many workers as fill the cores.
+    Block tasks of NumPy/SciPy code hold the GIL between calls, so threads of one worker
+    wait for each other: on two cores ``segment`` 384³ in 64³ blocks ran at 17.2 Mvox/s
+    with 2 × 1 against 13.1 with 1 × 2, ``convert`` 512³ at 124 against 115 Mvox/s
+    (``bench_scale.py``). Threads suit torch, whose kernels use every thread of their
+    worker: a prediction of one block on two cores ran at 0.39 Mvox/s with 1 × 2 and 0.29
+    with 2 × 1.
     """
     cores = cores or _cores()
     if options.workers:
         workers = options.workers
     elif options.threads_per_worker:
         workers = max(1, cores // options.threads_per_worker)
-    else:
+    elif options.threaded_kernels:
         workers = max(1, cores // 4)
+    else:
+        workers = cores
     threads = options.threads_per_worker or max(1, cores // workers)
     if workers < 1 or threads < 1:
         raise OptionError(f"--workers ({workers}) and --threads-per-worker ({threads}) must be ≥ 1")

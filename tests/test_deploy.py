@@ -18,16 +18,22 @@ from tests.conftest import REPO, run_cli, write_mrc
 DEPLOY = REPO / "deploy"
 
 
-@pytest.mark.parametrize(("cores", "workers", "threads", "shape"), [
-    (1, None, None, (1, 1)), (2, None, None, (1, 2)), (4, None, None, (1, 4)),
-    (16, None, None, (4, 4)), (16, None, 1, (16, 1)), (16, None, 2, (8, 2)), (2, None, 1, (2, 1)),
-    (16, 3, None, (3, 5)), (2, 1, None, (1, 2)), (2, 1, 3, (1, 3)),
+@pytest.mark.parametrize(("cores", "workers", "threads", "torch", "shape"), [
+    (1, None, None, False, (1, 1)), (2, None, None, False, (2, 1)),
+    (16, None, None, False, (16, 1)),
+    (1, None, None, True, (1, 1)), (2, None, None, True, (1, 2)), (4, None, None, True, (1, 4)),
+    (16, None, None, True, (4, 4)),
+    (16, None, 1, True, (16, 1)), (16, None, 2, False, (8, 2)), (2, None, 1, True, (2, 1)),
+    (16, 3, None, False, (3, 5)), (2, 1, None, False, (1, 2)), (2, 1, 3, True, (1, 3)),
 ])
-def test_embedded_cluster_shape(cores, workers, threads, shape):
-    """One worker per four cores with the cores as its threads; what the options give is
-    kept, and the workers fill the cores around it."""
-    options = ClusterOptions(workers=workers, threads_per_worker=threads)
+def test_embedded_cluster_shape(cores, workers, threads, torch, shape):
+    """One single-threaded worker per core; for torch (``threaded_kernels``) one worker per
+    four cores with the cores as its threads; what the options give is kept, and the
+    workers fill the cores around it."""
+    options = ClusterOptions(workers=workers, threads_per_worker=threads,
+                             threaded_kernels=torch)
     assert local_cluster_shape(options, cores=cores) == shape
+
 
 
 def test_compose_services():
@@ -165,6 +171,11 @@ def test_job_workers_keep_what_the_user_configured():
     """A loop interval configured away from distributed's default is not overridden in
     the job's workers; the allocator settings follow the threads per worker."""
     import dask
+
+    # its config defaults must exist before config.set: leaving the set() would otherwise
+    # remove the whole distributed section that importing distributed inside it created
+    # (later clusters in this process then failed with KeyError: 'distributed')
+    import distributed  # noqa: F401
 
     from engine.cluster import job_worker_environ
 

@@ -83,6 +83,10 @@ def test_preset_on_a_volume_writes_identical_ngff_labels_with_pyramid(images):
                                rtol=1e-5, atol=1e-3)
     # nothing left behind
     assert sorted(p.name for p in (src / "labels").iterdir()) == ["blobs", "zarr.json"]
+    # `info` lists the new labels
+    res = run_cli("info", str(src), "--json")
+    assert res.returncode == 0, res.stderr
+    assert "blobs" in json.loads(res.stdout)["labels"]
 
 
 WORKFLOW_2D = """
@@ -104,11 +108,18 @@ steps:
 
 
 def test_2d_slide_channel_by_name(images, tmp_path):
+    """(Also: the embedded cluster's default shape for a NumPy command, a single-threaded
+    worker per core.)"""
+    from engine.cluster import ClusterOptions, local_cluster_shape
+
     wf = tmp_path / "nuclei.yaml"
     wf.write_text(WORKFLOW_2D)
     res = run_cli("segment", str(images["slide"]), "--workflow", str(wf), "--name", "nuclei",
-                  "--channel", "nuclei", "--block", "32,64", "--workers", "1")
+                  "--channel", "nuclei", "--block", "32,64")
     assert res.returncode == 0, res.stderr
+    workers, threads = local_cluster_shape(ClusterOptions())
+    assert threads == 1
+    assert f"local cluster: {workers} worker(s) × 1 thread(s)" in res.stderr, res.stderr
     img = tifffile.imread(images["slide_data"])[1]
     smooth = ndi.gaussian_filter(img.astype(np.float32), 1.5, mode="nearest")
     mask = smooth > filters.threshold_triangle(smooth)
@@ -191,9 +202,3 @@ def test_list_steps_documents_every_step():
     assert res.returncode == 0, res.stderr
     for step in ("normalize", "masked_object", "graph_cut", "fill_holes", "watershed"):
         assert step in res.stdout
-
-
-def test_info_lists_the_new_labels(images):
-    res = run_cli("info", str(images["vol"]), "--json")
-    assert res.returncode == 0
-    assert "blobs" in json.loads(res.stdout)["labels"]
