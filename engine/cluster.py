@@ -459,6 +459,25 @@ def allocator_environ(threads: int) -> dict[str, str]:
             "MALLOC_ARENA_MAX": str(threads)}
 
 
+def cache_environ(memory_limit: str | None, threads: int) -> dict[str, str]:
+    """The chunk cache size of the embedded cluster's workers (``VOXELMILL_CHUNK_CACHE_MIB``,
+    :func:`engine.io.chunkcache.cache_mib_for` of their memory limit: ``memory_limit``, or
+    distributed's ``auto`` share for ``threads`` threads); none when this process's
+    environment sets it already (the workers inherit it)."""
+    from dask.utils import parse_bytes
+    from distributed.system import MEMORY_LIMIT
+
+    from engine.io.chunkcache import CACHE_ENV, cache_mib_for
+
+    if CACHE_ENV in os.environ:
+        return {}
+    if memory_limit:
+        limit = parse_bytes(memory_limit) or None  # "0": no limit
+    else:  # distributed's "auto": the machine's memory shared by threads
+        limit = int(MEMORY_LIMIT * min(1.0, threads / _cores()))
+    return {CACHE_ENV: f"{cache_mib_for(limit):g}"}
+
+
 @contextmanager
 def _local_client(options: ClusterOptions, security: object | None,
                   report: Callable[[str], None]) -> Iterator[object]:
@@ -478,6 +497,7 @@ def _local_client(options: ClusterOptions, security: object | None,
     if security is not None:
         kwargs.update(protocol="tls://", security=security)
     glibc = allocator_environ(max(threads, GPU_WORKER_THREADS if gpus else 1))
+    glibc.update(cache_environ(options.memory_limit, threads))
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **glibc}
     try:
         caps = {"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH,

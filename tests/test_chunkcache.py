@@ -54,3 +54,11 @@ def test_an_array_written_anew_is_not_served_stale(tmp_path):
     second = -first
     np.testing.assert_array_equal(
         chunkcache.read_chunked(_array(path, second, (8, 8)), region), second[region])
+
+
+@pytest.mark.parametrize(("memory_limit", "mib"), [
+    (None, 512.0), (2**30, 256.0), (64 * 2**30, 512.0), (100 * 2**20, 25.0),
+])
+def test_cache_size_for_a_worker_memory_limit(memory_limit, mib):
+    """512 MiB, but no more than a quarter of the worker's memory limit."""
+    assert chunkcache.cache_mib_for(memory_limit) == mib

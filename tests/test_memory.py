@@ -111,3 +111,25 @@ def test_embedded_workers_run_with_one_malloc_arena_per_task_thread():
         assert env == {"MALLOC_ARENA_MAX": str(threads),
                        "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
                        "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
+
+
+def test_embedded_workers_chunk_cache_fits_their_memory_limit(monkeypatch):
+    """A worker's chunk cache is at most a quarter of its memory limit (a worker per core on
+    a machine of little memory per core); a size the user set reaches the workers as is."""
+    import os
+
+    from engine.cluster import ClusterOptions, connect
+    from engine.io.chunkcache import CACHE_ENV
+
+    def cache_mib(memory_limit: str) -> str | None:
+        opts = ClusterOptions(workers=1, threads_per_worker=1, memory_limit=memory_limit,
+                              dashboard_address="none")
+        with connect(opts, report=lambda _: None) as client:
+            return next(iter(client.run(lambda: os.environ.get(CACHE_ENV)).values()))
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cache_mib("1GiB") == "256"
+    assert cache_mib("8GiB") == "512"
+    assert CACHE_ENV not in os.environ  # this process's own environment as it was
+    monkeypatch.setenv(CACHE_ENV, "7")
+    assert cache_mib("1GiB") == "7"

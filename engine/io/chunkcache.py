@@ -28,6 +28,9 @@ from engine.io.sources import Source, ZarrSource
 
 DEFAULT_MIB = 512
 """Cache size per process unless ``VOXELMILL_CHUNK_CACHE_MIB`` says otherwise (0 = off)."""
+CACHE_ENV = "VOXELMILL_CHUNK_CACHE_MIB"
+MEMORY_SHARE = 4
+"""A worker's cache takes at most 1/MEMORY_SHARE of its memory limit by default."""
 DIRECT_BYTES = 2**20
 """Chunks at least this large are decoded one by one straight into their cache entry."""
 
@@ -37,7 +40,19 @@ _state = {"bytes": 0}
 
 
 def _limit() -> int:
-    return int(float(os.environ.get("VOXELMILL_CHUNK_CACHE_MIB", DEFAULT_MIB)) * 2**20)
+    return int(float(os.environ.get(CACHE_ENV, DEFAULT_MIB)) * 2**20)
+
+
+def cache_mib_for(memory_limit: int | None) -> float:
+    """The cache size (MiB) for a worker process of ``memory_limit`` bytes (``None``: no
+    limit): :data:`DEFAULT_MIB`, at most a :data:`MEMORY_SHARE`-th of the limit.
+
+    With a worker per core on a machine of little memory per core (16 cores, 16 GiB: 1 GiB
+    per worker) a full default cache would be half a worker's limit, memory dask counts as
+    unmanaged and pauses the worker for."""
+    if not memory_limit:
+        return float(DEFAULT_MIB)
+    return min(float(DEFAULT_MIB), round(memory_limit / MEMORY_SHARE / 2**20, 1))
 
 
 def _identity(path: str) -> tuple:
