@@ -10,6 +10,7 @@ start them afresh, remove them on a user error, and commit them with the provena
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -148,8 +149,10 @@ def partial_path(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.partial"
 
 
-def commit(partial: Path, dst: Path) -> None:
-    """Move a finished output into place, replacing ``dst`` only now that it is complete.
+def commit(partial: Path, dst: Path, client: Any = None) -> None:
+    """Move a finished output into place, replacing ``dst`` only now that it is complete
+    (the replaced one is deleted after, on the workers of ``client`` when given: see
+    :func:`remove_tree`).
 
     Refused (:class:`InputError`) when an input this command read was replaced meanwhile
     (:func:`engine.io.readguard.check`): the output could mix its old and new data.
@@ -166,7 +169,7 @@ def commit(partial: Path, dst: Path) -> None:
     partial.rename(dst)
     readguard.release(dst)  # replaced by this command itself: no longer what it read
     if trash is not None:
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+        remove_tree(trash, client)
 
 
 def commit_recorded(outputs: Sequence[tuple[Path, Path]], entry: dict[str, Any]) -> None:
@@ -214,6 +217,57 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+#: a folder is deleted on the workers when it holds at least this many subfolders at the
+#: depth it is cut at (chunk trees: one per chunk row); fewer are deleted here
+PARALLEL_SUBTREES = 8
+#: how deep a folder is searched for subfolders to hand out
+SUBTREE_DEPTH = 4
+
+
+def subtrees(folder: Path, want: int, max_depth: int = SUBTREE_DEPTH) -> list[Path]:
+    """Disjoint subfolders of ``folder`` to delete apart: the folders of the shallowest
+    depth (at most ``max_depth``) that has at least ``want`` of them, else the deepest
+    found; symbolic links are never followed."""
+    level = [folder]
+    for _ in range(max_depth):
+        below = []
+        for d in level:
+            try:
+                with os.scandir(d) as entries:
+                    below += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+        if not below:
+            break
+        level = below
+        if len(level) >= want:
+            break
+    return [] if level == [folder] else level
+
+
+def remove_tree(path: Path, client: Any = None) -> None:
+    """Delete ``path``, a folder (a finished run's work arrays, a replaced output) or a file.
+
+    With ``client``, a folder of many subfolders is deleted by the cluster's workers first,
+    a task per subfolder, then whatever is left here: unlinking the hundreds of thousands
+    of chunk files of a terabyte volume one by one from the client takes minutes on a
+    parallel file system, where each unlink is a round trip to its metadata server. The
+    workers see the same paths, having written them; a worker that cannot, or a cluster
+    that is gone, leaves the work to this process.
+    """
+    if client is not None and path.is_dir() and not path.is_symlink():
+        from engine.runner import cluster_threads
+
+        try:
+            parts = subtrees(path, 4 * cluster_threads(client))
+            if len(parts) >= PARALLEL_SUBTREES:
+                client.gather(client.map(shutil.rmtree, [str(p) for p in parts],
+                                         ignore_errors=True, pure=False))
+        except Exception:  # noqa: BLE001 - a lost cluster: this process deletes it all
+            pass
+    _remove(path)
+
+
 @dataclass
 class OutputRun:
     """One command's outputs while they are being built (see :func:`output_run`).
@@ -232,6 +286,8 @@ class OutputRun:
     scratch : tuple of Path
         Partial outputs rewritten whole by every run (never resumed), committed with the
         others when given to :meth:`commit`.
+    client : distributed.Client, optional
+        Whose workers delete the work folder and replaced outputs (:func:`remove_tree`).
     """
 
     outputs: tuple[Path, ...]
@@ -239,6 +295,7 @@ class OutputRun:
     states: tuple[RunState, ...]
     resumed: bool
     scratch: tuple[Path, ...] = ()
+    client: Any = None
     committed: bool = field(default=False, init=False)
 
     def partial(self, dst: Path | None = None) -> Path:
@@ -271,7 +328,7 @@ class OutputRun:
             readguard.release(partial)
         readguard.check()  # before the done-markers go: a refused run can still resume
         outputs = list(self.outputs if outputs is None else outputs)
-        _remove(self.work)
+        remove_tree(self.work, self.client)
         for state in self.states:
             state.clear()
         pairs = [(partial_path(d), d) for d in outputs]
@@ -279,7 +336,7 @@ class OutputRun:
         for group in (recorded if recorded is not None else [p for p, _ in pairs]):
             provenance.append(group, [entry])
         for partial, dst in pairs:
-            commit(partial, dst)
+            commit(partial, dst, self.client)
         self.committed = True
 
 
@@ -288,7 +345,7 @@ def output_run(op: str, outputs: Sequence[Path], *,
                state: RunState | Sequence[RunState] | None = None,
                identity: dict[str, Any] | None = None, scratch: Sequence[Path] = (),
                report: Callable[[str], None] = print, what: str | None = None,
-               work: bool = True) -> Iterator[OutputRun]:
+               work: bool = True, client: Any = None) -> Iterator[OutputRun]:
     """The lifecycle of a command writing ``outputs``: lock, record, partial folders,
     resume or restart, cleanup on a user error; the body calls :meth:`OutputRun.commit`.
 
@@ -312,6 +369,9 @@ def output_run(op: str, outputs: Sequence[Path], *,
         How the report names the run (``"a conversion"``; default ``op``).
     work : bool
         Create :attr:`OutputRun.work`.
+    client : distributed.Client, optional
+        The run's cluster, whose workers delete its work folder and the outputs it
+        replaces (:func:`remove_tree`).
 
     A :class:`~engine.errors.VoxelmillError` raised in the body removes every partial
     output (a user error: nothing to resume); any other exception (an interruption, a lost
@@ -330,13 +390,14 @@ def output_run(op: str, outputs: Sequence[Path], *,
             record = stack.enter_context(provenance.RunRecord(
                 op, identity if identity is not None else (states[0].identity if states else {})))
             resumed = any((s.directory / s.run_hash).exists() for s in states)
-            run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch))
+            run = OutputRun(outputs, record, states, resumed, tuple(Path(d) for d in scratch),
+                            client)
             if resumed:
                 report(f"resuming an interrupted {what} in {run.partial()}")
             for p in (run.partials[len(outputs):] if resumed else run.partials):
                 if p.exists() and not resumed and p == run.partial() and states:
                     report(f"removing an unfinished {what} with other inputs or options: {p}")
-                _remove(p)
+                remove_tree(p, client)
             if work:
                 run.work.mkdir(parents=True, exist_ok=True)
             for s in states:

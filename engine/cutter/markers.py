@@ -328,7 +328,7 @@ def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | Non
     """Detect the markers and write the point label image (and the CSV)."""
     dst = plan.destination
     with output_run("cutter-markers", [dst], identity=plan.identity, report=report,
-                    work=False) as run:
+                    work=False, client=client) as run:
         rows = detect(plan, client, progress)
         if not len(rows):
             raise InputError(f"{plan.image.source}: no markers found (threshold "

@@ -363,7 +363,8 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
     opts = plan.options
     image = plan.image
     with output_run("cutter-predict", [plan.destination, plan.borders_destination],
-                    state=plan.state, report=report, what="prediction") as run:
+                    state=plan.state, report=report, what="prediction",
+                    client=client) as run:
         partial = run.partial(plan.destination)
         borders_partial = run.partial(plan.borders_destination)
         work = run.work
@@ -454,7 +455,8 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
         if options.invert else channel
     identity = {"op": "cutter-watershed", "version": __version__, **{
         k: str(v) for k, v in options.__dict__.items() if k != "overwrite"}}
-    with output_run("cutter-watershed", [dst], identity=identity, report=report) as run:
+    with output_run("cutter-watershed", [dst], identity=identity, report=report,
+                    client=client) as run:
         t0 = time.monotonic()
         ctx = Context(client, run.work, block, progress, report)
         out = run_op(ctx, "watershed", op, [landscape, markers, mask])

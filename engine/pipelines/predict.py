@@ -329,7 +329,8 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
     """Predict the planned image blockwise and write probabilities and labels."""
     opts = plan.options
     with output_run("predict", [plan.labels_destination, plan.probabilities_destination],
-                    state=plan.state, report=report, what="prediction") as run:
+                    state=plan.state, report=report, what="prediction",
+                    client=client) as run:
         labels_partial = run.partial(plan.labels_destination)
         probs_partial = run.partial(plan.probabilities_destination)
         k = plan.out_channels
