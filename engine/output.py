@@ -259,13 +259,20 @@ def remove_tree(path: Path, client: Any = None) -> None:
         from engine.runner import cluster_threads
 
         try:
-            parts = subtrees(path, 4 * cluster_threads(client))
-            if len(parts) >= PARALLEL_SUBTREES:
-                client.gather(client.map(shutil.rmtree, [str(p) for p in parts],
-                                         ignore_errors=True, pure=False))
+            tasks = 4 * cluster_threads(client)
+            parts = [str(p) for p in subtrees(path, tasks)]
+            if len(parts) >= PARALLEL_SUBTREES:  # at most `tasks` tasks, whatever the tree
+                bundles = [parts[i::tasks] for i in range(min(tasks, len(parts)))]
+                client.gather(client.map(remove_folders, bundles, pure=False))
         except Exception:  # noqa: BLE001 - a lost cluster: this process deletes it all
             pass
     _remove(path)
+
+
+def remove_folders(paths: Sequence[str]) -> None:
+    """Delete the folders ``paths`` (a worker's share of :func:`remove_tree`)."""
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass
