@@ -118,14 +118,14 @@ def set_cluster_options(**spec: Any) -> None:
 
 @contextmanager
 def cluster(scheduler: str | None, workers: int | None, threads: int | None,
-            memory_limit: str | None, *, threaded_kernels: bool = False) -> Iterator[Any]:
+            memory_limit: str | None, *, gil_bound: bool = False) -> Iterator[Any]:
     """The client a command runs on, from its options and the global cluster options;
-    ``threaded_kernels`` for commands whose tasks run torch (the embedded cluster's default
-    shape, :func:`engine.cluster.local_cluster_shape`)."""
+    ``gil_bound`` for commands whose block tasks hold the GIL (the embedded cluster's
+    default shape, :func:`engine.cluster.local_cluster_shape`)."""
     from engine.cluster import ClusterOptions, connect
 
     opts = ClusterOptions(scheduler, workers, threads, memory_limit,
-                          **{"threaded_kernels": threaded_kernels, **_cluster_spec})
+                          **{"gil_bound": gil_bound, **_cluster_spec})
     with connect(opts, report=lambda line: err.print(line)) as client:
         yield client
 

@@ -56,7 +56,8 @@ def markers(
         opts = MarkerOptions(name, channel, sigma, diameter, threshold, min_distance,
                              from_labels, csv, ints(block, "--block"), overwrite)
         plan = plan_markers(src, opts)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     gil_bound=True) as client:
             result = run_markers(plan, client, progress_factory(),
                                  report=lambda line: err.print(line, markup=False))
         out.print(f"wrote {result.destination} ({len(result.markers)} markers) in "
@@ -120,8 +121,7 @@ def train(
                           f"{event['area']:.1f}, overlap {event['overlap']:.2f}, outside "
                           f"{event['outside']:.2f} per crop)", markup=False)
 
-        with cluster(scheduler, workers, threads_per_worker, memory_limit,
-                     threaded_kernels=True) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_cutter_training(plan, client, show,
                                          report=lambda line: err.print(line, markup=False))
         last = result.history[-1]
@@ -164,8 +164,7 @@ def predict(
         opts = CutterPredictOptions(model, markers, mask, name, threshold, batch, device,
                                     ints(block, "--block"), overwrite)
         plan = plan_cutter_prediction(src, opts)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit,
-                     threaded_kernels=True) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_cutter_prediction(plan, client, progress_factory(),
                                            report=lambda line: err.print(line, markup=False))
         out.print(f"wrote {result.labels} ({result.n_objects} cells of {result.markers} "
@@ -201,7 +200,8 @@ def watershed(
 
         opts = WatershedOptions(markers, mask, channel, name, halo, compactness, invert,
                                 ints(block, "--block"), overwrite)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     gil_bound=True) as client:
             dst, n, seconds = run_watershed(src, opts, client, progress_factory(),
                                             report=lambda line: err.print(line, markup=False))
         out.print(f"wrote {dst} ({n} objects) in {seconds:.1f} s", markup=False)

@@ -52,7 +52,8 @@ def instances(
                                background_class, ints(classes, "--classes"),
                                ints(block, "--block"), table, overwrite)
         plan = plan_instances(src, opts)  # every user error before the cluster starts
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     gil_bound=True) as client:
             result = run_instances(plan, client, progress=progress_factory(),
                                    report=lambda line: err.print(line, markup=False))
         per_class = ", ".join(f"{n} {c}" for c, n in result.per_class.items())

@@ -233,7 +233,8 @@ def segment(
         opts = SegmentOptions(workflow, name, channel, tuple(keep or ()),
                               ints(block, "--block"), overwrite, tuple(param or ()))
         plan = plan_segmentation(src, opts)  # every user error surfaces before the cluster
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     gil_bound=True) as client:
             result = run_segmentation(plan, client, progress=progress_factory(),
                                       report=lambda line: err.print(line))
         count = "" if result.n_objects is None else f"{result.n_objects} objects, "
@@ -306,8 +307,7 @@ def demo(
         from engine.pipelines.demo import check_demo_size, run_demo
 
         check_demo_size(out_dir, size)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit,
-                     threaded_kernels=True) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             for line in run_demo(out_dir, client, size=size, overwrite=overwrite,
                                  progress=progress_factory(),
                                  train_iterations=train_iterations):

@@ -10,8 +10,9 @@ Scheduler = Annotated[str | None, typer.Option(
     "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT); "
     "default: an embedded local cluster.")]
 Workers = Annotated[int | None, typer.Option(
-    help="Worker processes of the embedded cluster (default: one per core; one per four "
-    "cores for commands running torch).")]
+    help="Worker processes of the embedded cluster (default: one per four cores; one "
+    "single-threaded worker per core for segment, preprocess, instances and cutter "
+    "markers/watershed).")]
 Threads = Annotated[int | None, typer.Option(help="Threads per worker of the embedded cluster.")]
 MemoryLimit = Annotated[str | None, typer.Option(
     help="Memory limit per worker of the embedded cluster, e.g. 4GiB.")]

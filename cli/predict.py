@@ -65,8 +65,7 @@ def predict(
                               threshold, instances, device, probabilities, norm,
                               ints(block, "--block"), overwrite, trust_architecture_code)
         plan = plan_prediction(src, opts)  # every user error before the cluster starts
-        with cluster(scheduler, workers, threads_per_worker, memory_limit,
-                     threaded_kernels=True) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             result = run_prediction(plan, client, progress=progress_factory(),
                                     report=lambda line: err.print(line, markup=False))
         r = result.report

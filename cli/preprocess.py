@@ -98,7 +98,8 @@ def preprocess(
                                     object_width, target_width, tuple(labels or ()),
                                     ints(block, "--block"), overwrite)
         plan = pp.plan_preprocess(src, dst, opts)  # every user error before the cluster
-        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit,
+                     gil_bound=True) as client:
             result = pp.run_preprocess(plan, client, progress=progress_factory(),
                                        report=lambda line: err.print(line, markup=False))
         factors = ", ".join(f"{f:.4g}" for f in result.factors)

@@ -123,8 +123,7 @@ def train(
         if gpus is not None:
             set_cluster_options(gpus=gpus, cpu_gpu_workers=cfg.train.device == "cpu")
         show = _Display(cfg.train.iterations)
-        with cluster(scheduler, workers, threads_per_worker, memory_limit,
-                     threaded_kernels=True) as client:
+        with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:
             plan = plan_training(cfg, client, resume, overwrite)
             err.print(f"training on {plan.train_voxels / 1e6:.2f} M voxels from "
                       f"{len(plan.train)} region(s), validating on {plan.val_voxels / 1e6:.2f} "

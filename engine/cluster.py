@@ -27,8 +27,8 @@ class ClusterOptions:
         Address of a running scheduler (``tcp://HOST:PORT``); when given, no local
         cluster is started and the other fields are ignored.
     workers : int, optional
-        Worker processes of the embedded cluster (default: one per core, or one per 4
-        cores with ``threaded_kernels``; with ``threads_per_worker`` alone, as many as fill
+        Worker processes of the embedded cluster (default: one per 4 cores, at least 1, or
+        one per core with ``gil_bound``; with ``threads_per_worker`` alone, as many as fill
         the cores; see :func:`local_cluster_shape`).
     threads_per_worker : int, optional
         Threads per worker (default: the cores divided among the workers).
@@ -68,10 +68,10 @@ class ClusterOptions:
         With ``gpus``: the ``GPU=1`` workers hold no device (``CUDA_VISIBLE_DEVICES`` empty)
         and ``N`` is not checked against the devices: ``voxelmill train --gpus N --device
         cpu``, N data-parallel ranks on the CPU (gloo).
-    threaded_kernels : bool
-        The command's tasks run kernels that use every thread of their worker (torch:
-        ``predict``, ``train``): the embedded cluster's default is then a few workers
-        with several threads each instead of one single-threaded worker per core.
+    gil_bound : bool
+        The command's block tasks hold the GIL between NumPy/SciPy calls (classic
+        segmentation and filters): the embedded cluster's default is then one
+        single-threaded worker per core instead of a few workers with several threads.
     """
 
     scheduler: str | None = None
@@ -89,7 +89,7 @@ class ClusterOptions:
     worker_timeout: float = 120.0
     insecure_dashboard: bool = False
     cpu_gpu_workers: bool = False
-    threaded_kernels: bool = False
+    gil_bound: bool = False
 
 
 def _cores() -> int:
@@ -104,25 +104,27 @@ def local_cluster_shape(options: ClusterOptions, cores: int | None = None
     """Workers and threads per worker for the embedded cluster on ``cores`` cores (default:
     this process's).
 
-    Unless the options say otherwise: one single-threaded worker per core; with
-    ``threaded_kernels``, one worker per four cores (at least one), the cores shared out
-    as its threads. Given only ``threads_per_worker``, as many workers as fill the cores.
-    Block tasks of NumPy/SciPy code hold the GIL between calls, so threads of one worker
-    wait for each other: on two cores ``segment`` 384³ in 64³ blocks ran at 17.2 Mvox/s
-    with 2 × 1 against 13.1 with 1 × 2, ``convert`` 512³ at 124 against 115 Mvox/s
-    (``bench_scale.py``). Threads suit torch, whose kernels use every thread of their
-    worker: a prediction of one block on two cores ran at 0.39 Mvox/s with 1 × 2 and 0.29
-    with 2 × 1.
+    Unless the options say otherwise: one worker per four cores (at least one), the cores
+    shared out as its threads; with ``gil_bound``, one single-threaded worker per core.
+    Given only ``threads_per_worker``, as many workers as fill the cores.
+
+    Classic segmentation's block tasks hold the GIL between NumPy/SciPy calls, so threads
+    of one worker wait for each other: on two cores ``segment`` 384³ in 64³ blocks ran at
+    17.2 Mvox/s with 2 × 1 against 13.1 with 1 × 2 (``bench_scale.py``). Threads suit
+    torch, whose kernels use every thread of their worker (a prediction of one block on two
+    cores: 0.39 Mvox/s with 1 × 2, 0.29 with 2 × 1), and conversion, whose reads,
+    compression and writes release the GIL (1024³: 1 × 2 2.61 and 2.65 times ome-zarr-py,
+    2 × 1 2.43 and 2.56).
     """
     cores = cores or _cores()
     if options.workers:
         workers = options.workers
     elif options.threads_per_worker:
         workers = max(1, cores // options.threads_per_worker)
-    elif options.threaded_kernels:
-        workers = max(1, cores // 4)
-    else:
+    elif options.gil_bound:
         workers = cores
+    else:
+        workers = max(1, cores // 4)
     threads = options.threads_per_worker or max(1, cores // workers)
     if workers < 1 or threads < 1:
         raise OptionError(f"--workers ({workers}) and --threads-per-worker ({threads}) must be ≥ 1")

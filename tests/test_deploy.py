@@ -18,20 +18,18 @@ from tests.conftest import REPO, run_cli, write_mrc
 DEPLOY = REPO / "deploy"
 
 
-@pytest.mark.parametrize(("cores", "workers", "threads", "torch", "shape"), [
-    (1, None, None, False, (1, 1)), (2, None, None, False, (2, 1)),
-    (16, None, None, False, (16, 1)),
-    (1, None, None, True, (1, 1)), (2, None, None, True, (1, 2)), (4, None, None, True, (1, 4)),
-    (16, None, None, True, (4, 4)),
-    (16, None, 1, True, (16, 1)), (16, None, 2, False, (8, 2)), (2, None, 1, True, (2, 1)),
-    (16, 3, None, False, (3, 5)), (2, 1, None, False, (1, 2)), (2, 1, 3, True, (1, 3)),
+@pytest.mark.parametrize(("cores", "workers", "threads", "gil", "shape"), [
+    (1, None, None, False, (1, 1)), (2, None, None, False, (1, 2)), (4, None, None, False, (1, 4)),
+    (16, None, None, False, (4, 4)),
+    (1, None, None, True, (1, 1)), (2, None, None, True, (2, 1)), (16, None, None, True, (16, 1)),
+    (16, None, 1, False, (16, 1)), (16, None, 2, True, (8, 2)), (2, None, 1, False, (2, 1)),
+    (16, 3, None, True, (3, 5)), (2, 1, None, True, (1, 2)), (2, 1, 3, False, (1, 3)),
 ])
-def test_embedded_cluster_shape(cores, workers, threads, torch, shape):
-    """One single-threaded worker per core; for torch (``threaded_kernels``) one worker per
-    four cores with the cores as its threads; what the options give is kept, and the
-    workers fill the cores around it."""
-    options = ClusterOptions(workers=workers, threads_per_worker=threads,
-                             threaded_kernels=torch)
+def test_embedded_cluster_shape(cores, workers, threads, gil, shape):
+    """One worker per four cores with the cores as its threads; for GIL-bound commands one
+    single-threaded worker per core; what the options give is kept, and the workers fill
+    the cores around it."""
+    options = ClusterOptions(workers=workers, threads_per_worker=threads, gil_bound=gil)
     assert local_cluster_shape(options, cores=cores) == shape
 
 

@@ -168,7 +168,7 @@ def test_two_gpu_workers_share_the_blocks(column, tmp_path):
 
 def test_cli_reports_where_the_time_went(column, tmp_path):
     """The CLI prints the device-busy fraction and the waits, and --log-json records them.
-    (Also: predict's embedded cluster has torch's default shape, threads in few workers.)"""
+    (Also: predict's embedded cluster has the default shape, threads in few workers.)"""
     from engine.cluster import ClusterOptions, local_cluster_shape
     from tests.conftest import run_cli
 
@@ -177,7 +177,7 @@ def test_cli_reports_where_the_time_went(column, tmp_path):
                   str(column["ckpt"]), "--name", "cli", "--block", "32,32,32", "--norm",
                   "checkpoint")
     assert res.returncode == 0, res.stderr
-    workers, threads = local_cluster_shape(ClusterOptions(threaded_kernels=True))
+    workers, threads = local_cluster_shape(ClusterOptions())
     assert f"local cluster: {workers} worker(s) × {threads} thread(s)" in res.stderr, \
         res.stderr
     assert "device busy" in res.stdout and "waiting for input" in res.stdout, res.stdout

@@ -117,7 +117,7 @@ def test_2d_slide_channel_by_name(images, tmp_path):
     res = run_cli("segment", str(images["slide"]), "--workflow", str(wf), "--name", "nuclei",
                   "--channel", "nuclei", "--block", "32,64")
     assert res.returncode == 0, res.stderr
-    workers, threads = local_cluster_shape(ClusterOptions())
+    workers, threads = local_cluster_shape(ClusterOptions(gil_bound=True))
     assert threads == 1
     assert f"local cluster: {workers} worker(s) × 1 thread(s)" in res.stderr, res.stderr
     img = tifffile.imread(images["slide_data"])[1]

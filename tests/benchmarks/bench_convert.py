@@ -13,8 +13,7 @@ What it does:
    trials, and both tools then read it from a warm page cache.
 2. voxelmill: ``engine.pipelines.convert.convert`` with 128³ chunks (default pyramid:
    halve until the smallest level fits one chunk) on the embedded ``LocalCluster`` with
-   the default shape for this machine (``ClusterOptions()``, what ``voxelmill convert``
-   starts: a single-threaded worker per core). The cluster start and the
+   the default shape for this machine (``ClusterOptions()``). The cluster start and the
    conversion are timed separately; throughput is input MiB / conversion seconds.
 3. Peer: ``ome_zarr.writer.write_image`` (ome-zarr-py) of a dask array over the same
    memory-mapped MRC (``mrcfile.mmap(...).data``, 128³ dask chunks), the same chunks, the

@@ -260,8 +260,7 @@ def bench_network(name: str, src: Path, work: Path, args: argparse.Namespace) ->
     res_s, e2e_s, model_rate = [], [], []
     from engine.cluster import ClusterOptions, connect
 
-    with connect(ClusterOptions(gpus="auto" if device.type == "cuda" else None,
-                                threaded_kernels=True),  # `voxelmill predict`'s shape
+    with connect(ClusterOptions(gpus="auto" if device.type == "cuda" else None),
                  report=lambda line: None) as client:
         if simulated:
             from tests import simdevice
@@ -320,7 +319,7 @@ def _same_allocator_as_workers() -> None:
     (0.93 against 0.70 tile Mvox/s), so without them its line was no bound."""
     from engine.cluster import ClusterOptions, allocator_environ, local_cluster_shape
 
-    _, threads = local_cluster_shape(ClusterOptions(threaded_kernels=True))
+    _, threads = local_cluster_shape(ClusterOptions())
     env = allocator_environ(threads)
     if any(os.environ.get(k) != v for k, v in env.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
