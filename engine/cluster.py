@@ -69,7 +69,7 @@ class ClusterOptions:
         and ``N`` is not checked against the devices: ``voxelmill train --gpus N --device
         cpu``, N data-parallel ranks on the CPU (gloo).
     gil_bound : bool
-        The command's block tasks hold the GIL between NumPy/SciPy calls (classic
+        The command's block tasks hold the GIL for much of their work (classic
         segmentation and filters): the embedded cluster's default is then one
         single-threaded worker per core instead of a few workers with several threads.
     """
@@ -108,8 +108,8 @@ def local_cluster_shape(options: ClusterOptions, cores: int | None = None
     shared out as its threads; with ``gil_bound``, one single-threaded worker per core.
     Given only ``threads_per_worker``, as many workers as fill the cores.
 
-    Classic segmentation's block tasks hold the GIL between NumPy/SciPy calls, so threads
-    of one worker wait for each other: on two cores ``segment`` 384³ in 64³ blocks ran at
+    Classic segmentation's block tasks hold the GIL for much of their work, so threads of
+    one worker wait for each other: on two cores ``segment`` 384³ in 64³ blocks ran at
     17.2 Mvox/s with 2 × 1 against 13.1 with 1 × 2 (``bench_scale.py``). Threads suit
     torch, whose kernels use every thread of their worker (a prediction of one block on two
     cores: 0.39 Mvox/s with 1 × 2, 0.29 with 2 × 1), and conversion, whose reads,
