@@ -498,14 +498,14 @@ def _local_client(options: ClusterOptions, security: object | None,
         kwargs["memory_limit"] = options.memory_limit
     if security is not None:
         kwargs.update(protocol="tls://", security=security)
-    glibc = allocator_environ(max(threads, GPU_WORKER_THREADS if gpus else 1))
-    glibc.update(cache_environ(options.memory_limit, threads))
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **glibc}
+    worker_env = {**allocator_environ(max(threads, GPU_WORKER_THREADS if gpus else 1)),
+                  **cache_environ(options.memory_limit, threads)}
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **worker_env}
     try:
         caps = {"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH,
                 "distributed.admin.system-monitor.log-length": SYSTEM_MONITOR_SAMPLES,
                 **lighter_loops()}
-        with _worker_environ(glibc), \
+        with _worker_environ(worker_env), \
                 dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
                                  "temporary-directory": scratch, **caps}), \
                 warnings.catch_warnings():

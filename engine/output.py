@@ -169,7 +169,8 @@ def commit(partial: Path, dst: Path, client: Any = None) -> None:
     partial.rename(dst)
     readguard.release(dst)  # replaced by this command itself: no longer what it read
     if trash is not None:
-        remove_tree(trash, client)
+        remove_on_workers(trash, client)
+        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()  # what is left: errors show
 
 
 def commit_recorded(outputs: Sequence[tuple[Path, Path]], entry: dict[str, Any]) -> None:
@@ -255,18 +256,26 @@ def remove_tree(path: Path, client: Any = None) -> None:
     workers see the same paths, having written them; a worker that cannot, or a cluster
     that is gone, leaves the work to this process.
     """
-    if client is not None and path.is_dir() and not path.is_symlink():
-        from engine.runner import cluster_threads
-
-        try:
-            tasks = 4 * cluster_threads(client)
-            parts = [str(p) for p in subtrees(path, tasks)]
-            if len(parts) >= PARALLEL_SUBTREES:  # at most `tasks` tasks, whatever the tree
-                bundles = [parts[i::tasks] for i in range(min(tasks, len(parts)))]
-                client.gather(client.map(remove_folders, bundles, pure=False))
-        except Exception:  # noqa: BLE001 - a lost cluster: this process deletes it all
-            pass
+    remove_on_workers(path, client)
     _remove(path)
+
+
+def remove_on_workers(path: Path, client: Any) -> None:
+    """The workers' part of :func:`remove_tree`: the subfolders of the folder ``path``, in
+    at most four tasks per worker thread, when there are enough of them; nothing without
+    ``client`` or when the cluster is gone."""
+    if client is None or not path.is_dir() or path.is_symlink():
+        return
+    from engine.runner import cluster_threads
+
+    try:
+        tasks = 4 * cluster_threads(client)
+        parts = [str(p) for p in subtrees(path, tasks)]
+        if len(parts) >= PARALLEL_SUBTREES:  # at most `tasks` tasks, whatever the tree
+            bundles = [parts[i::tasks] for i in range(min(tasks, len(parts)))]
+            client.gather(client.map(remove_folders, bundles, pure=False))
+    except Exception:  # noqa: BLE001 - a lost cluster: the caller deletes it all
+        pass
 
 
 def remove_folders(paths: Sequence[str]) -> None:

@@ -12,8 +12,8 @@ from engine.output import remove_tree, subtrees
 from engine.pipelines.convert import ConvertOptions, convert
 
 
-def _chunk_tree(root: Path, rows: int = 6, cols: int = 5, files: int = 4) -> int:
-    """A zarr-like ``c/z/y/x`` tree of small files; the number of files."""
+def _chunk_tree(root: Path, rows: int = 6, cols: int = 5, files: int = 4) -> None:
+    """A zarr-like ``c/z/y/x`` tree of small files."""
     for z in range(rows):
         for y in range(cols):
             d = root / "c" / str(z) / str(y)
@@ -21,7 +21,6 @@ def _chunk_tree(root: Path, rows: int = 6, cols: int = 5, files: int = 4) -> int
             for x in range(files):
                 (d / str(x)).write_bytes(b"x")
     (root / "zarr.json").write_text("{}")
-    return rows * cols * files + 1
 
 
 def test_subtrees_are_the_shallowest_level_with_enough_folders(tmp_path):
