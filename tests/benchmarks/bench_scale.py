@@ -1,5 +1,5 @@
-"""Benchmark: how ``segment`` and ``convert`` scale with workers, and the client's memory
-on a grid of many small blocks.
+"""Benchmark: how ``segment`` and ``convert`` scale with workers, the client's memory on a
+grid of many small blocks, and ten million objects in one volume.
 
 Usage::
 
@@ -8,6 +8,8 @@ Usage::
         [--repeats 3] [--workdir DIR]
     .venv/bin/python tests/benchmarks/bench_scale.py soak [--block 16] [--plane 256]
         [--points 4096,8192,16384,32768] [--workers 2] [--workdir DIR] [--tracemalloc]
+    .venv/bin/python tests/benchmarks/bench_scale.py objects [--cells 216] [--block 64]
+        [--min-size 4] [--workers 2] [--workdir DIR]
 
 **scaling.** The classic workflow of ``bench_segment.py`` (Gaussian σ 2 → Otsu of the
 global histogram → labelling with full connectivity → size filter, min size 64) on the
@@ -43,6 +45,21 @@ a least-squares line through (blocks, peak growth over the idle client) is repor
 MiB per 10⁴ blocks. ``--tracemalloc`` traces the client's Python allocations during the
 run and prints the largest sources at the peak of traced memory.
 
+**objects.** Ten million objects in one volume: a uint8 image of ``(3·cells)³`` voxels
+(``--cells`` 216: 648³, 10,077,696 objects) cut into cells of 3³ voxels; in every cell a
+random non-empty subset of the 2³ corner voxels is bright (200; the rest 0), so every cell
+holds one object of 1 to 8 voxels (any subset of a 2³ cube is connected with full
+connectivity) and the one-voxel gaps keep cells apart. Block edges (``--block``, 64 by
+default) are not multiples of 3: the objects of every block face cross it or touch it.
+The workflow: absolute threshold (> 100) → labelling with full connectivity → size filter
+(``--min-size``, 4 by default: about a third of the objects go). voxelmill runs on a
+cluster of ``--workers`` × 1 thread in a fresh child process (the client's RSS before the
+run, and its and the largest worker's peak during it, sampled every 50 ms); the in-memory
+reference runs in another: level 0 read whole with zarr, ``skimage.measure.label(mask,
+connectivity=3)``, ``remove_small_objects`` (``bench_segment.remove_small``), its peak RSS
+from ``getrusage``. Both label images are hashed slab by slab as uint32
+(``labels_identical``). One run each, not repeated (a run is about a minute of work).
+
 Lines: one JSON line per trial / point (prefixed ``point``), then one final JSON line
 with the summary.
 
@@ -75,6 +92,12 @@ steps:
   - {name: mask, function: threshold, parameters: {method: otsu}}
   - {name: objects, function: label}
   - {name: big, function: size_filter, parameters: {min_size: 8}}
+"""
+OBJECTS_WORKFLOW = """\
+steps:
+  - {{name: mask, function: threshold, parameters: {{method: absolute, value: 100}}}}
+  - {{name: objects, function: label}}
+  - {{name: big, function: size_filter, parameters: {{min_size: {min_size}}}}}
 """
 
 
@@ -136,14 +159,21 @@ def _worker_pids(client: Any) -> list[int]:
     return list(client.run(os.getpid).values())
 
 
-def sha256_level0(path: Path, slab: int = 64) -> str:
-    """SHA-256 of a zarr array's voxels, read slab by slab along axis 0."""
+def sha256_level0(path: Path, slab: int = 64, dtype: Any = None) -> str:
+    """SHA-256 of a zarr array's voxels, read slab by slab along axis 0 (as ``dtype``
+    when given)."""
     import zarr
 
-    arr = zarr.open_array(str(path), mode="r")
-    h = hashlib.sha256(str((arr.shape, str(arr.dtype))).encode())
+    return sha256_slabs(zarr.open_array(str(path), mode="r"), slab, dtype)
+
+
+def sha256_slabs(arr: Any, slab: int = 64, dtype: Any = None) -> str:
+    """SHA-256 of an array's shape, dtype and voxels (cast to ``dtype`` when given), slab
+    by slab along axis 0 (one slab in memory at a time)."""
+    dtype = np.dtype(dtype or arr.dtype)
+    h = hashlib.sha256(str((tuple(arr.shape), str(dtype))).encode())
     for z in range(0, arr.shape[0], slab):
-        h.update(np.ascontiguousarray(arr[z:z + slab]).tobytes())
+        h.update(np.ascontiguousarray(arr[z:z + slab], dtype=dtype).tobytes())
     return h.hexdigest()
 
 
@@ -208,6 +238,32 @@ def prepare_soak(args: argparse.Namespace) -> dict[str, Any]:
     _convert_npy(npy, args.trial_dst, (b, b, b), args.workers)
     npy.unlink()
     return {"shape": [depth, plane, plane], "blocks": (depth // b) * per_layer}
+
+
+def prepare_objects(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``(3·cells)³`` image of one small object per 3³ cell (see the module's
+    docstring), written 16 cell layers at a time and converted with ``block³`` chunks."""
+    cells = args.cells
+    n = 3 * cells
+    npy = args.trial_dst.with_suffix(".npy")
+    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, n, n))
+    rng = np.random.default_rng(3)
+    step = 16
+    for c0 in range(0, cells, step):
+        nc = min(step, cells - c0)
+        corners = rng.random((nc, cells, cells, 8)) < 0.5
+        empty = ~corners.any(axis=-1)
+        corners[empty, rng.integers(0, 8, int(empty.sum()))] = True  # never an empty cell
+        slab = np.zeros((3 * nc, n, n), np.uint8)
+        for k in range(8):
+            dz, dy, dx = (k >> 2) & 1, (k >> 1) & 1, k & 1
+            slab[dz::3, dy::3, dx::3] = corners[..., k] * np.uint8(200)
+        out[3 * c0:3 * (c0 + nc)] = slab
+    out.flush()
+    del out
+    _convert_npy(npy, args.trial_dst, (args.block,) * 3, args.workers)
+    npy.unlink()
+    return {"shape": [n, n, n], "cells": cells ** 3}
 
 
 # ------------------------------------------------------------------------------ trials (child)
@@ -313,8 +369,54 @@ def trial_soak(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def trial_objects(args: argparse.Namespace) -> dict[str, Any]:
+    """voxelmill on the objects image: seconds, object counts, the client's idle and peak
+    RSS and the largest worker's peak, and the labels' digest (as uint32)."""
+    from engine.pipelines.segment import SegmentOptions, segment
+
+    options = SegmentOptions(workflow=str(args.workflow), name="objects", overwrite=True,
+                             block=(args.block,) * 3)
+    with _connect(args.workers, 1) as client:
+        import gc
+
+        gc.collect()
+        time.sleep(1.0)  # let the cluster settle before the idle reading
+        with ProcessPeaks(_worker_pids(client)) as mon:
+            idle = mon.client_peak
+            seconds, result = _timed(lambda: segment(args.trial_src, options, client,
+                                                     progress=None, report=lambda line: None))
+    digest = sha256_level0(args.trial_src / "labels" / "objects" / "0", dtype=np.uint32)
+    return {"seconds": seconds, "idle_rss": idle, "client_peak": mon.client_peak,
+            "worker_peak": mon.largest_worker, "objects": result.n_objects,
+            "largest_id": result.max_id, "dtype": result.dtype, "digest": digest}
+
+
+def trial_objects_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """The in-memory reference on the objects image (one process, one thread)."""
+    import resource
+
+    import zarr
+    from bench_segment import remove_small
+    from skimage.measure import label
+
+    t0 = time.perf_counter()
+    image = zarr.open_array(str(level0_path(args.trial_src)), mode="r")[...]
+    labels = label(image > 100, connectivity=3)
+    labelled = int(labels.max())
+    labels = remove_small(labels, args.min_size)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if labelled >= 2**32:
+        raise SystemExit("more labels than uint32 holds: the digests would differ")
+    kept = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+    return {"seconds": seconds, "peak": peak, "labelled": labelled, "objects": kept,
+            "digest": sha256_slabs(labels, dtype=np.uint32)}
+
+
 TRIALS = {"prepare-scaling": prepare_scaling, "prepare-soak": prepare_soak,
-          "segment": trial_segment, "convert": trial_convert, "soak": trial_soak}
+          "prepare-objects": prepare_objects, "segment": trial_segment,
+          "convert": trial_convert, "soak": trial_soak, "objects": trial_objects,
+          "objects-reference": trial_objects_reference}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -332,6 +434,9 @@ def child(kind: str, args: argparse.Namespace, src: Path | None, dst: Path | Non
     if args.mode == "scaling":
         cmd += ["--size", str(args.size), "--chunk", str(args.chunk), "--block", str(args.block),
                 "--convert-size", str(args.convert_size)]
+    elif args.mode == "objects":
+        cmd += ["--block", str(args.block), "--cells", str(args.cells),
+                "--min-size", str(args.min_size)]
     else:
         cmd += ["--block", str(args.block), "--plane", str(args.plane)]
         if args.tracemalloc:
@@ -456,9 +561,36 @@ def run_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "target_mib_per_1e4_blocks": 20}
 
 
+def run_objects(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    workflow = workdir / "objects.yaml"
+    workflow.write_text(OBJECTS_WORKFLOW.format(min_size=args.min_size))
+    src = workdir / f"objects-{args.cells}.ome.zarr"
+    remove(src)
+    made = child("prepare-objects", args, None, src, workers=args.workers)
+    try:
+        res = child("objects", args, src, None, workers=args.workers, workflow=workflow)
+        ref = child("objects-reference", args, src, None)
+    finally:
+        remove(src)
+    mvox = float(np.prod(made["shape"])) / 1e6
+    return {"mode": "objects", "shape": made["shape"], "block": args.block,
+            "workers": args.workers, "min_size": args.min_size,
+            "objects_labelled": ref["labelled"], "objects_kept": res["objects"],
+            "largest_id": res["largest_id"], "dtype": res["dtype"],
+            "labels_identical": res["digest"] == ref["digest"]
+            and res["objects"] == ref["objects"],
+            "seconds": round(res["seconds"], 2), "inmemory_seconds": round(ref["seconds"], 2),
+            "mvox_s": round(mvox / res["seconds"], 2),
+            "inmemory_mvox_s": round(mvox / ref["seconds"], 2),
+            "client_idle_rss_mib": round(res["idle_rss"] / MIB, 1),
+            "client_peak_rss_mib": round(res["client_peak"] / MIB, 1),
+            "largest_worker_peak_rss_mib": round(res["worker_peak"] / MIB, 1),
+            "inmemory_peak_rss_mib": round(ref["peak"] / MIB, 1)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("scaling", "soak"))
+    p.add_argument("mode", choices=("scaling", "soak", "objects"))
     p.add_argument("--workdir", type=Path, default=None,
                    help="where inputs and outputs go (default: a new temp dir under /tmp)")
     p.add_argument("--size", type=int, default=384, help="scaling: edge of the cubic input")
@@ -478,7 +610,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plane", type=int, default=256, help="soak: y and x size of the image")
     p.add_argument("--points", default="4096,8192,16384,32768",
                    help="soak: approximate block counts, one run each")
-    p.add_argument("--workers", type=int, default=2, help="soak: worker processes")
+    p.add_argument("--workers", type=int, default=2, help="soak, objects: worker processes")
+    p.add_argument("--cells", type=int, default=216,
+                   help="objects: cells (objects) along each axis; the image is 3·cells voxels "
+                        "a side")
+    p.add_argument("--min-size", type=int, default=4, help="objects: the size filter's minimum")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tracemalloc", action="store_true",
                    help="soak: trace the client's Python allocations (slower)")
@@ -489,7 +625,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workflow", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.block is None:
-        args.block = args.chunk if args.mode == "scaling" else 16
+        args.block = {"scaling": args.chunk, "soak": 16, "objects": 64}[args.mode]
     return args
 
 
@@ -503,8 +639,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="voxelmill-scale-")) if own_dir else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        summary = run_scaling(args, workdir) if args.mode == "scaling" else \
-            run_soak(args, workdir)
+        run = {"scaling": run_scaling, "soak": run_soak, "objects": run_objects}[args.mode]
+        summary = run(args, workdir)
         summary["load_average_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(summary), flush=True)
     finally:
