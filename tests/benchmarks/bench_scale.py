@@ -30,8 +30,12 @@ worker, which caches the whole input, over many). Configurations alternate for `
 rounds; each figure is the median of its trials. Reported per trial: throughput (Mvox/s of
 level 0, second run), parallel efficiency = throughput ÷ (W·T × throughput of 1x1), peak
 RSS of the client process (it holds the embedded scheduler too) and of the largest worker
-process (sampled every 50 ms; ``rss`` counts file-backed pages). Every segment output must
-equal the 1x1 output (a SHA-256 of level 0, not timed), every convert output too.
+process (sampled every 50 ms; ``rss`` counts file-backed pages), and the CPU seconds of
+the timed run spent by the client process (``client_cpu_s``: client and embedded scheduler
+share one event loop, the serial part of every task's cost, which bounds how many tasks a
+second a cluster of any size runs) and by all workers together (``workers_cpu_s``). Every
+segment output must equal the 1x1 output (a SHA-256 of level 0, not timed), every convert
+output too.
 
 **soak.** The same workflow without the smoothing (Otsu threshold of the global
 histogram → labelling → size filter, min size 8) on uint8 images of ``Z × plane × plane``
@@ -153,6 +157,33 @@ class ProcessPeaks:
     @property
     def largest_worker(self) -> int:
         return max(self.worker_peak.values(), default=0)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class CPUTimes:
+    """CPU seconds (user + system) spent while the block runs by this process (the client
+    and the embedded scheduler: one event loop, the serial part of every task's cost) and
+    by all the workers together; ``seconds`` after the block."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.seconds: dict[str, float] = {}
+
+    def _workers(self) -> float:
+        return sum(self.client.run(_cpu_seconds).values())
+
+    def __enter__(self) -> CPUTimes:
+        self._start = (_cpu_seconds(), self._workers())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        client, workers = _cpu_seconds(), self._workers()
+        self.seconds = {"client_cpu_s": client - self._start[0],
+                        "workers_cpu_s": workers - self._start[1]}
 
 
 def _worker_pids(client: Any) -> list[int]:
@@ -285,12 +316,14 @@ def trial_segment(args: argparse.Namespace) -> dict[str, Any]:
             cold = _timed(lambda: segment(args.trial_src, options, client, progress=None,
                                           report=lambda line: None))[0]
             _clear_caches(client)
-            seconds, result = _timed(lambda: segment(args.trial_src, options, client,
-                                                     progress=None, report=lambda line: None))
+            with CPUTimes(client) as cpu:
+                seconds, result = _timed(lambda: segment(args.trial_src, options, client,
+                                                         progress=None,
+                                                         report=lambda line: None))
     digest = sha256_level0(args.trial_src / "labels" / "bench" / "0")
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
             "worker_peak": mon.largest_worker, "samples": mon.samples,
-            "objects": result.n_objects, "digest": digest}
+            "objects": result.n_objects, "digest": digest, **cpu.seconds}
 
 
 def _clear_caches(client: Any) -> None:
@@ -318,11 +351,13 @@ def trial_convert(args: argparse.Namespace) -> dict[str, Any]:
             cold = _timed(lambda: convert(args.trial_src, args.trial_dst, options, client,
                                           report=lambda line: None))[0]
             _clear_caches(client)
-            seconds = _timed(lambda: convert(args.trial_src, args.trial_dst, options, client,
-                                             report=lambda line: None))[0]
+            with CPUTimes(client) as cpu:
+                seconds = _timed(lambda: convert(args.trial_src, args.trial_dst, options,
+                                                 client, report=lambda line: None))[0]
     digest = sha256_level0(level0_path(args.trial_dst))
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
-            "worker_peak": mon.largest_worker, "samples": mon.samples, "digest": digest}
+            "worker_peak": mon.largest_worker, "samples": mon.samples, "digest": digest,
+            **cpu.seconds}
 
 
 def _top_allocations(snapshot: Any, limit: int = 12) -> list[str]:
@@ -500,6 +535,8 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    for key in ("seconds", "cold_seconds")}
             res.update({key: max(r[key] for r in runs) for key in ("client_peak",
                                                                    "worker_peak")})
+            cpu = {key: float(np.median([r[key] for r in runs]))
+                   for key in ("client_cpu_s", "workers_cpu_s")}
             digests.update(r["digest"] for r in runs)
             rate = mvox / res["seconds"]
             if (w, t) == (1, 1):
@@ -509,13 +546,16 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    "cold_seconds": round(res["cold_seconds"], 3), "mvox_s": round(rate, 3),
                    "efficiency": round(rate / (w * t * base), 3) if base else None,
                    "client_peak_rss_mib": round(res["client_peak"] / MIB, 1),
-                   "largest_worker_peak_rss_mib": round(res["worker_peak"] / MIB, 1)}
+                   "largest_worker_peak_rss_mib": round(res["worker_peak"] / MIB, 1),
+                   "client_cpu_s": round(cpu["client_cpu_s"], 3),
+                   "workers_cpu_s": round(cpu["workers_cpu_s"], 3)}
             print("point " + json.dumps(row), flush=True)
             rows.append(row)
         summary[what] = {
             "points": [{k: r[k] for k in ("workers", "threads", "mvox_s", "efficiency",
                                           "client_peak_rss_mib",
-                                          "largest_worker_peak_rss_mib")} for r in rows],
+                                          "largest_worker_peak_rss_mib", "client_cpu_s",
+                                          "workers_cpu_s")} for r in rows],
             "outputs_identical": len(digests) == 1,
             "speedup_2x1": next((round(r["mvox_s"] / base, 3) for r in rows
                                  if (r["workers"], r["threads"]) == (2, 1)), None),
