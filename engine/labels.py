@@ -170,10 +170,20 @@ class SavedFaces:
         return _face_table(bid, f["face"], f["keys"], f["sizes"])
 
 
-def concatenate_tables(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]
-                       ) -> tuple[np.ndarray, ...]:
-    """Concatenate two tuples of arrays column by column (a ``combine`` for the runner)."""
-    return tuple(np.concatenate([x, y]) for x, y in zip(a, b, strict=True))
+def concatenate_tables(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Concatenate two tables (sequences of columns) column by column (a ``combine`` for
+    the runner). A table given as a list (what this returns: the fold's partials) is
+    consumed, each column released once joined: joining the fold's last two partials
+    holds one column more than the result, not a second copy of every column."""
+    if len(a) != len(b):
+        raise ValueError(f"tables of {len(a)} and {len(b)} columns")
+    out = []
+    for i in range(len(a)):
+        out.append(np.concatenate([a[i], b[i]]))
+        for table in (a, b):
+            if isinstance(table, list):
+                table[i] = None
+    return out
 
 
 def concatenate_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -297,3 +297,19 @@ def test_face_map_in_slices_and_face_tables_in_any_order(client, tmp_path, monke
                 connectivity=1)
     assert res.n_labels == n > 20
     np.testing.assert_array_equal(zarr.open_array(str(res.path), mode="r")[...], ref)
+
+
+def test_concatenate_tables_consumes_list_partials_only():
+    """Block results (tuples) are left as they are; the fold's partials (lists) give up
+    each column once it is joined, so no second copy of a whole table is held."""
+    from engine.labels import concatenate_tables
+
+    block = (np.arange(3), np.arange(3) * 10)
+    partial = [np.arange(2), np.arange(2) * 10]
+    out = concatenate_tables(partial, block)
+    np.testing.assert_array_equal(out[0], [0, 1, 0, 1, 2])
+    np.testing.assert_array_equal(out[1], [0, 10, 0, 10, 20])
+    assert partial == [None, None]
+    np.testing.assert_array_equal(block[1], [0, 10, 20])
+    with pytest.raises(ValueError, match="2 and 1 columns"):
+        concatenate_tables(block, (np.arange(1),))
