@@ -241,10 +241,12 @@ class TreeFold:
 
     def result(self, initial: Any = None) -> Any:
         """All values folded (``initial`` when none came); the tree's last incomplete
-        nodes are combined left to right, which again depends only on the count."""
+        nodes are combined left to right, which again depends only on the count. The fold
+        gives its nodes up: each is released once combined (a table's partials would
+        otherwise stay beside every join made of them), and it is empty after."""
         value, first = initial, True
-        for level, index in sorted(self.nodes, key=lambda k: k[1] << k[0]):
-            node = self.nodes[level, index]
+        for key in sorted(self.nodes, key=lambda k: k[1] << k[0]):
+            node = self.nodes.pop(key)
             value, first = (node, False) if first else (self.combine(value, node), False)
         return value
 
