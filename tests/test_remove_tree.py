@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from engine import output
 from engine.output import remove_tree, subtrees
 from engine.pipelines.convert import ConvertOptions, convert
 
@@ -36,17 +37,32 @@ def test_subtrees_are_the_shallowest_level_with_enough_folders(tmp_path):
     assert subtrees(tmp_path / "flat", 4) == []
 
 
-def test_a_tree_is_deleted_on_the_workers(client, tmp_path):
-    """The subfolders go as tasks on the workers; nothing is left."""
+def test_a_tree_is_deleted_on_the_workers(client, tmp_path, monkeypatch):
+    """The subfolders go as tasks on the workers (when deleting them here would take
+    longer than LOCAL_REMOVE_S: always, here); nothing is left."""
+    from distributed import get_task_stream
+
+    monkeypatch.setattr(output, "LOCAL_REMOVE_S", 0.0)
+    _chunk_tree(tmp_path / "old")
+    with get_task_stream(client) as ts:
+        remove_tree(tmp_path / "old", client)
+    assert not (tmp_path / "old").exists()
+    removals = [t for t in ts.data if "remove_folders" in str(t["key"])]
+    # 29 chunk rows (the first timed here) in at most 4 tasks per thread (the fixture's
+    # cluster has 2 threads)
+    assert len(removals) == 8
+
+
+def test_a_small_tree_is_deleted_here(client, tmp_path):
+    """A tree deleted here sooner than LOCAL_REMOVE_S (small files on a local disk) gives
+    the workers no tasks."""
     from distributed import get_task_stream
 
     _chunk_tree(tmp_path / "old")
     with get_task_stream(client) as ts:
         remove_tree(tmp_path / "old", client)
     assert not (tmp_path / "old").exists()
-    removals = [t for t in ts.data if "remove_folders" in str(t["key"])]
-    # 30 chunk rows in at most 4 tasks per thread (the fixture's cluster has 2 threads)
-    assert len(removals) == 8
+    assert not [t for t in ts.data if "remove_folders" in str(t["key"])]
 
 
 def test_links_are_removed_not_followed(client, tmp_path):
@@ -86,10 +102,13 @@ def test_without_a_cluster_the_client_deletes_it(tmp_path):
     remove_tree(tmp_path / "absent", None)  # nothing to delete: no error
 
 
-def test_overwrite_deletes_the_replaced_output_on_the_workers(client, tmp_path):
+def test_overwrite_deletes_the_replaced_output_on_the_workers(client, tmp_path, monkeypatch):
     """``convert --overwrite`` of a multi-chunk volume: the old output's chunk rows are
-    deleted by worker tasks; the new output is whole and the old one gone."""
+    deleted by worker tasks (as a big one's would be); the new output is whole and the old
+    one gone."""
     from distributed import get_task_stream
+
+    monkeypatch.setattr(output, "LOCAL_REMOVE_S", 0.0)
 
     vol = np.arange(48 * 40 * 40, dtype=np.uint16).reshape(48, 40, 40)
     np.save(tmp_path / "v.npy", vol)
