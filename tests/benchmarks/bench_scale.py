@@ -10,6 +10,8 @@ Usage::
         [--points 4096,8192,16384,32768] [--workers 2] [--workdir DIR] [--tracemalloc]
     .venv/bin/python tests/benchmarks/bench_scale.py objects [--cells 216] [--block 64]
         [--min-size 4] [--workers 2] [--workdir DIR]
+    .venv/bin/python tests/benchmarks/bench_scale.py runner [--configs 1,2,4,8,16]
+        [--grid 6] [--block-ms 13] [--passes 6] [--repeats 3]
 
 **scaling.** The classic workflow of ``bench_segment.py`` (Gaussian σ 2 → Otsu of the
 global histogram → labelling with full connectivity → size filter, min size 64) on the
@@ -67,6 +69,16 @@ connectivity=3)``, ``remove_small_objects`` (``bench_segment.remove_small``), it
 from ``getrusage``. Both label images are hashed slab by slab as uint32
 (``labels_identical``). One run each, not repeated (a run is about a minute of work).
 
+**runner.** The runner alone at many workers, with simulated blocks: ``--passes`` passes
+one after the other (each waits for the last, as the segment workflow's passes do) over a
+grid of ``--grid``³ blocks whose task sleeps ``--block-ms`` (the GIL released, so 16
+workers "compute" at once on any machine; 13 ms is a 64³ block of the Gaussian pass here).
+Per configuration (workers × 1 thread, a fresh child process each): the median wall time
+of ``--repeats`` runs, the ideal (blocks · passes · block time ÷ workers), their ratio
+(``efficiency``), the client process's CPU seconds per run and the tasks per run. The
+workers' own per-task costs still share this machine's cores, which the real cluster's
+cores would not.
+
 Lines: one JSON line per trial / point (prefixed ``point``), then one final JSON line
 with the summary.
 
@@ -85,6 +97,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -451,10 +464,56 @@ def trial_objects_reference(args: argparse.Namespace) -> dict[str, Any]:
             "digest": sha256_slabs(labels, dtype=np.uint32)}
 
 
+@dataclass(frozen=True)
+class SleepBlock:
+    """A simulated block task: sleeps ``seconds`` (releasing the GIL)."""
+
+    seconds: float
+
+    def __call__(self, block: Any) -> None:
+        time.sleep(self.seconds)
+
+
+def trial_runner(args: argparse.Namespace) -> dict[str, Any]:
+    """The runner over ``passes`` passes of sleeping blocks, ``repeats`` times."""
+    from engine.blocks import BlockGrid
+    from engine.runner import run_blocks
+
+    grid = BlockGrid((64 * args.grid,) * 3, (64,) * 3)
+    task = SleepBlock(args.block_ms / 1e3)
+    runs = []
+    with _connect(args.workers, 1) as client:
+        run_blocks(client, grid, task, name="warm")  # the workers' first imports
+        for r in range(args.repeats):
+            counter = TaskCounter(client)
+            c0 = _cpu_seconds()
+            seconds = _timed(lambda r=r: [run_blocks(client, grid, task, name=f"p{r}x{i}")
+                                          for i in range(args.passes)])[0]
+            runs.append({"seconds": seconds, "client_cpu_s": _cpu_seconds() - c0,
+                         "tasks": counter.count()})
+    return {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+
+
+class TaskCounter:
+    """Tasks finished since this was made (the scheduler's cumulative per-prefix counts of
+    tasks that reached memory)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.start = self._total()
+
+    def _total(self) -> int:
+        return int(self.client.run_on_scheduler(lambda dask_scheduler: sum(
+            p.state_counts["memory"] for p in dask_scheduler.task_prefixes.values())))
+
+    def count(self) -> int:
+        return self._total() - self.start
+
+
 TRIALS = {"prepare-scaling": prepare_scaling, "prepare-soak": prepare_soak,
           "prepare-objects": prepare_objects, "segment": trial_segment,
           "convert": trial_convert, "soak": trial_soak, "objects": trial_objects,
-          "objects-reference": trial_objects_reference}
+          "objects-reference": trial_objects_reference, "runner": trial_runner}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -475,6 +534,9 @@ def child(kind: str, args: argparse.Namespace, src: Path | None, dst: Path | Non
     elif args.mode == "objects":
         cmd += ["--block", str(args.block), "--cells", str(args.cells),
                 "--min-size", str(args.min_size)]
+    elif args.mode == "runner":
+        cmd += ["--grid", str(args.grid), "--block-ms", str(args.block_ms),
+                "--passes", str(args.passes), "--repeats", str(args.repeats)]
     else:
         cmd += ["--block", str(args.block), "--plane", str(args.plane)]
         if args.tracemalloc:
@@ -604,6 +666,23 @@ def run_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "target_mib_per_1e4_blocks": 20}
 
 
+def run_runner(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    workers = ([int(w) for w in args.configs.split(",")] if args.configs
+               else sorted({1, 2, 4, 8, 16, os.cpu_count() or 1}))
+    blocks = args.grid ** 3
+    points = []
+    for w in workers:
+        res = child("runner", args, None, None, workers=w)
+        ideal = blocks * args.passes * args.block_ms / 1e3 / w
+        row = {"workers": w, "seconds": round(res["seconds"], 3), "ideal_s": round(ideal, 3),
+               "efficiency": round(ideal / res["seconds"], 3),
+               "client_cpu_s": round(res["client_cpu_s"], 3), "tasks": int(res["tasks"])}
+        print("point " + json.dumps(row), flush=True)
+        points.append(row)
+    return {"mode": "runner", "blocks_per_pass": blocks, "passes": args.passes,
+            "block_ms": args.block_ms, "cores": os.cpu_count(), "points": points}
+
+
 def run_objects(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     workflow = workdir / "objects.yaml"
     workflow.write_text(OBJECTS_WORKFLOW.format(min_size=args.min_size))
@@ -633,7 +712,7 @@ def run_objects(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("scaling", "soak", "objects"))
+    p.add_argument("mode", choices=("scaling", "soak", "objects", "runner"))
     p.add_argument("--workdir", type=Path, default=None,
                    help="where inputs and outputs go (default: a new temp dir under /tmp)")
     p.add_argument("--size", type=int, default=384, help="scaling: edge of the cubic input")
@@ -658,6 +737,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="objects: cells (objects) along each axis; the image is 3·cells voxels "
                         "a side")
     p.add_argument("--min-size", type=int, default=4, help="objects: the size filter's minimum")
+    p.add_argument("--grid", type=int, default=6, help="runner: blocks along each axis")
+    p.add_argument("--block-ms", type=float, default=13.0,
+                   help="runner: a simulated block's time (ms)")
+    p.add_argument("--passes", type=int, default=6, help="runner: passes one after the other")
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tracemalloc", action="store_true",
                    help="soak: trace the client's Python allocations (slower)")
@@ -668,7 +751,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workflow", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.block is None:
-        args.block = {"scaling": args.chunk, "soak": 16, "objects": 64}[args.mode]
+        args.block = {"scaling": args.chunk, "soak": 16, "objects": 64, "runner": 64}[args.mode]
     return args
 
 
@@ -682,7 +765,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="voxelmill-scale-")) if own_dir else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        run = {"scaling": run_scaling, "soak": run_soak, "objects": run_objects}[args.mode]
+        run = {"scaling": run_scaling, "soak": run_soak, "objects": run_objects,
+               "runner": run_runner}[args.mode]
         summary = run(args, workdir)
         summary["load_average_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(summary), flush=True)
