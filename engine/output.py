@@ -165,13 +165,21 @@ def commit(partial: Path, dst: Path, client: Any = None) -> None:
     if dst.exists():
         trash = dst.parent / f".{dst.name}.old"
         if trash.exists():
-            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+            _delete(trash)
         dst.rename(trash)
     partial.rename(dst)
     readguard.release(dst)  # replaced by this command itself: no longer what it read
     if trash is not None:
         remove_on_workers(trash, client)
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()  # what is left: errors show
+        _delete(trash)  # what is left
+
+
+def _delete(path: Path) -> None:
+    """Delete the file or folder ``path``; errors show (unlike :func:`_remove`)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def commit_recorded(outputs: Sequence[tuple[Path, Path]], entry: dict[str, Any]) -> None:
