@@ -202,6 +202,14 @@ class CPUTimes:
                         "workers_cpu_s": workers - self._start[1]}
 
 
+def _settle() -> None:
+    """Collect garbage and let a fresh cluster settle before an idle RSS reading."""
+    import gc
+
+    gc.collect()
+    time.sleep(1.0)
+
+
 def _worker_pids(client: Any) -> list[int]:
     return list(client.run(os.getpid).values())
 
@@ -392,10 +400,7 @@ def trial_soak(args: argparse.Namespace) -> dict[str, Any]:
                              block=(args.block,) * 3)
     top: list[str] = []
     with _connect(args.workers, 1) as client:
-        import gc
-
-        gc.collect()
-        time.sleep(1.0)  # let the cluster settle before the idle reading
+        _settle()
         with ProcessPeaks([]) as mon:
             idle = mon.client_peak
             if args.tracemalloc:
@@ -428,10 +433,7 @@ def trial_objects(args: argparse.Namespace) -> dict[str, Any]:
     options = SegmentOptions(workflow=str(args.workflow), name="objects", overwrite=True,
                              block=(args.block,) * 3)
     with _connect(args.workers, 1) as client:
-        import gc
-
-        gc.collect()
-        time.sleep(1.0)  # let the cluster settle before the idle reading
+        _settle()
         with ProcessPeaks(_worker_pids(client)) as mon:
             idle = mon.client_peak
             seconds, result = _timed(lambda: segment(args.trial_src, options, client,
