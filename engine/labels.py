@@ -6,20 +6,22 @@ label volume or a table of every component:
 
 1. **local** — each block labels its write region on its own and writes the local labels;
    into a small per-block file it puts each local label's size and first-voxel raster key,
-   and the block's boundary planes. It returns only its *face components* (labels that
-   touch a face shared with a neighbour block), with their keys and sizes;
-2. **faces** — each block pairs its high-side boundary planes with the neighbours' facing
-   planes (faces, edges and corners, as the connectivity says) and returns the pairs of
-   face components that touch;
-3. the client joins the pairs (union-find over the face graph only: connected components
-   of a sparse graph whose nodes are face components), keeps the smallest first-voxel key
-   and the summed size of every merged object, and decides the size filter;
-4. **ranks** — one task per slab of blocks along axis 0 (first-voxel keys of different
-   slabs never interleave) sorts the keys of the slab's objects; the rank of a key in its
-   slab plus the number of objects in earlier slabs is its final id;
-5. **relabel** — each block builds its own relabel map (interior components from its slab's
-   sorted keys, face components from their rows of the face map) and writes the final labels,
-   or keeps the map for a lazy view that applies it on read.
+   the block's boundary planes and its *face components* (labels that touch a face shared
+   with a neighbour block);
+2. **merge** and **resolve** — the face graph (face components joined where they touch
+   across a face, edge or corner, as the connectivity says) is joined up a tree of boxes
+   of blocks and resolved back down, on the workers (:mod:`engine.facegraph`): every face
+   component learns its object's first-voxel key (the smallest of its components') and
+   size (their sum);
+3. **ranks** — one task per slab of blocks along axis 0 (first-voxel keys of different
+   slabs never interleave) sorts the keys of the objects whose first voxel is in the slab
+   (an object crossing faces counts once: in its first component's block); the rank of a
+   key in its slab plus the number of objects in earlier slabs is its final id;
+4. **relabel** — each block builds its own relabel map (interior components from its slab's
+   sorted keys, face components from their object's key in the key's slab) and writes the
+   final labels, or keeps the map for a lazy view that applies it on read.
+
+The client holds a number per slab, never a row per object or face component.
 
 Component ids on the way are ``block_id << 32 | local_label`` (uint64).
 """
@@ -27,12 +29,9 @@ Component ids on the way are ``block_id << 32 | local_label`` (uint64).
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,12 @@ from scipy import ndimage as ndi
 
 from engine.blocks import Block, BlockGrid
 from engine.errors import OptionError
+from engine.facegraph import FacePairs, FaceTree
 from engine.io.chunkfiles import write_region
 from engine.io.sources import read_region
+from engine.labelfiles import block_file, load_arrays, save_arrays
 from engine.objtables import ShardedTable, merge_rows
 from engine.runner import RunState
-
-SHIFT = np.uint64(32)  # component id = block_id << 32 | local label
 
 
 def structure(ndim: int, connectivity: int | None = 1, slice_wise: bool = False) -> np.ndarray:
@@ -78,37 +77,6 @@ def _first_voxels(flat: np.ndarray, n: int) -> np.ndarray:
     return index[values > 0]
 
 
-def _block_file(work: str, bid: int) -> Path:
-    return Path(work) / "blocks" / f"{bid}.bin"
-
-
-def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
-    """Small arrays in one flat file: a JSON line of names, dtypes and shapes, then their
-    bytes, each padded to 8. For a 64³ block's files ``np.savez`` took ~2× longer to
-    write and, through its zip directory and per-member headers, 4–10× longer to read
-    (0.14–0.36 ms against 0.03): a face task reads up to 20 of them."""
-    header = json.dumps([[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()])
-    head = header.encode() + b"\n"
-    with open(path, "wb") as f:
-        f.write(head + b" " * (-len(head) % 8))
-        for a in arrays.values():
-            data = np.ascontiguousarray(a).tobytes()
-            f.write(data + b"\0" * (-len(data) % 8))
-
-
-def _load_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a :func:`_save_arrays` file (read-only views of one read)."""
-    raw = path.read_bytes()
-    end = raw.index(b"\n") + 1
-    pos = end + (-end % 8)
-    out = {}
-    for name, dtype, shape in json.loads(raw[:end]):
-        dt, count = np.dtype(dtype), math.prod(shape)
-        out[name] = np.frombuffer(raw, dt, count=count, offset=pos).reshape(shape)
-        pos += -(-count * dt.itemsize // 8) * 8
-    return out
-
-
 VALUES_LIMIT = 1024
 """Label images with at most this many ids list them all (with a colour each) in their
 ``image-label`` metadata."""
@@ -124,9 +92,8 @@ class LocalLabels:
     shape: tuple[int, ...]
     grid_shape: tuple[int, ...]
 
-    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Label the block; return its face components: their global ids (block id and
-        local label, see :data:`SHIFT`), first-voxel keys and sizes."""
+    def __call__(self, block: Block) -> None:
+        """Label the block; write the local labels and the block file."""
         m = read_region(self.mask, block.write)
         local, n = ndi.label(m if m.dtype == bool else m != 0, structure=self.structure)
         local = local.astype(np.uint32, copy=False)
@@ -147,27 +114,7 @@ class LocalLabels:
             else np.zeros(0, np.uint32)
         face = face[face > 0]
         bid = int(np.ravel_multi_index(block.index, self.grid_shape))
-        _save_arrays(_block_file(self.work, bid), keys=keys, sizes=sizes, face=face, **planes)
-        return _face_table(bid, face, keys, sizes)
-
-
-def _face_table(bid: int, face: np.ndarray, keys: np.ndarray, sizes: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return ((np.uint64(bid) << SHIFT) | face.astype(np.uint64), keys[face - 1],
-            sizes[face - 1])
-
-
-@dataclass(frozen=True)
-class SavedFaces:
-    """Recovers a finished :class:`LocalLabels` block's result from its block file."""
-
-    work: str
-    grid_shape: tuple[int, ...]
-
-    def __call__(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
-        f = _load_arrays(_block_file(self.work, bid))
-        return _face_table(bid, f["face"], f["keys"], f["sizes"])
+        save_arrays(block_file(self.work, bid), keys=keys, sizes=sizes, face=face, **planes)
 
 
 def concatenate_tables(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -200,193 +147,53 @@ def merge_relabelled(a: tuple[int, int, np.ndarray | None],
             ids if ids is not None and ids.size <= VALUES_LIMIT else None)
 
 
-def _unique_rows(pairs: np.ndarray) -> np.ndarray:
-    if len(pairs) < 2:
-        return pairs
-    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
-    pairs = pairs[order]
-    keep = np.ones(len(pairs), bool)
-    keep[1:] = np.any(pairs[1:] != pairs[:-1], axis=1)
-    return pairs[keep]
-
-
-@dataclass(frozen=True)
-class FacePairs:
-    """Pass 2: pairs of component ids that touch across the block's high-side faces.
-
-    Every cross-block neighbour pair (p, q) crosses a block border along some axis k; with
-    p on the lower side, p lies on its block's high-k plane and q on the next layer, which
-    is made of the low-k planes of up to 3^(ndim-1) neighbour blocks: of those, only the
-    ones the structure reaches (face neighbours only: the block straight across).
-
-    Nothing is stored: a resumed run recomputes a finished block's pairs from the block
-    files (under a millisecond for a 64³ block; a pairs file per block cost ~3 ms to
-    create while a worker's writes kept the file system's journal busy).
-    """
-
-    work: str
-    structure: np.ndarray
-    grid_shape: tuple[int, ...]
-
-    @cached_property
-    def _offsets(self) -> np.ndarray:
-        """The structure's neighbour offsets from its centre: int, ``(n, ndim)``."""
-        return np.argwhere(self.structure) - np.array(self.structure.shape) // 2
-
-    @cached_property
-    def _reached(self) -> tuple[frozenset[tuple[int, ...]], ...]:
-        """Per axis ``k``, the in-plane steps ``delta`` of the next layer's blocks that the
-        structure reaches across the high-``k`` face: an offset one step up ``k`` with
-        in-plane part ``e`` reads the neighbour at ``delta`` when every non-zero step of
-        ``delta`` equals ``e``'s (a corner block only through a diagonal offset)."""
-        out = []
-        for k in range(len(self.grid_shape)):
-            parts = [[int(d[j]) for j in range(len(d)) if j != k] for d in self._offsets
-                     if d[k] == 1]
-            out.append(frozenset(delta for e in parts
-                                 for delta in itertools.product(*(sorted({0, ej})
-                                                                  for ej in e))))
-        return tuple(out)
-
-    def _ids(self, index: tuple[int, ...], plane: np.ndarray) -> np.ndarray:
-        bid = np.uint64(np.ravel_multi_index(index, self.grid_shape))
-        return np.where(plane > 0, (bid << SHIFT) | plane.astype(np.uint64), np.uint64(0))
-
-    def _across(self, index: tuple[int, ...], k: int
-                ) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """``(in-plane offsets, block index)`` of the next layer's blocks across the
-        high-``k`` face of block ``index`` that the structure reaches: one step up axis
-        ``k``, at most one step either way on the others, inside the grid (none past the
-        grid's last layer); in-plane offsets in lexicographic order."""
-        ndim = len(self.grid_shape)
-        if index[k] == self.grid_shape[k] - 1:
-            return
-        inplane = [j for j in range(ndim) if j != k]
-        for delta in sorted(self._reached[k]):
-            nb = list(index)
-            nb[k] += 1
-            for j, dj in zip(inplane, delta, strict=True):
-                nb[j] += dj
-            if all(0 <= i < n for i, n in zip(nb, self.grid_shape, strict=True)):
-                yield delta, tuple(nb)
-
-    def reads(self, block: Block) -> list[tuple[int, ...]]:
-        """The blocks whose :class:`LocalLabels` files the task of ``block`` reads: its
-        own and the next layer's across each high-side face."""
-        return [block.index, *(nb for k in range(len(self.grid_shape))
-                               for _, nb in self._across(block.index, k))]
-
-    def __call__(self, block: Block) -> np.ndarray:
-        ndim = len(self.grid_shape)
-        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
-        files = {block.index: _load_arrays(_block_file(self.work, bid))}
-        own = files[block.index]
-        pairs = []
-        for k in range(ndim):
-            if block.index[k] == self.grid_shape[k] - 1 or not self._reached[k]:
-                continue  # the last layer, or an axis no offset crosses (slice-wise)
-            p = self._ids(block.index, own[f"hi{k}"])
-            inplane = [j for j in range(ndim) if j != k]
-            # the next layer, one voxel wider on each in-plane side
-            layer = np.zeros([p.shape[i] + 2 for i in range(ndim - 1)], np.uint64)
-            for delta, nb in self._across(block.index, k):
-                if nb not in files:  # a corner neighbour is across two or three faces
-                    files[nb] = _load_arrays(_block_file(self.work, int(
-                        np.ravel_multi_index(nb, self.grid_shape))))
-                plane = files[nb][f"lo{k}"]
-                # place the neighbour's plane (or the one row/voxel of it next to us)
-                dst, src = [], []
-                for i, dj in enumerate(delta):
-                    size = p.shape[i]
-                    if dj == 0:
-                        dst.append(slice(1, size + 1))
-                        src.append(slice(0, size))
-                    elif dj < 0:
-                        dst.append(slice(0, 1))
-                        src.append(slice(plane.shape[i] - 1, plane.shape[i]))
-                    else:
-                        dst.append(slice(size + 1, size + 2))
-                        src.append(slice(0, 1))
-                layer[tuple(dst)] = self._ids(nb, plane[tuple(src)])
-            for d in self._offsets:
-                if d[k] != 1:
-                    continue
-                e = [d[j] for j in inplane]
-                q = layer[tuple(slice(1 + ej, 1 + ej + n) for ej, n in zip(e, p.shape,
-                                                                              strict=True))]
-                both = (p > 0) & (q > 0)
-                if both.any():
-                    a, b = p[both], q[both]
-                    # a pair mostly repeats the one before it (runs of the same two objects
-                    # along the face): drop the repeats before the sort of _unique_rows
-                    new = np.ones(len(a), bool)
-                    np.not_equal(a[1:], a[:-1], out=new[1:])
-                    new[1:] |= b[1:] != b[:-1]
-                    pairs.append(np.stack([a[new], b[new]], axis=1))
-        return (_unique_rows(np.concatenate(pairs)) if pairs
-                else np.zeros((0, 2), np.uint64))
-
-
 def _map_file(work: str | Path, bid: int) -> Path:
     """Block ``bid``'s relabel map: local label -> final id (:class:`Relabel`, lazy runs)."""
     return Path(work) / "maps" / f"{bid}.npy"
 
 
-def _face_map_file(work: str | Path) -> Path:
-    """Every face component's final id: row 0 its id (sorted), row 1 the final id."""
-    return Path(work) / "maps" / "faces.npy"
-
-
-#: face components whose final ids are looked up and written at once
-FACE_MAP_ROWS = 1 << 20
-
-
-def _save_face_map(path: Path, face_ids: np.ndarray, group_final: np.ndarray,
-                   group: np.ndarray) -> None:
-    """Write the face map (``.npy`` of uint64, ``(2, n)``): row 0 ``face_ids``, row 1
-    ``group_final[group]``, the second row a slice at a time (``np.stack`` of the two held
-    three more arrays of every face component on the client)."""
-    with open(path, "wb") as fh:
-        np.lib.format.write_array_header_1_0(
-            fh, {"descr": np.dtype(np.uint64).str, "fortran_order": False,
-                 "shape": (2, len(face_ids))})
-        face_ids.astype(np.uint64, copy=False).tofile(fh)
-        for i in range(0, len(group), FACE_MAP_ROWS):
-            group_final[group[i:i + FACE_MAP_ROWS]].astype(np.uint64, copy=False).tofile(fh)
-
-
 @dataclass(frozen=True)
 class SlabRanks:
-    """Pass 4: sort the first-voxel keys of one slab of blocks (same index on axis 0)."""
+    """Pass 3: sort the first-voxel keys of the objects that start in one slab of blocks
+    (same index on axis 0); return how many there are and how many of them are face
+    objects in the size range."""
 
-    work: str
-    grid_shape: tuple[int, ...]
+    tree: FaceTree
     min_size: int
     max_size: int | None
     sequential: bool
 
-    def __call__(self, slab: Block) -> tuple[int, np.ndarray]:
+    def __call__(self, slab: Block) -> tuple[int, int]:
         s = slab.index[0]
-        work = Path(self.work)
-        keys = [np.load(work / "slabs" / f"reps-{s}.npy")]
-        for rest in itertools.product(*(range(n) for n in self.grid_shape[1:])):
-            bid = int(np.ravel_multi_index((s, *rest), self.grid_shape))
-            f = _load_arrays(_block_file(self.work, bid))
+        work = Path(self.tree.pairing.work)
+        gshape = self.tree.grid_shape
+        keys, n_face = [], 0
+        for rest in itertools.product(*(range(n) for n in gshape[1:])):
+            index = (s, *rest)
+            f = load_arrays(block_file(work, int(np.ravel_multi_index(index, gshape))))
             interior = np.ones(len(f["keys"]), bool)
-            interior[f["face"].astype(np.int64) - 1] = False
+            face = f["face"].astype(np.int64) - 1
+            interior[face] = False
             if self.sequential:
                 interior &= _in_range(f["sizes"], self.min_size, self.max_size)
             keys.append(f["keys"][interior])
+            # an object across faces counts in the block of its first voxel: where its
+            # component's own key is the object's
+            obj_key, obj_size = self.tree.faces_of(index)
+            first = obj_key == f["keys"][face]
+            kept = _in_range(obj_size, self.min_size, self.max_size)
+            n_face += int(np.count_nonzero(first & kept))
+            keys.append(obj_key[first & kept] if self.sequential else obj_key[first])
         sorted_keys = np.sort(np.concatenate(keys))
         np.save(work / "slabs" / f"{s}.npy", sorted_keys)
-        return len(sorted_keys), np.searchsorted(sorted_keys, keys[0])
+        np.save(work / "slabs" / f"{s}-face.npy", np.array([n_face], np.int64))
+        return len(sorted_keys), n_face
 
-    def recover(self, slab: Block) -> tuple[int, np.ndarray]:
-        """The result of a slab finished by an earlier run, from its saved keys."""
-        work = Path(self.work)
-        sorted_keys = np.load(work / "slabs" / f"{slab.index[0]}.npy")
-        reps = np.load(work / "slabs" / f"reps-{slab.index[0]}.npy")
-        return len(sorted_keys), np.searchsorted(sorted_keys, reps)
+    def recover(self, slab: Block) -> tuple[int, int]:
+        """The result of a slab finished by an earlier run, from what it saved."""
+        work = Path(self.tree.pairing.work) / "slabs"
+        sorted_keys = np.load(work / f"{slab.index[0]}.npy", mmap_mode="r")
+        return len(sorted_keys), int(np.load(work / f"{slab.index[0]}-face.npy")[0])
 
 
 def _in_range(sizes: np.ndarray, min_size: int, max_size: int | None) -> np.ndarray:
@@ -400,9 +207,10 @@ def _in_range(sizes: np.ndarray, min_size: int, max_size: int | None) -> np.ndar
 class Relabel:
     """Pass 5: the block's relabel map; applied and written, or kept for a lazy view."""
 
-    work: str
+    tree: FaceTree
     out: str | None
-    grid_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    slab_thickness: int
     slab_offsets: tuple[int, ...]
     min_size: int
     max_size: int | None
@@ -416,20 +224,26 @@ class Relabel:
         return self._run(block, write=False)
 
     def _run(self, block: Block, write: bool) -> tuple[int, int, np.ndarray | None]:
-        work = Path(self.work)
-        bid = int(np.ravel_multi_index(block.index, self.grid_shape))
-        f = _load_arrays(_block_file(self.work, bid))
+        work = Path(self.tree.pairing.work)
+        bid = int(np.ravel_multi_index(block.index, self.tree.grid_shape))
+        f = load_arrays(block_file(work, bid))
         slab_keys = np.load(work / "slabs" / f"{block.index[0]}.npy", mmap_mode="r")
         rank = np.searchsorted(slab_keys, f["keys"])
         lut = np.zeros(len(f["keys"]) + 1, self.dtype)
         kept = _in_range(f["sizes"], self.min_size, self.max_size)
         lut[1:][kept] = self.slab_offsets[block.index[0]] + rank[kept] + 1
-        # the block's rows of the face map (ids sorted: the block's ids are one run)
-        faces = np.load(_face_map_file(work), mmap_mode="r")
-        lo, hi = np.searchsorted(faces[0], [np.uint64(bid) << SHIFT,
-                                            np.uint64(bid + 1) << SHIFT])
-        local_face = (faces[0, lo:hi] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        lut[local_face] = faces[1, lo:hi]
+        # face components: their object's rank among the keys of the slab it starts in
+        local_face = f["face"].astype(np.int64)
+        obj_key, obj_size = self.tree.faces_of(block.index)
+        obj_kept = _in_range(obj_size, self.min_size, self.max_size)
+        final = np.zeros(len(local_face), self.dtype)
+        start = obj_key // np.uint64(int(np.prod(self.shape[1:]))) // np.uint64(
+            self.slab_thickness)
+        for t in np.unique(start[obj_kept]):
+            keys_t = np.load(work / "slabs" / f"{t}.npy", mmap_mode="r")
+            sel = obj_kept & (start == t)
+            final[sel] = self.slab_offsets[t] + np.searchsorted(keys_t, obj_key[sel]) + 1
+        lut[local_face] = final
         interior_kept = int(kept.sum()) - int(kept[local_face - 1].sum())
         if write and self.out is None:
             np.save(_map_file(work, bid), lut)
@@ -439,22 +253,6 @@ class Relabel:
         ids = lut[1:][lut[1:] > 0]  # the block's final ids, for the label image's colours
         return int(lut.max(initial=0)), interior_kept, (np.unique(ids) if ids.size <= VALUES_LIMIT
                                                         else None)
-
-
-def _merge(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Merged-component index of every id (sorted uint64) after joining ``pairs``.
-
-    A sparse graph's connected components (scipy's union-find, vectorized): the nodes are
-    the face components, the edges the cross-block pairs.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(ids)
-    a = np.searchsorted(ids, pairs[:, 0]) if len(pairs) else np.zeros(0, np.int64)
-    b = np.searchsorted(ids, pairs[:, 1]) if len(pairs) else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
 
 
 @dataclass
@@ -622,69 +420,35 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             zarr.create_array(store=str(work / "local"), shape=shape, chunks=chunks,
                               dtype=np.uint32, fill_value=0, zarr_format=3,
                               compressors=compressor("lz4", 5, 3, 4))
-        # both passes stream: the client holds the face tables, never a result per block;
-        # and run together: a block's faces are paired as soon as it and the neighbours
-        # it pairs with are labelled
-        pairing = FacePairs(str(work), struct, gshape)
-        local, faces = run_passes(client, [
-            Pass(grid, LocalLabels(mask, str(work), struct, shape, gshape), "label-local",
-                 combine=concatenate_tables, recover=SavedFaces(str(work), gshape)),
-            Pass(grid, pairing, "label-faces", combine=concatenate_rows,
-                 recover=pairing,
-                 needs={"label-local": pairing.reads})], state=marks, progress=progress)
-        face_ids, face_keys, face_sizes = local.value
-        pairs = faces.value
-        del local, faces  # the reports would keep the tables to the end
-
-        # the face graph: nodes are face components only. The fold joins the blocks'
-        # tables in grid order and a block's ids are sorted, so they come sorted: no
-        # argsort and permuted copies (a third of the client's peak at 10⁷ objects)
-        if np.any(face_ids[1:] <= face_ids[:-1]):
-            order = np.argsort(face_ids)
-            face_ids, face_keys, face_sizes = face_ids[order], face_keys[order], \
-                face_sizes[order]
-            del order
-        group = _merge(face_ids, pairs)
-        del pairs
-        ngroups = int(group.max()) + 1 if len(group) else 0
-        group_key = np.full(ngroups, np.iinfo(np.uint64).max, np.uint64)
-        np.minimum.at(group_key, group, face_keys)
-        group_size = np.zeros(ngroups, np.int64)
-        np.add.at(group_size, group, face_sizes)
-        group_kept = _in_range(group_size, min_size, max_size)
-
-        # final ids: rank of each object's first-voxel key, slab by slab
-        counted = group_kept if sequential else np.ones(ngroups, bool)
-        plane = int(np.prod(shape[1:]))
-        group_slab = (group_key // np.uint64(plane)).astype(np.int64) // grid.block_shape[0]
-        for s in range(gshape[0]):
-            np.save(work / "slabs" / f"reps-{s}.npy",
-                    np.sort(group_key[counted & (group_slab == s)]))
+        # the local labels, the face graph's merge up its tree and back down, and the
+        # slabs' ranks run as one set of passes: a box merges as soon as its blocks (and
+        # the neighbours they pair with) are labelled, a slab ranks as soon as its blocks'
+        # objects are resolved
+        tree = FaceTree(FacePairs(str(work), struct, gshape))
+        tree.make_folders()
         slabs = BlockGrid((shape[0],), (grid.block_shape[0],))
-        slab_ranks = SlabRanks(str(work), gshape, min_size, max_size, sequential)
-        ranks = run_blocks(client, slabs, slab_ranks, name="label-ranks", progress=progress,
-                           state=marks, recover=slab_ranks.recover).results
+        slab_ranks = SlabRanks(tree, min_size, max_size, sequential)
+
+        def slab_blocks(slab: Block) -> list[tuple[int, ...]]:
+            return [(slab.index[0], *rest) for rest in itertools.product(
+                *(range(n) for n in gshape[1:]))]
+
+        needs = ({"label-resolve1": tree.slab_nodes} if tree.levels
+                 else {"label-local": slab_blocks})
+        reports = run_passes(client, [
+            Pass(grid, LocalLabels(mask, str(work), struct, shape, gshape), "label-local"),
+            *tree.passes("label-local"),
+            Pass(slabs, slab_ranks, "label-ranks", recover=slab_ranks.recover,
+                 needs=needs)], state=marks, progress=progress)
+        ranks = reports[-1].results
         counts = [ranks[(s,)][0] for s in range(gshape[0])]
+        n_face_objects = sum(ranks[(s,)][1] for s in range(gshape[0]))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        group_final = np.zeros(ngroups, np.uint64)
-        for s in range(gshape[0]):
-            sel = np.flatnonzero(counted & (group_slab == s))
-            sel = sel[np.argsort(group_key[sel])]
-            group_final[sel] = offsets[s] + ranks[(s,)][1] + 1
-        group_final[~group_kept] = 0
         dtype = np.dtype(np.uint32) if offsets[-1] < 2**32 else np.dtype(np.uint64)
-        # one file, which each relabel task reads its rows of: a file per block was a
-        # loop over the grid on the client between two passes
-        _save_face_map(_face_map_file(work), face_ids, group_final, group)
-        n_face_objects = int(group_kept.sum())
-        # the face graph's tables (a few arrays per face component) are all in the maps
-        # now: not held through the relabel pass
-        del face_ids, face_keys, face_sizes, group, group_key, group_size, group_kept, \
-            counted, group_slab, group_final
         if not lazy and not (resumed and (out / "zarr.json").exists()):
             zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
                               fill_value=0, zarr_format=3, overwrite=True)
-        relabel = Relabel(str(work), None if lazy else str(out), gshape,
+        relabel = Relabel(tree, None if lazy else str(out), shape, grid.block_shape[0],
                           tuple(int(o) for o in offsets), min_size, max_size, dtype.str)
         n, interior, block_ids = run_blocks(
             client, grid, relabel, name="label-relabel", progress=progress,

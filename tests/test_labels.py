@@ -261,12 +261,12 @@ class SlowLast:
 
 def test_faces_are_paired_while_other_blocks_are_still_labelled(client, tmp_path,
                                                                   monkeypatch):
-    from engine import labels
+    from engine import facegraph
 
     paired: list[float] = []  # the in-process cluster runs the tasks in this process
-    original = labels.FacePairs.__call__
-    monkeypatch.setattr(labels.FacePairs, "__call__",
-                        lambda self, block: paired.append(time.time()) or original(self, block))
+    original = facegraph.FacePairs.pairs
+    monkeypatch.setattr(facegraph.FacePairs, "pairs",
+                        lambda self, index: paired.append(time.time()) or original(self, index))
     mask = _blobs((40, 40), seed=3)
     res = label(client, SlowLast(mask, (10, 10)), tmp_path / "lab", connectivity=2,
                 lazy=True)
@@ -275,28 +275,6 @@ def test_faces_are_paired_while_other_blocks_are_still_labelled(client, tmp_path
     # faces were paired before the slow last block's labels were stored
     assert len(paired) == 16
     assert min(paired) < (res.work / "blocks" / "15.bin").stat().st_mtime
-
-
-@pytest.mark.parametrize("reversed_fold", [False, True])
-def test_face_map_in_slices_and_face_tables_in_any_order(client, tmp_path, monkeypatch,
-                                                         reversed_fold):
-    """The face map is written a slice of rows at a time (slices of 3 here, far fewer
-    than the face components); face tables that arrive out of id order (a fold joining
-    them right to left) are sorted first. Labels equal scipy's either way."""
-    import engine.labels as labelling
-
-    monkeypatch.setattr(labelling, "FACE_MAP_ROWS", 3)
-    if reversed_fold:
-        def right_to_left(a, b):
-            return tuple(np.concatenate([y, x]) for x, y in zip(a, b, strict=True))
-
-        monkeypatch.setattr(labelling, "concatenate_tables", right_to_left)
-    mask = np.random.default_rng(5).random((12, 13, 14)) < 0.25  # below percolation
-    ref, n = ndi.label(mask)
-    res = label(client, da.from_array(mask, chunks=(4, 5, 6)), tmp_path / "lab",
-                connectivity=1)
-    assert res.n_labels == n > 20
-    np.testing.assert_array_equal(zarr.open_array(str(res.path), mode="r")[...], ref)
 
 
 def test_concatenate_tables_consumes_list_partials_only():

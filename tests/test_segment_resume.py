@@ -100,8 +100,8 @@ def test_user_error_mid_run_leaves_nothing(volume, client, monkeypatch):
 
 def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monkeypatch):
     """A run that dies in labelling's last pass resumes it: the finished labelling blocks
-    of every pass are skipped (their results recovered: the face pairs recomputed from
-    the stored block files, never the labels), the output is identical."""
+    of every pass are skipped (the ranks' results recovered from what they stored, never
+    the labels), the output is identical."""
     from engine import labels
 
     src, vol = volume
@@ -111,7 +111,7 @@ def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monk
     blocks = 3 * 3 * 3
 
     def dies_late(self, block):
-        if int(np.ravel_multi_index(block.index, self.grid_shape)) >= 20:
+        if int(np.ravel_multi_index(block.index, self.tree.grid_shape)) >= 20:
             raise Lost("the cluster went away")
         return relabel(self, block)
 
@@ -137,7 +137,12 @@ def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monk
     result = _run(src, client, [])
     assert calls == {"local": 0, "relabel": blocks - done}
     stages = {s["stage"]: (s["computed"], s["skipped"]) for s in result.stages}
-    assert stages["label-local"] == stages["label-faces"] == (0, blocks)
+    assert stages["label-local"] == (0, blocks)
+    # the face graph's merge and resolve passes (two levels over 3 x 3 x 3 blocks) and
+    # the ranks: all skipped
+    tree = {name: stage for name, stage in stages.items()
+            if name.startswith(("label-merge", "label-resolve", "label-ranks"))}
+    assert len(tree) == 5 and all(computed == 0 for computed, _ in tree.values())
     assert stages["label-relabel"] == (blocks - done, done)
     got = zarr.open_array(str(dst / "0"), mode="r")[...]
     np.testing.assert_array_equal(got, threshold_preset_reference(vol))
