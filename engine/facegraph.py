@@ -192,6 +192,14 @@ def block_table(pairing: FacePairs, index: tuple[int, ...]) -> dict[str, np.ndar
             "btouch": touch[on], "xpairs": pairing.pairs(index)}
 
 
+def _block_index(ids: np.ndarray, grid_shape: Sequence[int], k: int) -> np.ndarray:
+    """Index along axis ``k`` of the blocks of component ids (one axis at a time: the
+    root's pairs are millions, and every axis of both ends at once was six int64 arrays
+    of them)."""
+    stride = int(np.prod(grid_shape[k + 1:], dtype=np.int64))
+    return ((ids >> SHIFT) // np.uint64(stride) % np.uint64(grid_shape[k])).astype(np.int64)
+
+
 def _find(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(sorted_ids, ids)
     if np.any(pos >= len(sorted_ids)) or np.any(sorted_ids[np.minimum(
@@ -230,14 +238,15 @@ def merge_boxes(children: Sequence[Mapping[str, np.ndarray]], lo: Sequence[int],
     order = np.argsort(comp, kind="stable")
     comp, row, touch = comp[order], row[order], touch[order]
     every = np.concatenate(pairs)
-    ends = [np.unravel_index((every[:, i] >> SHIFT).astype(np.int64), tuple(grid_shape))
-            for i in (0, 1)]
+    del keys, sizes, comps, rows, touches, pairs, order
     inside = np.ones(len(every), bool)
-    for idx in ends:
+    for end in (0, 1):
         for k, (a, b) in enumerate(zip(lo, hi, strict=True)):
-            inside &= (idx[k] >= a) & (idx[k] < b)
+            idx = _block_index(every[:, end], grid_shape, k)
+            inside &= (idx >= a) & (idx < b)
     internal = every[inside]
     a, b = row[_find(comp, internal[:, 0])], row[_find(comp, internal[:, 1])]
+    del internal
     if n:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -252,12 +261,12 @@ def merge_boxes(children: Sequence[Mapping[str, np.ndarray]], lo: Sequence[int],
     node_size = np.zeros(count, np.int64)
     np.add.at(node_size, parent_of, size)
     # still open: on a plane of the node's surface that the structure crosses
-    where = np.unravel_index((comp >> SHIFT).astype(np.int64), tuple(grid_shape))
     on = np.zeros(len(comp), bool)
     for k, crosses in enumerate(crossed):
         if crosses:
-            on |= ((touch >> np.uint8(2 * k)) & 1).astype(bool) & (where[k] == lo[k])
-            on |= ((touch >> np.uint8(2 * k + 1)) & 1).astype(bool) & (where[k] == hi[k] - 1)
+            where = _block_index(comp, grid_shape, k)
+            on |= ((touch >> np.uint8(2 * k)) & 1).astype(bool) & (where == lo[k])
+            on |= ((touch >> np.uint8(2 * k + 1)) & 1).astype(bool) & (where == hi[k] - 1)
     return {"key": node_key, "size": node_size, "bcomp": comp[on],
             "bclass": parent_of[row[on]], "btouch": touch[on], "xpairs": every[~inside],
             "parent_of": parent_of, "offsets": np.array(offsets, np.int64)}
