@@ -88,3 +88,49 @@ def test_node_tables_hold_only_the_surface_of_their_box(client, tmp_path, connec
     for index in itertools.product(*map(range, gshape)):
         faces.update(tree.faces_of(index)[0].tolist())
     assert closed == len(faces) > 100
+
+
+def test_the_client_receives_nothing_per_face_component(client, tmp_path, monkeypatch):
+    """Every block result the client gathers while labelling is a few numbers, for a grid
+    with a handful of face components as for the same grid full of them (noise below
+    percolation: thousands): no face table or pair list travels to the client."""
+    import pickle
+
+    import distributed
+
+    import engine.labels as labelling
+
+    monkeypatch.setattr(labelling, "VALUES_LIMIT", 0)  # no list of ids per block either
+    sizes: list[int] = []  # pickled bytes of each block's result
+    original = distributed.Client.gather
+
+    def counting(self, futures, *args, **kwargs):
+        values = original(self, futures, *args, **kwargs)
+        for bundle in values:  # a task's value: (result, seconds) per block of its bundle
+            sizes.extend(len(pickle.dumps(result)) for result, _ in bundle)
+        return values
+
+    monkeypatch.setattr(distributed.Client, "gather", counting)
+    sparse = np.zeros((32, 32, 32), bool)
+    sparse[2:30, 10:12, 10:12] = True  # one rod through four blocks
+    dense = np.random.default_rng(0).random((32, 32, 32)) < 0.25
+    received = []
+    for name, mask in (("sparse", sparse), ("dense", dense)):
+        sizes.clear()
+        res = label(client, da.from_array(mask, chunks=(8, 8, 8)), tmp_path / name,
+                    connectivity=1)
+        assert res.n_labels == ndi.label(mask)[1]
+        received.append(list(sizes))
+    faces = 0
+    for index in itertools.product(range(4), repeat=3):  # the dense grid's face components
+        sl = tuple(slice(8 * i, 8 * i + 8) for i in index)
+        local, _ = ndi.label(dense[sl])
+        faces += len(np.unique(np.concatenate([local[0].ravel(), local[-1].ravel(),
+                                               local[:, 0].ravel(), local[:, -1].ravel(),
+                                               local[..., 0].ravel(), local[..., -1].ravel()])))
+    assert faces > 1000
+    # results: the local and tree passes' None, a slab's two counts, a block's largest id
+    # and count of interior objects (and, in an empty block, its empty list of ids)
+    assert max(max(r) for r in received) < 160
+    assert len(received[0]) == len(received[1]) >= 64 + 4 + 64
+    assert sum(received[1]) < 1.1 * sum(received[0])
