@@ -8,7 +8,7 @@ float16, as ``voxelmill predict`` writes it) becomes objects, blockwise over the
    a voxel is foreground when its class is not the background class, is one of the chosen
    classes (all others by default) and its winning probability is ``>= confidence``;
 2. **label** — connected components of the foreground across blocks with
-   :func:`engine.labels.label` (the union-find labelling ``segment`` and ``predict
+   :func:`engine.labels.label` (the blockwise labelling ``segment`` and ``predict
    --instances`` use: ids equal ``scipy.ndimage.label`` on the whole array), objects
    smaller than ``min_size`` voxels (their *global* size) removed and the rest numbered
    1..n in raster order of their first voxel;
