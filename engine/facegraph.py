@@ -365,13 +365,13 @@ class FaceTree:
             needs = ({local: self._block_reads} if level == 1 else
                      {f"label-merge{level - 1}": partial(self._children_of, level)})
             out.append(Pass(self.grid(level), MergeNode(self, level), f"label-merge{level}",
-                            needs=needs))
+                            needs=needs, voxels=False))
         for level in range(self.levels, 0, -1):
             needs = ({f"label-merge{level}": lambda node: [node.index]}
                      if level == self.levels else
                      {f"label-resolve{level + 1}": partial(self._parent_of, level)})
             out.append(Pass(self.grid(level), ResolveNode(self, level),
-                            f"label-resolve{level}", needs=needs))
+                            f"label-resolve{level}", needs=needs, voxels=False))
         return out
 
     def slab_nodes(self, slab: Block) -> list[tuple[int, ...]]:

@@ -439,7 +439,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             Pass(grid, LocalLabels(mask, str(work), struct, shape, gshape), "label-local"),
             *tree.passes("label-local"),
             Pass(slabs, slab_ranks, "label-ranks", recover=slab_ranks.recover,
-                 needs=needs)], state=marks, progress=progress)
+                 needs=needs, voxels=False)], state=marks, progress=progress)
         ranks = reports[-1].results
         counts = [ranks[(s,)][0] for s in range(gshape[0])]
         n_face_objects = sum(ranks[(s,)][1] for s in range(gshape[0]))

@@ -407,6 +407,10 @@ class Pass:
         before ``block`` starts.
     on_done : callable, optional
         ``on_done(block)``, as :func:`run_blocks`.
+    voxels : bool
+        Whether the grid's blocks are regions of the volume, counted as voxels in the
+        ``stage-end`` event; False for a pass over nodes, slabs or shards of a table, whose
+        event then gives no voxels or Mvoxel/s (a block's "voxels" would be a node or a row).
     """
 
     grid: BlockGrid
@@ -420,6 +424,7 @@ class Pass:
     needs: dict[str, Dependencies] = field(default_factory=dict)
     retries: int = 2
     on_done: Callable[[Block], None] | None = None
+    voxels: bool = True
 
 
 class _PassRun:
@@ -527,10 +532,12 @@ class _PassRun:
             value=fold.result(self.spec.initial) if fold is not None else None,
             held_peak=fold.peak if fold is not None else len(self.results))
         report = self.report
+        voxels = report.voxels if self.spec.voxels else None
         events.emit("stage-end", stage=report.name, blocks=report.total,
                     computed=report.computed, skipped=report.skipped,
-                    seconds=round(report.seconds, 3), voxels=report.voxels,
-                    mvoxels_per_s=round(report.voxels / max(report.seconds, 1e-9) / 1e6, 3),
+                    seconds=round(report.seconds, 3), voxels=voxels,
+                    mvoxels_per_s=None if voxels is None
+                    else round(voxels / max(report.seconds, 1e-9) / 1e6, 3),
                     block_seconds=block_time_summary(report.block_seconds))
         return report
 

@@ -134,3 +134,20 @@ def test_the_client_receives_nothing_per_face_component(client, tmp_path, monkey
     assert max(max(r) for r in received) < 160
     assert len(received[0]) == len(received[1]) >= 64 + 4 + 64
     assert sum(received[1]) < 1.1 * sum(received[0])
+
+
+def test_tree_passes_report_no_voxels(client, tmp_path):
+    """The stage events of the merge, resolve and ranks passes (over tree nodes and
+    slabs) give no voxels or Mvoxel/s; the local and relabel passes count the volume's."""
+    from engine import events
+
+    mask = np.random.default_rng(1).random((20, 20, 20)) < 0.2
+    seen: list[dict] = []
+    with events.listen(seen.append):
+        label(client, da.from_array(mask, chunks=(5, 5, 5)), tmp_path / "lab")
+    ends = {e["stage"]: e for e in seen if e["event"] == "stage-end"}
+    assert ends["label-local"]["voxels"] == ends["label-relabel"]["voxels"] == mask.size
+    nodes = [e for name, e in ends.items() if name.startswith(
+        ("label-merge", "label-resolve", "label-ranks"))]
+    assert len(nodes) == 5  # two levels each way over 4 x 4 x 4 blocks, and the ranks
+    assert all(e["voxels"] is None and e["mvoxels_per_s"] is None for e in nodes)
