@@ -37,6 +37,10 @@ from engine.blocks import Block, BlockGrid
 from engine.labelfiles import SHIFT, block_file, load_arrays, save_arrays
 from engine.runner import Pass
 
+#: files a task has read, by block index (:meth:`FacePairs.block`) or by level-1 node
+#: index (:meth:`FaceTree.faces_of`): each read once
+FilesRead = dict[tuple[int, ...], Mapping[str, np.ndarray]]
+
 
 def _unique_rows(pairs: np.ndarray) -> np.ndarray:
     if len(pairs) < 2:
@@ -116,13 +120,21 @@ class FacePairs:
         return [index, *(nb for k in range(len(self.grid_shape))
                          for _, nb in self._across(index, k))]
 
-    def pairs(self, index: tuple[int, ...]) -> np.ndarray:
+    def block(self, index: tuple[int, ...], files: FilesRead) -> Mapping[str, np.ndarray]:
+        """The file of block ``index``, read once into ``files`` (the block files a task
+        has read, by block index: a level-1 box reads each of its blocks' files for
+        their faces and as the neighbour of up to seven others)."""
+        if index not in files:
+            files[index] = load_arrays(block_file(
+                self.work, int(np.ravel_multi_index(index, self.grid_shape))))
+        return files[index]
+
+    def pairs(self, index: tuple[int, ...], files: FilesRead | None = None) -> np.ndarray:
         """The pairs ``(n, 2)`` of component ids (uint64) that touch across the high-side
-        faces of block ``index``, each once."""
+        faces of block ``index``, each once (block files read through ``files``)."""
         ndim = len(self.grid_shape)
-        bid = int(np.ravel_multi_index(index, self.grid_shape))
-        files = {index: load_arrays(block_file(self.work, bid))}
-        own = files[index]
+        files = {} if files is None else files
+        own = self.block(index, files)
         pairs = []
         for k in range(ndim):
             if index[k] == self.grid_shape[k] - 1 or not self._reached[k]:
@@ -132,10 +144,7 @@ class FacePairs:
             # the next layer, one voxel wider on each in-plane side
             layer = np.zeros([p.shape[i] + 2 for i in range(ndim - 1)], np.uint64)
             for delta, nb in self._across(index, k):
-                if nb not in files:  # a corner neighbour is across two or three faces
-                    files[nb] = load_arrays(block_file(self.work, int(
-                        np.ravel_multi_index(nb, self.grid_shape))))
-                plane = files[nb][f"lo{k}"]
+                plane = self.block(nb, files)[f"lo{k}"]
                 # place the neighbour's plane (or the one row/voxel of it next to us)
                 dst, src = [], []
                 for i, dj in enumerate(delta):
@@ -169,13 +178,15 @@ class FacePairs:
                 else np.zeros((0, 2), np.uint64))
 
 
-def block_table(pairing: FacePairs, index: tuple[int, ...]) -> dict[str, np.ndarray]:
+def block_table(pairing: FacePairs, index: tuple[int, ...], files: FilesRead
+                ) -> dict[str, np.ndarray]:
     """Block ``index`` as a leaf of the merge tree: its face components (each open, in the
     order of the block file's ``face``), their keys and sizes, those on a face the
     structure crosses (``bcomp``, sorted ids; ``bclass``, their rows; ``btouch``, bit
-    ``2k`` for the low-``k`` plane, ``2k + 1`` the high one) and its pairs."""
+    ``2k`` for the low-``k`` plane, ``2k + 1`` the high one) and its pairs (block files
+    read through ``files``, see :meth:`FacePairs.block`)."""
     bid = int(np.ravel_multi_index(index, pairing.grid_shape))
-    f = load_arrays(block_file(pairing.work, bid))
+    f = pairing.block(index, files)
     face = f["face"].astype(np.int64)
     touch = np.zeros(len(face), np.uint8)
     for k, crossed in enumerate(pairing.crossed):
@@ -189,7 +200,7 @@ def block_table(pairing: FacePairs, index: tuple[int, ...]) -> dict[str, np.ndar
     ids = (np.uint64(bid) << SHIFT) | face.astype(np.uint64)
     return {"key": f["keys"][face - 1], "size": f["sizes"][face - 1],
             "open": np.arange(len(face)), "bcomp": ids[on], "bclass": on,
-            "btouch": touch[on], "xpairs": pairing.pairs(index)}
+            "btouch": touch[on], "xpairs": pairing.pairs(index, files)}
 
 
 def _block_index(ids: np.ndarray, grid_shape: Sequence[int], k: int) -> np.ndarray:
@@ -336,13 +347,19 @@ class FaceTree:
         for level in range(1, self.levels + 1):
             (Path(self.pairing.work) / "tree" / str(level)).mkdir(parents=True, exist_ok=True)
 
-    def faces_of(self, index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def faces_of(self, index: Sequence[int], resolved: FilesRead | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """Object key (uint64) and size (int64) of each face component of block ``index``,
-        in the order of its file's ``face`` (once the resolve passes have run)."""
+        in the order of its file's ``face`` (once the resolve passes have run). A task
+        asking for several blocks passes ``resolved``, so each level-1 node's file (shared
+        by up to 2^ndim blocks) is read once."""
         if self.levels == 0:
             return np.zeros(0, np.uint64), np.zeros(0, np.int64)
         node, pos = self.position(0, index)
-        r = load_arrays(self.resolved_file(1, node))
+        resolved = {} if resolved is None else resolved
+        if node not in resolved:
+            resolved[node] = load_arrays(self.resolved_file(1, node))
+        r = resolved[node]
         lo, hi = r["offsets"][pos], r["offsets"][pos + 1]
         return r["key"][lo:hi], r["size"][lo:hi]
 
@@ -393,7 +410,8 @@ class MergeNode:
         tree = self.tree
         kids = tree.children(self.level, node.index)
         if self.level == 1:
-            children = [block_table(tree.pairing, k) for k in kids]
+            files: FilesRead = {}
+            children = [block_table(tree.pairing, k, files) for k in kids]
         else:
             children = []
             for k in kids:

@@ -167,7 +167,7 @@ class SlabRanks:
         s = slab.index[0]
         work = Path(self.tree.pairing.work)
         gshape = self.tree.grid_shape
-        keys, n_face = [], 0
+        keys, n_face, resolved = [], 0, {}
         for rest in itertools.product(*(range(n) for n in gshape[1:])):
             index = (s, *rest)
             f = load_arrays(block_file(work, int(np.ravel_multi_index(index, gshape))))
@@ -179,7 +179,7 @@ class SlabRanks:
             keys.append(f["keys"][interior])
             # an object across faces counts in the block of its first voxel: where its
             # component's own key is the object's
-            obj_key, obj_size = self.tree.faces_of(index)
+            obj_key, obj_size = self.tree.faces_of(index, resolved)
             first = obj_key == f["keys"][face]
             kept = _in_range(obj_size, self.min_size, self.max_size)
             n_face += int(np.count_nonzero(first & kept))

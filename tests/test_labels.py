@@ -266,7 +266,8 @@ def test_faces_are_paired_while_other_blocks_are_still_labelled(client, tmp_path
     paired: list[float] = []  # the in-process cluster runs the tasks in this process
     original = facegraph.FacePairs.pairs
     monkeypatch.setattr(facegraph.FacePairs, "pairs",
-                        lambda self, index: paired.append(time.time()) or original(self, index))
+                        lambda self, index, files=None: paired.append(time.time())
+                        or original(self, index, files))
     mask = _blobs((40, 40), seed=3)
     # 8 x 8 blocks: the first box of the face graph's tree (2 x 2 blocks, paired with the
     # next row and column) waits on blocks far ahead of the slow last one, which on a 4 x 4
