@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -161,17 +162,17 @@ def commit(partial: Path, dst: Path, client: Any = None) -> None:
     """
     readguard.release(partial)  # this command's own output: what it read there is its own
     readguard.check()
-    trash = None
+    holder = None
     if dst.exists():
-        trash = dst.parent / f".{dst.name}.old"
-        if trash.exists():
-            _delete(trash)
-        dst.rename(trash)
+        # the replaced output goes into a folder of a name no one else has (never a fixed
+        # ".NAME.old", which could be the user's own file, or another run's)
+        holder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        dst.rename(holder / dst.name)
     partial.rename(dst)
     readguard.release(dst)  # replaced by this command itself: no longer what it read
-    if trash is not None:
-        remove_on_workers(trash, client)
-        _delete(trash)  # what is left
+    if holder is not None:
+        remove_on_workers(holder / dst.name, client)
+        _delete(holder)  # what is left
 
 
 def _delete(path: Path) -> None:

@@ -123,3 +123,25 @@ def test_overwrite_deletes_the_replaced_output_on_the_workers(client, tmp_path, 
     assert any("remove_folders" in str(t["key"]) for t in ts.data)
     np.testing.assert_array_equal(zarr.open_group(str(dst), mode="r")["0"][...], vol[::-1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "v.ome.zarr"]
+
+
+def test_overwrite_keeps_a_file_named_like_its_trash(client, tmp_path):
+    """The replaced output goes into a fresh hidden folder: the user's own ``.NAME.old``
+    (file or folder) beside the destination is neither deleted nor replaced."""
+    vol = np.arange(16 * 16 * 16, dtype=np.uint16).reshape(16, 16, 16)
+    np.save(tmp_path / "v.npy", vol)
+    dst = tmp_path / "v.ome.zarr"
+    opts = ConvertOptions(chunks=(8,), assume_voxel_size=True, max_levels=1)
+    convert(tmp_path / "v.npy", dst, opts, client, report=lambda _: None)
+    (tmp_path / ".v.ome.zarr.old").write_text("mine")
+    (tmp_path / ".v.ome.zarr.old-x").mkdir()
+    (tmp_path / ".v.ome.zarr.old-x" / "notes").write_text("mine too")
+    np.save(tmp_path / "v.npy", vol + 1)
+    convert(tmp_path / "v.npy", dst, ConvertOptions(
+        chunks=(8,), assume_voxel_size=True, max_levels=1, overwrite=True), client,
+        report=lambda _: None)
+    np.testing.assert_array_equal(zarr.open_group(str(dst), mode="r")["0"][...], vol + 1)
+    assert (tmp_path / ".v.ome.zarr.old").read_text() == "mine"
+    assert (tmp_path / ".v.ome.zarr.old-x" / "notes").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".v.ome.zarr.old", ".v.ome.zarr.old-x", "v.npy", "v.ome.zarr"]
