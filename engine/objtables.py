@@ -241,7 +241,7 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
     shards = BlockGrid((len(starts),), (1,))
     report = run_blocks(client, shards, MergeShard(str(folder), starts, tuple(reducers),
                                                    finish),
-                        name=f"{name}-shards", progress=progress)
+                        name=f"{name}-shards", progress=progress, voxels=False)
     shutil.rmtree(folder / "parts", ignore_errors=True)
     return (ShardedTable(str(folder), tuple(s // align for s in starts),
                          columns or len(reducers) + 1),

@@ -819,6 +819,7 @@ def run_blocks(
     recover: BlockTask | None = None,
     after: Dependencies | None = None,
     on_done: Callable[[Block], None] | None = None,
+    voxels: bool = True,
 ) -> RunReport:
     """Execute ``task`` for every block of ``grid`` on the cluster behind ``client``
     (one pass of :func:`run_passes`).
@@ -868,8 +869,12 @@ def run_blocks(
         ``on_done(block)``, called on the client for each block whose task has returned
         and whose result has arrived: its done-marker is written and this pass will not run
         it again (a retry could before), e.g. to delete scratch only that block read.
+    voxels : bool
+        Whether the blocks are regions of the volume (see :class:`Pass`); ``False`` for
+        grids of shards, rows or jobs, whose report then gives no voxels or Mvoxel/s.
     """
     spec = Pass(grid, task, name, combine=combine, initial=initial, recover=recover,
-                resources=resources, after=after, retries=retries, on_done=on_done)
+                resources=resources, after=after, retries=retries, on_done=on_done,
+                voxels=voxels)
     return run_passes(client, [spec], state=state, progress=progress,
                       max_in_flight=max_in_flight)[0]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from engine import events
 from engine.blocks import BlockGrid
 from engine.labels import LabelCounts, filter_sizes
 from engine.objtables import reduce_objects, shard_starts
@@ -38,9 +39,14 @@ def test_sharded_label_sizes_equal_bincount(client, tmp_path, budget):
     rng = np.random.default_rng(3)
     lab = rng.integers(0, 20_000, (40, 50, 30)).astype(np.uint32)
     src = _store(tmp_path / "lab", lab, (13, 17, 11))
-    table, summaries = reduce_objects(
-        client, BlockGrid(lab.shape, (13, 17, 11)), LabelCounts(src), ("add",), keep_all,
-        tmp_path / "work", name="sizes", budget=budget)
+    seen: list[dict] = []
+    with events.listen(seen.append):
+        table, summaries = reduce_objects(
+            client, BlockGrid(lab.shape, (13, 17, 11)), LabelCounts(src), ("add",), keep_all,
+            tmp_path / "work", name="sizes", budget=budget)
+    ends = {e["stage"]: e for e in seen if e["event"] == "stage-end"}
+    assert ends["sizes-partials"]["voxels"] == lab.size
+    assert ends["sizes-shards"]["voxels"] is None  # shards are id ranges, not voxels
     counts = np.bincount(lab.ravel())
     present = np.flatnonzero(counts)[1:]  # 0 is background
     assert sum(summaries) == present.size

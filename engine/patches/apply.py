@@ -577,14 +577,14 @@ def _add_counts(a: int | None, b: int | None) -> int:
 
 
 def _run(client: Any, grid: BlockGrid, task: Any, name: str,
-         progress: Callable[[], Progress] | None) -> int:
+         progress: Callable[[], Progress] | None, voxels: bool = True) -> int:
     """Run a pass; the sum of its blocks' counts (tasks that count nothing return None),
-    folded as blocks finish."""
+    folded as blocks finish. ``voxels=False``: the grid's blocks are patch entries."""
     from engine.runner import run_blocks
 
     return int(run_blocks(client, grid, task, name=name,
                           progress=progress() if progress else None,
-                          combine=_add_counts, initial=0).value or 0)
+                          combine=_add_counts, initial=0, voxels=voxels).value or 0)
 
 
 def refresh_pyramid(client: Any, target: LabelTarget, regions: Sequence[Sequence[slice]],
@@ -696,7 +696,7 @@ def run_apply(plan: ApplyPlan, client: Any,
     target.undo_dir.mkdir(exist_ok=True)
     _run(client, BlockGrid((len(entries),), 1),
          _RecordTask(target.paths[0], shape, entries, ids, str(target.undo_dir), plan.value),
-         "patches-apply-undo-records", progress)
+         "patches-apply-undo-records", progress, voxels=False)
     regions = [e.clipped(shape) for e in entries]
     log = []
     for e, i, reg in zip(entries, ids, regions, strict=True):

@@ -496,7 +496,7 @@ def run_extraction(plan: ExtractPlan, client: Any, progress: Progress | None = N
     try:
         if plan.jobs:
             run_blocks(client, BlockGrid((len(plan.jobs),), 1), task, name="patches",
-                       progress=progress, retries=1)
+                       progress=progress, retries=1, voxels=False)
         _write_manifest(partial / PATCHES_MANIFEST, plan)
         commit(partial, dst)
     except BaseException:
