@@ -289,7 +289,7 @@ class FaceTree:
 
     Level ``L`` (1 .. :attr:`levels`) has a node per box of ``2^L`` blocks per axis,
     indexed ``block index >> L``; the top level is one node. Files live under
-    ``work/tree/L/``: the merged node (``N.bin``) and its resolved table (``N.res``).
+    ``work/tree/L/``: the merged node (``N.bin``) and its children's resolved rows (``N.res``).
     """
 
     pairing: FacePairs
@@ -426,7 +426,11 @@ class MergeNode:
 @dataclass(frozen=True)
 class ResolveNode:
     """Resolve pass of one level: a node's components' object keys and sizes, its open
-    ones from the parent's resolved table; level 1 writes a row per face component."""
+    ones from the parent's resolved file. Every level writes its children's rows: the
+    object key and size of each child's component (level 1: each block's face
+    component; above: each child's open component), child after child, with the
+    offsets where each child's start, so a child reads its parent's small resolved file
+    and not its node file."""
 
     tree: FaceTree
     level: int
@@ -438,12 +442,8 @@ class ResolveNode:
         if level < tree.levels:
             parent, pos = tree.position(level, node.index)
             up = np.unique(f["bclass"])
-            above = load_arrays(tree.node_file(level + 1, parent))
-            rows = above["parent_of"][above["offsets"][pos] + np.arange(len(up))]
-            resolved = load_arrays(tree.resolved_file(level + 1, parent))
-            key[up], size[up] = resolved["key"][rows], resolved["size"][rows]
-        if level == 1:  # per face component of the blocks, block after block
-            save_arrays(tree.resolved_file(level, node.index), key=key[f["parent_of"]],
-                        size=size[f["parent_of"]], offsets=f["offsets"])
-        else:
-            save_arrays(tree.resolved_file(level, node.index), key=key, size=size)
+            above = load_arrays(tree.resolved_file(level + 1, parent))
+            rows = above["offsets"][pos] + np.arange(len(up))
+            key[up], size[up] = above["key"][rows], above["size"][rows]
+        save_arrays(tree.resolved_file(level, node.index), key=key[f["parent_of"]],
+                    size=size[f["parent_of"]], offsets=f["offsets"])
