@@ -391,13 +391,6 @@ class FaceTree:
                             f"label-resolve{level}", needs=needs, voxels=False))
         return out
 
-    def slab_nodes(self, slab: Block) -> list[tuple[int, ...]]:
-        """The level-1 nodes that hold the face components of the blocks of ``slab`` (a
-        block of the grid of slabs along axis 0): those the resolve pass must have
-        finished before the slab's objects are ranked."""
-        rest = itertools.product(*map(range, self.shape(1)[1:]))
-        return [(slab.index[0] >> 1, *r) for r in rest]
-
 
 @dataclass(frozen=True)
 class MergeNode:

@@ -13,15 +13,19 @@ label volume or a table of every component:
    of blocks and resolved back down, on the workers (:mod:`engine.facegraph`): every face
    component learns its object's first-voxel key (the smallest of its components') and
    size (their sum);
-3. **ranks** — one task per slab of blocks along axis 0 (first-voxel keys of different
-   slabs never interleave) sorts the keys of the objects whose first voxel is in the slab
-   (an object crossing faces counts once: in its first component's block); the rank of a
-   key in its slab plus the number of objects in earlier slabs is its final id;
-4. **relabel** — each block builds its own relabel map (interior components from its slab's
-   sorted keys, face components from their object's key in the key's slab) and writes the
-   final labels, or keeps the map for a lazy view that applies it on read.
+3. **ranks** — an object's final id is one more than the number of objects whose first
+   voxel comes before its own in raster order (an object crossing faces counts once: in
+   its first component's block). Counted without sorting any slab (:mod:`engine.ranks`):
+   rows of blocks along the last axis, then slabs along axis 0, add up how many first
+   voxels lie at each position of a block face, with prefix sums; the client adds a
+   number per slab;
+4. **relabel** — each block builds its own relabel map (its interior components' ranks
+   and its face components' objects' ranks, from the files of the block holding each
+   key) and writes the final labels, or keeps the map for a lazy view that applies it on
+   read.
 
-The client holds a number per slab, never a row per object or face component.
+No task holds more than a block's keys and a block face of counts for the ranks; the
+client holds a number per slab, never a row per object or face component.
 
 Component ids on the way are ``block_id << 32 | local_label`` (uint64).
 """
@@ -45,6 +49,7 @@ from engine.io.chunkfiles import write_region
 from engine.io.sources import read_region
 from engine.labelfiles import block_file, load_arrays, save_arrays
 from engine.objtables import ShardedTable, merge_rows
+from engine.ranks import GroupCounts, Ranker, RankGrid
 from engine.runner import RunState
 
 
@@ -153,47 +158,32 @@ def _map_file(work: str | Path, bid: int) -> Path:
 
 
 @dataclass(frozen=True)
-class SlabRanks:
-    """Pass 3: sort the first-voxel keys of the objects that start in one slab of blocks
-    (same index on axis 0); return how many there are and how many of them are face
-    objects in the size range."""
+class StartingKeys:
+    """Pass 3's keys of one block (a :data:`engine.ranks.KeysOf`): the first-voxel keys of
+    the objects that start in it — its interior components, and the objects across faces
+    whose first component is here (the component's own key is the object's) — sorted, and
+    how many of the latter are in the size range. With ``sequential`` only objects in the
+    size range get a key (ids without gaps); else every object keeps its place."""
 
     tree: FaceTree
     min_size: int
     max_size: int | None
     sequential: bool
 
-    def __call__(self, slab: Block) -> tuple[int, int]:
-        s = slab.index[0]
+    def __call__(self, index: tuple[int, ...], cache: dict) -> tuple[np.ndarray, int]:
         work = Path(self.tree.pairing.work)
-        gshape = self.tree.grid_shape
-        keys, n_face, resolved = [], 0, {}
-        for rest in itertools.product(*(range(n) for n in gshape[1:])):
-            index = (s, *rest)
-            f = load_arrays(block_file(work, int(np.ravel_multi_index(index, gshape))))
-            interior = np.ones(len(f["keys"]), bool)
-            face = f["face"].astype(np.int64) - 1
-            interior[face] = False
-            if self.sequential:
-                interior &= _in_range(f["sizes"], self.min_size, self.max_size)
-            keys.append(f["keys"][interior])
-            # an object across faces counts in the block of its first voxel: where its
-            # component's own key is the object's
-            obj_key, obj_size = self.tree.faces_of(index, resolved)
-            first = obj_key == f["keys"][face]
-            kept = _in_range(obj_size, self.min_size, self.max_size)
-            n_face += int(np.count_nonzero(first & kept))
-            keys.append(obj_key[first & kept] if self.sequential else obj_key[first])
-        sorted_keys = np.sort(np.concatenate(keys))
-        np.save(work / "slabs" / f"{s}.npy", sorted_keys)
-        np.save(work / "slabs" / f"{s}-face.npy", np.array([n_face], np.int64))
-        return len(sorted_keys), n_face
-
-    def recover(self, slab: Block) -> tuple[int, int]:
-        """The result of a slab finished by an earlier run, from what it saved."""
-        work = Path(self.tree.pairing.work) / "slabs"
-        sorted_keys = np.load(work / f"{slab.index[0]}.npy", mmap_mode="r")
-        return len(sorted_keys), int(np.load(work / f"{slab.index[0]}-face.npy")[0])
+        f = load_arrays(block_file(work, int(np.ravel_multi_index(index, self.tree.grid_shape))))
+        interior = np.ones(len(f["keys"]), bool)
+        face = f["face"].astype(np.int64) - 1
+        interior[face] = False
+        if self.sequential:
+            interior &= _in_range(f["sizes"], self.min_size, self.max_size)
+        obj_key, obj_size = self.tree.faces_of(index, cache)
+        first = obj_key == f["keys"][face]
+        kept = _in_range(obj_size, self.min_size, self.max_size)
+        starting = obj_key[first & kept] if self.sequential else obj_key[first]
+        keys = np.sort(np.concatenate([f["keys"][interior], starting]))
+        return keys, int(np.count_nonzero(first & kept))
 
 
 def _in_range(sizes: np.ndarray, min_size: int, max_size: int | None) -> np.ndarray:
@@ -209,8 +199,7 @@ class Relabel:
 
     tree: FaceTree
     out: str | None
-    shape: tuple[int, ...]
-    slab_thickness: int
+    ranks: RankGrid
     slab_offsets: tuple[int, ...]
     min_size: int
     max_size: int | None
@@ -227,24 +216,22 @@ class Relabel:
         work = Path(self.tree.pairing.work)
         bid = int(np.ravel_multi_index(block.index, self.tree.grid_shape))
         f = load_arrays(block_file(work, bid))
-        slab_keys = np.load(work / "slabs" / f"{block.index[0]}.npy", mmap_mode="r")
-        rank = np.searchsorted(slab_keys, f["keys"])
+        ranker, cache = Ranker(self.ranks, self.slab_offsets), {}
         lut = np.zeros(len(f["keys"]) + 1, self.dtype)
         kept = _in_range(f["sizes"], self.min_size, self.max_size)
-        lut[1:][kept] = self.slab_offsets[block.index[0]] + rank[kept] + 1
-        # face components: their object's rank among the keys of the slab it starts in
         local_face = f["face"].astype(np.int64)
+        interior = np.ones(len(f["keys"]), bool)
+        interior[local_face - 1] = False
+        # interior components: the rank of their own key (here); face components: their
+        # object's (in the block of its first voxel)
+        sel = kept & interior
+        lut[1:][sel] = ranker.ranks(f["keys"][sel], cache) + 1
         obj_key, obj_size = self.tree.faces_of(block.index)
         obj_kept = _in_range(obj_size, self.min_size, self.max_size)
         final = np.zeros(len(local_face), self.dtype)
-        start = obj_key // np.uint64(int(np.prod(self.shape[1:]))) // np.uint64(
-            self.slab_thickness)
-        for t in np.unique(start[obj_kept]):
-            keys_t = np.load(work / "slabs" / f"{t}.npy", mmap_mode="r")
-            sel = obj_kept & (start == t)
-            final[sel] = self.slab_offsets[t] + np.searchsorted(keys_t, obj_key[sel]) + 1
+        final[obj_kept] = ranker.ranks(obj_key[obj_kept], cache) + 1
         lut[local_face] = final
-        interior_kept = int(kept.sum()) - int(kept[local_face - 1].sum())
+        interior_kept = int(np.count_nonzero(sel))
         if write and self.out is None:
             np.save(_map_file(work, bid), lut)
         elif write:
@@ -405,7 +392,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     resumed = state is not None and (work / "state" / state.run_hash).is_dir()
     if not resumed:
         shutil.rmtree(work, ignore_errors=True)
-    for sub in ("blocks", "maps", "slabs"):
+    for sub in ("blocks", "maps"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     marks = None
     if state is not None:  # markers live in the work folder: they go when it goes
@@ -426,20 +413,33 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         # objects are resolved
         tree = FaceTree(FacePairs(str(work), struct, gshape))
         tree.make_folders()
-        slabs = BlockGrid((shape[0],), (grid.block_shape[0],))
-        slab_ranks = SlabRanks(tree, min_size, max_size, sequential)
+        rank_grid = RankGrid(shape, grid.block_shape, str(work))
+        rank_grid.make_folders()
+        keys_of = StartingKeys(tree, min_size, max_size, sequential)
 
-        def slab_blocks(slab: Block) -> list[tuple[int, ...]]:
-            return [(slab.index[0], *rest) for rest in itertools.product(
-                *(range(n) for n in gshape[1:]))]
+        def group_inputs(group: Block) -> list[tuple[int, ...]]:
+            """What a group of the lowest rank level reads: its blocks' face components
+            (the level-1 nodes holding them), or the blocks when there is no tree."""
+            blocks = rank_grid.blocks(rank_grid.top, group.index)
+            if not tree.levels:
+                return blocks
+            return sorted({tuple(i >> 1 for i in b) for b in blocks})
 
-        needs = ({"label-resolve1": tree.slab_nodes} if tree.levels
-                 else {"label-local": slab_blocks})
+        def children(group: Block) -> list[tuple[int, ...]]:
+            return [(*group.index, j) for j in range(gshape[len(group.index)])]
+
+        first = "label-resolve1" if tree.levels else "label-local"
+        rank_passes = []
+        for level in range(rank_grid.top, -1, -1):
+            task = GroupCounts(rank_grid, level, keys_of)
+            needs = ({first: group_inputs} if level == rank_grid.top
+                     else {f"label-ranks{level + 1}": children})
+            rank_passes.append(Pass(rank_grid.grid(level), task, f"label-ranks{level}",
+                                    recover=task.recover if level == 0 else None,
+                                    needs=needs, voxels=False))
         reports = run_passes(client, [
             Pass(grid, LocalLabels(mask, str(work), struct, shape, gshape), "label-local"),
-            *tree.passes("label-local"),
-            Pass(slabs, slab_ranks, "label-ranks", recover=slab_ranks.recover,
-                 needs=needs, voxels=False)], state=marks, progress=progress)
+            *tree.passes("label-local"), *rank_passes], state=marks, progress=progress)
         ranks = reports[-1].results
         counts = [ranks[(s,)][0] for s in range(gshape[0])]
         n_face_objects = sum(ranks[(s,)][1] for s in range(gshape[0]))
@@ -448,7 +448,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         if not lazy and not (resumed and (out / "zarr.json").exists()):
             zarr.create_array(store=str(out), shape=shape, chunks=chunks, dtype=dtype,
                               fill_value=0, zarr_format=3, overwrite=True)
-        relabel = Relabel(tree, None if lazy else str(out), shape, grid.block_shape[0],
+        relabel = Relabel(tree, None if lazy else str(out), rank_grid,
                           tuple(int(o) for o in offsets), min_size, max_size, dtype.str)
         n, interior, block_ids = run_blocks(
             client, grid, relabel, name="label-relabel", progress=progress,

@@ -137,8 +137,8 @@ def test_the_client_receives_nothing_per_face_component(client, tmp_path, monkey
 
 
 def test_tree_passes_report_no_voxels(client, tmp_path):
-    """The stage events of the merge, resolve and ranks passes (over tree nodes and
-    slabs) give no voxels or Mvoxel/s; the local and relabel passes count the volume's."""
+    """The stage events of the merge, resolve and ranks passes (over tree nodes, rows and
+    slabs of blocks) give no voxels or Mvoxel/s; the local and relabel passes count the volume's."""
     from engine import events
 
     mask = np.random.default_rng(1).random((20, 20, 20)) < 0.2
@@ -149,5 +149,5 @@ def test_tree_passes_report_no_voxels(client, tmp_path):
     assert ends["label-local"]["voxels"] == ends["label-relabel"]["voxels"] == mask.size
     nodes = [e for name, e in ends.items() if name.startswith(
         ("label-merge", "label-resolve", "label-ranks"))]
-    assert len(nodes) == 5  # two levels each way over 4 x 4 x 4 blocks, and the ranks
+    assert len(nodes) == 6  # two levels each way over 4 x 4 x 4 blocks, rows and slabs
     assert all(e["voxels"] is None and e["mvoxels_per_s"] is None for e in nodes)

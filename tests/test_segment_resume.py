@@ -139,10 +139,10 @@ def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monk
     stages = {s["stage"]: (s["computed"], s["skipped"]) for s in result.stages}
     assert stages["label-local"] == (0, blocks)
     # the face graph's merge and resolve passes (two levels over 3 x 3 x 3 blocks) and
-    # the ranks: all skipped
+    # the ranks' (rows, then slabs): all skipped
     tree = {name: stage for name, stage in stages.items()
             if name.startswith(("label-merge", "label-resolve", "label-ranks"))}
-    assert len(tree) == 5 and all(computed == 0 for computed, _ in tree.values())
+    assert len(tree) == 6 and all(computed == 0 for computed, _ in tree.values())
     assert stages["label-relabel"] == (blocks - done, done)
     got = zarr.open_array(str(dst / "0"), mode="r")[...]
     np.testing.assert_array_equal(got, threshold_preset_reference(vol))
