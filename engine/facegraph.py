@@ -289,7 +289,8 @@ class FaceTree:
 
     Level ``L`` (1 .. :attr:`levels`) has a node per box of ``2^L`` blocks per axis,
     indexed ``block index >> L``; the top level is one node. Files live under
-    ``work/tree/L/``: the merged node (``N.bin``) and its children's resolved rows (``N.res``).
+    ``work/tree/L/``: the merged node (``N.bin``) and its resolved rows (``N.res``, written
+    by its parent; level 0: the blocks' face components).
     """
 
     pairing: FacePairs
@@ -344,24 +345,16 @@ class FaceTree:
         return self._file(level, index, "res")
 
     def make_folders(self) -> None:
-        for level in range(1, self.levels + 1):
+        for level in range(self.levels + 1):
             (Path(self.pairing.work) / "tree" / str(level)).mkdir(parents=True, exist_ok=True)
 
-    def faces_of(self, index: Sequence[int], resolved: FilesRead | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def faces_of(self, index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Object key (uint64) and size (int64) of each face component of block ``index``,
-        in the order of its file's ``face`` (once the resolve passes have run). A task
-        asking for several blocks passes ``resolved``, so each level-1 node's file (shared
-        by up to 2^ndim blocks) is read once."""
+        in the order of its file's ``face`` (once the resolve passes have run)."""
         if self.levels == 0:
             return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-        node, pos = self.position(0, index)
-        resolved = {} if resolved is None else resolved
-        if node not in resolved:
-            resolved[node] = load_arrays(self.resolved_file(1, node))
-        r = resolved[node]
-        lo, hi = r["offsets"][pos], r["offsets"][pos + 1]
-        return r["key"][lo:hi], r["size"][lo:hi]
+        r = load_arrays(self.resolved_file(0, index))
+        return r["key"], r["size"]
 
     def _block_reads(self, node: Block) -> list[tuple[int, ...]]:
         lo, hi = self.box(1, node.index)
@@ -419,11 +412,10 @@ class MergeNode:
 @dataclass(frozen=True)
 class ResolveNode:
     """Resolve pass of one level: a node's components' object keys and sizes, its open
-    ones from the parent's resolved file. Every level writes its children's rows: the
-    object key and size of each child's component (level 1: each block's face
-    component; above: each child's open component), child after child, with the
-    offsets where each child's start, so a child reads its parent's small resolved file
-    and not its node file."""
+    ones from the rows its parent wrote for it. Each node writes every child's rows in a
+    file of the child's own (:meth:`FaceTree.resolved_file` at the child's level): the
+    object key and size of each of the child's open components (level 1: of each face
+    component of the block), so a task reads what concerns it and nothing else."""
 
     tree: FaceTree
     level: int
@@ -433,10 +425,10 @@ class ResolveNode:
         f = load_arrays(tree.node_file(level, node.index))
         key, size = f["key"].copy(), f["size"].copy()
         if level < tree.levels:
-            parent, pos = tree.position(level, node.index)
             up = np.unique(f["bclass"])
-            above = load_arrays(tree.resolved_file(level + 1, parent))
-            rows = above["offsets"][pos] + np.arange(len(up))
-            key[up], size[up] = above["key"][rows], above["size"][rows]
-        save_arrays(tree.resolved_file(level, node.index), key=key[f["parent_of"]],
-                    size=size[f["parent_of"]], offsets=f["offsets"])
+            mine = load_arrays(tree.resolved_file(level, node.index))
+            key[up], size[up] = mine["key"], mine["size"]
+        offsets, parent_of = f["offsets"], f["parent_of"]
+        for pos, child in enumerate(tree.children(level, node.index)):
+            rows = parent_of[offsets[pos]:offsets[pos + 1]]
+            save_arrays(tree.resolved_file(level - 1, child), key=key[rows], size=size[rows])

@@ -178,7 +178,7 @@ class StartingKeys:
         interior[face] = False
         if self.sequential:
             interior &= _in_range(f["sizes"], self.min_size, self.max_size)
-        obj_key, obj_size = self.tree.faces_of(index, cache)
+        obj_key, obj_size = self.tree.faces_of(index)
         first = obj_key == f["keys"][face]
         kept = _in_range(obj_size, self.min_size, self.max_size)
         starting = obj_key[first & kept] if self.sequential else obj_key[first]
@@ -225,7 +225,7 @@ class Relabel:
         # interior components: the rank of their own key (here); face components: their
         # object's (in the block of its first voxel)
         sel = kept & interior
-        lut[1:][sel] = ranker.ranks(f["keys"][sel], cache) + 1
+        lut[1:][sel] = ranker.ranks_in(block.index, f["keys"][sel], cache) + 1
         obj_key, obj_size = self.tree.faces_of(block.index)
         obj_kept = _in_range(obj_size, self.min_size, self.max_size)
         final = np.zeros(len(local_face), self.dtype)

@@ -196,20 +196,35 @@ class Ranker:
             out[sel] = self._in_block(block, keys[sel], local, cache)
         return out
 
-    def _load(self, path: Path, cache: dict) -> dict[str, np.ndarray]:
-        if path not in cache:
-            cache[path] = load_arrays(path)
-        return cache[path]
+    def ranks_in(self, block: tuple[int, ...], keys: np.ndarray,
+                 cache: dict | None = None) -> np.ndarray:
+        """:meth:`ranks` of keys that all lie in ``block`` (no grouping by block)."""
+        g = self.grid
+        keys = np.asarray(keys, np.uint64)
+        pos = np.unravel_index(keys, g.shape)
+        local = tuple(p - i * b for p, i, b in zip(pos, block, g.block_shape, strict=True))
+        return self._in_block(tuple(block), keys, local, {} if cache is None else cache)
+
+    def _load(self, kind: str, level: int, index: tuple[int, ...],
+              cache: dict) -> dict[str, np.ndarray]:
+        key = (kind, level, index)  # a path is built (and the file read) once per task
+        if key not in cache:
+            g = self.grid
+            path = (g.group_file(level, index) if kind == "group" else
+                    g.prefix_file(level, index) if kind == "prefix" else
+                    g.block_keys_file(index))
+            cache[key] = load_arrays(path)
+        return cache[key]
 
     def _in_block(self, block: tuple[int, ...], keys: np.ndarray,
                   local: tuple[np.ndarray, ...], cache: dict) -> np.ndarray:
-        g, n = self.grid, self.grid.ndim
+        n = self.grid.ndim
         r = np.full(len(keys), self.offsets[block[0]], np.int64)
         for d in range(n - 1):
-            r += self._load(g.group_file(d, block[:d + 1]), cache)["cum"][local[:d + 1]]
+            r += self._load("group", d, block[:d + 1], cache)["cum"][local[:d + 1]]
         for d in range(1, n - 1):
-            r += self._load(g.prefix_file(d, block[:d + 1]), cache)["prefix"][local[:d]]
-        own = self._load(g.block_keys_file(block), cache)
+            r += self._load("prefix", d, block[:d + 1], cache)["prefix"][local[:d]]
+        own = self._load("block", n - 1, block, cache)
         if n > 1:
             r += own["prefix"][local[:n - 1]]
         # the block's own keys in the same row, before each (a row's keys are consecutive)

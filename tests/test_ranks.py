@@ -48,7 +48,13 @@ def _check(tmp_path, shape, block_shape, density, seed):
     shuffled = rng.permutation(keys)
     # the reference: position in the sorted list of all keys
     expected = np.searchsorted(np.sort(keys), shuffled)
-    np.testing.assert_array_equal(Ranker(grid, offsets).ranks(shuffled), expected)
+    ranker = Ranker(grid, offsets)
+    np.testing.assert_array_equal(ranker.ranks(shuffled), expected)
+    keys_of = _keys_in_blocks(keys, grid)
+    for index in np.ndindex(*grid.grid_shape):  # keys known to lie in one block
+        mine = keys_of(index, {})[0]
+        np.testing.assert_array_equal(ranker.ranks_in(index, mine),
+                                      np.searchsorted(np.sort(keys), mine))
     return grid
 
 
