@@ -170,7 +170,7 @@ class StartingKeys:
     max_size: int | None
     sequential: bool
 
-    def __call__(self, index: tuple[int, ...], cache: dict) -> tuple[np.ndarray, int]:
+    def __call__(self, index: tuple[int, ...]) -> tuple[np.ndarray, int]:
         work = Path(self.tree.pairing.work)
         f = load_arrays(block_file(work, int(np.ravel_multi_index(index, self.tree.grid_shape))))
         interior = np.ones(len(f["keys"]), bool)

@@ -42,10 +42,9 @@ import numpy as np
 from engine.blocks import Block, BlockGrid
 from engine.labelfiles import load_arrays, save_arrays
 
-#: ``keys_of(block index, cache) -> (sorted uint64 keys, count)``: the keys whose first voxel
-#: is in the block and a count to add up (e.g. of objects crossing faces); ``cache`` is a
-#: dict the task keeps for the files several blocks share
-KeysOf = Callable[[tuple[int, ...], dict], tuple[np.ndarray, int]]
+#: ``keys_of(block index) -> (sorted uint64 keys, count)``: the keys that lie in the block
+#: and a count to add up (e.g. of objects crossing faces)
+KeysOf = Callable[[tuple[int, ...]], tuple[np.ndarray, int]]
 
 
 @dataclass(frozen=True)
@@ -133,9 +132,8 @@ class GroupCounts:
         running = np.zeros(extent, np.int64)
         counted = 0
         if d == g.top:
-            cache: dict = {}
             for block in g.blocks(d, index):
-                keys, n = self.keys_of(block, cache)
+                keys, n = self.keys_of(block)
                 counted += n
                 if g.ndim == 1:  # the group is this one block
                     save_arrays(g.block_keys_file(block), keys=keys,

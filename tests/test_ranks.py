@@ -20,7 +20,7 @@ def _keys_in_blocks(keys: np.ndarray, grid: RankGrid):
     flat = np.ravel_multi_index(tuple(p // b for p, b in zip(pos, grid.block_shape,
                                                             strict=True)), grid.grid_shape)
 
-    def keys_of(index, cache):
+    def keys_of(index):
         mine = np.sort(keys[flat == np.ravel_multi_index(index, grid.grid_shape)])
         return mine, len(mine)
     return keys_of
@@ -52,7 +52,7 @@ def _check(tmp_path, shape, block_shape, density, seed):
     np.testing.assert_array_equal(ranker.ranks(shuffled), expected)
     keys_of = _keys_in_blocks(keys, grid)
     for index in np.ndindex(*grid.grid_shape):  # keys known to lie in one block
-        mine = keys_of(index, {})[0]
+        mine = keys_of(index)[0]
         np.testing.assert_array_equal(ranker.ranks_in(index, mine),
                                       np.searchsorted(np.sort(keys), mine))
     return grid
