@@ -408,9 +408,9 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
                               dtype=np.uint32, fill_value=0, zarr_format=3,
                               compressors=compressor("lz4", 5, 3, 4))
         # the local labels, the face graph's merge up its tree and back down, and the
-        # slabs' ranks run as one set of passes: a box merges as soon as its blocks (and
-        # the neighbours they pair with) are labelled, a slab ranks as soon as its blocks'
-        # objects are resolved
+        # ranks' rows and slabs run as one set of passes: a box merges as soon as its
+        # blocks (and the neighbours they pair with) are labelled, a row of blocks counts
+        # as soon as its blocks' objects are resolved, a slab as soon as its rows are
         tree = FaceTree(FacePairs(str(work), struct, gshape))
         tree.make_folders()
         rank_grid = RankGrid(shape, grid.block_shape, str(work))
