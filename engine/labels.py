@@ -86,6 +86,10 @@ VALUES_LIMIT = 1024
 """Label images with at most this many ids list them all (with a colour each) in their
 ``image-label`` metadata."""
 
+#: what the work folder's files mean; part of its run hash, so a folder that an engine with
+#: other files left (a run interrupted, then resumed after an upgrade) is started afresh
+WORK_FORMAT = 2
+
 
 @dataclass(frozen=True)
 class LocalLabels:
@@ -364,9 +368,10 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
         what block tasks should read) that apply the maps on read.
     state : RunState, optional
         Makes the labelling resumable: every pass records its finished blocks (in the
-        work folder, under ``state.run_hash``), and a re-run with the same hash keeps the
-        work folder and skips them, recovering their results from what they stored. The
-        work folder of another hash, or of a run without ``state``, is started afresh.
+        work folder, under ``state.run_hash`` and :data:`WORK_FORMAT`), and a re-run with the
+        same hash keeps the work folder and skips them, recovering their results from what
+        they stored. The work folder of another hash or format, or of a run without
+        ``state``, is started afresh.
 
     Returns
     -------
@@ -389,14 +394,15 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     grid = BlockGrid(shape, block_shape, halo=0, chunks=chunks)
     gshape = grid.grid_shape
     work = out.parent / f".{out.name}.labels-work"
-    resumed = state is not None and (work / "state" / state.run_hash).is_dir()
+    run_hash = f"{state.run_hash}-work{WORK_FORMAT}" if state is not None else ""
+    resumed = state is not None and (work / "state" / run_hash).is_dir()
     if not resumed:
         shutil.rmtree(work, ignore_errors=True)
     for sub in ("blocks", "maps"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     marks = None
     if state is not None:  # markers live in the work folder: they go when it goes
-        marks = RunState(work / "state", state.run_hash, state.identity)
+        marks = RunState(work / "state", run_hash, state.identity)
         marks.begin()
     try:
         if not (work / "local" / "zarr.json").exists():

@@ -148,3 +148,40 @@ def test_interrupted_labelling_resumes_from_finished_blocks(volume, client, monk
     np.testing.assert_array_equal(got, threshold_preset_reference(vol))
     assert result.n_objects == len(np.unique(got)) - 1 > 3
     assert not partial_path(dst).exists()
+
+
+def test_labelling_work_of_another_format_starts_afresh(volume, client, monkeypatch):
+    """A labelling interrupted under another work format (an engine whose files meant
+    something else, e.g. before an upgrade) is redone from its first pass, not read: the
+    resumed run labels every block again and the output is identical."""
+    from engine import labels
+
+    src, vol = volume
+    dst = src / "labels" / "spots"
+    relabel = labels.Relabel.__call__
+
+    def dies(self, block):
+        raise Lost("the cluster went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(labels, "WORK_FORMAT", labels.WORK_FORMAT - 1)
+        m.setattr(labels.Relabel, "__call__", dies)
+        with pytest.raises(Exception, match="the cluster went away"):
+            _run(src, client, [])
+    work, = partial_path(dst).rglob(".*.labels-work")
+    # what an older engine left: files of another meaning where this one looks
+    for res in (work / "tree" / "0").glob("*.res"):
+        res.write_bytes(b"not this format")
+    local = labels.LocalLabels.__call__
+    calls = {"local": 0}
+
+    def counted(self, block):
+        calls["local"] += 1
+        return local(self, block)
+
+    monkeypatch.setattr(labels.LocalLabels, "__call__", counted)
+    monkeypatch.setattr(labels.Relabel, "__call__", relabel)
+    _run(src, client, [])
+    assert calls["local"] == 3 * 3 * 3  # every block labelled again
+    got = zarr.open_array(str(dst / "0"), mode="r")[...]
+    np.testing.assert_array_equal(got, threshold_preset_reference(vol))
