@@ -7,8 +7,10 @@ Kinds sent by voxelmill:
 ``stage-start``               a blockwise pass: ``stage``, ``blocks``, ``skipped``
 ``stage-progress``            ``stage``, ``done``, ``blocks``, ``blocks_per_s`` (≤ 1 per second)
 ``stage-end``                 ``stage``, ``blocks``, ``computed``, ``skipped``, ``seconds``,
-                              ``voxels``, ``mvoxels_per_s`` (None for a pass over tree
-                              nodes, slabs or table shards), ``block_seconds`` (a summary)
+                              ``voxels``, ``mvoxels_per_s`` (None for a pass whose blocks
+                              are not regions of the volume: tree nodes, rows and slabs of
+                              blocks, table shards, patch entries), ``block_seconds`` (a
+                              summary)
 ``error``                     ``message`` and, for a failed block, ``stage`` and ``block``
 
 Listeners are plain callables. :func:`listen` adds one for the duration of a ``with``

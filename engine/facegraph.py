@@ -37,8 +37,7 @@ from engine.blocks import Block, BlockGrid
 from engine.labelfiles import SHIFT, block_file, load_arrays, save_arrays
 from engine.runner import Pass
 
-#: files a task has read, by block index (:meth:`FacePairs.block`) or by level-1 node
-#: index (:meth:`FaceTree.faces_of`): each read once
+#: block files a task has read, by block index (:meth:`FacePairs.block`): each read once
 FilesRead = dict[tuple[int, ...], Mapping[str, np.ndarray]]
 
 

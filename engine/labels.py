@@ -429,7 +429,7 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
             blocks = rank_grid.blocks(rank_grid.top, group.index)
             if not tree.levels:
                 return blocks
-            return sorted({tuple(i >> 1 for i in b) for b in blocks})
+            return sorted({tree.position(0, b)[0] for b in blocks})
 
         def children(group: Block) -> list[tuple[int, ...]]:
             return [(*group.index, j) for j in range(gshape[len(group.index)])]

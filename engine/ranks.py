@@ -35,6 +35,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,9 @@ class RankGrid:
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
+    @cached_property
     def grid_shape(self) -> tuple[int, ...]:
-        return tuple(-(-s // b) for s, b in zip(self.shape, self.block_shape, strict=True))
+        return BlockGrid(self.shape, self.block_shape).grid_shape
 
     @property
     def top(self) -> int:
