@@ -167,7 +167,11 @@ def commit(partial: Path, dst: Path, client: Any = None) -> None:
         # the replaced output goes into a folder of a name no one else has (never a fixed
         # ".NAME.old", which could be the user's own file, or another run's)
         holder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        dst.rename(holder / dst.name)
+        try:
+            dst.rename(holder / dst.name)
+        except OSError:
+            holder.rmdir()  # nothing moved: leave no empty folder behind
+            raise
     partial.rename(dst)
     readguard.release(dst)  # replaced by this command itself: no longer what it read
     if holder is not None:

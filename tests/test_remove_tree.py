@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from engine import output
@@ -145,3 +146,23 @@ def test_overwrite_keeps_a_file_named_like_its_trash(client, tmp_path):
     assert (tmp_path / ".v.ome.zarr.old-x" / "notes").read_text() == "mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".v.ome.zarr.old", ".v.ome.zarr.old-x", "v.npy", "v.ome.zarr"]
+
+
+def test_a_replacement_that_cannot_move_the_old_output_leaves_nothing(tmp_path, monkeypatch):
+    """When the old output cannot be moved aside, the commit fails with both outputs where
+    they were and no empty hidden folder beside them."""
+    dst, partial = tmp_path / "v.ome.zarr", tmp_path / ".v.ome.zarr.partial"
+    dst.mkdir()
+    (dst / "zarr.json").write_text("{}")
+    partial.mkdir()
+    real_rename = Path.rename
+
+    def refuse(self, target):
+        if self == dst:
+            raise PermissionError(13, "Permission denied")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    with pytest.raises(PermissionError):
+        output.commit(partial, dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v.ome.zarr.partial", "v.ome.zarr"]
