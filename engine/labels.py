@@ -657,3 +657,62 @@ def label_values(client: Any, level0: Path, block_shape: Sequence[int],
     report = run_blocks(client, grid, UniqueValues(str(level0), limit), name="label-values",
                         combine=merge, initial=frozenset())
     return None if report.value is None else sorted(report.value)
+
+
+@dataclass(frozen=True)
+class ListIds:
+    """Shard ``finish`` of :func:`count_labels`: the shard's table kept as it is, and its
+    id count with the ids themselves while there are at most ``limit``."""
+
+    limit: int
+
+    def __call__(self, table: tuple[np.ndarray, ...]
+                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, list[int] | None]]:
+        ids = table[0]
+        return table, (int(ids.size), ids.tolist() if ids.size <= self.limit else None)
+
+
+def count_labels(client: Any, level0: str | Path, block_shape: Sequence[int],
+                 folder: str | Path, *, limit: int = VALUES_LIMIT, progress: Any = None
+                 ) -> tuple[int, list[int] | None]:
+    """How many distinct non-zero labels a label image holds, and which.
+
+    An object cut by block borders is counted once: the blocks' ``(id, voxel count)``
+    tables are merged by id range on the workers (:func:`engine.objtables.reduce_objects`),
+    so the client holds a number per shard, whatever the number of labels.
+
+    Parameters
+    ----------
+    level0 : path
+        The label array (integer dtype; 0 is background).
+    block_shape : sequence of int
+        Blocks read by one task.
+    folder : path
+        Scratch folder, removed before returning.
+    limit : int
+        Most ids returned as a list.
+
+    Returns
+    -------
+    n : int
+        Distinct non-zero labels.
+    ids : list of int or None
+        Those labels in increasing order, or None when there are more than ``limit``.
+    """
+    import zarr
+
+    from engine.objtables import reduce_objects
+
+    shape = zarr.open_array(str(level0), mode="r").shape
+    grid = BlockGrid(shape, [max(b, 1) for b in block_shape])
+    folder = Path(folder)
+    try:
+        _, shards = reduce_objects(client, grid, LabelCounts(str(level0)), ("add",),
+                                   ListIds(limit), folder, name="label-count",
+                                   progress=progress)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    n = sum(count for count, _ in shards)
+    if n > limit or any(ids is None for _, ids in shards):
+        return n, None
+    return n, [i for _, ids in shards for i in ids]  # type: ignore[union-attr]

@@ -137,6 +137,32 @@ def test_streamed_label_sizes_equal_bincount(client, tmp_path, layout):
     assert sizes == dict(zip(ids.tolist(), counts[ids].tolist(), strict=True))
 
 
+@pytest.mark.parametrize("layout", ODD_LAYOUTS)
+def test_count_labels_equals_unique(client, tmp_path, layout, monkeypatch):
+    """Distinct labels counted once however many blocks an id spans, merged over many
+    shards (a budget of a few hundred rows), equal ``np.unique``; listed up to ``limit``."""
+    import zarr
+
+    from engine.labels import count_labels
+
+    rng = np.random.default_rng(5)
+    # ids spread over a wide range (gaps, and ids past 2**31), each in many blocks
+    lab = rng.choice(np.r_[0, rng.integers(1, 2**32 - 1, 2500)], SHAPE).astype(np.uint32)
+    arr = zarr.create_array(store=str(tmp_path / "lab"), shape=SHAPE, chunks=layout,
+                            dtype=np.uint32, zarr_format=3)
+    arr[...] = lab
+    ids = np.unique(lab)
+    ids = ids[ids > 0]
+    monkeypatch.setenv("VOXELMILL_TABLE_BUDGET_MIB", str(4000 * 16 / 2**20))
+    n, listed = count_labels(client, tmp_path / "lab", layout, tmp_path / "count",
+                             limit=ids.size)
+    assert n == ids.size and listed == ids.tolist()
+    n, listed = count_labels(client, tmp_path / "lab", layout, tmp_path / "count",
+                             limit=ids.size - 1)
+    assert n == ids.size and listed is None
+    assert not (tmp_path / "count").exists()
+
+
 def test_merge_by_id_equals_a_dense_reference():
     from engine.labels import merge_by_id
 
