@@ -138,6 +138,29 @@ def test_blob_markers_blockwise_equal_whole_image(tmp_path, block):
     np.testing.assert_array_equal(sk[np.lexsort((sk[:, 1], sk[:, 0]))], whole)
 
 
+@pytest.mark.parametrize("grid_block", [(7, 13), (32, 48), (200, 300)])
+def test_marker_index_reads_the_markers_whose_crops_meet_a_region(tmp_path, grid_block):
+    """A block's markers from the bucketed index equal a scan of every marker's crop box."""
+    from engine.cutter.common import MarkerIndex
+    from engine.cutter.crops import crop_box
+
+    shape = (97, 131)
+    rng = np.random.default_rng(7)
+    yx = np.column_stack([rng.integers(0, shape[0], 400), rng.integers(0, shape[1], 400)])
+    yx[:8] = [(0, 0), (96, 130), (0, 130), (96, 0), (6, 6), (6, 7), (7, 6), (50, 50)]
+    rows = np.column_stack([rng.permutation(np.arange(5, 405)), yx]).astype(np.int64)
+    index = MarkerIndex.write(tmp_path / "idx", rows, shape, grid_block)
+    regions = [b.write for blk in [(32, 64), (7, 13), (97, 131), (1, 1)]
+               for b in BlockGrid(shape, blk)][::3]
+    for crop in (2, 8, 14, 64):
+        for region in regions:
+            scan = [r for r in rows if all(b.start < w.stop and w.start < b.stop for b, w
+                                           in zip(crop_box(r[1], r[2], crop), region,
+                                                   strict=True))]
+            scan = np.array(sorted(scan, key=lambda r: r[0]), np.int64).reshape(-1, 3)
+            np.testing.assert_array_equal(index.near(region, crop), scan)
+
+
 def test_blob_ties_give_one_marker_per_window():
     from engine.cutter.markers import _peaks
 
@@ -226,12 +249,12 @@ def test_predict_independent_of_block_layout(slide, client):
     result = run_cutter_training(plan, None, report=lambda _: None)
     assert (tmp / "run" / "last.pt").is_file() and (tmp / "run" / "metrics.json").is_file()
     assert [h["iteration"] for h in result.history][-1] == 15
-    labels = {}
+    labels, counts = {}, {}
     for name, block in (("a", (32, 64)), ("b", (96, 160))):
         p = plan_cutter_prediction(src, CutterPredictOptions(
             tmp / "run" / "last.pt", str(slide["markers"]), "fg", name, device="cpu",
             block=block, batch=4))
-        run_cutter_prediction(p, client, report=lambda _: None)
+        counts[name] = run_cutter_prediction(p, client, report=lambda _: None).n_objects
         labels[name] = np.asarray(zarr.open_array(str(src / "labels" / name / "0"))[...])
         borders = np.asarray(zarr.open_array(str(src / "labels" / f"{name}_borders" / "0"))[...])
         np.testing.assert_array_equal(
@@ -246,12 +269,31 @@ def test_predict_independent_of_block_layout(slide, client):
     np.testing.assert_array_equal(labels["a"], whole)
     ids = set(np.unique(whole).tolist()) - {0}
     assert ids and ids <= set(rows[:, 0].tolist())  # instance ids are the marker ids
+    assert counts == {"a": len(ids), "b": len(ids)}  # cells counted once across blocks
     # the whole-image predictor refuses a cutter model up front, pointing to cutter predict
     from engine.errors import InputError
     from engine.pipelines.predict import PredictOptions, plan_prediction
 
     with pytest.raises(InputError, match="voxelmill cutter predict"):
         plan_prediction(src, PredictOptions(tmp / "run" / "last.pt", "wrong"))
+
+
+def test_watershed_baseline_counts_its_cells(slide, client):
+    """The seeded-watershed baseline from blob markers: cells counted once across blocks,
+    their ids listed in the label image's metadata."""
+    from engine.cutter.markers import MarkerOptions, plan_markers, run_markers
+    from engine.cutter.predict import WatershedOptions, run_watershed
+
+    src = slide["src"]
+    run_markers(plan_markers(src, MarkerOptions("ws_marks", channel="DAPI")), client,
+                report=lambda _: None)
+    dst, n, _ = run_watershed(src, WatershedOptions("ws_marks", "fg", "membrane", "ws",
+                                                    block=(32, 64)), client,
+                              report=lambda _: None)
+    ids = np.unique(np.asarray(zarr.open_array(str(dst / "0"))[...]))
+    assert n == ids.size - 1 > 5
+    colours = zarr.open_group(str(dst)).attrs["ome"]["image-label"]["colors"]
+    assert [c["label-value"] for c in colours] == ids[1:].tolist()
 
 
 def test_cli_errors(slide, tmp_path, client):

@@ -170,6 +170,60 @@ def read_csv_markers(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return out[np.argsort(out[:, 0], kind="stable")]
 
 
+@dataclass(frozen=True)
+class MarkerIndex:
+    """Markers saved for block tasks, bucketed by the block of ``grid_block`` holding
+    their pixel: a task reads the buckets its crops can reach, never the whole list (a
+    scan of every marker by every block costs markers × blocks).
+
+    Files in ``folder``: ``rows.npy``, ``(N, 3)`` int64 rows ``(id, y, x)`` sorted by
+    bucket (raster order of the grid), then id; ``starts.npy``, ``(buckets + 1,)`` int64,
+    bucket ``k`` holding ``rows[starts[k]:starts[k + 1]]``.
+    """
+
+    folder: str
+    grid_block: tuple[int, int]
+    grid_shape: tuple[int, int]
+
+    @classmethod
+    def write(cls, folder: str | Path, rows: np.ndarray, shape: tuple[int, int],
+              grid_block: tuple[int, int]) -> MarkerIndex:
+        """Save ``rows`` (``(N, 3)`` id, y, x inside ``shape``) bucketed by ``grid_block``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        gshape = tuple(-(-n // b) for n, b in zip(shape, grid_block, strict=True))
+        rows = np.asarray(rows, np.int64).reshape(-1, 3)
+        bucket = (rows[:, 1] // grid_block[0]) * gshape[1] + rows[:, 2] // grid_block[1]
+        order = np.lexsort((rows[:, 0], bucket))
+        starts = np.searchsorted(bucket[order], np.arange(gshape[0] * gshape[1] + 1))
+        np.save(folder / "rows.npy", rows[order])
+        np.save(folder / "starts.npy", starts.astype(np.int64))
+        return cls(str(folder), tuple(grid_block), gshape)  # type: ignore[arg-type]
+
+    def near(self, region: tuple[slice, slice], crop: int) -> np.ndarray:
+        """Rows ``(id, y, x)``, sorted by id, of the markers whose crop (``crop × crop``
+        with the marker at ``(crop/2, crop/2)``: :func:`engine.cutter.crops.crop_box`)
+        intersects ``region``."""
+        h = crop // 2
+        # a crop [y - h, y - h + crop) meets [start, stop) for y in (start + h - crop, stop + h)
+        lo = [max(r.start + h - crop + 1, 0) // b for r, b in zip(region, self.grid_block,
+                                                                   strict=True)]
+        hi = [min((r.stop + h - 1) // b, g - 1) for r, b, g in
+              zip(region, self.grid_block, self.grid_shape, strict=True)]
+        rows = np.load(Path(self.folder) / "rows.npy", mmap_mode="r")
+        starts = np.load(Path(self.folder) / "starts.npy", mmap_mode="r")
+        # a row of buckets from column lo[1] to hi[1] is one contiguous run of rows
+        runs = [rows[starts[r * self.grid_shape[1] + lo[1]]:
+                     starts[r * self.grid_shape[1] + hi[1] + 1]]
+                for r in range(lo[0], hi[0] + 1)] if hi[1] >= lo[1] else []
+        near = np.concatenate([np.zeros((0, 3), np.int64), *runs])
+        y, x = near[:, 1], near[:, 2]
+        hit = ((y - h < region[0].stop) & (y - h + crop > region[0].start)
+               & (x - h < region[1].stop) & (x - h + crop > region[1].start))
+        near = near[hit]
+        return near[np.argsort(near[:, 0], kind="stable")]
+
+
 def check_markers_source(image: SlideImage, spec: str) -> Stored | Path:
     """What ``--markers`` names: a CSV file, else a label image of ``image``."""
     if spec.lower().endswith(".csv"):

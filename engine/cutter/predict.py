@@ -39,6 +39,7 @@ import numpy as np
 from engine import __version__
 from engine.blocks import Block, BlockGrid, every_axis, stable_hash
 from engine.cutter.common import (
+    MarkerIndex,
     SlideImage,
     check_markers_source,
     in_mask,
@@ -51,7 +52,7 @@ from engine.io import omezarr
 from engine.io.budget import check_output_size
 from engine.io.chunkfiles import write_region
 from engine.io.sources import file_identity, zarr_source
-from engine.labels import label_values
+from engine.labels import count_labels
 from engine.learn.normalize import ChannelStats
 from engine.output import (
     check_destination,
@@ -64,6 +65,9 @@ from engine.predict.task import device_dispatch
 from engine.pyramid import plan_levels
 from engine.runner import RunState, run_blocks
 from engine.segment.refs import Stored
+
+#: label images with at most this many cells list their ids in the ``image-label`` metadata
+LISTED = 10000
 
 
 @dataclass(frozen=True)
@@ -202,15 +206,6 @@ def predict_crops(model: Any, device: Any, inputs: np.ndarray, batch: int) -> np
     return out
 
 
-def markers_near(rows: np.ndarray, region: Sequence[slice], crop: int) -> np.ndarray:
-    """Rows (id, y, x; sorted by id) whose crop intersects ``region``."""
-    h = crop // 2
-    y, x = rows[:, 1], rows[:, 2]
-    hit = ((y - h < region[0].stop) & (y - h + crop > region[0].start)
-           & (x - h < region[1].stop) & (x - h + crop > region[1].start))
-    return rows[hit]
-
-
 def assign(probs: np.ndarray, rows: np.ndarray, region: Sequence[slice], crop: int,
            mask: np.ndarray, threshold: float) -> np.ndarray:
     """Labels of ``region``: each pixel to the marker (rows sorted by id) with the highest
@@ -278,21 +273,20 @@ class CutterTask:
     refs: tuple[Stored, ...]
     mask: Stored
     stats: ChannelStats
-    markers_path: str
+    markers: MarkerIndex
     shape: tuple[int, int]
     crop: int
     threshold: float
     batch: int
     out: str
 
-    def __call__(self, block: Block) -> dict[str, Any]:
+    def __call__(self, block: Block) -> None:
         from engine.predict.workers import device_lock, use_worker_threads, worker_model
 
         model, _, dev = worker_model(self.model, self.device)
         if dev.type == "cpu":
             use_worker_threads()
-        rows = markers_near(np.load(self.markers_path, mmap_mode="r"), block.write, self.crop)
-        rows = np.asarray(rows)
+        rows = self.markers.near(block.write, self.crop)  # type: ignore[arg-type]
         # reading and writing overlap other blocks of this worker; the device takes one
         # block at a time (engine.predict.task.device_dispatch puts several on a worker)
         inputs = marker_inputs(self.refs, self.stats, rows, self.crop, self.shape)
@@ -301,13 +295,6 @@ class CutterTask:
         mask = read_mask(self.mask, block.write, self.shape)
         labels = assign(probs, rows, block.write, self.crop, mask, self.threshold)
         write_region(self.out, block.write, labels)
-        return {"markers": len(rows), "ids": np.unique(labels[labels > 0]).tolist()}
-
-
-def merge_block_ids(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Merge two :class:`CutterTask` results: markers counted, ids present (a ``combine``
-    for the runner, so the client keeps no result per block)."""
-    return {"markers": a["markers"] + b["markers"], "ids": [*{*a["ids"], *b["ids"]}]}
 
 
 def inner_borders(labels: np.ndarray) -> np.ndarray:
@@ -370,7 +357,7 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
         work = run.work
         rows = load_markers(client, image, plan.markers_source, opts.markers)
         rows = rows[in_mask(plan.mask, rows)]  # a marker outside the mask is no cell
-        np.save(work / "markers.npy", rows)
+        markers = MarkerIndex.write(work / "markers", rows, image.shape, plan.block)
         stats = channel_stats(image, plan.refs, client)
         labels_path, borders_path = str(work / "labels"), str(work / "borders")
         zarr.open_array(labels_path, mode="a", shape=image.shape, chunks=image.chunks,
@@ -383,26 +370,25 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
                f"{len(grid)} blocks of {plan.block} on "
                f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
         task = CutterTask(str(Path(opts.model).resolve()), opts.device, tuple(plan.refs),
-                          plan.mask, stats, str(work / "markers.npy"), image.shape,
+                          plan.mask, stats, markers, image.shape,
                           plan.crop, opts.threshold, opts.batch, labels_path)
-        blocks = run_blocks(client, grid, task, name="cutter-predict", state=plan.state,
-                            progress=progress() if progress else None, resources=resources,
-                            max_in_flight=in_flight, combine=merge_block_ids)
-        if blocks.skipped:  # finished blocks of an interrupted run: their ids from storage
-            values = label_values(client, Path(labels_path), plan.block) or []
-        else:
-            values = sorted({0, *blocks.value["ids"]})
+        run_blocks(client, grid, task, name="cutter-predict", state=plan.state,
+                   progress=progress() if progress else None, resources=resources,
+                   max_in_flight=in_flight)
+        # counted from what is stored, so a resumed run counts the blocks it skipped
+        n_cells, ids = count_labels(client, labels_path, plan.block, work / "count",
+                                    limit=LISTED, progress=progress() if progress else None)
         run_blocks(client, BlockGrid(image.shape, plan.block, halo=1, chunks=image.chunks),
                    BordersTask(labels_path, borders_path), name="cutter-borders",
                    progress=progress() if progress else None)
-        listed = values if len(values) <= 10001 else None
-        _write_labels(image, client, labels_path, partial, opts.name, listed, progress)
+        _write_labels(image, client, labels_path, partial, opts.name,
+                      None if ids is None else [0, *ids], progress)
         _write_labels(image, client, borders_path, borders_partial,
                       f"{opts.name}_borders", [0, 1], progress)
         run.commit()
     omezarr.add_label_names(image.source, [opts.name, f"{opts.name}_borders"], image.ngff)
     return CutterPredictResult(plan.destination, plan.borders_destination, len(rows),
-                               len([v for v in values if v]), run.record.seconds,
+                               n_cells, run.record.seconds,
                                run.record.collector.stages)
 
 
@@ -432,7 +418,7 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     ``watershed`` step of ``voxelmill segment`` fed with the cutter's inputs. Returns the
     destination, the object count and the seconds."""
     from engine.blocks import check_block, default_block
-    from engine.labels import label_values
+    from engine.labels import count_labels
     from engine.output import output_run
     from engine.segment import pointwise as pw
     from engine.segment.execute import Context, run_op
@@ -460,9 +446,10 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
         t0 = time.monotonic()
         ctx = Context(client, run.work, block, progress, report)
         out = run_op(ctx, "watershed", op, [landscape, markers, mask])
-        values = label_values(client, Path(out.path), block) or [0]
+        n, ids = count_labels(client, out.path, block, run.work / "count", limit=LISTED,
+                              progress=progress() if progress else None)
         _write_labels(image, client, out.path, run.partial(), options.name,
-                      values if len(values) <= 10001 else None, progress)
+                      None if ids is None else [0, *ids], progress)
         run.commit()
         omezarr.add_label_names(image.source, [options.name], image.ngff)
-        return dst, len([v for v in values if v]), time.monotonic() - t0
+        return dst, n, time.monotonic() - t0
