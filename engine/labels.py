@@ -33,7 +33,6 @@ Component ids on the way are ``block_id << 32 | local_label`` (uint64).
 from __future__ import annotations
 
 import itertools
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from engine.io.chunkfiles import write_region
 from engine.io.sources import read_region
 from engine.labelfiles import block_file, load_arrays, save_arrays
 from engine.objtables import ShardedTable, merge_rows
+from engine.output import fresh_scratch, is_scratch, remove_scratch
 from engine.ranks import GroupCounts, Ranker, RankGrid
 from engine.runner import RunState
 
@@ -89,6 +89,9 @@ VALUES_LIMIT = 1024
 #: what the work folder's files mean; part of its run hash, so a folder that an engine with
 #: other files left (a run interrupted, then resumed after an upgrade) is started afresh
 WORK_FORMAT = 2
+
+#: what the labelling's work folder held before it carried the scratch mark
+WORK_LEGACY = ("blocks", "maps")
 
 
 @dataclass(frozen=True)
@@ -395,9 +398,10 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     gshape = grid.grid_shape
     work = out.parent / f".{out.name}.labels-work"
     run_hash = f"{state.run_hash}-work{WORK_FORMAT}" if state is not None else ""
-    resumed = state is not None and (work / "state" / run_hash).is_dir()
-    if not resumed:
-        shutil.rmtree(work, ignore_errors=True)
+    # a folder of that name that the labelling did not make is refused, never deleted
+    resumed = state is not None and is_scratch(work, WORK_LEGACY) \
+        and (work / "state" / run_hash).is_dir()
+    fresh_scratch(work, keep=resumed, legacy=WORK_LEGACY)
     for sub in ("blocks", "maps"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     marks = None
@@ -467,9 +471,9 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
                                RelabelView(str(work), shape, grid.block_shape, gshape, dtype))
     except BaseException:
         if state is None:  # a resumable run keeps its finished blocks
-            shutil.rmtree(work, ignore_errors=True)
+            remove_scratch(work)
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    remove_scratch(work)
     return LabelResult(out, n, dtype, n_objects=n_objects, values=values)
 
 
@@ -609,6 +613,7 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
     grid = BlockGrid(arr.shape, arr.chunks)
     out = Path(out)
     scratch = out.parent / f".{out.name}.sizes"
+    fresh_scratch(scratch, legacy=("parts",))
     try:
         kept, counts = reduce_objects(
             client, grid, LabelCounts(str(labels)), ("add",), KeepSizes(min_size, max_size),
@@ -619,7 +624,7 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
         run_blocks(client, grid, ApplyKept(str(labels), str(out), kept, offsets),
                    name="size-filter", progress=progress)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_scratch(scratch)
     return int(sum(counts))
 
 
@@ -711,7 +716,7 @@ def count_labels(client: Any, level0: str | Path, block_shape: Sequence[int],
                                    ListIds(limit), folder, name="label-count",
                                    progress=progress)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_scratch(folder)
     n = sum(count for count, _ in shards)
     if n > limit or any(ids is None for _, ids in shards):
         return n, None

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from engine.blocks import Block, BlockGrid
+from engine.output import fresh_scratch
 
 DEFAULT_BUDGET_MIB = 256
 Table = tuple[np.ndarray, ...]
@@ -210,7 +211,9 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
         Picklable ``finish(table) -> (kept table, summary)`` run per shard on the merged
         rows; the kept table is what :class:`ShardedTable` reads.
     folder : path
-        Scratch folder (created; its ``parts`` are removed once merged).
+        Scratch folder (:func:`engine.output.fresh_scratch`: an earlier run's is
+        replaced, a folder voxelmill did not make is refused; its ``parts`` are removed
+        once merged).
     budget : int, optional
         Bytes of rows per shard (default :func:`table_budget`).
     align : int
@@ -230,8 +233,8 @@ def reduce_objects(client: Any, grid: BlockGrid, partial: Callable[[Block], Tabl
     from engine.runner import run_blocks
 
     folder = Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "parts").mkdir(parents=True)
+    fresh_scratch(folder, legacy=("parts", "shard-0.c0.npy"))
+    (folder / "parts").mkdir()
     rows, lo, hi, row_bytes = run_blocks(
         client, grid, SavePartial(partial, str(folder)), name=f"{name}-partials",
         progress=progress, combine=merge_summaries,

@@ -137,6 +137,41 @@ def remove_made_folders() -> None:
         made_folders.discard(folder)
 
 
+#: the file that marks a scratch folder as voxelmill's (:func:`fresh_scratch`)
+SCRATCH_MARK = ".voxelmill-scratch"
+
+
+def is_scratch(folder: Path, legacy: Sequence[str] = ()) -> bool:
+    """Whether ``folder`` is a scratch folder of voxelmill's: it holds the mark of
+    :func:`fresh_scratch`, or one of ``legacy`` (what an older version put in it first)."""
+    return any((folder / m).exists() for m in (SCRATCH_MARK, *legacy))
+
+
+def fresh_scratch(folder: Path, *, keep: bool = False, legacy: Sequence[str] = ()) -> None:
+    """Make ``folder`` a scratch folder for intermediate files, marked as voxelmill's.
+
+    A scratch folder left by an earlier run (:func:`is_scratch`) is deleted first, unless
+    ``keep`` (a run resuming from it); an empty folder is taken over. Anything else of
+    that name is the user's: refused (:class:`DestinationError`), never deleted.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or folder.exists() and not folder.is_dir() or folder.is_dir() \
+            and next(folder.iterdir(), None) is not None and not is_scratch(folder, legacy):
+        raise DestinationError(f"{folder}: voxelmill needs this name for its scratch folder, "
+                               "and a file or folder not made by voxelmill has it: move it "
+                               "away or choose another output path")
+    if folder.is_dir() and not keep:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SCRATCH_MARK).touch()
+
+
+def remove_scratch(folder: Path) -> None:
+    """Delete the scratch folder ``folder`` (see :func:`fresh_scratch`) if it is one."""
+    if Path(folder).is_dir() and not Path(folder).is_symlink() and is_scratch(Path(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def check_output_name(name: str, example: str) -> None:
     """Refuse a ``--name`` that is not a plain file-system name (it becomes a folder)."""
     from engine.errors import OptionError

@@ -126,6 +126,40 @@ def test_size_filter_uses_global_sizes_of_objects_cut_by_blocks(client, tmp_path
     assert band == np.count_nonzero((counts >= 5) & (counts <= small))
 
 
+def test_scratch_folders_beside_the_output_are_never_someone_elses(client, tmp_path):
+    """The labelling's work folder and the size filter's scratch are hidden siblings of the
+    output: a file or folder of that name that voxelmill did not make is refused with its
+    name, untouched; one voxelmill left (marked, or of an older version) is replaced."""
+    from engine.errors import DestinationError
+    from engine.labels import filter_sizes
+    from engine.output import SCRATCH_MARK
+
+    mask = _blobs((20, 21, 22), seed=6)
+    ref, _ = ndi.label(mask)
+    work = tmp_path / ".lab.labels-work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "mine.txt").write_text("keep")
+    with pytest.raises(DestinationError, match=r"\.lab\.labels-work"):
+        label(client, da.from_array(mask, chunks=8), tmp_path / "lab")
+    assert (work / "notes" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lab.labels-work"]
+    (tmp_path / ".sizes-user").write_text("keep")
+    (tmp_path / ".kept.sizes").symlink_to(tmp_path / ".sizes-user")
+    for work, leftover in ((tmp_path / ".lab2.labels-work", SCRATCH_MARK),
+                           (tmp_path / ".lab3.labels-work", "blocks")):
+        (work / leftover).mkdir(parents=True)  # an earlier run's: replaced
+        res = label(client, da.from_array(mask, chunks=8), work.parent / work.name[1:-12])
+        np.testing.assert_array_equal(zarr.open_array(str(res.path))[...], ref)
+        assert not work.exists()
+    with pytest.raises(DestinationError, match=r"\.kept\.sizes"):
+        filter_sizes(client, res.path, tmp_path / "kept", min_size=3)
+    assert (tmp_path / ".sizes-user").read_text() == "keep" and not (tmp_path / "kept").exists()
+    (tmp_path / ".kept.sizes").unlink()
+    (tmp_path / ".kept.sizes").mkdir()  # empty: taken over, and removed after
+    assert filter_sizes(client, res.path, tmp_path / "kept", min_size=3) > 3
+    assert not (tmp_path / ".kept.sizes").exists()
+
+
 def _reference(mask, connectivity, min_size=0, max_size=None, sequential=False):
     from skimage.measure import label as sk_label
 
