@@ -35,7 +35,9 @@ RSS of the client process (it holds the embedded scheduler too) and of the large
 process (sampled every 50 ms; ``rss`` counts file-backed pages), and the CPU seconds of
 the timed run spent by the client process (``client_cpu_s``: client and embedded scheduler
 share one event loop, the serial part of every task's cost, which bounds how many tasks a
-second a cluster of any size runs) and by all workers together (``workers_cpu_s``). Every
+second a cluster of any size runs) and by all workers together (``workers_cpu_s``), the
+client's busy share of the run (``client_busy`` = client_cpu_s ÷ seconds: near 1 the
+workers wait on it) and the dask tasks the run finished (``tasks``). Every
 segment output must equal the 1x1 output (a SHA-256 of level 0, not timed), every convert
 output too. On many cores give a bigger ``--size``: at 384³ a pass has 216 blocks of 64³,
 which 16 threads get in bundles of one to three (four tasks per thread), 550–600 tasks a
@@ -340,14 +342,16 @@ def trial_segment(args: argparse.Namespace) -> dict[str, Any]:
             cold = _timed(lambda: segment(args.trial_src, options, client, progress=None,
                                           report=lambda line: None))[0]
             _clear_caches(client)
+            counter = TaskCounter(client)
             with CPUTimes(client) as cpu:
                 seconds, result = _timed(lambda: segment(args.trial_src, options, client,
                                                          progress=None,
                                                          report=lambda line: None))
+            tasks = counter.count()
     digest = sha256_level0(args.trial_src / "labels" / "bench" / "0")
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
             "worker_peak": mon.largest_worker, "samples": mon.samples,
-            "objects": result.n_objects, "digest": digest, **cpu.seconds}
+            "objects": result.n_objects, "digest": digest, "tasks": tasks, **cpu.seconds}
 
 
 def _clear_caches(client: Any) -> None:
@@ -375,13 +379,15 @@ def trial_convert(args: argparse.Namespace) -> dict[str, Any]:
             cold = _timed(lambda: convert(args.trial_src, args.trial_dst, options, client,
                                           report=lambda line: None))[0]
             _clear_caches(client)
+            counter = TaskCounter(client)
             with CPUTimes(client) as cpu:
                 seconds = _timed(lambda: convert(args.trial_src, args.trial_dst, options,
                                                  client, report=lambda line: None))[0]
+            tasks = counter.count()
     digest = sha256_level0(level0_path(args.trial_dst))
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
             "worker_peak": mon.largest_worker, "samples": mon.samples, "digest": digest,
-            **cpu.seconds}
+            "tasks": tasks, **cpu.seconds}
 
 
 def _top_allocations(snapshot: Any, limit: int = 12) -> list[str]:
@@ -603,7 +609,7 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             res.update({key: max(r[key] for r in runs) for key in ("client_peak",
                                                                    "worker_peak")})
             cpu = {key: float(np.median([r[key] for r in runs]))
-                   for key in ("client_cpu_s", "workers_cpu_s")}
+                   for key in ("client_cpu_s", "workers_cpu_s", "tasks")}
             digests.update(r["digest"] for r in runs)
             rate = mvox / res["seconds"]
             if (w, t) == (1, 1):
@@ -615,14 +621,19 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    "client_peak_rss_mib": round(res["client_peak"] / MIB, 1),
                    "largest_worker_peak_rss_mib": round(res["worker_peak"] / MIB, 1),
                    "client_cpu_s": round(cpu["client_cpu_s"], 3),
-                   "workers_cpu_s": round(cpu["workers_cpu_s"], 3)}
+                   "workers_cpu_s": round(cpu["workers_cpu_s"], 3),
+                   # the client process (client + embedded scheduler: one event loop) busy
+                   # this share of the run: near 1, it is what the workers wait on
+                   "client_busy": round(cpu["client_cpu_s"] / res["seconds"], 3),
+                   "tasks": int(cpu["tasks"])}
             print("point " + json.dumps(row), flush=True)
             rows.append(row)
         summary[what] = {
             "points": [{k: r[k] for k in ("workers", "threads", "mvox_s", "efficiency",
                                           "client_peak_rss_mib",
                                           "largest_worker_peak_rss_mib", "client_cpu_s",
-                                          "workers_cpu_s")} for r in rows],
+                                          "workers_cpu_s", "client_busy", "tasks")}
+                       for r in rows],
             "outputs_identical": len(digests) == 1,
             "speedup_2x1": next((round(r["mvox_s"] / base, 3) for r in rows
                                  if (r["workers"], r["threads"]) == (2, 1)), None),
