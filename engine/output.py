@@ -209,9 +209,24 @@ def commit(partial: Path, dst: Path, client: Any = None) -> None:
             raise
     partial.rename(dst)
     readguard.release(dst)  # replaced by this command itself: no longer what it read
-    if holder is not None:
-        remove_on_workers(holder / dst.name, client)
-        _delete(holder)  # what is left
+    # this replacement's holder, and those of replacements killed before they emptied them
+    for old in stale_holders(dst):
+        remove_on_workers(old / dst.name, client)
+        _delete(old)  # what is left
+
+
+def stale_holders(dst: Path) -> list[Path]:
+    """The hidden folders that replacements of ``dst`` killed before they deleted the old
+    output left beside it: named as :func:`commit` names them (``.NAME.old-`` and the 8
+    characters of :func:`tempfile.mkdtemp`), holding nothing but an entry ``NAME``. A
+    folder holding anything else is not touched."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.old-[a-z0-9_]{{8}}")
+    found = []
+    for p in dst.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() \
+                and [c.name for c in p.iterdir()] in ([], [dst.name]):
+            found.append(p)
+    return sorted(found)
 
 
 def _delete(path: Path) -> None:

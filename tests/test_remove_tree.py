@@ -148,6 +148,31 @@ def test_overwrite_keeps_a_file_named_like_its_trash(client, tmp_path):
         ".v.ome.zarr.old", ".v.ome.zarr.old-x", "v.npy", "v.ome.zarr"]
 
 
+def test_overwrite_deletes_what_a_killed_replacement_left(client, tmp_path):
+    """A replacement killed between moving the old output aside and deleting it leaves a
+    hidden ``.NAME.old-XXXXXXXX``: the next replacement deletes it (and an empty one), but
+    not one holding anything else, nor a name of another pattern."""
+    vol = np.arange(16 * 16 * 16, dtype=np.uint16).reshape(16, 16, 16)
+    np.save(tmp_path / "v.npy", vol)
+    dst = tmp_path / "v.ome.zarr"
+    opts = ConvertOptions(chunks=(8,), assume_voxel_size=True, max_levels=1)
+    convert(tmp_path / "v.npy", dst, opts, client, report=lambda _: None)
+    killed = tmp_path / ".v.ome.zarr.old-k1ll_3d0"
+    killed.mkdir()
+    os.rename(dst, killed / "v.ome.zarr")  # as commit() moves it, then the kill
+    (tmp_path / ".v.ome.zarr.old-empty000").mkdir()
+    for name in (".v.ome.zarr.old-mine0000", ".v.ome.zarr.old-x"):
+        (tmp_path / name / "v.ome.zarr").mkdir(parents=True)
+    (tmp_path / ".v.ome.zarr.old-mine0000" / "notes").write_text("mine")
+    for overwrite in (False, True):
+        convert(tmp_path / "v.npy", dst, ConvertOptions(
+            chunks=(8,), assume_voxel_size=True, max_levels=1, overwrite=overwrite), client,
+            report=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".v.ome.zarr.old-mine0000", ".v.ome.zarr.old-x", "v.npy", "v.ome.zarr"]
+    assert (tmp_path / ".v.ome.zarr.old-mine0000" / "notes").read_text() == "mine"
+
+
 def test_a_replacement_that_cannot_move_the_old_output_leaves_nothing(tmp_path, monkeypatch):
     """When the old output cannot be moved aside, the commit fails with both outputs where
     they were and no empty hidden folder beside them."""
