@@ -3,6 +3,7 @@ prediction independent of the block layout (= the whole-image assembly), borders
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -149,16 +150,60 @@ def test_marker_index_reads_the_markers_whose_crops_meet_a_region(tmp_path, grid
     yx = np.column_stack([rng.integers(0, shape[0], 400), rng.integers(0, shape[1], 400)])
     yx[:8] = [(0, 0), (96, 130), (0, 130), (96, 0), (6, 6), (6, 7), (7, 6), (50, 50)]
     rows = np.column_stack([rng.permutation(np.arange(5, 405)), yx]).astype(np.int64)
-    index = MarkerIndex.write(tmp_path / "idx", rows, shape, grid_block)
-    regions = [b.write for blk in [(32, 64), (7, 13), (97, 131), (1, 1)]
-               for b in BlockGrid(shape, blk)][::3]
+    index = MarkerIndex.create(tmp_path / "idx", shape, grid_block)
+    index.write(rows)
+    regions = [b.write for blk, step in [((32, 64), 1), ((7, 13), 3), ((97, 131), 1),
+                                          ((1, 1), 61)]
+               for b in list(BlockGrid(shape, blk))[::step]]
+    by_id = rows[np.argsort(rows[:, 0])]
     for crop in (2, 8, 14, 64):
+        # every marker's crop box, (N, 2 axes, start/stop), as crops.crop_box gives it
+        boxes = np.array([[(b.start, b.stop) for b in crop_box(y, x, crop)]
+                          for _, y, x in by_id])
         for region in regions:
-            scan = [r for r in rows if all(b.start < w.stop and w.start < b.stop for b, w
-                                           in zip(crop_box(r[1], r[2], crop), region,
-                                                   strict=True))]
-            scan = np.array(sorted(scan, key=lambda r: r[0]), np.int64).reshape(-1, 3)
-            np.testing.assert_array_equal(index.near(region, crop), scan)
+            meets = np.ones(len(by_id), bool)
+            for axis, w in enumerate(region):
+                meets &= (boxes[:, axis, 0] < w.stop) & (w.start < boxes[:, axis, 1])
+            np.testing.assert_array_equal(index.near(region, crop), by_id[meets])
+
+
+def test_point_image_markers_are_bucketed_by_their_blocks(client, tmp_path):
+    """A point label image read blockwise (each block saving its bucket, ids checked in a
+    sharded table) gives the buckets a CSV of the same markers gives: the markers inside
+    the mask; an id of two pixels is refused with its id."""
+    from engine.cutter.common import MarkerIndex, index_markers
+    from engine.errors import InputError
+
+    shape, chunks, block = (90, 120), (15, 20), (30, 40)
+    rng = np.random.default_rng(3)
+    flat = rng.choice(shape[0] * shape[1], 300, replace=False)
+    ys, xs = np.unravel_index(flat, shape)
+    ids = rng.permutation(np.arange(7, 307))
+    points = np.zeros(shape, np.uint32)
+    points[ys, xs] = ids
+    mask = (rng.random(shape) < 0.7).astype(np.uint8)
+    pts, msk = _store(tmp_path, "pts", points, chunks), _store(tmp_path, "msk", mask, chunks)
+    rows = np.column_stack([ids, ys, xs]).astype(np.int64)
+    csv = tmp_path / "m.csv"
+    csv.write_text("id,y,x\n" + "".join(f"{i},{y},{x}\n" for i, y, x in rows))
+    image = type("Slide", (), {"shape": shape})()
+    got = {}
+    for name, source in (("image", pts), ("csv", csv)):
+        index, n = index_markers(client, image, source, name, msk, block, tmp_path / name)
+        assert n == int(mask[ys, xs].sum()) > 100
+        got[name] = index
+    want = MarkerIndex.create(tmp_path / "want", shape, block)
+    want.write(rows[mask[ys, xs] > 0])
+    for index in itertools.product(range(want.grid_shape[0]), range(want.grid_shape[1])):
+        for idx in got.values():
+            assert idx.bucket_file(index).exists() == want.bucket_file(index).exists()
+            if want.bucket_file(index).exists():
+                np.testing.assert_array_equal(np.load(idx.bucket_file(index)),
+                                              np.load(want.bucket_file(index)))
+    points[ys[0], (xs[0] + 1) % shape[1]] = ids[0]  # the same id on a second pixel
+    dup = _store(tmp_path, "dup", points, chunks)
+    with pytest.raises(InputError, match=f"id {ids[0]} covers 2 pixels"):
+        index_markers(client, image, dup, "dup", msk, block, tmp_path / "dup")
 
 
 def test_blob_ties_give_one_marker_per_window():

@@ -11,6 +11,7 @@ absent).
 from __future__ import annotations
 
 import csv
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.labels import concatenate_tables
+from engine.output import fresh_scratch
 from engine.segment.refs import Stored
 from engine.volume import select_channel
 
@@ -172,13 +174,13 @@ def read_csv_markers(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MarkerIndex:
-    """Markers saved for block tasks, bucketed by the block of ``grid_block`` holding
-    their pixel: a task reads the buckets its crops can reach, never the whole list (a
-    scan of every marker by every block costs markers × blocks).
+    """Markers saved for block tasks, bucketed by the block of a grid holding their pixel:
+    a task reads the buckets its crops can reach, never the whole list (a scan of every
+    marker by every block costs markers × blocks), and no process needs the whole list to
+    write it (:class:`PointBuckets` writes each bucket from its block).
 
-    Files in ``folder``: ``rows.npy``, ``(N, 3)`` int64 rows ``(id, y, x)`` sorted by
-    bucket (raster order of the grid), then id; ``starts.npy``, ``(buckets + 1,)`` int64,
-    bucket ``k`` holding ``rows[starts[k]:starts[k + 1]]``.
+    Bucket ``(i, j)`` is the file ``folder/i_j.npy``: ``(K, 3)`` int64 rows ``(id, y, x)``
+    sorted by id; no file for an empty bucket.
     """
 
     folder: str
@@ -186,19 +188,33 @@ class MarkerIndex:
     grid_shape: tuple[int, int]
 
     @classmethod
-    def write(cls, folder: str | Path, rows: np.ndarray, shape: tuple[int, int],
-              grid_block: tuple[int, int]) -> MarkerIndex:
-        """Save ``rows`` (``(N, 3)`` id, y, x inside ``shape``) bucketed by ``grid_block``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def create(cls, folder: str | Path, shape: tuple[int, int],
+               grid_block: tuple[int, int]) -> MarkerIndex:
+        """An empty index of ``shape`` in buckets of ``grid_block`` (its folder made anew)."""
+        fresh_scratch(Path(folder))
         gshape = tuple(-(-n // b) for n, b in zip(shape, grid_block, strict=True))
-        rows = np.asarray(rows, np.int64).reshape(-1, 3)
-        bucket = (rows[:, 1] // grid_block[0]) * gshape[1] + rows[:, 2] // grid_block[1]
-        order = np.lexsort((rows[:, 0], bucket))
-        starts = np.searchsorted(bucket[order], np.arange(gshape[0] * gshape[1] + 1))
-        np.save(folder / "rows.npy", rows[order])
-        np.save(folder / "starts.npy", starts.astype(np.int64))
         return cls(str(folder), tuple(grid_block), gshape)  # type: ignore[arg-type]
+
+    def bucket_file(self, index: tuple[int, ...]) -> Path:
+        return Path(self.folder) / f"{index[0]}_{index[1]}.npy"
+
+    def save(self, index: tuple[int, ...], rows: np.ndarray) -> None:
+        """Save bucket ``index``'s rows (any order; none: no file)."""
+        rows = np.asarray(rows, np.int64).reshape(-1, 3)
+        if len(rows):
+            np.save(self.bucket_file(index), rows[np.argsort(rows[:, 0], kind="stable")])
+
+    def write(self, rows: np.ndarray) -> None:
+        """Save ``rows`` (``(N, 3)`` id, y, x inside the image) into their buckets."""
+        rows = np.asarray(rows, np.int64).reshape(-1, 3)
+        bucket = ((rows[:, 1] // self.grid_block[0]) * self.grid_shape[1]
+                  + rows[:, 2] // self.grid_block[1])
+        order = np.argsort(bucket, kind="stable")
+        rows, bucket = rows[order], bucket[order]
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        for part, b in zip(np.split(rows, cuts), bucket[np.r_[0, cuts]] if len(rows) else [],
+                           strict=True):
+            self.save(divmod(int(b), self.grid_shape[1]), part)
 
     def near(self, region: tuple[slice, slice], crop: int) -> np.ndarray:
         """Rows ``(id, y, x)``, sorted by id, of the markers whose crop (``crop × crop``
@@ -210,18 +226,89 @@ class MarkerIndex:
                                                                    strict=True)]
         hi = [min((r.stop + h - 1) // b, g - 1) for r, b, g in
               zip(region, self.grid_block, self.grid_shape, strict=True)]
-        rows = np.load(Path(self.folder) / "rows.npy", mmap_mode="r")
-        starts = np.load(Path(self.folder) / "starts.npy", mmap_mode="r")
-        # a row of buckets from column lo[1] to hi[1] is one contiguous run of rows
-        runs = [rows[starts[r * self.grid_shape[1] + lo[1]]:
-                     starts[r * self.grid_shape[1] + hi[1] + 1]]
-                for r in range(lo[0], hi[0] + 1)] if hi[1] >= lo[1] else []
-        near = np.concatenate([np.zeros((0, 3), np.int64), *runs])
+        parts = [np.zeros((0, 3), np.int64)]
+        for index in itertools.product(range(lo[0], hi[0] + 1), range(lo[1], hi[1] + 1)):
+            if self.bucket_file(index).exists():
+                parts.append(np.load(self.bucket_file(index)))
+        near = np.concatenate(parts)
         y, x = near[:, 1], near[:, 2]
         hit = ((y - h < region[0].stop) & (y - h + crop > region[0].start)
                & (x - h < region[1].stop) & (x - h + crop > region[1].start))
         near = near[hit]
         return near[np.argsort(near[:, 0], kind="stable")]
+
+
+@dataclass(frozen=True)
+class PointBuckets:
+    """Block task of :func:`index_markers` over the index's grid: the markers of a point
+    label image in the block, those in the foreground mask saved as the block's bucket;
+    returns the table ``(ids, pixels, pixels in the mask)`` of every id in the block (ids
+    sorted uint64) for the sharded check that each id is one pixel."""
+
+    points: Stored
+    mask: Stored
+    index: MarkerIndex
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, ...]:
+        data = np.asarray(self.points.read_region(block.write))
+        ys, xs = np.nonzero(data)
+        ids = data[ys, xs].astype(np.int64)
+        inside = np.asarray(self.mask.read_region(block.write))[ys, xs] > 0
+        y0, x0 = block.write[0].start, block.write[1].start
+        self.index.save(block.index, np.column_stack([ids, ys + y0, xs + x0])[inside])
+        table, counts = np.unique(ids.astype(np.uint64), return_counts=True)
+        kept = np.bincount(np.searchsorted(table, ids[inside].astype(np.uint64)),
+                           minlength=table.size)
+        return table, counts.astype(np.int64), kept.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class PointsSummary:
+    """Shard ``finish`` of :func:`index_markers`: ``(ids, markers in the mask, the id
+    covering the most pixels, its pixels)``."""
+
+    def __call__(self, table: tuple[np.ndarray, ...]
+                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, int, int, int]]:
+        ids, counts, kept = table
+        if not ids.size:
+            return table, (0, 0, 0, 0)
+        worst = int(np.argmax(counts))
+        return table, (int(ids.size), int(np.count_nonzero(kept)), int(ids[worst]),
+                       int(counts[worst]))
+
+
+def index_markers(client: Any, image: SlideImage, source: Stored | Path, spec: str,
+                  mask: Stored, grid_block: tuple[int, int], folder: Path) -> tuple[MarkerIndex,
+                                                                                    int]:
+    """The markers of ``--markers`` that lie in the foreground ``mask``, bucketed for block
+    tasks (:class:`MarkerIndex` in ``folder``), and how many they are.
+
+    A point label image is read blockwise: each block saves its own bucket, and the check
+    that every id is one pixel is a sharded per-id table (:mod:`engine.objtables`), so no
+    process holds the whole list. A CSV file is read here, whole (it is one).
+    """
+    from engine.objtables import reduce_objects
+
+    index = MarkerIndex.create(folder / "buckets", image.shape, grid_block)
+    if isinstance(source, Path):
+        rows = read_csv_markers(source, image.shape)
+        if not len(rows):
+            raise InputError(f"--markers {spec}: no markers")
+        rows = rows[in_mask(mask, rows)]
+        index.write(rows)
+        return index, len(rows)
+    grid = BlockGrid(image.shape, grid_block)
+    _, shards = reduce_objects(client, grid, PointBuckets(source, mask, index),
+                               ("add", "add"), PointsSummary(), folder / "ids",
+                               name="read-markers")
+    n = sum(s[0] for s in shards)
+    if not n:
+        raise InputError(f"--markers {spec}: no markers")
+    _, _, bad, pixels = max(shards, key=lambda s: s[3])
+    if pixels > 1:
+        raise InputError(f"markers {spec!r}: id {bad} covers {pixels} pixels; give a point "
+                         "image (one pixel per marker) from 'voxelmill cutter markers'")
+    return index, sum(s[1] for s in shards)
 
 
 def check_markers_source(image: SlideImage, spec: str) -> Stored | Path:

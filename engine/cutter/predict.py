@@ -42,8 +42,7 @@ from engine.cutter.common import (
     MarkerIndex,
     SlideImage,
     check_markers_source,
-    in_mask,
-    load_markers,
+    index_markers,
     open_slide,
 )
 from engine.cutter.crops import crop_box, network_inputs, read_channels, read_mask
@@ -355,9 +354,9 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
         partial = run.partial(plan.destination)
         borders_partial = run.partial(plan.borders_destination)
         work = run.work
-        rows = load_markers(client, image, plan.markers_source, opts.markers)
-        rows = rows[in_mask(plan.mask, rows)]  # a marker outside the mask is no cell
-        markers = MarkerIndex.write(work / "markers", rows, image.shape, plan.block)
+        # a marker outside the mask is no cell
+        markers, n_markers = index_markers(client, image, plan.markers_source, opts.markers,
+                                           plan.mask, plan.block, work / "markers")
         stats = channel_stats(image, plan.refs, client)
         labels_path, borders_path = str(work / "labels"), str(work / "borders")
         zarr.open_array(labels_path, mode="a", shape=image.shape, chunks=image.chunks,
@@ -366,7 +365,7 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
                           dtype=np.uint8, fill_value=0, zarr_format=3, overwrite=True)
         gpus, resources, in_flight = device_dispatch(client)
         grid = BlockGrid(image.shape, plan.block, chunks=image.chunks)
-        report(f"predicting {len(rows)} markers' crops ({plan.crop}×{plan.crop}) in "
+        report(f"predicting {n_markers} markers' crops ({plan.crop}×{plan.crop}) in "
                f"{len(grid)} blocks of {plan.block} on "
                f"{'the GPU workers ' + ', '.join(gpus) if gpus else 'every worker'}")
         task = CutterTask(str(Path(opts.model).resolve()), opts.device, tuple(plan.refs),
@@ -387,7 +386,7 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
                       f"{opts.name}_borders", [0, 1], progress)
         run.commit()
     omezarr.add_label_names(image.source, [opts.name, f"{opts.name}_borders"], image.ngff)
-    return CutterPredictResult(plan.destination, plan.borders_destination, len(rows),
+    return CutterPredictResult(plan.destination, plan.borders_destination, n_markers,
                                n_cells, run.record.seconds,
                                run.record.collector.stages)
 
