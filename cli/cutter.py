@@ -60,7 +60,7 @@ def markers(
                      gil_bound=True) as client:
             result = run_markers(plan, client, progress_factory(),
                                  report=lambda line: err.print(line, markup=False))
-        out.print(f"wrote {result.destination} ({len(result.markers)} markers) in "
+        out.print(f"wrote {result.destination} ({result.n_markers} markers) in "
                   f"{result.seconds:.1f} s", markup=False)
         if result.csv is not None:
             out.print(f"wrote {result.csv}", markup=False)

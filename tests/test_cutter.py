@@ -229,6 +229,54 @@ def test_centroid_markers_blockwise(tmp_path):
     np.testing.assert_array_equal(rows[:, 1:], expect)
 
 
+@pytest.mark.parametrize("block", [(32, 48), (64, 160)])
+def test_markers_command_equals_the_whole_image(client, tmp_path, block, monkeypatch):
+    """``cutter markers`` blockwise (blobs ranked in raster order without a list on the
+    client; centroids through a sharded table of a few rows per shard): the point image and
+    the CSV equal the whole-image detector and scikit-image's centroids."""
+    from skimage.measure import regionprops
+
+    from engine.cutter.markers import MarkerOptions, plan_markers, run_markers
+    from engine.learn.normalize import Normalization, compute_stats
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    image, nuclei, _, names = phantom_slide((128, 160), seed=5, n_cells=14)
+    tifffile.imwrite(tmp_path / "s.ome.tif", image, ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": list(names)}})
+    tifffile.imwrite(tmp_path / "nuc.tif", nuclei.astype(np.uint16))
+    src = tmp_path / "s.ome.zarr"
+    convert(tmp_path / "s.ome.tif", src, ConvertOptions(
+        chunks=(16,), assume_voxel_size=True, labels=(("nuc", str(tmp_path / "nuc.tif")),)),
+        client, report=lambda _: None)
+    monkeypatch.setenv("VOXELMILL_TABLE_BUDGET_MIB", str(5 * 32 * 3 / 2**20))  # ~5 rows
+    for name, opts in (("blobs", MarkerOptions("blobs", channel="DAPI", block=block,
+                                               csv=tmp_path / "blobs.csv")),
+                       ("cents", MarkerOptions("cents", from_labels="nuc", block=block,
+                                               csv=tmp_path / "cents.csv"))):
+        plan = plan_markers(src, opts)
+        result = run_markers(plan, client, report=lambda _: None)
+        if name == "blobs":
+            stats = compute_stats([plan.source], Normalization(), client)
+            yx = find_blobs(image[list(names).index("DAPI")].astype(np.float64),
+                            plan.options.scale_sigma, 0.1, plan.options.window,
+                            stats.offset[0], stats.scale[0])
+            want = np.column_stack([np.arange(1, len(yx) + 1), yx])
+        else:
+            want = np.array([(p.label, *np.floor(np.array(p.centroid) + 0.5).astype(int))
+                             for p in regionprops(nuclei)])
+        assert result.n_markers == len(want) > 8
+        points = np.asarray(zarr.open_array(str(src / "labels" / name / "0"))[...])
+        expect = np.zeros(points.shape, np.uint32)
+        expect[want[:, 1], want[:, 2]] = want[:, 0]
+        np.testing.assert_array_equal(points, expect)
+        rows = np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, dtype=np.int64)
+        np.testing.assert_array_equal(rows, want)
+        colours = zarr.open_group(str(src / "labels" / name)).attrs["ome"]["image-label"]
+        assert [c["label-value"] for c in colours["colors"]] == want[:, 0].tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "blobs.csv", "cents.csv", "nuc.tif", "s.ome.tif", "s.ome.zarr"]
+
+
 def test_blob_markers_find_phantom_nuclei():
     image, nuclei, _, _ = phantom_slide((256, 320), seed=2)
     dapi = image[0]

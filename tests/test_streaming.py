@@ -265,26 +265,3 @@ def test_object_histograms_equal_numpy(tmp_path, dtype):
         rows = (keys >> np.uint64(bits)) == i
         got = object_histogram(keys[rows], counts[rows], bits, a, b, img.dtype)
         np.testing.assert_array_equal(got.counts, want)
-
-
-def test_streamed_centroid_sums_equal_the_per_block_combination():
-    """cellcutter's centroid markers: per-id sums merged as blocks arrive give the same
-    centroids as combining every block's table at the end."""
-    from engine.cutter.markers import combine_centroids, merge_centroid_sums
-
-    rng = np.random.default_rng(8)
-    lab = rng.integers(0, 40, (61, 47)).astype(np.uint32)
-    lab[lab > 25] = 0
-    parts = []
-    for block in BlockGrid(lab.shape, (9, 13)):
-        ys, xs = np.nonzero(lab[block.write])
-        ids, inv = np.unique(lab[block.write][ys, xs], return_inverse=True)
-        parts.append(np.column_stack([
-            ids.astype(np.int64), np.bincount(inv),
-            np.bincount(inv, weights=ys + block.write[0].start).astype(np.int64),
-            np.bincount(inv, weights=xs + block.write[1].start).astype(np.int64)]
-        ).astype(np.int64).reshape(-1, 4))
-    fold = TreeFold(merge_centroid_sums)
-    for i in np.random.default_rng(9).permutation(len(parts)).tolist():
-        fold.add(i, parts[i])
-    np.testing.assert_array_equal(combine_centroids([fold.result()]), combine_centroids(parts))

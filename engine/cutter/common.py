@@ -26,6 +26,10 @@ from engine.output import fresh_scratch
 from engine.segment.refs import Stored
 from engine.volume import select_channel
 
+#: label images with at most this many cells or markers list their ids in the
+#: ``image-label`` metadata
+LISTED = 10000
+
 
 @dataclass
 class SlideImage:

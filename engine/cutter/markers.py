@@ -19,17 +19,21 @@ the whole-array function; on images without ties it equals
 ``skimage.feature.peak_local_max(R, min_distance, threshold_abs, exclude_border=False)``).
 
 **Centroids.** Of an existing label image (e.g. nuclei from ``voxelmill segment``): per-label
-pixel counts and coordinate sums reduced over blocks; the marker is the centroid rounded
-half up, its id the label's id (for non-convex objects the centroid may lie outside).
+pixel counts and coordinate sums, a sharded table merged on the workers
+(:mod:`engine.objtables`); the marker is the centroid rounded half up, its id the label's id
+(for non-convex objects the centroid may lie outside).
 
-Ids of blob markers are 1..n in raster order of their pixel, over the whole slide.
+Ids of blob markers are 1..n in raster order of their pixel, over the whole slide: each
+block saves its markers' raster keys, rows of blocks count them (:mod:`engine.ranks`), and
+each block writes its own markers with their ranks. No process holds the list of markers:
+the point image is written block by block, the CSV a row of blocks (or a shard of
+centroids) at a time.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +43,15 @@ from scipy import ndimage as ndi
 
 from engine import __version__
 from engine.blocks import Block, BlockGrid, pad_read
-from engine.cutter.common import SlideImage, open_slide
+from engine.cutter.common import LISTED, SlideImage, open_slide
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.chunkfiles import write_region
 from engine.io.sources import zarr_source
-from engine.labels import concatenate_rows, merge_by_id
 from engine.learn.normalize import ChannelStats
 from engine.output import check_destination, check_output_name, output_run, write_multiscale
 from engine.pyramid import plan_levels
+from engine.ranks import GroupCounts, Ranker, RankGrid
 from engine.segment.filters import LOG_TRUNCATE, gaussian_radius, spot_response
 from engine.segment.refs import Stored
 
@@ -153,14 +158,6 @@ class CentroidTask:
                                ).astype(np.int64)
 
 
-def merge_centroid_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Merge two :class:`CentroidTask` tables ``(id, n, sum y, sum x)`` (ids sorted and
-    unique in each) into one, summing the rows of an id in both (a ``combine`` for the
-    runner: the client holds one row per marker, never one table per block)."""
-    merged = merge_by_id(tuple(a.T), tuple(b.T), (np.add, np.add, np.add))
-    return np.column_stack(merged).astype(np.int64).reshape(-1, 4)
-
-
 def combine_centroids(parts: list[np.ndarray]) -> np.ndarray:
     """``(N, 3)`` rows ``(id, y, x)``: centroids (rounded half up) of the summed parts."""
     rows = np.concatenate([p for p in parts if len(p)] or [np.zeros((0, 4), np.int64)])
@@ -220,7 +217,7 @@ class MarkerPlan:
 @dataclass
 class MarkerResult:
     destination: Path
-    markers: np.ndarray  # (N, 3) id, y, x
+    n_markers: int
     csv: Path | None
     seconds: float
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -268,77 +265,219 @@ def _normalization(plan: MarkerPlan, client: Any) -> ChannelStats:
     return compute_stats([plan.source], Normalization(), client)
 
 
-def detect(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | None = None
-           ) -> np.ndarray:
-    """The markers, ``(N, 3)`` rows ``(id, y, x)``, blockwise on the cluster."""
-    from engine.runner import run_blocks
+# --------------------------------------------------------------------------- blockwise
+
+
+def _block_file(folder: str | Path, index: tuple[int, ...], kind: str) -> Path:
+    return Path(folder) / f"{kind}-{index[0]}_{index[1]}.npy"
+
+
+@dataclass(frozen=True)
+class SaveBlobs:
+    """Block task: the block's blob markers (:class:`BlobTask`) saved as their sorted
+    raster keys ``y · width + x`` (uint64); returns how many."""
+
+    blobs: BlobTask
+    shape: tuple[int, int]
+    folder: str
+
+    def __call__(self, block: Block) -> int:
+        yx = self.blobs(block)
+        keys = np.sort(np.ravel_multi_index((yx[:, 0], yx[:, 1]), self.shape)
+                       ).astype(np.uint64)
+        np.save(_block_file(self.folder, block.index, "keys"), keys)
+        return len(keys)
+
+
+@dataclass(frozen=True)
+class SavedKeys:
+    """``keys_of`` of the blobs' ranks (:class:`engine.ranks.GroupCounts`): a block's keys."""
+
+    folder: str
+
+    def __call__(self, index: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        return np.load(_block_file(self.folder, index, "keys")), 0
+
+
+@dataclass(frozen=True)
+class BlobRows:
+    """A block's blob markers as rows ``(id, y, x)``: ids 1..n in raster order over the
+    slide, from the ranks of their keys (slab ``offsets`` from the client)."""
+
+    folder: str
+    shape: tuple[int, int]
+    ranks: RankGrid
+    offsets: tuple[int, ...]
+
+    def __call__(self, block: Block) -> np.ndarray:
+        keys = np.load(_block_file(self.folder, block.index, "keys"))
+        ids = Ranker(self.ranks, self.offsets).ranks_in(block.index, keys) + 1
+        y, x = np.unravel_index(keys, self.shape)
+        return np.column_stack([ids, y, x]).astype(np.int64).reshape(-1, 3)
+
+
+@dataclass(frozen=True)
+class CentroidSums:
+    """``partial`` of the centroids' sharded table: :class:`CentroidTask` as a table
+    ``(ids, pixels, sum y, sum x)``."""
+
+    ref: Stored
+
+    def __call__(self, block: Block) -> tuple[np.ndarray, ...]:
+        t = CentroidTask(self.ref)(block)
+        return (t[:, 0].astype(np.uint64), *(t[:, i] for i in range(1, 4)))
+
+
+@dataclass(frozen=True)
+class CentroidBuckets:
+    """Shard ``finish`` of the centroids: each object's centroid (rounded half up), kept as
+    the table ``(ids, y, x)`` and saved in parts by the block of the grid holding it (a
+    file per block and shard); returns the shard's ids while few (else None) and count."""
+
+    folder: str
+    block: tuple[int, int]
+    limit: int
+
+    def __call__(self, table: tuple[np.ndarray, ...]
+                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, list[int] | None]]:
+        ids, n, sy, sx = table
+        rows = combine_centroids([np.column_stack([ids.astype(np.int64), n, sy, sx])])
+        bucket = [rows[:, 1] // self.block[0], rows[:, 2] // self.block[1]]
+        for by, bx in {*zip(bucket[0].tolist(), bucket[1].tolist(), strict=True)}:
+            part = rows[(bucket[0] == by) & (bucket[1] == bx)]
+            np.save(Path(self.folder) / f"centroids-{by}_{bx}-{part[0, 0]}.npy", part)
+        kept = (rows[:, 0].astype(np.uint64), rows[:, 1], rows[:, 2])
+        return kept, (len(rows), rows[:, 0].tolist() if len(rows) <= self.limit else None)
+
+
+@dataclass(frozen=True)
+class CentroidRows:
+    """A block's centroid markers: the parts the shards saved for it, ``(id, y, x)``."""
+
+    folder: str
+
+    def __call__(self, block: Block) -> np.ndarray:
+        parts = sorted(Path(self.folder).glob(
+            f"centroids-{block.index[0]}_{block.index[1]}-*.npy"))
+        return np.concatenate([np.zeros((0, 3), np.int64), *map(np.load, parts)])
+
+
+@dataclass(frozen=True)
+class WritePoints:
+    """Block task: the block's markers (``rows_of(block)``) written as the point label
+    image's pixels, and saved as rows for the CSV; returns how many."""
+
+    rows_of: Callable[[Block], np.ndarray]
+    out: str
+    folder: str
+
+    def __call__(self, block: Block) -> int:
+        rows = self.rows_of(block)
+        tile = np.zeros([w.stop - w.start for w in block.write], np.uint32)
+        tile[rows[:, 1] - block.write[0].start, rows[:, 2] - block.write[1].start] = rows[:, 0]
+        write_region(self.out, block.write, tile)
+        np.save(_block_file(self.folder, block.index, "rows"), rows)
+        return len(rows)
+
+
+def detect(plan: MarkerPlan, client: Any, work: Path, points: str,
+           progress: Callable[[], Any] | None = None) -> tuple[int, Iterator[np.ndarray],
+                                                                list[int] | None]:
+    """Find the markers blockwise and write them into the point image ``points`` (uint32,
+    level 0); no process holds the whole list.
+
+    Returns the number of markers, the rows ``(id, y, x)`` in id order as an iterator of
+    pieces (for the CSV: a row of blocks, or a shard, at a time) and the ids while at most
+    :data:`engine.cutter.common.LISTED` (else None).
+    """
+    from engine.objtables import reduce_objects
+    from engine.runner import Pass, run_blocks, run_passes
 
     opts = plan.options
     prog = progress() if progress else None
+    shape, folder = plan.image.shape, str(work)
+    grid = BlockGrid(shape, plan.block)
     if opts.from_labels is not None:
-        grid = BlockGrid(plan.image.shape, plan.block)
-        run = run_blocks(client, grid, CentroidTask(plan.source), name="centroids",
-                         progress=prog, combine=merge_centroid_sums)
-        return combine_centroids([run.value])
+        table, shards = reduce_objects(
+            client, grid, CentroidSums(plan.source), ("add", "add", "add"),
+            CentroidBuckets(folder, plan.block, LISTED), work / "centroids",
+            name="centroids", progress=prog, columns=3)
+        run_blocks(client, grid, WritePoints(CentroidRows(folder), points, folder),
+                   name="write-markers", progress=prog)
+        n = sum(count for count, _ in shards)
+        listed = None if n > LISTED or any(i is None for _, i in shards) else \
+            [i for _, ids in shards for i in ids]  # type: ignore[union-attr]
+        pieces = (np.column_stack([t[0].astype(np.int64), t[1], t[2]]) for t in table.shards())
+        return n, pieces, listed
     stats = _normalization(plan, client)
-    task = BlobTask(plan.source, opts.scale_sigma, float(opts.threshold), opts.window,
-                    stats.offset[0], stats.scale[0])
-    grid = BlockGrid(plan.image.shape, plan.block, halo=task.halo())
-    yx = run_blocks(client, grid, task, name="blobs", progress=prog,
-                    combine=concatenate_rows).value.reshape(-1, 2)
-    yx = yx[np.lexsort((yx[:, 1], yx[:, 0]))]  # raster order over the slide: ids 1..n
-    return np.column_stack([np.arange(1, len(yx) + 1), yx]).astype(np.int64)
+    blobs = BlobTask(plan.source, opts.scale_sigma, float(opts.threshold), opts.window,
+                     stats.offset[0], stats.scale[0])
+    ranks = RankGrid(shape, grid.block_shape, folder)
+    ranks.make_folders()
+    rows_of_slab = ranks.grid(0)
+    found, counted = run_passes(client, [
+        Pass(BlockGrid(shape, plan.block, halo=blobs.halo()), SaveBlobs(blobs, shape, folder),
+             "blobs"),
+        Pass(rows_of_slab, GroupCounts(ranks, 0, SavedKeys(folder)), "blob-ranks",
+             needs={"blobs": lambda slab: ranks.blocks(0, slab.index)}, voxels=False)],
+        progress=prog)
+    counts = [counted.results[(s,)][0] for s in range(ranks.grid_shape[0])]
+    offsets = tuple(int(o) for o in np.cumsum([0, *counts[:-1]]))
+    n = int(sum(counts))
+    run_blocks(client, grid, WritePoints(BlobRows(folder, shape, ranks, offsets), points,
+                                         folder), name="write-markers", progress=prog)
+
+    def by_rows_of_blocks() -> Iterator[np.ndarray]:
+        # ids are raster ranks: a row of blocks holds a contiguous run of them
+        for by in range(grid.grid_shape[0]):
+            rows = np.concatenate([np.load(_block_file(folder, (by, bx), "rows"))
+                                   for bx in range(grid.grid_shape[1])])
+            yield rows[np.argsort(rows[:, 0], kind="stable")]
+
+    return n, by_rows_of_blocks(), list(range(1, n + 1)) if n <= LISTED else None
 
 
-def write_point_labels(image: SlideImage, rows: np.ndarray, group: Path, name: str,
-                       client: Any, progress: Callable[[], Any] | None = None) -> None:
-    """Write ``rows`` (id, y, x) as a point label image (uint32) with a pyramid into
-    ``group``; the level-0 points are set on a sparse work array (only touched chunks are
-    stored), then copied with the pyramid."""
-    import zarr
-
-    work = group / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    points = zarr.create_array(store=str(work / "points"), shape=image.shape,
-                               chunks=image.chunks, dtype=np.uint32, fill_value=0,
-                               zarr_format=3, overwrite=True)
-    if len(rows):
-        points.vindex[rows[:, 1], rows[:, 2]] = rows[:, 0].astype(np.uint32)
-    levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
-                         max_levels=image.n_levels)
-    write_multiscale(client, zarr_source(work / "points"), group, name, image.axes,
-                     image.unit, image.chunks, levels, image.ngff, "mode", progress)
-    values = [0, *(int(v) for v in rows[:, 0])] if len(rows) <= 10000 else None
-    omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(values, image.ngff)},
-                              image.ngff)
-    shutil.rmtree(work)
-
-
-def write_csv(rows: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
+def write_csv(pieces: Iterable[np.ndarray], path: Path) -> None:
+    """Write the rows ``(id, y, x)`` of ``pieces`` (in order) as the CSV file ``path``."""
+    with open(path, "w") as fh:
         fh.write("id,y,x\n")
-        for i, y, x in rows:
-            fh.write(f"{int(i)},{int(y)},{int(x)}\n")
-    tmp.replace(path)
+        for rows in pieces:
+            np.savetxt(fh, np.asarray(rows, np.int64).reshape(-1, 3), fmt="%d", delimiter=",")
 
 
 def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | None = None,
                 report: Callable[[str], None] = print) -> MarkerResult:
-    """Detect the markers and write the point label image (and the CSV)."""
-    dst = plan.destination
+    """Detect the markers, write the point label image with its pyramid (and the CSV)."""
+    import zarr
+
+    image, dst = plan.image, plan.destination
     with output_run("cutter-markers", [dst], identity=plan.identity, report=report,
-                    work=False, client=client) as run:
-        rows = detect(plan, client, progress)
-        if not len(rows):
-            raise InputError(f"{plan.image.source}: no markers found (threshold "
+                    client=client) as run:
+        points = str(run.work / "points")
+        zarr.create_array(store=points, shape=image.shape, chunks=image.chunks,
+                          dtype=np.uint32, fill_value=0, zarr_format=3, overwrite=True)
+        n, pieces, listed = detect(plan, client, run.work, points, progress)
+        if not n:
+            raise InputError(f"{image.source}: no markers found (threshold "
                              f"{plan.options.threshold}); lower --threshold or check "
                              "--channel / --diameter")
-        write_point_labels(plan.image, rows, run.partial(), plan.options.name, client,
-                           progress)
-        run.commit()
-        omezarr.add_label_names(plan.image.source, [plan.options.name], plan.image.ngff)
-        if plan.options.csv is not None:
-            write_csv(rows, Path(plan.options.csv))
-        return MarkerResult(dst, rows, plan.options.csv, run.record.seconds,
-                            run.record.collector.stages)
+        group = run.partial()
+        levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
+                             max_levels=image.n_levels)
+        write_multiscale(client, zarr_source(points), group, plan.options.name, image.axes,
+                         image.unit, image.chunks, levels, image.ngff, "mode", progress)
+        omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(
+            None if listed is None else [0, *listed], image.ngff)}, image.ngff)
+        csv = None if plan.options.csv is None else Path(plan.options.csv)
+        tmp = None if csv is None else csv.with_name(f".{csv.name}.tmp")
+        try:
+            if tmp is not None:  # from the work folder, which the commit removes
+                write_csv(pieces, tmp)
+            run.commit()
+            if tmp is not None:
+                tmp.replace(csv)  # type: ignore[arg-type]
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        omezarr.add_label_names(image.source, [plan.options.name], image.ngff)
+        return MarkerResult(dst, n, csv, run.record.seconds, run.record.collector.stages)

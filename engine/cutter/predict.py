@@ -39,6 +39,7 @@ import numpy as np
 from engine import __version__
 from engine.blocks import Block, BlockGrid, every_axis, stable_hash
 from engine.cutter.common import (
+    LISTED,
     MarkerIndex,
     SlideImage,
     check_markers_source,
@@ -64,9 +65,6 @@ from engine.predict.task import device_dispatch
 from engine.pyramid import plan_levels
 from engine.runner import RunState, run_blocks
 from engine.segment.refs import Stored
-
-#: label images with at most this many cells list their ids in the ``image-label`` metadata
-LISTED = 10000
 
 
 @dataclass(frozen=True)
