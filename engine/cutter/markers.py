@@ -415,7 +415,7 @@ def detect(plan: MarkerPlan, client: Any, work: Path, points: str,
     ranks = RankGrid(shape, grid.block_shape, folder)
     ranks.make_folders()
     rows_of_slab = ranks.grid(0)
-    found, counted = run_passes(client, [
+    _, counted = run_passes(client, [
         Pass(BlockGrid(shape, plan.block, halo=blobs.halo()), SaveBlobs(blobs, shape, folder),
              "blobs"),
         Pass(rows_of_slab, GroupCounts(ranks, 0, SavedKeys(folder)), "blob-ranks",
