@@ -200,6 +200,12 @@ def test_point_image_markers_are_bucketed_by_their_blocks(client, tmp_path):
             if want.bucket_file(index).exists():
                 np.testing.assert_array_equal(np.load(idx.bucket_file(index)),
                                               np.load(want.bucket_file(index)))
+    big = points.astype(np.uint64)
+    big[ys[-1], xs[-1]] = 2**32  # the cells' labels are uint32: refused, not wrapped
+    (tmp_path / "big.csv").write_text(f"id,y,x\n1,2,3\n{2**32},4,5\n")
+    for source in (_store(tmp_path, "big", big, chunks), tmp_path / "big.csv"):
+        with pytest.raises(InputError, match=f"marker id {2**32} does not fit"):
+            index_markers(client, image, source, "big", msk, block, tmp_path / "big")
     points[ys[0], (xs[0] + 1) % shape[1]] = ids[0]  # the same id on a second pixel
     dup = _store(tmp_path, "dup", points, chunks)
     with pytest.raises(InputError, match=f"id {ids[0]} covers 2 pixels"):
@@ -237,6 +243,7 @@ def test_markers_command_equals_the_whole_image(client, tmp_path, block, monkeyp
     from skimage.measure import regionprops
 
     from engine.cutter.markers import MarkerOptions, plan_markers, run_markers
+    from engine.errors import InputError
     from engine.learn.normalize import Normalization, compute_stats
     from engine.pipelines.convert import ConvertOptions, convert
 
@@ -244,10 +251,17 @@ def test_markers_command_equals_the_whole_image(client, tmp_path, block, monkeyp
     tifffile.imwrite(tmp_path / "s.ome.tif", image, ome=True,
                      metadata={"axes": "CYX", "Channel": {"Name": list(names)}})
     tifffile.imwrite(tmp_path / "nuc.tif", nuclei.astype(np.uint16))
+    big = np.where(nuclei > 0, nuclei.astype(np.uint64) + 2**32, 0)
+    tifffile.imwrite(tmp_path / "big.tif", big)
     src = tmp_path / "s.ome.zarr"
     convert(tmp_path / "s.ome.tif", src, ConvertOptions(
-        chunks=(16,), assume_voxel_size=True, labels=(("nuc", str(tmp_path / "nuc.tif")),)),
+        chunks=(16,), assume_voxel_size=True, labels=(("nuc", str(tmp_path / "nuc.tif")),
+                                                      ("big", str(tmp_path / "big.tif")))),
         client, report=lambda _: None)
+    (tmp_path / "big.tif").unlink()
+    with pytest.raises(InputError, match=f"marker id {int(big.max())} does not fit"):
+        run_markers(plan_markers(src, MarkerOptions("m", from_labels="big", block=block)),
+                    client, report=lambda _: None)
     monkeypatch.setenv("VOXELMILL_TABLE_BUDGET_MIB", str(5 * 32 * 3 / 2**20))  # ~5 rows
     for name, opts in (("blobs", MarkerOptions("blobs", channel="DAPI", block=block,
                                                csv=tmp_path / "blobs.csv")),

@@ -30,6 +30,9 @@ from engine.volume import select_channel
 #: ``image-label`` metadata
 LISTED = 10000
 
+#: the largest marker id: point images and the cells' labels are uint32
+MAX_MARKER_ID = 2**32 - 1
+
 
 @dataclass
 class SlideImage:
@@ -269,16 +272,23 @@ class PointBuckets:
 @dataclass(frozen=True)
 class PointsSummary:
     """Shard ``finish`` of :func:`index_markers`: ``(ids, markers in the mask, the id
-    covering the most pixels, its pixels)``."""
+    covering the most pixels, its pixels, the largest id)``."""
 
     def __call__(self, table: tuple[np.ndarray, ...]
-                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, int, int, int]]:
+                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, int, int, int, int]]:
         ids, counts, kept = table
         if not ids.size:
-            return table, (0, 0, 0, 0)
+            return table, (0, 0, 0, 0, 0)
         worst = int(np.argmax(counts))
         return table, (int(ids.size), int(np.count_nonzero(kept)), int(ids[worst]),
-                       int(counts[worst]))
+                       int(counts[worst]), int(ids[-1]))
+
+
+def check_marker_ids(largest: int, what: str) -> None:
+    """Refuse marker ids that the cells' labels (uint32) cannot hold."""
+    if largest > MAX_MARKER_ID:
+        raise InputError(f"{what}: marker id {largest} does not fit the uint32 labels the "
+                         f"cutter writes (ids up to {MAX_MARKER_ID}); renumber the markers")
 
 
 def index_markers(client: Any, image: SlideImage, source: Stored | Path, spec: str,
@@ -298,6 +308,7 @@ def index_markers(client: Any, image: SlideImage, source: Stored | Path, spec: s
         rows = read_csv_markers(source, image.shape)
         if not len(rows):
             raise InputError(f"--markers {spec}: no markers")
+        check_marker_ids(int(rows[:, 0].max()), f"--markers {spec}")
         rows = rows[in_mask(mask, rows)]
         index.write(rows)
         return index, len(rows)
@@ -308,10 +319,11 @@ def index_markers(client: Any, image: SlideImage, source: Stored | Path, spec: s
     n = sum(s[0] for s in shards)
     if not n:
         raise InputError(f"--markers {spec}: no markers")
-    _, _, bad, pixels = max(shards, key=lambda s: s[3])
+    _, _, bad, pixels, _ = max(shards, key=lambda s: s[3])
     if pixels > 1:
         raise InputError(f"markers {spec!r}: id {bad} covers {pixels} pixels; give a point "
                          "image (one pixel per marker) from 'voxelmill cutter markers'")
+    check_marker_ids(max(s[4] for s in shards), f"--markers {spec}")
     return index, sum(s[1] for s in shards)
 
 

@@ -43,7 +43,7 @@ from scipy import ndimage as ndi
 
 from engine import __version__
 from engine.blocks import Block, BlockGrid, pad_read
-from engine.cutter.common import LISTED, SlideImage, open_slide
+from engine.cutter.common import LISTED, SlideImage, check_marker_ids, open_slide
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.chunkfiles import write_region
@@ -332,22 +332,25 @@ class CentroidSums:
 class CentroidBuckets:
     """Shard ``finish`` of the centroids: each object's centroid (rounded half up), kept as
     the table ``(ids, y, x)`` and saved in parts by the block of the grid holding it (a
-    file per block and shard); returns the shard's ids while few (else None) and count."""
+    file per block and shard); returns the shard's count, its ids while few (else None)
+    and its largest id."""
 
     folder: str
     block: tuple[int, int]
     limit: int
 
     def __call__(self, table: tuple[np.ndarray, ...]
-                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, list[int] | None]]:
+                 ) -> tuple[tuple[np.ndarray, ...], tuple[int, list[int] | None, int]]:
         ids, n, sy, sx = table
+        # ids past int64 would wrap here: refused after the merge (check_marker_ids)
         rows = combine_centroids([np.column_stack([ids.astype(np.int64), n, sy, sx])])
         bucket = [rows[:, 1] // self.block[0], rows[:, 2] // self.block[1]]
         for by, bx in {*zip(bucket[0].tolist(), bucket[1].tolist(), strict=True)}:
             part = rows[(bucket[0] == by) & (bucket[1] == bx)]
             np.save(Path(self.folder) / f"centroids-{by}_{bx}-{part[0, 0]}.npy", part)
-        kept = (rows[:, 0].astype(np.uint64), rows[:, 1], rows[:, 2])
-        return kept, (len(rows), rows[:, 0].tolist() if len(rows) <= self.limit else None)
+        kept = (ids, rows[:, 1], rows[:, 2])
+        return kept, (len(rows), ids.tolist() if len(rows) <= self.limit else None,
+                      int(ids[-1]) if len(ids) else 0)
 
 
 @dataclass(frozen=True)
@@ -402,11 +405,12 @@ def detect(plan: MarkerPlan, client: Any, work: Path, points: str,
             client, grid, CentroidSums(plan.source), ("add", "add", "add"),
             CentroidBuckets(folder, plan.block, LISTED), work / "centroids",
             name="centroids", progress=prog, columns=3)
+        check_marker_ids(max(top for *_, top in shards), f"--from-labels {opts.from_labels}")
         run_blocks(client, grid, WritePoints(CentroidRows(folder), points, folder),
                    name="write-markers", progress=prog)
-        n = sum(count for count, _ in shards)
-        listed = None if n > LISTED or any(i is None for _, i in shards) else \
-            [i for _, ids in shards for i in ids]  # type: ignore[union-attr]
+        n = sum(count for count, *_ in shards)
+        listed = None if n > LISTED or any(i is None for _, i, _ in shards) else \
+            [i for _, ids, _ in shards for i in ids]  # type: ignore[union-attr]
         pieces = (np.column_stack([t[0].astype(np.int64), t[1], t[2]]) for t in table.shards())
         return n, pieces, listed
     stats = _normalization(plan, client)
