@@ -130,6 +130,21 @@ def test_tiff_3d_round_trip(tmp_path: Path, client) -> None:
         assert px[a] == pytest.approx(v)
 
 
+def test_uint64_tiff_with_labels_converts(tmp_path: Path, client) -> None:
+    """tifffile reads 64-bit TIFFs as numpy's ``ulonglong`` ('Q'), equal to uint64 but a type
+    zarr does not know: the image and its label image (ids past 2³²) convert, values kept."""
+    data = (np.arange(6 * 20 * 24, dtype=np.uint64).reshape(6, 20, 24) + 2**40)
+    tifffile.imwrite(tmp_path / "big.tif", data)
+    tifffile.imwrite(tmp_path / "lab.tif", (data % 7) * 2**33)
+    assert tifffile.imread(tmp_path / "big.tif").dtype.char == "Q"  # what this guards
+    convert(tmp_path / "big.tif", tmp_path / "b.ome.zarr", ConvertOptions(
+        chunks=(8,), assume_voxel_size=True, labels=(("ids", str(tmp_path / "lab.tif")),)),
+        client, **QUIET)
+    np.testing.assert_array_equal(level(tmp_path / "b.ome.zarr"), data)
+    np.testing.assert_array_equal(level(tmp_path / "b.ome.zarr", 0, "labels/ids"),
+                                  (data % 7) * 2**33)
+
+
 def test_tiff_2d_multichannel_round_trip(tmp_path: Path, client) -> None:
     data = random_volume("uint8", shape=(3, 90, 77), seed=5)
     names = ["brightfield", "GFP", "nuclei"]

@@ -367,7 +367,10 @@ def to_dask(
         # fancy=True lets dask fuse a block's slice into the chunk read, so a task reads
         # only its region instead of whole read chunks
         source, chunks=chunks, asarray=False, fancy=True, lock=False,
-        meta=np.empty((0,) * len(source.shape), dtype=source.dtype.newbyteorder("=")),
+        # the sized dtype ('<u8'), not numpy's equal C-named twin ('Q', ulonglong, as tifffile
+        # reads 64-bit TIFFs), which zarr does not know
+        meta=np.empty((0,) * len(source.shape),
+                      dtype=np.dtype(source.dtype.str).newbyteorder("=")),
         name=f"{name}-{tokenize(source)}",
     )
 
