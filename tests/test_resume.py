@@ -91,6 +91,35 @@ def test_killed_conversion_resumes_and_equals_uninterrupted_run(source, client, 
     assert not (dst / ".voxelmill").exists()
 
 
+def test_conversion_stopped_while_creating_its_arrays_resumes(client, tmp_path, monkeypatch):
+    """A run that fails after recording its identity but before creating every level array
+    (here: a crash creating level 1) leaves a partial output; the next run resumes it,
+    creates what is missing and finishes (it failed on every block before)."""
+    from engine.io import omezarr
+
+    data = np.random.default_rng(3).normal(size=(32, 40, 36)).astype(np.float32)
+    np.save(tmp_path / "v.npy", data)
+    dst = tmp_path / "v.ome.zarr"
+    opts = ConvertOptions(chunks=(8,), assume_voxel_size=True)
+    real = omezarr.create_level
+
+    def crash_at_level_1(group, name, *args, **kwargs):
+        if name == "1":
+            raise RuntimeError("killed")
+        return real(group, name, *args, **kwargs)
+
+    monkeypatch.setattr(omezarr, "create_level", crash_at_level_1)
+    with pytest.raises(RuntimeError, match="killed"):
+        convert(tmp_path / "v.npy", dst, opts, client, report=lambda _: None)
+    assert (tmp_path / ".v.ome.zarr.partial" / "0").is_dir()
+    monkeypatch.setattr(omezarr, "create_level", real)
+    lines: list[str] = []
+    result = convert(tmp_path / "v.npy", dst, opts, client, report=lines.append)
+    assert any("resuming" in line for line in lines)
+    np.testing.assert_array_equal(zarr.open_group(str(dst), mode="r")["0"][...], data)
+    assert len(result.levels) > 1
+
+
 def test_changed_option_invalidates_done_markers(source, tmp_path):
     src, data = source
     dst = tmp_path / "tomo.ome.zarr"

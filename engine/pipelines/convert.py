@@ -252,10 +252,15 @@ def _check_budgets(src: Path, dst: Path, options: ConvertOptions,
                                   f"{len(groups[0].levels)} levels)")
 
 
-def _create(ms: Multiscale, opts: ConvertOptions) -> None:
-    """Create the empty level arrays and the multiscales metadata of one group."""
+def _create(ms: Multiscale, opts: ConvertOptions, resumed: bool) -> None:
+    """Create the empty level arrays and the multiscales metadata of one group; resuming,
+    only the arrays that are missing (a run stopped while creating them), never over the
+    blocks a run wrote."""
     ms.group.mkdir(parents=True, exist_ok=True)
     for i, lv in enumerate(ms.levels):
+        if resumed and any((ms.group / str(i) / meta).is_file()
+                           for meta in ("zarr.json", ".zarray")):
+            continue
         chunks = [min(c, s) for c, s in zip(ms.chunks, lv.shape, strict=True)]
         shards = level_shards(ms.shards, chunks, lv.shape) if ms.shards else None
         omezarr.create_level(ms.group, str(i), lv.shape, chunks, ms.volume.dtype, ms.volume.axes,
@@ -274,12 +279,11 @@ def run_conversion(plan: ConvertPlan, client: Any,
                     what="conversion", work=False, client=client) as run:
         opts, partial = plan.options, run.partial()
         groups = [plan.image, *plan.labels.values()]
-        if not run.resumed:
-            for ms in groups:
-                _create(ms, opts)
-            if plan.labels:
-                omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
-                                          opts.ngff)
+        for ms in groups:
+            _create(ms, opts, run.resumed)
+        if plan.labels:
+            omezarr.write_group_attrs(partial / "labels", {"labels": list(plan.labels)},
+                                      opts.ngff)
 
         reports: list[RunReport] = []
         for ms in groups:
