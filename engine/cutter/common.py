@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ import numpy as np
 from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
+from engine.io.sources import zarr_source
 from engine.labels import concatenate_tables
-from engine.output import fresh_scratch
+from engine.output import fresh_scratch, write_multiscale
+from engine.pyramid import plan_levels
 from engine.segment.refs import Stored
 from engine.volume import select_channel
 
@@ -199,8 +202,8 @@ class MarkerIndex:
                grid_block: tuple[int, int]) -> MarkerIndex:
         """An empty index of ``shape`` in buckets of ``grid_block`` (its folder made anew)."""
         fresh_scratch(Path(folder))
-        gshape = tuple(-(-n // b) for n, b in zip(shape, grid_block, strict=True))
-        return cls(str(folder), tuple(grid_block), gshape)  # type: ignore[arg-type]
+        return cls(str(folder), tuple(grid_block),  # type: ignore[arg-type]
+                   BlockGrid(shape, grid_block).grid_shape)
 
     def bucket_file(self, index: tuple[int, ...]) -> Path:
         return Path(self.folder) / f"{index[0]}_{index[1]}.npy"
@@ -325,6 +328,18 @@ def index_markers(client: Any, image: SlideImage, source: Stored | Path, spec: s
                          "image (one pixel per marker) from 'voxelmill cutter markers'")
     check_marker_ids(max(s[4] for s in shards), f"--markers {spec}")
     return index, sum(s[1] for s in shards)
+
+
+def write_labels(image: SlideImage, client: Any, path: str, group: Path, name: str,
+                 values: list[int] | None, progress: Callable[[], Any] | None) -> None:
+    """Copy the level-0 label array ``path`` into ``group`` with the slide's pyramid (mode
+    downsampling) and its ``image-label`` metadata (``values``: the ids to colour, or None)."""
+    levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
+                         max_levels=image.n_levels)
+    write_multiscale(client, zarr_source(path), group, name, image.axes, image.unit,
+                     image.chunks, levels, image.ngff, "mode", progress)
+    omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(values, image.ngff)},
+                              image.ngff)
 
 
 def check_markers_source(image: SlideImage, spec: str) -> Stored | Path:

@@ -43,14 +43,18 @@ from scipy import ndimage as ndi
 
 from engine import __version__
 from engine.blocks import Block, BlockGrid, pad_read
-from engine.cutter.common import LISTED, SlideImage, check_marker_ids, open_slide
+from engine.cutter.common import (
+    LISTED,
+    SlideImage,
+    check_marker_ids,
+    open_slide,
+    write_labels,
+)
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.chunkfiles import write_region
-from engine.io.sources import zarr_source
 from engine.learn.normalize import ChannelStats
-from engine.output import check_destination, check_output_name, output_run, write_multiscale
-from engine.pyramid import plan_levels
+from engine.output import check_destination, check_output_name, output_run
 from engine.ranks import GroupCounts, Ranker, RankGrid
 from engine.segment.filters import LOG_TRUNCATE, gaussian_radius, spot_response
 from engine.segment.refs import Stored
@@ -368,18 +372,19 @@ class CentroidRows:
 @dataclass(frozen=True)
 class WritePoints:
     """Block task: the block's markers (``rows_of(block)``) written as the point label
-    image's pixels, and saved as rows for the CSV; returns how many."""
+    image's pixels, and with ``folder`` saved there as rows for the CSV; returns how many."""
 
     rows_of: Callable[[Block], np.ndarray]
     out: str
-    folder: str
+    folder: str | None = None
 
     def __call__(self, block: Block) -> int:
         rows = self.rows_of(block)
         tile = np.zeros([w.stop - w.start for w in block.write], np.uint32)
         tile[rows[:, 1] - block.write[0].start, rows[:, 2] - block.write[1].start] = rows[:, 0]
         write_region(self.out, block.write, tile)
-        np.save(_block_file(self.folder, block.index, "rows"), rows)
+        if self.folder is not None:
+            np.save(_block_file(self.folder, block.index, "rows"), rows)
         return len(rows)
 
 
@@ -406,7 +411,8 @@ def detect(plan: MarkerPlan, client: Any, work: Path, points: str,
             CentroidBuckets(folder, plan.block, LISTED), work / "centroids",
             name="centroids", progress=prog, columns=3)
         check_marker_ids(max(top for *_, top in shards), f"--from-labels {opts.from_labels}")
-        run_blocks(client, grid, WritePoints(CentroidRows(folder), points, folder),
+        # the CSV comes from the shards (in id order), not from the blocks
+        run_blocks(client, grid, WritePoints(CentroidRows(folder), points),
                    name="write-markers", progress=prog)
         n = sum(count for count, *_ in shards)
         listed = None if n > LISTED or any(i is None for _, i, _ in shards) else \
@@ -465,13 +471,8 @@ def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | Non
             raise InputError(f"{image.source}: no markers found (threshold "
                              f"{plan.options.threshold}); lower --threshold or check "
                              "--channel / --diameter")
-        group = run.partial()
-        levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
-                             max_levels=image.n_levels)
-        write_multiscale(client, zarr_source(points), group, plan.options.name, image.axes,
-                         image.unit, image.chunks, levels, image.ngff, "mode", progress)
-        omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(
-            None if listed is None else [0, *listed], image.ngff)}, image.ngff)
+        write_labels(image, client, points, run.partial(), plan.options.name,
+                     None if listed is None else [0, *listed], progress)
         csv = None if plan.options.csv is None else Path(plan.options.csv)
         tmp = None if csv is None else csv.with_name(f".{csv.name}.tmp")
         try:

@@ -45,13 +45,14 @@ from engine.cutter.common import (
     check_markers_source,
     index_markers,
     open_slide,
+    write_labels,
 )
 from engine.cutter.crops import crop_box, network_inputs, read_channels, read_mask
 from engine.errors import InputError, OptionError
 from engine.io import omezarr
 from engine.io.budget import check_output_size
 from engine.io.chunkfiles import write_region
-from engine.io.sources import file_identity, zarr_source
+from engine.io.sources import file_identity
 from engine.labels import count_labels
 from engine.learn.normalize import ChannelStats
 from engine.output import (
@@ -59,10 +60,8 @@ from engine.output import (
     check_output_name,
     output_run,
     partial_path,
-    write_multiscale,
 )
 from engine.predict.task import device_dispatch
-from engine.pyramid import plan_levels
 from engine.runner import RunState, run_blocks
 from engine.segment.refs import Stored
 
@@ -326,16 +325,6 @@ class BordersTask:
 # --------------------------------------------------------------------------- the command
 
 
-def _write_labels(image: SlideImage, client: Any, path: str, group: Path, name: str,
-                  values: list[int] | None, progress: Callable[[], Any] | None) -> None:
-    levels = plan_levels(image.shape, image.axes, image.voxel_size, image.chunks,
-                         max_levels=image.n_levels)
-    write_multiscale(client, zarr_source(path), group, name, image.axes, image.unit,
-                     image.chunks, levels, image.ngff, "mode", progress)
-    omezarr.write_group_attrs(group, {"image-label": omezarr.image_label(values, image.ngff)},
-                              image.ngff)
-
-
 def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
                           progress: Callable[[], Any] | None = None,
                           report: Callable[[str], None] = print) -> CutterPredictResult:
@@ -378,9 +367,9 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
         run_blocks(client, BlockGrid(image.shape, plan.block, halo=1, chunks=image.chunks),
                    BordersTask(labels_path, borders_path), name="cutter-borders",
                    progress=progress() if progress else None)
-        _write_labels(image, client, labels_path, partial, opts.name,
+        write_labels(image, client, labels_path, partial, opts.name,
                       None if ids is None else [0, *ids], progress)
-        _write_labels(image, client, borders_path, borders_partial,
+        write_labels(image, client, borders_path, borders_partial,
                       f"{opts.name}_borders", [0, 1], progress)
         run.commit()
     omezarr.add_label_names(image.source, [opts.name, f"{opts.name}_borders"], image.ngff)
@@ -415,7 +404,6 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     ``watershed`` step of ``voxelmill segment`` fed with the cutter's inputs. Returns the
     destination, the object count and the seconds."""
     from engine.blocks import check_block, default_block
-    from engine.labels import count_labels
     from engine.output import output_run
     from engine.segment import pointwise as pw
     from engine.segment.execute import Context, run_op
@@ -445,7 +433,7 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
         out = run_op(ctx, "watershed", op, [landscape, markers, mask])
         n, ids = count_labels(client, out.path, block, run.work / "count", limit=LISTED,
                               progress=progress() if progress else None)
-        _write_labels(image, client, out.path, run.partial(), options.name,
+        write_labels(image, client, out.path, run.partial(), options.name,
                       None if ids is None else [0, *ids], progress)
         run.commit()
         omezarr.add_label_names(image.source, [options.name], image.ngff)
