@@ -263,6 +263,7 @@ def test_markers_command_equals_the_whole_image(client, tmp_path, block, monkeyp
         run_markers(plan_markers(src, MarkerOptions("m", from_labels="big", block=block)),
                     client, report=lambda _: None)
     monkeypatch.setenv("VOXELMILL_TABLE_BUDGET_MIB", str(5 * 32 * 3 / 2**20))  # ~5 rows
+    (tmp_path / ".blobs.csv.tmp").write_text("mine")  # the name the CSV's temp file had
     for name, opts in (("blobs", MarkerOptions("blobs", channel="DAPI", block=block,
                                                csv=tmp_path / "blobs.csv")),
                        ("cents", MarkerOptions("cents", from_labels="nuc", block=block,
@@ -284,11 +285,13 @@ def test_markers_command_equals_the_whole_image(client, tmp_path, block, monkeyp
         expect[want[:, 1], want[:, 2]] = want[:, 0]
         np.testing.assert_array_equal(points, expect)
         rows = np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, dtype=np.int64)
+        assert (tmp_path / f"{name}.csv").stat().st_mode & 0o777 == 0o644
         np.testing.assert_array_equal(rows, want)
         colours = zarr.open_group(str(src / "labels" / name)).attrs["ome"]["image-label"]
         assert [c["label-value"] for c in colours["colors"]] == want[:, 0].tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "blobs.csv", "cents.csv", "nuc.tif", "s.ome.tif", "s.ome.zarr"]
+        ".blobs.csv.tmp", "blobs.csv", "cents.csv", "nuc.tif", "s.ome.tif", "s.ome.zarr"]
+    assert (tmp_path / ".blobs.csv.tmp").read_text() == "mine"
 
 
 def test_blob_markers_find_phantom_nuclei():

@@ -33,6 +33,8 @@ centroids) at a time.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,10 +476,15 @@ def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | Non
         write_labels(image, client, points, run.partial(), plan.options.name,
                      None if listed is None else [0, *listed], progress)
         csv = None if plan.options.csv is None else Path(plan.options.csv)
-        tmp = None if csv is None else csv.with_name(f".{csv.name}.tmp")
+        tmp = None
+        if csv is not None:  # a name of its own beside the CSV: never a file of the user's
+            fd, name = tempfile.mkstemp(prefix=f".{csv.name}.", suffix=".tmp", dir=csv.parent)
+            os.close(fd)
+            tmp = Path(name)
         try:
             if tmp is not None:  # from the work folder, which the commit removes
                 write_csv(pieces, tmp)
+                os.chmod(tmp, 0o644)  # as an open() file, not mkstemp's 0600
             run.commit()
             if tmp is not None:
                 tmp.replace(csv)  # type: ignore[arg-type]
