@@ -48,7 +48,7 @@ from engine.io.chunkfiles import write_region
 from engine.io.sources import read_region
 from engine.labelfiles import block_file, load_arrays, save_arrays
 from engine.objtables import ShardedTable, merge_rows
-from engine.output import fresh_scratch, is_scratch, remove_scratch
+from engine.output import fresh_scratch, remove_scratch
 from engine.ranks import GroupCounts, Ranker, RankGrid
 from engine.runner import RunState
 
@@ -398,9 +398,8 @@ def label(client: Any, mask: Any, out: str | Path, *, connectivity: int | None =
     gshape = grid.grid_shape
     work = out.parent / f".{out.name}.labels-work"
     run_hash = f"{state.run_hash}-work{WORK_FORMAT}" if state is not None else ""
+    resumed = state is not None and (work / "state" / run_hash).is_dir()
     # a folder of that name that the labelling did not make is refused, never deleted
-    resumed = state is not None and is_scratch(work, WORK_LEGACY) \
-        and (work / "state" / run_hash).is_dir()
     fresh_scratch(work, keep=resumed, legacy=WORK_LEGACY)
     for sub in ("blocks", "maps"):
         (work / sub).mkdir(parents=True, exist_ok=True)
@@ -612,8 +611,7 @@ def filter_sizes(client: Any, labels: str | Path, out: str | Path, *, min_size: 
     arr = zarr.open_array(str(labels), mode="r")
     grid = BlockGrid(arr.shape, arr.chunks)
     out = Path(out)
-    scratch = out.parent / f".{out.name}.sizes"
-    fresh_scratch(scratch, legacy=("parts",))
+    scratch = out.parent / f".{out.name}.sizes"  # reduce_objects claims it (fresh_scratch)
     try:
         kept, counts = reduce_objects(
             client, grid, LabelCounts(str(labels)), ("add",), KeepSizes(min_size, max_size),
