@@ -406,6 +406,40 @@ def test_watershed_baseline_counts_its_cells(slide, client):
     assert [c["label-value"] for c in colours] == ids[1:].tolist()
 
 
+def test_watershed_keeps_64_bit_marker_ids(client, tmp_path):
+    """Markers of a uint64 point image with ids past 2³²−1 give cells of those ids (uint64),
+    the same cells as the same markers numbered from 1 (they wrapped in uint32 before)."""
+    from engine.cutter.predict import WatershedOptions, run_watershed
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    image, nuclei, cells, names = phantom_slide((96, 128), seed=7, n_cells=9)
+    centres = ndi.center_of_mass(nuclei > 0, nuclei, range(1, int(nuclei.max()) + 1))
+    small = np.zeros(nuclei.shape, np.uint64)
+    for i, (y, x) in enumerate(centres, start=1):
+        small[int(round(y)), int(round(x))] = i
+    tifffile.imwrite(tmp_path / "s.ome.tif", image, ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": list(names)}})
+    tifffile.imwrite(tmp_path / "fg.tif", (cells > 0).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "small.tif", small)
+    tifffile.imwrite(tmp_path / "big.tif", np.where(small > 0, small + 2**32, 0))
+    src = tmp_path / "s.ome.zarr"
+    convert(tmp_path / "s.ome.tif", src, ConvertOptions(
+        chunks=(32,), assume_voxel_size=True,
+        labels=tuple((n, str(tmp_path / f"{n}.tif")) for n in ("fg", "small", "big"))),
+        client, report=lambda _: None)
+    got = {}
+    for name in ("small", "big"):
+        dst, n, _ = run_watershed(src, WatershedOptions(name, "fg", "membrane", f"ws_{name}",
+                                                        block=(32, 64)), client,
+                                  report=lambda _: None)
+        got[name] = np.asarray(zarr.open_array(str(dst / "0"))[...])
+        assert n == len(centres)
+    assert got["big"].dtype == np.uint64 and got["big"].max() > 2**32
+    np.testing.assert_array_equal(got["big"], np.where(got["small"] > 0,
+                                                       got["small"].astype(np.uint64) + 2**32,
+                                                       0))
+
+
 def test_cli_errors(slide, tmp_path, client):
     from concurrent.futures import ThreadPoolExecutor
 

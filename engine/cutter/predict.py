@@ -415,8 +415,11 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     channel = image.channel(options.channel)
     markers = image.label(options.markers, "--markers")
     mask = image.label(options.mask, "--mask")
+    # the cells carry the markers' ids: 64-bit markers give 64-bit cells (ids past
+    # 2³²−1 would wrap in uint32), narrower ones the cutter's uint32
     op = SeededWatershed(compactness=options.compactness, halo_size=options.halo,
-                         masked=True, labels_dtype="uint32")
+                         masked=True,
+                         labels_dtype="uint64" if markers.dtype.itemsize > 4 else "uint32")
     block = tuple(options.block) if options.block else default_block(image.chunks, image.shape)
     check_block(block, image.chunks, image.shape)
     block = tuple(min(b, s) for b, s in zip(block, image.shape, strict=True))
