@@ -282,35 +282,41 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-#: a folder is deleted on the workers when it holds at least this many subfolders at the
-#: depth it is cut at (chunk trees: one per chunk row); fewer are deleted here
+#: a folder is deleted on the workers when it splits into at least this many pieces
+#: (chunk rows, loose files: :func:`pieces`); fewer are deleted here
 PARALLEL_SUBTREES = 8
-#: how deep a folder is searched for subfolders to hand out
+#: how deep a folder is searched for pieces to hand out
 SUBTREE_DEPTH = 4
-#: a folder whose deletion here would take less than this many seconds (at the pace of its
-#: first subfolder) is deleted here: the workers' tasks cost round trips of their own
-LOCAL_REMOVE_S = 0.2
+#: what one task costs the client process (submitting, scheduling, taking its result in):
+#: 2-3 ms a task at 16 workers (``bench_scale.py``'s client CPU per task); a folder goes to
+#: the workers only when their share plus these costs beats deleting it here
+TASK_S = 0.003
+#: the pace of deleting here is timed on pieces spread over the folder until this long
+SAMPLE_S = 0.005
 
 
-def subtrees(folder: Path, want: int, max_depth: int = SUBTREE_DEPTH) -> list[Path]:
-    """Disjoint subfolders of ``folder`` to delete apart: the folders of the shallowest
-    depth (at most ``max_depth``) that has at least ``want`` of them, else the deepest
-    found; symbolic links are never followed."""
+def pieces(folder: Path, want: int, max_depth: int = SUBTREE_DEPTH) -> list[Path]:
+    """Disjoint pieces of ``folder``'s contents to delete apart: its folders expanded
+    breadth first (symbolic links are never followed, only removed) until there are at
+    least ``want`` pieces or ``max_depth`` levels; the files met on the way are pieces too
+    (a work folder keeps a file per block beside its chunk trees). What is left is the
+    empty folders above the pieces."""
+    loose: list[Path] = []
     level = [folder]
     for _ in range(max_depth):
-        below = []
+        below: list[Path] = []
         for d in level:
             try:
                 with os.scandir(d) as entries:
-                    below += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+                    for e in entries:
+                        (below if e.is_dir(follow_symlinks=False) else loose).append(
+                            Path(e.path))
             except OSError:
                 continue
-        if not below:
-            break
         level = below
-        if len(level) >= want:
+        if not level or len(level) + len(loose) >= want:
             break
-    return [] if level == [folder] else level
+    return loose + level
 
 
 def remove_tree(path: Path, client: Any = None) -> None:
@@ -328,38 +334,50 @@ def remove_tree(path: Path, client: Any = None) -> None:
 
 
 def remove_on_workers(path: Path, client: Any) -> None:
-    """The workers' part of :func:`remove_tree`: the subfolders of the folder ``path``, in
-    at most four tasks per worker thread, when there are enough of them and deleting them
-    here would take longer than :data:`LOCAL_REMOVE_S` (timed on the first, deleted here);
+    """The workers' part of :func:`remove_tree`: the :func:`pieces` of the folder ``path``,
+    a task per worker thread, when there are enough of them and the workers would be done
+    sooner than this process (at the pace of a sample of pieces spread over the folder,
+    deleted here, against a thread's share of the rest plus :data:`TASK_S` a task);
     nothing without ``client`` or when the cluster is gone."""
     if client is None or not path.is_dir() or path.is_symlink():
         return
     from engine.runner import cluster_threads
 
     try:
-        tasks = 4 * cluster_threads(client)
-        parts = subtrees(path, tasks)
+        threads = cluster_threads(client)
+        if threads < 2:
+            return
+        parts = pieces(path, 4 * threads)
         if len(parts) < PARALLEL_SUBTREES:
             return
-        # a run's work arrays on a local disk are a few thousand files, gone here in tens
-        # of milliseconds: fewer than the tasks' round trips (16 threads made 80 tasks of
-        # 5 ms at the end of a 384³ segment); on a parallel file system each unlink is a
-        # round trip to its metadata server, and the first subfolder says so
-        t0 = time.perf_counter()
-        shutil.rmtree(parts[0], ignore_errors=True)
-        rest = [str(p) for p in parts[1:]]
-        if (time.perf_counter() - t0) * len(rest) < LOCAL_REMOVE_S:
+        # a run's work arrays on a local disk are a few thousand files, gone here in about
+        # a tenth of a second: with two threads that is about even, with sixteen it was the
+        # longest stretch of a 512³ segment during which no task ran; on a parallel file
+        # system each unlink is a round trip to its metadata server, and the sample says so
+        sample, t0 = 0, time.perf_counter()
+        for part in parts[::8]:  # at most an eighth, spread: an array's pieces come together
+            _remove(part)
+            sample += 1
+            if time.perf_counter() - t0 >= SAMPLE_S:
+                break
+        taken = set(parts[::8][:sample])
+        rest = [str(p) for p in parts if p not in taken]
+        here = (time.perf_counter() - t0) / sample * len(rest)
+        tasks = min(threads, len(rest))
+        if not tasks or here <= here / tasks + tasks * TASK_S:
             return  # the caller deletes the rest
-        bundles = [rest[i::tasks] for i in range(min(tasks, len(rest)))]  # at most `tasks`
+        # interleaved: a thread's share mixes the arrays' pieces, big and small
+        bundles = [rest[i::tasks] for i in range(tasks)]
         client.gather(client.map(remove_folders, bundles, pure=False))
     except Exception:  # noqa: BLE001 - a lost cluster: the caller deletes it all
         pass
 
 
 def remove_folders(paths: Sequence[str]) -> None:
-    """Delete the folders ``paths`` (a worker's share of :func:`remove_tree`)."""
+    """Delete the folders and files ``paths`` (a worker's share of :func:`remove_tree`;
+    a link is removed, never followed)."""
     for p in paths:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(Path(p))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import zarr
 
 from engine import output
-from engine.output import remove_tree, subtrees
+from engine.output import pieces, remove_tree
 from engine.pipelines.convert import ConvertOptions, convert
 
 
@@ -25,38 +26,71 @@ def _chunk_tree(root: Path, rows: int = 6, cols: int = 5, files: int = 4) -> Non
     (root / "zarr.json").write_text("{}")
 
 
-def test_subtrees_are_the_shallowest_level_with_enough_folders(tmp_path):
+def test_pieces_cover_the_tree_at_the_shallowest_level_with_enough(tmp_path):
+    """Folders are expanded breadth first until there are enough pieces; the files met on
+    the way are pieces too; the pieces are disjoint and hold every file."""
     _chunk_tree(tmp_path / "a")
-    rows = sorted((tmp_path / "a" / "c" / str(z)) for z in range(6))
-    assert sorted(subtrees(tmp_path / "a", 2)) == rows  # "c" alone is one: one level down
-    assert sorted(subtrees(tmp_path / "a", 6)) == rows
-    deep = subtrees(tmp_path / "a", 10)  # 6 rows are too few: one level down, 30 folders
-    assert len(deep) == 30 and all(p.parent.parent.name == "c" for p in deep)
-    assert len(subtrees(tmp_path / "a", 1000)) == 30  # the deepest level found
+    top = tmp_path / "a" / "zarr.json"
+    rows = [tmp_path / "a" / "c" / str(z) for z in range(6)]
+    assert sorted(pieces(tmp_path / "a", 2)) == sorted([top, tmp_path / "a" / "c"])
+    assert sorted(pieces(tmp_path / "a", 7)) == sorted([top, *rows])  # "c" one level down
+    deep = pieces(tmp_path / "a", 10)  # 7 are too few: one level down, 30 folders
+    assert len(deep) == 31 and top in deep
+    assert all(p.parent.parent.name == "c" for p in deep if p != top)
+    every = pieces(tmp_path / "a", 1000)  # the files themselves, at the bottom
+    assert sorted(every) == sorted(p for p in (tmp_path / "a").rglob("*") if p.is_file())
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "f").write_bytes(b"x")
-    assert subtrees(tmp_path / "flat", 4) == []
+    assert pieces(tmp_path / "flat", 4) == [tmp_path / "flat" / "f"]
+    assert pieces(tmp_path / "flat" / "f", 4) == []  # not a folder: nothing to split
+
+
+def test_loose_files_beside_chunk_trees_go_to_the_workers(client, tmp_path, monkeypatch):
+    """A work folder's files per block (beside its chunk trees) are deleted by the
+    workers too, not left to this process."""
+    from distributed import get_task_stream
+
+    monkeypatch.setattr(output, "TASK_S", 0.0)
+    work = tmp_path / "work"
+    _chunk_tree(work / "arr")
+    (work / "blocks").mkdir()
+    for i in range(40):
+        (work / "blocks" / f"{i}.bin").write_bytes(b"x")
+    here: list[str] = []  # what this thread removed (the fixture's workers are threads)
+
+    def remove(p: Path, f=output._remove) -> None:
+        if threading.current_thread() is threading.main_thread():
+            here.append(str(p))
+        f(p)
+
+    monkeypatch.setattr(output, "_remove", remove)
+    with get_task_stream(client) as ts:
+        remove_tree(work, client)
+    assert not work.exists()
+    assert any("remove_folders" in str(t["key"]) for t in ts.data)
+    # here: the timed sample (at most an eighth of the pieces), then the empty folders
+    assert sum("blocks/" in p for p in here) <= 1 + 40 // 8
 
 
 def test_a_tree_is_deleted_on_the_workers(client, tmp_path, monkeypatch):
-    """The subfolders go as tasks on the workers (when deleting them here would take
-    longer than LOCAL_REMOVE_S: always, here); nothing is left."""
+    """The subfolders go as tasks on the workers (when the workers would be done sooner:
+    always, with tasks that cost nothing); nothing is left."""
     from distributed import get_task_stream
 
-    monkeypatch.setattr(output, "LOCAL_REMOVE_S", 0.0)
+    monkeypatch.setattr(output, "TASK_S", 0.0)
     _chunk_tree(tmp_path / "old")
     with get_task_stream(client) as ts:
         remove_tree(tmp_path / "old", client)
     assert not (tmp_path / "old").exists()
     removals = [t for t in ts.data if "remove_folders" in str(t["key"])]
-    # 29 chunk rows (the first timed here) in at most 4 tasks per thread (the fixture's
-    # cluster has 2 threads)
-    assert len(removals) == 8
+    # 29 chunk rows (the first timed here) in a task per thread (the fixture's cluster has
+    # 2 threads)
+    assert len(removals) == 2
 
 
 def test_a_small_tree_is_deleted_here(client, tmp_path):
-    """A tree deleted here sooner than LOCAL_REMOVE_S (small files on a local disk) gives
-    the workers no tasks."""
+    """A tree deleted here sooner than the workers' tasks would cost (small files on a
+    local disk) gives the workers no tasks."""
     from distributed import get_task_stream
 
     _chunk_tree(tmp_path / "old")
@@ -109,7 +143,7 @@ def test_overwrite_deletes_the_replaced_output_on_the_workers(client, tmp_path, 
     one gone."""
     from distributed import get_task_stream
 
-    monkeypatch.setattr(output, "LOCAL_REMOVE_S", 0.0)
+    monkeypatch.setattr(output, "TASK_S", 0.0)
 
     vol = np.arange(48 * 40 * 40, dtype=np.uint16).reshape(48, 40, 40)
     np.save(tmp_path / "v.npy", vol)
