@@ -37,7 +37,12 @@ the timed run spent by the client process (``client_cpu_s``: client and embedded
 share one event loop, the serial part of every task's cost, which bounds how many tasks a
 second a cluster of any size runs) and by all workers together (``workers_cpu_s``), the
 client's busy share of the run (``client_busy`` = client_cpu_s ÷ seconds: near 1 the
-workers wait on it) and the dask tasks the run finished (``tasks``). Every
+workers wait on it), the dask tasks the run finished (``tasks``), and the seconds of the
+run during which no task computed on any worker (``idle_s``, from the task stream: the
+client planning, creating arrays, folding, deleting, and the round trips between passes
+that wait on each other; the serial part of the run, which no number of workers
+shortens, so that at W threads the efficiency is at most
+(seconds − idle_s) ÷ seconds of a perfectly parallel rest). Every
 segment output must equal the 1x1 output (a SHA-256 of level 0, not timed), every convert
 output too. On many cores give a bigger ``--size``: at 384³ a pass has 216 blocks of 64³,
 which 16 threads get in bundles of one to three (four tasks per thread), 550–600 tasks a
@@ -204,6 +209,48 @@ class CPUTimes:
                         "workers_cpu_s": workers - self._start[1]}
 
 
+class NoTaskTime:
+    """Seconds during which no task computed on any worker (``idle_s``): the run's serial
+    part outside tasks (the client planning, creating arrays, folding, deleting; the round
+    trips at barriers), which more workers cannot shorten. From the task stream's compute
+    intervals of the ``with`` block (worker clocks: the cluster is on this machine)."""
+
+    def __init__(self, client: Any) -> None:
+        from distributed import get_task_stream
+
+        self._stream = get_task_stream(client)
+
+    def __enter__(self) -> NoTaskTime:
+        self._records = self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.__exit__(*exc)
+
+    def between(self, t0: float, t1: float) -> float:
+        """No-task seconds within the wall-clock (``time.time``) interval ``[t0, t1]``."""
+        spans = sorted((max(s["start"], t0), min(s["stop"], t1))
+                       for rec in self._records.data for s in rec["startstops"]
+                       if s["action"] == "compute")
+        covered, end = 0.0, t0
+        for start, stop in spans:  # the union of the compute intervals
+            if stop > end:
+                covered += stop - max(start, end)
+                end = stop
+        return max(t1 - t0 - covered, 0.0)
+
+
+def _measured(client: Any, run: Any) -> tuple[float, Any, dict[str, float]]:
+    """``(seconds, result, figures)`` of ``run()``: its CPU seconds (:class:`CPUTimes`) and
+    its no-task seconds (:class:`NoTaskTime`, whose records are fetched after the CPU
+    times are taken)."""
+    with NoTaskTime(client) as stream:
+        with CPUTimes(client) as cpu:
+            t0 = time.time()
+            seconds, result = _timed(run)
+    return seconds, result, {**cpu.seconds, "idle_s": stream.between(t0, t0 + seconds)}
+
+
 def _settle() -> None:
     """Collect garbage and let a fresh cluster settle before an idle RSS reading."""
     import gc
@@ -343,15 +390,13 @@ def trial_segment(args: argparse.Namespace) -> dict[str, Any]:
                                           report=lambda line: None))[0]
             _clear_caches(client)
             counter = TaskCounter(client)
-            with CPUTimes(client) as cpu:
-                seconds, result = _timed(lambda: segment(args.trial_src, options, client,
-                                                         progress=None,
-                                                         report=lambda line: None))
+            seconds, result, figures = _measured(client, lambda: segment(
+                args.trial_src, options, client, progress=None, report=lambda line: None))
             tasks = counter.count()
     digest = sha256_level0(args.trial_src / "labels" / "bench" / "0")
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
             "worker_peak": mon.largest_worker, "samples": mon.samples,
-            "objects": result.n_objects, "digest": digest, "tasks": tasks, **cpu.seconds}
+            "objects": result.n_objects, "digest": digest, "tasks": tasks, **figures}
 
 
 def _clear_caches(client: Any) -> None:
@@ -380,14 +425,13 @@ def trial_convert(args: argparse.Namespace) -> dict[str, Any]:
                                           report=lambda line: None))[0]
             _clear_caches(client)
             counter = TaskCounter(client)
-            with CPUTimes(client) as cpu:
-                seconds = _timed(lambda: convert(args.trial_src, args.trial_dst, options,
-                                                 client, report=lambda line: None))[0]
+            seconds, _, figures = _measured(client, lambda: convert(
+                args.trial_src, args.trial_dst, options, client, report=lambda line: None))
             tasks = counter.count()
     digest = sha256_level0(level0_path(args.trial_dst))
     return {"seconds": seconds, "cold_seconds": cold, "client_peak": mon.client_peak,
             "worker_peak": mon.largest_worker, "samples": mon.samples, "digest": digest,
-            "tasks": tasks, **cpu.seconds}
+            "tasks": tasks, **figures}
 
 
 def _top_allocations(snapshot: Any, limit: int = 12) -> list[str]:
@@ -609,7 +653,7 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             res.update({key: max(r[key] for r in runs) for key in ("client_peak",
                                                                    "worker_peak")})
             cpu = {key: float(np.median([r[key] for r in runs]))
-                   for key in ("client_cpu_s", "workers_cpu_s", "tasks")}
+                   for key in ("client_cpu_s", "workers_cpu_s", "tasks", "idle_s")}
             digests.update(r["digest"] for r in runs)
             rate = mvox / res["seconds"]
             if (w, t) == (1, 1):
@@ -625,14 +669,17 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    # the client process (client + embedded scheduler: one event loop) busy
                    # this share of the run: near 1, it is what the workers wait on
                    "client_busy": round(cpu["client_cpu_s"] / res["seconds"], 3),
-                   "tasks": int(cpu["tasks"])}
+                   "tasks": int(cpu["tasks"]),
+                   # no task computing anywhere: the serial part more workers cannot cut
+                   "idle_s": round(cpu["idle_s"], 3)}
             print("point " + json.dumps(row), flush=True)
             rows.append(row)
         summary[what] = {
             "points": [{k: r[k] for k in ("workers", "threads", "mvox_s", "efficiency",
                                           "client_peak_rss_mib",
                                           "largest_worker_peak_rss_mib", "client_cpu_s",
-                                          "workers_cpu_s", "client_busy", "tasks")}
+                                          "workers_cpu_s", "client_busy", "tasks",
+                                          "idle_s")}
                        for r in rows],
             "outputs_identical": len(digests) == 1,
             "speedup_2x1": next((round(r["mvox_s"] / base, 3) for r in rows
