@@ -284,9 +284,9 @@ def _remove(path: Path) -> None:
 
 #: a folder is deleted on the workers when it splits into at least this many pieces
 #: (chunk rows, loose files: :func:`pieces`); fewer are deleted here
-PARALLEL_SUBTREES = 8
+PARALLEL_PIECES = 8
 #: how deep a folder is searched for pieces to hand out
-SUBTREE_DEPTH = 4
+PIECES_DEPTH = 4
 #: what one task costs the client process (submitting, scheduling, taking its result in):
 #: 2-3 ms a task at 16 workers (``bench_scale.py``'s client CPU per task); a folder goes to
 #: the workers only when their share plus these costs beats deleting it here
@@ -295,7 +295,7 @@ TASK_S = 0.003
 SAMPLE_S = 0.005
 
 
-def pieces(folder: Path, want: int, max_depth: int = SUBTREE_DEPTH) -> list[Path]:
+def pieces(folder: Path, want: int, max_depth: int = PIECES_DEPTH) -> list[Path]:
     """Disjoint pieces of ``folder``'s contents to delete apart: its folders expanded
     breadth first (symbolic links are never followed, only removed) until there are at
     least ``want`` pieces or ``max_depth`` levels; the files met on the way are pieces too
@@ -322,12 +322,12 @@ def pieces(folder: Path, want: int, max_depth: int = SUBTREE_DEPTH) -> list[Path
 def remove_tree(path: Path, client: Any = None) -> None:
     """Delete ``path``, a folder (a finished run's work arrays, a replaced output) or a file.
 
-    With ``client``, a folder of many subfolders is deleted by the cluster's workers first,
-    a task per subfolder, then whatever is left here: unlinking the hundreds of thousands
-    of chunk files of a terabyte volume one by one from the client takes minutes on a
-    parallel file system, where each unlink is a round trip to its metadata server. The
-    workers see the same paths, having written them; a worker that cannot, or a cluster
-    that is gone, leaves the work to this process.
+    With ``client``, a folder of many pieces is deleted by the cluster's workers first, a
+    task per thread (:func:`remove_on_workers`), then whatever is left here: unlinking the
+    hundreds of thousands of chunk files of a terabyte volume one by one from the client
+    takes minutes on a parallel file system, where each unlink is a round trip to its
+    metadata server. The workers see the same paths, having written them; a worker that
+    cannot, or a cluster that is gone, leaves the work to this process.
     """
     remove_on_workers(path, client)
     _remove(path)
@@ -348,12 +348,13 @@ def remove_on_workers(path: Path, client: Any) -> None:
         if threads < 2:
             return
         parts = pieces(path, 4 * threads)
-        if len(parts) < PARALLEL_SUBTREES:
+        if len(parts) < PARALLEL_PIECES:
             return
         # a run's work arrays on a local disk are a few thousand files, gone here in about
-        # a tenth of a second: with two threads that is about even, with sixteen it was the
-        # longest stretch of a 512³ segment during which no task ran; on a parallel file
-        # system each unlink is a round trip to its metadata server, and the sample says so
+        # a tenth of a second, the longest stretch of a 16-worker 512³ segment during which
+        # no task ran; two workers delete them 1.2x as fast, sixteen 1.6x (bench_remove.py,
+        # on 2 cores); on a parallel file system each unlink is a round trip to its
+        # metadata server, and the sample says so
         sample, t0 = 0, time.perf_counter()
         for part in parts[::8]:  # at most an eighth, spread: an array's pieces come together
             _remove(part)
