@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -283,10 +284,13 @@ def _remove(path: Path) -> None:
 
 
 #: a folder is deleted on the workers when it splits into at least this many pieces
-#: (chunk rows, loose files: :func:`pieces`); fewer are deleted here
+#: (chunk rows, shares of a folder's files: :func:`pieces`); fewer are deleted here
 PARALLEL_PIECES = 8
 #: how deep a folder is searched for pieces to hand out
 PIECES_DEPTH = 4
+#: the files lying directly in one folder (a work folder's file per block) are cut into
+#: shares of about this many
+FILES_PER_SHARE = 256
 #: what one task costs the client process (submitting, scheduling, taking its result in):
 #: 2-3 ms a task at 16 workers (``bench_scale.py``'s client CPU per task); a folder goes to
 #: the workers only when their share plus these costs beats deleting it here
@@ -294,29 +298,62 @@ TASK_S = 0.003
 #: the pace of deleting here is timed on pieces spread over the folder until this long
 SAMPLE_S = 0.005
 
+#: A piece of a folder to delete: a folder or file path (deleted whole; a link is removed,
+#: never followed), or ``(folder, share, shares)``: the files lying directly in ``folder``
+#: whose names hash to ``share`` (CRC-32 modulo ``shares``)
+Piece = str | tuple[str, int, int]
 
-def pieces(folder: Path, want: int, max_depth: int = PIECES_DEPTH) -> list[Path]:
+
+def pieces(folder: Path, want: int, max_depth: int = PIECES_DEPTH) -> list[Piece]:
     """Disjoint pieces of ``folder``'s contents to delete apart: its folders expanded
-    breadth first (symbolic links are never followed, only removed) until there are at
-    least ``want`` pieces or ``max_depth`` levels; the files met on the way are pieces too
-    (a work folder keeps a file per block beside its chunk trees). What is left is the
-    empty folders above the pieces."""
-    loose: list[Path] = []
-    level = [folder]
+    breadth first (symbolic links are never followed) until there are at least ``want``
+    pieces or ``max_depth`` levels; the files met on the way are pieces too, as shares of
+    their folder (a work folder keeps a file per block beside its chunk trees), counted
+    here but never listed: this process holds a number per folder, not a name per file.
+    What is left is the empty folders above the pieces."""
+    files: dict[str, int] = {}  # folder -> the files lying directly in it
+    level = [str(folder)]
     for _ in range(max_depth):
-        below: list[Path] = []
+        below: list[str] = []
         for d in level:
             try:
                 with os.scandir(d) as entries:
                     for e in entries:
-                        (below if e.is_dir(follow_symlinks=False) else loose).append(
-                            Path(e.path))
+                        if e.is_dir(follow_symlinks=False):
+                            below.append(e.path)
+                        else:
+                            files[d] = files.get(d, 0) + 1
             except OSError:
                 continue
         level = below
-        if not level or len(level) + len(loose) >= want:
+        if not level or len(level) + len(files) >= want:
             break
-    return loose + level
+    shares: list[Piece] = []
+    for d, n in files.items():
+        k = max(1, min(want, -(-n // FILES_PER_SHARE)))
+        shares += [(d, i, k) for i in range(k)]
+    return shares + level
+
+
+def remove_pieces(parts: Sequence[Piece]) -> None:
+    """Delete :func:`pieces` (a worker's share of :func:`remove_tree`)."""
+    for part in parts:
+        if isinstance(part, str):
+            _remove(Path(part))
+            continue
+        folder, share, shares = part
+        try:
+            with os.scandir(folder) as entries:  # names first: unlinking while listing
+                names = [e.name for e in entries if not e.is_dir(follow_symlinks=False)
+                         and zlib.crc32(e.name.encode("utf-8", "surrogateescape"))
+                         % shares == share]
+        except OSError:
+            continue
+        for name in names:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
 
 
 def remove_tree(path: Path, client: Any = None) -> None:
@@ -357,28 +394,20 @@ def remove_on_workers(path: Path, client: Any) -> None:
         # metadata server, and the sample says so
         sample, t0 = 0, time.perf_counter()
         for part in parts[::8]:  # at most an eighth, spread: an array's pieces come together
-            _remove(part)
+            remove_pieces([part])
             sample += 1
             if time.perf_counter() - t0 >= SAMPLE_S:
                 break
-        taken = set(parts[::8][:sample])
-        rest = [str(p) for p in parts if p not in taken]
+        rest = [p for i, p in enumerate(parts) if i % 8 or i // 8 >= sample]
         here = (time.perf_counter() - t0) / sample * len(rest)
         tasks = min(threads, len(rest))
         if not tasks or here <= here / tasks + tasks * TASK_S:
             return  # the caller deletes the rest
         # interleaved: a thread's share mixes the arrays' pieces, big and small
         bundles = [rest[i::tasks] for i in range(tasks)]
-        client.gather(client.map(remove_folders, bundles, pure=False))
+        client.gather(client.map(remove_pieces, bundles, pure=False))
     except Exception:  # noqa: BLE001 - a lost cluster: the caller deletes it all
         pass
-
-
-def remove_folders(paths: Sequence[str]) -> None:
-    """Delete the folders and files ``paths`` (a worker's share of :func:`remove_tree`;
-    a link is removed, never followed)."""
-    for p in paths:
-        _remove(Path(p))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from engine import output
-from engine.output import pieces, remove_tree
+from engine.output import pieces, remove_pieces, remove_tree
 from engine.pipelines.convert import ConvertOptions, convert
 
 
@@ -28,21 +28,48 @@ def _chunk_tree(root: Path, rows: int = 6, cols: int = 5, files: int = 4) -> Non
 
 def test_pieces_cover_the_tree_at_the_shallowest_level_with_enough(tmp_path):
     """Folders are expanded breadth first until there are enough pieces; the files met on
-    the way are pieces too; the pieces are disjoint and hold every file."""
+    the way are pieces too, as shares of their folder (counted, never listed)."""
     _chunk_tree(tmp_path / "a")
-    top = tmp_path / "a" / "zarr.json"
-    rows = [tmp_path / "a" / "c" / str(z) for z in range(6)]
-    assert sorted(pieces(tmp_path / "a", 2)) == sorted([top, tmp_path / "a" / "c"])
-    assert sorted(pieces(tmp_path / "a", 7)) == sorted([top, *rows])  # "c" one level down
+    a = str(tmp_path / "a")
+    rows = [str(tmp_path / "a" / "c" / str(z)) for z in range(6)]
+    assert sorted(pieces(tmp_path / "a", 2), key=str) == sorted([(a, 0, 1), a + "/c"], key=str)
+    assert sorted(pieces(tmp_path / "a", 7), key=str) == sorted([(a, 0, 1), *rows], key=str)
     deep = pieces(tmp_path / "a", 10)  # 7 are too few: one level down, 30 folders
-    assert len(deep) == 31 and top in deep
-    assert all(p.parent.parent.name == "c" for p in deep if p != top)
-    every = pieces(tmp_path / "a", 1000)  # the files themselves, at the bottom
-    assert sorted(every) == sorted(p for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(deep) == 31 and (a, 0, 1) in deep
+    assert all(Path(p).parent.parent.name == "c" for p in deep if isinstance(p, str))
+    every = pieces(tmp_path / "a", 1000)  # the bottom: every row's files, one share each
+    with_files = [str(p) for p in (tmp_path / "a").rglob("*")
+                  if p.is_dir() and any(q.is_file() for q in p.iterdir())]
+    assert sorted(every) == sorted((d, 0, 1) for d in [a, *with_files])
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "f").write_bytes(b"x")
-    assert pieces(tmp_path / "flat", 4) == [tmp_path / "flat" / "f"]
+    assert pieces(tmp_path / "flat", 4) == [(str(tmp_path / "flat"), 0, 1)]
     assert pieces(tmp_path / "flat" / "f", 4) == []  # not a folder: nothing to split
+
+
+def test_shares_of_a_folders_files_are_disjoint_and_cover_them(tmp_path):
+    """A folder of many files splits into shares (about FILES_PER_SHARE files each, at
+    most ``want``); each share deletes its files only, the shares together all of them,
+    and never a subfolder's."""
+    folder = tmp_path / "blocks"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "keep").write_bytes(b"x")
+    names = [f"{i}.bin" for i in range(1000)]
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    parts = pieces(folder, 8)  # 2 are too few: "sub" expanded too, its file a share
+    shares = [p for p in parts if isinstance(p, tuple) and p[0] == str(folder)]
+    assert len(shares) == -(-1000 // output.FILES_PER_SHARE)
+    assert (str(folder / "sub"), 0, 1) in parts
+    assert sorted(pieces(folder, 2), key=str) == sorted(  # the shares are capped at `want`
+        [(str(folder), 0, 2), (str(folder), 1, 2), str(folder / "sub")], key=str)
+    left = set(names)
+    for share in shares:
+        remove_pieces([share])
+        now = {p.name for p in folder.iterdir() if p.is_file()}
+        assert now < left  # this share deleted some files, and only files
+        left = now
+    assert left == set() and (folder / "sub" / "keep").exists()
 
 
 def test_loose_files_beside_chunk_trees_go_to_the_workers(client, tmp_path, monkeypatch):
@@ -51,25 +78,28 @@ def test_loose_files_beside_chunk_trees_go_to_the_workers(client, tmp_path, monk
     from distributed import get_task_stream
 
     monkeypatch.setattr(output, "TASK_S", 0.0)
+    monkeypatch.setattr(output, "FILES_PER_SHARE", 8)
     work = tmp_path / "work"
     _chunk_tree(work / "arr")
     (work / "blocks").mkdir()
     for i in range(40):
         (work / "blocks" / f"{i}.bin").write_bytes(b"x")
     here: list[str] = []  # what this thread removed (the fixture's workers are threads)
+    unlink = os.unlink
 
-    def remove(p: Path, f=output._remove) -> None:
+    def recording(path, *args, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            here.append(str(p))
-        f(p)
+            here.append(str(path))
+        return unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(output, "_remove", remove)
+    monkeypatch.setattr(os, "unlink", recording)
     with get_task_stream(client) as ts:
         remove_tree(work, client)
     assert not work.exists()
-    assert any("remove_folders" in str(t["key"]) for t in ts.data)
-    # here: the timed sample (at most an eighth of the pieces), then the empty folders
-    assert sum("blocks/" in p for p in here) <= 1 + 40 // 8
+    assert any("remove_pieces" in str(t["key"]) for t in ts.data)
+    # here: the timed sample (an eighth of the pieces at most; a piece is a share of
+    # about 8 files), then the empty folders; not the 40 files
+    assert sum("blocks/" in p for p in here) <= 16
 
 
 def test_a_tree_is_deleted_on_the_workers(client, tmp_path, monkeypatch):
@@ -82,7 +112,7 @@ def test_a_tree_is_deleted_on_the_workers(client, tmp_path, monkeypatch):
     with get_task_stream(client) as ts:
         remove_tree(tmp_path / "old", client)
     assert not (tmp_path / "old").exists()
-    removals = [t for t in ts.data if "remove_folders" in str(t["key"])]
+    removals = [t for t in ts.data if "remove_pieces" in str(t["key"])]
     # 29 chunk rows (the first timed here) in a task per thread (the fixture's cluster has
     # 2 threads)
     assert len(removals) == 2
@@ -97,7 +127,7 @@ def test_a_small_tree_is_deleted_here(client, tmp_path):
     with get_task_stream(client) as ts:
         remove_tree(tmp_path / "old", client)
     assert not (tmp_path / "old").exists()
-    assert not [t for t in ts.data if "remove_folders" in str(t["key"])]
+    assert not [t for t in ts.data if "remove_pieces" in str(t["key"])]
 
 
 def test_links_are_removed_not_followed(client, tmp_path):
@@ -155,7 +185,7 @@ def test_overwrite_deletes_the_replaced_output_on_the_workers(client, tmp_path, 
         convert(tmp_path / "v.npy", dst, ConvertOptions(
             chunks=(8,), assume_voxel_size=True, max_levels=1, overwrite=True), client,
             report=lambda _: None)
-    assert any("remove_folders" in str(t["key"]) for t in ts.data)
+    assert any("remove_pieces" in str(t["key"]) for t in ts.data)
     np.testing.assert_array_equal(zarr.open_group(str(dst), mode="r")["0"][...], vol[::-1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "v.ome.zarr"]
 
