@@ -41,8 +41,8 @@ workers wait on it), the dask tasks the run finished (``tasks``), and the second
 run during which no task computed on any worker (``idle_s``, from the task stream: the
 client planning, creating arrays, folding, deleting, and the round trips between passes
 that wait on each other; the serial part of the run, which no number of workers
-shortens, so that at W threads the efficiency is at most
-(seconds − idle_s) ÷ seconds of a perfectly parallel rest). Every
+shortens: at W threads, even with the rest perfectly parallel, a run takes at least
+idle_s + (seconds − idle_s) ÷ W of its one-thread seconds). Every
 segment output must equal the 1x1 output (a SHA-256 of level 0, not timed), every convert
 output too. On many cores give a bigger ``--size``: at 384³ a pass has 216 blocks of 64³,
 which 16 threads get in bundles of one to three (four tasks per thread), 550–600 tasks a
