@@ -366,6 +366,17 @@ SYSTEM_MONITOR_SAMPLES = 720
 LIGHTER_LOOPS = {"distributed.admin.tick.interval": ("20ms", "100ms"),
                  "distributed.worker.profile.interval": ("10ms", "100ms")}
 
+#: The periodic callbacks every distributed server runs that an embedded cluster's nannies
+#: only repeat: they share this process and its event loop with the scheduler, whose own
+#: ``monitor`` (this process's CPU, memory, file descriptors, host network and disk
+#: counters, every 500 ms), ``tick``/``ticks`` (the loop's latency and its "unresponsive"
+#: warning) and ``shift_counters`` measure the same process and loop. Sixteen nannies ran
+#: 16 copies of each: stopped, the client process of 16 workers × 1 thread used 0.068
+#: instead of 0.088 CPU-seconds a second idle, and 1.53-1.65 instead of 1.70-1.78
+#: CPU-seconds during a 384³ ``segment`` (2 cores). The nannies' ``memory_monitor`` (each
+#: restarts its worker past the terminate threshold) keeps running.
+NANNY_DUPLICATES = ("monitor", "tick", "ticks", "shift_counters")
+
 #: dask's ``key_split`` (task key -> prefix, called by the scheduler for every new task)
 #: keeps its last 100,000 keys in an ``lru_cache``: in the embedded scheduler's process
 #: that held every task key of a pass, ~0.3 KiB each with the heap they pinned (issue 17's
@@ -424,6 +435,24 @@ def bound_key_cache(scheduler: Any, every_s: float = KEY_CACHE_CLEAR_S) -> Any:
     scheduler.periodic_callbacks["voxelmill-key-split-cache"] = callback
     scheduler.loop.add_callback(callback.start)  # a PeriodicCallback starts on its loop
     return callback
+
+
+def quiet_nannies(cluster: Any) -> int:
+    """Stop the :data:`NANNY_DUPLICATES` callbacks of an embedded cluster's nannies (which
+    live in this process), on the cluster's event loop; return how many were stopped.
+    A nanny started later (a replaced worker) keeps its own: they cost, they do no harm."""
+    from distributed import Nanny
+    from distributed.utils import sync
+
+    callbacks = [pc for nanny in cluster.workers.values() if isinstance(nanny, Nanny)
+                 for name, pc in nanny.periodic_callbacks.items() if name in NANNY_DUPLICATES]
+
+    async def stop() -> None:  # a PeriodicCallback is stopped on its own loop
+        for pc in callbacks:
+            pc.stop()
+
+    sync(cluster.loop, stop)
+    return len(callbacks)
 
 
 @contextmanager
@@ -517,6 +546,7 @@ def _local_client(options: ClusterOptions, security: object | None,
                                 devices=not options.cpu_gpu_workers)
         try:
             bound_key_cache(cluster.scheduler)
+            quiet_nannies(cluster)
             with dask.config.set(caps):  # the client's own connection keeps its batches too
                 client = Client(cluster, security=kwargs.get("security"))
             if gpus:

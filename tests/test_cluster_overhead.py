@@ -8,10 +8,12 @@ import gc
 import weakref
 
 import dask
+import distributed  # noqa: F401 - its defaults loaded before a test sets (and unsets) its keys
 import pytest
 
 from engine.cluster import (
     LIGHTER_LOOPS,
+    NANNY_DUPLICATES,
     NO_DASHBOARD,
     ClusterOptions,
     connect,
@@ -64,6 +66,23 @@ def test_embedded_cluster_ticks_and_profiles_at_the_lighter_rate():
     with dask.config.set({PROFILE: "30ms"}), \
             connect(options, report=lambda line: None) as client:
         assert list(client.run(_worker_intervals).values()) == [(100.0, 30.0)]
+
+
+def test_embedded_nannies_leave_the_schedulers_callbacks_to_it():
+    """The nannies' copies of the scheduler's monitor and ticks are stopped (same process,
+    same loop); their memory monitors and the scheduler's own callbacks still run."""
+    options = ClusterOptions(workers=2, threads_per_worker=1, dashboard_address=NO_DASHBOARD)
+    with connect(options, report=lambda line: None) as client:
+        nannies = list(client.cluster.workers.values())
+        assert len(nannies) == 2
+        for nanny in nannies:
+            running = {name for name, pc in nanny.periodic_callbacks.items()
+                       if pc.is_running()}
+            assert not running & set(NANNY_DUPLICATES)
+            assert "memory_monitor" in running
+        scheduler = client.cluster.scheduler.periodic_callbacks
+        assert all(scheduler[name].is_running() for name in NANNY_DUPLICATES)
+        assert client.submit(sum, [1, 2]).result() == 3
 
 
 def test_connect_freezes_the_heap_while_the_client_lives():
