@@ -42,7 +42,12 @@ run during which no task computed on any worker (``idle_s``, from the task strea
 client planning, creating arrays, folding, deleting, and the round trips between passes
 that wait on each other; the serial part of the run, which no number of workers
 shortens: at W threads, even with the rest perfectly parallel, a run takes at least
-idle_s + (seconds − idle_s) ÷ W of its one-thread seconds). Every
+idle_s + (seconds − idle_s) ÷ W of its one-thread seconds), the seconds tasks computed,
+summed over all threads (``compute_s``: against the 1x1 figure, how much slower each
+block ran with W threads at work — memory bandwidth, clock speed — a loss no scheduling
+recovers) and the threads' busy share (``threads_busy`` = compute_s ÷ (W·T × seconds): the
+rest of their time they waited, on the serial part, on a pass's tail, on round trips); so
+efficiency = threads_busy ÷ (compute_s ÷ 1x1's compute_s) ÷ 1x1's threads_busy. Every
 segment output must equal the 1x1 output (a SHA-256 of level 0, not timed), every convert
 output too. On many cores give a bigger ``--size``: at 384³ a pass has 216 blocks of 64³,
 which 16 threads get in bundles of one to three (four tasks per thread), 550–600 tasks a
@@ -212,8 +217,9 @@ class CPUTimes:
 class NoTaskTime:
     """Seconds during which no task computed on any worker (``idle_s``): the run's serial
     part outside tasks (the client planning, creating arrays, folding, deleting; the round
-    trips at barriers), which more workers cannot shorten. From the task stream's compute
-    intervals of the ``with`` block (worker clocks: the cluster is on this machine)."""
+    trips at barriers), which more workers cannot shorten; and the seconds tasks computed
+    (``compute_s``, summed over threads). From the task stream's compute intervals of the
+    ``with`` block (worker clocks: the cluster is on this machine)."""
 
     def __init__(self, client: Any) -> None:
         from distributed import get_task_stream
@@ -227,17 +233,23 @@ class NoTaskTime:
     def __exit__(self, *exc: object) -> None:
         self._stream.__exit__(*exc)
 
+    def _spans(self, t0: float, t1: float) -> list[tuple[float, float]]:
+        return sorted((max(s["start"], t0), min(s["stop"], t1))
+                      for rec in self._records.data for s in rec["startstops"]
+                      if s["action"] == "compute" and s["stop"] > t0 and s["start"] < t1)
+
     def between(self, t0: float, t1: float) -> float:
         """No-task seconds within the wall-clock (``time.time``) interval ``[t0, t1]``."""
-        spans = sorted((max(s["start"], t0), min(s["stop"], t1))
-                       for rec in self._records.data for s in rec["startstops"]
-                       if s["action"] == "compute")
         covered, end = 0.0, t0
-        for start, stop in spans:  # the union of the compute intervals
+        for start, stop in self._spans(t0, t1):  # the union of the compute intervals
             if stop > end:
                 covered += stop - max(start, end)
                 end = stop
         return max(t1 - t0 - covered, 0.0)
+
+    def computing(self, t0: float, t1: float) -> float:
+        """Seconds tasks computed within ``[t0, t1]``, summed over all worker threads."""
+        return sum(stop - start for start, stop in self._spans(t0, t1))
 
 
 def _measured(client: Any, run: Any) -> tuple[float, Any, dict[str, float]]:
@@ -248,7 +260,8 @@ def _measured(client: Any, run: Any) -> tuple[float, Any, dict[str, float]]:
         with CPUTimes(client) as cpu:
             t0 = time.time()
             seconds, result = _timed(run)
-    return seconds, result, {**cpu.seconds, "idle_s": stream.between(t0, t0 + seconds)}
+    return seconds, result, {**cpu.seconds, "idle_s": stream.between(t0, t0 + seconds),
+                             "compute_s": stream.computing(t0, t0 + seconds)}
 
 
 def _settle() -> None:
@@ -653,7 +666,8 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             res.update({key: max(r[key] for r in runs) for key in ("client_peak",
                                                                    "worker_peak")})
             cpu = {key: float(np.median([r[key] for r in runs]))
-                   for key in ("client_cpu_s", "workers_cpu_s", "tasks", "idle_s")}
+                   for key in ("client_cpu_s", "workers_cpu_s", "tasks", "idle_s",
+                               "compute_s")}
             digests.update(r["digest"] for r in runs)
             rate = mvox / res["seconds"]
             if (w, t) == (1, 1):
@@ -671,7 +685,13 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    "client_busy": round(cpu["client_cpu_s"] / res["seconds"], 3),
                    "tasks": int(cpu["tasks"]),
                    # no task computing anywhere: the serial part more workers cannot cut
-                   "idle_s": round(cpu["idle_s"], 3)}
+                   "idle_s": round(cpu["idle_s"], 3),
+                   # the tasks' own seconds over all threads: against 1x1's, how much slower
+                   # each block ran (memory bandwidth, clocks), which no scheduling recovers
+                   "compute_s": round(cpu["compute_s"], 3),
+                   # the threads' share of the run spent in a task: the rest they waited
+                   # (the serial part, a pass's tail, round trips)
+                   "threads_busy": round(cpu["compute_s"] / (w * t * res["seconds"]), 3)}
             print("point " + json.dumps(row), flush=True)
             rows.append(row)
         summary[what] = {
@@ -679,7 +699,7 @@ def run_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                           "client_peak_rss_mib",
                                           "largest_worker_peak_rss_mib", "client_cpu_s",
                                           "workers_cpu_s", "client_busy", "tasks",
-                                          "idle_s")}
+                                          "idle_s", "compute_s", "threads_busy")}
                        for r in rows],
             "outputs_identical": len(digests) == 1,
             "speedup_2x1": next((round(r["mvox_s"] / base, 3) for r in rows
