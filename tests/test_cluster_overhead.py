@@ -15,6 +15,7 @@ from engine.cluster import (
     LIGHTER_LOOPS,
     NANNY_DUPLICATES,
     NO_DASHBOARD,
+    SEND_INTERVAL_S,
     ClusterOptions,
     connect,
     frozen_heap,
@@ -83,6 +84,38 @@ def test_embedded_nannies_leave_the_schedulers_callbacks_to_it():
         scheduler = client.cluster.scheduler.periodic_callbacks
         assert all(scheduler[name].is_running() for name in NANNY_DUPLICATES)
         assert client.submit(sum, [1, 2]).result() == 3
+
+
+def _stream_intervals(scheduler) -> list[float]:
+    return [stream.interval for stream in scheduler.stream_comms.values()]
+
+
+def test_messages_between_passes_wait_at_most_the_send_interval():
+    """The client's messages to the embedded scheduler, and the scheduler's to every
+    worker (one that joins later too), go out at most SEND_INTERVAL_S apart."""
+    options = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address=NO_DASHBOARD)
+    with connect(options, report=lambda line: None) as client:
+        assert client.scheduler_comm.interval == SEND_INTERVAL_S < 0.005
+        scheduler = client.cluster.scheduler
+        assert _stream_intervals(scheduler) == [SEND_INTERVAL_S]
+        client.cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        assert _stream_intervals(scheduler) == [SEND_INTERVAL_S] * 2
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_a_remote_schedulers_streams_are_left_alone():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        before = _stream_intervals(cluster.scheduler)
+        options = ClusterOptions(scheduler=cluster.scheduler_address,
+                                 dashboard_address=NO_DASHBOARD)
+        with connect(options, report=lambda line: None) as client:
+            assert client.scheduler_comm.interval == SEND_INTERVAL_S
+            assert _stream_intervals(cluster.scheduler) == before
+            assert client.submit(sum, [1, 2]).result() == 3
 
 
 def test_connect_freezes_the_heap_while_the_client_lives():
