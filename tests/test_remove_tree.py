@@ -103,6 +103,29 @@ def test_loose_files_beside_chunk_trees_go_to_the_workers(client, tmp_path, monk
     assert sum("blocks/" in p for p in here) <= 16
 
 
+def test_the_sample_deletes_a_part_of_a_share_here(client, tmp_path, monkeypatch):
+    """The pace is timed on a sixteenth of a share, not on a whole one (hundreds of files
+    deleted here while every worker waits); the workers delete the rest of it."""
+    monkeypatch.setattr(output, "TASK_S", 0.0)
+    folder = tmp_path / "blocks"
+    folder.mkdir()
+    for i in range(4096):  # 2 threads: 8 shares of 512 files; parts[0] is sampled
+        (folder / f"{i}.npz").write_bytes(b"x")
+    here: list[str] = []
+    unlink = os.unlink
+
+    def recording(path, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            here.append(str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", recording)
+    remove_tree(folder, client)
+    assert not folder.exists()
+    # about 4096 / (8 · 16) = 32 files, the names whose CRC-32 is 0 modulo 128
+    assert 0 < len(here) <= 64
+
+
 def test_a_tree_is_deleted_on_the_workers(client, tmp_path, monkeypatch):
     """The subfolders go as tasks on the workers (when the workers would be done sooner:
     always, with tasks that cost nothing); nothing is left."""
