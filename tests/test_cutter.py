@@ -440,6 +440,33 @@ def test_watershed_keeps_64_bit_marker_ids(client, tmp_path):
                                                        0))
 
 
+def test_watershed_refuses_negative_marker_ids(client, tmp_path):
+    """Signed markers holding a negative id are refused with the id (their cells wrapped to
+    2³² − id before), and no labels are left."""
+    from engine.cutter.predict import WatershedOptions, run_watershed
+    from engine.errors import InputError
+    from engine.pipelines.convert import ConvertOptions, convert
+
+    image, nuclei, cells, names = phantom_slide((96, 128), seed=7, n_cells=9)
+    centres = ndi.center_of_mass(nuclei > 0, nuclei, range(1, int(nuclei.max()) + 1))
+    signed = np.zeros(nuclei.shape, np.int32)
+    for i, (y, x) in enumerate(centres, start=1):
+        signed[int(round(y)), int(round(x))] = -4 if i == 3 else i
+    tifffile.imwrite(tmp_path / "s.ome.tif", image, ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": list(names)}})
+    tifffile.imwrite(tmp_path / "fg.tif", (cells > 0).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "signed.tif", signed)
+    src = tmp_path / "s.ome.zarr"
+    convert(tmp_path / "s.ome.tif", src, ConvertOptions(
+        chunks=(32,), assume_voxel_size=True,
+        labels=tuple((n, str(tmp_path / f"{n}.tif")) for n in ("fg", "signed"))),
+        client, report=lambda _: None)
+    with pytest.raises(InputError, match=r"negative id \(-4\)"):
+        run_watershed(src, WatershedOptions("signed", "fg", "membrane", "ws_signed",
+                                            block=(32, 64)), client, report=lambda _: None)
+    assert not (src / "labels" / "ws_signed").exists()
+
+
 def test_cli_errors(slide, tmp_path, client):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import OptionError
+from engine.errors import InputError, OptionError
 from engine.segment.blockops import BlockOp
 from engine.segment.params import computed, param
 
@@ -112,8 +112,9 @@ class SeededWatershed(BlockOp):
         ----------
         image : ndarray, shape (Y, X) or (Z, Y, X)
             Heights to flood, any real dtype.
-        markers : ndarray of unsigned int, same shape
-            Seeds with global ids, 0 = no seed.
+        markers : ndarray of int, same shape
+            Seeds with global ids, 0 = no seed; a negative id is refused
+            (:class:`~engine.errors.InputError`).
         mask : ndarray of bool, same shape, optional
             Voxels that may be labelled (required when ``masked``).
 
@@ -130,6 +131,10 @@ class SeededWatershed(BlockOp):
         if self.connectivity > image.ndim:
             raise OptionError(f"watershed connectivity {self.connectivity} exceeds the "
                               f"image's {image.ndim} dimensions")
+        if markers.dtype.kind == "i" and markers.size and markers.min() < 0:
+            # its basin would be written as a wrapped id (2³² − 4 for −4)
+            raise InputError(f"watershed markers hold a negative id ({int(markers.min())}): "
+                             "seeds are ids ≥ 1 (0: no seed); renumber the markers")
         labels = watershed(image, markers, connectivity=self.connectivity,
                            mask=None if mask is None else mask != 0,
                            compactness=float(self.compactness))
