@@ -26,6 +26,20 @@ def _chunk_tree(root: Path, rows: int = 6, cols: int = 5, files: int = 4) -> Non
     (root / "zarr.json").write_text("{}")
 
 
+def _unlinks_here(monkeypatch) -> list[str]:
+    """The files this thread unlinks from now on (the fixture's workers are threads)."""
+    here: list[str] = []
+    unlink = os.unlink
+
+    def recording(path, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            here.append(str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", recording)
+    return here
+
+
 def test_pieces_cover_the_tree_at_the_shallowest_level_with_enough(tmp_path):
     """Folders are expanded breadth first until there are enough pieces; the files met on
     the way are pieces too, as shares of their folder (counted, never listed)."""
@@ -85,15 +99,7 @@ def test_loose_files_beside_chunk_trees_go_to_the_workers(client, tmp_path, monk
     (work / "blocks").mkdir()
     for i in range(40):
         (work / "blocks" / f"{i}.bin").write_bytes(b"x")
-    here: list[str] = []  # what this thread removed (the fixture's workers are threads)
-    unlink = os.unlink
-
-    def recording(path, *args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            here.append(str(path))
-        return unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", recording)
+    here = _unlinks_here(monkeypatch)
     with get_task_stream(client) as ts:
         remove_tree(work, client)
     assert not work.exists()
@@ -111,15 +117,7 @@ def test_the_sample_deletes_a_part_of_a_share_here(client, tmp_path, monkeypatch
     folder.mkdir()
     for i in range(4096):  # 2 threads: 8 shares of 512 files; parts[0] is sampled
         (folder / f"{i}.npz").write_bytes(b"x")
-    here: list[str] = []
-    unlink = os.unlink
-
-    def recording(path, *args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            here.append(str(path))
-        return unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", recording)
+    here = _unlinks_here(monkeypatch)
     remove_tree(folder, client)
     assert not folder.exists()
     # about 4096 / (8 · 16) = 32 files, the names whose CRC-32 is 0 modulo 128
