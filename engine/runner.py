@@ -63,6 +63,10 @@ IN_FLIGHT_PER_THREAD = 64
 BUNDLE_TARGET_S = 0.25
 #: the most blocks one task runs (their results wait on the worker until the last is done)
 BUNDLE_MAX = 32
+#: blocks per thread submitted before a pass's first block time is in: a single-block task
+#: per thread, then a two-block one (two single blocks left a thread idle through the round
+#: trip that sizes the bundles whenever its blocks took less: 10-20 ms a pass on 2 cores)
+PROBE_BLOCKS = 3
 #: at a pass's end bundles shrink to keep every thread busy, but not below this much work
 #: (seconds): smaller ones cost more in round trips than a thread waiting for one of them
 TAIL_BUNDLE_S = 0.02
@@ -467,6 +471,7 @@ class _PassRun:
         self.in_flight = 0  # blocks submitted and not yet finished
         self.fetching = 0  # blocks finished whose values are not yet in
         self.recent: deque[float] = deque(maxlen=32)  # task times of the last blocks in
+        self.probes = 0  # tasks submitted before the first block time came in
         self.report: RunReport | None = None
 
     def flags(self) -> np.ndarray:
@@ -518,6 +523,22 @@ class _PassRun:
                    -(-left // threads))
         return max(1, min(int(BUNDLE_TARGET_S / typical), BUNDLE_MAX,
                           limit // (4 * threads), tail))
+
+    def cut(self, part: list[tuple[Block, int]], k: int, threads: int
+            ) -> list[list[tuple[Block, int]]]:
+        """``part`` in bundles of ``k`` blocks; until the pass's first block time is in, its
+        first ``threads`` tasks probe with one block each (the first time comes back
+        soonest) and the next ones take two (so each thread has work queued behind its
+        probe while the client sizes the bundles: :data:`PROBE_BLOCKS`)."""
+        if self.recent or self.spec.resources:
+            return [part[i:i + k] for i in range(0, len(part), k)]
+        bundles, i = [], 0
+        while i < len(part):
+            size = 1 if self.probes < threads else 2
+            bundles.append(part[i:i + size])
+            self.probes += 1
+            i += size
+        return bundles
 
     def finished(self) -> bool:
         return (self.pulled == self.expected and not self.waiting and not self.in_flight
@@ -665,21 +686,21 @@ def run_passes(
     def submit(n: int) -> None:
         """Submit up to ``n`` ready blocks, earlier passes first (one message to the
         scheduler per pass), in bundles of :meth:`_PassRun.bundle_size`; until a pass's
-        first block is in, two single-block tasks per thread probe how long its blocks
-        take."""
+        first block is in, a single-block task per thread probes how long its blocks take
+        and a two-block one keeps the thread busy meanwhile (:meth:`_PassRun.cut`)."""
         for run in order:
             if n <= 0:
                 return
             if run.report is not None:
                 continue
             k = run.bundle_size(threads, limit)
-            want = n if run.recent else min(n, 2 * threads - run.in_flight)
+            want = n if run.recent else min(n, PROBE_BLOCKS * threads - run.in_flight)
             numbered = run.ready(want) if want > 0 else []
             if not numbered:
                 continue
             for worker, part in _by_worker(run.placement, numbered):
                 # a bundle's blocks share a worker: they are cut from one worker's blocks
-                bundles = [part[i:i + k] for i in range(0, len(part), k)]
+                bundles = run.cut(part, k, threads)
                 blocks = [[b for b, _ in bundle] for bundle in bundles]
                 finished = [[bool(run.done[b.index]) for b in bb] for bb in blocks]
                 run.voxels += sum(b.write_size for bb, ff in zip(blocks, finished, strict=True)

@@ -172,9 +172,10 @@ def test_short_blocks_share_tasks_and_keep_per_block_results(client, tmp_path):
 
 
 def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
-    """27 short blocks on 2 threads: after the 4 single-block tasks that probe their time,
-    what is left goes in one bundle per thread (not in four tasks per thread), so the pass
-    is a few round trips; the fold stays in grid order."""
+    """27 short blocks on 2 threads: after the probes (a single-block task per thread, the
+    first time in, then a two-block one per thread, queued meanwhile), what is left goes in
+    one bundle per thread (not in four tasks per thread), so the pass is a few round trips;
+    the fold stays in grid order."""
     from distributed import get_task_stream
 
     grid = BlockGrid((27,), 1)
@@ -182,7 +183,9 @@ def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
         report, = run_passes(client, [Pass(grid, Tiny(), "tiny", combine=lambda a, b: a + b)])
     tasks = [t for t in ts.data if str(t["key"]).startswith("tiny")]
     assert report.value == [(i,) for i in range(27)]
-    # 4 probes, then the 23 left in bundles of ceil(left / 2) as results come in
+    firsts = sorted(int(str(t["key"]).rsplit("-", 1)[1]) for t in tasks)
+    assert firsts[:5] == [0, 1, 2, 4, 6]  # blocks 0 and 1 alone, 2-3 and 4-5 together
+    # 4 probes, then the 21 left in bundles of ceil(left / 2) as results come in
     assert len(tasks) <= 8, len(tasks)
 
 
