@@ -286,6 +286,11 @@ def _remove(path: Path) -> None:
 #: a folder is deleted on the workers when it splits into at least this many pieces
 #: (chunk rows, shares of a folder's files: :func:`pieces`); fewer are deleted here
 PARALLEL_PIECES = 8
+#: a folder is cut into at least this many pieces (when it is deep enough), whatever the
+#: threads, so that the sample timed here is a small part of it: on 2 workers a 512³ work
+#: folder came in 8 pieces, a whole array's chunks one of them, and the sample of one piece
+#: took 47 ms while every worker waited; the workers take the pieces a bundle per thread
+MIN_PIECES = 64
 #: how deep a folder is searched for pieces to hand out
 PIECES_DEPTH = 4
 #: the files lying directly in one folder (a work folder's file per block) are cut into
@@ -388,7 +393,7 @@ def remove_on_workers(path: Path, client: Any) -> None:
         threads = cluster_threads(client)
         if threads < 2:
             return
-        parts = pieces(path, 4 * threads)
+        parts = pieces(path, max(4 * threads, MIN_PIECES))
         if len(parts) < PARALLEL_PIECES:
             return
         # a run's work arrays on a local disk are a few thousand files, gone here in about
