@@ -524,14 +524,23 @@ class _PassRun:
         return max(1, min(int(BUNDLE_TARGET_S / typical), BUNDLE_MAX,
                           limit // (4 * threads), tail))
 
-    def cut(self, part: list[tuple[Block, int]], k: int, threads: int
+    def cut(self, part: list[tuple[Block, int]], k: int, threads: int, last: bool = False
             ) -> list[list[tuple[Block, int]]]:
-        """``part`` in bundles of ``k`` blocks; until the pass's first block time is in, its
+        """``part`` in bundles of about ``k`` blocks (``last``: the pass's last blocks, in a
+        whole number of tasks per thread); until the pass's first block time is in, its
         first ``threads`` tasks probe with one block each (the first time comes back
         soonest) and the next ones take two (so each thread has work queued behind its
         probe while the client sizes the bundles: :data:`PROBE_BLOCKS`)."""
         if self.recent or self.spec.resources:
-            return [part[i:i + k] for i in range(0, len(part), k)]
+            n = -(-len(part) // k)
+            if last and n > 1:
+                # the pass's last blocks: as many tasks as a whole number of rounds of the
+                # threads, of sizes within one block (204 blocks in bundles of 12 were 17
+                # tasks for 4 threads: one thread ran a fifth while the others idled)
+                n = min(len(part), -(-n // threads) * threads)
+            sizes = [len(part) // n + (i < len(part) % n) for i in range(n)]
+            ends = list(itertools.accumulate(sizes))
+            return [part[e - z:e] for z, e in zip(sizes, ends, strict=True)]
         bundles, i = [], 0
         while i < len(part):
             size = 1 if self.probes < threads else 2
@@ -698,9 +707,11 @@ def run_passes(
             numbered = run.ready(want) if want > 0 else []
             if not numbered:
                 continue
+            # the pass's last blocks, going to any worker
+            last = run.placement is None and run.pulled == run.expected and not run.waiting
             for worker, part in _by_worker(run.placement, numbered):
                 # a bundle's blocks share a worker: they are cut from one worker's blocks
-                bundles = run.cut(part, k, threads)
+                bundles = run.cut(part, k, threads, last)
                 blocks = [[b for b, _ in bundle] for bundle in bundles]
                 finished = [[bool(run.done[b.index]) for b in bb] for bb in blocks]
                 run.voxels += sum(b.write_size for bb, ff in zip(blocks, finished, strict=True)

@@ -189,6 +189,30 @@ def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
     assert len(tasks) <= 8, len(tasks)
 
 
+@dataclass(frozen=True)
+class Thirteen:
+    """A block of 13 ms (a 64³ Gaussian block's time on 2 cores), the GIL released."""
+
+    def __call__(self, block: Block) -> None:
+        time.sleep(0.013)
+
+
+def test_a_pass_ends_in_whole_rounds_of_its_threads(client):
+    """The last blocks of a pass go out in a whole number of tasks per thread, of sizes
+    within one block: 35 blocks in bundles of 4 were 9 tasks for 2 threads, one thread
+    running the ninth alone."""
+    from distributed import get_task_stream
+
+    grid = BlockGrid((41,), 1)  # 6 probe blocks (2 single, 2 pairs), then 35
+    with get_task_stream(client) as ts:
+        run_passes(client, [Pass(grid, Thirteen(), "thirteen")])
+    firsts = sorted(int(str(t["key"]).rsplit("-", 1)[1]) for t in ts.data
+                    if str(t["key"]).startswith("thirteen"))
+    assert firsts[:4] == [0, 1, 2, 4]
+    sizes = np.diff([*firsts[4:], 41])
+    assert len(sizes) % 2 == 0 and sizes.max() - sizes.min() <= 1, sizes
+
+
 class CountingGathers:
     """The client, counting its ``gather`` calls."""
 
