@@ -183,18 +183,16 @@ def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
         report, = run_passes(client, [Pass(grid, Tiny(), "tiny", combine=lambda a, b: a + b)])
     tasks = [t for t in ts.data if str(t["key"]).startswith("tiny")]
     assert report.value == [(i,) for i in range(27)]
-    firsts = sorted(int(str(t["key"]).rsplit("-", 1)[1]) for t in tasks)
+    firsts = _first_blocks(ts, "tiny")
     assert firsts[:5] == [0, 1, 2, 4, 6]  # blocks 0 and 1 alone, 2-3 and 4-5 together
     # 4 probes, then the 21 left in bundles of ceil(left / 2) as results come in
     assert len(tasks) <= 8, len(tasks)
 
 
-@dataclass(frozen=True)
-class Thirteen:
-    """A block of 13 ms (a 64³ Gaussian block's time on 2 cores), the GIL released."""
-
-    def __call__(self, block: Block) -> None:
-        time.sleep(0.013)
+def _first_blocks(stream, prefix: str) -> list[int]:
+    """The first block of each task of the pass ``prefix`` (a 1-D grid), in grid order."""
+    return sorted(int(str(t["key"]).rsplit("-", 1)[1]) for t in stream.data
+                  if str(t["key"]).startswith(prefix))
 
 
 def test_a_pass_ends_in_whole_rounds_of_its_threads(client):
@@ -205,9 +203,9 @@ def test_a_pass_ends_in_whole_rounds_of_its_threads(client):
 
     grid = BlockGrid((41,), 1)  # 6 probe blocks (2 single, 2 pairs), then 35
     with get_task_stream(client) as ts:
-        run_passes(client, [Pass(grid, Thirteen(), "thirteen")])
-    firsts = sorted(int(str(t["key"]).rsplit("-", 1)[1]) for t in ts.data
-                    if str(t["key"]).startswith("thirteen"))
+        # 13 ms a block: a 64³ Gaussian block's time on 2 cores
+        run_passes(client, [Pass(grid, Sleepy(seconds=0.013), "sleepy")])
+    firsts = _first_blocks(ts, "sleepy")
     assert firsts[:4] == [0, 1, 2, 4]
     sizes = np.diff([*firsts[4:], 41])
     assert len(sizes) % 2 == 0 and sizes.max() - sizes.min() <= 1, sizes
@@ -248,14 +246,16 @@ def test_results_nothing_waits_on_are_gathered_a_few_tasks_at_a_time(client):
 
 @dataclass(frozen=True)
 class Sleepy:
-    """A block of a millisecond: its index as a result; a user error for ``user_error``."""
+    """A block of ``seconds`` (a millisecond; the GIL released): its index as a result; a
+    user error for ``user_error``."""
 
     user_error: tuple[int, ...] | None = None
+    seconds: float = 0.001
 
     def __call__(self, block: Block) -> list[tuple[int, ...]]:
         if block.index == self.user_error:
             raise InputError(f"block {block.index[0]} is bad")
-        time.sleep(0.001)
+        time.sleep(self.seconds)
         return [block.index]
 
 
