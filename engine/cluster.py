@@ -450,10 +450,10 @@ def bound_key_cache(scheduler: Any, every_s: float = KEY_CACHE_CLEAR_S) -> Any:
     return callback
 
 
-def quiet_nannies(cluster: Any) -> int:
+def quiet_nannies(cluster: Any) -> None:
     """Stop the :data:`NANNY_DUPLICATES` callbacks of an embedded cluster's nannies (which
-    live in this process), on the cluster's event loop; return how many were stopped.
-    A nanny started later (a replaced worker) keeps its own: they cost, they do no harm."""
+    live in this process), on the cluster's event loop. A nanny started later (a replaced
+    worker) keeps its own: they cost, they do no harm."""
     from distributed import Nanny
     from distributed.utils import sync
 
@@ -465,7 +465,6 @@ def quiet_nannies(cluster: Any) -> int:
             pc.stop()
 
     sync(cluster.loop, stop)
-    return len(callbacks)
 
 
 def prompt_sends(client: Any, interval: float = SEND_INTERVAL_S) -> None:
