@@ -71,6 +71,11 @@ PROBE_BLOCKS = 3
 #: at a pass's end bundles shrink to keep every thread busy, but not below this much work
 #: (seconds): smaller ones cost more in round trips than a thread waiting for one of them
 TAIL_BUNDLE_S = 0.02
+#: the client process's own cost of one task (submission, the scheduler's transitions, the
+#: gather; ~2 ms on 2 cores at 16 workers, ``bench_scale.py runner``): with many threads a
+#: pass's tail is cut no finer than keeps that under :data:`CLIENT_SHARE` of its time
+CLIENT_TASK_S = 0.002
+CLIENT_SHARE = 0.5
 #: after a failed pass, the longest wait for its tasks still running on workers
 SETTLE_S = 60.0
 
@@ -514,9 +519,10 @@ class _PassRun:
         median time of the last blocks in, one before any is in (or for a pass needing
         worker resources), and never so many that a thread would idle: at least four tasks
         per thread in the window and in what is left of the pass, unless that makes
-        bundles of less than :data:`TAIL_BUNDLE_S` (then what is left is shared out in
-        bundles of about that much: a pass of a few dozen millisecond blocks was a string
-        of round trips, and a thread waits at most one such bundle at the end)."""
+        bundles of less than :data:`TAIL_BUNDLE_S`, or than the client keeps up with at
+        many threads (:data:`CLIENT_TASK_S`); then what is left is shared out in bundles
+        of about that much: a pass of a few dozen millisecond blocks was a string of round
+        trips, and a thread waits at most one such bundle at the end."""
         if self.spec.resources or not self.recent:
             return 1
         if self.typical is None:
@@ -526,7 +532,10 @@ class _PassRun:
             self.typical = max(statistics.median(self.recent), 1e-4)
         typical = self.typical
         left = self.expected - self.pulled + len(self.waiting)
-        tail = min(max(left // (4 * threads), int(TAIL_BUNDLE_S / typical)),
+        # T threads finishing tasks of d seconds take T * CLIENT_TASK_S / d of the client's
+        # time: at 16 threads, tasks of 20 ms would need 1.6 times all of it
+        floor = max(TAIL_BUNDLE_S, threads * CLIENT_TASK_S / CLIENT_SHARE)
+        tail = min(max(left // (4 * threads), int(floor / typical)),
                    -(-left // threads))
         return max(1, min(int(BUNDLE_TARGET_S / typical), BUNDLE_MAX,
                           limit // (4 * threads), tail))

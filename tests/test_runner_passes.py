@@ -14,7 +14,7 @@ import pytest
 
 from engine.blocks import Block, BlockGrid, blocks_reading
 from engine.errors import InputError
-from engine.runner import BlockFailed, Pass, RunState, run_passes
+from engine.runner import CLIENT_SHARE, CLIENT_TASK_S, BlockFailed, Pass, RunState, run_passes
 
 
 def test_blocks_reading_equals_a_brute_force_intersection():
@@ -209,6 +209,41 @@ def test_a_pass_ends_in_whole_rounds_of_its_threads(client):
     assert firsts[:4] == [0, 1, 2, 4]
     sizes = np.diff([*firsts[4:], 41])
     assert len(sizes) % 2 == 0 and sizes.max() - sizes.min() <= 1, sizes
+
+
+class ManyThreads:
+    """The client, reporting 8 workers × 2 threads (addresses never used: passes that read
+    no halo place no task) while its own 2 threads run the tasks: bundles are sized as for
+    a 16-thread cluster."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def nthreads(self) -> dict[str, int]:
+        return {f"tcp://10.0.0.{i}:9000": 2 for i in range(8)}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_many_threads_get_tail_bundles_the_client_keeps_up_with(client):
+    """At 16 threads a pass's tail is cut no finer than 16 × CLIENT_TASK_S ÷ CLIENT_SHARE
+    (64 ms) a task: 216 blocks of 13 ms went out as 32 probe tasks, then in bundles of 1-2
+    blocks (the client's ~2 ms a task, with 16 threads each ending a task every 13-26 ms,
+    was more than all of its time); now in bundles of 3-4."""
+    from distributed import get_task_stream
+
+    assert 16 * CLIENT_TASK_S / CLIENT_SHARE == pytest.approx(0.064)
+    grid = BlockGrid((216,), 1)
+    with get_task_stream(client) as ts:
+        report, = run_passes(ManyThreads(client), [
+            Pass(grid, Sleepy(seconds=0.013), "wide", combine=lambda a, b: a + b)])
+    assert report.value == [(i,) for i in range(216)]
+    firsts = _first_blocks(ts, "wide")
+    # 16 single-block probes, then 16 two-block tasks: 48 blocks in 32 tasks
+    assert firsts[:33] == [*range(16), *range(16, 48, 2), 48]
+    sizes = np.diff([*firsts[32:], 216])
+    assert sizes.min() >= 3 and sizes.max() <= 4, sizes
 
 
 class CountingGathers:
