@@ -68,6 +68,11 @@ BUNDLE_MAX = 32
 #: per thread, then a two-block one (two single blocks left a thread idle through the round
 #: trip that sizes the bundles whenever its blocks took less: 10-20 ms a pass on 2 cores)
 PROBE_BLOCKS = 3
+#: with many threads, a pass of at least PROBE_BLOCKS blocks a thread probes with this many
+#: single-block tasks, and the other threads start on two-block ones: the first time in sizes
+#: every bundle, and each probe task costs the client as much as a full bundle (16 threads
+#: probed with 32 tasks a pass, a third of a pass's tasks in the runner simulation)
+PROBE_SINGLES = 4
 #: at a pass's end bundles shrink to keep every thread busy, but not below this much work
 #: (seconds): smaller ones cost more in round trips than a thread waiting for one of them
 TAIL_BUNDLE_S = 0.02
@@ -545,13 +550,25 @@ class _PassRun:
         self.recent.append(seconds)
         self.typical = None
 
+    def probe_singles(self, threads: int) -> int:
+        """How many of the pass's first tasks run a single block (:data:`PROBE_SINGLES`);
+        one per thread in a pass too short to keep every thread on two blocks."""
+        return threads if self.expected < PROBE_BLOCKS * threads else min(threads,
+                                                                         PROBE_SINGLES)
+
+    def probe_blocks(self, threads: int) -> int:
+        """Blocks submitted before the pass's first block time is in: a single-block task
+        per probe, then two blocks per thread (the probes' threads run theirs once the
+        probe is done)."""
+        return 2 * threads + self.probe_singles(threads)
+
     def cut(self, part: list[tuple[Block, int]], k: int, threads: int, last: bool = False
             ) -> list[list[tuple[Block, int]]]:
         """``part`` in bundles of about ``k`` blocks (``last``: the pass's last blocks, in a
         whole number of tasks per thread); until the pass's first block time is in, its
-        first ``threads`` tasks probe with one block each (the first time comes back
-        soonest) and the next ones take two (so each thread has work queued behind its
-        probe while the client sizes the bundles: :data:`PROBE_BLOCKS`)."""
+        first :meth:`probe_singles` tasks probe with one block each (the first time comes
+        back soonest) and the next ones take two (so each thread has work queued while the
+        client sizes the bundles: :meth:`probe_blocks`)."""
         if self.recent or self.spec.resources:
             n = -(-len(part) // k)
             if last and n > 1:
@@ -564,7 +581,7 @@ class _PassRun:
             return [part[e - z:e] for z, e in zip(sizes, ends, strict=True)]
         bundles, i = [], 0
         while i < len(part):
-            size = 1 if self.probes < threads else 2
+            size = 1 if self.probes < self.probe_singles(threads) else 2
             bundles.append(part[i:i + size])
             self.probes += 1
             i += size
@@ -724,7 +741,7 @@ def run_passes(
             if run.report is not None:
                 continue
             k = run.bundle_size(threads, limit)
-            want = n if run.recent else min(n, PROBE_BLOCKS * threads - run.in_flight)
+            want = n if run.recent else min(n, run.probe_blocks(threads) - run.in_flight)
             numbered = run.ready(want) if want > 0 else []
             if not numbered:
                 continue

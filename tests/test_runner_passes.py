@@ -14,7 +14,15 @@ import pytest
 
 from engine.blocks import Block, BlockGrid, blocks_reading
 from engine.errors import InputError
-from engine.runner import CLIENT_SHARE, CLIENT_TASK_S, BlockFailed, Pass, RunState, run_passes
+from engine.runner import (
+    CLIENT_SHARE,
+    CLIENT_TASK_S,
+    PROBE_SINGLES,
+    BlockFailed,
+    Pass,
+    RunState,
+    run_passes,
+)
 
 
 def test_blocks_reading_equals_a_brute_force_intersection():
@@ -226,24 +234,38 @@ class ManyThreads:
         return getattr(self.client, name)
 
 
-def test_many_threads_get_tail_bundles_the_client_keeps_up_with(client):
-    """At 16 threads a pass's tail is cut no finer than 16 × CLIENT_TASK_S ÷ CLIENT_SHARE
-    (64 ms) a task: 216 blocks of 13 ms went out as 32 probe tasks, then in bundles of 1-2
-    blocks (the client's ~2 ms a task, with 16 threads each ending a task every 13-26 ms,
-    was more than all of its time); now in bundles of 3-4."""
+def test_many_threads_probe_with_few_tasks_and_keep_tail_bundles_the_client_keeps_up_with(
+        client):
+    """At 16 threads a pass probes with PROBE_SINGLES single-block tasks and a two-block
+    task per thread (it was a single-block and a two-block task per thread: 32 tasks), and
+    its tail is cut no finer than 16 × CLIENT_TASK_S ÷ CLIENT_SHARE (64 ms) a task: 216
+    blocks of 13 ms went in bundles of 1-2 blocks after the probes (the client's ~2 ms a
+    task, with 16 threads each ending one every 13-26 ms, was more than all of its time);
+    now in bundles of 3-4."""
     from distributed import get_task_stream
 
-    assert 16 * CLIENT_TASK_S / CLIENT_SHARE == pytest.approx(0.064)
+    assert (PROBE_SINGLES, 16 * CLIENT_TASK_S / CLIENT_SHARE) == (4, pytest.approx(0.064))
     grid = BlockGrid((216,), 1)
     with get_task_stream(client) as ts:
         report, = run_passes(ManyThreads(client), [
             Pass(grid, Sleepy(seconds=0.013), "wide", combine=lambda a, b: a + b)])
     assert report.value == [(i,) for i in range(216)]
     firsts = _first_blocks(ts, "wide")
-    # 16 single-block probes, then 16 two-block tasks: 48 blocks in 32 tasks
-    assert firsts[:33] == [*range(16), *range(16, 48, 2), 48]
-    sizes = np.diff([*firsts[32:], 216])
+    # 4 single-block probes, then 16 two-block tasks: 36 blocks in 20 tasks
+    assert firsts[:21] == [*range(4), *range(4, 36, 2), 36]
+    sizes = np.diff([*firsts[20:], 216])
     assert sizes.min() >= 3 and sizes.max() <= 4, sizes
+
+
+def test_a_short_pass_probes_with_a_single_block_on_every_thread(client):
+    """Fewer blocks than three per thread (here 40 at 16 threads): every thread starts on
+    one block, as two-block probes would leave some threads without work."""
+    from distributed import get_task_stream
+
+    grid = BlockGrid((40,), 1)
+    with get_task_stream(client) as ts:
+        run_passes(ManyThreads(client), [Pass(grid, Sleepy(seconds=0.013), "short")])
+    assert _first_blocks(ts, "short") == [*range(16), *range(16, 40, 2)]
 
 
 class CountingGathers:
