@@ -576,8 +576,9 @@ class _PassRun:
                 # threads, the number nearest to bundles of k, of sizes within one block (204
                 # blocks in bundles of 12 were 17 tasks for 4 threads: one thread ran a fifth
                 # while the others idled; rounded up, 196 in bundles of 6 were 40 tasks for
-                # 8 threads where 32 run as long)
-                n = min(len(part), max(1, round(n / threads)) * threads)
+                # 8 threads where 32 run as long), and never bundles of more than BUNDLE_MAX
+                rounds = max(1, round(n / threads), -(-len(part) // (threads * BUNDLE_MAX)))
+                n = min(len(part), rounds * threads)
             sizes = [len(part) // n + (i < len(part) % n) for i in range(n)]
             ends = list(itertools.accumulate(sizes))
             return [part[e - z:e] for z, e in zip(sizes, ends, strict=True)]

@@ -15,6 +15,7 @@ import pytest
 from engine.blocks import Block, BlockGrid, blocks_reading
 from engine.errors import InputError
 from engine.runner import (
+    BUNDLE_MAX,
     CLIENT_SHARE,
     CLIENT_TASK_S,
     PROBE_SINGLES,
@@ -217,6 +218,20 @@ def test_a_pass_ends_in_whole_rounds_of_its_threads(client):
     assert firsts[:4] == [0, 1, 2, 4]
     sizes = np.diff([*firsts[4:], 41])
     assert len(sizes) % 2 == 0 and sizes.max() - sizes.min() <= 1, sizes
+
+
+def test_a_pass_ends_in_bundles_of_at_most_bundle_max_blocks(client):
+    """Rounding a pass's last tasks to whole rounds of the threads never makes a bundle
+    larger than BUNDLE_MAX: 150 very short blocks after the probes, planned in bundles of
+    32, are 5 tasks; the nearest whole number of rounds for 2 threads (2, 4 tasks) would be
+    bundles of 37-38 blocks, so 3 rounds (6 tasks of 25)."""
+    from distributed import get_task_stream
+
+    grid = BlockGrid((156,), 1)  # 6 probe blocks (2 single, 2 pairs), then 150
+    with get_task_stream(client) as ts:
+        run_passes(client, [Pass(grid, Tiny(), "tiny", combine=lambda a, b: a + b)])
+    sizes = np.diff([*_first_blocks(ts, "tiny"), 156])
+    assert sizes.max() <= BUNDLE_MAX, sizes
 
 
 class ManyThreads:
