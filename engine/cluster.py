@@ -308,6 +308,9 @@ def connect(
         check_dashboard_address(options)
         with dask.config.set(_dashboard_tls(options, security)), \
                 slurm_client(options, security, report) as client:
+            hint = _gil_hint(client, options)  # the jobqueue file's processes: N
+            if hint:
+                report(hint)
             _quiet_worker_logs(client)
             prompt_sends(client)
             with frozen_heap():
@@ -326,9 +329,9 @@ def connect(
                 f"cannot reach the scheduler at {options.scheduler}: {exc}"
             ) from None
         report(f"connected to scheduler {options.scheduler}; dashboard: {client.dashboard_link}")
-        hint = worker_settings_hint(client)
-        if hint:
-            report(hint)
+        for hint in (worker_settings_hint(client), _gil_hint(client, options)):
+            if hint:
+                report(hint)
         _quiet_worker_logs(client)
         prompt_sends(client)
         try:
@@ -624,6 +627,11 @@ SLURM_REQUIRED = ("cores", "memory")
 def slurm_settings(options: ClusterOptions) -> dict[str, object]:
     """``SLURMCluster`` keyword arguments from the jobqueue YAML plus the GPU options.
 
+    Without ``processes`` in the file, a job's cores are shared out as the embedded
+    cluster's would be (:func:`local_cluster_shape`): one single-threaded worker per core
+    for a ``gil_bound`` command, else one worker per four cores; ``--gpus-per-job K``
+    makes K workers.
+
     The file follows dask-jobqueue's configuration layout::
 
         jobqueue:
@@ -675,12 +683,16 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
         settings["processes"] = options.gpus_per_job
     settings["job_extra_directives"] = directives
     settings["worker_extra_args"] = worker_args
+    cores = int(str(settings["cores"]))
+    if not settings.get("processes"):
+        # the embedded cluster's shape for the job's cores (dask-jobqueue's own default,
+        # about √cores threads a worker, leaves GIL-bound block tasks waiting on each other)
+        settings["processes"] = local_cluster_shape(
+            ClusterOptions(gil_bound=options.gil_bound), cores)[0]
+    processes = int(str(settings["processes"]))
+    threads = max(1, cores // processes)
     # the embedded cluster's worker settings, exported by the job script where the job's
     # environment does not set them already (a variable beats distributed's configuration)
-    cores = int(str(settings["cores"]))
-    processes = int(str(settings.get("processes")
-                        or _jobqueue().core.nprocesses_nthreads(cores)[0]))
-    threads = max(1, cores // processes)
     prologue = list(settings.pop("job_script_prologue", None) or [])
     settings["job_script_prologue"] = prologue + [
         f'export {name}="${{{name}:-{value}}}"'
@@ -692,7 +704,6 @@ def _jobqueue() -> Any:
     """The ``dask_jobqueue`` module, or the one-line error that says how to install it."""
     try:
         import dask_jobqueue
-        import dask_jobqueue.core  # noqa: F401 - nprocesses_nthreads is read from it
     except ImportError:
         raise OptionError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue"
                           ) from None
@@ -707,6 +718,16 @@ def missing_worker_settings() -> list[str]:
     if platform.libc_ver()[0] != "glibc":
         return []
     return [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX") if k not in os.environ]
+
+
+def _gil_hint(client: Any, options: ClusterOptions) -> str | None:
+    """:func:`gil_threads_hint` for the workers that joined (none yet: no hint)."""
+    if not options.gil_bound:
+        return None
+    try:
+        return gil_threads_hint(client.scheduler_info()["workers"])
+    except Exception:  # noqa: BLE001 - a scheduler that cannot answer only loses the hint
+        return None
 
 
 def worker_settings_hint(client: Any) -> str | None:
@@ -724,6 +745,24 @@ def worker_settings_hint(client: Any) -> str | None:
             "segment ran ~1.7x faster on SLURM workers")
 
 
+def gil_threads_hint(workers: dict[str, Any]) -> str | None:
+    """One line for a GIL-bound command (``ClusterOptions.gil_bound``) given CPU workers
+    with several threads (``workers``: ``Client.scheduler_info()["workers"]``), else None.
+
+    Their threads mostly wait for each other's GIL: on two cores ``segment`` 384³ ran at
+    15.2 Mvox/s as 2 × 1 and 12.0 as 1 × 2, and a worker of eight threads would keep little
+    more than one core busy. GPU workers (``GPU`` resources) are left out.
+    """
+    threads = [int(w.get("nthreads", 1)) for w in workers.values()
+               if not w.get("resources", {}).get("GPU")]
+    if not threads or max(threads) < 2:
+        return None
+    return (f"note: this command's block tasks hold the GIL for much of their work and the "
+            f"workers run {max(threads)} threads each, which mostly wait for each other: one "
+            "single-threaded worker per core runs it faster (dask worker --nworkers CORES "
+            "--nthreads 1; in a jobqueue file, leave processes out)")
+
+
 def job_worker_environ(threads: int) -> dict[str, str]:
     """Environment variables that give worker processes started by a job script, with
     ``threads`` task threads each, what the embedded cluster gives its workers:
@@ -739,18 +778,20 @@ def job_worker_environ(threads: int) -> dict[str, str]:
     return env
 
 
-def slurm_cluster(options: ClusterOptions, security: object | None = None) -> object:
+def slurm_cluster(options: ClusterOptions, security: object | None = None,
+                  settings: dict[str, object] | None = None) -> object:
     """A dask-jobqueue ``SLURMCluster`` (its scheduler runs here; workers are SLURM jobs).
 
     With ``security`` (a ``distributed.Security``) the scheduler and the workers use TLS with
     mutual authentication; the certificate folder must be on a file system the nodes see
-    under the same path (the job script passes its files to ``dask worker``).
+    under the same path (the job script passes its files to ``dask worker``). ``settings``:
+    :func:`slurm_settings`'s, when already read.
     """
     import dataclasses
 
     import dask
 
-    settings = slurm_settings(options)
+    settings = dict(settings or slurm_settings(options))
     if security is not None:
         settings.update(security=security, protocol="tls://")
     SLURMCluster = _jobqueue().SLURMCluster  # noqa: N806 - the class, as dask-jobqueue names it
@@ -913,7 +954,10 @@ def slurm_client(options: ClusterOptions, security: object | None,
     jobs; every job it submitted is cancelled when it ends, on error too."""
     from distributed import Client
 
-    cluster = slurm_cluster(options, security=security)
+    settings = slurm_settings(options)
+    processes = int(str(settings["processes"]))
+    threads = max(1, int(str(settings["cores"])) // processes)
+    cluster = slurm_cluster(options, security=security, settings=settings)
     try:
         check_slurm_submission(cluster, str(options.jobqueue_config))
         if options.adaptive:
@@ -925,8 +969,9 @@ def slurm_client(options: ClusterOptions, security: object | None,
             if not options.adaptive:
                 wait_for_slurm_workers(client, cluster, options.worker_timeout)
             report(f"SLURM cluster: {options.jobs} job(s)"
-                   f"{' (adaptive)' if options.adaptive else ''}, {options.gpus_per_job} "
-                   f"GPU(s) per job; dashboard: {dashboard_link(client, options)}")
+                   f"{' (adaptive)' if options.adaptive else ''} of {processes} worker(s) × "
+                   f"{threads} thread(s), {options.gpus_per_job} GPU(s) per job; dashboard: "
+                   f"{dashboard_link(client, options)}")
             yield client
         finally:
             client.close()

@@ -151,10 +151,10 @@ def test_missing_worker_settings(monkeypatch):
 
 
 def test_slurm_without_dask_jobqueue_is_one_message(monkeypatch, tmp_path: Path):
-    """Without dask-jobqueue, --cluster slurm says how to install it (no ImportError),
-    also where dask-jobqueue would choose the processes per job (none given)."""
+    """Without dask-jobqueue, --cluster slurm says how to install it (no ImportError)."""
     import sys
 
+    from engine.cluster import slurm_cluster
     from engine.errors import OptionError
 
     config = tmp_path / "jobqueue.yaml"
@@ -162,7 +162,57 @@ def test_slurm_without_dask_jobqueue_is_one_message(monkeypatch, tmp_path: Path)
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # import raises ImportError
     opts = ClusterOptions(cluster="slurm", jobs=1, jobqueue_config=str(config))
     with pytest.raises(OptionError, match="pip install dask-jobqueue"):
-        slurm_settings(opts)
+        slurm_cluster(opts)
+
+
+@pytest.mark.parametrize(("section", "gil", "gpus", "processes"), [
+    ({"cores": 8}, True, 0, 8), ({"cores": 8}, False, 0, 2), ({"cores": 2}, False, 0, 1),
+    ({"cores": 16}, False, 0, 4), ({"cores": 8, "processes": 2}, True, 0, 2),
+    ({"cores": 8}, True, 2, 2),
+])
+def test_slurm_jobs_share_their_cores_as_the_embedded_cluster(tmp_path: Path, section, gil,
+                                                               gpus, processes):
+    """Without ``processes`` in the file a job's cores are shared out as the embedded
+    cluster's (one single-threaded worker per core for a GIL-bound command; dask-jobqueue
+    alone would give 8 cores 4 workers of 2 threads, 16 cores 4 of 4); the file's ``processes`` and
+    ``--gpus-per-job`` are kept; the job's allocator settings follow its threads."""
+    config = tmp_path / "jobqueue.yaml"
+    config.write_text(yaml.safe_dump({"jobqueue": {"slurm": {"memory": "32GiB", **section}}}))
+    settings = slurm_settings(ClusterOptions(cluster="slurm", jobs=1, gil_bound=gil,
+                                             gpus_per_job=gpus, jobqueue_config=str(config)))
+    assert settings["processes"] == processes
+    threads = section["cores"] // processes
+    assert f'export MALLOC_ARENA_MAX="${{MALLOC_ARENA_MAX:-{threads}}}"' in settings[
+        "job_script_prologue"]
+
+
+def test_shipped_jobqueue_file_gives_segment_a_worker_per_core():
+    """deploy/slurm/jobqueue.yaml leaves ``processes`` out: its 8-core jobs run segment on 8
+    single-threaded workers and convert on 2 of 4 threads (the job script says so)."""
+    from dask_jobqueue import SLURMCluster
+
+    for gil, shape in ((True, ("--nthreads 1 ", "--nworkers 8 ")),
+                       (False, ("--nthreads 4 ", "--nworkers 2 "))):
+        opts = ClusterOptions(cluster="slurm", jobs=1, gil_bound=gil,
+                              jobqueue_config=str(DEPLOY / "slurm" / "jobqueue.yaml"))
+        with SLURMCluster(**slurm_settings(opts), scheduler_options={
+                "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}) as cluster:
+            script = cluster.job_script()
+        assert all(arg in script for arg in shape), script
+        assert "#SBATCH --cpus-per-task=8" in script
+
+
+def test_gil_bound_commands_on_threaded_workers_get_a_note():
+    """A GIL-bound command on CPU workers of several threads gets one line saying to run
+    single-threaded workers; single-threaded workers, and GPU workers of any threads, none."""
+    from engine.cluster import gil_threads_hint
+
+    one = {"nthreads": 1, "resources": {}}
+    gpu = {"nthreads": 3, "resources": {"GPU": 1}}
+    assert gil_threads_hint({"a": one, "b": one, "g": gpu}) is None
+    assert gil_threads_hint({}) is None
+    note = gil_threads_hint({"a": one, "b": {"nthreads": 4}, "g": gpu})
+    assert note is not None and "4 threads" in note and "--nthreads 1" in note
 
 
 def test_job_workers_keep_what_the_user_configured():

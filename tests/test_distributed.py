@@ -89,6 +89,7 @@ def test_segment_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
     res = run_cli("segment", str(src), "--workflow", str(wf), "--name", "remote",
                   "--block", "16,32,32", "--scheduler", scheduler)
     assert res.returncode == 0, res.stderr
+    assert "hold the GIL" not in res.stderr  # single-threaded workers: no note
     local = segment(src, SegmentOptions(str(wf), "local", block=(32, 64, 48)), client,
                     report=lambda _: None)
     remote = zarr.open_array(str(src / "labels" / "remote" / "0"), mode="r")[...]
@@ -105,6 +106,30 @@ def test_segment_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
     ref = measure.label(high)
     np.testing.assert_array_equal(remote, np.where(np.bincount(ref.ravel())[ref] >= 8, ref, 0))
     assert remote.max() > 3
+
+
+def test_gil_bound_command_on_threaded_workers_says_so(tmp_path):
+    """segment on a worker of two threads: one line says a single-threaded worker per core
+    runs it faster; convert (reads, compression and writes release the GIL) says nothing."""
+    from engine.cluster import gil_threads_hint
+    from tests.segment_helpers import blobs
+
+    vol = (blobs((24, 32, 32), 5, sigma=2.0) * 1000).astype(np.uint16)
+    np.save(tmp_path / "vol.npy", vol)
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("steps:\n  - {name: mask, function: threshold, parameters: {method: otsu}}\n"
+                  "  - {name: cells, function: label}\n")
+    with dask_processes(tmp_path, [["--nthreads", "2"]]) as address:
+        res = run_cli("convert", str(tmp_path / "vol.npy"), str(tmp_path / "vol.ome.zarr"),
+                      "--assume-voxel-size", "--scheduler", address)
+        assert res.returncode == 0, res.stderr
+        assert "hold the GIL" not in res.stderr
+        res = run_cli("segment", str(tmp_path / "vol.ome.zarr"), "--workflow", str(wf),
+                      "--name", "cells", "--scheduler", address)
+    assert res.returncode == 0, res.stderr
+    note = gil_threads_hint({"w0": {"nthreads": 2}})
+    assert note is not None and note in res.stderr, res.stderr
+    assert res.stderr.count("hold the GIL") == 1
 
 
 def test_patches_extract_on_external_cluster_equals_local_run(scheduler, client, tmp_path):

@@ -294,6 +294,35 @@ def test_cli_convert_on_slurm_with_tls(partition, volume, reference, tmp_path):
     assert all("tls://" in log.split("Registered to:", 1)[1].split()[0] for log in logs)
 
 
+def test_segment_jobs_run_a_single_threaded_worker_per_core(partition, reference, tmp_path):
+    """A 2-core job without ``processes`` runs segment (GIL-bound block tasks) on two
+    single-threaded workers; with ``processes: 1`` on one of two threads, and one line says
+    that is slower. Both label the volume as the embedded cluster did."""
+    from engine.cluster import gil_threads_hint
+
+    image = tmp_path / "vol.ome.zarr"
+    shutil.copytree(reference, image, ignore=shutil.ignore_patterns("labels"))
+    note = gil_threads_hint({"w": {"nthreads": 2}})
+    for processes, shape in ((None, "of 2 worker(s) × 1 thread(s)"),
+                             (1, "of 1 worker(s) × 2 thread(s)")):
+        config, name = jobqueue(tmp_path, partition, cores=2, processes=processes)
+        label = f"cells{processes or 0}"
+        res = run_cli("--cluster", "slurm", "--jobs", "1", "--jobqueue-config", str(config),
+                      "--dashboard-address", "127.0.0.1:0", "segment", str(image),
+                      "--workflow", "threshold", "--name", label, "--block", "32,32,32",
+                      cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert shape in res.stderr, res.stderr
+        assert (note in res.stderr) == (processes == 1), res.stderr
+        assert_same(image / "labels" / label, reference / "labels" / "objects")
+        assert_no_jobs(name)
+        logs = [p.read_text() for p in (tmp_path / "slurm-logs").glob(f"{name}-*.err")]
+        assert len(logs) == 1, logs  # the job's own log: the workers it really started
+        assert logs[0].count("Start worker at") == (processes or 2), logs[0]
+        threads = [line.split()[-1] for line in logs[0].splitlines() if "Threads:" in line]
+        assert threads == [str(2 // (processes or 2))] * (processes or 2), logs[0]
+
+
 def test_bad_slurm_input(partition, volume, tmp_path):
     """A partition that does not exist, workers that never start: one line naming the file
     or the jobs, exit 2, nothing written, no job left."""
