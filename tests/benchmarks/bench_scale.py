@@ -310,12 +310,11 @@ def _convert_npy(npy: Path, dst: Path, chunks: tuple[int, ...], workers: int) ->
                 client, report=lambda line: None)
 
 
-def prepare_scaling(args: argparse.Namespace) -> dict[str, Any]:
-    """The segment input (smooth random float32, as ``bench_segment.py``) and the convert
-    input (tomogram-like MRC, as ``bench_convert.py``); not timed."""
+def segment_input(n: int, chunk: int, work: Path) -> Path:
+    """``work/segment-{n}.ome.zarr``: smooth random float32 ``n³`` voxels (as
+    ``bench_segment.py``'s), one level in ``chunk³`` chunks; not timed."""
     from scipy import ndimage as ndi
 
-    n, work = args.size, args.trial_dst
     src = work / f"segment-{n}.ome.zarr"
     npy = work / f"segment-{n}.npy"
     noise = np.random.default_rng(0).standard_normal((n, n, n), dtype=np.float32)
@@ -324,8 +323,16 @@ def prepare_scaling(args: argparse.Namespace) -> dict[str, Any]:
     del noise
     out.flush()
     del out
-    _convert_npy(npy, src, (args.chunk,) * 3, 2)
+    _convert_npy(npy, src, (chunk,) * 3, 2)
     npy.unlink()
+    return src
+
+
+def prepare_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """The segment input (:func:`segment_input`) and the convert input (tomogram-like MRC,
+    as ``bench_convert.py``); not timed."""
+    n, work = args.size, args.trial_dst
+    src = segment_input(n, args.chunk, work)
     m = args.convert_size or n
     generate_mrc(work / f"convert-{m}.mrc", m)
     return {"segment_input": str(src), "convert_input": str(work / f"convert-{m}.mrc")}
