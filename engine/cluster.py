@@ -675,20 +675,27 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
         settings["job_name"] = settings.pop("name")
     directives = list(settings.pop("job_extra_directives", None) or [])
     worker_args = list(settings.pop("worker_extra_args", None) or [])
+    cores = _count(path, settings, "cores")
     if options.gpus_per_job:
         # one worker per GPU, each GPU=1 (it picks its device by its index in the job, see
         # engine.predict.workers.worker_gpu_index): --gpus means the same everywhere
+        if options.gpus_per_job > cores:
+            raise OptionError(f"--gpus-per-job {options.gpus_per_job}: more than the "
+                              f"{cores} cores of a job in {path} (a worker per GPU, each "
+                              "needs a core)")
         directives.append(f"--gres=gpu:{options.gpus_per_job}")
         worker_args += ["--resources", "GPU=1"]
         settings["processes"] = options.gpus_per_job
-    settings["job_extra_directives"] = directives
-    settings["worker_extra_args"] = worker_args
-    cores = int(str(settings["cores"]))
-    if not settings.get("processes"):
+    elif settings.get("processes") is None:
         # the embedded cluster's shape for the job's cores (dask-jobqueue's own default,
         # about √cores threads a worker, leaves GIL-bound block tasks waiting on each other)
         settings["processes"] = local_cluster_shape(
             ClusterOptions(gil_bound=options.gil_bound), cores)[0]
+    elif _count(path, settings, "processes") > cores:
+        raise OptionError(f"{path}: jobqueue.slurm processes ({settings['processes']}) is more "
+                          f"than cores ({cores}): each worker needs a core")
+    settings["job_extra_directives"] = directives
+    settings["worker_extra_args"] = worker_args
     processes = int(str(settings["processes"]))
     threads = max(1, cores // processes)
     # the embedded cluster's worker settings, exported by the job script where the job's
@@ -698,6 +705,17 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
         f'export {name}="${{{name}:-{value}}}"'
         for name, value in job_worker_environ(threads).items()]
     return settings
+
+
+def _count(path: Path, settings: dict[str, object], key: str) -> int:
+    """``settings[key]`` as a whole number ≥ 1 (an int, or digits in a string), else the
+    one-line error naming the file."""
+    value = settings[key]
+    if isinstance(value, bool) or not (isinstance(value, int) or (
+            isinstance(value, str) and value.strip().isdigit())) or int(value) < 1:
+        raise OptionError(f"{path}: jobqueue.slurm {key} {value!r}: expected a whole number "
+                          "≥ 1")
+    return int(value)
 
 
 def _jobqueue() -> Any:

@@ -269,6 +269,20 @@ def test_slurm_configuration_errors(tmp_path: Path):
     with pytest.raises(OptionError, match="no such file"):
         slurm_settings(ClusterOptions(cluster="slurm", jobs=1,
                                       jobqueue_config=str(tmp_path / "nope.yaml")))
+    for section, message in (
+            ("cores: eight", "cores 'eight': expected a whole number ≥ 1"),
+            ("cores: 0", "cores 0: expected a whole number ≥ 1"),
+            ("cores: true", "cores True: expected a whole number ≥ 1"),
+            ("cores: 2.5", "cores 2.5: expected a whole number ≥ 1"),
+            ("{cores: 2, processes: many}", "processes 'many': expected a whole number ≥ 1"),
+            ("{cores: 2, processes: 4}", r"processes \(4\) is more than cores \(2\)")):
+        bad.write_text(f"jobqueue:\n  slurm: {{memory: 4GiB, {section.strip('{}')}}}\n")
+        with pytest.raises(OptionError, match=f"{bad}: jobqueue.slurm {message}"):
+            slurm_settings(ClusterOptions(cluster="slurm", jobs=1, jobqueue_config=str(bad)))
+    bad.write_text("jobqueue:\n  slurm: {memory: 4GiB, cores: 2}\n")
+    with pytest.raises(OptionError, match="--gpus-per-job 3: more than the 2 cores of a job"):
+        slurm_settings(ClusterOptions(cluster="slurm", jobs=1, gpus_per_job=3,
+                                      jobqueue_config=str(bad)))
     bad.write_text("slurm: {cores: 2}\n")
     with pytest.raises(OptionError, match="no jobqueue: slurm: section"):
         slurm_settings(ClusterOptions(cluster="slurm", jobs=1, jobqueue_config=str(bad)))
@@ -287,6 +301,12 @@ def test_cli_cluster_errors_exit_2(tmp_path: Path):
     assert res.returncode == 2 and "expected one of local, slurm" in res.stderr
     res = run_cli("--worker-timeout", "-1", "convert", str(src), str(tmp_path / "a.ome.zarr"))
     assert res.returncode == 2 and "--worker-timeout -1: must be ≥ 0" in res.stderr
+    config = tmp_path / "jq.yaml"
+    config.write_text("jobqueue:\n  slurm: {cores: eight, memory: 4GiB}\n")
+    res = run_cli("--cluster", "slurm", "--jobs", "1", "--jobqueue-config", str(config),
+                  "convert", str(src), str(tmp_path / "a.ome.zarr"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{config}: jobqueue.slurm cores 'eight'" in " ".join(res.stderr.split())
     assert not (tmp_path / "a.ome.zarr").exists()
 
 
