@@ -392,7 +392,7 @@ def run_instances(plan: InstancePlan, client: Any, progress: Callable[[], Any] |
                 "background_class": opts.background_class, "classes": plan.foreground,
                 "block": plan.block}
     with output_run("instances", outputs, identity=identity, scratch=table,
-                    report=report, client=client) as run:
+                    report=report, client=client, inputs=[plan.source]) as run:
         inst_partial = run.partial(plan.destination)
         cls_partial = run.partial(plan.classes_destination)
         work = run.work

@@ -26,6 +26,7 @@ from engine import provenance
 from engine.errors import DestinationError, VoxelmillError
 from engine.io import readguard
 from engine.runlock import output_lock
+from engine.workerpaths import check_workers_see
 
 if TYPE_CHECKING:
     from engine.runner import RunState
@@ -503,7 +504,8 @@ def output_run(op: str, outputs: Sequence[Path], *,
                state: RunState | Sequence[RunState] | None = None,
                identity: dict[str, Any] | None = None, scratch: Sequence[Path] = (),
                report: Callable[[str], None] = print, what: str | None = None,
-               work: bool = True, client: Any = None) -> Iterator[OutputRun]:
+               work: bool = True, client: Any = None,
+               inputs: Sequence[Path] = ()) -> Iterator[OutputRun]:
     """The lifecycle of a command writing ``outputs``: lock, record, partial folders,
     resume or restart, cleanup on a user error; the body calls :meth:`OutputRun.commit`.
 
@@ -529,7 +531,12 @@ def output_run(op: str, outputs: Sequence[Path], *,
         Create :attr:`OutputRun.work`.
     client : distributed.Client, optional
         The run's cluster, whose workers delete its work folder and the outputs it
-        replaces (:func:`remove_tree`).
+        replaces (:func:`remove_tree`). Before anything else, its workers must see
+        ``inputs`` and be able to write where ``outputs`` go
+        (:func:`engine.workerpaths.check_workers_see`).
+    inputs : sequence of Path
+        What the workers read by path beyond the outputs' folders (an input file outside
+        them, a model).
 
     A :class:`~engine.errors.VoxelmillError` raised in the body removes every partial
     output (a user error: nothing to resume); any other exception (an interruption, a lost
@@ -537,6 +544,7 @@ def output_run(op: str, outputs: Sequence[Path], *,
     finished blocks, and removes them when it has none (there is nothing to resume).
     """
     outputs = tuple(Path(d) for d in outputs)
+    check_workers_see(client, inputs, outputs)
     states = (() if state is None else tuple(state) if isinstance(state, Sequence)
               else (state,))
     what = what or op

@@ -112,7 +112,9 @@ def dask_processes(logs: Path, workers: Sequence[Sequence[str]],
         while True:
             try:
                 with Client(address, timeout="5s", security=security) as c:
-                    c.wait_for_workers(len(workers), timeout=max(1, deadline - time.monotonic()))
+                    if workers:  # none: the scheduler alone, its workers the caller's
+                        c.wait_for_workers(len(workers),
+                                           timeout=max(1, deadline - time.monotonic()))
                 break
             except OSError:
                 if time.monotonic() > deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,6 +131,70 @@ def test_gil_bound_command_on_threaded_workers_says_so(tmp_path):
     note = gil_threads_hint({"w0": {"nthreads": 2}})
     assert note is not None and note in res.stderr, res.stderr
     assert res.stderr.count("hold the GIL") == 1
+
+
+def _isolated_worker(address: str, hidden: Path, read_only: Path, logs: Path
+                     ) -> subprocess.Popen:
+    """A ``dask worker`` in its own mount namespace, where ``hidden`` is an empty tmpfs and
+    ``read_only`` a read-only bind of itself: a worker on another machine that lacks a
+    mount, or mounts it read-only."""
+    script = (f"mount -t tmpfs none {hidden} && mount --bind {read_only} {read_only} && "
+              f"mount -o remount,ro,bind {read_only} && exec {BIN / 'dask'} worker {address} "
+              f"--host 127.0.0.1 --nthreads 1 --no-dashboard --local-directory {logs}")
+    return subprocess.Popen(["unshare", "-m", "sh", "-c", script],
+                            stdout=open(logs / "isolated.log", "w"), stderr=subprocess.STDOUT)
+
+
+def test_paths_a_worker_does_not_see_are_one_line_before_anything_is_written(tmp_path):
+    """A worker that lacks the input's mount or may not write where the output goes: the
+    command stops before it writes anything, naming the path and the worker, exit 2 (it
+    failed every block after retries, with a traceback, leaving a partial output)."""
+    from distributed import Client
+
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not allowed here (it needs root)")
+    hidden, read_only, logs = (tmp_path / d for d in ("hidden", "ro", "logs"))
+    for d in (hidden, read_only, logs):
+        d.mkdir()
+    np.save(hidden / "vol.npy", np.arange(24 * 32 * 32, dtype=np.uint16).reshape(24, 32, 32))
+    np.save(hidden / "seg.npy", np.ones((24, 32, 32), np.uint8))
+    np.save(tmp_path / "vol.npy", np.zeros((8, 16, 16), np.uint16))
+    res = run_cli("convert", str(hidden / "vol.npy"), str(hidden / "vol.ome.zarr"),
+                  "--assume-voxel-size", "--labels", f"seg={hidden / 'seg.npy'}")
+    assert res.returncode == 0, res.stderr  # on the embedded cluster: no question asked
+    coords = tmp_path / "c.csv"
+    coords.write_text("x,y,z\n16,16,12\n")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("steps:\n  - {name: mask, function: threshold, parameters: {method: otsu}}\n"
+                  "  - {name: cells, function: label}\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "logs" not in p.parts)
+    with dask_processes(logs, []) as address:
+        worker = _isolated_worker(address, hidden, read_only, logs)
+        try:
+            with Client(address) as c:
+                c.wait_for_workers(1, timeout=60)
+                (addr,) = c.scheduler_info()["workers"]
+            cases = [  # command, the path named, what is wrong
+                (["segment", str(hidden / "vol.ome.zarr"), "--workflow", str(wf), "--name",
+                  "cells"], hidden / "vol.ome.zarr", "does not see it"),
+                (["convert", str(hidden / "vol.npy"), str(tmp_path / "out.ome.zarr"),
+                  "--assume-voxel-size"], hidden / "vol.npy", "does not see it"),
+                (["convert", str(tmp_path / "vol.npy"), str(read_only / "out.ome.zarr"),
+                  "--assume-voxel-size"], read_only, "cannot write into it"),
+                (["patches", "extract", str(hidden / "vol.ome.zarr"), "seg", "--coords",
+                  str(coords), "--out", str(tmp_path / "patches"), "--size", "8",
+                  "--border", "2"],
+                 hidden / "vol.ome.zarr", "does not see it")]
+            for args, path, problem in cases:
+                res = run_cli(*args, "--scheduler", address)
+                assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+                line = " ".join(res.stderr.split())
+                assert f"{path}: the worker {addr} {problem}, though this machine can" in line
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "logs" not in p.parts)
+    assert after == before  # nothing written, nothing left
 
 
 def test_patches_extract_on_external_cluster_equals_local_run(scheduler, client, tmp_path):

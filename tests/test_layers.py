@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
               "engine.labels", "engine.labelfiles", "engine.facegraph", "engine.ranks",
               "engine.objtables",
               "engine.stats", "engine.pyramid",
-              "engine.output", "engine.io.*",
+              "engine.output", "engine.workerpaths", "engine.io.*",
               "engine.volume", "engine.provenance", "engine.progress", "engine.security",
               "engine.names", "engine.yamlfile", "engine.phantoms"]),
     # the feature packages, each its own rank, in their order (one imports only those above)

@@ -464,7 +464,7 @@ def run_markers(plan: MarkerPlan, client: Any, progress: Callable[[], Any] | Non
 
     image, dst = plan.image, plan.destination
     with output_run("cutter-markers", [dst], identity=plan.identity, report=report,
-                    client=client) as run:
+                    client=client, inputs=[image.source]) as run:
         points = str(run.work / "points")
         zarr.create_array(store=points, shape=image.shape, chunks=image.chunks,
                           dtype=np.uint32, fill_value=0, zarr_format=3, overwrite=True)

@@ -337,7 +337,7 @@ def run_cutter_prediction(plan: CutterPredictPlan, client: Any,
     image = plan.image
     with output_run("cutter-predict", [plan.destination, plan.borders_destination],
                     state=plan.state, report=report, what="prediction",
-                    client=client) as run:
+                    client=client, inputs=[image.source, plan.options.model]) as run:
         partial = run.partial(plan.destination)
         borders_partial = run.partial(plan.borders_destination)
         work = run.work
@@ -430,7 +430,7 @@ def run_watershed(src: str | Path, options: WatershedOptions, client: Any,
     identity = {"op": "cutter-watershed", "version": __version__, **{
         k: str(v) for k, v in options.__dict__.items() if k != "overwrite"}}
     with output_run("cutter-watershed", [dst], identity=identity, report=report,
-                    client=client) as run:
+                    client=client, inputs=[image.source]) as run:
         t0 = time.monotonic()
         ctx = Context(client, run.work, block, progress, report)
         out = run_op(ctx, "watershed", op, [landscape, markers, mask])

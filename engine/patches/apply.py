@@ -80,6 +80,7 @@ from engine.patches.extract import IGNORE, MANIFEST_COLUMNS
 from engine.patches.files import read_patch
 from engine.progress import Progress
 from engine.volume import convert_length
+from engine.workerpaths import check_workers_see
 
 UNDO_DIR = ".voxelmill-undo"
 JOURNAL = "pending.json"
@@ -687,6 +688,9 @@ def run_apply(plan: ApplyPlan, client: Any,
     """
     t0 = time.monotonic()
     target = plan.target
+    check_workers_see(client, [plan.manifest, *sorted({Path(e.path).parent
+                                                       for e in plan.entries})],
+                      [target.undo_dir])
     if plan.value is None:  # labels without listed values: scan them now, before writing
         plan.value = _value_for(target, _label_set(target, client))  # type: ignore[arg-type]
     rolled = _roll_back_pending(client, target, progress)

@@ -57,6 +57,7 @@ from engine.output import check_destination, commit, partial_path
 from engine.patches.coords import ORDERS, read_coords_table
 from engine.progress import Progress
 from engine.volume import convert_length
+from engine.workerpaths import check_workers_see
 
 IGNORE = 2
 MANIFEST_COLUMNS = (
@@ -485,6 +486,7 @@ def run_extraction(plan: ExtractPlan, client: Any, progress: Progress | None = N
 
     t0 = time.monotonic()
     dst = plan.destination
+    check_workers_see(client, [Path(plan.image.path), Path(plan.labels.path)], [dst])
     partial = partial_path(dst)
     if partial.exists():  # left by an interrupted run; patches are cheap to redo
         shutil.rmtree(partial)

@@ -53,6 +53,7 @@ from engine.blocks import Block, BlockGrid
 from engine.errors import InputError, OptionError, VoxelmillError
 from engine.output import check_destination, commit, partial_path
 from engine.runner import run_blocks
+from engine.workerpaths import check_workers_see
 
 #: Entropy per voxel is summed as ``round(H * ENTROPY_SCALE)`` integers (see module doc).
 ENTROPY_SCALE = 1 << 24
@@ -513,6 +514,8 @@ def run_suggestion(plan: SuggestPlan, client: Any, progress: Any = None) -> Sugg
     progress : Progress, optional
     """
     from engine.patches.coords import write_coords
+
+    check_workers_see(client, [plan.prediction])
 
     t0 = time.monotonic()
     grid = BlockGrid(plan.shape, plan.block_shape, halo=tuple(s // 2 for s in plan.size))

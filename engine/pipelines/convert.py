@@ -276,7 +276,8 @@ def run_conversion(plan: ConvertPlan, client: Any,
                    report: Callable[[str], None] = print) -> ConvertResult:
     """Write the planned OME-Zarr blockwise on the cluster; resume when possible."""
     with output_run("convert", [plan.destination], state=plan.state, report=report,
-                    what="conversion", work=False, client=client) as run:
+                    what="conversion", work=False, client=client,
+                    inputs=[plan.source]) as run:
         opts, partial = plan.options, run.partial()
         groups = [plan.image, *plan.labels.values()]
         for ms in groups:

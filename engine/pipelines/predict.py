@@ -330,7 +330,7 @@ def run_prediction(plan: PredictPlan, client: Any, progress: Callable[[], Any] |
     opts = plan.options
     with output_run("predict", [plan.labels_destination, plan.probabilities_destination],
                     state=plan.state, report=report, what="prediction",
-                    client=client) as run:
+                    client=client, inputs=[plan.source, plan.options.model]) as run:
         labels_partial = run.partial(plan.labels_destination)
         probs_partial = run.partial(plan.probabilities_destination)
         k = plan.out_channels

@@ -415,7 +415,8 @@ def run_preprocess(plan: PreprocessPlan, client: Any,
     states = ([plan.state(k) for k in range(len(plan.channels))]
               if plan.workflow is not None else [])
     with output_run("preprocess", [plan.destination], state=states, identity=plan.identity,
-                    report=report, what="preprocessing", client=client) as run:
+                    report=report, what="preprocessing", client=client,
+                    inputs=[plan.source]) as run:
         partial = run.partial()
         refs = [_channel_image(plan, k, client, progress, report)
                 for k in range(len(plan.channels))]
@@ -538,7 +539,7 @@ def run_back(plan: BackPlan, client: Any, progress: Callable[[], Any] | None = N
     identity = {"op": "preprocess-back", "version": __version__, "scaled": str(plan.scaled),
                 "labels": plan.name, "shape": plan.shape}
     with output_run("preprocess-back", [dst], identity=identity, report=report,
-                    work=False, client=client) as run:
+                    work=False, client=client, inputs=[plan.scaled]) as run:
         partial = run.partial()
         view = Resampled(plan.label, plan.shape, plan.block_shape, order=0)
         write_multiscale(client, view, partial, plan.new_name,

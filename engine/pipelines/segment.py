@@ -183,7 +183,8 @@ def run_segmentation(plan: SegmentPlan, client: Any,
     dst = plan.destination
     # kept images are rewritten whole by every run
     with output_run("segment", [dst], state=plan.state, scratch=[plan.keep_destination],
-                    report=report, what="segmentation", client=client) as run:
+                    report=report, what="segmentation", client=client,
+                    inputs=[plan.source]) as run:
         partial, keep_partial = run.partial(), run.partial(plan.keep_destination)
         ctx = Context(client, run.work, plan.block_shape, progress, report, state=plan.state,
                       voxel_size_um=voxel_size_um(plan.voxel_size, plan.unit))
