@@ -72,6 +72,7 @@ from engine.learn.split import check_validation, split_validation
 from engine.learn.unet import UNet, receptive_field
 from engine.learn.validation import Validator, improved
 from engine.runlock import output_lock
+from engine.workerpaths import check_workers_see
 
 LAST, BEST, METRICS, CURVES, CONFIG = "last.pt", "best.pt", "metrics.json", "curves.png", \
     "config.yaml"
@@ -855,6 +856,9 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
     from distributed import Queue
     from distributed.utils import TimeoutError as DaskTimeout
 
+    data = plan.config.data
+    check_workers_see(client, [s.path for s in (*data.train, *data.val)],
+                      [plan.config.output / "best.pt"])
     gpus = gpu_workers(client)
     device = plan.config.train.device
     if not gpus and device.startswith("cuda"):
