@@ -308,6 +308,7 @@ def connect(
         check_dashboard_address(options)
         with dask.config.set(_dashboard_tls(options, security)), \
                 slurm_client(options, security, report) as client:
+            check_worker_versions(client, f"--jobqueue-config {options.jobqueue_config}")
             hint = _gil_hint(client, options)  # the jobqueue file's processes: N
             if hint:
                 report(hint)
@@ -329,6 +330,11 @@ def connect(
                 f"cannot reach the scheduler at {options.scheduler}: {exc}"
             ) from None
         report(f"connected to scheduler {options.scheduler}; dashboard: {client.dashboard_link}")
+        try:
+            check_worker_versions(client, f"--scheduler {options.scheduler}")
+        except OptionError:
+            client.close()
+            raise
         for hint in (worker_settings_hint(client), _gil_hint(client, options)):
             if hint:
                 report(hint)
@@ -736,6 +742,40 @@ def missing_worker_settings() -> list[str]:
     if platform.libc_ver()[0] != "glibc":
         return []
     return [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX") if k not in os.environ]
+
+
+def check_worker_versions(client: Any, where: str) -> None:
+    """Refuse a cluster whose workers cannot import voxelmill, or import another version.
+
+    Asked before anything of voxelmill's is sent to them: a worker that cannot unpickle a
+    voxelmill task or plugin closed on the first one, and the command then waited forever
+    for a worker. ``where`` names the cluster in the message (``--scheduler tcp://…``).
+
+    Raises
+    ------
+    OptionError
+        Naming the first such worker and what it imports.
+    """
+    from engine import __version__
+
+    def probe() -> str:  # a local function: sent by value, so the worker needs no voxelmill
+        import engine
+
+        return str(engine.__version__)
+
+    try:
+        found = client.run(probe, on_error="return")
+    except Exception:  # noqa: BLE001 - a scheduler that cannot answer: left to the run
+        return
+    for worker, got in sorted(found.items()):
+        if isinstance(got, BaseException):
+            raise OptionError(f"{where}: the worker {worker} cannot import voxelmill "
+                              f"({type(got).__name__}: {got}); start the workers from an "
+                              f"environment with voxelmill {__version__} installed")
+        if got != __version__:
+            raise OptionError(f"{where}: the worker {worker} runs voxelmill {got}, this "
+                              f"machine {__version__}: every worker must import the same "
+                              "version")
 
 
 def _gil_hint(client: Any, options: ClusterOptions) -> str | None:

@@ -197,6 +197,32 @@ def test_paths_a_worker_does_not_see_are_one_line_before_anything_is_written(tmp
     assert after == before  # nothing written, nothing left
 
 
+@pytest.mark.parametrize(("preload", "message"), [
+    ('import sys\nsys.modules["engine"] = None\n',
+     "cannot import voxelmill (ModuleNotFoundError: "),
+    ('import engine\nengine.__version__ = "9.9.9"\n', "runs voxelmill 9.9.9, this machine "),
+])
+def test_workers_without_this_voxelmill_are_one_line(tmp_path, preload, message):
+    """A worker that cannot import voxelmill (started from another environment) or imports
+    another version: one line naming it, exit 2, nothing written. Before, a worker that
+    could not import voxelmill closed on the first task and the command waited forever."""
+    from distributed import Client
+
+    (tmp_path / "logs").mkdir()
+    script = tmp_path / "preload.py"
+    script.write_text(preload)
+    np.save(tmp_path / "vol.npy", np.zeros((8, 16, 16), np.uint16))
+    with dask_processes(tmp_path / "logs", [["--preload", str(script)]]) as address:
+        with Client(address) as c:
+            (worker,) = c.scheduler_info()["workers"]
+        res = run_cli("convert", str(tmp_path / "vol.npy"), str(tmp_path / "out.ome.zarr"),
+                      "--assume-voxel-size", "--scheduler", address, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line = " ".join(res.stderr.split())
+    assert f"--scheduler {address}: the worker {worker} {message}" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "preload.py", "vol.npy"]
+
+
 def test_patches_extract_on_external_cluster_equals_local_run(scheduler, client, tmp_path):
     from engine.patches.extract import ExtractOptions, extract_patches
     from engine.patches.files import read_patch
