@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -61,14 +60,13 @@ def ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
-    """``NAME=PATH`` options as ``(name, path)`` pairs, the path made absolute (workers of a
-    cluster started elsewhere read it from another working folder)."""
+    """``NAME=PATH`` options as ``(name, path)`` pairs."""
     out = []
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise VoxelmillError(f"{what} {item!r}: expected NAME=PATH, e.g. cells=cells.tif")
-        out.append((name, str(Path(path).absolute())))
+        out.append((name, path))
     return tuple(out)
 
 

@@ -20,7 +20,6 @@ import math
 import re
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -178,16 +177,6 @@ def _flag(name: str, annotation: Any) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _absolute(value: Any) -> Any:
-    """A path (or a list of paths) made absolute against this process's working folder;
-    anything else as it is."""
-    if isinstance(value, Path):
-        return value.absolute()
-    if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
-        return [v.absolute() for v in value]
-    return value
-
-
 def validated(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (a typer command) with every option value checked before it runs."""
     hints = typing.get_type_hints(fn, include_extras=True)
@@ -196,9 +185,6 @@ def validated(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        # workers read and write by path, and those of a cluster started elsewhere
-        # (--scheduler) have another working folder: relative paths are made absolute here
-        kwargs = {name: _absolute(value) for name, value in kwargs.items()}
         with user_errors():
             for name, value in kwargs.items():
                 if value is None or isinstance(value, bool | list):

@@ -60,30 +60,6 @@ def test_convert_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
     assert metadata(remote) == metadata(here)
 
 
-def test_relative_paths_reach_workers_in_another_working_folder(scheduler, tmp_path):
-    """Paths typed relative to this shell's folder, workers started in another (the
-    scheduler fixture's run in the test process's): convert and segment read and write the
-    right files (the workers opened 'vol.npy' in their own folder: FileNotFoundError)."""
-    from skimage import measure
-
-    from tests.segment_helpers import blobs
-
-    assert Path.cwd() != tmp_path
-    vol = (blobs((24, 32, 32), 5, sigma=2.0) * 1000).astype(np.uint16)
-    np.save(tmp_path / "vol.npy", vol)
-    (tmp_path / "wf.yaml").write_text(
-        "steps:\n  - {name: mask, function: threshold, parameters: {method: absolute, "
-        "value: 500}}\n  - {name: cells, function: label}\n")
-    res = run_cli("convert", "vol.npy", "vol.ome.zarr", "--assume-voxel-size", "--chunks", "16",
-                  "--scheduler", scheduler, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    res = run_cli("segment", "vol.ome.zarr", "--workflow", "wf.yaml", "--name", "cells",
-                  "--scheduler", scheduler, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    got = zarr.open_array(str(tmp_path / "vol.ome.zarr" / "labels" / "cells" / "0"), mode="r")
-    np.testing.assert_array_equal(got[...], measure.label(vol > 500))
-
-
 def test_unreachable_scheduler_is_a_user_error(tmp_path):
     src = write_mrc(tmp_path / "a.mrc", np.zeros((4, 8, 8), np.float32))
     res = run_cli("convert", str(src), str(tmp_path / "a.ome.zarr"),
