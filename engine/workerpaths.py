@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InputError
+from engine.io.budget import nearest_existing
 
 
 def _unseen(read: list[str], write: list[str]) -> list[tuple[str, str]]:
@@ -33,10 +34,7 @@ def _unseen(read: list[str], write: list[str]) -> list[tuple[str, str]]:
 def nearest_folder(path: Path) -> Path:
     """The nearest existing folder at or above ``path``'s parent (where an output that does
     not exist yet will be made), as this machine sees it."""
-    folder = path.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
+    return nearest_existing(path.absolute().parent)
 
 
 def _is_embedded(client: Any) -> bool:
@@ -70,9 +68,8 @@ def check_workers_see(client: Any, inputs: Sequence[Path] = (),
     except Exception:  # noqa: BLE001 - a worker that cannot answer is the run's to report
         return
     here = set(_unseen(read, write))  # what this machine lacks too is not the cluster's
-    bad = {w: [p for p in problems if tuple(p) not in here]
-           for w, problems in sorted(found.items())}
-    bad = {w: problems for w, problems in bad.items() if problems}
+    bad = {w: kept for w, problems in sorted(found.items())
+           if (kept := [p for p in problems if tuple(p) not in here])}
     if bad:
         worker, (path, problem) = next((w, tuple(p[0])) for w, p in bad.items())
         what = "does not see it" if problem == "missing" else "cannot write into it"

@@ -85,15 +85,21 @@ def check_deflate(path: str | Path, shape: Sequence[int], dtype: np.dtype,
             f"{DEFLATE_MAX_RATIO}:1): the header is wrong or the file truncated")
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` made absolute, or its nearest ancestor that exists (where something not
+    made yet will go)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
 def free_disk(dst: str | Path) -> int:
     """Bytes free on the file system that will hold ``dst`` (its nearest existing folder),
     or ``VOXELMILL_FREE_DISK_MIB``."""
     if os.environ.get(DISK_ENV):
         return int(float(os.environ[DISK_ENV]) * 2**20)
-    where = Path(dst).absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    return shutil.disk_usage(where).free
+    return shutil.disk_usage(nearest_existing(dst)).free
 
 
 def check_output_size(dst: str | Path, nbytes: int, option: str, *,
