@@ -702,8 +702,7 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
                           f"than cores ({cores}): each worker needs a core")
     settings["job_extra_directives"] = directives
     settings["worker_extra_args"] = worker_args
-    processes = int(str(settings["processes"]))
-    threads = max(1, cores // processes)
+    threads = job_shape(settings)[1]
     # the embedded cluster's worker settings, exported by the job script where the job's
     # environment does not set them already (a variable beats distributed's configuration)
     prologue = list(settings.pop("job_script_prologue", None) or [])
@@ -711,6 +710,13 @@ def slurm_settings(options: ClusterOptions) -> dict[str, object]:
         f'export {name}="${{{name}:-{value}}}"'
         for name, value in job_worker_environ(threads).items()]
     return settings
+
+
+def job_shape(settings: dict[str, object]) -> tuple[int, int]:
+    """``(workers, threads each)`` of a job of :func:`slurm_settings` (dask-jobqueue's
+    ``cores // processes`` threads)."""
+    processes = int(str(settings["processes"]))
+    return processes, max(1, int(str(settings["cores"])) // processes)
 
 
 def _count(path: Path, settings: dict[str, object], key: str) -> int:
@@ -1013,8 +1019,7 @@ def slurm_client(options: ClusterOptions, security: object | None,
     from distributed import Client
 
     settings = slurm_settings(options)
-    processes = int(str(settings["processes"]))
-    threads = max(1, int(str(settings["cores"])) // processes)
+    processes, threads = job_shape(settings)
     cluster = slurm_cluster(options, security=security, settings=settings)
     try:
         check_slurm_submission(cluster, str(options.jobqueue_config))
