@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from engine import events
-from engine.errors import VoxelmillError
+from engine.errors import EXIT_CLUSTER_LOST, ClusterLost, VoxelmillError
 
 
 def plain_console(stderr: bool = False) -> Console:
@@ -72,7 +72,8 @@ def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user errors into one message and exit code 2; Ctrl-C into a resume hint.
+    """Turn user errors into one message and exit code 2; a cluster that lost its workers
+    into one message and exit code 75 (its partial outputs kept); Ctrl-C into a resume hint.
 
     The command's inputs are watched while it runs (:mod:`engine.io.readguard`): a failure
     caused by an input replaced under it (its chunks gone) gets the same one-line refusal
@@ -89,6 +90,8 @@ def user_errors() -> Iterator[None]:
             # a plan refused after its destination's folders were made leaves none behind
             remove_made_folders()
             _fail(message, 2)
+        except ClusterLost as exc:  # not the user's doing: the partial outputs stay
+            _fail(str(exc), EXIT_CLUSTER_LOST)
         except KeyboardInterrupt:
             events.emit("error", message="interrupted", exit_code=130)
             err.print("interrupted; run the same command again to resume where it stopped")

@@ -67,7 +67,9 @@ def _global_options(
         "--tls: plain HTTP, no login.")] = False,
     worker_timeout: Annotated[float, typer.Option(
         help="--cluster slurm: seconds to wait for the first worker job to start before "
-        "giving up and cancelling the jobs (0: wait forever).")] = 120.0,
+        "giving up and cancelling the jobs, and the longest a run waits with no worker once "
+        "started (ended jobs are replaced meanwhile; then exit 75, the finished blocks kept "
+        "for a rerun to resume). 0: wait forever.")] = 120.0,
     log_json: Annotated[Path | None, typer.Option(
         "--log-json", metavar="FILE", help="Append structured events (one JSON object per "
         "line: stages, blocks done, throughput, errors) to FILE.")] = None,

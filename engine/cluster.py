@@ -60,7 +60,9 @@ class ClusterOptions:
         (``CUDA_VISIBLE_DEVICES``) and advertising ``GPU=1``.
     worker_timeout : float
         Seconds to wait for the first SLURM worker to join before giving up (its jobs are
-        cancelled); 0 waits forever. Not applied with ``adaptive`` (jobs start with work).
+        cancelled), and the longest a run waits with no worker at all once started (jobs
+        that ended are replaced meanwhile; see :func:`no_workers_timeout`); 0 waits
+        forever. Not applied with ``adaptive`` (jobs start with work).
     insecure_dashboard : bool
         Allow a ``dashboard_address`` beyond this machine without ``tls`` (plain HTTP that
         anyone on the network can read).
@@ -1011,22 +1013,42 @@ def wait_for_slurm_workers(client: object, cluster: object, timeout: float) -> N
         time.sleep(0.5)
 
 
+def no_workers_timeout(options: ClusterOptions) -> dict[str, str]:
+    """The scheduler setting that fails a run's waiting tasks once the cluster has had no
+    worker for ``options.worker_timeout`` seconds (the runner turns that into
+    :class:`~engine.errors.ClusterLost`: one line, the finished blocks kept), for a SLURM
+    cluster of fixed size; none with ``adaptive`` (no job while there is no work, and jobs
+    that wait in the queue once there is), with ``worker_timeout`` 0, or where dask's
+    configuration already sets one."""
+    import dask
+
+    if (options.adaptive or options.worker_timeout <= 0
+            or dask.config.get("distributed.scheduler.no-workers-timeout", None) is not None):
+        return {}
+    return {"distributed.scheduler.no-workers-timeout": f"{options.worker_timeout:g}s"}
+
+
 @contextmanager
 def slurm_client(options: ClusterOptions, security: object | None,
                  report: Callable[[str], None]) -> Iterator[object]:
     """A client of a ``SLURMCluster`` whose scheduler runs here and whose workers are SLURM
     jobs; every job it submitted is cancelled when it ends, on error too."""
+    import dask
     from distributed import Client
 
     settings = slurm_settings(options)
     processes, threads = job_shape(settings)
-    cluster = slurm_cluster(options, security=security, settings=settings)
+    with dask.config.set(no_workers_timeout(options)):  # read by the scheduler it starts
+        cluster = slurm_cluster(options, security=security, settings=settings)
     try:
         check_slurm_submission(cluster, str(options.jobqueue_config))
         if options.adaptive:
             cluster.adapt(minimum_jobs=0, maximum_jobs=options.jobs)  # type: ignore
         else:
             cluster.scale(jobs=options.jobs)  # type: ignore[attr-defined]
+            # a job that ends (its walltime, scancel, a failed node) is replaced: dask-jobqueue
+            # submits none of its own, and a run that lost every job waited forever
+            cluster.adapt(minimum_jobs=options.jobs, maximum_jobs=options.jobs)  # type: ignore
         client = Client(cluster, security=security)
         try:
             if not options.adaptive:

@@ -20,3 +20,18 @@ class OptionError(VoxelmillError):
 
 class DestinationError(VoxelmillError):
     """The destination exists (without ``overwrite``) or cannot be written."""
+
+
+#: exit code of a run stopped by :class:`ClusterLost` (``EX_TEMPFAIL``: try again later),
+#: so a batch script can tell "resubmit" from a user error (2) or a bug (1)
+EXIT_CLUSTER_LOST = 75
+
+
+class ClusterLost(RuntimeError):
+    """The cluster had no worker able to run the blocks for longer than allowed (its SLURM
+    jobs ended and no replacement started, or its workers died).
+
+    Not the user's input: the partial outputs and their finished blocks are kept, and the
+    same command resumes them. The CLI prints the message without a traceback and exits
+    with :data:`EXIT_CLUSTER_LOST`.
+    """

@@ -50,7 +50,7 @@ import numpy as np
 
 from engine import events
 from engine.blocks import Block, BlockGrid
-from engine.errors import VoxelmillError
+from engine.errors import ClusterLost, VoxelmillError
 from engine.placement import Placement
 from engine.progress import Progress, SilentProgress
 from engine.provenance import block_time_summary
@@ -350,6 +350,27 @@ def _executing(prefixes: tuple[str, ...], dask_worker: Any = None) -> int:
     state = dask_worker.state
     return sum(1 for key, ts in list(state.tasks.items()) if str(key).startswith(prefixes)
                and (ts.state in _MAY_RUN or ts in state.executing))
+
+
+def cluster_lost(exc: BaseException, stage: str) -> ClusterLost | None:
+    """The :class:`ClusterLost` for ``exc`` when it is the scheduler's verdict that no
+    worker could run a task of ``stage`` for its ``no-workers-timeout`` (set by
+    :func:`engine.cluster.connect` for SLURM jobs, or in an external scheduler's
+    configuration), else None."""
+    from distributed.scheduler import NoValidWorkerError, NoWorkerError
+
+    if isinstance(exc, NoWorkerError):
+        why = "no worker"
+    elif isinstance(exc, NoValidWorkerError):
+        needs = exc.resource_restrictions or {}
+        why = ("no worker with " + ", ".join(f"{k}={v:g}" for k, v in needs.items())
+               if needs else "no worker it may run on")
+    else:
+        return None
+    return ClusterLost(
+        f"{stage}: the cluster has had {why} for {exc.timeout:g} s while blocks waited "
+        "(its SLURM jobs ended or its workers died; see --worker-timeout); the finished "
+        "blocks are kept: run the same command again to resume")
 
 
 def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTLE_S) -> None:
@@ -774,7 +795,14 @@ def run_passes(
         """Gather the values of finished tasks in one call and take them in."""
         if not done:
             return
-        values = client.gather(done)
+        try:
+            values = client.gather(done)
+        except Exception as exc:
+            # a result held by a worker that is gone is computed again, and may find none
+            lost = cluster_lost(exc, futures[done[0]][0].spec.name)
+            if lost is None:
+                raise
+            raise lost from None
         for fut, outs in zip(done, values, strict=True):
             run, blocks, numbers = futures.pop(fut)
             fut.release()
@@ -806,6 +834,8 @@ def run_passes(
                     message=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, VoxelmillError):
             return exc
+        if (lost := cluster_lost(exc, run.spec.name)) is not None:
+            return lost
         return BlockFailed(
             f"{run.spec.name}: block {block.index} (write region "
             f"{[(s.start, s.stop) for s in block.write]}) failed after {run.spec.retries} "

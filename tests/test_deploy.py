@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.cluster import ClusterOptions, connect, local_cluster_shape, slurm_settings
+from engine.cluster import (
+    ClusterOptions,
+    connect,
+    local_cluster_shape,
+    no_workers_timeout,
+    slurm_settings,
+)
 from engine.errors import OptionError
 from tests.conftest import REPO, run_cli, write_mrc
 
@@ -45,6 +51,9 @@ def test_compose_services():
         assert "./data:/data" in services[name]["volumes"]
     # TLS with mutual authentication: every component mounts the certificates
     assert "--protocol tls" in services["scheduler"]["command"]
+    # a run left without workers stops (exit 75, resumable) instead of waiting forever
+    env = services["scheduler"]["environment"]
+    assert env["DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT"] == "600s"
     for name, role in (("scheduler", "scheduler"), ("worker", "worker"),
                        ("gpu-worker", "worker")):
         command = services[name]["command"]
@@ -95,6 +104,7 @@ def test_kubernetes_values():
         ref = env[f"DASK_DISTRIBUTED__COMM__TLS__{var}"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "voxelmill-tls", "key": key}
     assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"]["value"] == "True"
+    assert env["DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT"]["value"] == "600s"
     assert values["fullnameOverride"] == "voxelmill"
 
 
@@ -232,6 +242,23 @@ def test_job_workers_keep_what_the_user_configured():
     assert "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL" not in env
     assert env["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] == "100ms"
     assert env["MALLOC_ARENA_MAX"] == "3"
+
+
+def test_no_workers_timeout_follows_worker_timeout():
+    """A fixed-size SLURM cluster's scheduler fails waiting tasks after --worker-timeout
+    seconds without a worker; not with --adaptive (no job until there is work), not with 0
+    (wait forever), and not over a timeout the user's dask configuration sets."""
+    import dask
+
+    key = "distributed.scheduler.no-workers-timeout"
+    fixed = ClusterOptions(cluster="slurm", jobs=2, worker_timeout=90)
+    assert no_workers_timeout(fixed) == {key: "90s"}
+    assert no_workers_timeout(ClusterOptions(cluster="slurm", jobs=2, worker_timeout=0)) == {}
+    assert no_workers_timeout(ClusterOptions(cluster="slurm", jobs=2, adaptive=True)) == {}
+    with dask.config.set({key: "1h"}):
+        assert no_workers_timeout(fixed) == {}
+    with dask.config.set(no_workers_timeout(fixed)):
+        assert dask.config.get(key) == "90s"
 
 
 def test_slurm_job_script_with_tls(tmp_path: Path):

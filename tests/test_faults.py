@@ -95,6 +95,52 @@ def test_worker_killed_mid_segmentation_gives_identical_output(image, reference,
                                   reference)
 
 
+def test_a_cluster_left_without_workers_stops_with_exit_75_and_resumes(
+        image, reference, tmp_path, monkeypatch):
+    """A scheduler configured to fail tasks after 2 s without workers (dask's
+    ``no-workers-timeout``, what ``--cluster slurm`` sets from ``--worker-timeout``) loses
+    its only worker (no nanny to restart it) mid-segmentation: the command stops with one
+    line and exit 75, no traceback, the partial labels and their finished blocks kept
+    (before, it waited forever). With a worker back, the same command resumes them and the
+    labels equal the uninterrupted run's."""
+    from distributed import Client
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT", "2s")
+    src = _copy(image, tmp_path / "vol.ome.zarr")
+    partial = src / "labels" / ".cells.partial"
+    args = ("segment", str(src), "--workflow", str(image.parent / "wf.yaml"), "--name",
+            "cells", "--block", "16,16,16")
+    (tmp_path / "first").mkdir()
+    with dask_processes(tmp_path / "first", [["--no-nanny"]]) as address:
+        with Client(address) as c:
+            [victim] = c.run(os.getpid).values()
+        proc = subprocess.Popen([EXE, *args, "--scheduler", address], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while finished_blocks(partial) < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        killed_at = finished_blocks(partial)
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        waited = time.monotonic() - t0
+    assert proc.returncode == 75, stderr
+    assert "Traceback" not in stderr and waited < 60, stderr
+    line = " ".join(stderr.split())
+    assert "the cluster has had no worker for 2 s" in line, stderr
+    assert "run the same command again to resume" in line
+    assert partial.is_dir() and finished_blocks(partial) >= killed_at >= 12
+    assert not (src / "labels" / "cells").exists()
+
+    (tmp_path / "again").mkdir()
+    with dask_processes(tmp_path / "again", [[]]) as address:
+        res = run_cli(*args, "--scheduler", address, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "resuming an interrupted" in res.stderr
+    np.testing.assert_array_equal(zarr.open_array(str(src / "labels" / "cells" / "0"))[...],
+                                  reference)
+
+
 def test_a_value_lost_before_it_was_fetched_is_waited_for_again(tmp_path):
     """A worker dies after its task finished and before the client fetched the value: the
     scheduler reruns the task, and the runner waits for it instead of calling the block

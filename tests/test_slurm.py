@@ -323,6 +323,92 @@ def test_segment_jobs_run_a_single_threaded_worker_per_core(partition, reference
         assert threads == [str(2 // (processes or 2))] * (processes or 2), logs[0]
 
 
+def _cancel_when_busy(c, worker: str, job: str, after: int = 3) -> threading.Thread:
+    """A thread that scancels ``job`` once its ``worker`` has run ``after`` more tasks."""
+    before = c.run(_executed, workers=[worker])[worker]
+
+    def cancel() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if c.run(_executed, workers=[worker])[worker] >= before + after:
+                subprocess.run(["scancel", job], check=True, timeout=30)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=cancel, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ended_jobs_are_replaced_and_a_cluster_left_without_any_stops_resumable(
+        partition, client, tmp_path):
+    """The one worker job of a fixed-size cluster is cancelled while a segmentation runs: a
+    replacement job is submitted and the run completes. When the replacement cannot start
+    either, the run stops after ``worker_timeout`` seconds without a worker with
+    :class:`ClusterLost` (the CLI's exit 75) instead of waiting forever, its finished blocks
+    kept; the same command on a cluster that works resumes them. Labels equal the embedded
+    cluster's each time."""
+    import dask
+
+    from engine.errors import ClusterLost
+
+    rng = np.random.default_rng(5)
+    data = ndimage.gaussian_filter(rng.normal(size=(96, 160, 160)), 2).astype(np.float32)
+    image = tmp_path / "big.ome.zarr"
+    convert(write_mrc(tmp_path / "big.mrc", data, voxel_size=10.0), image, CONVERT, client,
+            report=lambda line: None)
+    ref = tmp_path / "ref.ome.zarr"
+    shutil.copytree(image, ref)
+    options = SegmentOptions("threshold", "cells", block=(32, 32, 32))
+    segment(ref, options, client, report=lambda line: None)
+
+    stop = tmp_path / "no-more-jobs"  # jobs started once it exists end at once
+    config, name = jobqueue(tmp_path, partition, **{
+        "job-script-prologue": [f"if [ -e {stop} ]; then exit 3; fi"]})
+    opts = ClusterOptions(cluster="slurm", jobs=1, jobqueue_config=str(config),
+                          dashboard_address="127.0.0.1:0", worker_timeout=10)
+    # distributed waits this long for a lost worker to come back before it counts it gone
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}), \
+            connect(opts, report=lambda line: None) as c:
+        c.wait_for_workers(1, timeout=60)
+        [(worker, job)] = c.run(_job_id).items()
+        killer = _cancel_when_busy(c, worker, job)
+        segment(image, options, c, report=lambda line: None)
+        killer.join(timeout=60)
+        assert job not in queued(name)
+        [(_, replacement)] = c.run(_job_id).items()
+        assert replacement != job, "the run finished on the cancelled job"
+        assert_same(image / "labels" / "cells", ref / "labels" / "cells")
+
+        stop.touch()
+        worker = next(iter(c.scheduler_info()["workers"]))
+        killer = _cancel_when_busy(c, worker, replacement)
+        lines: list[str] = []
+        t0 = time.monotonic()
+        with pytest.raises(ClusterLost, match="no worker for 10 s") as lost:
+            segment(image, SegmentOptions("threshold", "again", block=(32, 32, 32)), c,
+                    report=lines.append)
+        assert time.monotonic() - t0 < 60
+        assert "run the same command again to resume" in str(lost.value)
+        killer.join(timeout=60)
+    assert_no_jobs(name)
+    partial = image / "labels" / ".again.partial"
+    assert partial.is_dir() and not (image / "labels" / "again").exists()
+
+    stop.unlink()
+    config, name = jobqueue(tmp_path, partition)
+    with connect(ClusterOptions(cluster="slurm", jobs=1, jobqueue_config=str(config),
+                                dashboard_address="127.0.0.1:0"),
+                 report=lambda line: None) as c:
+        lines = []
+        res = segment(image, SegmentOptions("threshold", "again", block=(32, 32, 32)), c,
+                      report=lines.append)
+    assert any(line.startswith("resuming an interrupted") for line in lines), lines
+    assert sum(s["skipped"] for s in res.stages) > 0, res.stages
+    assert_same(image / "labels" / "again", ref / "labels" / "cells")
+    assert_no_jobs(name)
+
+
 def test_bad_slurm_input(partition, volume, tmp_path):
     """A partition that does not exist, workers that never start: one line naming the file
     or the jobs, exit 2, nothing written, no job left."""
