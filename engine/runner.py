@@ -352,11 +352,13 @@ def _executing(prefixes: tuple[str, ...], dask_worker: Any = None) -> int:
                and (ts.state in _MAY_RUN or ts in state.executing))
 
 
-def cluster_lost(exc: BaseException, stage: str) -> ClusterLost | None:
+def cluster_lost(exc: BaseException, stage: str,
+                 then: str = "the finished blocks are kept: run the same command again to "
+                             "resume") -> ClusterLost | None:
     """The :class:`ClusterLost` for ``exc`` when it is the scheduler's verdict that no
     worker could run a task of ``stage`` for its ``no-workers-timeout`` (set by
     :func:`engine.cluster.connect` for SLURM jobs, or in an external scheduler's
-    configuration), else None."""
+    configuration), else None. ``then`` tells the user what is kept and how to go on."""
     from distributed.scheduler import NoValidWorkerError, NoWorkerError
 
     if isinstance(exc, NoWorkerError):
@@ -369,8 +371,7 @@ def cluster_lost(exc: BaseException, stage: str) -> ClusterLost | None:
         return None
     return ClusterLost(
         f"{stage}: the cluster has had {why} for {exc.timeout:g} s while blocks waited "
-        "(its SLURM jobs ended or its workers died; see --worker-timeout); the finished "
-        "blocks are kept: run the same command again to resume")
+        f"(its SLURM jobs ended or its workers died; see --worker-timeout); {then}")
 
 
 def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTLE_S) -> None:

@@ -22,6 +22,7 @@ from engine.runner import (
     BlockFailed,
     Pass,
     RunState,
+    run_blocks,
     run_passes,
 )
 
@@ -130,6 +131,29 @@ def test_a_failure_stops_every_pass(client, tmp_path):
     written = sorted(p.name for p in (tmp_path / "a").iterdir())
     time.sleep(0.2)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == written
+
+
+def test_blocks_no_worker_can_run_stop_with_cluster_lost(client):
+    """A pass asking for a resource no worker has, on a scheduler that fails such tasks
+    after its ``no-workers-timeout`` (what ``--cluster slurm`` sets from --worker-timeout):
+    one :class:`ClusterLost` naming the pass, the resource and the wait, instead of a
+    block failure or a wait forever."""
+    from engine.errors import ClusterLost
+
+    def set_timeout(seconds: float | None, dask_scheduler: Any = None) -> float | None:
+        old, dask_scheduler.no_workers_timeout = dask_scheduler.no_workers_timeout, seconds
+        return old
+
+    old = client.run_on_scheduler(set_timeout, 0.5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterLost, match=r"^gpu: the cluster has had no worker with "
+                           r"GPU=1 for 0.5 s .* run the same command again to resume"):
+            run_blocks(client, BlockGrid((8,), 2), lambda block: 1, name="gpu",
+                       resources={"GPU": 1})
+        assert time.monotonic() - t0 < 30
+    finally:
+        client.run_on_scheduler(set_timeout, old)
 
 
 def test_a_user_error_stops_the_blocks_that_read_its_block(client, tmp_path):

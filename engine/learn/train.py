@@ -72,6 +72,7 @@ from engine.learn.split import check_validation, split_validation
 from engine.learn.unet import UNet, receptive_field
 from engine.learn.validation import Validator, improved
 from engine.runlock import output_lock
+from engine.runner import cluster_lost
 from engine.workerpaths import check_workers_see
 
 LAST, BEST, METRICS, CURVES, CONFIG = "last.pt", "best.pt", "metrics.json", "curves.png", \
@@ -886,7 +887,14 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
                     break
         while queue.qsize():
             emit(queue.get())
-        results = [f.result() for f in futures]  # a rank's error is raised here
+        try:
+            results = [f.result() for f in futures]  # a rank's error is raised here
+        except Exception as exc:
+            lost = cluster_lost(exc, "train", "its checkpoints are kept: run it again with "
+                                "--resume to go on from the last one")
+            if lost is None:
+                raise
+            raise lost from None
         finished = True
         return results[0]
     finally:
