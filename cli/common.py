@@ -16,7 +16,13 @@ from rich.console import Console
 from rich.text import Text
 
 from engine import events
-from engine.errors import EXIT_CLUSTER_LOST, ClusterLost, VoxelmillError
+from engine.errors import (
+    EXIT_CLUSTER_LOST,
+    EXIT_TERMINATED,
+    ClusterLost,
+    Terminated,
+    VoxelmillError,
+)
 
 
 def plain_console(stderr: bool = False) -> Console:
@@ -73,7 +79,8 @@ def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn user errors into one message and exit code 2; a cluster that lost its workers
-    into one message and exit code 75 (its partial outputs kept); Ctrl-C into a resume hint.
+    into one message and exit code 75 (its partial outputs kept); Ctrl-C and SIGTERM into a
+    resume hint (exit codes 130 and 143).
 
     The command's inputs are watched while it runs (:mod:`engine.io.readguard`): a failure
     caused by an input replaced under it (its chunks gone) gets the same one-line refusal
@@ -92,6 +99,11 @@ def user_errors() -> Iterator[None]:
             _fail(message, 2)
         except ClusterLost as exc:  # not the user's doing: the partial outputs stay
             _fail(str(exc), EXIT_CLUSTER_LOST)
+        except Terminated:
+            events.emit("error", message="terminated", exit_code=EXIT_TERMINATED)
+            err.print("terminated (SIGTERM); run the same command again to resume where it "
+                      "stopped")
+            raise typer.Exit(EXIT_TERMINATED) from None
         except KeyboardInterrupt:
             events.emit("error", message="interrupted", exit_code=130)
             err.print("interrupted; run the same command again to resume where it stopped")

@@ -6,6 +6,7 @@ User errors (``VoxelmillError``) print one line and exit with code 2, without tr
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +30,7 @@ from cli.common import (
 from cli.options import AxesOption, MemoryLimit, Overwrite, Scheduler, Threads, Workers
 from cli.validate import validate_app
 from engine import events
-from engine.errors import OptionError, VoxelmillError
+from engine.errors import EXIT_TERMINATED, OptionError, Terminated, VoxelmillError
 
 app = typer.Typer(
     name="voxelmill", no_args_is_help=True, add_completion=False,
@@ -346,9 +347,18 @@ _register_subcommands()
 validate_app(app)  # after every command is registered: each one's options are checked
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a batch job's time limit, ``scancel``, ``docker stop``) stops a command as
+    Ctrl-C does, so it cleans up (SLURM worker jobs cancelled) and says how to resume; a
+    second one kills at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
+
+
 def main() -> int:
     """The console script. A usage error that typer finds (an unknown option, a value that
     is not a number) is one line and exit code 2, like every other user error."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # typer's usage errors (its own click)
@@ -361,7 +371,10 @@ def main() -> int:
         events.emit("error", message=message, exit_code=2)
         say_error(message + hint)
         return 2
-    except typer.Abort:
+    except typer.Abort as exc:  # Ctrl-C or SIGTERM outside a command's own handling
+        if isinstance(exc.__cause__, Terminated):
+            err.print("terminated (SIGTERM)")
+            return EXIT_TERMINATED
         err.print("interrupted")
         return 130
     return code if isinstance(code, int) else 0

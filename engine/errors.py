@@ -35,3 +35,16 @@ class ClusterLost(RuntimeError):
     same command resumes them. The CLI prints the message without a traceback and exits
     with :data:`EXIT_CLUSTER_LOST`.
     """
+
+
+#: exit code of a run stopped by :class:`Terminated` (128 + SIGTERM, as a shell reports it)
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop with SIGTERM (a batch system's time limit, ``scancel``,
+    ``kill``, a container being stopped).
+
+    Handled as Ctrl-C is: running blocks are let finish, SLURM worker jobs are cancelled,
+    partial outputs and their finished blocks are kept for the same command to resume.
+    """

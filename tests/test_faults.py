@@ -285,6 +285,43 @@ def test_killed_cli_resumes_and_a_concurrent_run_is_refused(image, reference, tm
     np.testing.assert_array_equal(labels, reference)
 
 
+def test_sigterm_stops_the_cli_as_ctrl_c_does_and_the_rerun_resumes(image, reference, tmp_path):
+    """SIGTERM (a batch job's time limit, ``scancel``) to a running `voxelmill segment`: one
+    line saying to rerun, exit 143, no traceback, its embedded workers gone and its lock
+    released (the run cleaned up, where before the process just died); the rerun resumes
+    the finished blocks and its labels equal the uninterrupted run's."""
+    import psutil
+
+    src = _copy(image, tmp_path / "vol.ome.zarr")
+    wf = image.parent / "wf.yaml"
+    partial = src / "labels" / ".cells.partial"
+    proc = _start(_segment_args(src, wf))
+    try:
+        _wait_for(lambda: finished_blocks(partial) >= 12, proc, "12 blocks were done")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children  # the embedded cluster's processes
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM); run the same command again to resume" in " ".join(
+        stderr.split())
+    assert "Traceback" not in stderr, stderr
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, alive
+    assert not lock_path(src / "labels" / "cells").exists()
+    assert partial.is_dir() and finished_blocks(partial) >= 12
+
+    res = run_cli(*_segment_args(src, wf))
+    assert res.returncode == 0, res.stderr
+    assert "resuming an interrupted segmentation" in res.stderr
+    assert "stale lock" not in res.stderr
+    np.testing.assert_array_equal(
+        zarr.open_array(str(src / "labels" / "cells" / "0"), mode="r")[...], reference)
+
+
 def test_lock_of_a_live_holder_elsewhere_is_respected_and_an_old_one_taken_over(tmp_path):
     dst = tmp_path / "out.ome.zarr"
     lock = lock_path(dst)
