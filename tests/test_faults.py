@@ -248,17 +248,29 @@ def _segment_args(src: Path, wf: Path) -> list[str]:
     return ["segment", str(src), *[str(wf) if a == "WF" else a for a in SEGMENT]]
 
 
+def _segmenting(image: Path, tmp_path: Path
+                ) -> tuple[Path, Path, Path, subprocess.Popen]:
+    """A copy of ``image``, its workflow, the partial labels and a `voxelmill segment` of
+    it in its own process group, returned once 12 blocks are done."""
+    src = _copy(image, tmp_path / "vol.ome.zarr")
+    wf = image.parent / "wf.yaml"
+    partial = src / "labels" / ".cells.partial"
+    proc = _start(_segment_args(src, wf))
+    try:
+        _wait_for(lambda: finished_blocks(partial) >= 12, proc, "12 blocks were done")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return src, wf, partial, proc
+
+
 def test_killed_cli_resumes_and_a_concurrent_run_is_refused(image, reference, tmp_path):
     """The whole `voxelmill segment` process group is frozen part-way (SIGSTOP) and a
     second run is refused (lock); then the first is SIGKILLed, and the re-run takes over
     the dead run's lock, skips the finished blocks, says how many, and its labels equal
     the uninterrupted run's."""
-    src = _copy(image, tmp_path / "vol.ome.zarr")
-    wf = image.parent / "wf.yaml"
-    partial = src / "labels" / ".cells.partial"
-    first = _start(_segment_args(src, wf))
+    src, wf, partial, first = _segmenting(image, tmp_path)
     try:
-        _wait_for(lambda: finished_blocks(partial) >= 12, first, "12 blocks were done")
         os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run: alive, holding the lock
         _wait_stopped(first.pid)  # a signal is delivered later than killpg returns
         done = finished_blocks(partial)
@@ -292,12 +304,8 @@ def test_sigterm_stops_the_cli_as_ctrl_c_does_and_the_rerun_resumes(image, refer
     the finished blocks and its labels equal the uninterrupted run's."""
     import psutil
 
-    src = _copy(image, tmp_path / "vol.ome.zarr")
-    wf = image.parent / "wf.yaml"
-    partial = src / "labels" / ".cells.partial"
-    proc = _start(_segment_args(src, wf))
+    src, wf, partial, proc = _segmenting(image, tmp_path)
     try:
-        _wait_for(lambda: finished_blocks(partial) >= 12, proc, "12 blocks were done")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children  # the embedded cluster's processes
         proc.send_signal(signal.SIGTERM)
