@@ -40,7 +40,7 @@ import statistics
 import time
 import uuid
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,31 +276,54 @@ class _InBundle(Exception):
         self.error = error
 
 
+#: the passes (task-key prefixes) this worker process has computed a block of, the last
+#: :data:`PASSES_SEEN_MAX`: a pass's first block in a process pays one-time costs (imports,
+#: a codec's first use) that say nothing of its other blocks. On fresh workers the first
+#: `segment` pass's probe took a second where its blocks take 20 ms, and the rest of the
+#: pass went out a block a task (215 tasks where 29 do)
+_PASSES_SEEN: OrderedDict[str, None] = OrderedDict()
+PASSES_SEEN_MAX = 256
+
+
+def _first_in_process(key: str) -> bool:
+    """Whether this process runs a block of the pass ``key`` for the first time."""
+    if key in _PASSES_SEEN:
+        return False
+    _PASSES_SEEN[key] = None
+    if len(_PASSES_SEEN) > PASSES_SEEN_MAX:
+        _PASSES_SEEN.popitem(last=False)
+    return True
+
+
 @dataclass
 class _Bundle:
     """Runs on a worker: several blocks of one pass in turn as one dask task, then one
     done-marker for the blocks it computed (only after their writes succeeded).
 
     ``finished`` (with ``recover``) flags blocks done by an earlier run: their results are
-    recovered from what they stored instead of computed. Returns one ``(result, seconds)``
-    per block, stopping after a block's user error.
+    recovered from what they stored instead of computed. Returns one ``(result, seconds,
+    first)`` per block, stopping after a block's user error; ``first`` flags the pass's
+    first block computed in this worker process (``key``: the pass's task-key prefix),
+    whose time includes the process's one-time costs.
     """
 
     task: BlockTask
     markers: DoneMarkers | None = None
     recover: BlockTask | None = None
+    key: str = ""
 
     def __call__(self, blocks: list[Block], finished: list[bool] | None = None
-                 ) -> list[tuple[Any, float]]:
-        out: list[tuple[Any, float]] = []
+                 ) -> list[tuple[Any, float, bool]]:
+        out: list[tuple[Any, float, bool]] = []
         computed: list[tuple[int, ...]] = []
         try:
             for i, block in enumerate(blocks):
                 try:
                     if finished is not None and finished[i] and self.recover is not None:
-                        out.append((self.recover(block), 0.0))
+                        out.append((self.recover(block), 0.0, False))
                         continue
-                    out.append(_timed(self.task, block))
+                    first = not computed and _first_in_process(self.key)
+                    out.append((*_timed(self.task, block), first))
                 except Exception as exc:
                     raise _InBundle(i, exc) from exc
                 if isinstance(out[-1][0], _UserError):
@@ -491,12 +514,12 @@ class _PassRun:
             deque()
         self.deps: list[tuple[np.ndarray, Dependencies]] = []  # (flags, dependencies)
         self.complete: np.ndarray | None = None  # finished, this run or before
-        self.runner = _Bundle(spec.task, self.markers, spec.recover)
         # unique per call: a key reused by a later call could be served a stale (erred)
         # result (the pass name is the key's first word, without hyphens: the dashboard's
         # task stream names tasks by dask's key_split, which would cut "image-pass0" down
         # to "image")
         self.prefix = f"{spec.name.replace('-', '_')}-{tag}"
+        self.runner = _Bundle(spec.task, self.markers, spec.recover, self.prefix)
         self.fold = TreeFold(spec.combine) if spec.combine is not None else None
         self.results: dict[tuple[int, ...], Any] = {}
         self.block_seconds = array("d")  # packed: 8 bytes a block
@@ -809,7 +832,8 @@ def run_passes(
             fut.release()
             run.fetching -= len(blocks)
             # not strict: a user error ends a bundle early
-            for block, number, (result, seconds) in zip(blocks, numbers, outs, strict=False):
+            for block, number, (result, seconds, first) in zip(blocks, numbers, outs,
+                                                                strict=False):
                 if isinstance(result, _UserError):
                     raise failed(run, block, result.error)
                 if run.fold is not None:
@@ -820,7 +844,8 @@ def run_passes(
                     run.complete[block.index] = True
                 if run.spec.on_done is not None:
                     run.spec.on_done(block)
-                run.arrived(seconds)
+                if not first:  # a process's first block of the pass: its one-time costs
+                    run.arrived(seconds)
                 if not run.done[block.index]:
                     run.block_seconds.append(seconds)
                     progress.advance()

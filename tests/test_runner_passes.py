@@ -204,6 +204,45 @@ def test_short_blocks_share_tasks_and_keep_per_block_results(client, tmp_path):
     assert len(tasks) < 600 / 4, len(tasks)
 
 
+#: the tokens of the ColdStart passes this (worker) process has run a block of
+_STARTED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """A 5 ms block, but a process's first of the pass ``token`` also pays a second of
+    one-time costs (on a fresh worker: the imports of the first task)."""
+
+    token: str
+
+    def __call__(self, block: Block) -> None:
+        if self.token not in _STARTED:
+            _STARTED.add(self.token)
+            time.sleep(1.0)
+        time.sleep(0.005)
+
+
+def test_a_process_first_block_does_not_size_the_bundles():
+    """A worker's first block of a pass takes a second, the others 5 ms: that first time
+    is left out of the bundles' sizing, so the pass's 200 blocks go in bundles of many
+    (before, the probe's second sized every bundle of the pass at one block: ~200 tasks,
+    as the first `segment` pass on fresh workers had); every block's time is still
+    reported. One single-threaded worker: the probe is that first block."""
+    import uuid
+
+    from distributed import Client, LocalCluster, get_task_stream
+
+    grid = BlockGrid((200,), 1)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client, \
+            get_task_stream(client) as ts:
+        report = run_blocks(client, grid, ColdStart(uuid.uuid4().hex), name="cold")
+    tasks = [t for t in ts.data if str(t["key"]).startswith("cold")]
+    assert report.computed == 200 and len(report.block_seconds) == 200
+    assert sum(s >= 1.0 for s in report.block_seconds) == 1
+    assert len(tasks) < 200 / 4, len(tasks)
+
+
 def test_the_end_of_a_short_pass_is_shared_by_the_threads(client):
     """27 short blocks on 2 threads: after the probes (a single-block task per thread, the
     first time in, then a two-block one per thread, queued meanwhile), what is left goes in
