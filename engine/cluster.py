@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import OptionError
+from engine.errors import ClusterLost, OptionError, VoxelmillError
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,6 @@ def _embedded(workers: int, threads: int, gpus: int, kwargs: dict[str, object],
 
 
 def _user_error_names() -> tuple[str, ...]:
-    from engine.errors import VoxelmillError
-
     found, todo = [], [VoxelmillError]
     while todo:
         cls = todo.pop()
@@ -252,6 +250,20 @@ class QuietUserErrors(logging.Filter):
             return True
         text = str(record.args[3]) if len(record.args) > 3 else ""
         return not text.startswith(_user_error_names())
+
+
+class QuietLostScheduler(logging.Filter):
+    """Drops what ``distributed.client`` logs when it gives up on a lost scheduler (its
+    "Failed to reconnect" line and the tracebacks of the tasks its closing cancels): the
+    command reports the loss as its one message (:class:`~engine.errors.ClusterLost`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        if str(record.msg).startswith("Failed to reconnect to scheduler"):
+            return False
+        return not (record.exc_info and record.exc_info[0] is not None
+                    and issubclass(record.exc_info[0], asyncio.CancelledError))
 
 
 def _quiet_worker_logs(client: Any, embedded: bool = False) -> None:
@@ -342,11 +354,24 @@ def connect(
                 report(hint)
         _quiet_worker_logs(client)
         prompt_sends(client)
+        quiet = QuietLostScheduler()
+        client_log = logging.getLogger("distributed.client")
+        client_log.addFilter(quiet)
         try:
             with frozen_heap():
                 yield client
+        except Exception as exc:
+            if isinstance(exc, VoxelmillError) or client.status == "running":
+                raise
+            # the scheduler is gone (killed, restarted, its machine down) and the client
+            # gave up reconnecting: every task with it; what the workers finished stays
+            raise ClusterLost(
+                f"lost the connection to the scheduler at {options.scheduler}; the finished "
+                "blocks are kept: run the same command again to resume once it is back"
+            ) from None
         finally:
             client.close()
+            client_log.removeFilter(quiet)
         return
 
     check_dashboard_address(options)

@@ -95,14 +95,16 @@ def test_worker_killed_mid_segmentation_gives_identical_output(image, reference,
                                   reference)
 
 
-def test_a_cluster_left_without_workers_stops_with_exit_75_and_resumes(
-        image, reference, tmp_path, monkeypatch):
-    """A scheduler configured to fail tasks after 2 s without workers (dask's
-    ``no-workers-timeout``, what ``--cluster slurm`` sets from ``--worker-timeout``) loses
-    its only worker (no nanny to restart it) mid-segmentation: the command stops with one
-    line and exit 75, no traceback, the partial labels and their finished blocks kept
-    (before, it waited forever). With a worker back, the same command resumes them and the
-    labels equal the uninterrupted run's."""
+@pytest.mark.parametrize("lost", ["workers", "scheduler"])
+def test_a_lost_cluster_stops_with_exit_75_and_the_rerun_resumes(
+        image, reference, tmp_path, monkeypatch, lost):
+    """Mid-segmentation on `--scheduler`, the cluster is lost: its only worker (no nanny to
+    restart it) on a scheduler configured to fail tasks after 2 s without workers (dask's
+    ``no-workers-timeout``, what ``--cluster slurm`` sets from ``--worker-timeout``), or
+    the scheduler itself (the client gives up reconnecting after 10 s). The command stops
+    with one line and exit 75, no traceback, the partial labels and their finished blocks
+    kept (before, it waited forever, or printed pages of tracebacks). On a cluster that
+    works, the same command resumes them and the labels equal the uninterrupted run's."""
     from distributed import Client
 
     monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT", "2s")
@@ -111,9 +113,11 @@ def test_a_cluster_left_without_workers_stops_with_exit_75_and_resumes(
     args = ("segment", str(src), "--workflow", str(image.parent / "wf.yaml"), "--name",
             "cells", "--block", "16,16,16")
     (tmp_path / "first").mkdir()
-    with dask_processes(tmp_path / "first", [["--no-nanny"]]) as address:
+    workers = [["--no-nanny"]] if lost == "workers" else [[], []]
+    with dask_processes(tmp_path / "first", workers) as address:
         with Client(address) as c:
-            [victim] = c.run(os.getpid).values()
+            victim = (c.run_on_scheduler(os.getpid) if lost == "scheduler"
+                      else next(iter(c.run(os.getpid).values())))
         proc = subprocess.Popen([EXE, *args, "--scheduler", address], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
@@ -127,8 +131,11 @@ def test_a_cluster_left_without_workers_stops_with_exit_75_and_resumes(
     assert proc.returncode == 75, stderr
     assert "Traceback" not in stderr and waited < 60, stderr
     line = " ".join(stderr.split())
-    assert "the cluster has had no worker for 2 s" in line, stderr
+    assert ("the cluster has had no worker for 2 s" if lost == "workers" else
+            f"lost the connection to the scheduler at {address}") in line, stderr
     assert "run the same command again to resume" in line
+    assert [s for s in stderr.splitlines() if s.startswith("error:")] == \
+        [s for s in stderr.splitlines() if "error" in s.lower()], stderr  # one error line
     assert partial.is_dir() and finished_blocks(partial) >= killed_at >= 12
     assert not (src / "labels" / "cells").exists()
 
