@@ -90,9 +90,17 @@ def _stream_intervals(scheduler) -> list[float]:
     return [stream.interval for stream in scheduler.stream_comms.values()]
 
 
-def test_messages_between_passes_wait_at_most_the_send_interval():
+def test_messages_between_passes_wait_at_most_the_send_interval(monkeypatch):
     """The client's messages to the embedded scheduler, and the scheduler's to every
     worker (one that joins later too), go out at most SEND_INTERVAL_S apart."""
+    from engine.cluster import allocator_environ
+
+    # the worker added below is spawned outside connect(), with distributed's allocator
+    # settings, which its nanny writes into this process's environment: undone after the
+    # test (a later embedded cluster in this process would keep them as the user's)
+    for key in allocator_environ(1):
+        monkeypatch.setenv(key, "")  # remembers the value before (absent: deleted after)
+        monkeypatch.delenv(key)
     options = ClusterOptions(workers=1, threads_per_worker=1, dashboard_address=NO_DASHBOARD)
     with connect(options, report=lambda line: None) as client:
         assert client.scheduler_comm.interval == SEND_INTERVAL_S < 0.005
