@@ -54,6 +54,7 @@ from engine.errors import ClusterLost, VoxelmillError
 from engine.placement import Placement
 from engine.progress import Progress, SilentProgress
 from engine.provenance import block_time_summary
+from engine.stall import StallWatch
 
 BlockTask = Callable[[Block], Any]
 IN_FLIGHT_FLOOR = 256
@@ -395,6 +396,10 @@ def cluster_lost(exc: BaseException, stage: str,
     return ClusterLost(
         f"{stage}: the cluster has had {why} for {exc.timeout:g} s while blocks waited "
         f"(its SLURM jobs ended or its workers died; see --worker-timeout); {then}")
+
+
+def _nothing() -> None:
+    """A task that is never run (cancelled when submitted): it wakes a waiting loop."""
 
 
 def _wait_running(client: Any, prefixes: tuple[str, ...], timeout: float = SETTLE_S) -> None:
@@ -867,10 +872,22 @@ def run_passes(
             f"{[(s.start, s.stop) for s in block.write]}) failed after {run.spec.retries} "
             f"retries: {type(exc).__name__}: {exc}")
 
+    def wake() -> None:
+        """Wake the loop below (waiting on ``ac``) with a future that ends at once."""
+        fut = client.submit(_nothing, pure=False, key=f"wake-{tag}")
+        fut.cancel()
+        ac.add(fut)
+
+    watch = StallWatch(client, wake).__enter__()  # left in the finally clause below
     try:
         submit(limit)
         close_finished()  # passes with nothing to do
         for batch in ac.batches():
+            if watch.message is not None:
+                stage = next((r.spec.name for r in order if r.report is None), names[-1])
+                raise ClusterLost(f"{stage}: {watch.message}; the finished blocks are kept "
+                                  "for a rerun with more memory to resume")
+            watch.progress()
             # a task whose worker died before its value was fetched is run again by the
             # scheduler and its future is lost (then pending) meanwhile: wait for it again
             done_now, again = [], []
@@ -922,6 +939,7 @@ def run_passes(
                     "blocks, `needs` blocks of earlier passes")
         close_finished()
     finally:
+        watch.__exit__()
         for fut in futures:
             fut.cancel()
         if futures:

@@ -156,6 +156,32 @@ def test_blocks_no_worker_can_run_stop_with_cluster_lost(client):
         client.run_on_scheduler(set_timeout, old)
 
 
+def test_a_cluster_whose_workers_stay_paused_stops_with_the_memory_figures(monkeypatch):
+    """A worker whose memory stays above the share of its limit at which dask pauses it
+    never runs another task (a run waited forever, silently): after ``VOXELMILL_STALL_S``
+    seconds of every worker paused with no block finishing, the run stops with
+    :class:`ClusterLost` naming the pass, the worker's memory and its limit. Here an
+    in-process worker of 64 MiB (the test process's memory counts): paused at once."""
+    from distributed import Client, LocalCluster
+
+    from engine.errors import ClusterLost
+
+    monkeypatch.setenv("VOXELMILL_STALL_S", "2")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      memory_limit="64MiB", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        deadline = time.monotonic() + 30
+        while (next(iter(client.scheduler_info()["workers"].values()))["status"] != "paused"
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(ClusterLost, match=r"^stalled: every worker has been paused at its "
+                           r"memory limit for \d+ s with no block finishing \(\d+ MiB of 64 "
+                           r"MiB; .*--memory-limit.* kept for a rerun with more memory to resume"):
+            run_blocks(client, BlockGrid((8,), 1), Tiny(), name="stalled")
+        assert time.monotonic() - t0 < 30
+
+
 def test_a_user_error_stops_the_blocks_that_read_its_block(client, tmp_path):
     """A user error is a value, not a failed task: the blocks waiting on its block must not
     start before that value is in (they would read what it never wrote)."""

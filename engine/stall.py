@@ -1,0 +1,127 @@
+"""A watch on a run whose cluster cannot go on: every worker paused at its memory limit.
+
+dask pauses a worker whose process memory passes a share of its memory limit
+(``distributed.worker.memory.pause``, 80 % by default) and lets it run tasks again once
+below. A worker whose own memory stays above that share (its imports, its chunk cache, the
+buffers a block too large for it left behind) never runs another task: a ``segment`` of
+128³ blocks on workers of 250 MiB sat at 3 of 27 blocks for five minutes without a word.
+:class:`StallWatch` notices such a cluster and says so, with the figures that explain it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.errors import OptionError
+
+#: how long every worker may stay paused, with nothing running and no block finishing,
+#: before the run stops (seconds; ``VOXELMILL_STALL_S`` overrides it)
+STALL_S = 120.0
+STALL_ENV = "VOXELMILL_STALL_S"
+#: how often the scheduler is asked about its workers (one round trip)
+POLL_S = 2.0
+
+
+def stall_seconds() -> float:
+    """:data:`STALL_S`, or ``VOXELMILL_STALL_S`` when set (a positive number of seconds)."""
+    text = os.environ.get(STALL_ENV)
+    if text is None:
+        return STALL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise OptionError(f"{STALL_ENV}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.0f} MiB"
+
+
+def all_paused(workers: dict[str, Any]) -> str | None:
+    """When every worker of ``workers`` (``scheduler_info()["workers"]``) is paused and none
+    runs a task, their memory against their limits (``"220 MiB of 250 MiB"``, the fullest
+    worker's); else None (no worker at all is not a stall: see ``no-workers-timeout``)."""
+    if not workers or any(w.get("status") != "paused" for w in workers.values()):
+        return None
+    if any(w.get("metrics", {}).get("task_counts", {}).get("executing", 0)
+           for w in workers.values()):
+        return None
+    fullest = max(workers.values(), key=lambda w: w.get("metrics", {}).get("memory", 0))
+    memory = fullest.get("metrics", {}).get("memory", 0)
+    limit = fullest.get("memory_limit") or 0
+    return f"{_mib(memory)} of {_mib(limit)}" if limit else _mib(memory)
+
+
+class StallWatch:
+    """Watches a run from a thread of its own while it is entered: once every worker has
+    been paused (:func:`all_paused`) for ``stall_s`` seconds with no block finishing
+    (:meth:`progress` not called), it sets :attr:`message` and calls ``wake`` (which must
+    make the run's waiting loop look at it). A failed poll (a scheduler going away) is left
+    to the run.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The run's cluster.
+    wake : callable
+        Called once, from the watch's thread, when the run should stop.
+    stall_s : float, optional
+        Default :func:`stall_seconds`.
+    poll_s : float
+        Seconds between two looks at the workers.
+    """
+
+    def __init__(self, client: Any, wake: Callable[[], None], stall_s: float | None = None,
+                 poll_s: float = POLL_S) -> None:
+        self.client = client
+        self.wake = wake
+        self.stall_s = stall_seconds() if stall_s is None else stall_s
+        self.poll_s = poll_s
+        self.message: str | None = None
+        self._last = time.monotonic()
+        self._paused_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="voxelmill-stall-watch",
+                                        daemon=True)
+
+    def progress(self) -> None:
+        """A block finished: the run is not stalled."""
+        self._last = time.monotonic()
+
+    def __enter__(self) -> StallWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.poll_s + 30)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                memory = all_paused(self.client.scheduler_info()["workers"])
+            except Exception:  # noqa: BLE001 - a lost scheduler: the run reports that
+                return
+            now = time.monotonic()
+            if memory is None:
+                self._paused_since = None
+                continue
+            if self._paused_since is None:
+                self._paused_since = now
+            since = max(self._paused_since, self._last)
+            if now - since >= self.stall_s:
+                self.message = (
+                    f"every worker has been paused at its memory limit for {now - since:.0f} s "
+                    f"with no block finishing ({memory}; dask pauses a worker near its limit "
+                    "and it never came back under): give the workers more memory "
+                    "(--memory-limit, or a SLURM job's memory for fewer workers) or use a "
+                    "smaller --block")
+                self.wake()
+                return
