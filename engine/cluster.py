@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ClusterLost, OptionError, VoxelmillError
+from engine.stall import register_pause_relief
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,12 @@ class QuietLostScheduler(logging.Filter):
                     and issubclass(record.exc_info[0], asyncio.CancelledError))
 
 
+def _worker_plugins(client: Any, embedded: bool = False) -> None:
+    """What every cluster's workers get: quiet user errors, relief when paused."""
+    _quiet_worker_logs(client, embedded)
+    register_pause_relief(client)
+
+
 def _quiet_worker_logs(client: Any, embedded: bool = False) -> None:
     """Install :class:`QuietUserErrors` on every worker, also those that join later
     (``embedded``: the command's own local workers, whose logs reach its console)."""
@@ -326,7 +333,7 @@ def connect(
             hint = _gil_hint(client, options)  # the jobqueue file's processes: N
             if hint:
                 report(hint)
-            _quiet_worker_logs(client)
+            _worker_plugins(client)
             prompt_sends(client)
             with frozen_heap():
                 yield client
@@ -352,7 +359,7 @@ def connect(
         for hint in (worker_settings_hint(client), _gil_hint(client, options)):
             if hint:
                 report(hint)
-        _quiet_worker_logs(client)
+        _worker_plugins(client)
         prompt_sends(client)
         quiet = QuietLostScheduler()
         client_log = logging.getLogger("distributed.client")
@@ -378,7 +385,7 @@ def connect(
     # the dashboard's TLS settings stay set while the client lives: its link says https
     with dask.config.set(_dashboard_tls(options, security)), \
             _local_client(options, security, report) as client:
-        _quiet_worker_logs(client, embedded=True)
+        _worker_plugins(client, embedded=True)
         prompt_sends(client)
         with frozen_heap():  # the scheduler's and the nannies' heap, after their start
             yield client

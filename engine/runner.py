@@ -398,6 +398,29 @@ def cluster_lost(exc: BaseException, stage: str,
         f"(its SLURM jobs ended or its workers died; see --worker-timeout); {then}")
 
 
+def killed_worker(exc: BaseException, stage: str, blocks: Sequence[Block]
+                  ) -> ClusterLost | None:
+    """The :class:`ClusterLost` for ``exc`` when it is the scheduler's verdict that the
+    workers running the task of ``blocks`` (a bundle) ended more often than allowed
+    (distributed's ``allowed-failures``), else None: most often a block that needs more
+    memory than a worker may use (its nanny ends it)."""
+    from distributed.scheduler import KilledWorker
+
+    if not isinstance(exc, KilledWorker):
+        return None
+    limit = getattr(exc.last_worker, "memory_limit", None)
+    # every task a dying worker ran counts a failure: the one named may be a bystander
+    which = (f"block {blocks[0].index}" if len(blocks) == 1 else
+             f"blocks {blocks[0].index} to {blocks[-1].index} (one task)")
+    times = exc.allowed_failures + 1
+    return ClusterLost(
+        f"{stage}: {'a worker' if times == 1 else f'{times} workers'} running {which} "
+        "ended: most likely a block needs more memory than a worker may use"
+        f"{f' ({limit / 2**20:.0f} MiB)' if limit else ''}; give the workers more memory "
+        "(--memory-limit, or a SLURM job's memory for fewer workers) or use a smaller "
+        "--block; the finished blocks are kept for a rerun to resume")
+
+
 def _nothing() -> None:
     """A task that is never run (cancelled when submitted): it wakes a waiting loop."""
 
@@ -904,6 +927,9 @@ def run_passes(
                         block, exc = blocks[exc.position], exc.error
                     else:
                         block = blocks[0]
+                        killer = killed_worker(exc, run.spec.name, blocks)
+                        if killer is not None:
+                            raise killer from exc
                     raise failed(run, block, exc) from exc
             now = []
             for fut in batch:

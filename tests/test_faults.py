@@ -148,6 +148,37 @@ def test_a_lost_cluster_stops_with_exit_75_and_the_rerun_resumes(
                                   reference)
 
 
+def test_a_block_that_outgrows_its_worker_is_named_with_the_memory_limit(tmp_path,
+                                                                          monkeypatch):
+    """A block needing more memory than its worker may use: the nanny ends the worker
+    each time (here the scheduler allows no retry), and the run stops with one
+    :class:`ClusterLost` naming blocks the worker ran and its limit (was a
+    ``KilledWorker`` traceback)."""
+    from distributed import Client
+
+    from engine.blocks import BlockGrid
+    from engine.errors import ClusterLost
+    from engine.runner import run_blocks
+
+    def hog(block) -> None:
+        if block.index == (2,):
+            held = np.ones(600 * 2**20, dtype=np.uint8)  # touched: resident
+            time.sleep(1.5)  # the nanny's monitor looks every 100 ms
+            del held
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "0")
+    with dask_processes(tmp_path, [["--memory-limit", "400MiB"]]) as address, \
+            Client(address) as client:
+        # every task on the dying worker fails (blocks 1 and 2 in one task, or block 3)
+        with pytest.raises(ClusterLost, match=r"^hog: a worker running blocks? \(\d,\).* "
+                           r"ended: most likely a block needs more memory than a worker "
+                           r"may use \(400 MiB\); .*--memory-limit.*--block"):
+            run_blocks(client, BlockGrid((4,), 1), hog, name="hog")
+        # the nanny's new worker up before the processes stop (a nanny stopped while it
+        # restarts its worker takes 20 s)
+        client.wait_for_workers(1, timeout=60)
+
+
 def test_a_value_lost_before_it_was_fetched_is_waited_for_again(tmp_path):
     """A worker dies after its task finished and before the client fetched the value: the
     scheduler reruns the task, and the runner waits for it instead of calling the block

@@ -1,12 +1,16 @@
-"""The stall watch's reading of the scheduler's workers and its setting
-(``engine.stall``); the watch on a real paused worker is in ``test_runner_passes``."""
+"""Paused workers (``engine.stall``): the relief a paused worker gets, the stall watch's
+reading of the scheduler's workers and its setting; the watch on a real paused worker is in
+``test_runner_passes``."""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 
 from engine.errors import OptionError
-from engine.stall import STALL_S, all_paused, stall_seconds
+from engine.stall import STALL_S, all_paused, register_pause_relief, stall_seconds
 
 MiB = 2**20
 
@@ -43,3 +47,38 @@ def test_stall_seconds_from_the_environment(monkeypatch):
         monkeypatch.setenv("VOXELMILL_STALL_S", bad)
         with pytest.raises(OptionError, match=f"VOXELMILL_STALL_S='{bad}'"):
             stall_seconds()
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_a_paused_worker_drops_its_chunk_cache(tmp_path, paused):
+    """A real worker paused by dask (in-process, so this process's memory counts against
+    its 64 MiB): with the relief registered it empties the chunk cache (and trims the
+    heap) within a few checks; a running worker keeps its cache."""
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from engine.io import chunkcache
+
+    path = str(tmp_path / "a.zarr")
+    zarr.create_array(store=path, shape=(64, 64), chunks=(16, 16), dtype="f4")[...] = \
+        np.ones((64, 64), "f4")
+    limit = "64MiB" if paused else None
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      memory_limit=limit, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        [info] = client.scheduler_info()["workers"].values()
+        deadline = time.monotonic() + 30
+        while paused and info["status"] != "paused" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            [info] = client.scheduler_info()["workers"].values()
+        assert info["status"] == ("paused" if paused else "running")
+        chunkcache.clear()
+        # a read with a halo (not chunk-aligned) keeps the 3 × 3 chunks it touched
+        chunkcache.read_chunked(path, (slice(8, 40), slice(8, 40)))
+        assert chunkcache.cached_bytes() == 9 * 16 * 16 * 4
+        register_pause_relief(client, every_s=0.05)
+        deadline = time.monotonic() + (10 if paused else 1)  # twenty checks at least
+        while chunkcache.cached_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert chunkcache.cached_bytes() == (0 if paused else 9 * 16 * 16 * 4)
+    chunkcache.clear()

@@ -85,6 +85,12 @@ def _put(key: tuple, value: np.ndarray, limit: int) -> None:
             _state["bytes"] -= old.nbytes
 
 
+def cached_bytes() -> int:
+    """Bytes of decoded chunks this process holds."""
+    with _lock:
+        return _state["bytes"]
+
+
 def clear() -> None:
     """Drop every cached chunk of this process (and the arrays this thread opened)."""
     with _lock:
