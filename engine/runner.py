@@ -277,11 +277,12 @@ class _InBundle(Exception):
         self.error = error
 
 
-#: the passes (task-key prefixes) this worker process has computed a block of, the last
-#: :data:`PASSES_SEEN_MAX`: a pass's first block in a process pays one-time costs (imports,
-#: a codec's first use) that say nothing of its other blocks. On fresh workers the first
-#: `segment` pass's probe took a second where its blocks take 20 ms, and the rest of the
-#: pass went out a block a task (215 tasks where 29 do)
+#: the passes (by name: ``smooth``, ``label-local``) this worker process has computed a
+#: block of, the last :data:`PASSES_SEEN_MAX`: the first block of a kind in a process pays
+#: one-time costs (imports, a codec's first use) that say nothing of its other blocks. On
+#: fresh workers the first `segment` pass's probe took a second where its blocks take
+#: 20 ms, and the rest of the pass went out a block a task (215 tasks where 29 do). By
+#: name, not by run: a worker that ran the same pass before is warm
 _PASSES_SEEN: OrderedDict[str, None] = OrderedDict()
 PASSES_SEEN_MAX = 256
 
@@ -303,9 +304,9 @@ class _Bundle:
 
     ``finished`` (with ``recover``) flags blocks done by an earlier run: their results are
     recovered from what they stored instead of computed. Returns one ``(result, seconds,
-    first)`` per block, stopping after a block's user error; ``first`` flags the pass's
-    first block computed in this worker process (``key``: the pass's task-key prefix),
-    whose time includes the process's one-time costs.
+    first)`` per block, stopping after a block's user error; ``first`` flags the first
+    block of a pass of this name (``key``) computed in this worker process, whose time
+    includes the process's one-time costs.
     """
 
     task: BlockTask
@@ -547,7 +548,7 @@ class _PassRun:
         # task stream names tasks by dask's key_split, which would cut "image-pass0" down
         # to "image")
         self.prefix = f"{spec.name.replace('-', '_')}-{tag}"
-        self.runner = _Bundle(spec.task, self.markers, spec.recover, self.prefix)
+        self.runner = _Bundle(spec.task, self.markers, spec.recover, spec.name)
         self.fold = TreeFold(spec.combine) if spec.combine is not None else None
         self.results: dict[tuple[int, ...], Any] = {}
         self.block_seconds = array("d")  # packed: 8 bytes a block
