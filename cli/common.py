@@ -17,11 +17,12 @@ from rich.text import Text
 
 from engine import events
 from engine.errors import (
-    EXIT_CLUSTER_LOST,
+    EXIT_STOPPED,
     EXIT_TERMINATED,
-    ClusterLost,
+    RunStopped,
     Terminated,
     VoxelmillError,
+    disk_full,
 )
 
 
@@ -78,9 +79,9 @@ def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user errors into one message and exit code 2; a cluster that lost its workers
-    into one message and exit code 75 (its partial outputs kept); Ctrl-C and SIGTERM into a
-    resume hint (exit codes 130 and 143).
+    """Turn user errors into one message and exit code 2; a run stopped by its cluster or a
+    full disk into one message and exit code 75 (its partial outputs kept); Ctrl-C and
+    SIGTERM into a resume hint (exit codes 130 and 143).
 
     The command's inputs are watched while it runs (:mod:`engine.io.readguard`): a failure
     caused by an input replaced under it (its chunks gone) gets the same one-line refusal
@@ -97,8 +98,8 @@ def user_errors() -> Iterator[None]:
             # a plan refused after its destination's folders were made leaves none behind
             remove_made_folders()
             _fail(message, 2)
-        except ClusterLost as exc:  # not the user's doing: the partial outputs stay
-            _fail(str(exc), EXIT_CLUSTER_LOST)
+        except RunStopped as exc:  # not the user's input: the partial outputs stay
+            _fail(str(exc), EXIT_STOPPED)
         except Terminated:
             events.emit("error", message="terminated", exit_code=EXIT_TERMINATED)
             err.print("terminated (SIGTERM); run the same command again to resume where it "
@@ -110,9 +111,11 @@ def user_errors() -> Iterator[None]:
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception:
+        except Exception as exc:
             if gone := readguard.replaced():
                 _fail(readguard.message(gone), 2)
+            if (full := disk_full(exc)) is not None:  # the command's own writes
+                _fail(str(full), EXIT_STOPPED)
             raise
 
 

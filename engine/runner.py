@@ -50,7 +50,7 @@ import numpy as np
 
 from engine import events
 from engine.blocks import Block, BlockGrid
-from engine.errors import ClusterLost, VoxelmillError
+from engine.errors import ClusterLost, RunStopped, VoxelmillError, disk_full
 from engine.placement import Placement
 from engine.progress import Progress, SilentProgress
 from engine.provenance import block_time_summary
@@ -207,19 +207,24 @@ class RunState:
 
 @dataclass
 class _UserError:
-    """A block task's user error, returned (not raised) so the scheduler does not retry."""
+    """A block task's error that retrying cannot help (a user error, a full disk), returned
+    (not raised) so the scheduler does not retry."""
 
-    error: VoxelmillError
+    error: VoxelmillError | RunStopped
 
 
 def _timed(task: BlockTask, block: Block) -> tuple[Any, float]:
-    """``(result, seconds)`` of ``task(block)`` on the worker; a user error is returned
-    (:class:`_UserError`) instead of raised."""
+    """``(result, seconds)`` of ``task(block)`` on the worker; a user error or a full disk
+    is returned (:class:`_UserError`) instead of raised."""
     t0 = time.perf_counter()
     try:
         result = task(block)
     except VoxelmillError as exc:  # a user error: retrying cannot help, report it
         return _UserError(exc), time.perf_counter() - t0
+    except OSError as exc:
+        if (full := disk_full(exc)) is None:
+            raise
+        return _UserError(full), time.perf_counter() - t0
     return result, time.perf_counter() - t0
 
 
@@ -889,6 +894,8 @@ def run_passes(
                     message=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, VoxelmillError):
             return exc
+        if isinstance(exc, RunStopped):  # a full disk: named by its pass
+            return type(exc)(f"{run.spec.name}: {exc}")
         if (lost := cluster_lost(exc, run.spec.name)) is not None:
             return lost
         return BlockFailed(

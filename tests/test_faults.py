@@ -179,6 +179,50 @@ def test_a_block_that_outgrows_its_worker_is_named_with_the_memory_limit(tmp_pat
         client.wait_for_workers(1, timeout=60)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs at ``tmp_path/small`` (needs root and ``mount``; skips without),
+    unmounted after the test."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_rerun_resumes(small_disk, tmp_path):
+    """`convert` writing a 3.4 MiB image to a 2 MiB file system (the free-space check told
+    otherwise, as another job filling the disk meanwhile would): one line naming the
+    failure, exit 75, no traceback (was pages of worker logs and a traceback, exit 1), the
+    partial output kept. With room made, the same command resumes and the image equals
+    the input."""
+    data = np.random.default_rng(0).random((96, 96, 96), dtype=np.float32)
+    np.save(tmp_path / "in.npy", data)
+    out = small_disk / "out.ome.zarr"
+    args = ("convert", str(tmp_path / "in.npy"), str(out), "--chunks", "32",
+            "--assume-voxel-size")
+    env = {**os.environ, "VOXELMILL_FREE_DISK_MIB": "1000"}
+    res = run_cli(*args, env=env)
+    assert res.returncode == 75, res.stderr
+    assert "Traceback" not in res.stderr and "Compute Failed" not in res.stderr, res.stderr
+    line = " ".join(res.stderr.split())
+    assert "No space left on device" in line and "free some space" in line, res.stderr
+    assert [p.name for p in small_disk.iterdir()] == [".out.ome.zarr.partial"]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    res = run_cli(*args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "resuming an interrupted" in res.stderr, res.stderr
+    np.testing.assert_array_equal(zarr.open_array(str(out / "0"), mode="r")[...], data)
+
+
 def test_a_value_lost_before_it_was_fetched_is_waited_for_again(tmp_path):
     """A worker dies after its task finished and before the client fetched the value: the
     scheduler reruns the task, and the runner waits for it instead of calling the block

@@ -4,6 +4,7 @@ blocks of earlier passes it reads have finished."""
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,36 @@ def test_a_cluster_whose_workers_stay_paused_stops_with_the_memory_figures(monke
                            r"MiB; .*--memory-limit.* kept for a rerun with more memory to resume"):
             run_blocks(client, BlockGrid((8,), 1), Tiny(), name="stalled")
         assert time.monotonic() - t0 < 30
+
+
+@dataclass(frozen=True)
+class FullDisk:
+    """Block 3 writes to ``/dev/full`` (the kernel answers ENOSPC), counting its tries."""
+
+    tries: Path
+
+    def __call__(self, block: Block) -> None:
+        if block.index == (3,):
+            with self.tries.open("a") as f:
+                f.write("x")
+            fd = os.open("/dev/full", os.O_WRONLY)
+            try:
+                os.write(fd, b"block")
+            finally:
+                os.close(fd)
+
+
+def test_a_full_disk_stops_the_run_at_once_naming_the_pass(client, tmp_path):
+    """ENOSPC (or EDQUOT) in a block: no retry (more space is not seconds away), the run
+    stops with one :class:`DiskFull` naming the pass (the CLI: one line, exit 75, partial
+    outputs kept), not a block failure after its retries."""
+    from engine.errors import DiskFull
+
+    tries = tmp_path / "tries"
+    with pytest.raises(DiskFull, match=r"^full: No space left on device: free some space "
+                       r"\(or raise your quota\), then run the same command again"):
+        run_blocks(client, BlockGrid((8,), 1), FullDisk(tries), name="full", retries=3)
+    assert tries.read_text() == "x"
 
 
 def test_a_user_error_stops_the_blocks_that_read_its_block(client, tmp_path):
