@@ -31,6 +31,7 @@ around them again.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -282,18 +283,29 @@ class _InBundle(Exception):
         self.error = error
 
 
-#: the passes (by name: ``smooth``, ``label-local``) this worker process has computed a
-#: block of, the last :data:`PASSES_SEEN_MAX`: the first block of a kind in a process pays
-#: one-time costs (imports, a codec's first use) that say nothing of its other blocks. On
-#: fresh workers the first `segment` pass's probe took a second where its blocks take
-#: 20 ms, and the rest of the pass went out a block a task (215 tasks where 29 do). By
-#: name, not by run: a worker that ran the same pass before is warm
+#: the kinds of block task (:func:`task_kind`) this worker process has computed a block
+#: of, the last :data:`PASSES_SEEN_MAX`: the first block of a kind in a process pays
+#: one-time costs (the imports of its code, a codec's first use) that say nothing of its
+#: other blocks. On fresh workers the first `segment` pass's probe took a second where its
+#: blocks take 20 ms, and the rest of the pass went out a block a task (215 tasks where 29
+#: do). By the task's code, not by pass or run: a worker that ran that code before is warm
+#: (keyed by pass, every pass of the runner simulation at 16 workers probed longer:
+#: efficiency 0.55-0.58 against 0.60-0.62)
 _PASSES_SEEN: OrderedDict[str, None] = OrderedDict()
 PASSES_SEEN_MAX = 256
 
 
+def task_kind(task: Any) -> str:
+    """The code a block task runs, as ``module.qualname`` (a function's own name, an
+    object's class; through ``functools.partial``)."""
+    while isinstance(task, functools.partial):
+        task = task.func
+    name = getattr(task, "__qualname__", None) or type(task).__qualname__
+    return f"{getattr(task, '__module__', None) or type(task).__module__}.{name}"
+
+
 def _first_in_process(key: str) -> bool:
-    """Whether this process runs a block of the pass ``key`` for the first time."""
+    """Whether this process runs a block task of the kind ``key`` for the first time."""
     if key in _PASSES_SEEN:
         return False
     _PASSES_SEEN[key] = None
@@ -310,8 +322,8 @@ class _Bundle:
     ``finished`` (with ``recover``) flags blocks done by an earlier run: their results are
     recovered from what they stored instead of computed. Returns one ``(result, seconds,
     first)`` per block, stopping after a block's user error; ``first`` flags the first
-    block of a pass of this name (``key``) computed in this worker process, whose time
-    includes the process's one-time costs.
+    block of this kind of task (``key``: :func:`task_kind`) computed in this worker
+    process, whose time includes the process's one-time costs.
     """
 
     task: BlockTask
@@ -553,7 +565,7 @@ class _PassRun:
         # task stream names tasks by dask's key_split, which would cut "image-pass0" down
         # to "image")
         self.prefix = f"{spec.name.replace('-', '_')}-{tag}"
-        self.runner = _Bundle(spec.task, self.markers, spec.recover, spec.name)
+        self.runner = _Bundle(spec.task, self.markers, spec.recover, task_kind(spec.task))
         self.fold = TreeFold(spec.combine) if spec.combine is not None else None
         self.results: dict[tuple[int, ...], Any] = {}
         self.block_seconds = array("d")  # packed: 8 bytes a block
