@@ -106,8 +106,8 @@ def test_the_client_receives_nothing_per_face_component(client, tmp_path, monkey
 
     def counting(self, futures, *args, **kwargs):
         values = original(self, futures, *args, **kwargs)
-        for bundle in values:  # a task's value: (result, seconds) per block of its bundle
-            sizes.extend(len(pickle.dumps(result)) for result, _ in bundle)
+        for bundle in values:  # a task's value: (result, seconds, first) per block
+            sizes.extend(len(pickle.dumps(result)) for result, *_ in bundle)
         return values
 
     monkeypatch.setattr(distributed.Client, "gather", counting)
