@@ -55,7 +55,7 @@ from engine.errors import ClusterLost, RunStopped, VoxelmillError, disk_full
 from engine.placement import Placement
 from engine.progress import Progress, SilentProgress
 from engine.provenance import block_time_summary
-from engine.stall import StallWatch
+from engine.stall import StallWatch, mib
 
 BlockTask = Callable[[Block], Any]
 IN_FLIGHT_FLOOR = 256
@@ -434,7 +434,7 @@ def killed_worker(exc: BaseException, stage: str, blocks: Sequence[Block]
     return ClusterLost(
         f"{stage}: {'a worker' if times == 1 else f'{times} workers'} running {which} "
         "ended: most likely a block needs more memory than a worker may use"
-        f"{f' ({limit / 2**20:.0f} MiB)' if limit else ''}; give the workers more memory "
+        f"{f' ({mib(limit)})' if limit else ''}; give the workers more memory "
         "(--memory-limit, or a SLURM job's memory for fewer workers) or use a smaller "
         "--block; the finished blocks are kept for a rerun to resume")
 

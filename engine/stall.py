@@ -92,7 +92,8 @@ def register_pause_relief(client: Any, every_s: float = 0.25) -> None:
         pass
 
 
-def _mib(nbytes: float) -> str:
+def mib(nbytes: float) -> str:
+    """``nbytes`` as whole MiB, for messages (``"250 MiB"``)."""
     return f"{nbytes / 2**20:.0f} MiB"
 
 
@@ -108,7 +109,7 @@ def all_paused(workers: dict[str, Any]) -> str | None:
     fullest = max(workers.values(), key=lambda w: w.get("metrics", {}).get("memory", 0))
     memory = fullest.get("metrics", {}).get("memory", 0)
     limit = fullest.get("memory_limit") or 0
-    return f"{_mib(memory)} of {_mib(limit)}" if limit else _mib(memory)
+    return f"{mib(memory)} of {mib(limit)}" if limit else mib(memory)
 
 
 class StallWatch:
