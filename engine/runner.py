@@ -929,7 +929,7 @@ def run_passes(
             if watch.message is not None:
                 stage = next((r.spec.name for r in order if r.report is None), names[-1])
                 raise ClusterLost(f"{stage}: {watch.message}; the finished blocks are kept "
-                                  "for a rerun with more memory to resume")
+                                  "for a rerun to resume")
             watch.progress()
             # a task whose worker died before its value was fetched is run again by the
             # scheduler and its future is lost (then pending) meanwhile: wait for it again

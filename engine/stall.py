@@ -9,6 +9,11 @@ workers of 250 MiB sat at 3 of 27 blocks for five minutes without a word (both p
 make again (decoded chunks) and hand glibc's freed memory back while paused: that run
 then took 4.5-4.8 s (three runs). Where that is not enough, :class:`StallWatch` notices
 the stalled cluster and says so, with the figures that explain it.
+
+A cluster can stall in ways only its deployment sees (SLURM jobs that end before their
+worker joins: :mod:`engine.slurmjobs`); the deployment adds a check of its own for the
+runs on its client (:func:`cluster_check`), and the same watch stops the run with its
+message.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from engine.errors import OptionError
@@ -27,6 +33,27 @@ STALL_S = 120.0
 STALL_ENV = "VOXELMILL_STALL_S"
 #: how often the scheduler is asked about its workers (one round trip)
 POLL_S = 2.0
+
+
+#: a check of a cluster's own: the scheduler's workers in, a reason to stop the run or None
+Check = Callable[[dict[str, Any]], "str | None"]
+#: the checks of the clients whose context (:func:`cluster_check`) is entered, by id
+_CHECKS: dict[int, list[Check]] = {}
+
+
+@contextmanager
+def cluster_check(client: Any, check: Check) -> Iterator[None]:
+    """While entered, every :class:`StallWatch` on ``client`` also calls ``check`` with the
+    scheduler's workers (``scheduler_info()["workers"]``) at each look; a message it
+    returns stops the run with that message. A check that raises is not asked again."""
+    checks = _CHECKS.setdefault(id(client), [])
+    checks.append(check)
+    try:
+        yield
+    finally:
+        checks.remove(check)
+        if not checks:
+            del _CHECKS[id(client)]
 
 
 def stall_seconds() -> float:
@@ -115,9 +142,10 @@ def all_paused(workers: dict[str, Any]) -> str | None:
 class StallWatch:
     """Watches a run from a thread of its own while it is entered: once every worker has
     been paused (:func:`all_paused`) for ``stall_s`` seconds with no block finishing
-    (:meth:`progress` not called), it sets :attr:`message` and calls ``wake`` (which must
-    make the run's waiting loop look at it). A failed poll (a scheduler going away) is left
-    to the run.
+    (:meth:`progress` not called), or once a check of the cluster's own
+    (:func:`cluster_check`) gives a reason, it sets :attr:`message` and calls ``wake``
+    (which must make the run's waiting loop look at it). A failed poll (a scheduler going
+    away) is left to the run.
 
     Parameters
     ----------
@@ -140,6 +168,7 @@ class StallWatch:
         self.message: str | None = None
         self._last = time.monotonic()
         self._paused_since: float | None = None
+        self._broken: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="voxelmill-stall-watch",
                                         daemon=True)
@@ -156,12 +185,35 @@ class StallWatch:
         self._stop.set()
         self._thread.join(timeout=self.poll_s + 30)
 
+    def _stop_with(self, message: str) -> None:
+        self.message = message
+        self.wake()
+
+    def _checked(self, workers: dict[str, Any]) -> str | None:
+        """The first reason a cluster check of this client gives; a check that raised is
+        dropped (a bug in it must not stop a run that is going well)."""
+        for check in list(_CHECKS.get(id(self.client), ())):
+            if id(check) in self._broken:
+                continue
+            try:
+                message = check(workers)
+            except Exception:  # noqa: BLE001 - see the docstring
+                self._broken.add(id(check))
+                continue
+            if message is not None:
+                return message
+        return None
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                memory = all_paused(self.client.scheduler_info()["workers"])
+                workers = self.client.scheduler_info()["workers"]
             except Exception:  # noqa: BLE001 - a lost scheduler: the run reports that
                 return
+            if (message := self._checked(workers)) is not None:
+                self._stop_with(message)
+                return
+            memory = all_paused(workers)
             now = time.monotonic()
             if memory is None:
                 self._paused_since = None
@@ -170,11 +222,10 @@ class StallWatch:
                 self._paused_since = now
             since = max(self._paused_since, self._last)
             if now - since >= self.stall_s:
-                self.message = (
+                self._stop_with(
                     f"every worker has been paused at its memory limit for {now - since:.0f} s "
                     f"with no block finishing ({memory}; dask pauses a worker near its limit "
                     "and it never came back under): give the workers more memory "
                     "(--memory-limit, or a SLURM job's memory for fewer workers) or use a "
                     "smaller --block")
-                self.wake()
                 return

@@ -178,9 +178,35 @@ def test_a_cluster_whose_workers_stay_paused_stops_with_the_memory_figures(monke
         t0 = time.monotonic()
         with pytest.raises(ClusterLost, match=r"^stalled: every worker has been paused at its "
                            r"memory limit for \d+ s with no block finishing \(\d+ MiB of 64 "
-                           r"MiB; .*--memory-limit.* kept for a rerun with more memory to resume"):
+                           r"MiB; .*--memory-limit.* kept for a rerun to resume"):
             run_blocks(client, BlockGrid((8,), 1), Tiny(), name="stalled")
         assert time.monotonic() - t0 < 30
+
+
+def _slow(block: Block) -> int:
+    time.sleep(0.2)
+    return 1
+
+
+def test_a_cluster_check_stops_a_run_that_cannot_get_workers(client):
+    """What a deployment knows and dask does not (SLURM jobs that ended before their worker
+    joined) stops a running pass: :class:`ClusterLost` naming the pass and the check's
+    reason, within a few of the watch's looks, the blocks finished so far marked."""
+    from engine.errors import ClusterLost
+    from engine.stall import POLL_S, cluster_check
+
+    looks = []
+
+    def ended(workers: dict) -> str | None:
+        looks.append(len(workers))
+        return "every SLURM worker job ended" if len(looks) >= 2 else None
+
+    t0 = time.monotonic()
+    with cluster_check(client, ended), pytest.raises(
+            ClusterLost, match=r"^slow: every SLURM worker job ended; the finished blocks are "
+                               r"kept for a rerun to resume$"):
+        run_blocks(client, BlockGrid((400,), 1), _slow, name="slow")
+    assert time.monotonic() - t0 < 2 * POLL_S + 10 and looks[0] > 0
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,45 @@ def test_a_paused_worker_drops_its_chunk_cache(tmp_path, paused):
             time.sleep(0.05)
         assert chunkcache.cached_bytes() == (0 if paused else 9 * 16 * 16 * 4)
     chunkcache.clear()
+
+
+class Scheduler:
+    """A client whose scheduler lists ``workers`` (what the watch asks of it)."""
+
+    def __init__(self, workers: dict | None = None) -> None:
+        self.workers = workers or {}
+
+    def scheduler_info(self) -> dict:
+        return {"workers": self.workers}
+
+
+def test_a_check_of_the_cluster_stops_the_watch_with_its_message():
+    """A deployment's check (:func:`cluster_check`) is asked with the scheduler's workers at
+    every look while its context is entered, for that client only; its first message
+    stops the watch (``wake`` called once); a check that raises is not asked again."""
+    from engine.stall import StallWatch, cluster_check
+
+    client, other = Scheduler({"w": worker("running", 10)}), Scheduler()
+    seen, woken = [], []
+
+    def broken(workers: dict) -> str | None:
+        seen.append("broken")
+        raise RuntimeError("a bug in a check")
+
+    def ended(workers: dict) -> str | None:
+        seen.append(sorted(workers))
+        return "jobs ended" if len(seen) > 4 else None
+
+    with cluster_check(client, broken), cluster_check(client, ended):
+        with StallWatch(other, lambda: woken.append("other"), poll_s=0.01) as idle:
+            time.sleep(0.2)
+        assert idle.message is None and not woken and not seen
+        with StallWatch(client, lambda: woken.append("run"), poll_s=0.01) as watch:
+            deadline = time.monotonic() + 10
+            while watch.message is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert watch.message == "jobs ended" and woken == ["run"]
+    assert seen.count("broken") == 1 and seen[1:] == [["w"]] * (len(seen) - 1)
+    with StallWatch(client, lambda: woken.append("after"), poll_s=0.01) as after:
+        time.sleep(0.2)
+    assert after.message is None and woken == ["run"], "a check outlived its context"
