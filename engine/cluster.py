@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ClusterLost, OptionError, VoxelmillError
-from engine.stall import register_pause_relief
+from engine.slurmjobs import EndedJobs, queued
+from engine.stall import cluster_check, register_pause_relief
 
 
 @dataclass(frozen=True)
@@ -977,20 +978,6 @@ def _dashboard_tls(options: ClusterOptions, security: object | None) -> dict[str
             prefix + "ca-file": security.tls_ca_file}  # type: ignore[attr-defined]
 
 
-def _squeue(job_ids: list[str]) -> list[str]:
-    """``JOBID STATE (REASON)`` of the given SLURM jobs still listed by ``squeue``."""
-    import subprocess
-
-    if not job_ids:
-        return []
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T (%r)"],
-                             capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 def check_slurm_submission(cluster: object, config: str) -> None:
     """Ask SLURM whether it would accept the worker job (``sbatch --test-only``), so a wrong
     partition, account, memory or GRES request is one clear error before any job exists.
@@ -1020,26 +1007,31 @@ def check_slurm_submission(cluster: object, config: str) -> None:
         raise OptionError(f"{config}: SLURM refuses the worker job: {reason}")
 
 
-def wait_for_slurm_workers(client: object, cluster: object, timeout: float) -> None:
+def wait_for_slurm_workers(client: object, cluster: object, timeout: float,
+                           config: str | None = None) -> None:
     """Wait until the first SLURM worker joins (the others join as their jobs start).
 
     Raises
     ------
     OptionError
         When none joined within ``timeout`` seconds (0: wait forever), naming the jobs and
-        why SLURM holds them.
+        why SLURM holds them; at once when every job has ended before its worker joined
+        (a job script that fails at start), with SLURM's state of the job and the last
+        line it wrote (``config``: the jobqueue file, named as where to look).
     """
     import time
 
+    ended = EndedJobs(cluster, config, grace_s=0.0, every_s=2.0)
     deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
-    while not client.scheduler_info()["workers"]:  # type: ignore[attr-defined]
+    while not (workers := client.scheduler_info()["workers"]):  # type: ignore[attr-defined]
+        if (why := ended(workers)) is not None:
+            raise OptionError(f"--cluster slurm: {why}")
         if time.monotonic() > deadline:
-            jobs = [str(j.job_id) for j in cluster.workers.values()  # type: ignore[attr-defined]
-                    if getattr(j, "job_id", None)]
-            states = _squeue(jobs)
+            jobs = list(ended.jobs().values())
+            states = queued(jobs) or {}
             raise OptionError(
                 f"--cluster slurm: no worker joined within {timeout:g} s (--worker-timeout); "
-                + (f"jobs: {', '.join(states)}" if states else
+                + (f"jobs: {', '.join(f'{j} {s}' for j, s in states.items())}" if states else
                    f"jobs {', '.join(jobs) or '(none submitted)'} no longer queued")
                 + "; cancelled them")
         time.sleep(0.5)
@@ -1084,12 +1076,15 @@ def slurm_client(options: ClusterOptions, security: object | None,
         client = Client(cluster, security=security)
         try:
             if not options.adaptive:
-                wait_for_slurm_workers(client, cluster, options.worker_timeout)
+                wait_for_slurm_workers(client, cluster, options.worker_timeout,
+                                       options.jobqueue_config)
             report(f"SLURM cluster: {options.jobs} job(s)"
                    f"{' (adaptive)' if options.adaptive else ''} of {processes} worker(s) × "
                    f"{threads} thread(s), {options.gpus_per_job} GPU(s) per job; dashboard: "
                    f"{dashboard_link(client, options)}")
-            yield client
+            # jobs that end before their worker joins are never replaced: runs stop on it
+            with cluster_check(client, EndedJobs(cluster, options.jobqueue_config)):
+                yield client
         finally:
             client.close()
     finally:

@@ -30,7 +30,8 @@ PACKAGES = ("engine", "cli")
 # (a longer entry wins); a module that no entry names fails the test.
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["engine", "engine.errors", "engine.events", "engine.startup"]),
-    ("core", ["engine.runner", "engine.placement", "engine.stall", "engine.cluster",
+    ("core", ["engine.runner", "engine.placement", "engine.stall", "engine.slurmjobs",
+              "engine.cluster",
               "engine.runlock",
               "engine.blocks",
               "engine.labels", "engine.labelfiles", "engine.facegraph", "engine.ranks",

@@ -433,6 +433,45 @@ def test_bad_slurm_input(partition, volume, tmp_path):
     assert_no_jobs(name)
 
 
+#: a job script that fails at start, as a missing environment module makes it fail
+FAILING = {"job-script-prologue": ["echo 'module: command not found: cuda/12.4' >&2", "exit 3"]}
+
+
+def test_jobs_whose_script_fails_at_start_are_one_line_not_a_wait(partition, volume, tmp_path):
+    """Worker jobs that end before their worker joins: a fixed-size cluster says so in
+    seconds (it waited --worker-timeout to say only that the jobs were gone), exit 2,
+    nothing written; an --adaptive one, which waited forever (dask-jobqueue counts the job
+    as still coming and asks for no other), stops the run with exit 75 and its partial
+    output kept. Both quote SLURM's state of the job and the line its script wrote last."""
+    out = tmp_path / "out.ome.zarr"
+    config, name = jobqueue(tmp_path, partition, **FAILING)
+    t0 = time.monotonic()
+    res = run_cli("--cluster", "slurm", "--jobs", "2", "--jobqueue-config", str(config),
+                  "convert", str(volume), str(out), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 60  # --worker-timeout is 120 s
+    line = " ".join(res.stderr.split())
+    assert "every SLURM worker job of this run ended before its worker joined" in line
+    assert "ended FAILED (exit code 3:0)" in line and f"in {config}" in line
+    assert "'module: command not found: cuda/12.4'" in line
+    assert not out.exists() and not list(tmp_path.glob(".out.ome.zarr*"))
+    assert_no_jobs(name)
+
+    config, name = jobqueue(tmp_path, partition, **FAILING)
+    t0 = time.monotonic()
+    res = run_cli("--cluster", "slurm", "--jobs", "2", "--adaptive", "--jobqueue-config",
+                  str(config), "convert", str(volume), str(out), cwd=tmp_path, timeout=240,
+                  env={"DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT": "1s"})
+    assert res.returncode == 75 and "Traceback" not in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 120
+    line = " ".join(res.stderr.split())
+    assert "every SLURM worker job of this run ended before its worker joined" in line
+    assert "'module: command not found: cuda/12.4'" in line
+    assert "the finished blocks are kept for a rerun to resume" in line
+    assert not out.exists() and (tmp_path / ".out.ome.zarr.partial").is_dir()
+    assert_no_jobs(name)
+
+
 def test_refusing_scheduler_address(volume, tmp_path):
     """A scheduler address where nothing listens: one line naming it, exit 2, no output."""
     address = f"tcp://127.0.0.1:{free_port()}"

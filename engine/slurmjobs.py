@@ -1,0 +1,190 @@
+"""SLURM worker jobs that end before their worker joins: noticed, and explained.
+
+A worker job whose script fails at start (a ``module load`` that is not there, a Python
+without voxelmill, a prologue that exits) ends in seconds, and nothing in dask notices:
+dask-jobqueue keeps the job in the cluster's plan as if its worker were still coming, so
+an ``--adaptive`` cluster never asks for another and a run waits forever, and a cluster of
+fixed size waits ``--worker-timeout`` to say only that its jobs are no longer queued.
+:class:`EndedJobs` notices when every job the cluster holds has left SLURM's queue
+without a worker of it ever joining, and says why in one line: SLURM's verdict on the job
+(state, exit code) and the last line the job wrote to its error or output file.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+#: seconds between two questions to SLURM (``squeue``; a controller serves every user)
+ASK_EVERY_S = 10.0
+#: how much of a job's output file is read for its last line
+TAIL_BYTES = 4096
+
+
+def queued(job_ids: Iterable[str]) -> dict[str, str] | None:
+    """``{job id: "STATE (REASON)"}`` of the jobs ``squeue`` still lists (pending, running,
+    completing); None when ``squeue`` cannot be asked (not found, failed, too slow), which
+    must never be read as "every job ended"."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T (%r)"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # squeue fails for a list of ids none of which it still knows: that is "none queued"
+    if res.returncode != 0 and "Invalid job id" not in res.stderr:
+        return None
+    found: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        job, _, state = line.strip().partition(" ")
+        if job:
+            found[job] = state
+    return found
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    """SLURM's record of a job (``scontrol show job``: ``JobState``, ``ExitCode``,
+    ``StdErr``, …), or ``{}`` once SLURM has forgotten it (``MinJobAge``, 300 s by
+    default) or cannot be asked."""
+    try:
+        res = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if res.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", res.stdout))
+
+
+def output_path(pattern: str, record: dict[str, str]) -> Path | None:
+    """A job's ``StdErr``/``StdOut`` with sbatch's filename patterns (``%j``, ``%J``,
+    ``%x``, ``%u``, ``%N``, ``%%``) filled in from its ``record`` (older SLURM shows them
+    unexpanded); None for no file."""
+    if not pattern or pattern in ("(null)", "/dev/null"):
+        return None
+    fill = {"j": record.get("JobId", ""), "J": record.get("JobId", ""),
+            "x": record.get("JobName", ""), "u": record.get("UserId", "").split("(")[0],
+            "N": record.get("BatchHost", ""), "%": "%"}
+    return Path(re.sub(r"%([jJxuN%])", lambda m: fill[m.group(1)], pattern))
+
+
+def last_line(path: Path) -> str | None:
+    """The last non-empty line of ``path`` (read from its end), or None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def why_ended(job_ids: list[str]) -> str:
+    """One line on how the first of ``job_ids`` ended: SLURM's state and exit code, and
+    the last line of its error file (else its output file), each where SLURM still has
+    them."""
+    first, more = job_ids[0], len(job_ids) - 1
+    record = job_record(first)
+    text = f"job {first}" + (f" (and {more} more)" if more else "")
+    if record:
+        text += f" ended {record.get('JobState', '?')}"
+        if record.get("ExitCode", "0:0") != "0:0":
+            text += f" (exit code {record['ExitCode']})"
+    else:
+        text += " is no longer known to SLURM"
+    for key in ("StdErr", "StdOut"):
+        path = output_path(record.get(key, ""), record)
+        line = last_line(path) if path is not None else None
+        if line is not None:
+            return f"{text}; the last line of {path}: {line!r}"
+    return text
+
+
+def _joined(job: str, names: Iterable[str]) -> bool:
+    """Whether a worker named in ``names`` belongs to the job named ``job`` (its name, or
+    its name and ``-i`` for a job of several worker processes)."""
+    return any(n == job or (n.startswith(job + "-") and n[len(job) + 1:].isdigit())
+               for n in names)
+
+
+class EndedJobs:
+    """A check for :func:`engine.stall.cluster_check` (called with the scheduler's
+    workers every few seconds): a message once every job ``cluster`` holds has ended
+    without a worker of it ever joining and no worker is left, for ``grace_s`` seconds
+    (a job whose worker joined and left is dropped from the plan by distributed after its
+    ``lost-worker-timeout``, and replaced); else None.
+
+    Parameters
+    ----------
+    cluster : dask_jobqueue.SLURMCluster
+        Its ``workers`` are the jobs submitted (``job_id``) under their names.
+    config : str, optional
+        The jobqueue file the job script comes from (named in the message); None: dask's
+        configuration.
+    grace_s : float, optional
+        Default: distributed's ``deploy.lost-worker-timeout`` plus 5 s.
+    every_s : float
+        Seconds between two questions to ``squeue``.
+    """
+
+    def __init__(self, cluster: Any, config: str | None = None, grace_s: float | None = None,
+                 every_s: float = ASK_EVERY_S) -> None:
+        if grace_s is None:
+            import dask
+            from dask.utils import parse_timedelta
+
+            grace_s = float(parse_timedelta(
+                dask.config.get("distributed.deploy.lost-worker-timeout", "15s"))) + 5.0
+        self.cluster = cluster
+        self.config = config
+        self.grace_s = grace_s
+        self.every_s = every_s
+        self.joined: set[str] = set()
+        self._asked = -float("inf")
+        self._ended: frozenset[str] = frozenset()
+        self._since: float | None = None
+
+    def jobs(self) -> dict[str, str]:
+        """``{name: job id}`` of the jobs the cluster holds (submitted ones only)."""
+        return {str(name): str(job.job_id) for name, job in list(self.cluster.workers.items())
+                if getattr(job, "job_id", None)}
+
+    def __call__(self, workers: dict[str, Any]) -> str | None:
+        names = [str(w.get("name")) for w in workers.values()]
+        jobs = self.jobs()
+        self.joined.update(job for job in jobs if _joined(job, names))
+        now = time.monotonic()
+        if workers or not jobs:
+            self._since = None
+            return None
+        if now - self._asked < self.every_s:
+            return None
+        self._asked = now
+        listed = queued(jobs.values())
+        never = frozenset(j for name, j in jobs.items() if name not in self.joined)
+        if listed is None or listed or not never:
+            self._since = None  # a job is queued or running, or every one had a worker
+            return None
+        if self._since is None or never != self._ended:
+            self._since, self._ended = now, never
+            return None
+        if now - self._since < self.grace_s:
+            return None
+        where = self.config or "dask's jobqueue configuration"
+        return ("every SLURM worker job of this run ended before its worker joined the "
+                f"scheduler ({why_ended(sorted(never, key=_numeric))}): the job script fails "
+                f"at start; see the job's output, and job-script-prologue, python and "
+                f"worker-extra-args in {where}")
+
+
+def _numeric(job_id: str) -> tuple[int, str]:
+    return (int(job_id), "") if job_id.isdigit() else (0, job_id)

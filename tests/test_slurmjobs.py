@@ -1,0 +1,165 @@
+"""SLURM worker jobs that end before their worker joins (``engine.slurmjobs``): the rule
+that says a run can no longer get a worker, read against a cluster and a queue given here;
+sbatch's file patterns and the job's last line. Real jobs whose script fails at start are
+in ``test_slurm``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine import slurmjobs
+from engine.slurmjobs import EndedJobs, last_line, output_path, why_ended
+
+
+@dataclass
+class Job:
+    job_id: str | None
+
+
+class Cluster:
+    """What :class:`EndedJobs` reads of a dask-jobqueue cluster: its jobs by name."""
+
+    def __init__(self, jobs: dict[str, str | None]) -> None:
+        self.workers = {name: Job(job) for name, job in jobs.items()}
+
+
+class Queue:
+    """``squeue`` as the test sets it: the ids still listed, or None for a failed call."""
+
+    def __init__(self) -> None:
+        self.listed: dict[str, str] | None = {}
+        self.asked = 0
+
+    def __call__(self, ids) -> dict[str, str] | None:
+        self.asked += 1
+        return None if self.listed is None else {
+            j: s for j, s in self.listed.items() if j in set(ids)}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    queue, clock = Queue(), Clock()
+    monkeypatch.setattr(slurmjobs, "queued", queue)
+    monkeypatch.setattr(slurmjobs.time, "monotonic", clock)
+    monkeypatch.setattr(slurmjobs, "job_record", lambda job: {
+        "JobId": job, "JobState": "FAILED", "ExitCode": "3:0"})
+    return queue, clock
+
+
+def looks(check: EndedJobs, clock: Clock, seconds: float, workers=None, step: float = 2.0
+          ) -> list[str | None]:
+    """What ``check`` says at every watch poll (``step`` seconds apart) for ``seconds``."""
+    said = []
+    for _ in range(int(seconds / step)):
+        clock.now += step
+        said.append(check(workers or {}))
+    return said
+
+
+def test_jobs_that_all_ended_without_a_worker_stop_the_run_after_the_grace(sim):
+    queue, clock = sim
+    check = EndedJobs(Cluster({"vm-0": "11", "vm-1": "12"}), "jq.yaml", grace_s=20,
+                      every_s=10)
+    queue.listed = {"11": "RUNNING (None)", "12": "PENDING (Resources)"}
+    assert looks(check, clock, 60) == [None] * 30  # queued or running: wait, however long
+    queue.listed = {"12": "PENDING (Resources)"}
+    assert looks(check, clock, 60) == [None] * 30  # one is still to come
+    queue.listed = {}
+    said = looks(check, clock, 40)
+    stop = [i for i, s in enumerate(said) if s is not None]
+    # the first look that sees none queued starts the grace; the one after it ends it
+    assert 20 / 2 <= stop[0] <= (20 + 10 + 10) / 2, said
+    message = said[stop[0]]
+    assert message.startswith("every SLURM worker job of this run ended before its worker "
+                              "joined the scheduler (job 11 (and 1 more) ended FAILED "
+                              "(exit code 3:0))")
+    assert message.endswith("worker-extra-args in jq.yaml")
+    assert queue.asked < 30, "squeue asked at every poll instead of every 10 s"
+
+
+def test_a_worker_present_or_a_job_that_had_one_is_no_reason_to_stop(sim):
+    queue, clock = sim
+    check = EndedJobs(Cluster({"vm-0": "11", "vm-1": "12"}), grace_s=0, every_s=0)
+    # a job of two worker processes: its workers are named vm-0-0 and vm-0-1
+    assert looks(check, clock, 20, {"tcp://a": {"name": "vm-0-1"}}) == [None] * 10
+    queue.listed = {}
+    # vm-0 had its worker: distributed drops it from the plan and a new job replaces it;
+    # vm-1 never had one, but a worker is there: the run goes on
+    assert looks(check, clock, 20, {"tcp://b": {"name": "vm-10"}}) == [None] * 10
+    assert check.joined == {"vm-0"}
+    said = looks(check, clock, 10)
+    assert said[-1] is not None and "(job 12 ended FAILED" in said[-1], said
+    assert "in dask's jobqueue configuration" in said[-1]
+
+
+@pytest.mark.parametrize("jobs", [{}, {"vm-0": None}])
+def test_no_job_submitted_is_an_adaptive_cluster_without_work(sim, jobs):
+    _, clock = sim
+    assert looks(EndedJobs(Cluster(jobs), grace_s=0, every_s=0), clock, 20) == [None] * 10
+
+
+def test_squeue_that_cannot_be_asked_never_reads_as_every_job_ended(sim):
+    queue, clock = sim
+    queue.listed = None
+    check = EndedJobs(Cluster({"vm-0": "11"}), grace_s=0, every_s=0)
+    assert looks(check, clock, 20) == [None] * 10
+
+
+def test_the_set_of_ended_jobs_changing_restarts_the_grace(sim):
+    """A job replaced meanwhile (a new id) is a new wait, not the old one's end."""
+    queue, clock = sim
+    cluster = Cluster({"vm-0": "11"})
+    check = EndedJobs(cluster, grace_s=10, every_s=0)
+    queue.listed = {}
+    assert looks(check, clock, 8) == [None] * 4
+    cluster.workers = {"vm-1": Job("13")}
+    assert looks(check, clock, 8) == [None] * 4
+    assert looks(check, clock, 4)[-1] is not None
+
+
+@pytest.mark.parametrize(("pattern", "want"), [
+    ("/logs/vm-%J.err", "/logs/vm-42.err"), ("/logs/%x-%j.out", "/logs/vmjob-42.out"),
+    ("/logs/%u/%N/100%%-%j", "/logs/alice/node7/100%-42"), ("/logs/plain.out", "/logs/plain.out"),
+])
+def test_sbatch_file_patterns_are_filled_from_the_job_record(pattern, want):
+    record = {"JobId": "42", "JobName": "vmjob", "UserId": "alice(1000)", "BatchHost": "node7"}
+    assert output_path(pattern, record) == Path(want)
+
+
+@pytest.mark.parametrize("pattern", ["", "(null)", "/dev/null"])
+def test_no_output_file(pattern):
+    assert output_path(pattern, {"JobId": "1"}) is None
+
+
+def test_the_last_line_of_a_long_output_is_read_from_its_end(tmp_path):
+    path = tmp_path / "job.err"
+    path.write_text("x" * 100_000 + "\nTraceback …\nModuleNotFoundError: No module named "
+                    "'distributed'\n\n  \n")
+    assert last_line(path) == "ModuleNotFoundError: No module named 'distributed'"
+    assert last_line(tmp_path / "missing.err") is None
+    (tmp_path / "empty.err").write_text("")
+    assert last_line(tmp_path / "empty.err") is None
+
+
+def test_why_a_job_ended_quotes_its_error_file_else_its_output(tmp_path, monkeypatch):
+    (tmp_path / "vm-7.out").write_text("starting\nmodule: command not found\n")
+    record = {"JobId": "7", "JobState": "FAILED", "ExitCode": "1:0",
+              "StdErr": str(tmp_path / "vm-%j.err"), "StdOut": str(tmp_path / "vm-%j.out")}
+    monkeypatch.setattr(slurmjobs, "job_record", lambda job: record)
+    assert why_ended(["7"]) == (f"job 7 ended FAILED (exit code 1:0); the last line of "
+                                f"{tmp_path / 'vm-7.out'}: 'module: command not found'")
+    (tmp_path / "vm-7.err").write_text("ImportError: libcudart.so.12\n")
+    assert why_ended(["7", "8"]).endswith("vm-7.err: 'ImportError: libcudart.so.12'")
+    monkeypatch.setattr(slurmjobs, "job_record", lambda job: {})  # forgotten by SLURM
+    assert why_ended(["7"]) == "job 7 is no longer known to SLURM"
