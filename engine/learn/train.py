@@ -50,7 +50,7 @@ import yaml
 from scipy import ndimage
 
 from engine.cluster import gpu_workers
-from engine.errors import DestinationError, InputError, OptionError
+from engine.errors import ClusterLost, DestinationError, InputError, OptionError
 from engine.io.budget import check_held
 from engine.learn import ddp
 from engine.learn.augment import Augment
@@ -73,11 +73,14 @@ from engine.learn.unet import UNet, receptive_field
 from engine.learn.validation import Validator, improved
 from engine.runlock import output_lock
 from engine.runner import cluster_lost
+from engine.stall import StallWatch
 from engine.workerpaths import check_workers_see
 
 LAST, BEST, METRICS, CURVES, CONFIG = "last.pt", "best.pt", "metrics.json", "curves.png", \
     "config.yaml"
 OUTPUTS = (LAST, BEST, METRICS, CURVES, CONFIG)
+#: what a training stopped by its cluster keeps, and how to go on
+KEPT = "its checkpoints are kept: run it again with --resume to go on from the last one"
 #: the sections that must not change when a run is resumed
 FIXED_ON_RESUME = ("data", "target", "model", "loss", "augment")
 
@@ -878,6 +881,8 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
     queue = Queue(name, client=client)
     emit = events or (lambda e: None)
     finished = False
+    # the loop below looks every half second: the watch need not wake it
+    watch = StallWatch(client, wake=lambda: None).__enter__()  # left in the finally clause
     try:
         while True:
             try:
@@ -885,19 +890,21 @@ def train_on_cluster(plan: TrainPlan, client: Any, events: Callable[[Event], Non
             except (DaskTimeout, TimeoutError):
                 if all(f.done() for f in futures) or any(f.status == "error" for f in futures):
                     break
+                if watch.message is not None:
+                    raise ClusterLost(f"train: {watch.message}; {KEPT}") from None
         while queue.qsize():
             emit(queue.get())
         try:
             results = [f.result() for f in futures]  # a rank's error is raised here
         except Exception as exc:
-            lost = cluster_lost(exc, "train", "its checkpoints are kept: run it again with "
-                                "--resume to go on from the last one")
+            lost = cluster_lost(exc, "train", KEPT)
             if lost is None:
                 raise
             raise lost from None
         finished = True
         return results[0]
     finally:
+        watch.__exit__()
         if not finished:  # interrupted here (Ctrl-C, an error): the ranks stop too
             _stop_ranks(client, name, futures)
         queue.close()
