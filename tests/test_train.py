@@ -4,6 +4,7 @@ ignore masking through the model, the CLI, and training as a task on a GPU-resou
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,32 @@ def test_training_runs_on_the_gpu_resourced_worker(slide, tmp_path):
     assert local.iterations == result.iterations == 6
     for key, value in a.items():
         assert torch.allclose(value, b[key], atol=1e-5), key
+
+
+def test_a_training_whose_cluster_cannot_get_workers_stops_resumable(slide, client, tmp_path):
+    """What the deployment knows and dask does not (SLURM jobs that ended before their
+    worker joined: ``engine.slurmjobs``) stops a training on the cluster as it stops a
+    pass: :class:`ClusterLost` naming it, saying the checkpoints are kept and how to go on;
+    the training task stops too."""
+    from engine.errors import ClusterLost
+    from engine.stall import cluster_check
+
+    looks: list[int] = []
+
+    def ended(workers: dict) -> str | None:
+        looks.append(len(workers))
+        return "every SLURM worker job ended" if len(looks) >= 3 else None
+
+    plan = plan_training(parse_config(_small_config(slide, tmp_path / "run", iterations=10**6),
+                                      "t", tmp_path), client)
+    with cluster_check(client, ended), pytest.raises(
+            ClusterLost, match=r"^train: every SLURM worker job ended; its checkpoints are "
+                               r"kept: run it again with --resume"):
+        train_on_cluster(plan, client, report=lambda line: None)
+    deadline = time.monotonic() + 30
+    while client.processing() and any(client.processing().values()):
+        assert time.monotonic() < deadline, "the training task went on"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("kind", ["boundary", "classes"])
