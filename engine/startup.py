@@ -9,7 +9,9 @@ start hundreds of both. xarray gets installed beside voxelmill by ``bioimageio.c
 :func:`import_dask_array_without_xarray` arranges that the first import of ``dask.array``
 in this process finds no xarray, unless xarray was imported before (then nothing changes).
 Importing xarray afterwards works as usual; only ``da.asarray`` of a chunked DataArray then
-computes it instead of taking its dask array.
+computes it instead of taking its dask array. dask 2026.11.0 no longer imports xarray with
+``dask.array`` (it looks xarray up among the modules already imported when asked): there
+the finder changes nothing.
 """
 
 from __future__ import annotations
