@@ -3,6 +3,7 @@ namespace is in tests/test_distributed.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ class Answers:
     def __init__(self, lacks: dict[str, set[str]], fail: bool = False) -> None:
         self.lacks, self.fail = lacks, fail
 
-    def run(self, fn, read, write):
+    def run(self, fn, read, write, *relative_and_cwd):
         if self.fail:
             raise OSError("a worker went away")
-        here = fn(read, write)
+        here = fn(read, write, *relative_and_cwd)
         return {w: here + [(p, "missing") for p in sorted(gone)]
                 for w, gone in self.lacks.items()}
 
@@ -64,3 +65,33 @@ def test_the_embedded_cluster_is_not_asked(client, tmp_path: Path):
     finally:
         client.run = original
     assert calls == []
+
+
+def test_a_relative_path_is_refused_where_a_worker_runs_in_another_folder(tmp_path: Path,
+                                                                         monkeypatch):
+    """Workers open paths in their own working folder: a relative path given here names
+    another file there (a FileNotFoundError traceback from every block, or worse, another
+    file of the same name). Where a worker runs elsewhere it is one line; where all run in
+    this folder (SLURM jobs start in the submission folder) it is fine."""
+    from distributed import Client
+
+    from tests.conftest import dask_processes
+
+    (tmp_path / "in.mrc").write_bytes(b"")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with dask_processes(logs, [[]]) as address, Client(address) as c:
+        monkeypatch.chdir(tmp_path)  # the worker was started in the folder before
+        check_workers_see(Answers({"tcp://a:1": set()}), [Path("in.mrc")], [Path("out.zarr")])
+        [(worker, folder)] = c.run(os.getcwd).items()
+        assert not os.path.samefile(folder, tmp_path)
+        with pytest.raises(InputError, match=(
+                rf"^in\.mrc: a relative path, but the worker {worker} runs in {folder} "
+                rf"\(this command in {tmp_path}\) and would open it there: give the "
+                r"absolute path$")):
+            check_workers_see(c, [Path("in.mrc")], [tmp_path / "out.zarr"])
+        with pytest.raises(InputError, match=r"^out\.zarr: a relative path"):
+            check_workers_see(c, [tmp_path / "in.mrc"], [Path("out.zarr")])
+        check_workers_see(c, [tmp_path / "in.mrc"], [tmp_path / "out.zarr"])
+        c.run(os.chdir, str(tmp_path))  # a worker started in this folder
+        check_workers_see(c, [Path("in.mrc")], [Path("out.zarr")])
