@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -66,14 +67,16 @@ def ints(text: str | None, what: str) -> tuple[int, ...] | None:
     return tuple(int(v) for v in values)
 
 
-def named_paths(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
-    """``NAME=PATH`` options as ``(name, path)`` pairs."""
+def named_paths(items: list[str], what: str, absolute: bool = False
+                ) -> tuple[tuple[str, str], ...]:
+    """``NAME=VALUE`` options as ``(name, value)`` pairs; ``absolute``: each value a path,
+    made absolute (for workers started in another folder, which open it in theirs)."""
     out = []
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise VoxelmillError(f"{what} {item!r}: expected NAME=PATH, e.g. cells=cells.tif")
-        out.append((name, path))
+        out.append((name, str(Path(path).absolute()) if absolute else path))
     return tuple(out)
 
 

@@ -136,8 +136,8 @@ def convert(
 
         opts = ConvertOptions(
             chunks=ints(chunks, "--chunks"), shards=ints(shards, "--shards"),
-            labels=named_paths(labels or [], "--labels"), ngff=ngff, compression=compression,
-            clevel=clevel,
+            labels=named_paths(labels or [], "--labels", absolute=bool(scheduler)), ngff=ngff,
+            compression=compression, clevel=clevel,
             voxel_size=floats(voxel_size, "--voxel-size"), unit=unit, overwrite=overwrite,
             max_levels=max_levels, block_mib=block_mib, assume_voxel_size=assume_voxel_size,
             axes=axes,

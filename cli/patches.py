@@ -23,7 +23,8 @@ patches_app = typer.Typer(
 def extract(
     image: Annotated[Path, typer.Argument(
         help="Tomogram: OME-Zarr image (level 0 is read) or MRC file.")],
-    labels: Annotated[Path, typer.Argument(
+    # a str, not a Path: the command line's paths are made absolute, a NAME must stay one
+    labels: Annotated[str, typer.Argument(
         help="Its segmentation, same shape: OME-Zarr label group (IMAGE/labels/NAME, or "
         "just NAME) or MRC file; values 0, 1 (and 2 = ignore).")],
     coords: Annotated[Path, typer.Option(
@@ -73,7 +74,7 @@ def extract(
             coords_unit=coords_unit, max_outside=max_outside, binarize=binarize,
             overwrite=overwrite,
         )
-        plan = plan_extraction(image, labels, coords, out_dir, opts)  # errors before compute
+        plan = plan_extraction(image, Path(labels), coords, out_dir, opts)  # errors first
         for note in plan.notes:
             err.print(note, markup=False)
         with cluster(scheduler, workers, threads_per_worker, memory_limit) as client:

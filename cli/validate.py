@@ -6,6 +6,8 @@ folder, lock or partial output is made and any cluster starts), each option valu
 checked: every float option must be finite, and each option named in :data:`RULES` (or,
 for a name that means different things in different commands, :data:`COMMAND_RULES`)
 must pass its rule. A refusal is one line naming the option and the value, exit code 2.
+With ``--scheduler``, every path argument then reaches the command made absolute: the
+workers of a cluster started in another folder open what they are given in theirs.
 
 Shape and number-list options stay strings on the command line (``--tile 64,128,128``);
 their rules parse them with :func:`cli.common.ints` / :func:`cli.common.floats`, the
@@ -20,6 +22,7 @@ import math
 import re
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -193,6 +196,12 @@ def validated(command: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 rule = COMMAND_RULES.get((command, name), RULES.get(name))
                 if rule is not None and isinstance(value, str | int | float):
                     rule(value, flags[name])
+        if kwargs.get("scheduler"):
+            # its workers open paths in their own working folder, started elsewhere: they
+            # must be given the path this folder means (elsewhere, paths stay as typed, so
+            # that messages show them so)
+            kwargs = {name: value.absolute() if isinstance(value, Path) else value
+                      for name, value in kwargs.items()}
         return fn(*args, **kwargs)
 
     return run

@@ -59,6 +59,16 @@ def test_convert_on_external_cluster_equals_local_run(scheduler, client, tmp_pat
 
     assert metadata(remote) == metadata(here)
 
+    # the workers run in another folder: paths typed relative to this one are sent absolute
+    mask = (data > 0).astype(np.int16)
+    write_mrc(tmp_path / "mask.mrc", mask, voxel_size=(3.0, 3.0, 6.0))
+    res = run_cli("convert", "tomo.mrc", "rel.ome.zarr", "--chunks", "16", "--labels",
+                  "mask=mask.mrc", "--scheduler", scheduler, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rel = zarr.open_group(str(tmp_path / "rel.ome.zarr"), mode="r")
+    np.testing.assert_array_equal(rel["0"][...], data)
+    np.testing.assert_array_equal(rel["labels/mask/0"][...], mask)
+
 
 def test_unreachable_scheduler_is_a_user_error(tmp_path):
     src = write_mrc(tmp_path / "a.mrc", np.zeros((4, 8, 8), np.float32))

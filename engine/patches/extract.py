@@ -302,10 +302,11 @@ def _check_token(value: str, what: str) -> None:
 
 def _resolve_labels(image: Path, labels: Path) -> Path:
     """``LABELS`` may name a label group of an OME-Zarr image (``membranes`` for
-    ``IMAGE/labels/membranes``)."""
+    ``IMAGE/labels/membranes``); else it is a path, made absolute (workers open what they
+    are given in their own working folder)."""
     if not labels.exists() and len(labels.parts) == 1 and (image / "labels" / labels).is_dir():
         return image / "labels" / labels
-    return labels
+    return labels.absolute()
 
 
 def plan_extraction(
