@@ -63,8 +63,13 @@ def test_output_size_against_free_disk(tmp_path, monkeypatch):
     dst = tmp_path / "not" / "yet" / "out.ome.zarr"
     check_output_size(dst, 1, "--scale 2")
     with pytest.raises(OptionError, match=r"--scale 1e\+09: the output .*out.ome.zarr would "
-                                          r"hold about 1e\+30 bytes .* bytes free"):
+                                          r"hold about 1e\+30 bytes \(uncompressed\).* bytes "
+                                          r"free on its file system; where you know it fits "
+                                          r"compressed, set VOXELMILL_FREE_DISK_MIB to the MiB "
+                                          r"you allow it$"):
         check_output_size(dst, 10**30, "--scale 1e+09")
+    with pytest.raises(OptionError, match=r"bytes free on its file system$"):
+        check_output_size(dst, 10**30, "--size 9", copies=True)  # an exact size
     monkeypatch.setenv(DISK_ENV, "1")
     check_output_size(dst, 2**20, "--size 8")
     with pytest.raises(OptionError, match=r"1\.05e\+06 bytes free .*VOXELMILL_FREE_DISK_MIB"):

@@ -113,10 +113,15 @@ def check_output_size(dst: str | Path, nbytes: int, option: str, *,
     """
     free = free_disk(dst)
     if nbytes > free:
+        given = bool(os.environ.get(DISK_ENV))
+        # uncompressed is a bound, not a forecast: labels and masks compress many times over,
+        # so say how to go on where the user knows the run fits
         raise OptionError(f"{option}: the output {dst} would hold about {nbytes:.3g} bytes"
                           f"{'' if copies else ' (uncompressed)'}, more than the {free:.3g} "
                           "bytes free on its file system"
-                          f"{f' ({DISK_ENV})' if os.environ.get(DISK_ENV) else ''}")
+                          + (f" ({DISK_ENV})" if given else "" if copies else
+                             f"; where you know it fits compressed, set {DISK_ENV} to the "
+                             "MiB you allow it"))
 
 
 def check_held(nbytes: int, option: str, what: str) -> None:
