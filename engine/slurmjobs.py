@@ -155,8 +155,14 @@ class EndedJobs:
 
     def jobs(self) -> dict[str, str]:
         """``{name: job id}`` of the jobs the cluster holds (submitted ones only)."""
-        return {str(name): str(job.job_id) for name, job in list(self.cluster.workers.items())
-                if getattr(job, "job_id", None)}
+        for _ in range(3):
+            try:  # the cluster's own thread may change the dict while it is copied
+                held = list(self.cluster.workers.items())
+            except RuntimeError:
+                continue
+            return {str(name): str(job.job_id) for name, job in held
+                    if getattr(job, "job_id", None)}
+        return {}
 
     def __call__(self, workers: dict[str, Any]) -> str | None:
         names = [str(w.get("name")) for w in workers.values()]
