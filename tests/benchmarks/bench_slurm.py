@@ -116,6 +116,8 @@ def main() -> None:
     args.partition = args.partition or first_partition()
     if args.runs < 2:
         raise SystemExit("--runs must be ≥ 2 (the first warms the workers up)")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(dir=args.workdir))
     args.workdir = base
     try:
