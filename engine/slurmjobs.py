@@ -186,10 +186,11 @@ class EndedJobs:
         if now - self._since < self.grace_s:
             return None
         where = self.config or "dask's jobqueue configuration"
-        return ("every SLURM worker job of this run ended before its worker joined the "
-                f"scheduler ({why_ended(sorted(never, key=_numeric))}): the job script fails "
-                f"at start; see the job's output, and job-script-prologue, python and "
-                f"worker-extra-args in {where}")
+        # "waits on": jobs whose worker joined and left are dropped from the plan by then
+        return ("no worker is left, and every SLURM worker job the cluster waits on ended "
+                f"before its worker joined ({why_ended(sorted(never, key=_numeric))}): the "
+                "job script fails at start; see the job's output, and job-script-prologue, "
+                f"python and worker-extra-args in {where}")
 
 
 def _numeric(job_id: str) -> tuple[int, str]:

@@ -433,6 +433,9 @@ def test_bad_slurm_input(partition, volume, tmp_path):
     assert_no_jobs(name)
 
 
+#: what the command says of jobs that ended before their worker joined
+ENDED = ("no worker is left, and every SLURM worker job the cluster waits on ended before its "
+         "worker joined")
 #: a job script that fails at start, as a missing environment module makes it fail
 FAILING = {"job-script-prologue": ["echo 'module: command not found: cuda/12.4' >&2", "exit 3"]}
 
@@ -451,7 +454,7 @@ def test_jobs_whose_script_fails_at_start_are_one_line_not_a_wait(partition, vol
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert time.monotonic() - t0 < 60  # --worker-timeout is 120 s
     line = " ".join(res.stderr.split())
-    assert "every SLURM worker job of this run ended before its worker joined" in line
+    assert ENDED in line
     assert "ended FAILED (exit code 3:0)" in line and f"in {config}" in line
     assert "'module: command not found: cuda/12.4'" in line
     assert not out.exists() and not list(tmp_path.glob(".out.ome.zarr*"))
@@ -465,7 +468,7 @@ def test_jobs_whose_script_fails_at_start_are_one_line_not_a_wait(partition, vol
     assert res.returncode == 75 and "Traceback" not in res.stderr, res.stderr
     assert time.monotonic() - t0 < 120
     line = " ".join(res.stderr.split())
-    assert "every SLURM worker job of this run ended before its worker joined" in line
+    assert ENDED in line
     assert "'module: command not found: cuda/12.4'" in line
     assert "the finished blocks are kept for a rerun to resume" in line
     assert not out.exists() and (tmp_path / ".out.ome.zarr.partial").is_dir()

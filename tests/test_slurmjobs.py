@@ -81,9 +81,9 @@ def test_jobs_that_all_ended_without_a_worker_stop_the_run_after_the_grace(sim):
     # the first look that sees none queued starts the grace; the one after it ends it
     assert 20 / 2 <= stop[0] <= (20 + 10 + 10) / 2, said
     message = said[stop[0]]
-    assert message.startswith("every SLURM worker job of this run ended before its worker "
-                              "joined the scheduler (job 11 (and 1 more) ended FAILED "
-                              "(exit code 3:0))")
+    assert message.startswith("no worker is left, and every SLURM worker job the cluster waits "
+                              "on ended before its worker joined (job 11 (and 1 more) ended "
+                              "FAILED (exit code 3:0))")
     assert message.endswith("worker-extra-args in jq.yaml")
     assert queue.asked < 30, "squeue asked at every poll instead of every 10 s"
 
