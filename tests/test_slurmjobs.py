@@ -163,3 +163,11 @@ def test_why_a_job_ended_quotes_its_error_file_else_its_output(tmp_path, monkeyp
     assert why_ended(["7", "8"]).endswith("vm-7.err: 'ImportError: libcudart.so.12'")
     monkeypatch.setattr(slurmjobs, "job_record", lambda job: {})  # forgotten by SLURM
     assert why_ended(["7"]) == "job 7 is no longer known to SLURM"
+
+
+def test_the_jobs_workers_belong_to_are_read_off_their_names():
+    """A job's single worker has its name; a job of several, its name and ``-i``."""
+    from engine.slurmjobs import job_names
+
+    assert job_names(["vm-0-1", "vm-10", "tcp"]) == {"vm-0-1", "vm-0", "vm-10", "vm", "tcp"}
+    assert {"vm-0", "vm-1"} & job_names(["vm-0-1", "vm-10"]) == {"vm-0"}
