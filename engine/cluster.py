@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ClusterLost, OptionError, VoxelmillError
-from engine.slurmjobs import EndedJobs, queued
+from engine.slurmjobs import EndedJobs, FailedStarts, queued
 from engine.stall import cluster_check, register_pause_relief
 
 
@@ -1082,8 +1082,10 @@ def slurm_client(options: ClusterOptions, security: object | None,
                    f"{' (adaptive)' if options.adaptive else ''} of {processes} worker(s) × "
                    f"{threads} thread(s), {options.gpus_per_job} GPU(s) per job; dashboard: "
                    f"{dashboard_link(client, options)}")
-            # jobs that end before their worker joins are never replaced: runs stop on it
-            with cluster_check(client, EndedJobs(cluster, options.jobqueue_config)):
+            # dask-jobqueue never replaces a job that ends before its worker joins: every
+            # such job ended, a run stops on it; some, once a worker joined, are replaced
+            with cluster_check(client, EndedJobs(cluster, options.jobqueue_config)), \
+                    cluster_check(client, FailedStarts(cluster, report, most=options.jobs)):
                 yield client
         finally:
             client.close()

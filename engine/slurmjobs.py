@@ -8,6 +8,12 @@ fixed size waits ``--worker-timeout`` to say only that its jobs are no longer qu
 :class:`EndedJobs` notices when every job the cluster holds has left SLURM's queue
 without a worker of it ever joining, and says why in one line: SLURM's verdict on the job
 (state, exit code) and the last line the job wrote to its error or output file.
+
+A job that fails at start while others of the same script have had their worker (a bad
+node, a full local disk, a node failure) is no reason to stop, but dask-jobqueue never
+replaces it either: the run goes on with fewer workers than asked for, and nobody is told.
+:class:`FailedStarts` drops such a job from the cluster's plan, which makes the cluster's
+``adapt`` submit another, and says so in one line.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +94,10 @@ def last_line(path: Path) -> str | None:
     return lines[-1] if lines else None
 
 
-def why_ended(job_ids: list[str]) -> str:
-    """One line on how the first of ``job_ids`` ended: SLURM's state and exit code, and
-    the last line of its error file (else its output file), each where SLURM still has
-    them."""
+def why_ended(job_ids: list[str], when: str = "") -> str:
+    """One line on how the first of ``job_ids`` ended: SLURM's state and exit code (then
+    ``when``, e.g. " before its worker joined"), and the last line of its error file (else
+    its output file), each where SLURM still has them."""
     first, more = job_ids[0], len(job_ids) - 1
     record = job_record(first)
     text = f"job {first}" + (f" (and {more} more)" if more else "")
@@ -99,8 +105,10 @@ def why_ended(job_ids: list[str]) -> str:
         text += f" ended {record.get('JobState', '?')}"
         if record.get("ExitCode", "0:0") != "0:0":
             text += f" (exit code {record['ExitCode']})"
+        text += when
     else:
-        text += " is no longer known to SLURM"
+        text += f" ended{when} and is no longer known to SLURM" if when else \
+            " is no longer known to SLURM"
     for key in ("StdErr", "StdOut"):
         path = output_path(record.get(key, ""), record)
         line = last_line(path) if path is not None else None
@@ -119,6 +127,43 @@ def job_names(names: Iterable[str]) -> set[str]:
         if sep and tail.isdigit():
             out.add(head)
     return out
+
+
+class HeldJobs:
+    """The jobs a dask-jobqueue ``cluster`` holds, and which of them a worker has joined
+    from (as far as the workers seen so far tell)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.joined: set[str] = set()
+
+    def jobs(self) -> dict[str, str]:
+        """``{name: job id}`` of the jobs the cluster holds (submitted ones only)."""
+        for _ in range(3):
+            try:  # the cluster's own thread may change the dict while it is copied
+                held = list(self.cluster.workers.items())
+            except RuntimeError:
+                continue
+            return {str(name): str(job.job_id) for name, job in held
+                    if getattr(job, "job_id", None)}
+        return {}
+
+    def planned(self) -> set[str]:
+        """Names of the jobs in the cluster's plan (``worker_spec``): a job the cluster is
+        already closing is held but no longer planned."""
+        for _ in range(3):
+            try:
+                return {str(name) for name in list(self.cluster.worker_spec)}
+            except RuntimeError:
+                continue
+        return set()
+
+    def see(self, workers: dict[str, Any]) -> dict[str, str]:
+        """:meth:`jobs`, after noting the jobs that ``workers`` (the scheduler's) came from."""
+        jobs = self.jobs()
+        # a set intersection, not jobs × workers: asked every 2 s, on thousands of workers
+        self.joined.update(jobs.keys() & job_names(str(w.get("name")) for w in workers.values()))
+        return jobs
 
 
 class EndedJobs:
@@ -149,30 +194,25 @@ class EndedJobs:
 
             grace_s = float(parse_timedelta(
                 dask.config.get("distributed.deploy.lost-worker-timeout", "15s"))) + 5.0
-        self.cluster = cluster
+        self.held = HeldJobs(cluster)
         self.config = config
         self.grace_s = grace_s
         self.every_s = every_s
-        self.joined: set[str] = set()
         self._asked = -float("inf")
         self._ended: frozenset[str] = frozenset()
         self._since: float | None = None
 
+    @property
+    def joined(self) -> set[str]:
+        """Names of the jobs a worker has joined from."""
+        return self.held.joined
+
     def jobs(self) -> dict[str, str]:
         """``{name: job id}`` of the jobs the cluster holds (submitted ones only)."""
-        for _ in range(3):
-            try:  # the cluster's own thread may change the dict while it is copied
-                held = list(self.cluster.workers.items())
-            except RuntimeError:
-                continue
-            return {str(name): str(job.job_id) for name, job in held
-                    if getattr(job, "job_id", None)}
-        return {}
+        return self.held.jobs()
 
     def __call__(self, workers: dict[str, Any]) -> str | None:
-        jobs = self.jobs()
-        # a set intersection, not jobs × workers: asked every 2 s, on thousands of workers
-        self.joined.update(jobs.keys() & job_names(str(w.get("name")) for w in workers.values()))
+        jobs = self.held.see(workers)
         now = time.monotonic()
         if workers or not jobs:
             self._since = None
@@ -196,6 +236,92 @@ class EndedJobs:
                 f"before its worker joined ({why_ended(sorted(never, key=_numeric))}): the "
                 "job script fails at start; see the job's output, and job-script-prologue, "
                 f"python and worker-extra-args in {where}")
+
+
+class FailedStarts:
+    """A check for :func:`engine.stall.cluster_check` that never stops a run: once a worker
+    of some job has joined (the job script works), each job that has left SLURM's queue
+    without its worker ever joining is dropped from ``cluster``'s plan — the cluster's
+    ``adapt`` (on for fixed-size clusters too) then submits another in its place — and one
+    line says which job, how it ended and that it is replaced. At most ``most`` jobs are
+    replaced in all; past that, one line says the run goes on with the workers it has.
+    Before any worker has joined nothing is dropped: the script itself may be what fails,
+    which :class:`EndedJobs` reports.
+
+    Parameters
+    ----------
+    cluster : dask_jobqueue.SLURMCluster
+        Its ``workers`` (the jobs, by name), ``worker_spec`` (the plan) and ``loop``.
+    report : callable
+        Called with each line (from the watch's thread).
+    most : int
+        How many jobs may be replaced in all (a node that fails every job sent to it must
+        not make an endless stream of jobs).
+    every_s : float, optional
+        Seconds between two questions to ``squeue`` (only while a job has no worker yet);
+        default :data:`ASK_EVERY_S`.
+    """
+
+    def __init__(self, cluster: Any, report: Callable[[str], None], most: int,
+                 every_s: float | None = None) -> None:
+        self.held = HeldJobs(cluster)
+        self.report = report
+        self.most = most
+        self.every_s = ASK_EVERY_S if every_s is None else every_s
+        self.replaced = 0
+        self._dropped: set[str] = set()  # job ids
+        self._asked = -float("inf")
+        self._told_most = False
+
+    def __call__(self, workers: dict[str, Any]) -> None:
+        jobs = self.held.see(workers)
+        if not self.held.joined or self._told_most:
+            return None
+        now = time.monotonic()
+        if now - self._asked < self.every_s:
+            return None
+        planned = self.held.planned()  # not a job adapt is closing (scaled down)
+        waiting = {name: job for name, job in jobs.items() if name in planned
+                   and name not in self.held.joined and job not in self._dropped}
+        if not waiting:
+            return None
+        self._asked = now
+        listed = queued(waiting.values())
+        if listed is None:
+            return None
+        for name, job in sorted(waiting.items(), key=lambda item: _numeric(item[1])):
+            if job in listed:
+                continue
+            if self.replaced >= self.most:
+                self._told_most = True
+                self.report(f"SLURM worker {why_ended([job], ' before its worker joined')}"
+                            f"; not replaced: {self.replaced} job(s) that failed at start were "
+                            "replaced already (a node that fails every job sent to it?); the "
+                            "run goes on with the workers it has")
+                return None
+            self._drop(name)
+            self._dropped.add(job)
+            self.replaced += 1
+            self.report(f"SLURM worker {why_ended([job], ' before its worker joined')}"
+                        "; other jobs' workers joined (a node failed, not the job script?): "
+                        f"another job is asked for in its place (replacement {self.replaced} "
+                        f"of at most {self.most})")
+        return None
+
+    def _drop(self, name: str) -> None:
+        """Take the job ``name`` out of the cluster's plan and its jobs, as distributed does
+        with a worker lost for good, on the cluster's event loop (where ``adapt`` reads
+        them); ``adapt`` then finds the plan short and submits a job. Out of the jobs too:
+        the new job may get the same name, and a name still held is not started again."""
+        cluster = self.held.cluster
+
+        async def drop() -> None:
+            cluster.worker_spec.pop(name, None)
+            job = cluster.workers.pop(name, None)
+            if job is not None:
+                await job.close()  # scancel of a job that ended: nothing to do, no error
+
+        cluster.loop.add_callback(drop)
 
 
 def _numeric(job_id: str) -> tuple[int, str]:

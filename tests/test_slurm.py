@@ -4,7 +4,8 @@
 Convert, a segmentation workflow and inference with ``--gpus-per-job 1`` run on two worker
 jobs and equal the embedded cluster's output; a worker job cancelled mid-run costs nothing;
 ``--adaptive`` jobs are gone after the run; the CLI with ``--tls`` works; bad SLURM input
-is one line, exit 2, nothing written and no job left. Where SLURM is not running the tests
+is one line, exit 2, nothing written and no job left; jobs whose script fails at start are
+one line, and one failing at start beside a working one is replaced. Where SLURM is not running the tests
 skip, saying why (under ``CI=true`` they fail instead).
 """
 
@@ -472,6 +473,52 @@ def test_jobs_whose_script_fails_at_start_are_one_line_not_a_wait(partition, vol
     assert "'module: command not found: cuda/12.4'" in line
     assert "the finished blocks are kept for a rerun to resume" in line
     assert not out.exists() and (tmp_path / ".out.ome.zarr.partial").is_dir()
+    assert_no_jobs(name)
+
+
+def _sleep_on(block) -> frozenset[str]:
+    """A block task of a fixed quarter second: the name of the worker it ran on."""
+    from distributed import get_worker
+
+    time.sleep(0.25)
+    return frozenset({str(get_worker().name)})
+
+
+def test_a_job_that_fails_at_start_beside_working_ones_is_replaced(partition, tmp_path,
+                                                                   monkeypatch):
+    """Of two worker jobs, the first to start fails in its prologue (a bad node) and the
+    other's worker joins. The run went on with one worker, never told, and dask-jobqueue
+    never replaced the job; now one line names the job, SLURM's state and its last words,
+    and a new job is asked for: its worker runs blocks of the same run."""
+    import operator
+
+    from engine import slurmjobs
+    from engine.blocks import BlockGrid
+    from engine.runner import run_blocks
+
+    # squeue asked every second, not every 10 s: the replacement's worker joins in a short run
+    monkeypatch.setattr(slurmjobs, "ASK_EVERY_S", 1.0)
+    first = tmp_path / "first-start"  # the first job to start makes it, and fails
+    config, name = jobqueue(tmp_path, partition, **{"job-script-prologue": [
+        f"if mkdir {first} 2>/dev/null; then echo 'bad node: /tmp is full' >&2; exit 3; fi"]})
+    opts = ClusterOptions(cluster="slurm", jobs=2, jobqueue_config=str(config),
+                          dashboard_address="127.0.0.1:0")
+    lines: list[str] = []
+    with connect(opts, report=lines.append) as c:
+        report = run_blocks(c, BlockGrid((80,), 1), _sleep_on, name="sleep",
+                            combine=operator.or_, max_in_flight=2)
+        jobs = c.run(_job_id)
+    said = [line for line in lines if "before its worker joined" in line]
+    assert len(said) == 1, lines
+    failed = said[0].split("SLURM worker job ", 1)[1].split()[0]
+    assert said[0].startswith(f"SLURM worker job {failed} ended FAILED (exit code 3:0) before "
+                              "its worker joined; the last line of "), said
+    assert "'bad node: /tmp is full'" in said[0]
+    assert "another job is asked for in its place (replacement 1 of at most 2)" in said[0]
+    assert failed not in jobs.values() and len(set(jobs.values())) == 2, jobs
+    assert len(report.value) == 2, f"the replacement's worker ran no block: {report.value}"
+    assert report.computed == 80
+    assert len(list((tmp_path / "slurm-logs").glob(f"{name}-*.err"))) == 3
     assert_no_jobs(name)
 
 

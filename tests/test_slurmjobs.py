@@ -1,29 +1,47 @@
 """SLURM worker jobs that end before their worker joins (``engine.slurmjobs``): the rule
-that says a run can no longer get a worker, read against a cluster and a queue given here;
-sbatch's file patterns and the job's last line. Real jobs whose script fails at start are
-in ``test_slurm``."""
+that says a run can no longer get a worker, and the one that replaces a job failing at
+start beside working ones, read against a cluster and a queue given here; sbatch's file
+patterns and the job's last line. Real jobs whose script fails at start are in
+``test_slurm``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from engine import slurmjobs
-from engine.slurmjobs import EndedJobs, last_line, output_path, why_ended
+from engine.slurmjobs import EndedJobs, FailedStarts, last_line, output_path, why_ended
 
 
 @dataclass
 class Job:
     job_id: str | None
+    closed: list[str] = field(default_factory=list)
+
+    async def close(self) -> None:
+        self.closed.append(str(self.job_id))
+
+
+class Loop:
+    """The cluster's event loop: a callback runs at once (a coroutine to its end)."""
+
+    def add_callback(self, fn, *args) -> None:
+        out = fn(*args)
+        if asyncio.iscoroutine(out):
+            asyncio.run(out)
 
 
 class Cluster:
-    """What :class:`EndedJobs` reads of a dask-jobqueue cluster: its jobs by name."""
+    """What :mod:`engine.slurmjobs` reads of a dask-jobqueue cluster: its jobs by name,
+    its plan (``worker_spec``) and its loop."""
 
     def __init__(self, jobs: dict[str, str | None]) -> None:
         self.workers = {name: Job(job) for name, job in jobs.items()}
+        self.worker_spec = {name: {"cls": "Job"} for name in jobs}
+        self.loop = Loop()
 
 
 class Queue:
@@ -163,6 +181,8 @@ def test_why_a_job_ended_quotes_its_error_file_else_its_output(tmp_path, monkeyp
     assert why_ended(["7", "8"]).endswith("vm-7.err: 'ImportError: libcudart.so.12'")
     monkeypatch.setattr(slurmjobs, "job_record", lambda job: {})  # forgotten by SLURM
     assert why_ended(["7"]) == "job 7 is no longer known to SLURM"
+    assert why_ended(["7"], " before its worker joined") == (
+        "job 7 ended before its worker joined and is no longer known to SLURM")
 
 
 def test_the_jobs_workers_belong_to_are_read_off_their_names():
@@ -171,3 +191,54 @@ def test_the_jobs_workers_belong_to_are_read_off_their_names():
 
     assert job_names(["vm-0-1", "vm-10", "tcp"]) == {"vm-0-1", "vm-0", "vm-10", "vm", "tcp"}
     assert {"vm-0", "vm-1"} & job_names(["vm-0-1", "vm-10"]) == {"vm-0"}
+
+
+def test_a_job_failing_at_start_beside_a_working_one_is_dropped_from_the_plan(sim):
+    """Once a worker joined, a job that ended without its worker joining is taken out of
+    the plan and the jobs (closed) — adapt then submits another — with one line; jobs
+    still queued, jobs whose worker joined and jobs adapt is closing are left alone."""
+    queue, clock = sim
+    cluster = Cluster({"vm-0": "11", "vm-1": "12", "vm-2": "13", "vm-3": "14"})
+    del cluster.worker_spec["vm-3"]  # scaled down by adapt: closing, not ours to replace
+    lines: list[str] = []
+    check = FailedStarts(cluster, lines.append, most=4, every_s=10)
+    queue.listed = {"13": "PENDING (Resources)"}
+    # no worker yet: the script itself may be what fails (EndedJobs' case), nothing dropped
+    assert looks(check, clock, 20) == [None] * 10
+    assert lines == [] and queue.asked == 0 and len(cluster.worker_spec) == 3
+    job = cluster.workers["vm-1"]
+    assert looks(check, clock, 20, {"tcp://a": {"name": "vm-0"}}) == [None] * 10
+    assert set(cluster.worker_spec) == {"vm-0", "vm-2"}
+    assert set(cluster.workers) == {"vm-0", "vm-2", "vm-3"} and job.closed == ["12"]
+    assert lines == ["SLURM worker job 12 ended FAILED (exit code 3:0) before its worker "
+                     "joined; other jobs' workers joined (a node failed, not the job script?): "
+                     "another job is asked for in its place (replacement 1 of at most 4)"]
+    assert queue.asked <= 3, "squeue asked at every poll instead of every 10 s"
+    # the pending job leaves the queue without a worker too: replaced in its turn
+    queue.listed = {}
+    looks(check, clock, 20, {"tcp://a": {"name": "vm-0"}})
+    assert set(cluster.worker_spec) == {"vm-0"} and check.replaced == 2
+    assert "job 13 ended FAILED" in lines[-1] and "(replacement 2 of at most 4)" in lines[-1]
+
+
+def test_replacements_stop_at_most_and_a_failed_squeue_drops_nothing(sim):
+    queue, clock = sim
+    cluster = Cluster({"vm-0": "11", "vm-1": "12", "vm-2": "13"})
+    lines: list[str] = []
+    check = FailedStarts(cluster, lines.append, most=1, every_s=0)
+    workers = {"tcp://a": {"name": "vm-0"}}
+    queue.listed = None  # squeue could not be asked: never read as "ended"
+    looks(check, clock, 10, workers)
+    assert lines == [] and len(cluster.worker_spec) == 3
+    queue.listed = {}
+    looks(check, clock, 10, workers)
+    assert set(cluster.worker_spec) == {"vm-0", "vm-2"} and len(lines) == 2
+    assert "(replacement 1 of at most 1)" in lines[0]
+    assert lines[1].startswith("SLURM worker job 13 ended FAILED (exit code 3:0) before its "
+                               "worker joined; not replaced: 1 job(s) that failed at start "
+                               "were replaced already")
+    asked = queue.asked
+    cluster.workers["vm-3"] = Job("15")  # the replacement fails too: nothing more is said
+    cluster.worker_spec["vm-3"] = {}
+    looks(check, clock, 10, workers)
+    assert len(lines) == 2 and queue.asked == asked
