@@ -1008,8 +1008,10 @@ def check_slurm_submission(cluster: object, config: str) -> None:
 
 
 def wait_for_slurm_workers(client: object, cluster: object, timeout: float,
-                           config: str | None = None) -> None:
-    """Wait until the first SLURM worker joins (the others join as their jobs start).
+                           config: str | None = None,
+                           report: Callable[[str], None] | None = None) -> None:
+    """Wait until the first SLURM worker joins (the others join as their jobs start);
+    ``report`` is told what SLURM holds the jobs for when that takes a while.
 
     Raises
     ------
@@ -1021,7 +1023,7 @@ def wait_for_slurm_workers(client: object, cluster: object, timeout: float,
     """
     import time
 
-    ended = EndedJobs(cluster, config, grace_s=0.0, every_s=2.0)
+    ended = EndedJobs(cluster, config, grace_s=0.0, every_s=2.0, report=report)
     deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
     while not (workers := client.scheduler_info()["workers"]):  # type: ignore[attr-defined]
         if (why := ended(workers)) is not None:
@@ -1077,14 +1079,15 @@ def slurm_client(options: ClusterOptions, security: object | None,
         try:
             if not options.adaptive:
                 wait_for_slurm_workers(client, cluster, options.worker_timeout,
-                                       options.jobqueue_config)
+                                       options.jobqueue_config, report)
             report(f"SLURM cluster: {options.jobs} job(s)"
                    f"{' (adaptive)' if options.adaptive else ''} of {processes} worker(s) × "
                    f"{threads} thread(s), {options.gpus_per_job} GPU(s) per job; dashboard: "
                    f"{dashboard_link(client, options)}")
             # dask-jobqueue never replaces a job that ends before its worker joins: every
             # such job ended, a run stops on it; some, once a worker joined, are replaced
-            with cluster_check(client, EndedJobs(cluster, options.jobqueue_config)), \
+            with cluster_check(client, EndedJobs(cluster, options.jobqueue_config,
+                                                 report=report)), \
                     cluster_check(client, FailedStarts(cluster, report, most=options.jobs)):
                 yield client
         finally:

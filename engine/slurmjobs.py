@@ -29,6 +29,8 @@ from typing import Any
 ASK_EVERY_S = 10.0
 #: how much of a job's output file is read for its last line
 TAIL_BYTES = 4096
+#: seconds a cluster may be without a worker before what SLURM holds its jobs for is said
+SAY_AFTER_S = 30.0
 
 
 def queued(job_ids: Iterable[str]) -> dict[str, str] | None:
@@ -117,6 +119,18 @@ def why_ended(job_ids: list[str], when: str = "") -> str:
     return text
 
 
+def queue_summary(listed: dict[str, str]) -> str:
+    """``queued()``'s answer in a few words: how many jobs in each state and reason, most
+    first (``"2 PENDING (Priority), 1 RUNNING"``; squeue's reason of a running job is
+    "None")."""
+    counts: dict[str, int] = {}
+    for state in listed.values():
+        key = state.removesuffix(" (None)")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items(),
+                                                      key=lambda item: (-item[1], item[0])))
+
+
 def job_names(names: Iterable[str]) -> set[str]:
     """The names of the jobs workers named ``names`` can belong to: a worker's own name,
     and for one ending in ``-i`` the name before it (a job of several worker processes)."""
@@ -171,7 +185,10 @@ class EndedJobs:
     workers every few seconds): a message once every job ``cluster`` holds has ended
     without a worker of it ever joining and no worker is left, for ``grace_s`` seconds
     (a job whose worker joined and left is dropped from the plan by distributed after its
-    ``lost-worker-timeout``, and replaced); else None.
+    ``lost-worker-timeout``, and replaced); else None. Given ``report``, a cluster without
+    a worker for :data:`SAY_AFTER_S` whose jobs SLURM still holds is one line saying what
+    for (``PENDING (Priority)``: a run waiting on a busy cluster's queue is not hung), and
+    another each time that changes.
 
     Parameters
     ----------
@@ -184,10 +201,13 @@ class EndedJobs:
         Default: distributed's ``deploy.lost-worker-timeout`` plus 5 s.
     every_s : float
         Seconds between two questions to ``squeue``.
+    report : callable, optional
+        Called with the line on the queue (from the caller's thread).
     """
 
     def __init__(self, cluster: Any, config: str | None = None, grace_s: float | None = None,
-                 every_s: float = ASK_EVERY_S) -> None:
+                 every_s: float = ASK_EVERY_S,
+                 report: Callable[[str], None] | None = None) -> None:
         if grace_s is None:
             import dask
             from dask.utils import parse_timedelta
@@ -201,6 +221,9 @@ class EndedJobs:
         self._asked = -float("inf")
         self._ended: frozenset[str] = frozenset()
         self._since: float | None = None
+        self.report = report
+        self._alone: float | None = None  # since when no worker is there
+        self._said = ""
 
     @property
     def joined(self) -> set[str]:
@@ -215,12 +238,17 @@ class EndedJobs:
         jobs = self.held.see(workers)
         now = time.monotonic()
         if workers or not jobs:
-            self._since = None
+            self._since = self._alone = None
+            self._said = ""
             return None
+        if self._alone is None:
+            self._alone = now
         if now - self._asked < self.every_s:
             return None
         self._asked = now
         listed = queued(jobs.values())
+        if listed:
+            self._say(listed, now)
         never = frozenset(j for name, j in jobs.items() if name not in self.joined)
         if listed is None or listed or not never:
             self._since = None  # a job is queued or running, or every one had a worker
@@ -236,6 +264,17 @@ class EndedJobs:
                 f"before its worker joined ({why_ended(sorted(never, key=_numeric))}): the "
                 "job script fails at start; see the job's output, and job-script-prologue, "
                 f"python and worker-extra-args in {where}")
+
+
+    def _say(self, listed: dict[str, str], now: float) -> None:
+        """The line on what SLURM holds the jobs for, once the cluster has been without a
+        worker for :data:`SAY_AFTER_S`, and again when that changes."""
+        summary = queue_summary(listed)
+        if self.report is None or summary == self._said or \
+                now - (self._alone or now) < SAY_AFTER_S:
+            return
+        self._said = summary
+        self.report(f"waiting for SLURM to start the worker jobs: {summary} (squeue)")
 
 
 class FailedStarts:

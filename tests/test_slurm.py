@@ -434,6 +434,27 @@ def test_bad_slurm_input(partition, volume, tmp_path):
     assert_no_jobs(name)
 
 
+def test_a_wait_on_the_queue_says_what_slurm_holds_the_jobs_for(partition, volume, tmp_path,
+                                                                monkeypatch):
+    """Jobs SLURM keeps pending (told to begin in an hour): while the command waits for its
+    first worker, a line says what for, in squeue's words, before --worker-timeout ends
+    the wait."""
+    from engine import slurmjobs
+    from engine.errors import OptionError
+
+    monkeypatch.setattr(slurmjobs, "SAY_AFTER_S", 1.0)  # 30 s by default
+    config, name = jobqueue(tmp_path, partition, **{"job-extra-directives": ["--begin=now+1hour"]})
+    lines: list[str] = []
+    opts = ClusterOptions(cluster="slurm", jobs=2, jobqueue_config=str(config),
+                          dashboard_address="127.0.0.1:0", worker_timeout=6)
+    with pytest.raises(OptionError, match="no worker joined within 6 s"):
+        with connect(opts, report=lines.append):
+            pass
+    assert lines == ["waiting for SLURM to start the worker jobs: 2 PENDING (BeginTime) "
+                     "(squeue)"], lines
+    assert_no_jobs(name)
+
+
 #: what the command says of jobs that ended before their worker joined
 ENDED = ("no worker is left, and every SLURM worker job the cluster waits on ended before its "
          "worker joined")

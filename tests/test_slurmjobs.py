@@ -242,3 +242,29 @@ def test_replacements_stop_at_most_and_a_failed_squeue_drops_nothing(sim):
     cluster.worker_spec["vm-3"] = {}
     looks(check, clock, 10, workers)
     assert len(lines) == 2 and queue.asked == asked
+
+
+def test_a_cluster_without_a_worker_says_what_slurm_holds_its_jobs_for(sim):
+    """After :data:`SAY_AFTER_S` without a worker, one line on the queue, again only when
+    it changes; a worker joining starts the count afresh."""
+    from engine.slurmjobs import SAY_AFTER_S, queue_summary
+
+    queue, clock = sim
+    lines: list[str] = []
+    check = EndedJobs(Cluster({"vm-0": "11", "vm-1": "12", "vm-2": "13"}), every_s=10,
+                      report=lines.append)
+    queue.listed = {"11": "PENDING (Priority)", "12": "PENDING (Priority)",
+                    "13": "RUNNING (None)"}
+    looks(check, clock, SAY_AFTER_S - 4)
+    assert lines == []
+    looks(check, clock, 60)
+    assert lines == ["waiting for SLURM to start the worker jobs: 2 PENDING (Priority), "
+                     "1 RUNNING (squeue)"]
+    queue.listed = {"11": "PENDING (Priority)", "12": "RUNNING (None)", "13": "RUNNING (None)"}
+    looks(check, clock, 60)
+    assert lines[1:] == ["waiting for SLURM to start the worker jobs: 2 RUNNING, "
+                         "1 PENDING (Priority) (squeue)"]
+    looks(check, clock, 10, {"tcp://a": {"name": "vm-1"}})
+    looks(check, clock, SAY_AFTER_S - 4)
+    assert len(lines) == 2
+    assert queue_summary({}) == ""
