@@ -5,8 +5,9 @@ Convert, a segmentation workflow and inference with ``--gpus-per-job 1`` run on 
 jobs and equal the embedded cluster's output; a worker job cancelled mid-run costs nothing;
 ``--adaptive`` jobs are gone after the run; the CLI with ``--tls`` works; bad SLURM input
 is one line, exit 2, nothing written and no job left; jobs whose script fails at start are
-one line, and one failing at start beside a working one is replaced. Where SLURM is not running the tests
-skip, saying why (under ``CI=true`` they fail instead).
+one line, and one failing at start beside a working one is replaced; a wait on the queue
+says what for. Where SLURM is not running the tests skip, saying why (under ``CI=true``
+they fail instead).
 """
 
 from __future__ import annotations
