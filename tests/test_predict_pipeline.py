@@ -56,8 +56,8 @@ def _probs(src: Path, name: str) -> np.ndarray:
 
 def test_simulated_device_hides_reads_and_writes(column, client, monkeypatch):
     """With read and write latencies that would make a one-after-another run take ≥ 1.5× the
-    device time, the prediction pass takes ≤ 1.15× the device time, and the output equals
-    the plain model's."""
+    device time, the prediction pass takes ≤ 1.15× the device time it spent, and the output
+    equals the plain model's."""
     import engine.pyramid
 
     # tiles without overlap: no tile straddles two blocks, so no block waits for another's
@@ -102,8 +102,10 @@ def test_simulated_device_hides_reads_and_writes(column, client, monkeypatch):
     device = r["tiles"] * 16 * 32 * 32 / (rate * 1e6)
     serial = device + 0.1 * calls["read"] + 0.08 * calls["write"]
     assert serial >= 1.5 * device, calls  # the premise: latencies this large
-    assert r["seconds"] <= 1.15 * device, (r["seconds"], device, r)
     assert r["model_s"] == pytest.approx(device, rel=0.1)
+    # against the device time this run spent: on a loaded machine the simulated device's
+    # sleeps run long too (4.26 s for 4.0 in a CI run), which no overlap can hide
+    assert r["seconds"] <= 1.15 * max(device, r["model_s"]), (r["seconds"], device, r)
     assert r["device_busy"] >= 0.85, r
 
 
