@@ -247,8 +247,8 @@ class EndedJobs:
             return None
         self._asked = now
         listed = queued(jobs.values())
-        if listed:
-            self._say(listed, now)
+        if listed and now - self._alone >= SAY_AFTER_S:
+            self._say(listed)
         never = frozenset(j for name, j in jobs.items() if name not in self.joined)
         if listed is None or listed or not never:
             self._since = None  # a job is queued or running, or every one had a worker
@@ -265,13 +265,11 @@ class EndedJobs:
                 "job script fails at start; see the job's output, and job-script-prologue, "
                 f"python and worker-extra-args in {where}")
 
-
-    def _say(self, listed: dict[str, str], now: float) -> None:
-        """The line on what SLURM holds the jobs for, once the cluster has been without a
-        worker for :data:`SAY_AFTER_S`, and again when that changes."""
+    def _say(self, listed: dict[str, str]) -> None:
+        """The line on what SLURM holds the jobs for (``listed``, squeue's answer), unless
+        it was the last one said."""
         summary = queue_summary(listed)
-        if self.report is None or summary == self._said or \
-                now - (self._alone or now) < SAY_AFTER_S:
+        if self.report is None or summary == self._said:
             return
         self._said = summary
         self.report(f"waiting for SLURM to start the worker jobs: {summary} (squeue)")
@@ -331,20 +329,19 @@ class FailedStarts:
         for name, job in sorted(waiting.items(), key=lambda item: _numeric(item[1])):
             if job in listed:
                 continue
+            ended = f"SLURM worker {why_ended([job], ' before its worker joined')}"
             if self.replaced >= self.most:
                 self._told_most = True
-                self.report(f"SLURM worker {why_ended([job], ' before its worker joined')}"
-                            f"; not replaced: {self.replaced} job(s) that failed at start were "
-                            "replaced already (a node that fails every job sent to it?); the "
-                            "run goes on with the workers it has")
+                self.report(f"{ended}; not replaced: {self.replaced} job(s) that failed at "
+                            "start were replaced already (a node that fails every job sent to "
+                            "it?); the run goes on with the workers it has")
                 return None
             self._drop(name)
             self._dropped.add(job)
             self.replaced += 1
-            self.report(f"SLURM worker {why_ended([job], ' before its worker joined')}"
-                        "; other jobs' workers joined (a node failed, not the job script?): "
-                        f"another job is asked for in its place (replacement {self.replaced} "
-                        f"of at most {self.most})")
+            self.report(f"{ended}; other jobs' workers joined (a node failed, not the job "
+                        "script?): another job is asked for in its place (replacement "
+                        f"{self.replaced} of at most {self.most})")
         return None
 
     def _drop(self, name: str) -> None:
