@@ -143,6 +143,17 @@ def job_names(names: Iterable[str]) -> set[str]:
     return out
 
 
+def _copied(read: Callable[[], list[Any]]) -> list[Any]:
+    """``read()``, a copy of one of the cluster's dicts, tried again where the cluster's own
+    thread changed the dict while it was copied (``RuntimeError``); empty after three tries."""
+    for _ in range(3):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return []
+
+
 class HeldJobs:
     """The jobs a dask-jobqueue ``cluster`` holds, and which of them a worker has joined
     from (as far as the workers seen so far tell)."""
@@ -153,24 +164,14 @@ class HeldJobs:
 
     def jobs(self) -> dict[str, str]:
         """``{name: job id}`` of the jobs the cluster holds (submitted ones only)."""
-        for _ in range(3):
-            try:  # the cluster's own thread may change the dict while it is copied
-                held = list(self.cluster.workers.items())
-            except RuntimeError:
-                continue
-            return {str(name): str(job.job_id) for name, job in held
-                    if getattr(job, "job_id", None)}
-        return {}
+        held = _copied(lambda: list(self.cluster.workers.items()))
+        return {str(name): str(job.job_id) for name, job in held
+                if getattr(job, "job_id", None)}
 
     def planned(self) -> set[str]:
         """Names of the jobs in the cluster's plan (``worker_spec``): a job the cluster is
         already closing is held but no longer planned."""
-        for _ in range(3):
-            try:
-                return {str(name) for name in list(self.cluster.worker_spec)}
-            except RuntimeError:
-                continue
-        return set()
+        return {str(name) for name in _copied(lambda: list(self.cluster.worker_spec))}
 
     def see(self, workers: dict[str, Any]) -> dict[str, str]:
         """:meth:`jobs`, after noting the jobs that ``workers`` (the scheduler's) came from."""
