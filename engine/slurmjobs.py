@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,7 @@ def queue_summary(listed: dict[str, str]) -> str:
     """``queued()``'s answer in a few words: how many jobs in each state and reason, most
     first (``"2 PENDING (Priority), 1 RUNNING"``; squeue's reason of a running job is
     "None")."""
-    counts: dict[str, int] = {}
-    for state in listed.values():
-        key = state.removesuffix(" (None)")
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(state.removesuffix(" (None)") for state in listed.values())
     return ", ".join(f"{n} {key}" for key, n in sorted(counts.items(),
                                                       key=lambda item: (-item[1], item[0])))
 
